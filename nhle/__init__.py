@@ -1,0 +1,1 @@
+"""nhle: Negative-Hot Label Encoding unlearning with class weight masking."""

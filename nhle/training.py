@@ -1,0 +1,163 @@
+"""One training loop for the base model and for retraining from scratch without some classes.
+
+    from nhle.training import train_model, save_checkpoint
+    model, seconds = train_model(data, TrainConfig(), seed=0)                  # base model
+    retrained, seconds = train_model(data, TrainConfig(), seed=0, exclude=[3])  # gold standard
+
+Checkpoints are plain dicts (weights, model spec, config, class names, forgotten classes, data
+fingerprint) written atomically, so a crash never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nhle.config import TrainConfig
+from nhle.data import ImageSet, Splits, as_float, split_by_classes
+from nhle.models import MaskedClassifier, build_model, channel_stats
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False,
+            generator: torch.Generator | None = None):
+    """(float images in [0, 1], labels) on `device`, in order or in a seeded random order."""
+    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+    for start in range(0, len(data), batch_size):
+        index = order[start:start + batch_size]
+        yield as_float(data.images[index]).to(device), data.labels[index].to(device)
+
+
+def train_one_epoch(model, data: ImageSet, optimizer, scheduler, batch_size: int, device, generator) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for x, y in batches(data, batch_size, device, shuffle=True, generator=generator):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model, data: ImageSet, device=None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, penultimate features) of every sample, on the CPU."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    logits, features = [], []
+    for x, _ in batches(data, batch_size, device):
+        h = model.features(x)
+        features.append(h.cpu())
+        logits.append(model.classify(h).cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+def evaluate(model, data: ImageSet, device=None) -> float:
+    """Top-1 accuracy on `data` (nan when it is empty)."""
+    if len(data) == 0:
+        return float("nan")
+    logits, _ = predict(model, data, device)
+    return (logits.argmax(1) == data.labels).float().mean().item()
+
+
+def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True
+                ) -> tuple[MaskedClassifier, float]:
+    """Train a fresh model on the train split less the `exclude` classes, which are then masked.
+
+    Returns the model (on the CPU, eval mode) and the wall-clock seconds of training."""
+    from nhle.unlearning.masking import apply_class_weight_mask
+
+    device = resolve_device(config.device)
+    seed_everything(seed)
+    train = split_by_classes(data.train, exclude)[1] if exclude else data.train
+    mean, std = channel_stats(data.train.images)
+    model = build_model(config.model, data.image_shape[0], data.num_classes, mean, std).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * -(-len(train) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    label = f"retrain without {list(exclude)}" if exclude else "train"
+    with tqdm(range(config.epochs), desc=label, disable=not progress, leave=False) as bar:
+        for _ in bar:
+            loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model = model.cpu().eval()
+    if exclude:
+        apply_class_weight_mask(model, exclude)
+    return model, seconds
+
+
+def model_spec(model: MaskedClassifier) -> dict:
+    arch = {"SmallCNN": "smallcnn", "ResNet18": "resnet18"}[type(model).__name__]
+    return {"arch": arch, "in_channels": int(model.input_mean.shape[1]), "num_classes": model.num_classes,
+            "mean": model.input_mean.flatten().tolist(), "std": model.input_std.flatten().tolist()}
+
+
+def save_checkpoint(path: str | Path, model: MaskedClassifier, **meta) -> Path:
+    """Write {"state_dict", "model_spec", "forgotten_classes", **meta} atomically to path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                  "model_spec": model_spec(model),
+                  "forgotten_classes": torch.nonzero(model.forget_mask).flatten().tolist(), **meta}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside path, then rename it over path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> tuple[MaskedClassifier, dict]:
+    """(model in eval mode on the CPU, the checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable nhle checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_spec" not in checkpoint:
+        raise ValueError(f"{path} is not an nhle checkpoint (no state_dict/model_spec)")
+    spec = checkpoint["model_spec"]
+    model = build_model(spec["arch"], spec["in_channels"], spec["num_classes"], spec["mean"], spec["std"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
