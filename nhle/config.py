@@ -64,6 +64,8 @@ class UnlearnConfig:
     """Apply class weight masking (zeroed final-layer rows and a -inf logit mask) afterwards."""
     relearn_max_steps: int = 100
     """Cap of the relearn attack; relearn_steps equals it when the class never came back."""
+    relearn_lr: float = 1e-3
+    """Adam learning rate of the relearn attack (plain cross-entropy on the forget samples)."""
 
 
 def to_dict(config) -> dict:

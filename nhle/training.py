@@ -2,7 +2,7 @@
 
     from nhle.training import train_model, save_checkpoint
     model, seconds = train_model(data, TrainConfig(), seed=0)                  # base model
-    retrained, seconds = train_model(data, TrainConfig(), seed=0, exclude=[3])  # gold standard
+    retrained, seconds = train_model(data, TrainConfig(), seed=0, exclude=[3])  # without class 3
 
 Checkpoints are plain dicts (weights, model spec, config, class names, forgotten classes, data
 fingerprint) written atomically, so a crash never leaves a half-written model behind.
@@ -86,11 +86,9 @@ def evaluate(model, data: ImageSet, device=None) -> float:
 
 def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True
                 ) -> tuple[MaskedClassifier, float]:
-    """Train a fresh model on the train split less the `exclude` classes, which are then masked.
+    """Train a fresh model on the train split less the `exclude` classes (not masked here).
 
     Returns the model (on the CPU, eval mode) and the wall-clock seconds of training."""
-    from nhle.unlearning.masking import apply_class_weight_mask
-
     device = resolve_device(config.device)
     seed_everything(seed)
     train = split_by_classes(data.train, exclude)[1] if exclude else data.train
@@ -109,10 +107,7 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    model = model.cpu().eval()
-    if exclude:
-        apply_class_weight_mask(model, exclude)
-    return model, seconds
+    return model.cpu().eval(), seconds
 
 
 def model_spec(model: MaskedClassifier) -> dict:

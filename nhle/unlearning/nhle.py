@@ -1,0 +1,121 @@
+"""Negative-Hot Label Encoding (NHLE) fine-tuning, then class weight masking.
+
+    from nhle.unlearning import unlearn
+    result = unlearn(model, forget_samples, forget_classes=[3], config=UnlearnConfig())
+    result.model      # the unlearned model, mask set
+    result.snapshot   # the final-layer rows masking removed (for the mask-removal attack)
+
+Only the n samples of each forgotten class are used (full batch), never retained data. Each
+sample gets a target encoding instead of its one-hot label (METHOD.md section 2):
+
+- negative_hot:      t_f = -1 on F, 0 elsewhere (gradient ascent on the forgotten class)
+- uniform_rest:      t = 1/|R| on the retained classes R, 0 on F
+- negative_uniform:  the sum of the two
+- complementary:     L = -log(1 - sum_F p_f)
+- submaximum:        one-hot at the best retained class of the current prediction
+
+plus, with weight `anchor_weight`, KL(p0_R || p_R): the prediction over the retained classes,
+renormalised, kept where the original model had it on these same samples. That term is what
+holds retained accuracy (METHOD.md section 4) while the feature extractor moves. Classes masked
+by an earlier unlearning stay out of every target.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nhle.config import ENCODINGS, UnlearnConfig
+from nhle.data import ImageSet, as_float
+from nhle.models import MaskedClassifier
+from nhle.training import resolve_device
+from nhle.unlearning.masking import MaskSnapshot, apply_class_weight_mask
+
+
+@dataclass
+class UnlearnResult:
+    model: MaskedClassifier
+    snapshot: MaskSnapshot | None
+    steps: int
+    seconds: float
+    stopped_early: bool
+
+
+def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Mean NHLE loss of a batch. `forget`/`retained` are boolean class masks; classes in neither
+    (masked earlier) carry -inf logits and are left out."""
+    log_p = F.log_softmax(logits, dim=1)
+    if encoding == "negative_hot":
+        return log_p[:, forget].sum(1).mean()
+    if encoding == "uniform_rest":
+        return -log_p[:, retained].mean(1).mean()
+    if encoding == "negative_uniform":
+        return log_p[:, forget].sum(1).mean() - log_p[:, retained].mean(1).mean()
+    if encoding == "complementary":
+        return -(torch.logsumexp(logits[:, retained], 1) - torch.logsumexp(logits, 1)).mean()
+    if encoding == "submaximum":
+        retained_index = torch.nonzero(retained).flatten()
+        target = retained_index[logits[:, retained].detach().argmax(1)]
+        return F.nll_loss(log_p, target)
+    raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor) -> torch.Tensor:
+    """KL(original || current) of the prediction restricted to the retained classes."""
+    return F.kl_div(F.log_softmax(logits[:, retained], 1), F.log_softmax(original_logits[:, retained], 1),
+                    log_target=True, reduction="batchmean")
+
+
+def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, config: UnlearnConfig = UnlearnConfig(),
+            device: str = "auto") -> UnlearnResult:
+    """Fine-tune a copy of `model` with NHLE on `forget_samples`, then mask `forget_classes`."""
+    if config.encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {config.encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if config.layers not in ("all", "head"):
+        raise ValueError(f"unknown layers {config.layers!r}; choose all or head")
+    forget_classes = sorted(int(c) for c in forget_classes)
+    torch_device = resolve_device(device)
+    model = copy.deepcopy(model).to(torch_device)
+    forget = torch.zeros(model.num_classes, dtype=torch.bool, device=torch_device)
+    forget[forget_classes] = True
+    if (forget & model.forget_mask).any():
+        raise ValueError(f"classes {torch.nonzero(forget & model.forget_mask).flatten().tolist()} are already forgotten")
+    retained = ~forget & ~model.forget_mask
+    if not retained.any():
+        raise ValueError("forgetting these classes would leave no class to predict")
+
+    x = as_float(forget_samples.images).to(torch_device)
+    parameters = model.head.parameters() if config.layers == "head" else model.parameters()
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    # eval mode: batch-norm statistics must not be re-estimated on forget samples alone.
+    model.eval()
+    with torch.no_grad():
+        original_logits = model(x)
+
+    start = time.perf_counter()
+    steps, stopped_early = 0, False
+    for steps in range(config.max_steps + 1):
+        logits = model(x)
+        with torch.no_grad():
+            p_forget = F.softmax(logits, 1)[:, forget].sum(1)
+            misclassified = forget[logits.argmax(1)].logical_not().all()
+            if misclassified and p_forget.mean() < config.stop_forget_prob:
+                stopped_early = True
+                break
+        if steps == config.max_steps:
+            break
+        loss = nhle_loss(logits, forget, retained, config.encoding)
+        if config.anchor_weight > 0:
+            loss = loss + config.anchor_weight * retained_anchor(logits, original_logits, retained)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if torch_device.type == "cuda":
+        torch.cuda.synchronize()
+    model = model.cpu().eval()
+    snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
+    seconds = time.perf_counter() - start
+    return UnlearnResult(model, snapshot, steps, seconds, stopped_early)
