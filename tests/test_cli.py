@@ -1,0 +1,80 @@
+"""The real entry point with tiny budgets: the contract later stages rely on."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nhle.cli import main
+from nhle.metrics import METRIC_KEYS
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    assert main(["train", "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
+                 "--out", str(out)]) == 0
+    return out / "model.pt"
+
+
+def test_train_writes_model_and_metrics(base_checkpoint):
+    metrics = json.loads((base_checkpoint.parent / "metrics.json").read_text())
+    assert metrics["test_acc"] > 0.8
+
+
+def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_path):
+    out = tmp_path / "forget"
+    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", "2,7", "--seed", "1", "--out", str(out),
+                 "--retrain-baseline", "--n-samples", "16"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["forget_classes"] == [2, 7] and report["seed"] == 1 and report["n_forget_samples"] == 32
+    assert report["dataset"] == "digits" and report["model"] == "smallcnn" and report["encoding"] == "complementary"
+    assert set(report["metrics"]) == {"original", "unlearned", "retrained"}
+    for block in report["metrics"].values():
+        assert set(block) == set(METRIC_KEYS)
+        assert all(0 <= block[k] <= 1 for k in METRIC_KEYS if k.endswith("_acc"))
+    assert report["metrics"]["unlearned"]["forget_test_acc"] == 0.0
+    assert set(report["seconds"]) == {"unlearn", "retrain"}
+    from nhle.training import load_checkpoint
+
+    model, checkpoint = load_checkpoint(out / "model.pt")
+    assert checkpoint["forgotten_classes"] == [2, 7] and model.forget_mask.sum() == 2
+    # Unlearning the unlearned model again: class names work, earlier classes are refused.
+    again = tmp_path / "again"
+    assert main(["unlearn", "--checkpoint", str(out / "model.pt"), "--forget", "4", "--out", str(again)]) == 0
+    assert "retrained" not in json.loads((again / "report.json").read_text())["metrics"]
+    assert main(["unlearn", "--checkpoint", str(again / "model.pt"), "--forget", "7", "--out",
+                 str(tmp_path / "refused")]) == 2
+
+
+@pytest.mark.parametrize("forget,message", [("12", "out of range"), ("seven", "unknown class 'seven'"),
+                                            ("0,1,2,3,4,5,6,7,8,9", "no class to predict")])
+def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_path, capsys, forget, message):
+    out = tmp_path / "out"
+    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", forget, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_console_script_help_and_missing_checkpoint(tmp_path):
+    nhle = [sys.executable, "-m", "nhle.cli"]
+    assert "--retrain-baseline" in subprocess.run(nhle + ["unlearn", "--help"], capture_output=True, text=True).stdout
+    done = subprocess.run(nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out",
+                                  str(tmp_path / "o")], capture_output=True, text=True)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_bench_unlearning_quick_writes_its_tables(tmp_path):
+    assert main(["bench", "unlearning", "--quick", "--encodings", "complementary", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"complementary", "retrain"} and len(rows) == 4
+    assert all(r["forget_test_acc"] == 0 for r in rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| complementary | 2 |" in summary and "| retrain | 2 |" in summary
+
+
+def test_core_imports_no_tracking_orchestration_or_versioning():
+    code = ("import sys, nhle.data, nhle.models, nhle.training, nhle.unlearning, nhle.metrics, nhle.experiment, "
+            "nhle.bench, nhle.cli; bad = [m for m in ('mlflow', 'prefect', 'dvc') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
