@@ -48,8 +48,10 @@ class UnlearnConfig:
     """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement, README)."""
     n_samples: int = 32
     """Samples drawn from the train split per forgotten class; no retained data is used."""
+    optimizer: str = "adam"
+    """adam, or sgd (momentum 0.9): the optimiser of the fine-tuning (full batch of the forget samples)."""
     lr: float = 1e-4
-    """Adam learning rate of the fine-tuning (full batch of the forget samples)."""
+    """Learning rate of the fine-tuning."""
     max_steps: int = 100
     """Hard cap on fine-tuning steps."""
     stop_forget_prob: float = 0.05

@@ -89,7 +89,12 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
 
     x = as_float(forget_samples.images).to(torch_device)
     parameters = model.head.parameters() if config.layers == "head" else model.parameters()
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
     # eval mode: batch-norm statistics must not be re-estimated on forget samples alone.
     model.eval()
     with torch.no_grad():

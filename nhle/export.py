@@ -1,0 +1,157 @@
+"""Export a classifier to ONNX and check that ONNX Runtime gives the same answers as PyTorch.
+
+    from nhle.export import export_onnx, check_parity, assert_parity, make_session
+    path = export_onnx(model, "model.onnx", image_shape=(1, 8, 8))
+    report = check_parity(model, path, data.test)   # ImageSet or float/uint8 (N, C, H, W) tensor
+    assert_parity(report)                           # raises ParityError unless report["passed"]
+    session = make_session(path)
+    logits = session.run(None, {"images": x.numpy()})[0]   # x: float32 (N, C, H, W) in [0, 1]
+
+The graph takes raw [0, 1] pixels named "images" with a symbolic batch dimension "batch" and
+returns "logits". Input normalisation and the forgotten-class mask are part of the model's
+forward, so they are in the graph: a masked class gets a -inf logit in ONNX Runtime as well.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from nhle.data import ImageSet, as_float
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+class ParityError(ValueError):
+    """ONNX Runtime's predictions differ from PyTorch's beyond the tolerance."""
+
+
+def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    # A copy, so the caller's model keeps its device and train/eval mode.
+    return copy.deepcopy(model).cpu().eval()
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, image_shape) -> Path:
+    """Write `model` (in eval mode, on the CPU) to `path` as one self-contained ONNX file.
+
+    The file appears at `path` only once it is complete and has passed onnx.checker; an export
+    that fails leaves whatever was at `path` before untouched and no temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _cpu_eval_copy(model)
+    # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
+    example = torch.rand(2, *image_shape)
+    # Not mkstemp: its 0600 mode would carry over to the exported file.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.onnx.export(
+            model, (example,), tmp, dynamo=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position, whatever forward calls it
+            # The dynamo exporter otherwise puts the weights in a side file next to `tmp`.
+            external_data=False, verbose=False,
+        )
+        onnx.checker.check_model(tmp, full_check=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        for leftover in (tmp, tmp + ".data"):
+            Path(leftover).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def session_providers(prefer_gpu: bool = True) -> list[str]:
+    """ONNX Runtime providers to ask for, best first.
+
+    onnxruntime-gpu lists CUDA as available even without a GPU, and asking for it there only
+    logs a failed provider load, so CUDA is requested only when torch can see a GPU.
+    """
+    if prefer_gpu and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path_or_bytes, providers=None, intra_op_threads: int | None = None) -> onnxruntime.InferenceSession:
+    """An InferenceSession on an ONNX file or its bytes; session.get_providers() says what it got."""
+    options = onnxruntime.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    if isinstance(path_or_bytes, Path):
+        path_or_bytes = str(path_or_bytes)
+    return onnxruntime.InferenceSession(path_or_bytes, options,
+                                        providers=list(providers or session_providers()))
+
+
+def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 257),
+                 tolerance: float = 1e-5, providers=None) -> dict:
+    """Compare PyTorch's softmax probabilities on all of `images` with ONNX Runtime's, the latter
+    run in chunks of each batch size; see the module docstring for the report's use.
+
+    Probabilities rather than logits are compared because masked classes have -inf logits on
+    both sides, and -inf - -inf is NaN. A NaN anywhere (e.g. a row with every class masked)
+    fails the check.
+    """
+    x = images.float_images() if isinstance(images, ImageSet) else as_float(torch.as_tensor(images))
+    if len(x) == 0:
+        raise ValueError("no images to check parity on")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
+    model = _cpu_eval_copy(model)
+    session = make_session(onnx_path, providers)
+    input_name = session.get_inputs()[0].name
+
+    # The batch sizes exercise the graph's dynamic batch dimension; PyTorch is the reference,
+    # computed once in large chunks: its own batching changes only float rounding, and 450
+    # batch-1 forwards took 15-20 s on a busy 2-core machine.
+    with torch.no_grad():
+        p_torch = torch.softmax(torch.cat([model(c) for c in torch.split(x, 256)]), dim=1)
+    non_finite = int((~torch.isfinite(p_torch)).sum())
+    per_batch = {}
+    for bs in batch_sizes:
+        ort_logits = [session.run(None, {input_name: c.numpy()})[0] for c in torch.split(x, bs)]
+        p_ort = torch.softmax(torch.from_numpy(np.concatenate(ort_logits)), dim=1)
+        non_finite += int((~torch.isfinite(p_ort)).sum())
+        per_batch[bs] = {
+            "argmax_agreement": float((p_torch.argmax(1) == p_ort.argmax(1)).float().mean()),
+            # torch's max propagates NaN, which then fails `<= tolerance` below.
+            "max_abs_prob_diff": float((p_torch - p_ort).abs().max()),
+        }
+
+    agreement = min(r["argmax_agreement"] for r in per_batch.values())
+    diffs = [r["max_abs_prob_diff"] for r in per_batch.values()]
+    # Python's max() silently skips NaN depending on order, so NaN is carried explicitly.
+    max_diff = float("nan") if any(np.isnan(diffs)) else max(diffs)
+    return {
+        "argmax_agreement": agreement,
+        "max_abs_prob_diff": max_diff,
+        "batch_sizes": batch_sizes,
+        "n_samples": len(x),
+        "tolerance": tolerance,
+        "providers": session.get_providers(),
+        "non_finite": non_finite,
+        "per_batch_size": per_batch,
+        "passed": bool(agreement == 1.0 and non_finite == 0 and max_diff <= tolerance),
+    }
+
+
+def assert_parity(report: dict) -> dict:
+    """Return the report if it passed, else raise ParityError naming the figures."""
+    if not report["passed"]:
+        raise ParityError(
+            f"ONNX Runtime ({', '.join(report['providers'])}) differs from PyTorch on "
+            f"{report['n_samples']} samples at batch sizes {report['batch_sizes']}: argmax agreement "
+            f"{report['argmax_agreement']:.4%}, max abs probability difference "
+            f"{report['max_abs_prob_diff']:.3g} (tolerance {report['tolerance']:g}), "
+            f"{report.get('non_finite', 0)} non-finite probabilities")
+    return report
