@@ -1,63 +1,83 @@
-"""The `nhle` command.
+"""The `nhle` command. Settings come from params.yaml (--params); a flag overrides its field.
 
     nhle train --dataset digits --model smallcnn --seed 0 --out runs/base
     nhle unlearn --checkpoint runs/base/model.pt --forget 3 --seed 0 --out runs/forget3 --retrain-baseline
-    nhle run                                      # the main job on the embedded defaults
+    nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
+    nhle rollback                                 # move the champion alias back to the previous version
     nhle bench unlearning --seeds 0,1,2           # every class x seeds x encodings, tables to files
+    nhle prepare | evaluate | export              # the dvc.yaml stages
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from nhle.config import ENCODINGS, DataConfig, TrainConfig, UnlearnConfig
+from nhle.config import ENCODINGS, Params, UnlearnConfig, load_params
+
+# flag -> (params section, field); flags default to None so params.yaml supplies the value.
+FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
+               "image_size": ("data", "image_size"), "model": ("train", "model"), "epochs": ("train", "epochs"),
+               "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "device": ("train", "device"),
+               "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
+               "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
+               "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers")}
+
+
+def resolve_params(args) -> Params:
+    """params.yaml (or defaults when it does not exist), then every flag that was given."""
+    params = load_params(args.params)
+    sections = {}
+    for flag, (section, name) in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            sections.setdefault(section, {})[name] = value
+    if getattr(args, "no_mask", False):
+        sections.setdefault("unlearn", {})["mask"] = False
+    if getattr(args, "split_seed", None) is not None:
+        sections.setdefault("data", {})["seed"] = args.split_seed
+    return replace(params, **{s: replace(getattr(params, s), **v) for s, v in sections.items()})
+
+
+def add_params_flag(parser):
+    parser.add_argument("--params", default="params.yaml", help="params.yaml to read (defaults when missing)")
 
 
 def add_data_flags(parser):
-    parser.add_argument("--dataset", default=DataConfig.dataset, help="digits (embedded), mnist, fashionmnist, "
-                        "cifar10, cifar100, svhn or imagefolder")
-    parser.add_argument("--data-root", default=None, help="folder with the dataset's files (not needed for digits)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data-root")
-    parser.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    parser.add_argument("--dataset", help="digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, "
+                        "imagefolder, or prepared (a folder written by `nhle prepare`)")
+    parser.add_argument("--data-root", help="folder with the dataset's files (not needed for digits)")
+    parser.add_argument("--download", action="store_true", default=None,
+                        help="let torchvision download the dataset into --data-root")
+    parser.add_argument("--image-size", type=int, help="resize images to this square size")
 
 
 def add_train_flags(parser):
-    parser.add_argument("--model", default=TrainConfig.model, help="smallcnn or resnet18 (CIFAR stem)")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="training batch size")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (cosine decay)")
-    parser.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda")
+    parser.add_argument("--model", help="smallcnn or resnet18 (CIFAR stem)")
+    parser.add_argument("--epochs", type=int, help="training epochs")
+    parser.add_argument("--batch-size", type=int, help="training batch size")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (cosine decay)")
+    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
 
 
 def add_unlearn_flags(parser):
-    defaults = UnlearnConfig()
-    parser.add_argument("--encoding", default=defaults.encoding, choices=ENCODINGS, help="NHLE label encoding")
-    parser.add_argument("--n-samples", type=int, default=defaults.n_samples, help="forget samples per class")
-    parser.add_argument("--unlearn-lr", type=float, default=defaults.lr, help="fine-tuning learning rate (Adam)")
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="hard cap on fine-tuning steps")
-    parser.add_argument("--anchor-weight", type=float, default=defaults.anchor_weight,
-                        help="weight of the retained-class prediction anchor (0 = off)")
-    parser.add_argument("--layers", default=defaults.layers, choices=("all", "head"), help="parameters that move")
+    parser.add_argument("--encoding", choices=ENCODINGS, help="NHLE label encoding")
+    parser.add_argument("--n-samples", type=int, help="forget samples per class")
+    parser.add_argument("--unlearn-lr", type=float, help="fine-tuning learning rate")
+    parser.add_argument("--max-steps", type=int, help="hard cap on fine-tuning steps")
+    parser.add_argument("--anchor-weight", type=float, help="weight of the retained-class prediction anchor (0 = off)")
+    parser.add_argument("--layers", choices=("all", "head"), help="parameters that move")
     parser.add_argument("--no-mask", action="store_true", help="skip class weight masking (ablation only)")
-
-
-def unlearn_config(args) -> UnlearnConfig:
-    return UnlearnConfig(encoding=args.encoding, n_samples=args.n_samples, lr=args.unlearn_lr,
-                         max_steps=args.max_steps, anchor_weight=args.anchor_weight, layers=args.layers,
-                         mask=not args.no_mask)
 
 
 def cmd_train(args) -> int:
     from nhle.experiment import train_base
     from nhle.training import save_checkpoint
 
-    data_config = DataConfig(dataset=args.dataset, root=args.data_root, seed=args.seed,
-                             download=args.download, image_size=args.image_size)
-    train_config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               device=args.device)
-    model, meta = train_base(data_config, train_config)
+    params = resolve_params(args)
+    model, meta = train_base(params.data, params.train)
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model, **meta)
     write_json(out / "metrics.json", meta["metrics"])
@@ -65,33 +85,81 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_unlearn(args) -> int:
-    from nhle.experiment import forget, summary_lines
-    from nhle.training import load_checkpoint, save_checkpoint
+def cmd_prepare(args) -> int:
+    from nhle.data import save_splits
+    from nhle.experiment import load_data
 
-    model, checkpoint = load_checkpoint(args.checkpoint)
-    outcome = forget(model, checkpoint, args.forget, seed=args.seed, config=unlearn_config(args),
-                     retrain_baseline=args.retrain_baseline, device=args.device)
-    out = Path(args.out)
-    meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
-    save_checkpoint(out / "model.pt", outcome.result.model, parent=str(args.checkpoint),
-                    unlearn=outcome.report["unlearn_config"], **meta)
-    write_json(out / "report.json", outcome.report)
-    print("\n".join(summary_lines(outcome.report)))
-    print(f"wrote {out / 'model.pt'} and {out / 'report.json'}")
+    data = load_data(resolve_params(args).data)
+    save_splits(data, args.out)
+    print(f"wrote {data.name} ({len(data.train)} train, {len(data.test)} test) to {args.out}")
     return 0
 
 
-def cmd_run(args) -> int:
-    """Until the pipeline lands: train on digits, forget the default class, print the report."""
-    from nhle.experiment import forget, summary_lines, train_base
-    from nhle.training import model_spec
+def cmd_unlearn(args) -> int:
+    from nhle.experiment import forget, save_unlearned, summary_lines
+    from nhle.training import load_checkpoint
 
-    model, meta = train_base(DataConfig(), TrainConfig())
-    print(f"base model: test accuracy {meta['metrics']['test_acc']:.4f}")
-    checkpoint = {**meta, "model_spec": model_spec(model)}
-    outcome = forget(model, checkpoint, args.forget, seed=0, retrain_baseline=True)
+    params = resolve_params(args)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    outcome = forget(model, checkpoint, args.forget, seed=args.seed, config=params.unlearn,
+                     retrain_baseline=args.retrain_baseline, device=params.train.device)
+    save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
+    print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from nhle.experiment import data_for_checkpoint
+    from nhle.gates import evaluate_gates
+    from nhle.plots import write_evidence_plots
+    from nhle.training import load_checkpoint
+
+    params = resolve_params(args)
+    original, checkpoint = load_checkpoint(args.original)
+    unlearned, _ = load_checkpoint(Path(args.unlearned) / "model.pt")
+    report = json.loads((Path(args.unlearned) / "report.json").read_text())
+    out = Path(args.out)
+    write_evidence_plots(original, unlearned, data_for_checkpoint(checkpoint), report["forget_classes"], out)
+    gates = evaluate_gates(report, None, replace(params.gates, require_parity=False))
+    write_json(out / "gates.json", [g.as_dict() for g in gates])
+    flat = {f"{block}.{key}": value for block, values in report["metrics"].items() for key, value in values.items()}
+    write_json(out / "metrics.json", {**flat, **{f"seconds.{k}": v for k, v in report["seconds"].items()}})
+    for gate in gates:
+        print(gate.describe())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nhle.experiment import data_for_checkpoint
+    from nhle.export import check_parity, export_onnx
+    from nhle.training import load_checkpoint
+
+    params = resolve_params(args)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    data = data_for_checkpoint(checkpoint)
+    out = Path(args.out)
+    path = export_onnx(model, out / "model.onnx", data.image_shape)
+    parity = check_parity(model, path, data.test, params.export.parity_batch_sizes, params.export.parity_tolerance)
+    write_json(out / "parity.json", parity)
+    print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
+          f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}")
+    return 0 if parity["passed"] else 1
+
+
+def cmd_run(args) -> int:
+    from nhle.pipeline import main_job
+
+    return main_job(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+
+
+def cmd_rollback(args) -> int:
+    from nhle.tracking import configure, rollback
+
+    params = resolve_params(args)
+    configure(params, args.project_dir)
+    before, after = rollback(params.registry)
+    print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
     return 0
 
 
@@ -127,6 +195,7 @@ def config_with_overrides(config, assignments: list[str]):
 def write_json(path: Path, payload) -> None:
     from nhle.training import atomic_write
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
 
@@ -137,26 +206,56 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a base model and write DIR/model.pt")
+    add_params_flag(train)
     add_data_flags(train)
     add_train_flags(train)
-    train.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    train.add_argument("--seed", dest="split_seed", type=int, help="seed of the split and the training")
     train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
     train.set_defaults(func=cmd_train)
 
+    prepare = commands.add_parser("prepare", help="materialise the dataset as files (train.npz, test.npz, classes.json)")
+    add_params_flag(prepare)
+    add_data_flags(prepare)
+    prepare.add_argument("--seed", dest="split_seed", type=int, help="seed of the train/test split")
+    prepare.add_argument("--out", required=True, help="output folder")
+    prepare.set_defaults(func=cmd_prepare)
+
     unlearn = commands.add_parser("unlearn", help="forget classes of a checkpoint; write OUT/model.pt and report.json")
+    add_params_flag(unlearn)
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
     unlearn.add_argument("--forget", required=True, help="class(es) to forget: an index or name, or a comma list")
     unlearn.add_argument("--seed", type=int, default=0, help="seed of the forget-sample draw and the retrain")
     unlearn.add_argument("--out", required=True, help="output folder")
     unlearn.add_argument("--retrain-baseline", action="store_true",
                          help="also retrain from scratch without the classes and report it")
-    unlearn.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    unlearn.add_argument("--device", help="auto, cpu or cuda")
     add_unlearn_flags(unlearn)
     unlearn.set_defaults(func=cmd_unlearn)
 
-    run = commands.add_parser("run", help="the main job on the embedded defaults")
-    run.add_argument("--forget", default="3", help="class(es) to forget")
+    evaluate = commands.add_parser("evaluate", help="plots, flat metrics and gate verdicts of an unlearning")
+    add_params_flag(evaluate)
+    evaluate.add_argument("--original", required=True, help="the original model.pt")
+    evaluate.add_argument("--unlearned", required=True, help="folder written by `nhle unlearn`")
+    evaluate.add_argument("--out", required=True, help="output folder (plots, metrics.json, gates.json)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX and check parity with ONNX Runtime")
+    add_params_flag(export)
+    export.add_argument("--checkpoint", required=True, help="model.pt to export")
+    export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
+    export.set_defaults(func=cmd_export)
+
+    run = commands.add_parser("run", help="the main job: train a base model if there is no champion, "
+                              "run one forget flow, print the registry state")
+    add_params_flag(run)
+    run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
+    run.add_argument("--project-dir", default=".", help="folder holding flows/, the MLflow store and data")
     run.set_defaults(func=cmd_run)
+
+    rollback = commands.add_parser("rollback", help="move the champion alias back to the previous version")
+    add_params_flag(rollback)
+    rollback.add_argument("--project-dir", default=".", help="folder the tracking URI is relative to")
+    rollback.set_defaults(func=cmd_rollback)
 
     bench = commands.add_parser("bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)

@@ -1,11 +1,16 @@
-"""The typed configuration: frozen dataclasses, one docstring per field.
+"""The typed configuration: frozen dataclasses, one docstring per field, read from params.yaml.
 
-The CLI builds these from its flags; every field has a default that works on the embedded
-digits dataset on a CPU.
+    from nhle.config import load_params
+    params = load_params("params.yaml")     # Params(data=..., train=..., unlearn=..., ...)
+
+Every field has a default that works on the embedded digits dataset on a CPU; params.yaml only
+needs what differs. Unknown keys are errors that name the key and the known ones.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
 
@@ -57,7 +62,7 @@ class UnlearnConfig:
     stop_forget_prob: float = 0.05
     """Stop once every forget sample is misclassified and their mean probability of the
     forgotten classes (no mask) is below this bound."""
-    anchor_weight: float = 1.0
+    anchor_weight: float = 10.0
     """Weight of the KL term that keeps the forget samples' prediction over the retained classes
     (renormalised) equal to the original model's; 0 turns the anchoring off."""
     layers: str = "all"
@@ -82,3 +87,119 @@ def replace_known(config, **overrides):
         raise ValueError(f"unknown {type(config).__name__} fields: {sorted(unknown)}; known: {sorted(names)}")
     values = {**asdict(config), **{k: v for k, v in overrides.items()}}
     return type(config)(**values)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    parity_tolerance: float = 1e-5
+    """Largest allowed |p_onnx - p_torch| over every class probability of the test split.
+    Measured differences are about 1e-6 (fp32 kernels summing in another order); 1e-5 leaves
+    room for that and still fails on any real difference in weights or graph."""
+    parity_batch_sizes: tuple[int, ...] = (1, 64, 257)
+    """ONNX Runtime batch sizes the parity check runs the whole test split at."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_forget_test_acc: float = 0.0
+    """Promotion needs forget_test_acc at most this (the mask makes it exactly 0)."""
+    max_unmasked_forget_test_acc: float = 0.05
+    """Promotion needs the mask-removal attack to recover at most this share of the class."""
+    max_retained_drop_pp: float = 2.0
+    """Promotion needs retained test accuracy within this many points of the parent model."""
+    min_retain_test_acc: float = 0.0
+    """Promotion needs retained test accuracy at least this (absolute floor)."""
+    require_parity: bool = True
+    """Promotion needs the ONNX Runtime parity check to pass."""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "nhle-classifier"
+    """Registered model name in the MLflow model registry."""
+    champion_alias: str = "champion"
+    """Alias that serving follows; moved only when every gate holds."""
+    previous_alias: str = "previous"
+    """Alias kept on the former champion, for rollback."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set."""
+    artifact_location: str = "mlartifacts"
+    """Artifact folder (or URI) of the experiment, relative to the project directory."""
+    experiment: str = "nhle"
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class VersioningConfig:
+    repo: str = "data-repo"
+    """Git + DVC repository the datasets are versioned in (created when missing; relative to the
+    project directory). Kept apart from the code repository so flows never commit to your branch."""
+    remote: str = "dvc-remote"
+    """DVC remote: a local folder by default, or any DVC remote URL (s3://, gs://, ssh://, ...)."""
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    forget: str = "3"
+    """Classes the main job (`nhle run`) forgets: indices or names, comma separated."""
+    retrain_baseline: bool = True
+    """Retrain from scratch without the forgotten classes in each forget flow, as the reference."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    versioning: VersioningConfig = field(default_factory=VersioningConfig)
+
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
+            "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
+            "versioning": VersioningConfig}
+TOP_LEVEL = {"forget": str, "retrain_baseline": bool}
+
+
+def params_from_dict(raw: dict | None, source: str = "params") -> Params:
+    raw = dict(raw or {})
+    unknown = set(raw) - set(SECTIONS) - set(TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted([*SECTIONS, *TOP_LEVEL])}")
+    values = {}
+    for name, cls in SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {section!r}")
+        try:
+            values[name] = replace_known(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+    for name, kind in TOP_LEVEL.items():
+        if name in raw:
+            if kind is bool and not isinstance(raw[name], bool):
+                raise ValueError(f"{source}: {name} must be true or false, got {raw[name]!r}")
+            values[name] = kind(raw[name])
+    return Params(**values)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml (missing file -> all defaults)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(raw, str(path))

@@ -213,3 +213,60 @@ def sample_per_class(data: ImageSet, classes, n: int, seed: int) -> ImageSet:
             raise ValueError(f"class {cls} has no samples in the train split")
         picks.append(index[torch.randperm(len(index), generator=generator)[:n]])
     return data.subset(torch.cat(picks))
+
+
+def save_splits(splits: Splits, folder: str | Path) -> Path:
+    """Write splits as folder/train.npz, folder/test.npz and folder/classes.json; returns folder.
+
+    The .npz files hold `images` (their own dtype) and `labels` (int64), uncompressed, with every
+    zip entry stamped 1980-01-01: the same arrays always give the same bytes, so a content hash
+    (DVC's md5) changes only when the data does. Each file is written atomically."""
+    import json
+    import zipfile
+
+    from nhle.training import atomic_write
+
+    def write_npz(part: ImageSet):
+        arrays = {"images": part.images.contiguous().numpy(),
+                  "labels": part.labels.numpy().astype(np.int64)}
+
+        def write(f):
+            # np.savez's layout, but with a fixed entry timestamp: the stamp ZipFile.open('w')
+            # gives a str name is an implementation detail of the Python version.
+            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for key, value in arrays.items():
+                    info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    info.external_attr = 0o644 << 16
+                    with archive.open(info, "w", force_zip64=True) as entry:
+                        np.lib.format.write_array(entry, value, allow_pickle=False)
+        return write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "train.npz", write_npz(splits.train))
+    atomic_write(folder / "test.npz", write_npz(splits.test))
+    meta = json.dumps({"name": splits.name, "class_names": list(splits.class_names)}, indent=2) + "\n"
+    atomic_write(folder / "classes.json", lambda f: f.write(meta.encode()))
+    return folder
+
+
+def load_splits(folder: str | Path) -> Splits:
+    """The Splits that save_splits wrote to folder (same bytes, same fingerprint)."""
+    import json
+
+    folder = Path(folder)
+    for name in ("train.npz", "test.npz", "classes.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} does not exist: {folder} is not a folder "
+                                    "written by save_splits")
+
+    def read_npz(path: Path) -> ImageSet:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"images", "labels"} - set(arrays.files)
+            if missing:
+                raise ValueError(f"{path} lacks {sorted(missing)}")
+            return ImageSet(torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy()))
+
+    meta = json.loads((folder / "classes.json").read_text())
+    return Splits(meta["name"], read_npz(folder / "train.npz"), read_npz(folder / "test.npz"),
+                  [str(c) for c in meta["class_names"]])

@@ -9,7 +9,9 @@ Plain library code: no tracking, orchestration or data-versioning imports.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -105,6 +107,18 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     return ForgetOutcome(report, result, retrained[0] if retrained else None)
 
 
+def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
+    """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
+    from nhle.training import atomic_write, save_checkpoint
+
+    folder = Path(folder)
+    meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
+    save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
+                    unlearn=outcome.report["unlearn_config"], **meta)
+    atomic_write(folder / "report.json", lambda f: f.write((json.dumps(outcome.report, indent=2) + "\n").encode()))
+    return folder
+
+
 def summary_lines(report: dict) -> list[str]:
     """The report as a small table for the terminal."""
     metrics = report["metrics"]
@@ -128,4 +142,4 @@ def retained_drop_pp(report: dict, which: str = "unlearned") -> float:
 
 
 __all__ = ["ForgetOutcome", "data_for_checkpoint", "forget", "load_data", "retrain_without", "retained_drop_pp",
-           "split_by_classes", "summary_lines", "train_base", "validate_forget"]
+           "save_unlearned", "split_by_classes", "summary_lines", "train_base", "validate_forget"]

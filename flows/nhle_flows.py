@@ -1,0 +1,167 @@
+"""Prefect flows of nhle: `train_base` and `forget`. Each task is one call into nhle.pipeline.
+
+    python flows/nhle_flows.py forget --classes 3      # one run now (ephemeral Prefect, no server)
+    python flows/nhle_flows.py train_base
+    prefect deploy flows/nhle_flows.py:forget -n forget -p <work-pool>   # deployed by file path
+
+Not installed as a package on purpose: Prefect loads flows by path, and a top-level `flows`
+module would clash in users' site-packages. The flows read params.yaml of `project_dir` unless
+given `params` (a dict in the shape of nhle.config.Params).
+
+train_base: data version -> train -> export -> parity -> log + register -> gates -> promote
+forget:     champion -> data version -> NHLE + masking -> evaluate -> export -> parity
+            -> log + register -> gates -> promote
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from nhle import pipeline
+from nhle.config import Params, load_params, params_from_dict
+from nhle.experiment import validate_forget
+from nhle.tracking import configure
+
+# Models and tensors pass between tasks in memory: nothing to hash, nothing to cache.
+step = task(cache_policy=NO_CACHE)
+retried = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)  # idempotent I/O only
+
+
+@retried
+def load_champion(params: Params):
+    return pipeline.load_champion(params)
+
+
+@step
+def load_data(params: Params):
+    return pipeline.load_params_data(params)
+
+
+@step
+def data_for_checkpoint(checkpoint: dict):
+    from nhle.experiment import data_for_checkpoint as reload
+
+    return reload(checkpoint)
+
+
+@retried
+def version_data(params: Params, project_dir: Path, data):
+    return pipeline.version_data(params, project_dir, data)
+
+
+@step
+def train(params: Params, data):
+    return pipeline.train_candidate(params, data)
+
+
+@step
+def unlearn(params: Params, model, checkpoint, classes: str, parent_version: str, data, seed: int):
+    return pipeline.forget_candidate(params, model, checkpoint, classes, parent_version, data, seed)
+
+
+@step
+def export_and_check(params: Params, candidate):
+    return pipeline.export_and_check(params, candidate)
+
+
+@step
+def log_and_register(run_id: str, params: Params, candidate, onnx_path, parity, data_version) -> str:
+    return pipeline.log_candidate(run_id, params, candidate, onnx_path, parity, data_version)
+
+
+@step
+def judge(params: Params, candidate, parity):
+    return pipeline.judge(params, candidate, parity)
+
+
+@step
+def promote(params: Params, run_id: str, version: str, gates, parent_version):
+    return pipeline.promote(params, run_id, version, gates, parent_version)
+
+
+def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
+    root = Path(project_dir).resolve()
+    resolved = params_from_dict(params) if params is not None else load_params(root / "params.yaml")
+    configure(resolved, root)
+    return resolved, root
+
+
+def publish(params: Params, run_id: str, candidate, data_version) -> dict:
+    """export -> parity -> log + register -> gates -> promote; the run is marked FAILED on error."""
+    onnx_path, parity = export_and_check(params, candidate)
+    version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version)
+    gates = judge(params, candidate, parity)
+    result = promote(params, run_id, version, gates, candidate.parent_version)
+    get_run_logger().info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted",
+                          result["reason"])
+    return result
+
+
+def tracked(params: Params, run_name: str, tags: dict, body) -> dict:
+    run_id = pipeline.start_run(params, run_name, tags)
+    try:
+        result = body(run_id)
+    except BaseException:
+        MlflowClient().set_terminated(run_id, "FAILED")
+        raise
+    MlflowClient().set_terminated(run_id, "FINISHED")
+    return result
+
+
+@flow(name="train-base", flow_run_name="train-base")
+def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Train a base model on the configured data and register it (champion if its gates hold)."""
+    resolved, root = resolve(params, project_dir)
+    data = load_data(resolved)
+    data_version = version_data(resolved, root, data)
+
+    def body(run_id):
+        candidate = train(resolved, data)
+        result = publish(resolved, run_id, candidate, data_version)
+        return {**result, "summary": f"base {resolved.train.model} on {data.name}", "data_version": data_version.md5}
+
+    return tracked(resolved, f"train-base-{resolved.data.dataset}", {"nhle.flow": "train_base"}, body)
+
+
+@flow(name="forget", flow_run_name="forget-classes-{classes}")
+def forget(classes: str, params: dict | None = None, project_dir: str = ".", seed: int = 0,
+           n_samples: int | None = None, encoding: str | None = None) -> dict:
+    """Forget `classes` (indices or names, comma separated) from the current champion."""
+    resolved, root = resolve(params, project_dir)
+    overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
+    resolved = replace(resolved, unlearn=replace(resolved.unlearn, **overrides))
+    champion = load_champion(resolved)
+    if champion is None:
+        raise ValueError(f"no {resolved.registry.model_name}@{resolved.registry.champion_alias} to forget from: "
+                         "run the train_base flow (or `nhle run`) first")
+    model, checkpoint, parent = champion
+    validate_forget(model, classes, checkpoint["class_names"])  # refused before anything is logged
+    data = data_for_checkpoint(checkpoint)
+    data_version = version_data(resolved, root, data)
+
+    def body(run_id):
+        candidate = unlearn(resolved, model, checkpoint, classes, parent.version, data, seed)
+        result = publish(resolved, run_id, candidate, data_version)
+        names = candidate.report["forget_class_names"]
+        return {**result, "summary": f"forgot {names} from version {parent.version}", "forgotten": names,
+                "data_version": data_version.md5}
+
+    return tracked(resolved, f"forget-{classes.replace(',', '-')}-from-v{parent.version}",
+                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent.version}, body)
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
+    cli.add_argument("flow", choices=("train_base", "forget"), help="which flow")
+    cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
+    cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
+    args = cli.parse_args()
+    if args.flow == "forget":
+        print(forget(classes=args.classes, project_dir=args.project_dir))
+    else:
+        print(train_base(project_dir=args.project_dir))

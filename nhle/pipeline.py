@@ -1,0 +1,231 @@
+"""The steps the Prefect flows run, each a plain function over nhle's core and its adapters.
+
+flows/nhle_flows.py wraps these as tasks; `nhle run` (main_job) runs those
+flows by file path, the way Prefect deploys them. Order of a forget flow:
+
+    champion -> data version -> NHLE + masking -> evaluate -> log -> export -> parity -> gates -> promote
+
+Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
+in `promote`, the last step, and only when every gate held.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from nhle.config import Params
+from nhle.data import Splits
+from nhle.gates import GateResult, evaluate_gates
+from nhle.models import MaskedClassifier
+
+
+@dataclass
+class Candidate:
+    """A model produced by a flow, with everything needed to log, check and promote it."""
+
+    model: MaskedClassifier
+    checkpoint_meta: dict
+    report: dict | None
+    data: Splits
+    work_dir: Path
+    parent_version: str | None = None
+    original: MaskedClassifier | None = None
+    """The model before unlearning, for the before/after plots."""
+
+
+def project_path(params_dir: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else (params_dir / path).resolve()
+
+
+def version_data(params: Params, project_dir: Path, data: Splits):
+    """Materialise `data` into the DVC data repository and return its DataVersion."""
+    from nhle.versioning import ensure_data_repo, version_dataset
+
+    repo = project_path(project_dir, params.versioning.repo)
+    remote = params.versioning.remote
+    remote = remote if "://" in remote else str(project_path(project_dir, remote))
+    ensure_data_repo(repo, remote)
+    return version_dataset(data, repo, remote)
+
+
+def load_params_data(params: Params) -> Splits:
+    from nhle.experiment import load_data
+
+    return load_data(params.data)
+
+
+def train_candidate(params: Params, data: Splits) -> Candidate:
+    from nhle.experiment import train_base
+
+    model, meta = train_base(params.data, params.train, data=data)
+    return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-train-")))
+
+
+def load_champion(params: Params):
+    """(model, checkpoint dict, ModelVersion) of the current champion, or None when there is none."""
+    from nhle.tracking import download_checkpoint, version_by_alias
+    from nhle.training import load_checkpoint
+
+    version = version_by_alias(params.registry.model_name, params.registry.champion_alias)
+    if version is None:
+        return None
+    model, checkpoint = load_checkpoint(download_checkpoint(version))
+    return model, checkpoint, version
+
+
+def forget_candidate(params: Params, model, checkpoint: dict, spec, parent_version: str, data: Splits,
+                     seed: int = 0) -> Candidate:
+    from nhle.experiment import forget
+
+    outcome = forget(model, checkpoint, spec, seed=seed, config=params.unlearn,
+                     retrain_baseline=params.retrain_baseline, data=data, device=params.train.device)
+    meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
+    meta["unlearn"] = outcome.report["unlearn_config"]
+    meta["parent_version"] = parent_version
+    work_dir = Path(tempfile.mkdtemp(prefix="nhle-forget-"))
+    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model)
+
+
+def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
+    from nhle.export import check_parity, export_onnx
+
+    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape)
+    parity = check_parity(candidate.model, path, candidate.data.test, params.export.parity_batch_sizes,
+                          params.export.parity_tolerance)
+    return path, parity
+
+
+def start_run(params: Params, run_name: str, tags: dict) -> str:
+    from nhle.tracking import log_params
+
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        log_params(params)
+        return run.info.run_id
+
+
+def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
+                  data_version) -> str:
+    """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
+    from nhle.plots import write_evidence_plots
+    from nhle.tracking import log_onnx_model, log_parity, log_report, tag_version
+    from nhle.training import save_checkpoint
+
+    checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
+                                      data_version=asdict(data_version), **candidate.checkpoint_meta)
+    forgotten = [int(c) for c in np.nonzero(candidate.model.forget_mask.numpy())[0]]
+    class_names = candidate.data.class_names
+    preprocessing = {"input_name": "images", "input_shape": list(candidate.data.image_shape),
+                     "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
+                     "normalisation": "inside the graph", "class_names": class_names,
+                     "forgotten_classes": forgotten}
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags(data_version.as_tags())
+        mlflow.log_artifact(str(checkpoint_path), "checkpoint")
+        mlflow.log_dict(preprocessing, "preprocessing.json")
+        log_parity(parity)
+        if candidate.report is not None:
+            log_report(candidate.report)
+            plots = write_evidence_plots(candidate.original, candidate.model, candidate.data, candidate.report["forget_classes"],
+                                         candidate.work_dir / "plots")
+            for path in plots.values():
+                mlflow.log_artifact(str(path), "plots")
+        else:
+            mlflow.log_metrics({"test_acc": candidate.checkpoint_meta["metrics"]["test_acc"],
+                                "train_acc": candidate.checkpoint_meta["metrics"]["train_acc"]})
+        example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
+        version = log_onnx_model(onnx_path, example, params.registry.model_name, preprocessing)
+    tag_version(params.registry.model_name, version.version, {
+        "forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
+        "parent_version": candidate.parent_version or "", **data_version.as_tags(),
+        "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
+        "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path)})
+    return version.version
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def judge(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
+    if candidate.report is None:  # a base model: only parity and the accuracy floor apply
+        from nhle.gates import _at_least, parity_gates
+
+        gates = [_at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
+                           params.gates.min_retain_test_acc)]
+        return gates + (parity_gates(parity) if params.gates.require_parity else [])
+    return evaluate_gates(candidate.report, parity, params.gates)
+
+
+def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
+    from nhle.tracking import log_gates, promote_if_passed, tag_version
+
+    with mlflow.start_run(run_id=run_id):
+        log_gates(gates)
+    tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
+    promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": version})
+    return {"version": version, "promoted": promoted, "reason": reason, "run_id": run_id,
+            "gates": [g.as_dict() for g in gates]}
+
+
+def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
+    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from nhle.tracking import aliases_of, configure
+
+    project_dir = project_dir.resolve()
+    flows_file = project_dir / "flows" / "nhle_flows.py"
+    if not flows_file.exists():
+        raise FileNotFoundError(f"no flows/nhle_flows.py under {project_dir}: run `nhle run` from the nhle "
+                                "checkout or pass --project-dir")
+    uri = configure(params, project_dir)
+    forget_spec = forget_spec or params.forget
+    results = []
+    if load_champion_version(params) is None:
+        train_flow = load_flow_from_entrypoint(f"{flows_file}:train_base")
+        results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
+    name = params.registry.model_name
+    champion = load_champion(params)
+    already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
+    if already:
+        print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
+              f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
+    else:
+        forget_flow = load_flow_from_entrypoint(f"{flows_file}:forget")
+        results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
+    for result in results:
+        print(f"\n{name} version {result['version']} ({result['summary']}): "
+              f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
+        for gate in result["gates"]:
+            print(f"  {GateResult(**gate).describe()}")
+        print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
+    print(f"\nMLflow UI:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"Serve it:    nhle serve --model models:/{name}@{params.registry.champion_alias}   (serving lands next)")
+    return 0 if not results or results[-1]["promoted"] else 1
+
+
+def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:
+    from nhle.data import parse_classes
+
+    return all(bool(model.forget_mask[c]) for c in parse_classes(spec, class_names))
+
+
+def load_champion_version(params: Params):
+    from nhle.tracking import version_by_alias
+
+    return version_by_alias(params.registry.model_name, params.registry.champion_alias)
+
+
+def params_as_dict(params: Params) -> dict:
+    return json.loads(json.dumps(asdict(params)))

@@ -1,0 +1,175 @@
+"""MLflow adapter: runs, metrics, artifacts, the ONNX model, the registry and its aliases.
+
+    from nhle.tracking import configure, promote_if_passed, rollback
+    configure(params)                               # tracking URI + experiment with artifact location
+    version = log_onnx_model("model.onnx", ...)     # a registered model version per run
+    promote_if_passed(client, params.registry, version, gates, parent_version)
+
+The only module of nhle (with the flows) that imports mlflow. Alias moves happen last and only
+after every gate held, so a failed step never moves `champion`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from nhle.config import Params, RegistryConfig
+from nhle.gates import GateResult, all_passed, failure_reason
+
+ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
+
+
+def resolve_uri(uri: str, project_dir: Path) -> str:
+    """sqlite:///relative.db and bare relative paths are taken relative to the project dir."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(project_dir / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        return (project_dir / uri).resolve().as_uri()
+    return uri
+
+
+def configure(params: Params, project_dir: str | Path = ".") -> str:
+    """Point MLflow at the configured store and experiment; returns the tracking URI in use."""
+    project_dir = Path(project_dir)
+    uri = resolve_uri(params.tracking_uri(), project_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = params.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = params.tracking.artifact_location
+        location = resolve_uri(artifacts, project_dir) if "://" not in artifacts else artifacts
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:  # not a race with another process
+                raise
+    mlflow.set_experiment(name)
+    return uri
+
+
+def flatten(payload: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(params: Params) -> None:
+    mlflow.log_params({k: str(v) for k, v in flatten(asdict(params)).items()})
+
+
+def log_report(report: dict) -> None:
+    """Every metric block of report.json as `<block>/<metric>`, plus seconds and the drop."""
+    metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
+               for key, value in values.items()}
+    metrics.update({f"seconds/{key}": float(value) for key, value in report["seconds"].items()})
+    metrics["unlearned/retained_drop_pp"] = 100 * (report["metrics"]["original"]["retain_test_acc"]
+                                                   - report["metrics"]["unlearned"]["retain_test_acc"])
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(report, "report.json")
+
+
+def log_parity(parity: dict) -> None:
+    mlflow.log_metrics({"parity/argmax_agreement": parity["argmax_agreement"],
+                        "parity/max_abs_prob_diff": parity["max_abs_prob_diff"]})
+    mlflow.log_dict(parity, "parity.json")
+
+
+def log_gates(gates: list[GateResult]) -> None:
+    mlflow.log_dict([g.as_dict() for g in gates], "gates.json")
+    mlflow.log_metrics({f"gate/{g.name}": float(g.passed) for g in gates})
+
+
+def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict) -> ModelVersion:
+    """Log the ONNX model with a signature and input example and register a new version of it."""
+    import onnx
+    from mlflow.models import infer_signature
+
+    from nhle.export import make_session
+
+    session = make_session(onnx_path)
+    logits = session.run(None, {session.get_inputs()[0].name: example})[0]
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=registered_name,
+                                 signature=infer_signature(example, logits), input_example=example,
+                                 pip_requirements=ONNX_REQUIREMENTS, save_as_external_data=False,
+                                 metadata=metadata, onnx_execution_providers=["CPUExecutionProvider"])
+    return MlflowClient().get_model_version(registered_name, str(info.registered_model_version))
+
+
+def tag_version(name: str, version: str, tags: dict) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value if isinstance(value, str) else json.dumps(value))
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote_if_passed(registry: RegistryConfig, version: str, gates: list[GateResult],
+                      parent_version: str | None) -> tuple[bool, str]:
+    """Move `champion` to `version` (and `previous` to the former champion) if every gate held
+    and the champion is still the parent this version was made from. Returns (promoted, reason)."""
+    name = registry.model_name
+    client = MlflowClient()
+    current = version_by_alias(name, registry.champion_alias)
+    current_version = current.version if current else None
+    reason = ""
+    if not all_passed(gates):
+        reason = f"gate failed: {failure_reason(gates)}"
+    elif str(current_version) != str(parent_version) and parent_version is not None:
+        reason = f"champion moved to version {current_version} while this version was made from {parent_version}"
+    if reason:
+        tag_version(name, version, {"promoted": "false", "rejection_reason": reason})
+        return False, reason
+    if current_version is not None:
+        client.set_registered_model_alias(name, registry.previous_alias, current_version)
+    client.set_registered_model_alias(name, registry.champion_alias, version)
+    tag_version(name, version, {"promoted": "true", "replaced_version": str(current_version or "")})
+    return True, "every gate held"
+
+
+def rollback(registry: RegistryConfig) -> tuple[str, str]:
+    """Move `champion` back to `previous`; `previous` moves one step further back when known.
+    Returns (from_version, to_version)."""
+    name = registry.model_name
+    client = MlflowClient()
+    champion = version_by_alias(name, registry.champion_alias)
+    previous = version_by_alias(name, registry.previous_alias)
+    if previous is None:
+        raise ValueError(f"model {name!r} has no {registry.previous_alias!r} alias to roll back to")
+    client.set_registered_model_alias(name, registry.champion_alias, previous.version)
+    earlier = previous.tags.get("replaced_version")
+    if earlier:
+        client.set_registered_model_alias(name, registry.previous_alias, earlier)
+    else:
+        client.delete_registered_model_alias(name, registry.previous_alias)
+    if champion is not None:
+        tag_version(name, champion.version, {"rolled_back": "true"})
+    return (champion.version if champion else ""), previous.version
+
+
+def download_checkpoint(version: ModelVersion, folder: str | Path | None = None) -> Path:
+    """The PyTorch checkpoint logged beside a registered version (artifact checkpoint/model.pt)."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="nhle-champion-"))
+    return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint/model.pt",
+                                                    dst_path=str(folder)))
+
+
+def aliases_of(name: str, version: str) -> list[str]:
+    return list(MlflowClient().get_model_version(name, version).aliases)
