@@ -4,6 +4,7 @@
     data = load_dataset("digits", seed=0)          # scikit-learn's digits, ships with the package
     data = load_dataset("cifar10", root="~/data")  # torchvision's files under a local root
     data = load_dataset("imagefolder", root="my_images", image_size=32)  # one folder per class
+    data = load_dataset("prepared", root="data/prepared")  # files written by save_splits / `nhle prepare`
 
 Every dataset becomes a `Splits`: a train and a test `ImageSet` of images scaled to [0, 1]
 (stored as uint8 where the source is 8-bit, to keep CIFAR-sized data small), the class names and
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 TORCHVISION_DATASETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
-DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder")
+DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "prepared")
 
 
 @dataclass
@@ -90,6 +91,10 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
             raise ValueError(f"dataset {name!r} needs a root folder (--data-root); "
                              "add download=True (--download) to fetch it there")
         splits = load_torchvision(name, root, download=download)
+    elif name == "prepared":
+        if root is None:
+            raise ValueError("dataset 'prepared' needs the folder written by `nhle prepare` as its root")
+        splits = load_splits(root)
     elif name == "imagefolder":
         if root is None:
             raise ValueError("dataset 'imagefolder' needs a root folder with one sub-folder per class")

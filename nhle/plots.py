@@ -91,8 +91,14 @@ def _tick_fontsize(num_classes: int) -> float:
 
 def _shown_ticks(num_classes: int, forget, max_labels: int) -> np.ndarray:
     """Every class up to `max_labels`, else every n-th one; forgotten classes always."""
-    step = 1 if num_classes <= max_labels else int(np.ceil(num_classes / max_labels))
-    return np.union1d(np.arange(0, num_classes, step), np.asarray(list(forget), dtype=int)).astype(int)
+    forget = np.asarray(sorted(forget), dtype=int)
+    if num_classes <= max_labels:
+        return np.arange(num_classes)
+    step = int(np.ceil(num_classes / max_labels))
+    regular = np.arange(0, num_classes, step)
+    if len(forget):  # make room for the forgotten classes' labels
+        regular = regular[np.abs(regular[:, None] - forget[None, :]).min(1) >= step]
+    return np.union1d(regular, forget).astype(int)
 
 
 def _set_class_ticks(ax, axis: str, shown: np.ndarray, class_names: list[str], forget: set[int]) -> None:
@@ -207,18 +213,27 @@ def _draw_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, class_na
     accuracy = float((predictions == labels).mean()) if len(labels) else float("nan")
     forgotten = ", ".join(class_names[c] for c in forget) or "none"
     ax.set_title(f"{title}\n(accuracy {accuracy:.3f} on {len(labels)} samples; "
-                 f"forget classes {forgotten} outlined in red)", fontsize=11 if k <= 30 else 14)
+                 f"forget class{'es' if len(forget) > 1 else ''} {forgotten} outlined in red)",
+                 fontsize=11 if k <= 30 else 14)
     return _save(fig, path)
 
 
 def _project(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of `features` (fitted on them) and the explained variance ratio of each axis."""
     from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
 
     features = np.asarray(features, dtype=np.float64)
     n_components = min(2, features.shape[0], features.shape[1])
-    pca = PCA(n_components=n_components, random_state=seed)
-    points = pca.fit_transform(features)
+    # One BLAS thread: a 2-component PCA of a few thousand rows is milliseconds single-threaded,
+    # but multi-threaded BLAS on a busy machine can take hundreds of times longer.
+    with threadpool_limits(1):
+        try:  # the covariance solver (scikit-learn >= 1.5) is the fast one for N >> D
+            pca = PCA(n_components=n_components, svd_solver="covariance_eigh", random_state=seed)
+            points = pca.fit_transform(features)
+        except ValueError:  # older scikit-learn, or a shape that solver refuses
+            pca = PCA(n_components=n_components, svd_solver="full", random_state=seed)
+            points = pca.fit_transform(features)
     ratio = np.nan_to_num(pca.explained_variance_ratio_)
     if n_components < 2:  # degenerate input: pad with a zero axis so there is still a scatter
         points = np.hstack([points, np.zeros((len(points), 2 - n_components))])

@@ -100,7 +100,7 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     label = f"retrain without {list(exclude)}" if exclude else "train"
-    with tqdm(range(config.epochs), desc=label, disable=not progress, leave=False) as bar:
+    with tqdm(range(config.epochs), desc=label, disable=None if progress else True, leave=False) as bar:
         for _ in bar:
             loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator)
             bar.set_postfix(loss=f"{loss:.4f}")
