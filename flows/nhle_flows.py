@@ -140,19 +140,20 @@ def forget(classes: str, params: dict | None = None, project_dir: str = ".", see
         raise ValueError(f"no {resolved.registry.model_name}@{resolved.registry.champion_alias} to forget from: "
                          "run the train_base flow (or `nhle run`) first")
     model, checkpoint, parent = champion
+    parent_version = str(parent.version)
     validate_forget(model, classes, checkpoint["class_names"])  # refused before anything is logged
     data = data_for_checkpoint(checkpoint)
     data_version = version_data(resolved, root, data)
 
     def body(run_id):
-        candidate = unlearn(resolved, model, checkpoint, classes, parent.version, data, seed)
+        candidate = unlearn(resolved, model, checkpoint, classes, parent_version, data, seed)
         result = publish(resolved, run_id, candidate, data_version)
         names = candidate.report["forget_class_names"]
-        return {**result, "summary": f"forgot {names} from version {parent.version}", "forgotten": names,
+        return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
                 "data_version": data_version.md5}
 
-    return tracked(resolved, f"forget-{classes.replace(',', '-')}-from-v{parent.version}",
-                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent.version}, body)
+    return tracked(resolved, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version}, body)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def cmd_unlearn(args) -> int:
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
-    outcome = forget(model, checkpoint, args.forget, seed=args.seed, config=params.unlearn,
+    outcome = forget(model, checkpoint, args.forget or params.forget, seed=args.seed, config=params.unlearn,
                      retrain_baseline=args.retrain_baseline, device=params.train.device)
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
@@ -120,7 +120,7 @@ def cmd_evaluate(args) -> int:
     unlearned, _ = load_checkpoint(Path(args.unlearned) / "model.pt")
     report = json.loads((Path(args.unlearned) / "report.json").read_text())
     out = Path(args.out)
-    write_evidence_plots(original, unlearned, data_for_checkpoint(checkpoint), report["forget_classes"], out)
+    write_evidence_plots(original, unlearned, data_for_checkpoint(checkpoint), report["forget_classes"], out / "plots")
     gates = evaluate_gates(report, None, replace(params.gates, require_parity=False))
     write_json(out / "gates.json", [g.as_dict() for g in gates])
     flat = {f"{block}.{key}": value for block, values in report["metrics"].items() for key, value in values.items()}
@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = commands.add_parser("unlearn", help="forget classes of a checkpoint; write OUT/model.pt and report.json")
     add_params_flag(unlearn)
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
-    unlearn.add_argument("--forget", required=True, help="class(es) to forget: an index or name, or a comma list")
+    unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
+                         "(default: `forget` in params.yaml)")
     unlearn.add_argument("--seed", type=int, default=0, help="seed of the forget-sample draw and the retrain")
     unlearn.add_argument("--out", required=True, help="output folder")
     unlearn.add_argument("--retrain-baseline", action="store_true",

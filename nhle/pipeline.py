@@ -173,8 +173,8 @@ def promote(params: Params, run_id: str, version: str, gates: list[GateResult], 
     tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
     promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
     with mlflow.start_run(run_id=run_id):
-        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": version})
-    return {"version": version, "promoted": promoted, "reason": reason, "run_id": run_id,
+        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
+    return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
             "gates": [g.as_dict() for g in gates]}
 
 

@@ -26,3 +26,22 @@ def trained(digits):
     """A small CNN trained on digits for a few epochs (about 2 s)."""
     model, _ = train_model(digits, TrainConfig(epochs=6), seed=0, progress=False)
     return model
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (its start-up costs ~20 s on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """A migrated, empty MLflow SQLite store; copy it per project instead of migrating again."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path

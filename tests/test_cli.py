@@ -6,13 +6,19 @@ import sys
 import pytest
 
 from nhle.cli import main
+from nhle.config import UnlearnConfig
 from nhle.metrics import METRIC_KEYS
+
+
+@pytest.fixture(autouse=True)
+def no_project_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the CLI runs on its defaults
 
 
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    assert main(["train", "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
+    assert main(["train", "--params", str(out / "none.yaml"), "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
                  "--out", str(out)]) == 0
     return out / "model.pt"
 
@@ -28,7 +34,7 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
                  "--retrain-baseline", "--n-samples", "16"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["forget_classes"] == [2, 7] and report["seed"] == 1 and report["n_forget_samples"] == 32
-    assert report["dataset"] == "digits" and report["model"] == "smallcnn" and report["encoding"] == "complementary"
+    assert report["dataset"] == "digits" and report["model"] == "smallcnn" and report["encoding"] == UnlearnConfig().encoding
     assert set(report["metrics"]) == {"original", "unlearned", "retrained"}
     for block in report["metrics"].values():
         assert set(block) == set(METRIC_KEYS)

@@ -1,0 +1,126 @@
+"""The production chain for real: Prefect flows (test harness), MLflow on SQLite, DVC with a local
+remote, ONNX Runtime on the registered model. One project is built up step by step."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nhle.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "nhle-classifier"
+PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False, "gates": {"min_retain_test_acc": 0.8}}
+
+
+def flow(name):
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(f"{REPO / 'flows' / 'nhle_flows.py'}:{name}")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_harness, mlflow_template):
+    """`nhle run` on a fresh project: base model, then the forget flow for class 3."""
+    import yaml
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    (root / "flows").symlink_to(REPO / "flows")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert main(["run", "--params", str(root / "params.yaml"), "--project-dir", str(root)]) == 0
+    from nhle.config import load_params
+    from nhle.tracking import configure
+
+    configure(load_params(root / "params.yaml"), root)
+    return root
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def champion():
+    return client().get_model_version_by_alias(NAME, "champion")
+
+
+def test_run_promotes_base_then_unlearned_model_with_evidence(project):
+    version = champion()
+    assert str(version.version) == "2" and str(client().get_model_version_by_alias(NAME, "previous").version) == "1"
+    tags = version.tags
+    assert json.loads(tags["forgotten_classes"]) == [3] and tags["parent_version"] == "1"
+    assert tags["data.md5"].endswith(".dir") and len(tags["data.git_rev"]) == 40
+    assert tags["parity.passed"] == "true" and tags["promoted"] == "true"
+    assert all(g["passed"] for g in json.loads(tags["gates"]))
+    run = client().get_run(version.run_id)
+    assert run.data.metrics["unlearned/forget_test_acc"] == 0.0 and "original/forget_test_acc" in run.data.metrics
+    assert run.data.params["unlearn.n_samples"] == "32" and run.info.status == "FINISHED"
+    artifacts = {a.path for a in client().list_artifacts(run.info.run_id)}
+    assert {"report.json", "parity.json", "gates.json", "preprocessing.json", "plots", "checkpoint"} <= artifacts
+    plots = {Path(a.path).name for a in client().list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"per_class_accuracy.png", "confusion_matrix.png", "feature_projection.png"}
+
+
+def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
+    import mlflow.onnx
+    import onnxruntime
+
+    from nhle.data import load_digits, split_by_classes
+
+    model = mlflow.onnx.load_model(f"models:/{NAME}@champion")
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    data = load_digits(seed=0)
+    forgotten, _ = split_by_classes(data.test, [3])
+    for images in (forgotten.float_images(), data.test.float_images()):
+        logits = session.run(None, {"images": images.numpy()})[0]
+        assert not np.isin(logits.argmax(1), [3]).any()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert pyfunc.metadata.signature is not None
+
+
+def test_model_traces_to_the_exact_data_bytes(project):
+    from nhle.tracking import download_checkpoint
+    from nhle.training import load_checkpoint
+    from nhle.versioning import DataVersion, open_dataset_version
+
+    version = champion()
+    _, checkpoint = load_checkpoint(download_checkpoint(version))
+    data_version = DataVersion(**checkpoint["data_version"])
+    assert data_version.md5 == version.tags["data.md5"]
+    assert open_dataset_version(data_version).fingerprint() == checkpoint["data_fingerprint"]
+
+
+def test_failed_gate_registers_but_never_moves_the_champion(project):
+    params = {**PARAMS, "export": {"parity_tolerance": -1.0}}  # no model can meet it
+    result = flow("forget")(classes="5", params=params, project_dir=str(project))
+    assert result["promoted"] is False and "parity" in result["reason"]
+    rejected = client().get_model_version(NAME, result["version"])
+    assert rejected.tags["promoted"] == "false" and "parity_max_abs_prob_diff" in rejected.tags["rejection_reason"]
+    assert not rejected.aliases
+    assert str(champion().version) == "2"
+
+
+def test_invalid_request_is_refused_before_anything_is_registered(project):
+    before = len(client().search_model_versions(f"name='{NAME}'"))
+    for classes, message in (("3", "already forgotten"), ("11", "out of range"), ("cat", "unknown class")):
+        with pytest.raises(ValueError, match=message):
+            flow("forget")(classes=classes, params=PARAMS, project_dir=str(project))
+    assert len(client().search_model_versions(f"name='{NAME}'")) == before
+    assert str(champion().version) == "2"
+
+
+def test_sequential_forgetting_then_rollback(project):
+    result = flow("forget")(classes="5", params=PARAMS, project_dir=str(project), n_samples=16)
+    assert result["promoted"] is True
+    new = champion()
+    assert str(new.version) == str(result["version"]) and json.loads(new.tags["forgotten_classes"]) == [3, 5]
+    report = json.loads(Path(client().download_artifacts(new.run_id, "report.json")).read_text())
+    assert report["n_forget_samples"] == 16 and report["previously_forgotten"] == [3]
+    assert main(["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]) == 0
+    assert str(champion().version) == "2"
+    assert client().get_model_version(NAME, new.version).tags["rolled_back"] == "true"
