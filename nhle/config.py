@@ -49,7 +49,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    encoding: str = "complementary"
+    encoding: str = "negative_hot"
     """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement, README)."""
     n_samples: int = 32
     """Samples drawn from the train split per forgotten class; no retained data is used."""
@@ -62,7 +62,7 @@ class UnlearnConfig:
     stop_forget_prob: float = 0.05
     """Stop once every forget sample is misclassified and their mean probability of the
     forgotten classes (no mask) is below this bound."""
-    anchor_weight: float = 10.0
+    anchor_weight: float = 30.0
     """Weight of the KL term that keeps the forget samples' prediction over the retained classes
     (renormalised) equal to the original model's; 0 turns the anchoring off."""
     layers: str = "all"
