@@ -123,7 +123,8 @@ def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
     def body(run_id):
         candidate = train(resolved, data)
         result = publish(resolved, run_id, candidate, data_version)
-        return {**result, "summary": f"base {resolved.train.model} on {data.name}", "data_version": data_version.md5}
+        return {**result, "summary": f"base {resolved.train.model} on {data.name}", "data_version": data_version.md5,
+                "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
     return tracked(resolved, f"train-base-{resolved.data.dataset}", {"nhle.flow": "train_base"}, body)
 
@@ -150,7 +151,8 @@ def forget(classes: str, params: dict | None = None, project_dir: str = ".", see
         result = publish(resolved, run_id, candidate, data_version)
         names = candidate.report["forget_class_names"]
         return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
-                "data_version": data_version.md5}
+                "data_version": data_version.md5, "report": candidate.report,
+                "compute_seconds": candidate.report["seconds"]}
 
     return tracked(resolved, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
                    {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version}, body)

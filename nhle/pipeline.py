@@ -184,6 +184,9 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
 
     from nhle.tracking import aliases_of, configure
 
+    import time
+
+    started = time.perf_counter()
     project_dir = project_dir.resolve()
     flows_file = project_dir / "flows" / "nhle_flows.py"
     if not flows_file.exists():
@@ -194,7 +197,9 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     results = []
     if load_champion_version(params) is None:
         train_flow = load_flow_from_entrypoint(f"{flows_file}:train_base")
+        flow_started = time.perf_counter()
         results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
+        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
     name = params.registry.model_name
     champion = load_champion(params)
     already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
@@ -203,13 +208,24 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
               f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
     else:
         forget_flow = load_flow_from_entrypoint(f"{flows_file}:forget")
+        flow_started = time.perf_counter()
         results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
+        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
     for result in results:
+        if result.get("report"):
+            from nhle.experiment import summary_lines
+
+            print("\n" + "\n".join(summary_lines(result["report"])))
         print(f"\n{name} version {result['version']} ({result['summary']}): "
               f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
         for gate in result["gates"]:
             print(f"  {GateResult(**gate).describe()}")
         print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
+        compute = result["compute_seconds"]
+        print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
+              + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
+    print(f"\nnhle run: {time.perf_counter() - started:.1f} s in all "
+          f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     print(f"\nMLflow UI:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     print(f"Serve it:    nhle serve --model models:/{name}@{params.registry.champion_alias}   (serving lands next)")
     return 0 if not results or results[-1]["promoted"] else 1
