@@ -38,6 +38,9 @@ def resolve_uri(uri: str, project_dir: Path) -> str:
 
 def configure(params: Params, project_dir: str | Path = ".") -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI in use."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     project_dir = Path(project_dir)
     uri = resolve_uri(params.tracking_uri(), project_dir)
     mlflow.set_tracking_uri(uri)
