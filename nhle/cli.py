@@ -5,6 +5,7 @@
     nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
     nhle rollback                                 # move the champion alias back to the previous version
     nhle bench unlearning --seeds 0,1,2           # every class x seeds x encodings, tables to files
+    nhle serve --host 127.0.0.1 --port 8000      # ONNX Runtime server of the champion, hot-swapped
     nhle prepare | evaluate | export              # the dvc.yaml stages
 """
 from __future__ import annotations
@@ -163,6 +164,31 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """uvicorn on serving/nhle_server.py of the checkout; the server itself never imports torch."""
+    import os
+
+    import uvicorn
+
+    project_dir = Path(args.project_dir).resolve()
+    serving_dir = project_dir / "serving"
+    if not (serving_dir / "nhle_server.py").exists():
+        raise FileNotFoundError(f"no serving/nhle_server.py under {project_dir}: run `nhle serve` from the nhle "
+                                "checkout or pass --project-dir")
+    os.environ["NHLE_PARAMS"] = str(Path(args.params).resolve())
+    os.environ["NHLE_PROJECT_DIR"] = str(project_dir)
+    if args.model:
+        os.environ["NHLE_MODEL"] = args.model
+    uvicorn.run("nhle_server:create_app", factory=True, app_dir=str(serving_dir), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from nhle.serve_bench import main as bench_serve_main
+
+    return bench_serve_main(["--out", args.out, "--project-dir", args.project_dir])
+
+
 def cmd_bench_unlearning(args) -> int:
     from nhle.bench import bench_unlearning
 
@@ -258,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--project-dir", default=".", help="folder the tracking URI is relative to")
     rollback.set_defaults(func=cmd_rollback)
 
+    serve = commands.add_parser("serve", help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
+    add_params_flag(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
+    serve.add_argument("--project-dir", default=".", help="the nhle checkout (serving/, params.yaml, MLflow store)")
+    serve.set_defaults(func=cmd_serve)
+
     bench = commands.add_parser("bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
     unlearning = benches.add_parser("unlearning", help="every class x seeds x encodings against retraining")
@@ -270,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override an NHLE setting for every run, e.g. --set lr=3e-5 (repeatable)")
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 2 classes, 1 seed, 3 epochs")
     unlearning.set_defaults(func=cmd_bench_unlearning)
+    serving = benches.add_parser("serve", help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
+    serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
+    serving.add_argument("--project-dir", default=".", help="the nhle checkout (serving/)")
+    serving.set_defaults(func=cmd_bench_serve)
     return parser
 
 
