@@ -227,7 +227,8 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     print(f"\nnhle run: {time.perf_counter() - started:.1f} s in all "
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     print(f"\nMLflow UI:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    print(f"Serve it:    nhle serve --model models:/{name}@{params.registry.champion_alias}   (serving lands next)")
+    print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
+          f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
     return 0 if not results or results[-1]["promoted"] else 1
 
 

@@ -1,0 +1,156 @@
+"""Helpers of the serving tests (the fixtures are in conftest.py): masked models, throwaway
+MLflow registries, and the server as a real uvicorn child process."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING = REPO / "serving"
+NAME = "nhle-classifier"
+ADMIN_TOKEN = "test-admin-token"
+# No telemetry and no progress bars in the server process either.
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def preprocessing(digits, forgotten) -> dict:
+    """The metadata a real version carries (what nhle's export flow logs as preprocessing.json)."""
+    return {"input_name": "images", "input_shape": list(digits.image_shape), "input_scale": "float32 in [0, 1]",
+            "normalisation": "inside the graph", "class_names": list(digits.class_names),
+            "forgotten_classes": sorted(forgotten)}
+
+
+def masked(model, classes):
+    from nhle.unlearning import apply_class_weight_mask
+
+    model = copy.deepcopy(model).cpu().eval()
+    apply_class_weight_mask(model, classes)
+    return model
+
+
+class Registry:
+    """A project folder with its own MLflow SQLite store (copied from the migrated template)."""
+
+    def __init__(self, root: Path, template: Path):
+        import mlflow
+
+        self.root = root
+        shutil.copy(template, root / "mlflow.db")
+        (root / "params.yaml").write_text("tracking:\n  tracking_uri: sqlite:///mlflow.db\n")
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        with self.current():
+            self.experiment_id = mlflow.create_experiment("nhle", artifact_location=str(root / "mlartifacts"))
+
+    @contextlib.contextmanager
+    def current(self):
+        """MLflow's fluent API pointed at this store, and put back afterwards: set_tracking_uri
+        also sets MLFLOW_TRACKING_URI, which would otherwise leak into every later test."""
+        import mlflow
+
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def register(self, onnx_model, metadata: dict, champion: bool = True, corrupt: bool = False) -> str:
+        """Log `onnx_model` (a path or ModelProto) as a new version, tag it, and (by default)
+        point `champion` at it. `corrupt` overwrites the stored model.onnx with garbage bytes."""
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
+        with self.current():
+            with mlflow.start_run(experiment_id=self.experiment_id):
+                mlflow.log_dict(metadata, "preprocessing.json")
+                info = mlflow.onnx.log_model(proto, name="model", registered_model_name=NAME, metadata=metadata,
+                                             save_as_external_data=False, pip_requirements=["onnx", "onnxruntime"])
+            location = mlflow.get_logged_model(info.model_id).artifact_location
+        version = str(info.registered_model_version)
+        if corrupt:
+            Path(location.removeprefix("file://"), "model.onnx").write_bytes(b"this is not an onnx model")
+        client = self.client()
+        client.set_model_version_tag(NAME, version, "forgotten_classes", json.dumps(metadata["forgotten_classes"]))
+        if champion:
+            client.set_registered_model_alias(NAME, "champion", version)
+        return version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`uvicorn nhle_server:create_app --factory` as a child process, talked to over HTTP."""
+
+    def __init__(self, project_dir: Path, log_path: Path, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
+        env.update(QUIET_ENV)
+        env.update({"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(Path(project_dir) / "params.yaml"),
+                    "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
+        env.update({f"NHLE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env = env
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "nhle_server:create_app", "--factory", "--app-dir", str(SERVING),
+             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait(self, path: str = "/readyz", timeout: float = 60.0):
+        """Wait until `path` answers 200; fail with the server's log otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.http.get(path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server not answering 200 on {path} after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self):
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()

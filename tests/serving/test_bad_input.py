@@ -1,0 +1,159 @@
+"""Every kind of bad request gets a 4xx that names the problem, and the server keeps serving.
+
+    .venv/bin/python -m pytest -q tests/serving/test_bad_input.py
+
+The `server` fixture runs with NHLE_MAX_INSTANCES=300 and NHLE_MAX_BODY_BYTES=1 MiB.
+"""
+import base64
+import io
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from serving_support import SERVING
+
+IMG = [[0.5] * 8 for _ in range(8)]
+JSON = {"content-type": "application/json"}
+
+
+def png(width=8, height=8, noise=False) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.effect_noise((width, height), 64) if noise else Image.new("L", (width, height))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def body(payload) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def with_pixel(value: str) -> bytes:
+    """An 8 x 8 instance whose first pixel is the raw JSON text `value`."""
+    row = ",".join(["0.5"] * 7)
+    rows = [f"[{value},{row}]"] + [f"[0.5,{row}]"] * 7
+    return ('{"instances": [[' + ",".join(rows) + "]]}").encode()
+
+
+def chunked(data: bytes, size: int = 64 * 1024):
+    for i in range(0, len(data), size):  # a generator body is sent chunked: no Content-Length
+        yield data[i:i + size]
+
+
+# (id, path, request kwargs, status, words the message must contain)
+CASES = [
+    ("malformed-json", "/predict", dict(content=b'{"instances": [', headers=JSON), 400, "not valid JSON"),
+    ("empty-body", "/predict", dict(content=b"", headers=JSON), 400, "empty"),
+    ("invalid-utf8", "/predict", dict(content=b'{"instances": "\xff\xfe"}', headers=JSON), 400, "not valid JSON"),
+    ("too-deep", "/predict", dict(content=b"[" * 100_000, headers=JSON), 400, "nested too deeply"),
+    ("nan-literal", "/predict", dict(content=with_pixel("NaN"), headers=JSON), 400, "NaN"),
+    ("infinity-literal", "/predict", dict(content=with_pixel("-Infinity"), headers=JSON), 400, "Infinity"),
+    ("overflowing-float", "/predict", dict(content=with_pixel("1e400"), headers=JSON), 422, "non-finite"),
+    ("huge-int", "/predict", dict(content=with_pixel("9" * 400), headers=JSON), 422, "too large"),
+    ("not-an-object", "/predict", dict(json=[IMG]), 422, "JSON object"),
+    ("missing-instances", "/predict", dict(json={"top_k": 2}), 422, "missing field"),
+    ("unknown-field", "/predict", dict(json={"instances": [IMG], "topk": 2}), 422, "unknown field(s) ['topk']"),
+    ("instances-not-list", "/predict", dict(json={"instances": IMG[0][0]}), 422, "must be a list"),
+    ("empty-instances", "/predict", dict(json={"instances": []}), 422, "empty"),
+    ("too-many-instances", "/predict", dict(json={"instances": [IMG] * 301}), 413, "limit is 300"),
+    ("wrong-shape-hw", "/predict", dict(json={"instances": [IMG[:7]]}), 422, "shape 7 x 8"),
+    ("wrong-shape-chw", "/predict", dict(json={"instances": [[IMG] * 3]}), 422, "shape 3 x 8 x 8"),
+    ("scalar-instance", "/predict", dict(json={"instances": [0.5]}), 422, "nested array"),
+    ("ragged", "/predict", dict(json={"instances": [IMG[:7] + [[0.5] * 7]]}), 422, "ragged"),
+    ("strings", "/predict", dict(json={"instances": [[["a"] * 8] * 8]}), 422, "strings"),
+    ("bools", "/predict", dict(json={"instances": [[[True] + [0.5] * 7] + IMG[1:]]}), 422, "true/false"),
+    ("nulls", "/predict", dict(json={"instances": [[[None] * 8] * 8]}), 422, "null"),
+    ("out-of-range-unit", "/predict", dict(json={"instances": [[[200] * 8] * 8]}), 422, '"scale": "byte"'),
+    ("out-of-range-byte", "/predict", dict(json={"instances": [[[300] * 8] * 8], "scale": "byte"}), 422, "outside"),
+    ("negative", "/predict", dict(json={"instances": [[[-0.1] * 8] * 8]}), 422, "outside [0, 1]"),
+    ("bad-scale", "/predict", dict(json={"instances": [IMG], "scale": "percent"}), 422, "scale"),
+    ("top-k-zero", "/predict", dict(json={"instances": [IMG], "top_k": 0}), 422, "top_k"),
+    ("top-k-string", "/predict", dict(json={"instances": [IMG], "top_k": "3"}), 422, "top_k"),
+    ("top-k-bool", "/predict", dict(json={"instances": [IMG], "top_k": True}), 422, "top_k"),
+    ("bad-base64", "/predict", dict(json={"instances": ["not base64 !!"]}), 400, "base64"),
+    ("base64-not-image", "/predict", dict(json={"instances": [base64.b64encode(b"hello").decode()]}), 400,
+     "could not be decoded"),
+    ("truncated-png", "/predict", dict(json={"instances": [base64.b64encode(png(40, 40, noise=True)[:200]).decode()]}), 400,
+     "could not be decoded"),
+    ("image-too-large", "/predict", dict(json={"instances": [base64.b64encode(png(5000, 5000)).decode()]}), 413,
+     "pixels"),
+    ("text-plain", "/predict", dict(content=body({"instances": [IMG]}), headers={"content-type": "text/plain"}),
+     415, "application/json"),
+    ("no-content-type", "/predict", dict(content=body({"instances": [IMG]})), 415, "application/json"),
+    ("form-encoded", "/invocations", dict(data={"inputs": "x"}), 415, "application/json"),
+    ("body-over-limit", "/predict", dict(content=b" " * (1024 * 1024 + 1), headers=JSON), 413, "limit"),
+    ("chunked-over-limit", "/predict", dict(content=chunked(b" " * (1024 * 1024 + 100)), headers=JSON), 413,
+     "exceeds the limit"),
+    ("invocations-no-key", "/invocations", dict(json={"data": [IMG]}), 422, "unknown field(s) ['data']"),
+    ("invocations-two-keys", "/invocations", dict(json={"inputs": [IMG], "instances": [IMG]}), 422, "exactly one"),
+    ("invocations-params", "/invocations", dict(json={"inputs": [IMG], "params": {"x": 1}}), 422, "params"),
+    ("invocations-wrong-shape", "/invocations", dict(json={"inputs": [[IMG] * 2]}), 422, "N x 1 x 8 x 8"),
+    ("invocations-empty", "/invocations", dict(json={"inputs": []}), 422, "empty"),
+    ("invocations-too-many", "/invocations", dict(json={"inputs": [IMG] * 301}), 413, "limit is 300"),
+    ("invocations-named-wrong", "/invocations", dict(json={"inputs": {"pixels": [IMG]}}), 422, "'images'"),
+    ("dataframe-columns", "/invocations",
+     dict(json={"dataframe_split": {"columns": ["a", "b"], "data": [[0.5, 0.5]]}}), 422, "64 pixel columns"),
+    ("dataframe-row-length", "/invocations", dict(json={"dataframe_split": {"data": [[0.5] * 63]}}), 422,
+     "64 pixels"),
+    ("dataframe-unknown", "/invocations",
+     dict(json={"dataframe_split": {"data": [[0.5] * 64], "dtypes": []}}), 422, "dtypes"),
+    ("image-json-body", "/predict/image", dict(json={"files": []}), 415, "multipart/form-data"),
+    ("image-no-files", "/predict/image", dict(files={"other": ("a.png", png())}), 422, "unknown form field"),
+    ("image-text-field", "/predict/image", dict(data={"files": "abc"}, files={"x": ("a.png", png())}), 422,
+     "unknown form field"),
+    ("image-text-only", "/predict/image", dict(data={"files": "abc"}, files={"files": ("", b"")}), 422,
+     "file uploads"),
+    ("image-not-image", "/predict/image", dict(files={"files": ("a.txt", b"plain text")}), 400,
+     "could not be decoded"),
+    ("image-top-k", "/predict/image?top_k=zero", dict(files={"files": ("a.png", png())}), 422, "top_k"),
+    ("image-query", "/predict/image?k=1", dict(files={"files": ("a.png", png())}), 422, "query parameter"),
+    ("image-too-many", "/predict/image", dict(files=[("files", (f"{i}.png", png())) for i in range(301)]), 413,
+     "limit is 300"),
+    ("malformed-multipart", "/predict/image",
+     dict(content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno end",
+          headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "multipart"),
+]
+
+
+@pytest.mark.parametrize("path,kwargs,status,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_4xx_naming_the_problem(server, path, kwargs, status, words):
+    r = server.http.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"], r.json()
+    assert server.http.get("/healthz").status_code == 200
+
+
+def test_server_still_serves_after_every_bad_request(server):
+    assert server.http.get("/readyz").status_code == 200
+    r = server.http.post("/predict", json={"instances": [IMG]})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 3
+    assert "Traceback" not in server.log()  # no bad input reached the 500 handler
+
+
+def test_unknown_route_and_method_are_4xx(server):
+    assert server.http.get("/nope").status_code == 404
+    assert server.http.get("/predict").status_code == 405
+
+
+def test_admin_reload_disabled_without_token_and_not_ready_without_model(tmp_path):
+    """In-process, without the lifespan (so no model is ever loaded): no NHLE_ADMIN_TOKEN is 403."""
+    import asyncio
+
+    import httpx
+
+    sys.path.insert(0, str(SERVING))
+    import nhle_server
+
+    app = nhle_server.create_app(nhle_server.Settings(model=str(tmp_path / "none.onnx")))
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            r = await client.post("/admin/reload", headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 403 and "NHLE_ADMIN_TOKEN" in r.json()["detail"]
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/healthz")).status_code == 200
+            r = await client.post("/predict", json={"instances": [IMG]})
+            assert r.status_code == 503 and "no model loaded" in r.json()["detail"]
+
+    asyncio.run(calls())

@@ -1,0 +1,129 @@
+"""Model lifecycle on a live server: admin reload, broken versions kept out, hot swap under load.
+
+    .venv/bin/python -m pytest -q tests/serving/test_hot_swap.py
+
+One registry and one server (alias poll every 0.5 s) for the module; the tests run in order
+and move the champion alias: v1 (class 3 masked) -> broken versions -> 3 and 5 masked.
+"""
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serving_support import ADMIN_TOKEN, preprocessing
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def live(make_registry, onnx_files, digits, start_server):
+    registry = make_registry("swap-project")
+    assert registry.register(onnx_files[(3,)], preprocessing(digits, [3])) == "1"
+    server = start_server(registry.root, poll_seconds=0.5)
+    return registry, server
+
+
+def test_admin_reload_needs_the_token(live):
+    _, server = live
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
+                    {"Authorization": "Bearer"}):
+        r = server.http.post("/admin/reload", headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    r = server.http.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["outcome"] == "unchanged" and r.json()["serving_version"] == "1"
+
+
+def test_broken_versions_are_not_swapped_in(live, onnx_files, digits):
+    registry, server = live
+    before = server.http.get("/model").json()
+    garbage = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), corrupt=True)
+    # A real graph whose metadata declares class 5 forgotten: the graph does not mask it.
+    unmasked = registry.register(onnx_files[(3,)], preprocessing(digits, [3, 5]))
+    for version, words in ((garbage, "INVALID_PROTOBUF"), (unmasked, "forgotten classes get non-zero probability")):
+        registry.client().set_registered_model_alias("nhle-classifier", "champion", version)
+        r = server.http.post("/admin/reload", headers=AUTH)  # forced: retried even if the poller failed it
+        assert r.status_code == 200, r.text
+        outcome = r.json()
+        assert outcome["outcome"] == "failed" and outcome["candidate_version"] == version, outcome
+        assert outcome["serving_version"] == "1" and words in outcome["error"], outcome
+        info = server.http.get("/model").json()
+        assert info["version"] == "1" and info["sha256"] == before["sha256"]
+        assert info["last_error"]["version"] == version and words in info["last_error"]["message"]
+        assert info["last_swap_time"] == before["last_swap_time"]
+        r = server.http.post("/predict", json={"instances": digits.test.float_images()[:4].tolist()})
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+        assert server.http.get("/readyz").status_code == 200
+    # The poller does not retry a failed version by itself: the log shows one failure per reload.
+    time.sleep(1.2)
+    assert server.http.get("/model").json()["last_check"]["outcome"] in ("skipped", "failed")
+
+
+def test_hot_swap_under_concurrent_load(live, onnx_files, digits):
+    """~2000+ requests, 8 at a time, while a new champion (3 and 5 masked) is registered: no
+    request fails, and no answer of the new version lists class 5 (none at all lists 3)."""
+    registry, server = live
+    labels = digits.test.labels
+    images = digits.test.float_images()
+    # Mostly 5s and 3s: the classes the models must not return.
+    picks = [images[labels == 5][i:i + 2].tolist() + images[labels == 3][i:i + 1].tolist()
+             + images[labels == 0][i:i + 1].tolist() for i in range(20)]
+    bodies = [json.dumps({"instances": p, "top_k": 10}).encode() for p in picks]
+    min_requests, max_requests, deadline = 2000, 8000, time.monotonic() + 60
+    results, failures, lock = [], [], threading.Lock()
+    issued = 0
+    new_version = {}
+
+    def enough() -> bool:
+        return issued >= max_requests or time.monotonic() > deadline or (
+            issued >= min_requests and sum(v == new_version.get("v") for v, _ in results[-300:]) >= 200)
+
+    def worker(seed: int):
+        nonlocal issued
+        with httpx.Client(base_url=server.url, timeout=10, headers={"content-type": "application/json"}) as client:
+            i = seed
+            while True:
+                with lock:
+                    if enough():
+                        return
+                    issued += 1
+                i += 1
+                try:
+                    r = client.post("/predict", content=bodies[i % len(bodies)])
+                    if r.status_code != 200:
+                        raise AssertionError(f"{r.status_code}: {r.text[:200]}")
+                    classes = {e["index"] for p in r.json()["predictions"] for e in p["top_k"]}
+                    version = r.json()["model_version"]
+                    with lock:
+                        results.append((version, classes))
+                except Exception as err:  # any failure at all is what this test counts
+                    with lock:
+                        failures.append(repr(err))
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(worker, k) for k in range(8)]
+        while len(results) + len(failures) < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        new_version["v"] = registry.register(onnx_files[(3, 5)], preprocessing(digits, [3, 5]))
+        for future in futures:
+            future.result(timeout=90)
+
+    assert not failures, failures[:5]
+    versions = {v for v, _ in results}
+    assert versions == {"1", new_version["v"]}, versions
+    assert len(results) >= min_requests
+    assert not any(3 in classes for _, classes in results)
+    assert not any(5 in classes for v, classes in results if v == new_version["v"])
+    assert any(5 in classes for v, classes in results if v == "1")  # the old model did predict 5s
+
+    info = server.http.get("/model").json()
+    assert info["version"] == new_version["v"] and info["forgotten_classes"] == [3, 5]
+    assert info["aliases"] == ["champion"]
+    for body in bodies[:10]:  # after the swap: every answer is the new model's
+        r = server.http.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert r.json()["model_version"] == new_version["v"]
+        assert not {e["index"] for p in r.json()["predictions"] for e in p["top_k"]} & {3, 5}
