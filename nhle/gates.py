@@ -29,12 +29,12 @@ class GateResult:
         return f"{self.name}: {self.value:.4g} {self.rule} {self.bound:.4g} -> {'pass' if self.passed else 'FAIL'}"
 
 
-def _at_most(name, value, bound):
+def at_most(name, value, bound):
     value = float(value)
     return GateResult(name, value, float(bound), not math.isnan(value) and value <= bound, "<=")
 
 
-def _at_least(name, value, bound):
+def at_least(name, value, bound):
     value = float(value)
     return GateResult(name, value, float(bound), not math.isnan(value) and value >= bound, ">=")
 
@@ -45,11 +45,11 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
     original = report["metrics"]["original"]
     drop_pp = 100 * (original["retain_test_acc"] - unlearned["retain_test_acc"])
     results = [
-        _at_most("forget_test_acc", unlearned["forget_test_acc"], config.max_forget_test_acc),
-        _at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"],
+        at_most("forget_test_acc", unlearned["forget_test_acc"], config.max_forget_test_acc),
+        at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"],
                  config.max_unmasked_forget_test_acc),
-        _at_most("retained_drop_pp", drop_pp, config.max_retained_drop_pp),
-        _at_least("retain_test_acc", unlearned["retain_test_acc"], config.min_retain_test_acc),
+        at_most("retained_drop_pp", drop_pp, config.max_retained_drop_pp),
+        at_least("retain_test_acc", unlearned["retain_test_acc"], config.min_retain_test_acc),
     ]
     if config.require_parity:
         results += parity_gates(parity)
@@ -59,9 +59,9 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
 def parity_gates(parity: dict | None) -> list[GateResult]:
     if parity is None:
         return [GateResult("parity", float("nan"), 1.0, False, "ran")]
-    return [_at_least("parity_argmax_agreement", parity["argmax_agreement"], 1.0),
-            _at_most("parity_max_abs_prob_diff", parity["max_abs_prob_diff"], parity["tolerance"]),
-            _at_most("parity_non_finite", parity.get("non_finite", 0), 0)]
+    return [at_least("parity_argmax_agreement", parity["argmax_agreement"], 1.0),
+            at_most("parity_max_abs_prob_diff", parity["max_abs_prob_diff"], parity["tolerance"]),
+            at_most("parity_non_finite", parity.get("non_finite", 0), 0)]
 
 
 def all_passed(results: list[GateResult]) -> bool:

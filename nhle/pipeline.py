@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow import MlflowClient
 
 from nhle.config import Params
 from nhle.data import Splits
@@ -157,9 +156,9 @@ def sha256(path: Path) -> str:
 
 def judge(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
     if candidate.report is None:  # a base model: only parity and the accuracy floor apply
-        from nhle.gates import _at_least, parity_gates
+        from nhle.gates import at_least, parity_gates
 
-        gates = [_at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
+        gates = [at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
                            params.gates.min_retain_test_acc)]
         return gates + (parity_gates(parity) if params.gates.require_parity else [])
     return evaluate_gates(candidate.report, parity, params.gates)
