@@ -143,6 +143,22 @@ class VersioningConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    poll_seconds: float = 5.0
+    """How often the server checks the champion alias for a new version (hot swap)."""
+    max_instances: int = 256
+    """Most images one request may carry."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted (413 above it)."""
+    ort_threads: int = 0
+    """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
+    ort_opt_level: str = "all"
+    """ONNX Runtime graph optimisation: disable, basic, extended or all."""
+    device: str = "auto"
+    """auto (CUDA provider when a GPU is visible), cpu or cuda."""
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -156,6 +172,7 @@ class Params:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     versioning: VersioningConfig = field(default_factory=VersioningConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
@@ -163,7 +180,7 @@ class Params:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
             "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
-            "versioning": VersioningConfig}
+            "versioning": VersioningConfig, "serving": ServingConfig}
 TOP_LEVEL = {"forget": str, "retrain_baseline": bool}
 
 
