@@ -10,6 +10,7 @@ import pytest
 from serving_support import SERVING
 
 sys.path.insert(0, str(SERVING))
+import nhle_models  # noqa: E402  (gpu_present lives here; nhle_server re-exports it)
 import nhle_server  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def test_settings_from_env():
     assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == ("p.yaml", "/srv", "models:/m@prod", "t")
     assert (s.poll_seconds, s.max_instances, s.max_body_bytes, s.ort_threads) == (0.5, 10, 2048, 2)
     assert (s.ort_opt_level, s.device) == ("basic", "cpu")
-    default = nhle_server.Settings.from_env({})
+    default = nhle_server.Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml"})
     assert default.poll_seconds == 5 and default.max_instances == 256 and default.max_body_bytes == 8 * 1024 * 1024
     assert default.model is None and default.admin_token is None and default.ort_opt_level == "all"
     for env, name in (({"NHLE_ORT_OPT_LEVEL": "max"}, "NHLE_ORT_OPT_LEVEL"), ({"NHLE_MAX_INSTANCES": "x"}, "NHLE_MAX_INSTANCES"),
@@ -30,13 +31,22 @@ def test_settings_from_env():
             nhle_server.Settings.from_env(env)
 
 
+def test_settings_come_from_params_yaml_and_env_wins(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("serving:\n  poll_seconds: 0.25\n  max_instances: 7\n  ort_opt_level: basic\n")
+    s = nhle_server.Settings.from_env({"NHLE_PARAMS": str(params)})
+    assert (s.poll_seconds, s.max_instances, s.ort_opt_level, s.max_body_bytes) == (0.25, 7, "basic", 8 * 1024 * 1024)
+    s = nhle_server.Settings.from_env({"NHLE_PARAMS": str(params), "NHLE_MAX_INSTANCES": "3"})
+    assert s.max_instances == 3 and s.poll_seconds == 0.25
+
+
 def test_cuda_is_asked_for_only_with_a_gpu(monkeypatch):
     monkeypatch.setattr(nhle_server.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(nhle_server, "gpu_present", lambda: False)
+    monkeypatch.setattr(nhle_models, "gpu_present", lambda: False)
     assert nhle_server.choose_providers("auto") == ["CPUExecutionProvider"]
     monkeypatch.setattr(nhle_server.ort, "preload_dlls", lambda *a, **k: None, raising=False)
-    monkeypatch.setattr(nhle_server, "gpu_present", lambda: True)
+    monkeypatch.setattr(nhle_models, "gpu_present", lambda: True)
     assert nhle_server.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert nhle_server.choose_providers("cpu") == ["CPUExecutionProvider"]
     monkeypatch.setattr(nhle_server.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
