@@ -178,6 +178,15 @@ class Params:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
 
 
+def resolve_uri(uri: str, project_dir: Path) -> str:
+    """sqlite:///relative.db and bare relative paths are taken relative to the project dir."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(Path(project_dir) / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        return (Path(project_dir) / uri).resolve().as_uri()
+    return uri
+
+
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
             "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
             "versioning": VersioningConfig, "serving": ServingConfig}

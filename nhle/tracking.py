@@ -21,19 +21,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from nhle.config import Params, RegistryConfig
+from nhle.config import Params, RegistryConfig, resolve_uri
 from nhle.gates import GateResult, all_passed, failure_reason
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
-
-
-def resolve_uri(uri: str, project_dir: Path) -> str:
-    """sqlite:///relative.db and bare relative paths are taken relative to the project dir."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(project_dir / uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:
-        return (project_dir / uri).resolve().as_uri()
-    return uri
 
 
 def configure(params: Params, project_dir: str | Path = ".") -> str:

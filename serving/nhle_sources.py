@@ -35,13 +35,9 @@ class Pointer:
 
 
 def resolve_tracking_uri(uri: str, project_dir: Path) -> str:
-    # The same rule as nhle.tracking.resolve_uri, copied so that the server does not depend on
-    # a module that may import more than it needs.
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(project_dir / uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:
-        return (project_dir / uri).resolve().as_uri()
-    return uri
+    from nhle.config import resolve_uri  # pure dataclasses + yaml: no torch
+
+    return resolve_uri(uri, project_dir)
 
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")

@@ -40,7 +40,7 @@ def test_tracking_uri_environment_variable_wins(monkeypatch):
 
 
 def test_relative_store_paths_resolve_inside_the_project(tmp_path):
-    from nhle.tracking import resolve_uri
+    from nhle.config import resolve_uri
 
     assert resolve_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("mlartifacts", tmp_path) == (tmp_path / "mlartifacts").as_uri()
