@@ -97,6 +97,7 @@ def publish(params: Params, run_id: str, candidate, data_version) -> dict:
     version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version)
     gates = judge(params, candidate, parity)
     result = promote(params, run_id, version, gates, candidate.parent_version)
+    pipeline.discard_work_dir(candidate)
     get_run_logger().info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted",
                           result["reason"])
     return result

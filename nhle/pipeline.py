@@ -75,7 +75,8 @@ def load_champion(params: Params):
     version = version_by_alias(params.registry.model_name, params.registry.champion_alias)
     if version is None:
         return None
-    model, checkpoint = load_checkpoint(download_checkpoint(version))
+    with tempfile.TemporaryDirectory(prefix="nhle-champion-") as folder:
+        model, checkpoint = load_checkpoint(download_checkpoint(version, folder))
     return model, checkpoint, version
 
 
@@ -175,6 +176,13 @@ def promote(params: Params, run_id: str, version: str, gates: list[GateResult], 
         mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
     return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
             "gates": [g.as_dict() for g in gates]}
+
+
+def discard_work_dir(candidate: Candidate) -> None:
+    """Everything in the work folder is in MLflow once the version is registered."""
+    import shutil
+
+    shutil.rmtree(candidate.work_dir, ignore_errors=True)
 
 
 def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
