@@ -3,7 +3,8 @@
 flows/nhle_flows.py wraps these as tasks; `nhle run` (main_job) runs those
 flows by file path, the way Prefect deploys them. Order of a forget flow:
 
-    champion -> data version -> NHLE + masking -> evaluate -> log -> export -> parity -> gates -> promote
+    champion -> data version -> NHLE + masking -> evaluate -> export -> parity -> log + register
+    -> gates -> promote
 
 Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
 in `promote`, the last step, and only when every gate held.
