@@ -117,14 +117,19 @@ class ServerProcess:
         raise RuntimeError(f"the server did not become ready:\n{self.log_path.read_text(errors='replace')[-3000:]}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited 15 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def load_phase(url: str, bodies: list[bytes], requests: int, concurrency: int, deadline: float,

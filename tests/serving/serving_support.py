@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from nhle.serve_bench import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
@@ -100,12 +101,6 @@ class Registry:
         return version
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`uvicorn nhle_server:create_app --factory` as a child process, talked to over HTTP."""
 
@@ -146,11 +141,5 @@ class Server:
 
     def stop(self):
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
