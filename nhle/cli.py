@@ -219,11 +219,9 @@ def config_with_overrides(config, assignments: list[str]):
 
 
 def write_json(path: Path, payload) -> None:
-    from nhle.training import atomic_write
+    from nhle.training import write_json as write  # imported late: nhle.training loads torch, `nhle serve` must not
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
+    write(path, payload)
 
 
 def build_parser() -> argparse.ArgumentParser:

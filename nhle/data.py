@@ -226,10 +226,9 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
     The .npz files hold `images` (their own dtype) and `labels` (int64), uncompressed, with every
     zip entry stamped 1980-01-01: the same arrays always give the same bytes, so a content hash
     (DVC's md5) changes only when the data does. Each file is written atomically."""
-    import json
     import zipfile
 
-    from nhle.training import atomic_write
+    from nhle.training import atomic_write, write_json
 
     def write_npz(part: ImageSet):
         arrays = {"images": part.images.contiguous().numpy(),
@@ -250,8 +249,7 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "train.npz", write_npz(splits.train))
     atomic_write(folder / "test.npz", write_npz(splits.test))
-    meta = json.dumps({"name": splits.name, "class_names": list(splits.class_names)}, indent=2) + "\n"
-    atomic_write(folder / "classes.json", lambda f: f.write(meta.encode()))
+    write_json(folder / "classes.json", {"name": splits.name, "class_names": list(splits.class_names)})
     return folder
 
 

@@ -9,7 +9,6 @@ Plain library code: no tracking, orchestration or data-versioning imports.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,13 +108,13 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
 
 def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
     """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
-    from nhle.training import atomic_write, save_checkpoint
+    from nhle.training import save_checkpoint, write_json
 
     folder = Path(folder)
     meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
     save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
                     unlearn=outcome.report["unlearn_config"], **meta)
-    atomic_write(folder / "report.json", lambda f: f.write((json.dumps(outcome.report, indent=2) + "\n").encode()))
+    write_json(folder / "report.json", outcome.report)
     return folder
 
 

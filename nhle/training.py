@@ -141,6 +141,16 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_json(path: str | Path, payload) -> Path:
+    """Pretty JSON written atomically (parent folders created)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
+    return path
+
+
 def load_checkpoint(path: str | Path) -> tuple[MaskedClassifier, dict]:
     """(model in eval mode on the CPU, the checkpoint dict)."""
     path = Path(path)
