@@ -91,10 +91,11 @@ def replace_known(config, **overrides):
 
 @dataclass(frozen=True)
 class ExportConfig:
-    parity_tolerance: float = 1e-5
+    parity_tolerance: float = 1e-4
     """Largest allowed |p_onnx - p_torch| over every class probability of the test split.
-    Measured differences are about 1e-6 (fp32 kernels summing in another order); 1e-5 leaves
-    room for that and still fails on any real difference in weights or graph."""
+    The fp32 noise (kernels summing in another order) grows with the logits' size: about 1e-6
+    for a trained base model, 3e-5 measured after two unlearning rounds with logits near 200.
+    1e-4 leaves room for that; shifting one bias by 0.01 already gives 1e-3 and fails."""
     parity_batch_sizes: tuple[int, ...] = (1, 64, 257)
     """ONNX Runtime batch sizes the parity check runs the whole test split at."""
 
@@ -159,6 +160,26 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class RequestsConfig:
+    database: str = "sqlite:///requests.db"
+    """SQLAlchemy URL of the forget-request ledger; sqlite:///relative.db is inside the project
+    directory. A PostgreSQL URL (postgresql+psycopg://user:pass@host/db) works unchanged; the
+    NHLE_REQUESTS_DATABASE environment variable wins when set."""
+    cron: str = "0 * * * *"
+    """When `nhle schedule` processes the pending requests (cron, in the scheduler's time zone)."""
+    timezone: str = "UTC"
+    """Time zone of the cron schedule."""
+    deployment: str = "forget-requests"
+    """Name of the Prefect deployment `nhle schedule` serves."""
+    lease_seconds: float = 300.0
+    """A processing run renews its claim on its requests every third of this; a claim not renewed
+    for this long (its run died) is taken over by the next run. On the same host a dead claimant
+    process is noticed at once."""
+    max_attempts: int = 3
+    """Runs that raised an error on a request before it is marked failed (crashes do not count)."""
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -173,9 +194,13 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     versioning: VersioningConfig = field(default_factory=VersioningConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    requests: RequestsConfig = field(default_factory=RequestsConfig)
 
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+
+    def requests_database(self) -> str:
+        return os.environ.get("NHLE_REQUESTS_DATABASE") or self.requests.database
 
 
 def resolve_uri(uri: str, project_dir: Path) -> str:
@@ -189,7 +214,7 @@ def resolve_uri(uri: str, project_dir: Path) -> str:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
             "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
-            "versioning": VersioningConfig, "serving": ServingConfig}
+            "versioning": VersioningConfig, "serving": ServingConfig, "requests": RequestsConfig}
 TOP_LEVEL = {"forget": str, "retrain_baseline": bool}
 
 
