@@ -1,0 +1,114 @@
+"""The forget-request ledger on a real SQLite file: atomic claims, leases, take-over, attempts."""
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+
+from nhle.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    return Ledger(f"sqlite:///{tmp_path / 'requests.db'}")
+
+
+def dead_owner() -> str:
+    """An owner string naming a process of this host that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return new_owner().rsplit(":", 2)[0] + f":{process.pid}:dead"
+
+
+def test_submit_is_committed_and_read_back_by_another_connection(ledger, tmp_path):
+    request = ledger.submit([3], ["3"], "alice", "erasure request 12", model_version_before="2")
+    again = Ledger(f"sqlite:///{tmp_path / 'requests.db'}").get(request.id)
+    assert again == request and again.status == "pending" and again.classes == [3]
+    assert again.submitted_at.tzinfo is not None and again.model_version_before == "2"
+    assert [r.id for r in ledger.list("pending")] == [request.id] and ledger.list("done") == []
+
+
+def test_bad_input_is_refused_with_a_message(ledger, tmp_path):
+    with pytest.raises(ValueError, match="SQLAlchemy URL"):
+        Ledger(str(tmp_path / "requests.db"))
+    with pytest.raises(ValueError, match="requester and a reason"):
+        ledger.submit([3], ["3"], " ", "why")
+    with pytest.raises(ValueError, match="unknown status 'gone'"):
+        ledger.list("gone")
+    with pytest.raises(KeyError, match="no forget request with id 99"):
+        ledger.get(99)
+    rejected = ledger.submit([], ["42"], "bob", "typo", status="rejected", error="class 42 is out of range")
+    assert rejected.status == "rejected" and rejected.finished_at is not None
+    assert ledger.claim(new_owner(), 60) == []  # a rejected request is never processed
+
+
+def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, tmp_path):
+    ids = {ledger.submit([c % 10], [str(c % 10)], "alice", f"r{c}").id for c in range(30)}
+    url = f"sqlite:///{tmp_path / 'requests.db'}"
+    taken, start = {}, threading.Barrier(3)
+
+    def run(name):
+        other = Ledger(url)
+        start.wait()
+        taken[name] = {r.id for r in other.claim(name, 60)}
+
+    threads = [threading.Thread(target=run, args=(f"host:1:{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = list(taken.values())
+    assert set().union(*claimed) == ids
+    assert sum(len(c) for c in claimed) == len(ids)  # disjoint
+    assert all(r.status == "processing" for r in ledger.list())
+
+
+def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger):
+    live, dead, expired = (ledger.submit([c], [str(c)], "alice", "r") for c in (1, 2, 4))
+    me = new_owner()
+    assert {r.id for r in ledger.claim(me, 60)} == {live.id, dead.id, expired.id}
+    with ledger._session() as session, session.begin():  # hand two of them to gone claimants
+        from nhle.ledger import ForgetRequestRow
+
+        session.get(ForgetRequestRow, dead.id).claimed_by = dead_owner()
+        row = session.get(ForgetRequestRow, expired.id)
+        row.claimed_by, row.lease_until = "other-host:1:x", utcnow() - timedelta(seconds=1)
+        session.get(ForgetRequestRow, dead.id).batch = "batch-of-the-dead-run"
+    successor = new_owner()
+    taken = ledger.claim(successor, 60)
+    assert {r.id for r in taken} == {dead.id, expired.id}
+    assert next(r for r in taken if r.id == dead.id).batch == "batch-of-the-dead-run"  # kept for recovery
+    assert ledger.get(live.id).claimed_by == me
+    with pytest.raises(RuntimeError, match="no longer held"):
+        ledger.finish(dead.id, me, "done")  # the old claimant cannot close it any more
+    assert ledger.finish(dead.id, successor, "done", model_version_after="5").status == "done"
+
+
+def test_errors_return_requests_to_pending_until_max_attempts(ledger):
+    request = ledger.submit([3], ["3"], "alice", "r")
+    for attempt in (1, 2):
+        owner = new_owner()
+        ledger.claim(owner, 60)
+        released = ledger.release(request.id, owner, "MLflow unreachable", max_attempts=3)
+        assert released.status == "pending" and released.attempts == attempt and released.claimed_by is None
+    owner = new_owner()
+    ledger.claim(owner, 60)
+    failed = ledger.release(request.id, owner, "MLflow unreachable", max_attempts=3)
+    assert failed.status == "failed" and failed.attempts == 3 and failed.error == "MLflow unreachable"
+
+
+def test_lease_keeper_renews_while_the_run_works(ledger):
+    request = ledger.submit([3], ["3"], "alice", "r")
+    owner = new_owner()
+    first = ledger.claim(owner, 0.6)[0].lease_until
+    with LeaseKeeper(ledger, owner, 0.6):
+        threading.Event().wait(0.9)
+        assert ledger.get(request.id).lease_until > first + timedelta(seconds=0.2)
+    assert ledger.claim(new_owner(), 60) == []  # renewed and alive: not abandoned
+
+
+def test_owner_is_gone_only_for_dead_processes_of_this_host():
+    assert owner_is_gone(dead_owner())
+    assert not owner_is_gone(new_owner())  # this very process
+    assert not owner_is_gone("some-other-host:1:x") and not owner_is_gone("garbage")
