@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from nhle import pipeline
+from nhle import forget_requests, pipeline
 from nhle.config import Params, load_params, params_from_dict
 from nhle.experiment import validate_forget
 from nhle.tracking import configure
@@ -42,11 +42,9 @@ def load_data(params: Params):
     return pipeline.load_params_data(params)
 
 
-@step
-def data_for_checkpoint(checkpoint: dict):
-    from nhle.experiment import data_for_checkpoint as reload
-
-    return reload(checkpoint)
+@retried
+def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict):
+    return pipeline.data_of_version(params, project_dir, version, checkpoint)
 
 
 @retried
@@ -70,8 +68,8 @@ def export_and_check(params: Params, candidate):
 
 
 @step
-def log_and_register(run_id: str, params: Params, candidate, onnx_path, parity, data_version) -> str:
-    return pipeline.log_candidate(run_id, params, candidate, onnx_path, parity, data_version)
+def log_and_register(run_id: str, params: Params, candidate, onnx_path, parity, data_version, extra_tags) -> str:
+    return pipeline.log_candidate(run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
 
 
 @step
@@ -80,8 +78,8 @@ def judge(params: Params, candidate, parity):
 
 
 @step
-def promote(params: Params, run_id: str, version: str, gates, parent_version):
-    return pipeline.promote(params, run_id, version, gates, parent_version)
+def settle(params: Params, project_dir: Path, run_id: str, version: str, gates, parent_version, data):
+    return pipeline.settle(params, project_dir, run_id, version, gates, parent_version, data)
 
 
 def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
@@ -91,12 +89,13 @@ def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
     return resolved, root
 
 
-def publish(params: Params, run_id: str, candidate, data_version) -> dict:
-    """export -> parity -> log + register -> gates -> promote; the run is marked FAILED on error."""
+def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None) -> dict:
+    """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
     onnx_path, parity = export_and_check(params, candidate)
-    version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version)
+    version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
     gates = judge(params, candidate, parity)
-    result = promote(params, run_id, version, gates, candidate.parent_version)
+    forgot = candidate.report is not None
+    result = settle(params, root, run_id, version, gates, candidate.parent_version, candidate.data if forgot else None)
     pipeline.discard_work_dir(candidate)
     get_run_logger().info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted",
                           result["reason"])
@@ -123,7 +122,7 @@ def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
 
     def body(run_id):
         candidate = train(resolved, data)
-        result = publish(resolved, run_id, candidate, data_version)
+        result = publish(resolved, root, run_id, candidate, data_version)
         return {**result, "summary": f"base {resolved.train.model} on {data.name}", "data_version": data_version.md5,
                 "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
@@ -132,8 +131,12 @@ def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
 
 @flow(name="forget", flow_run_name="forget-classes-{classes}")
 def forget(classes: str, params: dict | None = None, project_dir: str = ".", seed: int = 0,
-           n_samples: int | None = None, encoding: str | None = None) -> dict:
-    """Forget `classes` (indices or names, comma separated) from the current champion."""
+           n_samples: int | None = None, encoding: str | None = None, batch: str | None = None,
+           request_ids: list[int] | None = None) -> dict:
+    """Forget `classes` (indices or names, comma separated) from the current champion.
+
+    `batch` and `request_ids` (set by process_requests) tag the MLflow run and the model version,
+    so a later run can find the version a crashed run registered."""
     resolved, root = resolve(params, project_dir)
     overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
     resolved = replace(resolved, unlearn=replace(resolved.unlearn, **overrides))
@@ -144,19 +147,103 @@ def forget(classes: str, params: dict | None = None, project_dir: str = ".", see
     model, checkpoint, parent = champion
     parent_version = str(parent.version)
     validate_forget(model, classes, checkpoint["class_names"])  # refused before anything is logged
-    data = data_for_checkpoint(checkpoint)
+    data = data_of_version(resolved, root, parent, checkpoint)
     data_version = version_data(resolved, root, data)
+    batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
 
     def body(run_id):
         candidate = unlearn(resolved, model, checkpoint, classes, parent_version, data, seed)
-        result = publish(resolved, run_id, candidate, data_version)
+        result = publish(resolved, root, run_id, candidate, data_version, batch_tags)
         names = candidate.report["forget_class_names"]
         return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
                 "data_version": data_version.md5, "report": candidate.report,
                 "compute_seconds": candidate.report["seconds"]}
 
     return tracked(resolved, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
-                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version}, body)
+                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
+                    **batch_tags}, body)
+
+
+@retried
+def claim_requests(ledger, owner: str, lease_seconds: float):
+    return ledger.claim(owner, lease_seconds)
+
+
+@step
+def recover_batch(params: Params, root: Path, batch: str):
+    """A crashed run's batch: settle the version it registered, or fail its orphaned runs."""
+    version = forget_requests.batch_version(params, batch)
+    if version is None:
+        forget_requests.fail_orphan_runs(batch)
+        return None
+    return pipeline.resume_version(params, root, version)
+
+
+@step
+def close_requests(ledger, owner: str, params: Params, requests, version: str, note: str | None = None):
+    return forget_requests.close_requests(ledger, owner, params, requests, version, note)
+
+
+def held(ledger, owner: str, requests) -> list:
+    still = {r.id for r in ledger.list("processing") if r.claimed_by == owner}
+    return [r for r in requests if r.id in still]
+
+
+@flow(name="process-forget-requests", flow_run_name="forget-requests")
+def process_requests(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Take every pending (and abandoned) forget request, unlearn their classes together in one
+    `forget` subflow on top of the champion, and close each request with its audit report."""
+    from nhle.ledger import LeaseKeeper, new_owner
+
+    resolved, root = resolve(params, project_dir)
+    ledger = forget_requests.open_ledger(resolved, root)
+    owner = new_owner()
+    claimed = claim_requests(ledger, owner, resolved.requests.lease_seconds)
+    logger = get_run_logger()
+    logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)
+    versions = []
+    with LeaseKeeper(ledger, owner, resolved.requests.lease_seconds):
+        try:
+            for batch in sorted({r.batch for r in claimed if r.batch}):
+                result = recover_batch(resolved, root, batch)
+                if result is not None:
+                    group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
+                    close_requests(ledger, owner, resolved, group, result["version"],
+                                   f"version registered by an earlier run of batch {batch} that stopped")
+                    versions.append(result["version"])
+            versions += process_fresh(ledger, owner, resolved, root, held(ledger, owner, claimed))
+        except Exception as err:
+            for request in held(ledger, owner, claimed):
+                ledger.release(request.id, owner, f"{type(err).__name__}: {err}", resolved.requests.max_attempts)
+            raise
+    closed = [ledger.get(r.id) for r in claimed]
+    return {"requests": [r.as_dict() for r in closed], "versions": versions}
+
+
+def process_fresh(ledger, owner: str, params: Params, root: Path, requests) -> list[str]:
+    """Requests no earlier run got to: already forgotten by the champion -> done; the rest are
+    unlearned together in one forget subflow."""
+    if not requests:
+        return []
+    champion = load_champion(params)
+    if champion is None:
+        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias}: run train_base first")
+    model, checkpoint, version = champion
+    masked = {int(c) for c in model.forget_mask.nonzero().flatten()}
+    satisfied = [r for r in requests if set(r.classes) <= masked]
+    if satisfied:
+        close_requests(ledger, owner, params, satisfied, str(version.version),
+                       f"already forgotten by version {version.version}")
+    todo = [r for r in requests if r not in satisfied]
+    if not todo:
+        return [str(version.version)]
+    classes = ",".join(str(c) for c in sorted({c for r in todo for c in r.classes} - masked))
+    for request in todo:
+        ledger.record(request.id, owner, batch=owner, model_version_before=str(version.version))
+    result = forget(classes=classes, params=pipeline.params_as_dict(params), project_dir=str(root), batch=owner,
+                    request_ids=[r.id for r in todo])
+    close_requests(ledger, owner, params, held(ledger, owner, todo), result["version"])
+    return [result["version"]]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     nhle unlearn --checkpoint runs/base/model.pt --forget 3 --seed 0 --out runs/forget3 --retrain-baseline
     nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
     nhle rollback                                 # move the champion alias back to the previous version
+    nhle request submit --classes 3 --requester WHO --reason WHY   # forget requests (nhle.cli_requests)
+    nhle request process | list | show ID         # and `nhle schedule` for the cron deployment
     nhle bench unlearning --seeds 0,1,2           # every class x seeds x encodings, tables to files
     nhle serve --host 127.0.0.1 --port 8000      # ONNX Runtime server of the champion, hot-swapped
     nhle prepare | evaluate | export              # the dvc.yaml stages
@@ -290,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--project-dir", default=".", help="the nhle checkout (serving/, params.yaml, MLflow store)")
     serve.set_defaults(func=cmd_serve)
 
+    from nhle.cli_requests import add_commands
+
+    add_commands(commands, add_params_flag)
+
     bench = commands.add_parser("bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
     unlearning = benches.add_parser("unlearning", help="every class x seeds x encodings against retraining")
@@ -310,8 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import logging
+    import os
+
+    # nhle's own INFO lines (e.g. unlearning progress) go through Prefect's handlers inside flows.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nhle")
+    logging.getLogger("nhle").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("request", "schedule"):
+            return args.func(args, resolve_params(args))
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"nhle {args.command}: error: {err}", file=sys.stderr)

@@ -208,6 +208,16 @@ def split_by_classes(data: ImageSet, classes) -> tuple[ImageSet, ImageSet]:
     return data.subset(torch.nonzero(in_forget).flatten()), data.subset(torch.nonzero(~in_forget).flatten())
 
 
+def drop_classes(splits: Splits, classes) -> Splits:
+    """The splits without any sample of `classes` (class names and indices unchanged): what
+    remains once a forget request deletes their data."""
+    classes = sorted(int(c) for c in classes)
+    if not classes:
+        return splits
+    return Splits(splits.name, split_by_classes(splits.train, classes)[1], split_by_classes(splits.test, classes)[1],
+                  list(splits.class_names))
+
+
 def sample_per_class(data: ImageSet, classes, n: int, seed: int) -> ImageSet:
     """n seeded samples of each class in `classes` (all of them when a class has fewer)."""
     generator = torch.Generator().manual_seed(seed)

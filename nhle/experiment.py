@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nhle.config import DataConfig, TrainConfig, UnlearnConfig, to_dict
-from nhle.data import Splits, load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
 from nhle.metrics import evaluate_forgetting
 from nhle.models import MaskedClassifier
 from nhle.training import evaluate, train_model
@@ -67,10 +67,15 @@ class ForgetOutcome:
     retrained: MaskedClassifier | None
 
 
-def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True):
-    """The gold standard: the same recipe from scratch without `classes`, then masked.
-    Returns (model, snapshot of its rows as trained, seconds)."""
-    model, seconds = train_model(data, train_config, seed=seed, exclude=classes, progress=progress)
+def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
+                    masked=()):
+    """The gold standard: the same recipe from scratch without `classes` (and without the
+    already-forgotten `masked` classes, which are masked too), then masked.
+    Returns (model, snapshot of the `classes` rows as trained, seconds)."""
+    model, seconds = train_model(data, train_config, seed=seed, exclude=sorted({*classes, *masked}),
+                                 progress=progress)
+    if masked:
+        apply_class_weight_mask(model, masked)
     return model, apply_class_weight_mask(model, classes), seconds
 
 
@@ -82,6 +87,10 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     (model, snapshot, seconds) computed before, to share one retrain between several methods."""
     data = data or data_for_checkpoint(checkpoint)
     classes = validate_forget(model, spec, data.class_names)
+    earlier = torch.nonzero(model.forget_mask).flatten().tolist()
+    # Classes forgotten before are neither forget nor retained classes now: the model no longer
+    # serves them, so they stay out of every metric and out of the retrained reference.
+    data = drop_classes(data, earlier)
     samples = sample_per_class(data.train, classes, config.n_samples, seed)
     result = unlearn(model, samples, classes, config, device=device)
 
@@ -94,7 +103,7 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     seconds = {"unlearn": result.seconds}
     if retrain_baseline or retrained is not None:
         train_config = TrainConfig(**checkpoint["config"]["train"])
-        retrained = retrained or retrain_without(data, train_config, classes, seed, progress)
+        retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier)
         metrics["retrained"] = measure(retrained[0], without_mask(retrained[0], retrained[1]))
         seconds["retrain"] = retrained[2]
     report = {"dataset": data.name, "model": checkpoint["model_spec"]["arch"], "forget_classes": classes,
@@ -102,7 +111,7 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
               "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
               "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
-              "previously_forgotten": torch.nonzero(model.forget_mask).flatten().tolist()}
+              "previously_forgotten": earlier}
     return ForgetOutcome(report, result, retrained[0] if retrained else None)
 
 

@@ -55,6 +55,31 @@ def version_data(params: Params, project_dir: Path, data: Splits):
     return version_dataset(data, repo, remote)
 
 
+def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
+    """The data a forget flow starts from: the DVC version a forget request left behind
+    (its forgotten classes' samples deleted) when `version` has one, else the data the
+    checkpoint was trained on."""
+    from nhle.experiment import data_for_checkpoint
+    from nhle.versioning import DataVersion, open_dataset_version
+
+    after = DataVersion.from_tags(version.tags, params.versioning.remote, prefix="data_after.")
+    return open_dataset_version(after) if after is not None else data_for_checkpoint(checkpoint)
+
+
+def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
+    """A new DVC version of `data` without any sample of the `forgotten` classes (committed and
+    pushed like every version); returns its DataVersion."""
+    from nhle.data import drop_classes
+    from nhle.versioning import version_dataset
+
+    repo = project_path(project_dir, params.versioning.repo)
+    remote = params.versioning.remote
+    remote = remote if "://" in remote else str(project_path(project_dir, remote))
+    names = [data.class_names[c] for c in forgotten]
+    return version_dataset(drop_classes(data, forgotten), repo, remote,
+                           message=f"Delete the samples of classes {names} ({why})")
+
+
 def load_params_data(params: Params) -> Splits:
     from nhle.experiment import load_data
 
@@ -112,7 +137,7 @@ def start_run(params: Params, run_name: str, tags: dict) -> str:
 
 
 def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
-                  data_version) -> str:
+                  data_version, extra_tags: dict | None = None) -> str:
     """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
     from nhle.plots import write_evidence_plots
     from nhle.tracking import log_onnx_model, log_parity, log_report, tag_version
@@ -146,7 +171,8 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
         "forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
         "parent_version": candidate.parent_version or "", **data_version.as_tags(),
         "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
-        "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path)})
+        "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
+        **(extra_tags or {})})
     return version.version
 
 
@@ -164,6 +190,54 @@ def judge(params: Params, candidate: Candidate, parity: dict) -> list[GateResult
                            params.gates.min_retain_test_acc)]
         return gates + (parity_gates(parity) if params.gates.require_parity else [])
     return evaluate_gates(candidate.report, parity, params.gates)
+
+
+def settle(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
+           parent_version: str | None, data: Splits | None) -> dict:
+    """The end of every flow: when the gates held and the version forgot classes, first delete
+    their samples from the dataset (a new DVC version, tagged `data_after.*` on the version),
+    then promote. The alias moves last, so a failure anywhere before leaves `champion` alone."""
+    from nhle.gates import all_passed
+    from nhle.tracking import tag_version
+
+    name = params.registry.model_name
+    forgotten = json.loads(mlflow.MlflowClient().get_model_version(name, version).tags.get("forgotten_classes", "[]"))
+    data_after = None
+    if data is not None and forgotten and all_passed(gates):
+        data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
+        tag_version(name, version, data_after.as_tags("data_after."))
+        with mlflow.start_run(run_id=run_id):
+            mlflow.set_tags(data_after.as_tags("data_after."))
+    result = promote(params, run_id, version, gates, parent_version)
+    result["data_after"] = asdict(data_after) if data_after else None
+    return result
+
+
+def resume_version(params: Params, project_dir: Path, version) -> dict:
+    """Finish a registered version whose flow died before settling it (a crashed forget-request
+    run): judge it from its logged report and parity, delete the data and promote, without
+    unlearning or registering anything again. A version already settled is left as it is."""
+    from nhle.tracking import run_json
+    from nhle.versioning import DataVersion, open_dataset_version
+
+    name, number = params.registry.model_name, str(version.version)
+    champion = load_champion_version(params)
+    if champion is not None and str(champion.version) == number:
+        result = {"promoted": True, "reason": "promoted by the run that registered it"}
+    elif version.tags.get("promoted") == "false":
+        result = {"promoted": False, "reason": version.tags.get("rejection_reason", "")}
+    else:
+        report, parity = run_json(version.run_id, "report.json"), run_json(version.run_id, "parity.json")
+        if report is None or parity is None:
+            raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
+                               f"{version.run_id}: it cannot be judged; register a new one")
+        gates = evaluate_gates(report, parity, params.gates)
+        before = DataVersion.from_tags(version.tags, params.versioning.remote)
+        data = open_dataset_version(before) if before is not None else None
+        result = settle(params, project_dir, version.run_id, number, gates, version.tags.get("parent_version") or None,
+                        data)
+    mlflow.MlflowClient().set_terminated(version.run_id, "FINISHED")
+    return {**result, "version": number, "run_id": version.run_id}
 
 
 def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
@@ -186,25 +260,30 @@ def discard_work_dir(candidate: Candidate) -> None:
     shutil.rmtree(candidate.work_dir, ignore_errors=True)
 
 
-def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
-    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
+def load_flow(project_dir: Path, name: str):
+    """A flow of flows/nhle_flows.py, loaded by file path the way Prefect deploys it."""
     from prefect.flows import load_flow_from_entrypoint
 
+    flows_file = Path(project_dir).resolve() / "flows" / "nhle_flows.py"
+    if not flows_file.exists():
+        raise FileNotFoundError(f"no flows/nhle_flows.py under {Path(project_dir).resolve()}: run nhle from the "
+                                "nhle checkout or pass --project-dir")
+    return load_flow_from_entrypoint(f"{flows_file}:{name}")
+
+
+def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
+    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
     from nhle.tracking import aliases_of, configure
 
     import time
 
     started = time.perf_counter()
     project_dir = project_dir.resolve()
-    flows_file = project_dir / "flows" / "nhle_flows.py"
-    if not flows_file.exists():
-        raise FileNotFoundError(f"no flows/nhle_flows.py under {project_dir}: run `nhle run` from the nhle "
-                                "checkout or pass --project-dir")
     uri = configure(params, project_dir)
     forget_spec = forget_spec or params.forget
     results = []
     if load_champion_version(params) is None:
-        train_flow = load_flow_from_entrypoint(f"{flows_file}:train_base")
+        train_flow = load_flow(project_dir, "train_base")
         flow_started = time.perf_counter()
         results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
         results[-1]["flow_seconds"] = time.perf_counter() - flow_started
@@ -215,7 +294,7 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
         print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
               f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
     else:
-        forget_flow = load_flow_from_entrypoint(f"{flows_file}:forget")
+        forget_flow = load_flow(project_dir, "forget")
         flow_started = time.perf_counter()
         results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
         results[-1]["flow_seconds"] = time.perf_counter() - flow_started

@@ -165,5 +165,24 @@ def download_checkpoint(version: ModelVersion, folder: str | Path | None = None)
                                                     dst_path=str(folder)))
 
 
+def versions_tagged(name: str, key: str, value: str) -> list[ModelVersion]:
+    """Versions of registered model `name` whose tag `key` equals `value`, oldest first."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{key}` = '{value}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def runs_tagged(key: str, value: str) -> list:
+    """Runs of the current experiment whose tag `key` equals `value`."""
+    return mlflow.search_runs(filter_string=f"tags.`{key}` = '{value}'", output_format="list")
+
+
+def run_json(run_id: str, path: str):
+    """A JSON artifact of a run (report.json, parity.json, gates.json), or None when it is absent."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError):
+        return None
+
+
 def aliases_of(name: str, version: str) -> list[str]:
     return list(MlflowClient().get_model_version(name, version).aliases)

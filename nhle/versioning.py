@@ -48,9 +48,18 @@ class DataVersion:
     repo: str      # absolute path of the data repo
     remote: str    # the DVC remote the data was pushed to
 
-    def as_tags(self) -> dict[str, str]:
-        return {"data.path": self.path, "data.md5": self.md5, "data.git_rev": self.git_rev,
-                "data.repo": self.repo}
+    def as_tags(self, prefix: str = "data.") -> dict[str, str]:
+        return {f"{prefix}path": self.path, f"{prefix}md5": self.md5, f"{prefix}git_rev": self.git_rev,
+                f"{prefix}repo": self.repo}
+
+    @classmethod
+    def from_tags(cls, tags: dict, remote: str, prefix: str = "data.") -> "DataVersion | None":
+        """The version as_tags(prefix) wrote, or None when the tags do not hold one."""
+        try:
+            return cls(tags[f"{prefix}path"], tags[f"{prefix}md5"], tags[f"{prefix}git_rev"], tags[f"{prefix}repo"],
+                       remote)
+        except KeyError:
+            return None
 
 
 def dvc_executable() -> str:

@@ -45,3 +45,16 @@ def mlflow_template(tmp_path_factory):
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture
+def dead_owner() -> str:
+    """A ledger owner string naming a process of this host that has exited."""
+    import subprocess
+    import sys
+
+    from nhle.ledger import new_owner
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return new_owner().rsplit(":", 2)[0] + f":{process.pid}:dead"

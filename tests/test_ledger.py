@@ -1,6 +1,4 @@
 """The forget-request ledger on a real SQLite file: atomic claims, leases, take-over, attempts."""
-import subprocess
-import sys
 import threading
 from datetime import timedelta
 
@@ -12,13 +10,6 @@ from nhle.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
 @pytest.fixture
 def ledger(tmp_path):
     return Ledger(f"sqlite:///{tmp_path / 'requests.db'}")
-
-
-def dead_owner() -> str:
-    """An owner string naming a process of this host that has exited."""
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return new_owner().rsplit(":", 2)[0] + f":{process.pid}:dead"
 
 
 def test_submit_is_committed_and_read_back_by_another_connection(ledger, tmp_path):
@@ -64,14 +55,14 @@ def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, tmp_path)
     assert all(r.status == "processing" for r in ledger.list())
 
 
-def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger):
+def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger, dead_owner):
     live, dead, expired = (ledger.submit([c], [str(c)], "alice", "r") for c in (1, 2, 4))
     me = new_owner()
     assert {r.id for r in ledger.claim(me, 60)} == {live.id, dead.id, expired.id}
     with ledger._session() as session, session.begin():  # hand two of them to gone claimants
         from nhle.ledger import ForgetRequestRow
 
-        session.get(ForgetRequestRow, dead.id).claimed_by = dead_owner()
+        session.get(ForgetRequestRow, dead.id).claimed_by = dead_owner
         row = session.get(ForgetRequestRow, expired.id)
         row.claimed_by, row.lease_until = "other-host:1:x", utcnow() - timedelta(seconds=1)
         session.get(ForgetRequestRow, dead.id).batch = "batch-of-the-dead-run"
@@ -108,7 +99,7 @@ def test_lease_keeper_renews_while_the_run_works(ledger):
     assert ledger.claim(new_owner(), 60) == []  # renewed and alive: not abandoned
 
 
-def test_owner_is_gone_only_for_dead_processes_of_this_host():
-    assert owner_is_gone(dead_owner())
+def test_owner_is_gone_only_for_dead_processes_of_this_host(dead_owner):
+    assert owner_is_gone(dead_owner)
     assert not owner_is_gone(new_owner())  # this very process
     assert not owner_is_gone("some-other-host:1:x") and not owner_is_gone("garbage")

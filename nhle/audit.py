@@ -1,0 +1,124 @@
+"""The audit report of one forget request: what was asked, what was done, and the evidence.
+
+    from nhle.audit import build_audit, audit_markdown
+    audit = build_audit(request, model_name, version_tags, report, parity, gates)   # plain dict -> JSON
+    text = audit_markdown(audit)                                                  # the readable page
+
+Pure functions over plain values (the ledger row, the model version's tags and the run's
+report.json, parity.json and gates.json); nhle.forget_requests fetches those and logs the results.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+EVIDENCE = (
+    ("forget_test_acc", "accuracy on the forgotten classes' test samples", "0 = never predicted"),
+    ("retain_test_acc", "accuracy on the retained classes' test samples", "as high as before"),
+    ("unmasked_forget_test_acc", "mask-removal attack: forgotten-class test accuracy with the mask taken off "
+     "and the pre-mask rows restored", "low: the network itself no longer recognises the class"),
+    ("mia_efficacy", "membership-inference efficacy on the forgotten train samples (SVC on confidences)",
+     "close to the retrained model's"),
+    ("probe_forget_acc", "linear probe on the features, recall on the forgotten classes",
+     "close to the retrained model's"),
+    ("forget_silhouette", "cosine silhouette of the forgotten classes in feature space",
+     "lower than the original's"),
+    ("relearn_steps", "Adam steps to relearn the class above 50% from its samples", "higher = more forgotten"),
+)
+
+
+def _data(tags: dict, prefix: str) -> dict | None:
+    values = {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
+    return values or None
+
+
+def build_audit(request: dict, model_name: str, version: str, version_tags: dict, run_id: str,
+                report: dict | None, parity: dict | None, gates: list | None, note: str | None = None) -> dict:
+    """The audit of `request` (a ledger row as a dict), settled by model version `version`."""
+    promoted = version_tags.get("promoted") == "true"
+    metrics = (report or {}).get("metrics", {})
+    evidence = []
+    for key, meaning, expected in EVIDENCE:
+        if metrics:
+            evidence.append({"metric": key, "meaning": meaning, "expected": expected,
+                             **{which: metrics[which].get(key) for which in ("original", "unlearned", "retrained")
+                                if which in metrics}})
+    drop = None
+    if "original" in metrics and "unlearned" in metrics:
+        drop = 100 * (metrics["original"]["retain_test_acc"] - metrics["unlearned"]["retain_test_acc"])
+    return {
+        "request": request,
+        "outcome": {"status": "done" if promoted else "failed", "promoted": promoted,
+                    "reason": version_tags.get("rejection_reason") or ("every gate held" if promoted else ""),
+                    "note": note},
+        "model": {"name": model_name, "version_before": version_tags.get("parent_version") or None,
+                  "version_after": str(version), "run_id": run_id, "onnx_sha256": version_tags.get("onnx_sha256"),
+                  "forgotten_classes": json.loads(version_tags.get("forgotten_classes", "[]")),
+                  "forgotten_class_names": json.loads(version_tags.get("forgotten_class_names", "[]"))},
+        "unlearned_together": (report or {}).get("forget_class_names"),
+        "data": {"before": _data(version_tags, "data."), "after": _data(version_tags, "data_after.")},
+        "metrics": metrics,
+        "evidence": evidence,
+        "retained_drop_pp": drop,
+        "seconds": (report or {}).get("seconds"),
+        "parity": parity,
+        "gates": gates or [],
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def audit_markdown(audit: dict) -> str:
+    request, outcome, model, data = audit["request"], audit["outcome"], audit["model"], audit["data"]
+    lines = [f"# Forget request {request['id']}: audit report", "",
+             f"**Outcome: {outcome['status']}** - {outcome['reason'] or 'no reason recorded'}"
+             + (f" ({outcome['note']})" if outcome.get("note") else ""), "",
+             "## Request", "",
+             "| field | value |", "|---|---|"]
+    for key in ("id", "class_names", "classes", "requester", "reason", "submitted_at", "started_at", "attempts"):
+        lines.append(f"| {key} | {_fmt(request.get(key))} |")
+    lines += ["", "## Model", "",
+              f"- registered model `{model['name']}`: version {model['version_before'] or '-'} -> "
+              f"**version {model['version_after']}** ({'now champion' if outcome['promoted'] else 'not promoted'})",
+              f"- classes the new version never predicts: {model['forgotten_class_names']}",
+              f"- unlearned together in this run: {audit['unlearned_together']}",
+              f"- MLflow run `{model['run_id']}`; ONNX sha256 `{model['onnx_sha256']}`", "",
+              "## Data (DVC)", ""]
+    for which in ("before", "after"):
+        version = data.get(which)
+        if version:
+            lines.append(f"- {which}: `{version.get('path')}` md5 `{version.get('md5')}` at git rev "
+                         f"`{version.get('git_rev')}` of `{version.get('repo')}`")
+        else:
+            lines.append(f"- {which}: -")
+    lines += ["", "## Evidence of forgetting", ""]
+    columns = [c for c in ("original", "unlearned", "retrained") if c in audit["metrics"]]
+    if audit["evidence"]:
+        lines += ["| metric | " + " | ".join(columns) + " | expected |", "|---" * (len(columns) + 2) + "|"]
+        for row in audit["evidence"]:
+            lines.append(f"| {row['metric']} | " + " | ".join(_fmt(row.get(c)) for c in columns)
+                         + f" | {row['expected']} |")
+        lines += [""] + [f"- `{row['metric']}`: {row['meaning']}" for row in audit["evidence"]]
+        lines += ["", f"Retained accuracy drop: {_fmt(audit['retained_drop_pp'])} percentage points."]
+    else:
+        lines.append("No unlearning report (see the outcome above).")
+    parity = audit.get("parity") or {}
+    lines += ["", "## ONNX Runtime parity", "",
+              f"passed: {_fmt(parity.get('passed'))}, argmax agreement {_fmt(parity.get('argmax_agreement'))}, "
+              f"max |p_onnx - p_torch| {_fmt(parity.get('max_abs_prob_diff'))}", "", "## Gates", "",
+              "| gate | value | rule | result |", "|---|---|---|---|"]
+    for gate in audit["gates"]:
+        lines.append(f"| {gate['name']} | {_fmt(gate.get('value'))} | {gate.get('rule')} {_fmt(gate.get('bound'))} | "
+                     f"{'pass' if gate['passed'] else 'FAIL'} |")
+    lines += ["", f"_generated {audit['generated_at']}_", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["build_audit", "audit_markdown"]

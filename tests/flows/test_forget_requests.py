@@ -1,0 +1,261 @@
+"""Forget requests end to end: a real ledger file, the Prefect harness, the MLflow registry, DVC, and
+a processing run killed with SIGKILL in a real subprocess. One project is built up test by test."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from nhle.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "nhle-classifier"
+PARAMS = {"train": {"epochs": 6}, "retrain_baseline": True, "forget": "3"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_harness, mlflow_template):
+    """`nhle run`: base model (version 1), then class 3 forgotten (version 2, champion)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("requests-project")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    (root / "flows").symlink_to(REPO / "flows")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert cli(root, "run") == 0
+    return root
+
+
+def cli(root: Path, *args: str) -> int:
+    return main([*args, "--params", str(root / "params.yaml"), "--project-dir", str(root)])
+
+
+def submit(root, classes, requester="dpo@example.com", reason="erasure request") -> int:
+    return cli(root, "request", "submit", "--classes", classes, "--requester", requester, "--reason", reason)
+
+
+def ledger(root):
+    from nhle.ledger import Ledger
+
+    return Ledger(f"sqlite:///{root / 'requests.db'}")
+
+
+def registry_state(root):
+    from mlflow import MlflowClient
+
+    from nhle.config import load_params
+    from nhle.tracking import configure
+
+    configure(load_params(root / "params.yaml"), root)
+    client = MlflowClient()
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    return versions, champion
+
+
+def data_head(root) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root / "data-repo", capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def champion_predictions(champion) -> np.ndarray:
+    import mlflow
+    import onnxruntime as ort
+
+    from nhle.data import load_digits
+
+    path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion.version}")
+    session = ort.InferenceSession(str(Path(path) / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = load_digits(seed=0).test.float_images().numpy()
+    return session.run(None, {"images": images})[0].argmax(1)
+
+
+def test_invalid_requests_are_rejected_recorded_and_change_nothing(project, capsys):
+    before = (registry_state(project), data_head(project))
+    cases = {"42": "out of range", "3": "already forgotten", "cat": "unknown class",
+             "0,1,2,4,5,6,7,8,9": "would leave no class to predict"}
+    for classes, message in cases.items():
+        assert submit(project, classes) == 2
+        assert message in capsys.readouterr().err
+    rows = ledger(project).list()
+    assert [r.status for r in rows] == ["rejected"] * len(cases)
+    assert all(r.error and r.model_version_before == "2" for r in rows)
+    assert (registry_state(project), data_head(project)) == before
+    assert cli(project, "request", "process") == 0  # nothing pending: no new version
+    assert registry_state(project) == before[0]
+
+
+def test_requests_processed_in_sequence_leave_every_class_forgotten(project, capsys):
+    from nhle.versioning import DataVersion, open_dataset_version
+
+    assert submit(project, "5", reason="first request") == 0
+    assert cli(project, "request", "process") == 0
+    assert submit(project, "7", reason="second request") == 0
+    assert cli(project, "request", "process") == 0
+    first, second = ledger(project).list("done")
+    assert (first.model_version_before, first.model_version_after) == ("2", "3")
+    assert (second.model_version_before, second.model_version_after) == ("3", "4")
+    versions, champion = registry_state(project)
+    assert versions == [1, 2, 3, 4] and str(champion.version) == "4"
+    assert json.loads(champion.tags["forgotten_classes"]) == [3, 5, 7]
+    assert not np.isin(champion_predictions(champion), [3, 5, 7]).any()
+    # data deletion: the data version after each request lacks every forgotten class's samples
+    for request, gone in ((first, [3, 5]), (second, [3, 5, 7])):
+        after = DataVersion(**{**request.data_version_after, "remote": str(project / "dvc-remote")})
+        labels = np.concatenate([open_dataset_version(after).train.labels, open_dataset_version(after).test.labels])
+        assert not np.isin(labels, gone).any() and len(np.unique(labels)) == 10 - len(gone)
+        assert champion.tags["data_after.md5"] == second.data_version_after["md5"]
+    # the audit report: linked from the version, shown by `nhle request show`
+    capsys.readouterr()
+    assert cli(project, "request", "show", str(second.id)) == 0
+    shown = capsys.readouterr().out
+    assert "Forget request" in shown and "**Outcome: done**" in shown and "unmasked_forget_test_acc" in shown
+    assert champion.tags[f"audit.request.{second.id}"] == second.report_uri
+    import mlflow
+
+    audit = mlflow.artifacts.load_dict(second.report_uri.replace(".md", ".json"))
+    assert audit["model"]["version_after"] == "4" and audit["model"]["version_before"] == "3"
+    assert set(audit["metrics"]) == {"original", "unlearned", "retrained"}
+    assert audit["data"]["before"]["md5"] == first.data_version_after["md5"]
+    assert {g["name"] for g in audit["gates"]} >= {"forget_test_acc", "unmasked_forget_test_acc",
+                                                    "parity_max_abs_prob_diff"}
+
+
+def test_pending_requests_are_unlearned_together_in_one_version(project):
+    before, _ = registry_state(project)
+    assert submit(project, "1", requester="alice") == 0
+    assert submit(project, "8", requester="bob") == 0
+    assert cli(project, "request", "process") == 0
+    one, eight = ledger(project).list()[-2:]
+    assert one.status == eight.status == "done" and one.model_version_after == eight.model_version_after
+    versions, champion = registry_state(project)
+    assert versions == before + [before[-1] + 1] and str(champion.version) == one.model_version_after
+    assert json.loads(champion.tags["forgotten_classes"]) == [1, 3, 5, 7, 8]
+    assert champion.tags["nhle.request_ids"] == f"{one.id},{eight.id}"
+
+
+def read_lines(stream, lines: list, seen: threading.Event, marker: str):
+    for line in iter(stream.readline, ""):
+        lines.append(line)
+        if marker in line:
+            seen.set()
+
+
+def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
+    """SIGKILL in the middle of unlearning: nothing moves, nothing is lost; the next run
+    completes the request with one new version."""
+    import prefect.settings
+
+    slow = yaml.safe_load((project / "params.yaml").read_text())
+    slow["unlearn"] = {"stop_forget_prob": 0.0, "max_steps": 10_000_000}  # unlearns for hours
+    (project / "slow.yaml").write_text(yaml.safe_dump(slow))
+    assert submit(project, "2", reason="killed mid-way") == 0
+    request = ledger(project).list("pending")[0]
+    versions, champion = registry_state(project)
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    process = subprocess.Popen([sys.executable, "-m", "nhle.cli", "request", "process", "--params",
+                                str(project / "slow.yaml"), "--project-dir", str(project)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], threading.Event()
+    threading.Thread(target=read_lines, args=(process.stdout, lines, seen, "NHLE unlearning classes [2]"),
+                     daemon=True).start()
+    try:
+        assert seen.wait(240), "".join(lines)
+        time.sleep(2)
+        held = ledger(project).get(request.id)
+        assert held.status == "processing" and held.claimed_by.split(":")[1] == str(process.pid)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert registry_state(project) == (versions, champion)  # no version, no alias moved
+    assert ledger(project).get(request.id).status == "processing"  # still owned by the dead run
+    assert cli(project, "request", "process") == 0
+    done = ledger(project).get(request.id)
+    assert done.status == "done" and done.model_version_before == str(champion.version)
+    after_versions, after_champion = registry_state(project)
+    assert after_versions == versions + [versions[-1] + 1] and str(after_champion.version) == done.model_version_after
+    assert 2 in json.loads(after_champion.tags["forgotten_classes"])
+    from nhle.tracking import runs_tagged
+
+    killed = runs_tagged("nhle.batch", held.batch)
+    assert [run.info.status for run in killed] == ["FAILED"]  # the dead run's MLflow run is closed
+
+
+def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, dead_owner):
+    """A run that died after registering its version: the next run settles that version (gates,
+    data deletion, promotion) instead of unlearning again."""
+    from nhle import pipeline
+    from nhle.config import load_params
+
+    params = load_params(project / "params.yaml")
+    assert submit(project, "4", reason="registered then died") == 0
+    book = ledger(project)
+    request = book.list("pending")[0]
+    owner = dead_owner
+    book.claim(owner, 3600)
+    book.record(request.id, owner, batch=owner)
+    # what the dead run did before it died: unlearn, export, log and register (not settled)
+    model, checkpoint, parent = pipeline.load_champion(params)
+    data = pipeline.data_of_version(params, project, parent, checkpoint)
+    candidate = pipeline.forget_candidate(params, model, checkpoint, "4", str(parent.version), data)
+    onnx_path, parity = pipeline.export_and_check(params, candidate)
+    run_id = pipeline.start_run(params, "died-after-register", {"nhle.batch": owner})
+    registered = pipeline.log_candidate(run_id, params, candidate, onnx_path, parity,
+                                        pipeline.version_data(params, project, data),
+                                        {"nhle.batch": owner, "nhle.request_ids": str(request.id)})
+    versions, champion = registry_state(project)
+    assert str(champion.version) == str(parent.version)
+    assert book.get(request.id).status == "processing"  # a long lease, but its process is gone,
+    assert cli(project, "request", "process") == 0  # so this run (same host) takes it over
+    done = ledger(project).get(request.id)
+    assert done.status == "done" and done.model_version_after == str(registered)
+    after_versions, after_champion = registry_state(project)
+    assert after_versions == versions and str(after_champion.version) == str(registered)  # no second version
+    assert "data_after.md5" in after_champion.tags
+
+
+def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
+    """`nhle schedule` in a real process: the deployment carries params.yaml's cron and a limit
+    of one concurrent run, and a run of it processes the pending requests."""
+    import prefect.settings
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    settings = yaml.safe_load((project / "params.yaml").read_text())
+    settings["requests"] = {"cron": "17 3 * * *", "timezone": "Europe/Paris", "deployment": "nightly"}
+    (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    server = subprocess.Popen([sys.executable, "-m", "nhle.cli", "schedule", "--params", str(project / "schedule.yaml"),
+                               "--project-dir", str(project)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], threading.Event()
+    threading.Thread(target=read_lines, args=(server.stdout, lines, seen, "nightly"), daemon=True).start()
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    deployment = client.read_deployment_by_name("process-forget-requests/nightly")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline and server.poll() is None, "".join(lines)
+                    time.sleep(1)
+        schedule = deployment.schedules[0].schedule
+        assert (schedule.cron, schedule.timezone) == ("17 3 * * *", "Europe/Paris")
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+        assert submit(project, "6", reason="scheduled") == 0
+        run = run_deployment("process-forget-requests/nightly", timeout=300)
+        assert run.state.is_completed(), "".join(lines)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    request = ledger(project).list()[-1]
+    assert request.class_names == ["6"] and request.status == "done"
