@@ -1,7 +1,9 @@
-"""Prefect flows of nhle: `train_base` and `forget`. Each task is one call into nhle.pipeline.
+"""Prefect flows of nhle: `train_base`, `forget` and `process_requests`. Each task is one call
+into nhle.pipeline or nhle.forget_requests.
 
     python flows/nhle_flows.py forget --classes 3      # one run now (ephemeral Prefect, no server)
     python flows/nhle_flows.py train_base
+    python flows/nhle_flows.py process_requests        # = `nhle request process`; `nhle schedule` serves it
     prefect deploy flows/nhle_flows.py:forget -n forget -p <work-pool>   # deployed by file path
 
 Not installed as a package on purpose: Prefect loads flows by path, and a top-level `flows`
@@ -10,7 +12,9 @@ given `params` (a dict in the shape of nhle.config.Params).
 
 train_base: data version -> train -> export -> parity -> log + register -> gates -> promote
 forget:     champion -> data version -> NHLE + masking -> evaluate -> export -> parity
-            -> log + register -> gates -> promote
+            -> log + register -> gates -> delete the forgotten classes' data (new DVC version) -> promote
+process_requests: claim requests in the ledger -> settle what a dead run registered -> forget
+            (subflow, the union of the classes) -> audit report per request -> close requests
 """
 from __future__ import annotations
 
@@ -248,11 +252,13 @@ def process_fresh(ledger, owner: str, params: Params, root: Path, requests) -> l
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
-    cli.add_argument("flow", choices=("train_base", "forget"), help="which flow")
+    cli.add_argument("flow", choices=("train_base", "forget", "process_requests"), help="which flow")
     cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
     cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
     args = cli.parse_args()
     if args.flow == "forget":
         print(forget(classes=args.classes, project_dir=args.project_dir))
+    elif args.flow == "process_requests":
+        print(process_requests(project_dir=args.project_dir))
     else:
         print(train_base(project_dir=args.project_dir))

@@ -58,3 +58,64 @@ def dead_owner() -> str:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return new_owner().rsplit(":", 2)[0] + f":{process.pid}:dead"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback in a temp folder (skipped where its binaries are
+    missing). Run as the `postgres` user when the tests run as root, as PostgreSQL requires."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("psycopg")
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if not (initdb and postgres):
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not on this machine")
+    user = "postgres" if os.geteuid() == 0 else None
+    folder = Path(tempfile.mkdtemp(prefix="nhle-postgres-"))  # pytest's tmp dirs are closed to other users
+    data = folder / "data"
+    if user:
+        shutil.chown(folder, user)
+        os.chmod(folder, 0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run([initdb, "-D", str(data), "-U", "nhle", "--auth=trust", "--no-sync"], user=user, check=True,
+                   capture_output=True)
+    server = subprocess.Popen([postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder),
+                               "-c", "fsync=off"], user=user, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import psycopg
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(f"host=127.0.0.1 port={port} user=nhle dbname=postgres").close()
+            break
+        except psycopg.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"PostgreSQL did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.3)
+    yield port
+    server.send_signal(signal.SIGINT)  # fast shutdown: pooled ledger connections may still be open
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres_server, request):
+    """A new, empty database on the test PostgreSQL server; its SQLAlchemy URL."""
+    import re
+
+    import psycopg
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[-50:]
+    with psycopg.connect(f"host=127.0.0.1 port={postgres_server} user=nhle dbname=postgres", autocommit=True) as db:
+        db.execute(f"DROP DATABASE IF EXISTS {name}")
+        db.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://nhle@127.0.0.1:{postgres_server}/{name}"

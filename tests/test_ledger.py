@@ -7,14 +7,22 @@ import pytest
 from nhle.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """A fresh ledger database: an SQLite file, or a new database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'requests.db'}"
+    return request.getfixturevalue("postgres_database")
+
+
 @pytest.fixture
-def ledger(tmp_path):
-    return Ledger(f"sqlite:///{tmp_path / 'requests.db'}")
+def ledger(ledger_url):
+    return Ledger(ledger_url)
 
 
-def test_submit_is_committed_and_read_back_by_another_connection(ledger, tmp_path):
+def test_submit_is_committed_and_read_back_by_another_connection(ledger, ledger_url):
     request = ledger.submit([3], ["3"], "alice", "erasure request 12", model_version_before="2")
-    again = Ledger(f"sqlite:///{tmp_path / 'requests.db'}").get(request.id)
+    again = Ledger(ledger_url).get(request.id)
     assert again == request and again.status == "pending" and again.classes == [3]
     assert again.submitted_at.tzinfo is not None and again.model_version_before == "2"
     assert [r.id for r in ledger.list("pending")] == [request.id] and ledger.list("done") == []
@@ -34,9 +42,9 @@ def test_bad_input_is_refused_with_a_message(ledger, tmp_path):
     assert ledger.claim(new_owner(), 60) == []  # a rejected request is never processed
 
 
-def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, tmp_path):
+def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, ledger_url):
     ids = {ledger.submit([c % 10], [str(c % 10)], "alice", f"r{c}").id for c in range(30)}
-    url = f"sqlite:///{tmp_path / 'requests.db'}"
+    url = ledger_url
     taken, start = {}, threading.Barrier(3)
 
     def run(name):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nhle.data import ImageSet, Splits, load_splits, save_splits, split_by_classes
+from nhle.data import ImageSet, Splits, drop_classes, load_splits, save_splits
 from nhle.versioning import (DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version,
                              version_dataset)
 
@@ -18,11 +18,6 @@ def commit_count(repo) -> int:
     out = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=repo, capture_output=True, text=True,
                          check=True)
     return int(out.stdout)
-
-
-def without_class(splits: Splits, cls: int) -> Splits:
-    return Splits(splits.name, split_by_classes(splits.train, [cls])[1], split_by_classes(splits.test, [cls])[1],
-                  splits.class_names)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,7 @@ def versions(digits, tmp_path_factory):
     commits_after_v1 = commit_count(repo)
     v1_again = version_dataset(digits, repo, remote)
     commits_after_again = commit_count(repo)
-    v2 = version_dataset(without_class(digits, 3), repo, remote, message="digits without 3")
+    v2 = version_dataset(drop_classes(digits, [3]), repo, remote, message="digits without 3")
     return {"repo": repo, "remote": remote, "v1": v1, "v1_again": v1_again, "v2": v2,
             "commits": (commits_after_v1, commits_after_again, commit_count(repo))}
 
@@ -135,3 +130,20 @@ def test_bad_remote_raises_runtime_error_naming_the_command(digits, tmp_path):
     with pytest.raises(RuntimeError, match="dvc.* push") as err:
         version_dataset(tiny, tmp_path / "repo", blocker / "remote")
     assert str(blocker) in str(err.value) or "not-a-folder" in str(err.value)
+
+
+def test_dvc_gc_purges_deleted_samples_from_cache_and_remote(versions, digits):
+    """The README's purge after a forget request: `dvc gc --workspace --cloud` leaves only what
+    the current version (without class 3) uses; the old version cannot be fetched any more."""
+    from nhle.versioning import dvc_executable
+
+    repo, remote = versions["repo"], versions["remote"]
+    remote_files = lambda: {p.name for p in remote.rglob("*") if p.is_file()}  # noqa: E731
+    before = remote_files()
+    subprocess.run([dvc_executable(), "gc", "--workspace", "--cloud", "--force"], cwd=repo, check=True,
+                   capture_output=True)
+    assert remote_files() < before
+    with pytest.raises(RuntimeError, match="dvc get"):
+        open_dataset_version(versions["v1"])
+    current = open_dataset_version(versions["v2"])
+    assert 3 not in current.train.labels.tolist() and len(current.train) > 0
