@@ -42,8 +42,8 @@ def load_champion(params: Params):
 
 
 @step
-def load_data(params: Params):
-    return pipeline.load_params_data(params)
+def load_data(params: Params, root: Path):
+    return pipeline.with_deletions_on_record(params, root, pipeline.load_params_data(params))
 
 
 @retried
@@ -121,7 +121,7 @@ def tracked(params: Params, run_name: str, tags: dict, body) -> dict:
 def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
     resolved, root = resolve(params, project_dir)
-    data = load_data(resolved)
+    data = load_data(resolved, root)
     data_version = version_data(resolved, root, data)
 
     def body(run_id):

@@ -13,7 +13,7 @@ a fingerprint of the exact bytes, which checkpoints carry so a model can be trac
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,8 @@ class Splits:
     train: ImageSet
     test: ImageSet
     class_names: list[str]
+    removed_classes: list[int] = field(default_factory=list)
+    """Classes whose samples a forget request deleted (drop_classes); saved with the splits."""
 
     @property
     def num_classes(self) -> int:
@@ -179,7 +181,7 @@ def resize(splits: Splits, size: int) -> Splits:
         images = F.interpolate(part.float_images(), size=(size, size), mode="bilinear", align_corners=False)
         return ImageSet(images.clamp_(0, 1), part.labels)
 
-    return Splits(splits.name, scale(splits.train), scale(splits.test), splits.class_names)
+    return Splits(splits.name, scale(splits.train), scale(splits.test), splits.class_names, splits.removed_classes)
 
 
 def parse_classes(spec: str | list, class_names: list[str]) -> list[int]:
@@ -209,13 +211,13 @@ def split_by_classes(data: ImageSet, classes) -> tuple[ImageSet, ImageSet]:
 
 
 def drop_classes(splits: Splits, classes) -> Splits:
-    """The splits without any sample of `classes` (class names and indices unchanged): what
-    remains once a forget request deletes their data."""
-    classes = sorted(int(c) for c in classes)
+    """The splits without any sample of `classes` (class names and indices unchanged), which
+    are added to `removed_classes`: what remains once a forget request deletes their data."""
+    classes = sorted({int(c) for c in classes})
     if not classes:
         return splits
     return Splits(splits.name, split_by_classes(splits.train, classes)[1], split_by_classes(splits.test, classes)[1],
-                  list(splits.class_names))
+                  list(splits.class_names), sorted({*splits.removed_classes, *classes}))
 
 
 def sample_per_class(data: ImageSet, classes, n: int, seed: int) -> ImageSet:
@@ -259,7 +261,10 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "train.npz", write_npz(splits.train))
     atomic_write(folder / "test.npz", write_npz(splits.test))
-    write_json(folder / "classes.json", {"name": splits.name, "class_names": list(splits.class_names)})
+    meta = {"name": splits.name, "class_names": list(splits.class_names)}
+    if splits.removed_classes:  # absent for untouched data, so its bytes (and DVC hash) stay the same
+        meta["removed_classes"] = [int(c) for c in splits.removed_classes]
+    write_json(folder / "classes.json", meta)
     return folder
 
 
@@ -282,4 +287,4 @@ def load_splits(folder: str | Path) -> Splits:
 
     meta = json.loads((folder / "classes.json").read_text())
     return Splits(meta["name"], read_npz(folder / "train.npz"), read_npz(folder / "test.npz"),
-                  [str(c) for c in meta["class_names"]])
+                  [str(c) for c in meta["class_names"]], [int(c) for c in meta.get("removed_classes", [])])

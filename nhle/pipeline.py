@@ -56,14 +56,17 @@ def version_data(params: Params, project_dir: Path, data: Splits):
 
 
 def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
-    """The data a forget flow starts from: the DVC version a forget request left behind
-    (its forgotten classes' samples deleted) when `version` has one, else the data the
-    checkpoint was trained on."""
+    """The data a forget flow starts from: the DVC version the forget that made `version` left
+    behind (its forgotten classes' samples deleted), else the DVC version `version` was made
+    from, else (a model registered without one) the data its checkpoint was trained on."""
     from nhle.experiment import data_for_checkpoint
     from nhle.versioning import DataVersion, open_dataset_version
 
-    after = DataVersion.from_tags(version.tags, params.versioning.remote, prefix="data_after.")
-    return open_dataset_version(after) if after is not None else data_for_checkpoint(checkpoint)
+    for prefix in ("data_after.", "data."):
+        recorded = DataVersion.from_tags(version.tags, params.versioning.remote, prefix=prefix)
+        if recorded is not None:
+            return open_dataset_version(recorded)
+    return data_for_checkpoint(checkpoint)
 
 
 def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
@@ -86,10 +89,26 @@ def load_params_data(params: Params) -> Splits:
     return load_data(params.data)
 
 
+def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) -> Splits:
+    """`data` less the classes forget requests deleted from this dataset in the data repo, so
+    that a retrain from the source cannot relearn them."""
+    from nhle.data import drop_classes
+    from nhle.versioning import DATASETS_DIR
+
+    record = project_path(project_dir, params.versioning.repo) / DATASETS_DIR / data.name / "classes.json"
+    removed = json.loads(record.read_text()).get("removed_classes", []) if record.is_file() else []
+    return drop_classes(data, removed)
+
+
 def train_candidate(params: Params, data: Splits) -> Candidate:
+    """Train a base model; classes without training samples (deleted by forget requests) are
+    masked, so the model can never predict them."""
     from nhle.experiment import train_base
+    from nhle.unlearning import apply_class_weight_mask
 
     model, meta = train_base(params.data, params.train, data=data)
+    if data.removed_classes:
+        apply_class_weight_mask(model, data.removed_classes)
     return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-train-")))
 
 

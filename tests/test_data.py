@@ -131,3 +131,20 @@ def test_image_folder_of_pngs_and_jpegs(tmp_path):
 def test_resize_for_resnet(digits):
     data = load_dataset("digits", image_size=32)
     assert data.image_shape == (1, 32, 32) and data.train.images.max() <= 1.0
+
+
+def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
+    from nhle.data import drop_classes, load_splits, save_splits
+
+    once = drop_classes(digits, [3])
+    twice = drop_classes(once, [5, 3])
+    assert twice.removed_classes == [3, 5] and twice.class_names == digits.class_names
+    for part in (twice.train, twice.test):
+        assert not set(part.labels.tolist()) & {3, 5}
+    kept = sum(int((~((p.labels == 3) | (p.labels == 5))).sum()) for p in (digits.train, digits.test))
+    assert len(twice.train) + len(twice.test) == kept
+    back = load_splits(save_splits(twice, tmp_path / "deleted"))
+    assert back.removed_classes == [3, 5] and back.fingerprint() == twice.fingerprint()
+    untouched = save_splits(digits, tmp_path / "full")
+    assert "removed_classes" not in (untouched / "classes.json").read_text()  # same bytes as before deletions existed
+    assert drop_classes(digits, []) is digits

@@ -221,6 +221,23 @@ def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, 
     assert "data_after.md5" in after_champion.tags
 
 
+def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
+    """train_base from the embedded source honours the deletions on record in the data repo: it
+    trains without those classes' samples, on the same DVC version, and masks them."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    _, before = registry_state(project)
+    forgotten = json.loads(before.tags["forgotten_classes"])
+    assert len(forgotten) >= 5
+    train_base = load_flow_from_entrypoint(f"{REPO / 'flows' / 'nhle_flows.py'}:train_base")
+    result = train_base(project_dir=str(project))
+    assert result["promoted"] is True and result["data_version"] == before.tags["data_after.md5"]
+    _, champion = registry_state(project)
+    assert str(champion.version) == result["version"] and champion.tags["parent_version"] == ""
+    assert json.loads(champion.tags["forgotten_classes"]) == forgotten
+    assert not np.isin(champion_predictions(champion), forgotten).any()
+
+
 def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     """`nhle schedule` in a real process: the deployment carries params.yaml's cron and a limit
     of one concurrent run, and a run of it processes the pending requests."""
