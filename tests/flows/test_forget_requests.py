@@ -2,7 +2,6 @@
 a processing run killed with SIGKILL in a real subprocess. One project is built up test by test."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +21,9 @@ PARAMS = {"train": {"epochs": 6}, "retrain_baseline": True, "forget": "3"}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_harness, mlflow_template):
+def project(new_project):
     """`nhle run`: base model (version 1), then class 3 forgotten (version 2, champion)."""
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    root = tmp_path_factory.mktemp("requests-project")
-    shutil.copy(mlflow_template, root / "mlflow.db")
-    (root / "flows").symlink_to(REPO / "flows")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    assert cli(root, "run") == 0
-    return root
+    return new_project("requests-project", PARAMS)
 
 
 def cli(root: Path, *args: str) -> int:

@@ -1,8 +1,6 @@
 """The production chain for real: Prefect flows (test harness), MLflow on SQLite, DVC with a local
 remote, ONNX Runtime on the registered model. One project is built up step by step."""
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +20,9 @@ def flow(name):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_harness, mlflow_template):
+def project(new_project):
     """`nhle run` on a fresh project: base model, then the forget flow for class 3."""
-    import yaml
-
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    root = tmp_path_factory.mktemp("project")
-    shutil.copy(mlflow_template, root / "mlflow.db")
-    (root / "flows").symlink_to(REPO / "flows")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    assert main(["run", "--params", str(root / "params.yaml"), "--project-dir", str(root)]) == 0
-    from nhle.config import load_params
-    from nhle.tracking import configure
-
-    configure(load_params(root / "params.yaml"), root)
-    return root
+    return new_project("project", PARAMS)
 
 
 def client():
