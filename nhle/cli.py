@@ -6,7 +6,7 @@
     nhle rollback                                 # move the champion alias back to the previous version
     nhle request submit --classes 3 --requester WHO --reason WHY   # forget requests (nhle.cli_requests)
     nhle request process | list | show ID         # and `nhle schedule` for the cron deployment
-    nhle bench unlearning --seeds 0,1,2           # every class x seeds x encodings, tables to files
+    nhle bench unlearning --seeds 0,1,2           # NHLE vs retrain, baselines, ablations; tables to files
     nhle serve --host 127.0.0.1 --port 8000      # ONNX Runtime server of the champion, hot-swapped
     nhle prepare | evaluate | export              # the dvc.yaml stages
 """
@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from nhle.config import ENCODINGS, Params, UnlearnConfig, load_params
+from nhle.config import ENCODINGS, Params, TrainConfig, UnlearnConfig, load_params
 
 # flag -> (params section, field); flags default to None so params.yaml supplies the value.
 FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
@@ -194,10 +194,11 @@ def cmd_bench_serve(args) -> int:
 def cmd_bench_unlearning(args) -> int:
     from nhle.bench import bench_unlearning
 
-    encodings = list(ENCODINGS) if args.encodings == "all" else args.encodings.split(",")
+    train_config = replace(TrainConfig(), model=args.model, **({"epochs": args.epochs} if args.epochs else {}))
     bench_unlearning(dataset=args.dataset, seeds=[int(s) for s in args.seeds.split(",")], classes=args.classes,
-                     encodings=encodings, out=Path(args.out), quick=args.quick,
-                     base=config_with_overrides(UnlearnConfig(), args.set))
+                     multi=args.multi, methods=args.methods, out=Path(args.out), quick=args.quick,
+                     base=config_with_overrides(UnlearnConfig(), args.set), train_config=train_config,
+                     image_size=args.image_size, device=args.device)
     return 0
 
 
@@ -298,15 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
-    unlearning = benches.add_parser("unlearning", help="every class x seeds x encodings against retraining")
+    unlearning = benches.add_parser("unlearning", help="NHLE vs retrain, baselines and ablations: every class x "
+                                    "seeds, plus a multi-class case")
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
+    unlearning.add_argument("--model", default="smallcnn", help="smallcnn or resnet18 (CIFAR stem)")
+    unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
+    unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for resnet18 on digits")
     unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")
-    unlearning.add_argument("--encodings", default="all", help="'all' or a comma list of encodings")
-    unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl and summary.md")
+    unlearning.add_argument("--multi", default="2,5,8", help="classes forgotten together as one more case, or none")
+    unlearning.add_argument("--methods", default="all", help="'all' or a comma list: nhle, retrain, the baselines "
+                            "(finetune, neggrad, random_label, boundary_shrink, ssd, scrub, salun) and ablations "
+                            "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)")
+    unlearning.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png")
     unlearning.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override an NHLE setting for every run, e.g. --set lr=3e-5 (repeatable)")
-    unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 2 classes, 1 seed, 3 epochs")
+    unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
+                            "multi-class case, 3 epochs")
     unlearning.set_defaults(func=cmd_bench_unlearning)
     serving = benches.add_parser("serve", help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
     serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")

@@ -70,13 +70,34 @@ def test_console_script_help_and_missing_checkpoint(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
-def test_bench_unlearning_quick_writes_its_tables(tmp_path):
-    assert main(["bench", "unlearning", "--quick", "--encodings", "complementary", "--out", str(tmp_path)]) == 0
+def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
+    from nhle.bench import METHODS
+
+    assert main(["bench", "unlearning", "--quick", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"complementary", "retrain"} and len(rows) == 4
-    assert all(r["forget_test_acc"] == 0 for r in rows)
+    cases = {tuple(r["forget_classes"]) for r in rows}
+    assert cases == {(0,), (1,), (2, 5, 8)}
+    assert len(rows) == len(cases) * len(METHODS) and {r["method"] for r in rows} == set(METHODS)
+    for row in rows:  # every method measured on the same case against the same original and retrain
+        same = [r for r in rows if r["forget_classes"] == row["forget_classes"]]
+        assert {json.dumps(r["original"], sort_keys=True) for r in same} == {json.dumps(row["original"], sort_keys=True)}
+        retrain = next(r for r in same if r["method"] == "retrain")
+        assert abs(row["seconds_vs_retrain"] - row["seconds"] / retrain["seconds"]) < 1e-9
+    masked = [r for r in rows if r["method"] in ("nhle", "mask_only", "retrain")]
+    assert all(r["forget_test_acc"] == 0 for r in masked)
+    no_mask = [r for r in rows if r["method"] == "nhle_no_mask"]
+    assert all(r["unmasked_forget_test_acc"] == r["forget_test_acc"] for r in no_mask)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| complementary | 2 |" in summary and "| retrain | 2 |" in summary
+    assert "### one class" in summary and "### 3 classes" in summary and "| nhle | 2 |" in summary
+    assert "| salun | 1 |" in summary.split("### 3 classes")[1]
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_bench_refuses_unknown_methods_and_classes(tmp_path, capsys):
+    assert main(["bench", "unlearning", "--methods", "nhle,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    assert main(["bench", "unlearning", "--quick", "--classes", "12", "--out", str(tmp_path)]) == 2
+    assert "out of range 0..9" in capsys.readouterr().err
 
 
 def test_core_imports_no_tracking_orchestration_or_versioning():
