@@ -202,6 +202,14 @@ def cmd_bench_unlearning(args) -> int:
     return 0
 
 
+def cmd_bench_scaling(args) -> int:
+    from nhle.bench_scaling import bench_scaling
+
+    sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    bench_scaling(sizes=sizes, out=Path(args.out), epochs=2 if args.quick else args.epochs, device=args.device)
+    return 0
+
+
 def config_with_overrides(config, assignments: list[str]):
     """Apply KEY=VALUE strings to a frozen config, converting each value to its field's type."""
     from nhle.config import replace_known
@@ -318,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
                             "multi-class case, 3 epochs")
     unlearning.set_defaults(func=cmd_bench_unlearning)
+    scaling = benches.add_parser("scaling", help="NHLE vs retrain time as a synthetic training set grows")
+    scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
+    scaling.add_argument("--epochs", type=int, default=5, help="training epochs of the base and retrained models")
+    scaling.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
+    scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
+    scaling.set_defaults(func=cmd_bench_scaling)
     serving = benches.add_parser("serve", help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
     serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
     serving.add_argument("--project-dir", default=".", help="the nhle checkout (serving/)")

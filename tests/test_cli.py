@@ -100,6 +100,29 @@ def test_bench_refuses_unknown_methods_and_classes(tmp_path, capsys):
     assert "out of range 0..9" in capsys.readouterr().err
 
 
+def test_bench_scaling_quick_times_nhle_and_retrain_per_size(tmp_path):
+    assert main(["bench", "scaling", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["train_size"] for r in rows] == [2000, 5000]
+    for row in rows:
+        assert row["nhle_forget_test_acc"] == 0 and row["retrain_seconds"] > 0 and row["nhle_seconds"] > 0
+        assert row["original_retain_test_acc"] > 0.5  # the synthetic classes are learnable
+    assert rows[1]["retrain_seconds"] > rows[0]["retrain_seconds"]  # more data, longer retrain
+    assert "| 5,000 |" in (tmp_path / "scaling.md").read_text() and (tmp_path / "scaling.png").exists()
+
+
+def test_synthetic_data_has_class_structure():
+    from nhle.bench_scaling import synthetic_splits
+
+    data = synthetic_splits(500, test_size=100)
+    assert data.train.images.shape == (500, 1, 16, 16) and data.train.images.dtype.is_floating_point is False
+    assert sorted(set(data.train.labels.tolist())) == list(range(10))
+    means = [data.train.images[data.train.labels == c].float().mean(0) for c in range(10)]
+    within = (data.train.images[data.train.labels == 0].float() - means[0]).abs().mean()
+    between = min((means[0] - means[c]).abs().mean() for c in range(1, 10))
+    assert between > 0.2 * within  # the classes differ in their mean pattern, not only in noise
+
+
 def test_core_imports_no_tracking_orchestration_or_versioning():
     code = ("import sys, nhle.data, nhle.models, nhle.training, nhle.unlearning, nhle.metrics, nhle.experiment, "
             "nhle.bench, nhle.cli; bad = [m for m in ('mlflow', 'prefect', 'dvc') if m in sys.modules]; "
