@@ -210,6 +210,13 @@ def cmd_bench_scaling(args) -> int:
     return 0
 
 
+def cmd_bench_inference(args) -> int:
+    from nhle.bench_inference import bench_inference
+
+    bench_inference(out=Path(args.out), rounds=1 if args.quick else 5, seconds_per_model=5 if args.quick else 40)
+    return 0
+
+
 def config_with_overrides(config, assignments: list[str]):
     """Apply KEY=VALUE strings to a frozen config, converting each value to its field's type."""
     from nhle.config import replace_known
@@ -333,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
     scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
     scaling.set_defaults(func=cmd_bench_scaling)
+    inference = benches.add_parser("inference", help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 "
+                                   "GFLOP/s against this machine's fp32 matmul rate")
+    inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
+    inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
+    inference.set_defaults(func=cmd_bench_inference)
     serving = benches.add_parser("serve", help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
     serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
     serving.add_argument("--project-dir", default=".", help="the nhle checkout (serving/)")

@@ -198,7 +198,7 @@ def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: 
             repeats[key] = max(1, int(round_seconds / max(time.perf_counter() - start, 1e-6)))
         done = 0
         for _ in range(rounds):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and done:  # at least one round, however slow
                 break
             for key, run in runners.items():
                 start = time.perf_counter()
