@@ -2,7 +2,8 @@
 
     nhle bench unlearning --seeds 0,1,2 --out bench/unlearning          # digits, small CNN, ~15 min
     nhle bench unlearning --model resnet18 --image-size 32 --epochs 3 --seeds 0 --classes 3
-    nhle bench unlearning --quick --out /tmp/quick                       # CI: 1 seed, 2 classes + 1 pair
+    nhle bench unlearning --quick --out /tmp/quick                       # CI: 1 seed, 2 classes + 1 triple
+    nhle bench unlearning --dataset cifar10 --data-root ~/data --model resnet18 --device cuda   # on a GPU
 
 For each seed one base model is trained. For each case (every class alone, then the `--multi`
 classes together) one model is retrained without the classes (the gold standard), and every
@@ -94,7 +95,7 @@ def case_kind(classes) -> str:
 def bench_unlearning(dataset: str = "digits", seeds=(0, 1, 2), classes="all", multi: str = "2,5,8",
                      methods=METHODS, out: Path = Path("bench/unlearning"), quick: bool = False,
                      base: UnlearnConfig = UnlearnConfig(), train_config: TrainConfig = TrainConfig(),
-                     image_size: int | None = None, device: str = "auto") -> list[dict]:
+                     image_size: int | None = None, device: str = "auto", root: str | None = None) -> list[dict]:
     if quick:
         seeds, train_config = list(seeds)[:1], replace(train_config, epochs=3)
     methods = parse_methods(",".join(methods)) if not isinstance(methods, str) else parse_methods(methods)
@@ -102,7 +103,7 @@ def bench_unlearning(dataset: str = "digits", seeds=(0, 1, 2), classes="all", mu
     rows = []
     with open(out / "runs.jsonl", "w") as runs:
         for seed in seeds:
-            data_config = DataConfig(dataset=dataset, seed=seed, image_size=image_size)
+            data_config = DataConfig(dataset=dataset, seed=seed, image_size=image_size, root=root)
             data = load_data(data_config)
             model, _ = train_base(data_config, train_config, data=data, progress=False)
             all_cases = cases(data.num_classes, classes, multi)

@@ -198,7 +198,7 @@ def cmd_bench_unlearning(args) -> int:
     bench_unlearning(dataset=args.dataset, seeds=[int(s) for s in args.seeds.split(",")], classes=args.classes,
                      multi=args.multi, methods=args.methods, out=Path(args.out), quick=args.quick,
                      base=config_with_overrides(UnlearnConfig(), args.set), train_config=train_config,
-                     image_size=args.image_size, device=args.device)
+                     image_size=args.image_size, device=args.device, root=args.data_root)
     return 0
 
 
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning = benches.add_parser("unlearning", help="NHLE vs retrain, baselines and ablations: every class x "
                                     "seeds, plus a multi-class case")
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
+    unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
     unlearning.add_argument("--model", default="smallcnn", help="smallcnn or resnet18 (CIFAR stem)")
     unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
     unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for resnet18 on digits")
