@@ -189,15 +189,16 @@ def tradeoff_plot(summary: dict, path: Path) -> Path | None:
     figure, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False)
     for axis, kind in zip(axes[0], kinds):
         for method, entry in summary[kind].items():
-            if method == "original":
+            if method not in ("nhle", "retrain", *BASELINES):  # the ablations are in the table
                 continue
             x, y = entry["retained_drop_pp"]["mean"], 100 * entry["probe_forget_acc"]["mean"]
             size = 30 + 400 * min(entry["seconds_vs_retrain"]["mean"], 3.0)
-            axis.scatter(x, y, s=size, alpha=0.6, color="tab:red" if method == "nhle" else
-                         "tab:green" if method == "retrain" else "tab:blue")
-            axis.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            color = "tab:red" if method == "nhle" else "tab:green" if method == "retrain" else "tab:blue"
+            forgot = entry["forget_test_acc"]["mean"] <= 0.05  # hollow: the class is still predicted
+            axis.scatter(x, y, s=size, alpha=0.6, color=color if forgot else "none", edgecolors=color, linewidths=1.5)
+            axis.annotate(method, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
         axis.axhline(100 * summary[kind]["original"]["probe_forget_acc"], color="grey", lw=0.8, ls="--")
-        axis.set(title=f"{kind}: point area ~ time / retrain", xlabel="retained accuracy drop (pp)",
+        axis.set(title=f"{kind}: area ~ time / retrain; hollow = forget acc > 5%", xlabel="retained accuracy drop (pp)",
                  ylabel="linear probe on forgotten classes (%)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
