@@ -38,6 +38,20 @@ SUMMARY_KEYS = ("forget_test_acc", "retain_test_acc", "retained_drop_pp", "unmas
                 "probe_forget_acc", "forget_silhouette", "relearn_steps", "seconds", "seconds_vs_retrain")
 
 
+def measured_on() -> str:
+    """'measured <date> on <host> (<arch>, torch threads: N)': the stamp every benchmark table carries."""
+    import torch
+
+    return (f"measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
+            f"({platform.machine()}, torch threads: {torch.get_num_threads()})")
+
+
+def write_report(out: Path, name: str, header: str, table: str) -> None:
+    """out/<name>.md = header + table, and the same on stdout."""
+    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n")
+    print(header + "\n\n" + table)
+
+
 def parse_methods(text: str) -> list[str]:
     methods = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -121,11 +135,9 @@ def bench_unlearning(dataset: str = "digits", seeds=(0, 1, 2), classes="all", mu
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     header = (f"Unlearning benchmark: {dataset}, {train_config.model} ({train_config.epochs} epochs), seeds "
-              f"{list(seeds)}, measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
-              f"({platform.machine()}, torch threads: {__import__('torch').get_num_threads()}); NHLE: {base}")
-    (out / "summary.md").write_text(header + "\n\n" + markdown_table(summary) + "\n")
+              f"{list(seeds)}, {measured_on()}; NHLE: {base}")
     tradeoff_plot(summary, out / "tradeoff.png")
-    print(header + "\n\n" + markdown_table(summary))
+    write_report(out, "summary", header, markdown_table(summary))
     return rows
 
 

@@ -13,14 +13,13 @@ Writes scaling.json, scaling.md and scaling.png (seconds against training-set si
 from __future__ import annotations
 
 import json
-import platform
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nhle.bench import measured_on, write_report
 from nhle.config import TrainConfig, UnlearnConfig
 from nhle.data import ImageSet, Splits, sample_per_class, split_by_classes
 from nhle.training import evaluate, train_model
@@ -81,11 +80,9 @@ def bench_scaling(sizes=(2000, 20000, 200000), out: Path = Path("bench/scaling")
         print(json.dumps(rows[-1]), flush=True)
         (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
     header = (f"NHLE vs retraining as the training set grows: synthetic 16x16 data, 10 classes, small CNN, "
-              f"{epochs} epochs, forget class {forget_class}; measured {time.strftime('%Y-%m-%d')} on "
-              f"{platform.node() or 'this machine'} ({platform.machine()}, torch threads: {torch.get_num_threads()})")
-    (out / "scaling.md").write_text(header + "\n\n" + scaling_table(rows) + "\n")
+              f"{epochs} epochs, forget class {forget_class}; {measured_on()}")
     scaling_plot(rows, out / "scaling.png")
-    print(header + "\n\n" + scaling_table(rows))
+    write_report(out, "scaling", header, scaling_table(rows))
     return rows
 
 
