@@ -85,8 +85,8 @@ def batch_version(params: Params, batch: str):
 
 
 def fail_orphan_runs(batch: str) -> list[str]:
-    """Mark the MLflow runs of a `batch` that died before registering a version FAILED (their
-    status is FINISHED between logging steps, so it cannot tell them apart); returns their ids."""
+    """Mark the MLflow runs of a `batch` that died before registering a version FAILED (a killed
+    run is left RUNNING); returns their ids."""
     from mlflow import MlflowClient
 
     from nhle.tracking import runs_tagged

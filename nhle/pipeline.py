@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -148,11 +149,30 @@ def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
 
 
 def start_run(params: Params, run_name: str, tags: dict) -> str:
+    """Create the flow's MLflow run; it stays RUNNING until the flow marks it FINISHED or FAILED."""
     from nhle.tracking import log_params
 
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    run = mlflow.start_run(run_name=run_name, tags=tags)
+    try:
         log_params(params)
-        return run.info.run_id
+    finally:
+        mlflow.end_run(status="RUNNING")
+    return run.info.run_id
+
+
+@contextmanager
+def logging_to(run_id: str):
+    """Make `run_id` the active run for fluent mlflow calls, leaving it RUNNING afterwards
+    (`with mlflow.start_run(run_id=...)` would mark it FINISHED between the flow's steps)."""
+    active = mlflow.active_run()
+    started = active is None or active.info.run_id != run_id
+    if started:
+        mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        if started:
+            mlflow.end_run(status="RUNNING")
 
 
 def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
@@ -170,7 +190,7 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
                      "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
                      "normalisation": "inside the graph", "class_names": class_names,
                      "forgotten_classes": forgotten}
-    with mlflow.start_run(run_id=run_id):
+    with logging_to(run_id):
         mlflow.set_tags(data_version.as_tags())
         mlflow.log_artifact(str(checkpoint_path), "checkpoint")
         mlflow.log_dict(preprocessing, "preprocessing.json")
@@ -225,7 +245,7 @@ def settle(params: Params, project_dir: Path, run_id: str, version: str, gates: 
     if data is not None and forgotten and all_passed(gates):
         data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
         tag_version(name, version, data_after.as_tags("data_after."))
-        with mlflow.start_run(run_id=run_id):
+        with logging_to(run_id):
             mlflow.set_tags(data_after.as_tags("data_after."))
     result = promote(params, run_id, version, gates, parent_version)
     result["data_after"] = asdict(data_after) if data_after else None
@@ -262,11 +282,11 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
 def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
     from nhle.tracking import log_gates, promote_if_passed, tag_version
 
-    with mlflow.start_run(run_id=run_id):
+    with logging_to(run_id):
         log_gates(gates)
     tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
     promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
-    with mlflow.start_run(run_id=run_id):
+    with logging_to(run_id):
         mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
     return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
             "gates": [g.as_dict() for g in gates]}

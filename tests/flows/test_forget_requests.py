@@ -169,14 +169,15 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
         process.wait()
     assert registry_state(project) == (versions, champion)  # no version, no alias moved
     assert ledger(project).get(request.id).status == "processing"  # still owned by the dead run
+    from nhle.tracking import runs_tagged
+
+    assert [run.info.status for run in runs_tagged("nhle.batch", held.batch)] == ["RUNNING"]  # as it was killed
     assert cli(project, "request", "process") == 0
     done = ledger(project).get(request.id)
     assert done.status == "done" and done.model_version_before == str(champion.version)
     after_versions, after_champion = registry_state(project)
     assert after_versions == versions + [versions[-1] + 1] and str(after_champion.version) == done.model_version_after
     assert 2 in json.loads(after_champion.tags["forgotten_classes"])
-    from nhle.tracking import runs_tagged
-
     killed = runs_tagged("nhle.batch", held.batch)
     assert [run.info.status for run in killed] == ["FAILED"]  # the dead run's MLflow run is closed
 
