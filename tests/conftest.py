@@ -76,7 +76,14 @@ def postgres_server():
     initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
     if not (initdb and postgres):
         pytest.skip("PostgreSQL server binaries (initdb, postgres) are not on this machine")
-    user = "postgres" if os.geteuid() == 0 else None
+    user = "postgres" if os.geteuid() == 0 else None  # PostgreSQL refuses to run as root
+    if user:
+        import pwd
+
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
     folder = Path(tempfile.mkdtemp(prefix="nhle-postgres-"))  # pytest's tmp dirs are closed to other users
     data = folder / "data"
     if user:
