@@ -91,10 +91,11 @@ def fail_orphan_runs(batch: str) -> list[str]:
 
     from nhle.tracking import runs_tagged
 
+    client = MlflowClient()
     orphans = [run.info.run_id for run in runs_tagged("nhle.batch", batch)]
     for run_id in orphans:
-        MlflowClient().set_tag(run_id, "nhle.abandoned", "true")
-        MlflowClient().set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "nhle.abandoned", "true")
+        client.set_terminated(run_id, "FAILED")
     return orphans
 
 
@@ -113,7 +114,6 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
     tags, run_id = dict(model_version.tags), model_version.run_id
     report, parity, gates = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json"))
     promoted = tags.get("promoted") == "true"
-    data_after = {k[len("data_after."):]: v for k, v in tags.items() if k.startswith("data_after.")} or None
     closed = []
     for request in requests:
         audit = build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id, report,
@@ -126,7 +126,7 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
         ledger.record(request.id, owner, data_version_before=audit["data"]["before"],
                       model_version_before=audit["model"]["version_before"])
         closed.append(ledger.finish(request.id, owner, "done" if promoted else "failed",
-                                    model_version_after=str(version), data_version_after=data_after,
+                                    model_version_after=str(version), data_version_after=audit["data"]["after"],
                                     report_uri=uri, error=None if promoted else audit["outcome"]["reason"]))
     return closed
 

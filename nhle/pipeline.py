@@ -45,15 +45,15 @@ def project_path(params_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else (params_dir / path).resolve()
 
 
-def version_data(params: Params, project_dir: Path, data: Splits):
-    """Materialise `data` into the DVC data repository and return its DataVersion."""
-    from nhle.versioning import ensure_data_repo, version_dataset
+def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):
+    """Materialise `data` into the DVC data repository (created when missing) and return its
+    DataVersion."""
+    from nhle.versioning import version_dataset
 
     repo = project_path(project_dir, params.versioning.repo)
     remote = params.versioning.remote
     remote = remote if "://" in remote else str(project_path(project_dir, remote))
-    ensure_data_repo(repo, remote)
-    return version_dataset(data, repo, remote)
+    return version_dataset(data, repo, remote, message=message)
 
 
 def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
@@ -74,14 +74,10 @@ def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgo
     """A new DVC version of `data` without any sample of the `forgotten` classes (committed and
     pushed like every version); returns its DataVersion."""
     from nhle.data import drop_classes
-    from nhle.versioning import version_dataset
 
-    repo = project_path(project_dir, params.versioning.repo)
-    remote = params.versioning.remote
-    remote = remote if "://" in remote else str(project_path(project_dir, remote))
     names = [data.class_names[c] for c in forgotten]
-    return version_dataset(drop_classes(data, forgotten), repo, remote,
-                           message=f"Delete the samples of classes {names} ({why})")
+    return version_data(params, project_dir, drop_classes(data, forgotten),
+                        message=f"Delete the samples of classes {names} ({why})")
 
 
 def load_params_data(params: Params) -> Splits:
