@@ -13,6 +13,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def check_amp(config) -> None:
+    """Fail at load time, naming the field, rather than deep inside a training loop.
+
+    YAML 1.1 reads a bare `amp: off` as false, so false is taken to mean "off"."""
+    if config.amp is False:
+        object.__setattr__(config, "amp", "off")  # frozen dataclass: set once, while it is built
+    if config.amp not in AMP_MODES:
+        raise ValueError(f"{type(config).__name__}.amp must be one of {', '.join(AMP_MODES)}, got {config.amp!r}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,13 @@ class TrainConfig:
     """Adam (decoupled) weight decay."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, or cuda."""
+    amp: str = "off"
+    """Mixed precision of the forward pass and loss: off, bf16 or fp16 (fp16 adds a gradient
+    scaler). The weights stay fp32, so the exported ONNX model is fp32 and the parity check still
+    guards it; bf16 also runs on the CPU, fp16 is meant for GPUs."""
+
+    def __post_init__(self):
+        check_amp(self)
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,12 @@ class UnlearnConfig:
     """Cap of the relearn attack; relearn_steps equals it when the class never came back."""
     relearn_lr: float = 1e-3
     """Adam learning rate of the relearn attack (plain cross-entropy on the forget samples)."""
+    amp: str = "off"
+    """Mixed precision of the fine-tuning's forward pass: off, bf16 or fp16 (as train.amp). The
+    weights stay fp32 and the masking is exact, so the export and parity check are unchanged."""
+
+    def __post_init__(self):
+        check_amp(self)
 
 
 def to_dict(config) -> dict:

@@ -9,6 +9,7 @@ fingerprint) written atomically, so a crash never leaves a half-written model be
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nhle.config import TrainConfig
+from nhle.config import AMP_MODES, TrainConfig
 from nhle.data import ImageSet, Splits, as_float, split_by_classes
 from nhle.models import MaskedClassifier, build_model, channel_stats
 
@@ -41,6 +42,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def autocast(device: torch.device, amp: str = "off"):
+    """The mixed-precision context of a forward pass: torch.autocast in bf16 or fp16, or nothing.
+
+    Only activations are cast; the weights, their gradients and the optimiser state stay fp32,
+    so a model trained this way exports to the same fp32 ONNX graph as any other."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("amp 'bf16' was asked for but this GPU has no bf16 support; use 'fp16' or 'off'")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: str = "off") -> torch.amp.GradScaler:
+    """A loss scaler for fp16 (whose small gradients would underflow), a pass-through otherwise:
+    bf16 has fp32's exponent range and needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
 def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False,
             generator: torch.Generator | None = None):
     """(float images in [0, 1], labels) on `device`, in order or in a seeded random order."""
@@ -50,14 +72,18 @@ def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool
         yield as_float(data.images[index]).to(device), data.labels[index].to(device)
 
 
-def train_one_epoch(model, data: ImageSet, optimizer, scheduler, batch_size: int, device, generator) -> float:
+def train_one_epoch(model, data: ImageSet, optimizer, scheduler, batch_size: int, device, generator,
+                    amp: str = "off", scaler: torch.amp.GradScaler | None = None) -> float:
     model.train()
+    scaler = scaler or grad_scaler(device, amp)
     total, count = 0.0, 0
     for x, y in batches(data, batch_size, device, shuffle=True, generator=generator):
-        loss = F.cross_entropy(model(x), y)
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)  # autocast computes cross-entropy in fp32
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         total, count = total + loss.item() * len(y), count + len(y)
     return total / max(count, 1)
@@ -98,11 +124,13 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     steps = config.epochs * -(-len(train) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
+    scaler = grad_scaler(device, config.amp)  # one for the whole run: it adapts its scale as it goes
     start = time.perf_counter()
     label = f"retrain without {list(exclude)}" if exclude else "train"
     with tqdm(range(config.epochs), desc=label, disable=None if progress else True, leave=False) as bar:
         for _ in bar:
-            loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator)
+            loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator,
+                                   config.amp, scaler)
             bar.set_postfix(loss=f"{loss:.4f}")
     if device.type == "cuda":
         torch.cuda.synchronize()

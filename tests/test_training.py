@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from nhle.config import TrainConfig
-from nhle.training import load_checkpoint, resolve_device, save_checkpoint, train_model
+from nhle.config import ExportConfig, TrainConfig, UnlearnConfig, load_params
+from nhle.data import sample_per_class
+from nhle.export import check_parity, export_onnx
+from nhle.training import (
+    evaluate,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    train_model,
+)
+from nhle.unlearning import unlearn
 
 
 def test_training_is_seeded_and_learns(digits):
@@ -26,8 +35,9 @@ def test_retrain_excludes_the_classes(digits, monkeypatch):
 
 
 def test_checkpoint_is_a_plain_dict_that_round_trips(trained, tmp_path):
-    from nhle.unlearning import apply_class_weight_mask
     import copy
+
+    from nhle.unlearning import apply_class_weight_mask
 
     model = copy.deepcopy(trained)
     apply_class_weight_mask(model, [6])
@@ -67,3 +77,46 @@ def test_bad_checkpoint_and_device_errors_say_what_is_wrong(tmp_path):
             resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_asking_for_cuda_without_a_gpu_says_what_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("section", [TrainConfig, UnlearnConfig])
+def test_unknown_amp_mode_is_named(section, tmp_path):
+    with pytest.raises(ValueError, match=rf"{section.__name__}\.amp must be one of off, bf16, fp16, got 'fp8'"):
+        section(amp="fp8")
+    name = "train" if section is TrainConfig else "unlearn"
+    (tmp_path / "params.yaml").write_text(f"{name}:\n  amp: half\n")
+    with pytest.raises(ValueError, match=r"params\.yaml: .*amp must be one of off, bf16, fp16, got 'half'"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(f"{name}:\n  amp: off\n")  # YAML reads a bare off as false
+    assert getattr(load_params(tmp_path / "params.yaml"), name).amp == "off"
+
+
+def test_bf16_training_and_unlearning_on_the_cpu_export_fp32_and_pass_parity(digits, tmp_path):
+    """autocast runs on the CPU too, so the mixed-precision path is tested here without a GPU."""
+    model, _ = train_model(digits, TrainConfig(epochs=2, device="cpu", amp="bf16"), seed=0, progress=False)
+    assert evaluate(model, digits.test) > 0.5  # it learned in bf16
+    samples = sample_per_class(digits.train, [3], 32, seed=0)
+    result = unlearn(model, samples, [3], UnlearnConfig(amp="bf16", max_steps=30), device="cpu")
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    path = export_onnx(result.model, tmp_path / "model.onnx", digits.image_shape)
+    report = check_parity(result.model, path, digits.test, tolerance=ExportConfig().parity_tolerance)
+    assert report["passed"], report
+    assert report["providers"] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batches_come_as_float_on_the_device(digits):
+    from nhle.data import ImageSet
+    from nhle.training import batches
+
+    data = ImageSet((digits.train.images * 255).round().to(torch.uint8), digits.train.labels)
+    (x, y), = batches(data.subset(range(10)), 64, torch.device("cuda"))
+    (x_cpu, y_cpu), = batches(data.subset(range(10)), 64, torch.device("cpu"))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from nhle.config import ENCODINGS, UnlearnConfig
 from nhle.data import ImageSet, as_float
 from nhle.models import MaskedClassifier
-from nhle.training import resolve_device
+from nhle.training import autocast, grad_scaler, resolve_device
 from nhle.unlearning.masking import MaskSnapshot, apply_class_weight_mask
 
 log = logging.getLogger(__name__)
@@ -111,15 +111,19 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
     # eval mode: batch-norm statistics must not be re-estimated on forget samples alone.
     model.eval()
-    with torch.no_grad():
-        original_logits = model(x)
+    scaler = grad_scaler(torch_device, config.amp)
+    with torch.no_grad(), autocast(torch_device, config.amp):
+        # Under the same precision as the loop, so the anchor starts at zero, not at rounding noise.
+        original_logits = model(x).float()
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
     start = time.perf_counter()
     steps, stopped_early = 0, False
     for steps in range(config.max_steps + 1):
-        logits = model(x)
+        with autocast(torch_device, config.amp):
+            logits = model(x)
+        logits = logits.float()  # the losses, logsumexp over -inf masked logits included, in fp32
         with torch.no_grad():
             p_forget = F.softmax(logits, 1)[:, forget].sum(1)
             misclassified = forget[logits.argmax(1)].logical_not().all()
@@ -132,8 +136,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         if config.anchor_weight > 0:
             loss = loss + config.anchor_weight * retained_anchor(logits, original_logits, retained)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     model = model.cpu().eval()
