@@ -65,11 +65,18 @@ def grad_scaler(device: torch.device, amp: str = "off") -> torch.amp.GradScaler:
 
 def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False,
             generator: torch.Generator | None = None):
-    """(float images in [0, 1], labels) on `device`, in order or in a seeded random order."""
+    """(float images in [0, 1], labels) on `device`, in order or in a seeded random order.
+
+    For a GPU the batch travels as stored (uint8 for CIFAR-sized data: a quarter of the bytes of
+    float32) from pinned memory, asynchronously, and becomes float on the device."""
     order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
         index = order[start:start + batch_size]
-        yield as_float(data.images[index]).to(device), data.labels[index].to(device)
+        if device.type == "cuda":
+            images = data.images[index].pin_memory().to(device, non_blocking=True)
+            yield as_float(images), data.labels[index].pin_memory().to(device, non_blocking=True)
+        else:
+            yield as_float(data.images[index]).to(device), data.labels[index].to(device)
 
 
 def train_one_epoch(model, data: ImageSet, optimizer, scheduler, batch_size: int, device, generator,
