@@ -13,7 +13,10 @@ forward, so they are in the graph: a masked class gets a -inf logit in ONNX Runt
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import io
 import os
 import uuid
 from pathlib import Path
@@ -70,13 +73,34 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape) -> Path:
     return path
 
 
+@functools.cache
+def preload_cuda_libraries() -> bool:
+    """Load the CUDA and cuDNN libraries that torch's CUDA wheels installed (nvidia-* packages)
+    into the process, once, so ONNX Runtime's CUDA provider finds them without LD_LIBRARY_PATH.
+
+    Best effort: an onnxruntime without preload_dlls (older, or the CPU build) or a failed load
+    only means ONNX Runtime searches the usual paths itself; the session then reports which
+    providers it really got. Returns whether the preload ran."""
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is None:
+        return False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its own warnings
+            preload()
+    except Exception:  # noqa: BLE001 - never worse than not preloading
+        return False
+    return True
+
+
 def session_providers(prefer_gpu: bool = True) -> list[str]:
     """ONNX Runtime providers to ask for, best first.
 
     onnxruntime-gpu lists CUDA as available even without a GPU, and asking for it there only
-    logs a failed provider load, so CUDA is requested only when torch can see a GPU.
+    logs a failed provider load, so CUDA is requested only when torch can see a GPU (and then
+    the CUDA libraries of torch's wheels are preloaded for it).
     """
     if prefer_gpu and torch.cuda.is_available():
+        preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

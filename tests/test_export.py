@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from nhle.config import ExportConfig
-from nhle.export import ParityError, assert_parity, check_parity, export_onnx, make_session, session_providers
+from nhle.export import (
+    ParityError,
+    assert_parity,
+    check_parity,
+    export_onnx,
+    make_session,
+    session_providers,
+)
 from nhle.models import build_model
 from nhle.unlearning import apply_class_weight_mask
 
@@ -104,11 +111,55 @@ def test_failed_export_leaves_nothing(masked, digits, tmp_path, monkeypatch, sta
 
 
 def test_session_providers(monkeypatch):
+    import onnxruntime
+
+    from nhle.export import preload_cuda_libraries
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: calls.append(1), raising=False)
+    preload_cuda_libraries.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert session_providers() == ["CPUExecutionProvider"]
+    assert session_providers() == ["CPUExecutionProvider"] and calls == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert session_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert session_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert calls == [1]  # the CUDA libraries are preloaded once, and only when a GPU is visible
     assert session_providers(prefer_gpu=False) == ["CPUExecutionProvider"]
+    preload_cuda_libraries.cache_clear()
+
+
+def test_a_failed_or_missing_preload_is_not_an_error(monkeypatch):
+    import onnxruntime
+
+    from nhle.export import preload_cuda_libraries
+
+    def broken():
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(onnxruntime, "preload_dlls", broken, raising=False)
+    preload_cuda_libraries.cache_clear()
+    assert preload_cuda_libraries() is False
+    monkeypatch.delattr(onnxruntime, "preload_dlls")
+    preload_cuda_libraries.cache_clear()
+    assert preload_cuda_libraries() is False
+    preload_cuda_libraries.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's session")
+def test_cpu_machine_session_logs_no_failed_cuda_provider(onnx_path):
+    """onnxruntime-gpu on a machine without a GPU: the session must quietly be CPU-only, not
+    log a failed CUDA provider load on every start (a fresh process: nothing preloaded)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from nhle.export import make_session; "
+            f"s = make_session({str(onnx_path)!r}); "
+            "s.run(None, {'images': np.zeros((2, 1, 8, 8), np.float32)}); print(s.get_providers())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['CPUExecutionProvider']"
+    for word in ("CUDA", "Failed", "failed"):
+        assert word not in done.stderr, done.stderr
 
 
 def test_resnet18_exports_and_matches(tmp_path):
