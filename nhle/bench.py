@@ -15,11 +15,13 @@ runs.jsonl (one line per run), summary.json, summary.md (mean ± std over runs) 
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from nhle.config import ENCODINGS, DataConfig, TrainConfig, UnlearnConfig
 from nhle.data import sample_per_class
 from nhle.experiment import load_data, retrain_without, train_base
 from nhle.metrics import evaluate_forgetting
+from nhle.training import seed_everything
 from nhle.unlearning import unlearn, without_mask
 from nhle.unlearning.baselines import BASELINES, run_baseline
 
@@ -71,71 +74,144 @@ def cases(num_classes: int, classes: str, multi: str) -> list[list[int]]:
     return out
 
 
-def run_case(model, data, classes, seed, methods, base: UnlearnConfig, train_config: TrainConfig,
-             device: str) -> list[dict]:
-    """Every method on one (seed, classes) case; one row each."""
+@dataclass(frozen=True)
+class Grid:
+    """One benchmark. Every (seed, case, method) unit depends only on the seed's base model, so the
+    units can run in any order, on any worker: `run_grid` gives the same rows either way."""
+    dataset: str = "digits"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    classes: str = "all"
+    multi: str = "2,5,8"
+    methods: tuple[str, ...] = METHODS
+    base: UnlearnConfig = UnlearnConfig()
+    train_config: TrainConfig = TrainConfig()
+    image_size: int | None = None
+    device: str = "auto"
+    root: str | None = None
+    quick: bool = False
+
+    def __post_init__(self):
+        methods = self.methods if isinstance(self.methods, str) else ",".join(self.methods)
+        object.__setattr__(self, "methods", tuple(parse_methods(methods)))
+        if self.quick:
+            object.__setattr__(self, "seeds", tuple(self.seeds)[:1])
+            object.__setattr__(self, "train_config", replace(self.train_config, epochs=3))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    def data_config(self, seed: int) -> DataConfig:
+        return DataConfig(dataset=self.dataset, seed=seed, image_size=self.image_size, root=self.root)
+
+    def cases(self, num_classes: int) -> list[list[int]]:
+        found = cases(num_classes, self.classes, self.multi)
+        if self.quick:
+            found = found[:2] + ([found[-1]] if len(found[-1]) > 1 else [])
+        return found
+
+    def units(self, num_classes: int) -> list[tuple[int, list[int], str]]:
+        """(seed, classes, method) of every run; 'original' measures the base model itself."""
+        return [(seed, case, method) for seed in self.seeds for case in self.cases(num_classes)
+                for method in ("original", *self.methods)]
+
+
+@functools.lru_cache(maxsize=4)
+def grid_data(data_config: DataConfig):
+    return load_data(data_config)
+
+
+def train_seed(grid: Grid, seed: int):
+    """The base model every unit of `seed` starts from."""
+    data_config = grid.data_config(seed)
+    return train_base(data_config, grid.train_config, data=grid_data(data_config), progress=False)[0]
+
+
+def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> dict:
+    """One method on one (seed, classes) case, from the seed's base model; seeded on its own so
+    that neither the order of the units nor the process they run in changes the result."""
+    seed_everything(seed)
+    data = grid_data(grid.data_config(seed))
+    base = grid.base
     samples = sample_per_class(data.train, classes, base.n_samples, seed)
 
     def measure(candidate, attack=None):
         return evaluate_forgetting(candidate, data, classes, samples, attack, base.relearn_max_steps, base.relearn_lr,
                                    seed)
 
-    original = measure(model)
-    retrained = retrain_without(data, train_config, classes, seed, progress=False)
-    results = {"retrain": (measure(retrained[0], without_mask(retrained[0], retrained[1])), retrained[2], None)}
-    for method in methods:
-        if method == "retrain":
-            continue
-        if method in BASELINES:
-            result = run_baseline(method, model, data, classes, seed, device)
-            results[method] = (measure(result.model), result.seconds, result.steps)
-        else:
-            result = unlearn(model, samples, classes, replace(base, **ABLATIONS.get(method, {})), device=device)
-            attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
-            results[method] = (measure(result.model, attacked), result.seconds, result.steps)
-    rows = []
-    for method, (metrics, seconds, steps) in results.items():
-        rows.append({"method": method, "seed": seed, "forget_classes": list(classes), "case": case_kind(classes),
-                     **metrics, "original": original,
-                     "retained_drop_pp": 100 * (original["retain_test_acc"] - metrics["retain_test_acc"]),
-                     "seconds": seconds, "seconds_vs_retrain": seconds / retrained[2], "steps": steps})
+    if method == "original":
+        metrics, seconds, steps = measure(model), 0.0, None
+    elif method == "retrain":
+        retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False)
+        metrics, steps = measure(retrained, without_mask(retrained, snapshot)), None
+    elif method in BASELINES:
+        result = run_baseline(method, model, data, classes, seed, grid.device)
+        metrics, seconds, steps = measure(result.model), result.seconds, result.steps
+    else:
+        result = unlearn(model, samples, classes, replace(base, **ABLATIONS.get(method, {})), device=grid.device)
+        attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
+        metrics, seconds, steps = measure(result.model, attacked), result.seconds, result.steps
+    return {"method": method, "seed": seed, "forget_classes": list(classes), "metrics": metrics,
+            "seconds": seconds, "steps": steps}
+
+
+def inline(fn, *args):
+    """The sequential engine: run now; .result() gives the value (the shape of a future)."""
+    value = fn(*args)
+    return SimpleNamespace(result=lambda: value)
+
+
+def run_grid(grid: Grid, submit=inline, on_case=None) -> list[dict]:
+    """Every unit of the grid through `submit(fn, *args) -> future` (inline, a concurrent.futures
+    executor's submit, or a Prefect task's submit on a Dask cluster); one row per method and case,
+    in the grid's order. on_case(rows) is called as each (seed, case) completes."""
+    num_classes = grid_data(grid.data_config(grid.seeds[0])).num_classes
+    models = {seed: submit(train_seed, grid, seed) for seed in grid.seeds}
+    models = {seed: future.result() for seed, future in models.items()}
+    pending = [submit(run_unit, grid, seed, case, method, models[seed])
+               for seed, case, method in grid.units(num_classes)]
+    rows, case_results = [], []
+    for future in pending:
+        case_results.append(future.result())
+        if case_results[-1]["method"] == grid.methods[-1]:
+            new = case_rows(case_results)
+            rows += new
+            if on_case:
+                on_case(new)
+            case_results = []
     return rows
+
+
+def case_rows(results: list[dict]) -> list[dict]:
+    """The rows of one (seed, case): each method against the original model and the retrain."""
+    by_method = {r["method"]: r for r in results}
+    original, retrain_seconds = by_method["original"]["metrics"], by_method["retrain"]["seconds"]
+    return [{"method": r["method"], "seed": r["seed"], "forget_classes": r["forget_classes"],
+             "case": case_kind(r["forget_classes"]), **r["metrics"], "original": original,
+             "retained_drop_pp": 100 * (original["retain_test_acc"] - r["metrics"]["retain_test_acc"]),
+             "seconds": r["seconds"], "seconds_vs_retrain": r["seconds"] / retrain_seconds, "steps": r["steps"]}
+            for r in results if r["method"] != "original"]
 
 
 def case_kind(classes) -> str:
     return "one class" if len(classes) == 1 else f"{len(classes)} classes"
 
 
-def bench_unlearning(dataset: str = "digits", seeds=(0, 1, 2), classes="all", multi: str = "2,5,8",
-                     methods=METHODS, out: Path = Path("bench/unlearning"), quick: bool = False,
-                     base: UnlearnConfig = UnlearnConfig(), train_config: TrainConfig = TrainConfig(),
-                     image_size: int | None = None, device: str = "auto", root: str | None = None) -> list[dict]:
-    if quick:
-        seeds, train_config = list(seeds)[:1], replace(train_config, epochs=3)
-    methods = parse_methods(",".join(methods)) if not isinstance(methods, str) else parse_methods(methods)
+def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), submit=inline,
+                     engine: str = "sequential") -> list[dict]:
+    """Run the grid and write runs.jsonl, summary.json, summary.md and tradeoff.png to `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
     with open(out / "runs.jsonl", "w") as runs:
-        for seed in seeds:
-            data_config = DataConfig(dataset=dataset, seed=seed, image_size=image_size, root=root)
-            data = load_data(data_config)
-            model, _ = train_base(data_config, train_config, data=data, progress=False)
-            all_cases = cases(data.num_classes, classes, multi)
-            if quick:
-                all_cases = all_cases[:2] + ([all_cases[-1]] if len(all_cases[-1]) > 1 else [])
-            for case in all_cases:
-                new = run_case(model, data, case, seed, methods, base, train_config, device)
-                rows += new
-                for row in new:
-                    runs.write(json.dumps(row) + "\n")
-                runs.flush()
-                print(f"seed {seed} classes {case}: " + ", ".join(
-                    f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new),
-                    flush=True)
+        def on_case(new):
+            for row in new:
+                runs.write(json.dumps(row) + "\n")
+            runs.flush()
+            print(f"seed {new[0]['seed']} classes {new[0]['forget_classes']}: " + ", ".join(
+                f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new),
+                flush=True)
+
+        rows = run_grid(grid, submit, on_case)
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    header = (f"Unlearning benchmark: {dataset}, {train_config.model} ({train_config.epochs} epochs), seeds "
-              f"{list(seeds)}, {measured_on()}; NHLE: {base}")
+    header = (f"Unlearning benchmark: {grid.dataset}, {grid.train_config.model} ({grid.train_config.epochs} epochs), "
+              f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
     tradeoff_plot(summary, out / "tradeoff.png")
     write_report(out, "summary", header, markdown_table(summary))
     return rows
@@ -218,4 +294,4 @@ def tradeoff_plot(summary: dict, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["ABLATIONS", "METHODS", "bench_unlearning", "cases", "parse_methods", "summarise"]
+__all__ = ["ABLATIONS", "METHODS", "Grid", "bench_unlearning", "cases", "parse_methods", "run_grid", "summarise"]

@@ -192,13 +192,23 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_bench_unlearning(args) -> int:
-    from nhle.bench import bench_unlearning
+    from nhle.bench import Grid, bench_unlearning
 
     train_config = replace(TrainConfig(), model=args.model, **({"epochs": args.epochs} if args.epochs else {}))
-    bench_unlearning(dataset=args.dataset, seeds=[int(s) for s in args.seeds.split(",")], classes=args.classes,
-                     multi=args.multi, methods=args.methods, out=Path(args.out), quick=args.quick,
-                     base=config_with_overrides(UnlearnConfig(), args.set), train_config=train_config,
-                     image_size=args.image_size, device=args.device, root=args.data_root)
+    grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
+                multi=args.multi, methods=args.methods, base=config_with_overrides(UnlearnConfig(), args.set),
+                train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
+                quick=args.quick)
+    if args.engine == "sequential":
+        bench_unlearning(grid, Path(args.out))
+        return 0
+    from prefect.utilities.importtools import load_script_as_module
+
+    from nhle.pipeline import flows_file
+
+    params = load_params(args.params)
+    bench_grid = load_script_as_module(str(flows_file(Path(args.project_dir), "bench_grid.py")))
+    bench_grid.run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
     return 0
 
 
@@ -333,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override an NHLE setting for every run, e.g. --set lr=3e-5 (repeatable)")
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
                             "multi-class case, 3 epochs")
+    unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",
+                            help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
+                            "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")
+    add_params_flag(unlearning)
+    unlearning.add_argument("--project-dir", default=".", help="the nhle checkout (flows/bench_grid.py)")
     unlearning.set_defaults(func=cmd_bench_unlearning)
     scaling = benches.add_parser("scaling", help="NHLE vs retrain time as a synthetic training set grows")
     scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")

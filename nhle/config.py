@@ -204,6 +204,18 @@ class RequestsConfig:
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    address: str = ""
+    """Scheduler of a running Dask cluster (tcp://host:8786) that `nhle bench unlearning --engine dask`
+    sends the benchmark grid to; empty starts a local cluster for the run. The DASK_ADDRESS
+    environment variable wins when set."""
+    n_workers: int = 2
+    """Worker processes of the local cluster (ignored with an address)."""
+    threads_per_worker: int = 1
+    """Threads per local worker: one unit at a time each, so torch keeps its own threads."""
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -219,12 +231,16 @@ class Params:
     versioning: VersioningConfig = field(default_factory=VersioningConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     requests: RequestsConfig = field(default_factory=RequestsConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
 
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
 
     def requests_database(self) -> str:
         return os.environ.get("NHLE_REQUESTS_DATABASE") or self.requests.database
+
+    def dask_address(self) -> str:
+        return os.environ.get("DASK_ADDRESS") or self.dask.address
 
 
 def resolve_uri(uri: str, project_dir: Path) -> str:
@@ -238,7 +254,8 @@ def resolve_uri(uri: str, project_dir: Path) -> str:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
             "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
-            "versioning": VersioningConfig, "serving": ServingConfig, "requests": RequestsConfig}
+            "versioning": VersioningConfig, "serving": ServingConfig, "requests": RequestsConfig,
+            "dask": DaskConfig}
 TOP_LEVEL = {"forget": str, "retrain_baseline": bool}
 
 

@@ -295,15 +295,20 @@ def discard_work_dir(candidate: Candidate) -> None:
     shutil.rmtree(candidate.work_dir, ignore_errors=True)
 
 
+def flows_file(project_dir: Path, name: str = "nhle_flows.py") -> Path:
+    """flows/<name> of the nhle checkout at project_dir (Prefect loads flows by file path)."""
+    path = Path(project_dir).resolve() / "flows" / name
+    if not path.exists():
+        raise FileNotFoundError(f"no flows/{name} under {Path(project_dir).resolve()}: run nhle from the "
+                                "nhle checkout or pass --project-dir")
+    return path
+
+
 def load_flow(project_dir: Path, name: str):
     """A flow of flows/nhle_flows.py, loaded by file path the way Prefect deploys it."""
     from prefect.flows import load_flow_from_entrypoint
 
-    flows_file = Path(project_dir).resolve() / "flows" / "nhle_flows.py"
-    if not flows_file.exists():
-        raise FileNotFoundError(f"no flows/nhle_flows.py under {Path(project_dir).resolve()}: run nhle from the "
-                                "nhle checkout or pass --project-dir")
-    return load_flow_from_entrypoint(f"{flows_file}:{name}")
+    return load_flow_from_entrypoint(f"{flows_file(project_dir)}:{name}")
 
 
 def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
