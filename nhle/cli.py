@@ -227,6 +227,12 @@ def cmd_bench_inference(args) -> int:
     return 0
 
 
+def cmd_bench_gpu(args) -> int:
+    from nhle.gpu_check import main as gpu_check_main
+
+    return gpu_check_main(args.gpu_check_args)
+
+
 def config_with_overrides(config, assignments: list[str]):
     """Apply KEY=VALUE strings to a frozen config, converting each value to its field's type."""
     from nhle.config import replace_known
@@ -365,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
     serving.add_argument("--project-dir", default=".", help="the nhle checkout (serving/)")
     serving.set_defaults(func=cmd_bench_serve)
+    # Every argument goes to `python -m nhle.gpu_check` unparsed (its own --help lists them), so the
+    # flags live in one place and building this parser does not import torch. prefix_chars="+"
+    # keeps this subparser from taking --quick etc. as options of its own.
+    gpu = benches.add_parser("gpu", add_help=False, prefix_chars="+",
+                             help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.gpu_check; "
+                             "see `nhle bench gpu --help`)")
+    gpu.add_argument("gpu_check_args", nargs=argparse.REMAINDER, help="the flags of python -m nhle.gpu_check")
+    gpu.set_defaults(func=cmd_bench_gpu)
     return parser
 
 
