@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     logging.getLogger("nhle").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("request", "schedule"):
+        if args.command in ("request", "schedule", "deploy"):
             return args.func(args, resolve_params(args))
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

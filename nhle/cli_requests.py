@@ -68,25 +68,59 @@ def cmd_process(args, params) -> int:
     return 0 if all(r["status"] in ("done", "pending") for r in result["requests"]) else 1
 
 
-def cmd_schedule(args, params) -> int:
-    """flow.serve: a deployment with params.yaml's cron and a concurrency limit of one run."""
+def requests_schedule(params) -> tuple[dict, object]:
+    """(deployment options, concurrency limit) of every forget-request deployment: params.yaml's
+    cron, and at most one run at a time (a run that would overlap is cancelled, not queued)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
+    options = {"schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
+               "tags": ["nhle", "forget-requests"],
+               "description": "Process every pending forget request of the nhle ledger"}
+    return options, ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+def cmd_schedule(args, params) -> int:
+    """flow.serve: a deployment with params.yaml's cron and a concurrency limit of one run."""
     from nhle.pipeline import load_flow, params_as_dict
 
     project_dir = Path(args.project_dir).resolve()
     flow = load_flow(project_dir, "process_requests")
     os.chdir(project_dir)  # the deployment's entrypoint, flows/nhle_flows.py, is relative to it
-    schedule = Cron(params.requests.cron, timezone=params.requests.timezone)
     print(f"serving {flow.name}/{params.requests.deployment} on cron {params.requests.cron!r} "
           f"({params.requests.timezone}); Ctrl-C stops it")
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
-    flow.serve(name=params.requests.deployment, schedule=schedule, parameters=parameters,
-               global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-               limit=1, tags=["nhle", "forget-requests"],
-               description="Process every pending forget request of the nhle ledger")
+    options, limit = requests_schedule(params)
+    flow.serve(name=params.requests.deployment, parameters=parameters, global_limit=limit, limit=1, **options)
+    return 0
+
+
+DEPLOYED = (("train_base", "train-base", "Train, export and register a base model; promoted if its gates hold"),
+            ("forget", "forget", "Forget the given classes from the champion (NHLE + masking), with evidence"),
+            ("process_requests", None, None))
+
+
+def cmd_deploy(args, params) -> int:
+    """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
+    from prefect.flows import Flow
+
+    from nhle.pipeline import flows_file, params_as_dict
+
+    project_dir = Path(args.project_dir).resolve()
+    entry = flows_file(project_dir).relative_to(project_dir)
+    own_params = Path(args.params).resolve() == project_dir / "params.yaml"
+    # With the project's own params.yaml each run reads it afresh; another file is frozen in.
+    parameters = {"project_dir": str(project_dir), **({} if own_params else {"params": params_as_dict(params)})}
+    for function, name, description in DEPLOYED:
+        flow = Flow.from_source(source=str(project_dir), entrypoint=f"{entry}:{function}")
+        options, limit = ({"description": description, "tags": ["nhle"]}, None) if name else requests_schedule(params)
+        deployment_id = flow.deploy(name=name or params.requests.deployment, work_pool_name=args.pool,
+                                    parameters=parameters, concurrency_limit=limit, build=False, push=False,
+                                    print_next_steps=False, **options)
+        print(f"deployed {flow.name}/{name or params.requests.deployment} to work pool {args.pool!r} "
+              f"({deployment_id})")
+    print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
 
 
@@ -117,3 +151,11 @@ def add_commands(commands, add_params_flag) -> None:
     add_params_flag(schedule)
     schedule.add_argument("--project-dir", default=".", help="the nhle checkout (flows/, params.yaml's stores)")
     schedule.set_defaults(func=cmd_schedule)
+
+    deploy = commands.add_parser("deploy", help="register the flows with the Prefect server (PREFECT_API_URL) for "
+                                 "the workers of a process work pool")
+    add_params_flag(deploy)
+    deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
+    deploy.add_argument("--project-dir", default=".", help="the nhle checkout the workers run the flows in "
+                        "(flows/, params.yaml and its stores); workers must see the same path")
+    deploy.set_defaults(func=cmd_deploy)

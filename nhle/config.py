@@ -153,7 +153,9 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set."""
     artifact_location: str = "mlartifacts"
-    """Artifact folder (or URI) of the experiment, relative to the project directory."""
+    """Artifact folder of the experiment, relative to the project directory, for a local store;
+    ignored with an http(s) tracking server (its --artifacts-destination holds them). A URI
+    (s3://bucket/path, mlflow-artifacts:/...) is used as it is."""
     experiment: str = "nhle"
     """MLflow experiment name."""
 

@@ -38,8 +38,7 @@ def configure(params: Params, project_dir: str | Path = ".") -> str:
     mlflow.set_registry_uri(uri)
     name = params.tracking.experiment
     if mlflow.get_experiment_by_name(name) is None:
-        artifacts = params.tracking.artifact_location
-        location = resolve_uri(artifacts, project_dir) if "://" not in artifacts else artifacts
+        location = artifact_location(params.tracking.artifact_location, uri, project_dir)
         try:
             mlflow.create_experiment(name, artifact_location=location)
         except MlflowException:
@@ -47,6 +46,18 @@ def configure(params: Params, project_dir: str | Path = ".") -> str:
                 raise
     mlflow.set_experiment(name)
     return uri
+
+
+def artifact_location(configured: str, tracking_uri: str, project_dir: Path) -> str | None:
+    """Where a new experiment keeps its artifacts. A folder name is inside the project dir for a
+    local store; with a tracking server (http/https) it is ignored, so that the server's own
+    --artifacts-destination holds them and every client up- and downloads through the server.
+    A URI with a scheme (s3://, gs://, mlflow-artifacts:/...) is used as it is."""
+    if "://" in configured or configured.startswith("mlflow-artifacts:"):
+        return configured
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return resolve_uri(configured, project_dir)
 
 
 def flatten(payload: dict, prefix: str = "") -> dict:
