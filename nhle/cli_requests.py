@@ -104,9 +104,13 @@ DEPLOYED = (("train_base", "train-base", "Train, export and register a base mode
 def cmd_deploy(args, params) -> int:
     """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
     from prefect.flows import Flow
+    from prefect.settings import get_current_settings
 
     from nhle.pipeline import flows_file, params_as_dict
 
+    if not get_current_settings().api.url:
+        raise RuntimeError("nhle deploy registers deployments with a Prefect server: set PREFECT_API_URL "
+                           "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
     project_dir = Path(args.project_dir).resolve()
     entry = flows_file(project_dir).relative_to(project_dir)
     own_params = Path(args.params).resolve() == project_dir / "params.yaml"

@@ -116,6 +116,18 @@ def run_deployment(stack, name: str) -> dict:
     return flow_run
 
 
+def test_deploy_names_what_is_missing(stack):
+    def deploy(env, pool):
+        return subprocess.run([str(BIN / "nhle"), "deploy", "--pool", pool], env=env, cwd=stack["project"],
+                              capture_output=True, text=True, timeout=300)
+
+    no_server = deploy({k: v for k, v in stack["env"].items() if k != "PREFECT_API_URL"}, POOL)
+    assert no_server.returncode == 2 and "set PREFECT_API_URL" in no_server.stderr
+    no_pool = deploy(stack["env"], "no-such-pool")
+    assert no_pool.returncode == 2 and "no-such-pool" in no_pool.stderr, no_pool.stderr
+    assert httpx.post(f"{stack['prefect_url']}/api/deployments/filter", json={}, timeout=10).json() == []
+
+
 def test_deploy_registers_the_flows_for_the_work_pool(stack):
     out = run(["nhle", "deploy", "--pool", POOL], stack["env"], stack["project"])
     assert "deployed process-forget-requests/forget-requests" in out
