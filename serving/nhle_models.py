@@ -53,6 +53,9 @@ def choose_providers(device: str) -> list[str]:
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cuda" and not cuda:
         raise ValueError("NHLE_DEVICE=cuda but this onnxruntime build has no CUDAExecutionProvider")
+    if device == "cuda" and not gpu_present():
+        raise ValueError("NHLE_DEVICE=cuda but no GPU is visible to this process (no /dev/nvidia*, or "
+                         "CUDA_VISIBLE_DEVICES hides it); use NHLE_DEVICE=auto or cpu")
     if device == "cuda" or (device == "auto" and cuda and gpu_present()):
         if hasattr(ort, "preload_dlls"):  # the CUDA/cuDNN libraries of the nvidia-* wheels
             with contextlib.suppress(Exception):
@@ -122,6 +125,10 @@ def load_model(source, pointer: Pointer, settings: Settings) -> LoadedModel:
         digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
         # Created while the download exists: ONNX Runtime reads any external weights now.
         session = make_session(onnx_path, settings, choose_providers(settings.device))
+    if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ValueError("NHLE_DEVICE=cuda but ONNX Runtime could not start its CUDA provider (CUDA 13 or "
+                         "cuDNN 9 libraries missing? see docs/gpu.md); the session fell back to "
+                         f"{session.get_providers()}")
 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:

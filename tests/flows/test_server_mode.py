@@ -186,6 +186,9 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
             assert response.json()["model_version"] == "2"
             predicted += [p["top_k"][0]["index"] for p in response.json()["predictions"]]
         predicted = np.array(predicted)
+        # A CPU machine with onnxruntime-gpu: the CPU provider, chosen without a failed CUDA load.
+        assert httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()["providers"] == ["CPUExecutionProvider"]
+        assert "Failed to" not in server.log() and "provider_bridge" not in server.log()
         assert 5 not in predicted and len(np.unique(predicted)) == 9
     finally:
         server.stop()

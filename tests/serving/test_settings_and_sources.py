@@ -49,6 +49,10 @@ def test_cuda_is_asked_for_only_with_a_gpu(monkeypatch):
     monkeypatch.setattr(nhle_models, "gpu_present", lambda: True)
     assert nhle_server.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert nhle_server.choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert nhle_server.choose_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(nhle_models, "gpu_present", lambda: False)
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        nhle_server.choose_providers("cuda")
     monkeypatch.setattr(nhle_server.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert nhle_server.choose_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
