@@ -2,13 +2,18 @@
 processes) gives the rows of the sequential run."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from nhle.cli import main
+from nhle.serve_bench import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 FLOAT_NOISE = {"forget_silhouette"}  # sklearn's pairwise distances sum in a thread-count-dependent order
 TIMES = {"seconds", "seconds_vs_retrain"}
@@ -31,23 +36,55 @@ def same_results(a: dict, b: dict) -> bool:
     return a.keys() == b.keys()
 
 
-def test_grid_on_a_local_dask_cluster_matches_the_sequential_run(tmp_path, prefect_harness):
-    grid = ["bench", "unlearning", "--quick", "--classes", "3,5", "--multi", "none", "--methods", "nhle,neggrad"]
-    assert main([*grid, "--out", str(tmp_path / "sequential")]) == 0
+GRID = ["bench", "unlearning", "--quick", "--classes", "3,5", "--multi", "none", "--methods", "nhle,neggrad"]
 
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"dask": {"n_workers": 2, "threads_per_worker": 1}}))
-    assert main([*grid, "--engine", "dask", "--params", str(params), "--project-dir", str(REPO),
-                 "--out", str(tmp_path / "dask")]) == 0
 
-    sequential, on_dask = read_rows(tmp_path / "sequential"), read_rows(tmp_path / "dask")
-    assert [(r["seed"], r["forget_classes"], r["method"]) for r in sequential] == \
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "sequential"
+    assert main([*GRID, "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [(r["seed"], r["forget_classes"], r["method"]) for r in rows] == \
            [(0, [3], "retrain"), (0, [3], "nhle"), (0, [3], "neggrad"),
             (0, [5], "retrain"), (0, [5], "nhle"), (0, [5], "neggrad")]
+    return rows
+
+
+def run_on_dask(out, dask: dict) -> list[dict]:
+    params = out.parent / f"{out.name}-params.yaml"
+    params.write_text(yaml.safe_dump({"dask": dask}))
+    assert main([*GRID, "--engine", "dask", "--params", str(params), "--project-dir", str(REPO), "--out", str(out)]) == 0
+    assert "engine: prefect-dask" in (out / "summary.md").read_text()
+    return read_rows(out)
+
+
+def test_grid_on_a_local_dask_cluster_matches_the_sequential_run(tmp_path, prefect_harness, sequential):
+    on_dask = run_on_dask(tmp_path / "local", {"n_workers": 2, "threads_per_worker": 1})
     for a, b in zip(sequential, on_dask, strict=True):
         assert same_results(a, b), (a, b)
     assert all(r["forget_test_acc"] == 0.0 for r in on_dask if r["method"] == "nhle")
-    assert "engine: prefect-dask" in (tmp_path / "dask" / "summary.md").read_text()
+
+
+def test_grid_on_a_running_cluster_by_address_matches_the_sequential_run(tmp_path, prefect_harness, sequential):
+    """`dask scheduler` and `dask worker` as separate processes, reached by dask.address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = [open(tmp_path / f"{name}.log", "wb") for name in ("scheduler", "worker")]
+    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
+                               "--no-dashboard"], stdout=logs[1], stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        on_cluster = run_on_dask(tmp_path / "cluster", {"address": address})
+        for a, b in zip(sequential, on_cluster, strict=True):
+            assert same_results(a, b), (a, b)
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert "Starting Worker" in worker_log and scheduler.poll() is None
+    finally:
+        for process in (worker, scheduler):
+            stop_process(process)
+        for log in logs:
+            log.close()
 
 
 def test_grid_differences_are_caught(tmp_path):
