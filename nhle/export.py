@@ -92,16 +92,21 @@ def preload_cuda_libraries() -> bool:
     return True
 
 
-def session_providers(prefer_gpu: bool = True) -> list[str]:
+# The parity check's CUDA provider computes in strict fp32, the contract of the CPU provider:
+# by default it lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on Ampere and later.
+CUDA_STRICT_FP32 = ("CUDAExecutionProvider", {"use_tf32": "0"})
+
+
+def session_providers(prefer_gpu: bool = True) -> list:
     """ONNX Runtime providers to ask for, best first.
 
     onnxruntime-gpu lists CUDA as available even without a GPU, and asking for it there only
     logs a failed provider load, so CUDA is requested only when torch can see a GPU (and then
-    the CUDA libraries of torch's wheels are preloaded for it).
+    the CUDA libraries of torch's wheels are preloaded for it), in strict fp32.
     """
     if prefer_gpu and torch.cuda.is_available():
         preload_cuda_libraries()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA_STRICT_FP32, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

@@ -42,14 +42,12 @@ from nhle.bench import measured_on
 from nhle.bench_scaling import synthetic_splits
 from nhle.config import AMP_MODES, ExportConfig, TrainConfig, UnlearnConfig
 from nhle.data import ImageSet, Splits, load_dataset, sample_per_class, split_by_classes
-from nhle.export import check_parity, export_onnx, make_session, preload_cuda_libraries
+from nhle.export import CUDA_STRICT_FP32, check_parity, export_onnx, make_session, preload_cuda_libraries
 from nhle.training import evaluate, resolve_device, train_model
 from nhle.unlearning import unlearn
 
 CPU = ["CPUExecutionProvider"]
-# Strict fp32 on the GPU: the same contract as the CPU provider. ONNX Runtime's CUDA provider
-# otherwise lets cuDNN use TF32 for fp32 convolutions (10-bit mantissa) on Ampere and later.
-CUDA_FP32 = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+CUDA_FP32 = [CUDA_STRICT_FP32, "CPUExecutionProvider"]  # what the pipeline's parity check uses on a GPU
 CUDA_DEFAULT = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 # Sizes: a GPU run, and --quick (a smoke test that finishes in well under a minute on 2 CPU cores).
 FULL = {"train_size": 50000, "test_size": 2000, "epochs": 3, "batch_size": 128, "max_steps": 300, "repeats": 20}

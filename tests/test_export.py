@@ -121,8 +121,9 @@ def test_session_providers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert session_providers() == ["CPUExecutionProvider"] and calls == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert session_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert session_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    strict = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert session_providers() == strict
+    assert session_providers() == strict
     assert calls == [1]  # the CUDA libraries are preloaded once, and only when a GPU is visible
     assert session_providers(prefer_gpu=False) == ["CPUExecutionProvider"]
     preload_cuda_libraries.cache_clear()
