@@ -96,11 +96,6 @@ def cmd_schedule(args, params) -> int:
     return 0
 
 
-DEPLOYED = (("train_base", "train-base", "Train, export and register a base model; promoted if its gates hold"),
-            ("forget", "forget", "Forget the given classes from the champion (NHLE + masking), with evidence"),
-            ("process_requests", None, None))
-
-
 def cmd_deploy(args, params) -> int:
     """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
     from prefect.flows import Flow
@@ -116,14 +111,20 @@ def cmd_deploy(args, params) -> int:
     own_params = Path(args.params).resolve() == project_dir / "params.yaml"
     # With the project's own params.yaml each run reads it afresh; another file is frozen in.
     parameters = {"project_dir": str(project_dir), **({} if own_params else {"params": params_as_dict(params)})}
-    for function, name, description in DEPLOYED:
+    request_options, request_limit = requests_schedule(params)
+    deployments = [  # (flow function, deployment name, options, concurrency limit)
+        ("train_base", "train-base", {"tags": ["nhle"], "description": "Train, export and register a base model; "
+                                      "promoted if its gates hold"}, None),
+        ("forget", "forget", {"tags": ["nhle"], "description": "Forget the given classes from the champion "
+                              "(NHLE + masking), with evidence"}, None),
+        ("process_requests", params.requests.deployment, request_options, request_limit),
+    ]
+    for function, name, options, limit in deployments:
         flow = Flow.from_source(source=str(project_dir), entrypoint=f"{entry}:{function}")
-        options, limit = ({"description": description, "tags": ["nhle"]}, None) if name else requests_schedule(params)
-        deployment_id = flow.deploy(name=name or params.requests.deployment, work_pool_name=args.pool,
-                                    parameters=parameters, concurrency_limit=limit, build=False, push=False,
-                                    print_next_steps=False, **options)
-        print(f"deployed {flow.name}/{name or params.requests.deployment} to work pool {args.pool!r} "
-              f"({deployment_id})")
+        deployment_id = flow.deploy(name=name, work_pool_name=args.pool, parameters=parameters,
+                                    concurrency_limit=limit, build=False, push=False, print_next_steps=False,
+                                    **options)
+        print(f"deployed {flow.name}/{name} to work pool {args.pool!r} ({deployment_id})")
     print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
 
