@@ -69,11 +69,6 @@ def load_data(cifar_root: str | None, train_size: int, test_size: int, seed: int
     return Splits(data.name, take(data.train, train_size), take(data.test, test_size), data.class_names)
 
 
-def accuracy(model, data: ImageSet, device: torch.device) -> float:
-    """Top-1 accuracy, computed on `device` (a copy of the model goes there)."""
-    return evaluate(copy.deepcopy(model).to(device), data, device)
-
-
 def median_ms(run, repeats: int, sync=lambda: None) -> float:
     """Median wall-clock milliseconds of run() over `repeats` calls, after two warm-up calls."""
     for _ in range(2):
@@ -171,8 +166,8 @@ def run(args) -> dict:
         inference = inference_ms(result.model, onnx_path, batch, device, gpu, sizes["repeats"])
 
     failures = failures_of(parity_reports, gpu, forgotten_predictions, args.forget_class)
-    original_retain = accuracy(model, retain_test, device)
-    retain_after = accuracy(result.model, retain_test, device)
+    original, unlearned = (copy.deepcopy(m).to(device) for m in (model, result.model))  # evaluated on `device`
+    original_retain, retain_after = evaluate(original, retain_test, device), evaluate(unlearned, retain_test, device)
     return {
         "measured_on": measured_on(),
         "machine": {"device": str(device), "gpu": torch.cuda.get_device_name() if gpu else None,
@@ -190,9 +185,9 @@ def run(args) -> dict:
                          "speedup_vs_retrain": retrain_estimate / result.seconds,
                          "note": "retraining not run: estimated as the training time scaled to the retained share "
                                  "of the training set (same recipe, same machine)"},
-        "accuracy": {"original_forget_test_acc": accuracy(model, forget_test, device),
+        "accuracy": {"original_forget_test_acc": evaluate(original, forget_test, device),
                      "original_retain_test_acc": original_retain,
-                     "forget_test_acc": accuracy(result.model, forget_test, device),
+                     "forget_test_acc": evaluate(unlearned, forget_test, device),
                      "retain_test_acc": retain_after,
                      "retained_drop_pp": 100 * (original_retain - retain_after)},
         "onnx": {"forgotten_class_predictions": forgotten_predictions, "test_images": len(data.test)},
