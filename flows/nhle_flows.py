@@ -1,8 +1,9 @@
-"""Prefect flows of nhle: `train_base`, `forget` and `process_requests`. Each task is one call
-into nhle.pipeline or nhle.forget_requests.
+"""Prefect flows of nhle: `train_base`, `import_model`, `forget` and `process_requests`. Each task
+is one call into nhle.pipeline or nhle.forget_requests.
 
     python flows/nhle_flows.py forget --classes 3      # one run now (ephemeral Prefect, no server)
     python flows/nhle_flows.py train_base
+    python flows/nhle_flows.py import_model            # = `nhle import`: your model, as params.yaml's model section names it
     python flows/nhle_flows.py process_requests        # = `nhle request process`; `nhle schedule` serves it
     prefect deploy flows/nhle_flows.py:forget -n forget -p <work-pool>   # deployed by file path
 
@@ -11,6 +12,8 @@ module would clash in users' site-packages. The flows read params.yaml of `proje
 given `params` (a dict in the shape of nhle.config.Params).
 
 train_base: data version -> train -> export -> parity -> log + register -> gates -> promote
+import:     load your model (refused here if it does not fit the data) -> data version -> export -> parity
+            -> log + register -> gates -> promote
 forget:     champion -> data version -> NHLE + masking -> evaluate -> export -> parity
             -> log + register -> gates -> delete the forgotten classes' data (new DVC version) -> promote
 process_requests: claim requests in the ledger -> settle what a dead run registered -> forget
@@ -59,6 +62,11 @@ def version_data(params: Params, project_dir: Path, data):
 @step
 def train(params: Params, data):
     return pipeline.train_candidate(params, data)
+
+
+@step
+def load_import(params: Params, root: Path, data):
+    return pipeline.import_candidate(params, root, data)
 
 
 @step
@@ -127,10 +135,31 @@ def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
     def body(run_id):
         candidate = train(resolved, data)
         result = publish(resolved, root, run_id, candidate, data_version)
-        return {**result, "summary": f"base {resolved.train.model} on {data.name}", "data_version": data_version.md5,
+        return {**result, "summary": f"base {resolved.model.arch} on {data.name}", "data_version": data_version.md5,
                 "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
     return tracked(resolved, f"train-base-{resolved.data.dataset}", {"nhle.flow": "train_base"}, body)
+
+
+@flow(name="import", flow_run_name="import")
+def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Register your model (params.yaml's model section: from_mlflow, else arch + weights) as a
+    base version of the registered model, champion if its gates hold, like a trained base model."""
+    resolved, root = resolve(params, project_dir)
+    data = load_data(resolved, root)
+    candidate = load_import(resolved, root, data)  # refused before anything is versioned or logged
+    data_version = version_data(resolved, root, data)
+    source = candidate.checkpoint_meta["source"]
+    what = source.get("uri") or f"{source['arch']} ({Path(source['weights']).name if 'weights' in source else 'random'})"
+
+    def body(run_id):
+        result = publish(resolved, root, run_id, candidate, data_version, {"nhle.source": source["kind"]})
+        return {**result, "summary": f"imported {what} on {data.name}", "data_version": data_version.md5,
+                "class_names": data.class_names,
+                "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
+
+    return tracked(resolved, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
+                                                                            "nhle.source": source["kind"]}, body)
 
 
 @flow(name="forget", flow_run_name="forget-classes-{classes}")
@@ -150,7 +179,7 @@ def forget(classes: str, params: dict | None = None, project_dir: str = ".", see
                          "run the train_base flow (or `nhle run`) first")
     model, checkpoint, parent = champion
     parent_version = str(parent.version)
-    validate_forget(model, classes, checkpoint["class_names"])  # refused before anything is logged
+    validate_forget(model, classes, checkpoint["class_names"], resolved.retrain_baseline)  # before anything is logged
     data = data_of_version(resolved, root, parent, checkpoint)
     data_version = version_data(resolved, root, data)
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
@@ -252,7 +281,7 @@ def process_fresh(ledger, owner: str, params: Params, root: Path, requests) -> l
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
-    cli.add_argument("flow", choices=("train_base", "forget", "process_requests"), help="which flow")
+    cli.add_argument("flow", choices=("train_base", "import_model", "forget", "process_requests"), help="which flow")
     cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
     cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
     args = cli.parse_args()
@@ -260,5 +289,7 @@ if __name__ == "__main__":
         print(forget(classes=args.classes, project_dir=args.project_dir))
     elif args.flow == "process_requests":
         print(process_requests(project_dir=args.project_dir))
+    elif args.flow == "import_model":
+        print(import_model(project_dir=args.project_dir))
     else:
         print(train_base(project_dir=args.project_dir))

@@ -60,6 +60,7 @@ def build_audit(request: dict, model_name: str, version: str, version_tags: dict
         "metrics": metrics,
         "evidence": evidence,
         "retained_drop_pp": drop,
+        "reference": (report or {}).get("reference"),
         "seconds": (report or {}).get("seconds"),
         "parity": parity,
         "gates": gates or [],
@@ -73,6 +74,18 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def reference_text(reference: dict | None) -> str:
+    """Which reference the evidence is measured against: a retrained model, or none and why."""
+    if not reference:
+        return "not recorded"
+    if reference.get("kind") == "retrained":
+        recipe = reference.get("recipe") or {}
+        return (f"retrained from random initialisation without the forgotten classes: {reference.get('arch')}, "
+                f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, lr {recipe.get('lr')} "
+                "(the train recipe of params.yaml)")
+    return f"none, no model was retrained ({reference.get('why')}); the evidence compares with the original only"
 
 
 def audit_markdown(audit: dict) -> str:
@@ -98,7 +111,7 @@ def audit_markdown(audit: dict) -> str:
                          f"`{version.get('git_rev')}` of `{version.get('repo')}`")
         else:
             lines.append(f"- {which}: -")
-    lines += ["", "## Evidence of forgetting", ""]
+    lines += ["", "## Evidence of forgetting", "", f"Reference: {reference_text(audit.get('reference'))}.", ""]
     columns = [c for c in ("original", "unlearned", "retrained") if c in audit["metrics"]]
     if audit["evidence"]:
         lines += ["| metric | " + " | ".join(columns) + " | expected |", "|---" * (len(columns) + 2) + "|"]
@@ -121,4 +134,4 @@ def audit_markdown(audit: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_audit", "audit_markdown"]
+__all__ = ["build_audit", "audit_markdown", "reference_text"]

@@ -1,9 +1,10 @@
 """`nhle bench unlearning`: NHLE against retraining, the published baselines and its own ablations.
 
     nhle bench unlearning --seeds 0,1,2 --out bench/unlearning          # digits, small CNN, ~15 min
-    nhle bench unlearning --model resnet18 --image-size 32 --epochs 3 --seeds 0 --classes 3
+    nhle bench unlearning --model resnet18_cifar --image-size 32 --epochs 3 --seeds 0 --classes 3
+    nhle bench unlearning --model mobilenet_v3_small --image-size 32 --epochs 30   # any torchvision / timm/ name
     nhle bench unlearning --quick --out /tmp/quick                       # CI: 1 seed, 2 classes + 1 triple
-    nhle bench unlearning --dataset cifar10 --data-root ~/data --model resnet18 --device cuda   # on a GPU
+    nhle bench unlearning --dataset cifar10 --data-root ~/data --model resnet18_cifar --device cuda   # on a GPU
 
 For each seed one base model is trained. For each case (every class alone, then the `--multi`
 classes together) one model is retrained without the classes (the gold standard), and every
@@ -25,11 +26,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from nhle.config import ENCODINGS, DataConfig, TrainConfig, UnlearnConfig
+from nhle.config import ENCODINGS, DataConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.data import sample_per_class
 from nhle.experiment import load_data, retrain_without, train_base
 from nhle.metrics import evaluate_forgetting
-from nhle.training import seed_everything
+from nhle.training import seed_everything, training_spec
 from nhle.unlearning import unlearn, without_mask
 from nhle.unlearning.baselines import BASELINES, run_baseline
 
@@ -84,6 +85,7 @@ class Grid:
     multi: str = "2,5,8"
     methods: tuple[str, ...] = METHODS
     base: UnlearnConfig = UnlearnConfig()
+    arch: str = "smallcnn"
     train_config: TrainConfig = TrainConfig()
     image_size: int | None = None
     device: str = "auto"
@@ -121,7 +123,8 @@ def grid_data(data_config: DataConfig):
 def train_seed(grid: Grid, seed: int):
     """The base model every unit of `seed` starts from."""
     data_config = grid.data_config(seed)
-    return train_base(data_config, grid.train_config, data=grid_data(data_config), progress=False)[0]
+    return train_base(data_config, grid.train_config, data=grid_data(data_config), progress=False,
+                      model_config=ModelConfig(arch=grid.arch))[0]
 
 
 def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> dict:
@@ -139,7 +142,8 @@ def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> d
     if method == "original":
         metrics, seconds, steps = measure(model), 0.0, None
     elif method == "retrain":
-        retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False)
+        retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False,
+                                                       spec=training_spec(ModelConfig(arch=grid.arch), data))
         metrics, steps = measure(retrained, without_mask(retrained, snapshot)), None
     elif method in BASELINES:
         result = run_baseline(method, model, data, classes, seed, grid.device)
@@ -210,7 +214,7 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
         rows = run_grid(grid, submit, on_case)
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    header = (f"Unlearning benchmark: {grid.dataset}, {grid.train_config.model} ({grid.train_config.epochs} epochs), "
+    header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs), "
               f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
     tradeoff_plot(summary, out / "tradeoff.png")
     write_report(out, "summary", header, markdown_table(summary))

@@ -26,7 +26,7 @@ from nhle.export import export_onnx
 from nhle.models import build_model
 from nhle.serve_bench import compare_runtimes
 
-MODELS = {"smallcnn": (1, 8), "resnet18": (3, 32)}  # channels, image size
+MODELS = {"smallcnn": (1, 8), "resnet18_cifar": (3, 32)}  # channels, image size
 
 
 def flops_per_image(model, shape) -> int:

@@ -22,7 +22,10 @@ from nhle.config import ENCODINGS, Params, TrainConfig, UnlearnConfig, load_para
 
 # flag -> (params section, field); flags default to None so params.yaml supplies the value.
 FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
-               "image_size": ("data", "image_size"), "model": ("train", "model"), "epochs": ("train", "epochs"),
+               "image_size": ("data", "image_size"), "classes": ("data", "classes"), "arch": ("model", "arch"),
+               "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
+               "from_mlflow": ("model", "from_mlflow"), "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
+               "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"), "epochs": ("train", "epochs"),
                "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "device": ("train", "device"),
                "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
                "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
@@ -55,10 +58,27 @@ def add_data_flags(parser):
     parser.add_argument("--download", action="store_true", default=None,
                         help="let torchvision download the dataset into --data-root")
     parser.add_argument("--image-size", type=int, help="resize images to this square size")
+    parser.add_argument("--classes", help="a text file of class names, one per line, in the order of the model's "
+                        "outputs (default: the dataset's order)")
+
+
+def add_arch_flags(parser):
+    parser.add_argument("--arch", "--model", dest="arch", help="smallcnn, resnet18_cifar (CIFAR stem), any torchvision "
+                        "classification model (resnet18, resnet50, mobilenet_v3_small, vit_b_16, ...) or timm/NAME")
+    parser.add_argument("--head", help="module path of the final nn.Linear (e.g. classifier.3); default: found")
+    parser.add_argument("--mean", type=float_list, help="input normalisation mean, per channel: 0.485,0.456,0.406")
+    parser.add_argument("--std", type=float_list, help="input normalisation std, per channel: 0.229,0.224,0.225")
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def add_train_flags(parser):
-    parser.add_argument("--model", help="smallcnn or resnet18 (CIFAR stem)")
+    add_arch_flags(parser)
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--batch-size", type=int, help="training batch size")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (cosine decay)")
@@ -80,7 +100,7 @@ def cmd_train(args) -> int:
     from nhle.training import save_checkpoint
 
     params = resolve_params(args)
-    model, meta = train_base(params.data, params.train)
+    model, meta = train_base(params.data, params.train, model_config=params.model)
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model, **meta)
     write_json(out / "metrics.json", meta["metrics"])
@@ -156,6 +176,12 @@ def cmd_run(args) -> int:
     return main_job(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
 
 
+def cmd_import(args) -> int:
+    from nhle.pipeline import import_job
+
+    return import_job(resolve_params(args), project_dir=Path(args.project_dir))
+
+
 def cmd_rollback(args) -> int:
     from nhle.tracking import configure, rollback
 
@@ -194,10 +220,10 @@ def cmd_bench_serve(args) -> int:
 def cmd_bench_unlearning(args) -> int:
     from nhle.bench import Grid, bench_unlearning
 
-    train_config = replace(TrainConfig(), model=args.model, **({"epochs": args.epochs} if args.epochs else {}))
+    train_config = replace(TrainConfig(), **({"epochs": args.epochs} if args.epochs else {}))
     grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
                 multi=args.multi, methods=args.methods, base=config_with_overrides(UnlearnConfig(), args.set),
-                train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
+                arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
                 quick=args.quick)
     if args.engine == "sequential":
         bench_unlearning(grid, Path(args.out))
@@ -311,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--project-dir", default=".", help="folder holding flows/, the MLflow store and data")
     run.set_defaults(func=cmd_run)
 
+    imports = commands.add_parser("import", help="register your own model (torchvision / timm weights, or a PyTorch "
+                                  "model in MLflow) as a base version, after the same evaluation, export and gates")
+    add_params_flag(imports)
+    add_data_flags(imports)
+    add_arch_flags(imports)
+    imports.add_argument("--weights", help="a state_dict file (or a checkpoint dict holding one, see --weights-key); "
+                         "none: random initialisation")
+    imports.add_argument("--weights-key", help="the entry of the checkpoint dict that holds the state_dict")
+    imports.add_argument("--from-mlflow", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH of a "
+                         "model logged with mlflow.pytorch (either format), instead of --arch/--weights")
+    imports.add_argument("--mlflow-tracking-uri", help="the MLflow server or store --from-mlflow is in (default: "
+                         "nhle's own)")
+    imports.add_argument("--project-dir", default=".", help="folder holding flows/, the MLflow store and data")
+    imports.set_defaults(func=cmd_import)
+
     rollback = commands.add_parser("rollback", help="move the champion alias back to the previous version")
     add_params_flag(rollback)
     rollback.add_argument("--project-dir", default=".", help="folder the tracking URI is relative to")
@@ -334,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "seeds, plus a multi-class case")
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
     unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
-    unlearning.add_argument("--model", default="smallcnn", help="smallcnn or resnet18 (CIFAR stem)")
+    unlearning.add_argument("--model", default="smallcnn", help="the architecture: smallcnn, resnet18_cifar, any "
+                            "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME")
     unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
-    unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for resnet18 on digits")
+    unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for ResNet-18 on digits")
     unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")
     unlearning.add_argument("--multi", default="2,5,8", help="classes forgotten together as one more case, or none")

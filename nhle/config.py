@@ -38,14 +38,64 @@ class DataConfig:
     """Share of samples held out for testing, where the dataset has no split of its own."""
     image_size: int | None = None
     """Resize images to this square size (e.g. 32 for ResNet-18 on digits); None keeps them."""
+    classes: str | None = None
+    """A text file with one class name per line, in the order of the model's outputs (an
+    imported model's); the dataset's labels are renumbered to it. None: the dataset's order."""
     download: bool = False
     """Let torchvision download the dataset into root (never done unless asked)."""
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "smallcnn"
+    """The classifier: smallcnn (small grey images), resnet18_cifar (ResNet-18 with the CIFAR
+    stem), any torchvision classification model by its torchvision name (resnet18, resnet50,
+    mobilenet_v3_small, efficientnet_b0, vit_b_16, ...), or timm/NAME (pip install 'nhle[timm]').
+    `nhle train` trains it from random initialisation; `nhle import --weights` loads yours into it."""
+    weights: str = "none"
+    """`nhle import`: none (random initialisation), or a file holding a state_dict (or a
+    checkpoint dict holding one under weights_key), read with torch.load(weights_only=True)."""
+    weights_key: str = ""
+    """`nhle import`: the key of the state_dict inside a checkpoint dict (state_dict, model, ...);
+    empty when the file is the state_dict itself."""
+    from_mlflow: str = ""
+    """`nhle import`: a PyTorch model logged with mlflow.pytorch (models:/NAME/VERSION,
+    models:/NAME@ALIAS or runs:/RUN_ID/PATH), in MLflow 3's torch.export format or pickled;
+    taken instead of arch + weights."""
+    mlflow_tracking_uri: str = ""
+    """`nhle import`: the MLflow tracking server or store from_mlflow is in (it may be another
+    than nhle's); empty: nhle's own (tracking.tracking_uri)."""
+    head: str = ""
+    """Module path of the final nn.Linear (fc, classifier.3, heads.head, ...); empty: found by
+    the torchvision/timm convention, else as the last nn.Linear the forward pass calls."""
+    mean: tuple[float, ...] | None = None
+    """Input normalisation inside the model, per channel (the exported graph takes [0, 1] pixels).
+    None: the training data's statistics for a model nhle trains; for `nhle import`, ImageNet's
+    for torchvision weights, the model's pretrained config for timm, 0 for an MLflow model."""
+    std: tuple[float, ...] | None = None
+    """Per-channel std of the input normalisation; None as for mean (1 for an MLflow model)."""
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = (value,)
+            if value is not None:
+                if not isinstance(value, (tuple, list)) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or not value:
+                    raise ValueError(f"ModelConfig.{name} must be a number or a list of numbers, got {value!r}")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("ModelConfig: give mean and std together, or neither")
+        if self.weights != "none" and self.from_mlflow:
+            raise ValueError("ModelConfig: weights and from_mlflow are two sources of the model; give one")
+        for name in ("arch", "weights", "weights_key", "from_mlflow", "mlflow_tracking_uri", "head"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"ModelConfig.{name} must be a string, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    model: str = "smallcnn"
-    """smallcnn (small grey images) or resnet18 (CIFAR stem)."""
     epochs: int = 15
     """Passes over the training split; base training and retraining use the same recipe."""
     batch_size: int = 64
@@ -220,12 +270,15 @@ class DaskConfig:
 @dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     forget: str = "3"
     """Classes the main job (`nhle run`) forgets: indices or names, comma separated."""
     retrain_baseline: bool = True
-    """Retrain from scratch without the forgotten classes in each forget flow, as the reference."""
+    """Retrain from scratch without the forgotten classes in each forget flow, as the reference:
+    the model's architecture from random initialisation with the train recipe. A model imported
+    from MLflow is a traced graph with no architecture to retrain: it needs false here."""
     export: ExportConfig = field(default_factory=ExportConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -254,7 +307,7 @@ def resolve_uri(uri: str, project_dir: Path) -> str:
     return uri
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
             "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
             "versioning": VersioningConfig, "serving": ServingConfig, "requests": RequestsConfig,
             "dask": DaskConfig}
@@ -266,6 +319,10 @@ def params_from_dict(raw: dict | None, source: str = "params") -> Params:
     unknown = set(raw) - set(SECTIONS) - set(TOP_LEVEL)
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted([*SECTIONS, *TOP_LEVEL])}")
+    if isinstance(raw.get("train"), dict) and "model" in raw["train"]:
+        raise ValueError(f"{source}: train.model is now model.arch (a section of its own, which also names the "
+                         "weights of a model you import); note that resnet18 now means torchvision's ResNet-18 and "
+                         "the CIFAR-stem one is resnet18_cifar")
     values = {}
     for name, cls in SECTIONS.items():
         section = raw.get(name) or {}

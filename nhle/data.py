@@ -83,8 +83,9 @@ class Splits:
 
 
 def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.25,
-                 download: bool = False, image_size: int | None = None) -> Splits:
-    """Load a dataset by name; see the module docstring. `image_size` resizes (square)."""
+                 download: bool = False, image_size: int | None = None, classes: str | Path | None = None) -> Splits:
+    """Load a dataset by name; see the module docstring. `image_size` resizes (square);
+    `classes` (a file, one name per line) renumbers the labels to a model's output order."""
     name = name.lower()
     if name == "digits":
         splits = load_digits(seed=seed, test_fraction=test_fraction)
@@ -105,7 +106,41 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and splits.image_shape[1:] != (image_size, image_size):
         splits = resize(splits, image_size)
+    if classes is not None:
+        splits = in_class_order(splits, read_class_names(classes))
     return splits
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classes file {path} does not exist")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise ValueError(f"classes file {path} names {doubled} more than once")
+    return names
+
+
+def in_class_order(splits: Splits, names: list[str]) -> Splits:
+    """The splits with label k meaning names[k] (a model's output order). A dataset whose classes
+    are bare indices ('0', '1', ...) takes the names in order; one with names is renumbered."""
+    if len(names) != splits.num_classes:
+        raise ValueError(f"the classes file lists {len(names)} classes but the {splits.name} data has "
+                         f"{splits.num_classes}: {splits.class_names}")
+    if splits.class_names == [str(k) for k in range(splits.num_classes)] and set(names) != set(splits.class_names):
+        return Splits(splits.name, splits.train, splits.test, list(names), splits.removed_classes)
+    missing = [n for n in names if n not in splits.class_names]
+    if missing:
+        raise ValueError(f"the classes file names {missing}, which the {splits.name} data does not have "
+                         f"(its classes: {splits.class_names})")
+    new_index = torch.tensor([names.index(n) for n in splits.class_names])
+
+    def relabel(part: ImageSet) -> ImageSet:
+        return ImageSet(part.images, new_index[part.labels])
+
+    removed = sorted(names.index(splits.class_names[c]) for c in splits.removed_classes)
+    return Splits(splits.name, relabel(splits.train), relabel(splits.test), list(names), removed)
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:

@@ -14,42 +14,61 @@ from pathlib import Path
 
 import torch
 
-from nhle.config import DataConfig, TrainConfig, UnlearnConfig, to_dict
+from nhle.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig, replace_known, to_dict
 from nhle.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
 from nhle.metrics import evaluate_forgetting
-from nhle.models import MaskedClassifier
-from nhle.training import evaluate, train_model
+from nhle.models import GRAPH, MaskedClassifier, ModelSpec
+from nhle.training import evaluate, recipe_of, train_model, training_spec
 from nhle.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
 
 
 def load_data(config: DataConfig) -> Splits:
     return load_dataset(config.dataset, root=config.root, seed=config.seed, test_fraction=config.test_fraction,
-                        download=config.download, image_size=config.image_size)
+                        download=config.download, image_size=config.image_size, classes=config.classes)
 
 
 def train_base(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,
-               progress: bool = True) -> tuple[MaskedClassifier, dict]:
-    """Train the base model; returns it and the checkpoint metadata to save with it."""
+               progress: bool = True, model_config: ModelConfig = ModelConfig()) -> tuple[MaskedClassifier, dict]:
+    """Train the base model (model_config.arch from random initialisation); returns it and the
+    checkpoint metadata to save with it."""
+    if model_config.weights != "none" or model_config.from_mlflow:
+        raise ValueError("model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
+                         "(training starts from random initialisation, so it would ignore them)")
     data = data or load_data(data_config)
-    model, seconds = train_model(data, train_config, seed=data_config.seed, progress=progress)
-    meta = {"config": {"data": to_dict(data_config), "train": to_dict(train_config)},
-            "dataset": data.name, "class_names": data.class_names, "data_fingerprint": data.fingerprint(),
-            "metrics": {"train_acc": evaluate(model, data.train), "test_acc": evaluate(model, data.test),
-                        "train_seconds": seconds}}
+    model, seconds = train_model(data, train_config, seed=data_config.seed, progress=progress,
+                                 spec=training_spec(model_config, data))
+    meta = base_meta(data_config, model_config, train_config, data)
+    meta["metrics"] = {**base_metrics(model, data), "train_seconds": seconds}
     return model, meta
+
+
+def base_meta(data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig, data: Splits) -> dict:
+    """What a base model's checkpoint records besides its weights: the settings (train is the
+    recipe of its retrained reference) and the exact data."""
+    return {"config": {"data": to_dict(data_config), "model": to_dict(model_config), "train": to_dict(train_config)},
+            "dataset": data.name, "class_names": data.class_names, "data_fingerprint": data.fingerprint()}
+
+
+def base_metrics(model: MaskedClassifier, data: Splits) -> dict:
+    return {"train_acc": evaluate(model, data.train), "test_acc": evaluate(model, data.test)}
 
 
 def data_for_checkpoint(checkpoint: dict) -> Splits:
     """Reload the exact data a checkpoint was trained on, or fail saying what differs."""
-    data = load_data(DataConfig(**checkpoint["config"]["data"]))
+    data = load_data(replace_known(DataConfig(), **checkpoint["config"]["data"]))
     if data.fingerprint() != checkpoint["data_fingerprint"]:
         raise ValueError(f"the {data.name} data found now differs from the data this model was trained on "
                          f"(fingerprint {data.fingerprint()[:12]} != {checkpoint['data_fingerprint'][:12]})")
     return data
 
 
-def validate_forget(model: MaskedClassifier, spec, class_names: list[str]) -> list[int]:
-    """Parse a forget request against a model: unknown, already-forgotten, or all classes -> error."""
+def validate_forget(model: MaskedClassifier, spec, class_names: list[str], retrain_baseline: bool = False) -> list[int]:
+    """Parse a forget request against a model: unknown, already-forgotten, or all classes -> error,
+    as is asking for a retrained reference of a model that has no architecture to retrain."""
+    if retrain_baseline and model.arch == GRAPH:
+        raise ValueError("this model was imported as a traced graph (from MLflow), so it has no architecture to "
+                         "retrain as the reference: set retrain_baseline: false in params.yaml, or import it with "
+                         "--arch and --weights")
     classes = parse_classes(spec, class_names)
     already = [c for c in classes if bool(model.forget_mask[c])]
     if already:
@@ -68,12 +87,12 @@ class ForgetOutcome:
 
 
 def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
-                    masked=()):
-    """The gold standard: the same recipe from scratch without `classes` (and without the
-    already-forgotten `masked` classes, which are masked too), then masked.
-    Returns (model, snapshot of the `classes` rows as trained, seconds)."""
+                    masked=(), spec: ModelSpec | None = None):
+    """The gold standard: the same recipe (architecture `spec`, default smallcnn) from scratch
+    without `classes` (and without the already-forgotten `masked` classes, which are masked too),
+    then masked. Returns (model, snapshot of the `classes` rows as trained, seconds)."""
     model, seconds = train_model(data, train_config, seed=seed, exclude=sorted({*classes, *masked}),
-                                 progress=progress)
+                                 progress=progress, spec=spec)
     if masked:
         apply_class_weight_mask(model, masked)
     return model, apply_class_weight_mask(model, classes), seconds
@@ -86,7 +105,7 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     against the original (and, if asked, a model retrained without them). `retrained` may pass a
     (model, snapshot, seconds) computed before, to share one retrain between several methods."""
     data = data or data_for_checkpoint(checkpoint)
-    classes = validate_forget(model, spec, data.class_names)
+    classes = validate_forget(model, spec, data.class_names, retrain_baseline and retrained is None)
     earlier = torch.nonzero(model.forget_mask).flatten().tolist()
     # Classes forgotten before are neither forget nor retained classes now: the model no longer
     # serves them, so they stay out of every metric and out of the retrained reference.
@@ -101,12 +120,16 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
     metrics = {"original": measure(model, None), "unlearned": measure(result.model, attacked)}
     seconds = {"unlearn": result.seconds}
+    reference = {"kind": "none", "why": "retrain_baseline is false"}
     if retrain_baseline or retrained is not None:
-        train_config = TrainConfig(**checkpoint["config"]["train"])
-        retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier)
+        model_config, train_config = recipe_of(checkpoint)
+        reference = {"kind": "retrained", "arch": model.arch, "recipe": to_dict(train_config)}
+        reference_spec = training_spec(replace_known(model_config, arch=model.arch), data)
+        retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier,
+                                                 spec=reference_spec)
         metrics["retrained"] = measure(retrained[0], without_mask(retrained[0], retrained[1]))
         seconds["retrain"] = retrained[2]
-    report = {"dataset": data.name, "model": checkpoint["model_spec"]["arch"], "forget_classes": classes,
+    report = {"dataset": data.name, "model": model.arch, "forget_classes": classes, "reference": reference,
               "forget_class_names": [data.class_names[c] for c in classes], "seed": seed,
               "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
               "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
@@ -115,14 +138,19 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
     return ForgetOutcome(report, result, retrained[0] if retrained else None)
 
 
+def lineage(checkpoint: dict) -> dict:
+    """What every model made from `checkpoint` inherits: settings, data and where it came from."""
+    return {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint", "source")
+            if k in checkpoint}
+
+
 def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
     """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
     from nhle.training import save_checkpoint, write_json
 
     folder = Path(folder)
-    meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
     save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
-                    unlearn=outcome.report["unlearn_config"], **meta)
+                    unlearn=outcome.report["unlearn_config"], **lineage(checkpoint))
     write_json(folder / "report.json", outcome.report)
     return folder
 

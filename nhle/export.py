@@ -174,6 +174,17 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
     }
 
 
+def preprocessing(model, image_shape, class_names) -> dict:
+    """What a server needs to feed the exported graph (logged beside every ONNX model): the
+    input tensor, the normalisation the graph applies itself, the classes and the masked ones."""
+    return {"input_name": INPUT_NAME, "input_shape": [int(d) for d in image_shape],
+            "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
+            "normalisation": {"inside_graph": True, "mean": model.input_mean.flatten().tolist(),
+                              "std": model.input_std.flatten().tolist(), "grey_to_rgb": bool(model.grey_to_rgb)},
+            "arch": model.arch, "class_names": list(class_names),
+            "forgotten_classes": [int(c) for c in torch.nonzero(model.forget_mask).flatten()]}
+
+
 def assert_parity(report: dict) -> dict:
     """Return the report if it passed, else raise ParityError naming the figures."""
     if not report["passed"]:

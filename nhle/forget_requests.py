@@ -54,7 +54,7 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
     model, checkpoint, version = champion
     class_names = checkpoint["class_names"]
     try:
-        classes = validate_forget(model, spec, class_names)
+        classes = validate_forget(model, spec, class_names, params.retrain_baseline)
     except ValueError as err:
         try:
             classes = parse_classes(spec, class_names)

@@ -40,10 +40,10 @@ import torch
 
 from nhle.bench import measured_on
 from nhle.bench_scaling import synthetic_splits
-from nhle.config import AMP_MODES, ExportConfig, TrainConfig, UnlearnConfig
+from nhle.config import AMP_MODES, ExportConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.data import ImageSet, Splits, load_dataset, sample_per_class, split_by_classes
 from nhle.export import CUDA_STRICT_FP32, check_parity, export_onnx, make_session, preload_cuda_libraries
-from nhle.training import evaluate, resolve_device, train_model
+from nhle.training import evaluate, resolve_device, train_model, training_spec
 from nhle.unlearning import unlearn
 
 CPU = ["CPUExecutionProvider"]
@@ -140,9 +140,10 @@ def run(args) -> dict:
     print(f"gpu_check: {data.name}, {len(data.train)} train / {len(data.test)} test images "
           f"{'x'.join(map(str, data.image_shape))}, ResNet-18 on {device}, amp {args.amp}", flush=True)
 
-    train_config = replace(TrainConfig(), model="resnet18", epochs=sizes["epochs"], batch_size=sizes["batch_size"],
+    train_config = replace(TrainConfig(), epochs=sizes["epochs"], batch_size=sizes["batch_size"],
                            device=str(device), amp=args.amp)
-    model, train_seconds = train_model(data, train_config, seed=args.seed, progress=False)
+    spec = training_spec(ModelConfig(arch="resnet18_cifar"), data)
+    model, train_seconds = train_model(data, train_config, seed=args.seed, progress=False, spec=spec)
     train_steps = sizes["epochs"] * -(-len(data.train) // sizes["batch_size"])
 
     unlearn_config = replace(UnlearnConfig(), max_steps=sizes["max_steps"], amp=args.amp)

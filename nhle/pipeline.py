@@ -93,8 +93,12 @@ def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) ->
     from nhle.versioning import DATASETS_DIR
 
     record = project_path(project_dir, params.versioning.repo) / DATASETS_DIR / data.name / "classes.json"
-    removed = json.loads(record.read_text()).get("removed_classes", []) if record.is_file() else []
-    return drop_classes(data, removed)
+    if not record.is_file():
+        return data
+    recorded = json.loads(record.read_text())
+    # By name: a model imported with its own class order numbers the same classes differently.
+    names = [recorded["class_names"][c] for c in recorded.get("removed_classes", [])]
+    return drop_classes(data, [data.class_names.index(n) for n in names if n in data.class_names])
 
 
 def train_candidate(params: Params, data: Splits) -> Candidate:
@@ -103,10 +107,31 @@ def train_candidate(params: Params, data: Splits) -> Candidate:
     from nhle.experiment import train_base
     from nhle.unlearning import apply_class_weight_mask
 
-    model, meta = train_base(params.data, params.train, data=data)
+    model, meta = train_base(params.data, params.train, data=data, model_config=params.model)
     if data.removed_classes:
         apply_class_weight_mask(model, data.removed_classes)
     return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-train-")))
+
+
+def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candidate:
+    """The user's model (params.model: from_mlflow, else arch + weights) for `data`, evaluated
+    like a trained base model; classes deleted on record are masked. Raises ValueError naming
+    what does not fit, before anything is logged or registered."""
+    import time
+
+    from nhle.config import resolve_uri
+    from nhle.experiment import base_meta, base_metrics
+    from nhle.importing import import_model
+    from nhle.unlearning import apply_class_weight_mask
+
+    started = time.perf_counter()
+    tracking_uri = resolve_uri(params.model.mlflow_tracking_uri or params.tracking_uri(), project_dir)
+    model, source = import_model(params.model, data, tracking_uri)
+    if data.removed_classes:
+        apply_class_weight_mask(model, data.removed_classes)
+    meta = {**base_meta(params.data, params.model, params.train, data), "source": source}
+    meta["metrics"] = {**base_metrics(model, data), "import_seconds": time.perf_counter() - started}
+    return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-import-")))
 
 
 def load_champion(params: Params):
@@ -128,7 +153,9 @@ def forget_candidate(params: Params, model, checkpoint: dict, spec, parent_versi
 
     outcome = forget(model, checkpoint, spec, seed=seed, config=params.unlearn,
                      retrain_baseline=params.retrain_baseline, data=data, device=params.train.device)
-    meta = {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint")}
+    from nhle.experiment import lineage
+
+    meta = lineage(checkpoint)
     meta["unlearn"] = outcome.report["unlearn_config"]
     meta["parent_version"] = parent_version
     work_dir = Path(tempfile.mkdtemp(prefix="nhle-forget-"))
@@ -174,18 +201,16 @@ def logging_to(run_id: str):
 def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
                   data_version, extra_tags: dict | None = None) -> str:
     """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
+    from nhle.export import preprocessing as input_preprocessing
     from nhle.plots import write_evidence_plots
     from nhle.tracking import log_onnx_model, log_parity, log_report, tag_version
     from nhle.training import save_checkpoint
 
     checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
                                       data_version=asdict(data_version), **candidate.checkpoint_meta)
-    forgotten = [int(c) for c in np.nonzero(candidate.model.forget_mask.numpy())[0]]
     class_names = candidate.data.class_names
-    preprocessing = {"input_name": "images", "input_shape": list(candidate.data.image_shape),
-                     "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
-                     "normalisation": "inside the graph", "class_names": class_names,
-                     "forgotten_classes": forgotten}
+    preprocessing = input_preprocessing(candidate.model, candidate.data.image_shape, class_names)
+    forgotten = preprocessing["forgotten_classes"]
     with logging_to(run_id):
         mlflow.set_tags(data_version.as_tags())
         mlflow.log_artifact(str(checkpoint_path), "checkpoint")
@@ -313,7 +338,7 @@ def load_flow(project_dir: Path, name: str):
 
 def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     """`nhle run`: base model if no champion, one forget flow, then the registry state."""
-    from nhle.tracking import aliases_of, configure
+    from nhle.tracking import configure
 
     import time
 
@@ -338,10 +363,20 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
         flow_started = time.perf_counter()
         results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
         results[-1]["flow_seconds"] = time.perf_counter() - flow_started
+    print_results(params, results, started, uri, "run")
+    return 0 if not results or results[-1]["promoted"] else 1
+
+
+def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
+    """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
+    import time
+
+    from nhle.experiment import summary_lines
+    from nhle.tracking import aliases_of
+
+    name = params.registry.model_name
     for result in results:
         if result.get("report"):
-            from nhle.experiment import summary_lines
-
             print("\n" + "\n".join(summary_lines(result["report"])))
         print(f"\n{name} version {result['version']} ({result['summary']}): "
               f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
@@ -351,12 +386,31 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
         compute = result["compute_seconds"]
         print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
               + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
-    print(f"\nnhle run: {time.perf_counter() - started:.1f} s in all "
+    print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     print(f"\nMLflow UI:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
           f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
-    return 0 if not results or results[-1]["promoted"] else 1
+
+
+def import_job(params: Params, project_dir: Path) -> int:
+    """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
+    the registry state. Exit 0 when the imported version became champion."""
+    import time
+
+    from nhle.tracking import configure
+
+    started = time.perf_counter()
+    project_dir = project_dir.resolve()
+    uri = configure(params, project_dir)
+    flow_started = time.perf_counter()
+    result = load_flow(project_dir, "import_model")(params=params_as_dict(params), project_dir=str(project_dir))
+    result["flow_seconds"] = time.perf_counter() - flow_started
+    print_results(params, [result], started, uri, "import")
+    if result["promoted"]:
+        print(f"Forget:      .venv/bin/nhle run --forget CLASS   (or `nhle request submit`; classes: "
+              f"{', '.join(result['class_names'])})")
+    return 0 if result["promoted"] else 1
 
 
 def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:

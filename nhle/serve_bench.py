@@ -76,13 +76,11 @@ def champion_model(params, project_dir: Path):
 
 
 def export_for_serving(model, data, folder: Path) -> Path:
-    from nhle.export import export_onnx
+    from nhle.export import export_onnx, preprocessing
 
     path = export_onnx(model, folder / "model.onnx", data.image_shape)
-    forgotten = [int(k) for k in torch.nonzero(model.forget_mask).flatten()]
-    (folder / "model.preprocessing.json").write_text(json.dumps({
-        "input_name": "images", "input_shape": list(data.image_shape), "input_scale": "float32 in [0, 1]",
-        "normalisation": "inside the graph", "class_names": list(data.class_names), "forgotten_classes": forgotten}))
+    (folder / "model.preprocessing.json").write_text(json.dumps(preprocessing(model, data.image_shape,
+                                                                              data.class_names)))
     return path
 
 

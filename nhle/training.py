@@ -10,6 +10,7 @@ fingerprint) written atomically, so a crash never leaves a half-written model be
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import tempfile
@@ -21,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nhle.config import AMP_MODES, TrainConfig
+from nhle.config import AMP_MODES, ModelConfig, TrainConfig
 from nhle.data import ImageSet, Splits, as_float, split_by_classes
-from nhle.models import MaskedClassifier, build_model, channel_stats
+from nhle.models import GRAPH, MaskedClassifier, ModelSpec, build_from_spec, channel_stats
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -117,16 +118,32 @@ def evaluate(model, data: ImageSet, device=None) -> float:
     return (logits.argmax(1) == data.labels).float().mean().item()
 
 
-def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True
-                ) -> tuple[MaskedClassifier, float]:
-    """Train a fresh model on the train split less the `exclude` classes (not masked here).
+def training_spec(model: ModelConfig, data: Splits) -> ModelSpec:
+    """The spec of a fresh `model.arch` for `data`: its channels, classes and image size, and
+    the configured normalisation, else the train split's per-channel statistics."""
+    if model.mean is not None and model.std is not None:
+        mean, std = model.mean, model.std
+    else:
+        mean, std = channel_stats(data.train.images)
+    channels, height, width = data.image_shape
+    return ModelSpec(model.arch, channels, data.num_classes, tuple(mean), tuple(std),
+                     height if height == width else None, model.head)
+
+
+def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True,
+                spec: ModelSpec | None = None) -> tuple[MaskedClassifier, float]:
+    """Train a fresh model (`spec`, default: the default ModelConfig's for `data`) on the train
+    split less the `exclude` classes (not masked here).
 
     Returns the model (on the CPU, eval mode) and the wall-clock seconds of training."""
     device = resolve_device(config.device)
     seed_everything(seed)
     train = split_by_classes(data.train, exclude)[1] if exclude else data.train
-    mean, std = channel_stats(data.train.images)
-    model = build_model(config.model, data.image_shape[0], data.num_classes, mean, std).to(device)
+    spec = spec or training_spec(ModelConfig(), data)
+    if spec.arch == GRAPH:
+        raise ValueError("a model imported as a traced graph cannot be trained from scratch (its architecture is "
+                         "not known by name): import it with --arch and --weights, or set retrain_baseline: false")
+    model = build_from_spec(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(train) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
@@ -145,19 +162,20 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     return model.cpu().eval(), seconds
 
 
-def model_spec(model: MaskedClassifier) -> dict:
-    arch = {"SmallCNN": "smallcnn", "ResNet18": "resnet18"}[type(model).__name__]
-    return {"arch": arch, "in_channels": int(model.input_mean.shape[1]), "num_classes": model.num_classes,
-            "mean": model.input_mean.flatten().tolist(), "std": model.input_std.flatten().tolist()}
-
-
 def save_checkpoint(path: str | Path, model: MaskedClassifier, **meta) -> Path:
-    """Write {"state_dict", "model_spec", "forgotten_classes", **meta} atomically to path."""
+    """Write {"state_dict", "model_spec", "forgotten_classes", **meta} atomically to path; a
+    traced-graph backbone also goes in, as a torch.export archive ("backbone_program")."""
+    from nhle.graphs import is_graph, program_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                  "model_spec": model_spec(model),
+                  "model_spec": model.spec.as_dict(),
                   "forgotten_classes": torch.nonzero(model.forget_mask).flatten().tolist(), **meta}
+    if is_graph(model.backbone):
+        size = model.image_size
+        example = torch.rand(2, model.input_mean.shape[1], size, size)
+        checkpoint["backbone_program"] = program_bytes(copy.deepcopy(model.backbone).cpu(), example)
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     return path
 
@@ -197,7 +215,32 @@ def load_checkpoint(path: str | Path) -> tuple[MaskedClassifier, dict]:
         raise ValueError(f"{path} is not a readable nhle checkpoint: {err}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_spec" not in checkpoint:
         raise ValueError(f"{path} is not an nhle checkpoint (no state_dict/model_spec)")
-    spec = checkpoint["model_spec"]
-    model = build_model(spec["arch"], spec["in_channels"], spec["num_classes"], spec["mean"], spec["std"])
+    model = restore_model(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
+
+
+def restore_model(checkpoint: dict) -> MaskedClassifier:
+    """The checkpoint's architecture, before its state_dict is loaded."""
+    spec = ModelSpec.from_dict(checkpoint["model_spec"])
+    if spec.arch != GRAPH:
+        return build_from_spec(spec)
+    import torch.nn as nn
+
+    from nhle.graphs import graph_from_bytes
+
+    weight = checkpoint["state_dict"]["head.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias="head.bias" in checkpoint["state_dict"])
+    return MaskedClassifier(graph_from_bytes(checkpoint["backbone_program"]), head, spec.in_channels, spec.mean,
+                            spec.std, arch=GRAPH, image_size=spec.image_size, network_channels=len(spec.mean))
+
+
+def recipe_of(checkpoint: dict) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings a checkpoint records (for its retrained reference).
+    Checkpoints written before the model section existed kept the architecture in train.model."""
+    train = dict(checkpoint["config"]["train"])
+    legacy_arch = train.pop("model", None)
+    model = checkpoint["config"].get("model")
+    if model is None:
+        model = {"arch": ModelSpec.from_dict(checkpoint["model_spec"]).arch if legacy_arch else "smallcnn"}
+    return ModelConfig(**model), TrainConfig(**train)

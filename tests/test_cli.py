@@ -116,11 +116,11 @@ def test_bench_inference_quick_compares_runtimes_for_both_models(tmp_path):
     result = json.loads((tmp_path / "inference.json").read_text())
     matmul = result["matmul_fp32_gflops"]
     assert matmul["best"] == max(matmul["torch"], matmul["numpy"], matmul["onnxruntime"]) > 0
-    assert set(result["models"]) == {"smallcnn", "resnet18"}
-    resnet = result["models"]["resnet18"]
+    assert set(result["models"]) == {"smallcnn", "resnet18_cifar"}
+    resnet = result["models"]["resnet18_cifar"]
     assert 500 < resnet["mflops_per_image"] < 1300  # ResNet-18, CIFAR stem, 32x32: ~0.56 GMAC = ~1.1 GFLOP
     assert resnet["ort_images_per_s"] > 0 and resnet["torch_images_per_s"] > 0 and 0 < resnet["ort_share_of_matmul"]
-    assert "| resnet18 | 3x32x32 |" in (tmp_path / "inference.md").read_text()
+    assert "| resnet18_cifar | 3x32x32 |" in (tmp_path / "inference.md").read_text()
 
 
 def test_synthetic_data_has_class_structure():

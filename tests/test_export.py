@@ -165,7 +165,7 @@ def test_cpu_machine_session_logs_no_failed_cuda_provider(onnx_path):
 
 def test_resnet18_exports_and_matches(tmp_path):
     torch.manual_seed(0)
-    model = build_model("resnet18", 3, 10).eval()
+    model = build_model("resnet18_cifar", 3, 10).eval()
     model.forget_mask[7] = True
     path = export_onnx(model, tmp_path / "resnet18.onnx", (3, 32, 32))
     report = check_parity(model, path, torch.rand(2, 3, 32, 32), batch_sizes=(2,), tolerance=1e-4)

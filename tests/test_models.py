@@ -5,7 +5,7 @@ from nhle.models import build_model
 
 
 @pytest.mark.parametrize("arch,channels,size,width", [("smallcnn", 1, 8, 128), ("smallcnn", 3, 28, 128),
-                                                       ("resnet18", 3, 32, 512)])
+                                                       ("resnet18_cifar", 3, 32, 512)])
 def test_forward_shapes_and_penultimate_features(arch, channels, size, width):
     model = build_model(arch, channels, 10).eval()
     x = torch.rand(2, channels, size, size)
@@ -26,5 +26,5 @@ def test_forget_mask_is_a_buffer_that_masked_classes_never_win():
 
 
 def test_unknown_architecture_names_the_choices():
-    with pytest.raises(ValueError, match="smallcnn, resnet18"):
+    with pytest.raises(ValueError, match="smallcnn, resnet18_cifar"):
         build_model("vgg", 1, 10)

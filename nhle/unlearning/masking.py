@@ -25,7 +25,8 @@ class MaskSnapshot:
 
     classes: list[int]
     weight_rows: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
+    """None for a head without a bias (e.g. torchvision's MaxViT)."""
 
 
 @torch.no_grad()
@@ -36,10 +37,12 @@ def apply_class_weight_mask(model: MaskedClassifier, classes) -> MaskSnapshot:
     if max(classes) >= model.num_classes or min(classes) < 0:
         raise ValueError(f"classes {classes} out of range 0..{model.num_classes - 1}")
     index = torch.tensor(classes, device=model.forget_mask.device)
+    bias = model.head.bias
     snapshot = MaskSnapshot(classes, model.head.weight[index].detach().clone().cpu(),
-                            model.head.bias[index].detach().clone().cpu())
+                            None if bias is None else bias[index].detach().clone().cpu())
     model.head.weight[index] = 0.0
-    model.head.bias[index] = 0.0
+    if bias is not None:
+        bias[index] = 0.0
     model.forget_mask[index] = True
     return snapshot
 
@@ -58,5 +61,6 @@ def without_mask(model: MaskedClassifier, snapshot: MaskSnapshot | None = None, 
     attacked.forget_mask[index] = False
     if snapshot is not None:
         attacked.head.weight[index] = snapshot.weight_rows.to(attacked.head.weight)
-        attacked.head.bias[index] = snapshot.bias.to(attacked.head.bias)
+        if snapshot.bias is not None:
+            attacked.head.bias[index] = snapshot.bias.to(attacked.head.bias)
     return attacked
