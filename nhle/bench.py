@@ -214,7 +214,7 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
         rows = run_grid(grid, submit, on_case)
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs), "
+    header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs, batch {grid.train_config.batch_size}), "
               f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
     tradeoff_plot(summary, out / "tradeoff.png")
     write_report(out, "summary", header, markdown_table(summary))

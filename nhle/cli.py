@@ -220,7 +220,8 @@ def cmd_bench_serve(args) -> int:
 def cmd_bench_unlearning(args) -> int:
     from nhle.bench import Grid, bench_unlearning
 
-    train_config = replace(TrainConfig(), **({"epochs": args.epochs} if args.epochs else {}))
+    recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
+    train_config = replace(TrainConfig(), **recipe)
     grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
                 multi=args.multi, methods=args.methods, base=config_with_overrides(UnlearnConfig(), args.set),
                 arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning.add_argument("--model", default="smallcnn", help="the architecture: smallcnn, resnet18_cifar, any "
                             "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME")
     unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
+    unlearning.add_argument("--batch-size", type=int, help="training batch size of the base and retrained models")
     unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for ResNet-18 on digits")
     unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")

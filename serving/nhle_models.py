@@ -300,5 +300,6 @@ class ModelManager:
                 "tagged_onnx_sha256": tags.get("onnx_sha256"), "class_names": list(model.class_names),
                 "forgotten_classes": list(model.forgotten), "input_name": model.input_name,
                 "input_shape": list(model.input_shape), "input_scale": "float32 in [0, 1]",
+                "normalisation": model.metadata.get("normalisation"), "arch": model.metadata.get("arch"),
                 "providers": list(model.providers), "loaded_at": model.loaded_at,
                 "load_seconds": model.load_seconds}

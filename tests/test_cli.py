@@ -136,7 +136,8 @@ def test_synthetic_data_has_class_structure():
 
 
 def test_core_imports_no_tracking_orchestration_or_versioning():
-    code = ("import sys, nhle.data, nhle.models, nhle.training, nhle.unlearning, nhle.unlearning.baselines, "
+    code = ("import sys, nhle.data, nhle.models, nhle.graphs, nhle.importing, nhle.training, nhle.unlearning, "
+            "nhle.unlearning.baselines, "
             "nhle.metrics, nhle.experiment, nhle.audit, nhle.bench, nhle.bench_scaling, nhle.bench_inference, nhle.cli, "
             "nhle.gpu_check; "
             "bad = [m for m in ('mlflow', 'prefect', 'dvc') if m in sys.modules]; assert not bad, bad")

@@ -45,3 +45,16 @@ def test_relative_store_paths_resolve_inside_the_project(tmp_path):
     assert resolve_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("mlartifacts", tmp_path) == (tmp_path / "mlartifacts").as_uri()
     assert resolve_uri("s3://bucket/a", tmp_path) == "s3://bucket/a"
+
+
+def test_model_section_validates_and_old_train_model_is_explained():
+    params = params_from_dict({"model": {"arch": "resnet50", "mean": [0.5, 0.4, 0.3], "std": 0.25}})
+    assert params.model.arch == "resnet50" and params.model.mean == (0.5, 0.4, 0.3) and params.model.std == (0.25,)
+    with pytest.raises(ValueError, match="mean and std together"):
+        params_from_dict({"model": {"mean": [0.5]}})
+    with pytest.raises(ValueError, match="must be a number or a list of numbers"):
+        params_from_dict({"model": {"mean": "imagenet", "std": 1}})
+    with pytest.raises(ValueError, match="give one"):
+        params_from_dict({"model": {"weights": "a.pth", "from_mlflow": "models:/m/1"}})
+    with pytest.raises(ValueError, match="train.model is now model.arch"):
+        params_from_dict({"train": {"model": "resnet18"}})

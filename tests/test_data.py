@@ -148,3 +148,20 @@ def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
     untouched = save_splits(digits, tmp_path / "full")
     assert "removed_classes" not in (untouched / "classes.json").read_text()  # same bytes as before deletions existed
     assert drop_classes(digits, []) is digits
+
+
+def test_a_classes_file_renames_or_renumbers_to_the_models_output_order(digits, tmp_path):
+    from nhle.data import in_class_order, read_class_names
+
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(f"digit {k}" for k in range(10)) + "\n")
+    renamed = in_class_order(digits, read_class_names(names))
+    assert renamed.class_names[3] == "digit 3" and torch.equal(renamed.train.labels, digits.train.labels)
+    order = [str(k) for k in (9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
+    flipped = in_class_order(digits, order)
+    assert flipped.class_names == order and torch.equal(flipped.test.labels, 9 - digits.test.labels)
+    with pytest.raises(ValueError, match="lists 3 classes but the digits data has 10"):
+        in_class_order(digits, ["a", "b", "c"])
+    names.write_text("a\na\n")
+    with pytest.raises(ValueError, match=r"names \['a'\] more than once"):
+        read_class_names(names)

@@ -120,3 +120,36 @@ def test_gpu_batches_come_as_float_on_the_device(digits):
     (x, y), = batches(data.subset(range(10)), 64, torch.device("cuda"))
     (x_cpu, y_cpu), = batches(data.subset(range(10)), 64, torch.device("cpu"))
     assert x.is_cuda and x.dtype == torch.float32 and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+
+
+def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
+    """Old checkpoints say arch 'resnet18' for the CIFAR-stem network and keep it in train.model."""
+    from nhle.models import build_model
+    from nhle.training import recipe_of
+
+    model = build_model("resnet18_cifar", 3, 10, mean=0.5, std=0.25).eval()
+    old = {"state_dict": model.state_dict(), "forgotten_classes": [],
+           "model_spec": {"arch": "resnet18", "in_channels": 3, "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3},
+           "config": {"train": {"model": "resnet18", "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0,
+                                "device": "auto", "amp": "off"}}}
+    torch.save(old, tmp_path / "old.pt")
+    loaded, checkpoint = load_checkpoint(tmp_path / "old.pt")
+    x = torch.rand(2, 3, 32, 32)
+    assert loaded.arch == "resnet18_cifar" and torch.equal(loaded(x), model(x))
+    model_config, train_config = recipe_of(checkpoint)
+    assert model_config.arch == "resnet18_cifar" and train_config.epochs == 3
+
+
+def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
+    """torchvision's MobileNetV3 (BN momentum 0.01) would otherwise answer from near-initial
+    running statistics in eval mode after a short training."""
+    from nhle.config import ModelConfig
+    from nhle.data import resize
+    from nhle.training import evaluate, training_spec
+
+    data = resize(digits, 32)
+    spec = training_spec(ModelConfig(arch="mobilenet_v3_small"), data)
+    model, _ = train_model(data, TrainConfig(epochs=2, batch_size=32), seed=0, progress=False, spec=spec)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm.momentum == 0.01 and not model.training
+    assert evaluate(model, data.test) > 0.5

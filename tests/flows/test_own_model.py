@@ -213,6 +213,8 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(pho
         described = http.get("/model").json()
         assert described["version"] == "2" and described["class_names"] == ["blue", "green", "red", "yellow"]
         assert described["input_shape"] == [3, 32, 32] and described["forgotten_classes"] == [0]
+        assert described["arch"] == "mobilenet_v3_small" and described["normalisation"]["inside_graph"]
+        assert described["normalisation"]["mean"] == pytest.approx(list(IMAGENET_MEAN))
         for size in ((48, 40), (301, 97), (16, 16)):  # PNGs of any size, resized by the server
             instances, truth = [], []
             for name, _, picture in colour_pictures(5, size, seed=7):
