@@ -169,8 +169,9 @@ def run_grid(grid: Grid, submit=inline, on_case=None) -> list[dict]:
     num_classes = grid_data(grid.data_config(grid.seeds[0])).num_classes
     models = {seed: submit(train_seed, grid, seed) for seed in grid.seeds}
     models = {seed: future.result() for seed, future in models.items()}
-    pending = [submit(run_unit, grid, seed, case, method, models[seed])
-               for seed, case, method in grid.units(num_classes)]
+    pending = (submit(run_unit, grid, seed, case, method, models[seed]) for seed, case, method in grid.units(num_classes))
+    if submit is not inline:  # an executor runs them all at once; inline, each case is written as it ends
+        pending = list(pending)
     rows, case_results = [], []
     for future in pending:
         case_results.append(future.result())
