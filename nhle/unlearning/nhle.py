@@ -141,6 +141,12 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         scaler.update()
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
+    if not stopped_early:
+        # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
+        # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
+        log.warning("NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
+                    config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
+                    "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")
     model = model.cpu().eval()
     snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
     seconds = time.perf_counter() - start
