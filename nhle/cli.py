@@ -182,13 +182,43 @@ def cmd_import(args) -> int:
     return import_job(resolve_params(args), project_dir=Path(args.project_dir))
 
 
+def default_operator() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
 def cmd_rollback(args) -> int:
+    """Refuses a version that predicts a class deleted on record, unless the operator reopens
+    the requests that deleted it (--reopen ID --reason ...), which the ledger keeps."""
+    from nhle.forget_requests import open_ledger
     from nhle.tracking import configure, rollback
 
     params = resolve_params(args)
     configure(params, args.project_dir)
-    before, after = rollback(params.registry)
+    ledger = open_ledger(params, args.project_dir)
+    asked = sorted(set(args.reopen or []))
+    if asked and not (args.reason or "").strip():
+        raise ValueError("--reopen needs --reason: say on record why the deleted classes may come back")
+    reopened = []
+
+    def reopen(needed, before, after):
+        if set(needed) - set(asked):
+            raise ValueError(f"rolling back to version {after} needs forget request(s) {needed} reopened, but "
+                             f"--reopen names {asked or 'none'}. Nothing was moved.")
+        for request_id in asked:
+            reopened.append(ledger.reopen(request_id, args.operator, args.reason, {
+                "action": "rollback", "model_version_from": before, "model_version_to": after}))
+
+    before, after = rollback(params.registry, ledger.deleted_classes(), reopen if asked else None)
     print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
+    for event in reopened:
+        print(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}")
     return 0
 
 
@@ -356,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="move the champion alias back to the previous version")
     add_params_flag(rollback)
     rollback.add_argument("--project-dir", default=".", help="folder the tracking URI is relative to")
+    rollback.add_argument("--reopen", type=int, action="append", metavar="REQUEST_ID",
+                          help="reopen this done forget request on record, so that the version rolled back to may "
+                               "predict its classes again (repeat for several)")
+    rollback.add_argument("--reason", help="why the requests are reopened (stored in the ledger)")
+    rollback.add_argument("--operator", default=default_operator(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
     serve = commands.add_parser("serve", help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def cmd_show(args, params) -> int:
     from nhle.forget_requests import as_json, open_ledger, read_report
     from nhle.tracking import configure
 
+    ledger = open_ledger(params, args.project_dir)
     try:
-        request = open_ledger(params, args.project_dir).get(args.id)
+        request = ledger.get(args.id)
     except KeyError as err:
         raise ValueError(err.args[0]) from None
     print(as_json(request))
@@ -50,6 +52,9 @@ def cmd_show(args, params) -> int:
         configure(params, args.project_dir)
         print(f"\naudit report ({request.report_uri}):\n")
         print(read_report(request.report_uri))
+    for event in ledger.events(request.id):  # after the report: what happened to it since
+        print(f"\n{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: {event.reason} "
+              f"{json.dumps(event.detail)}")
     return 0
 
 

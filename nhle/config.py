@@ -186,6 +186,11 @@ class GateConfig:
     """Promotion needs retained test accuracy at least this (absolute floor)."""
     require_parity: bool = True
     """Promotion needs the ONNX Runtime parity check to pass."""
+    min_retained_classes: int = 2
+    """Promotion needs at least this many classes left to predict (one left is always right)."""
+    min_retain_skill: float = 0.5
+    """Promotion needs retained accuracy this far from chance to perfect: (acc - 1/k) / (1 - 1/k)
+    over the k classes left, so that few classes left cannot pass on chance alone."""
 
 
 @dataclass(frozen=True)

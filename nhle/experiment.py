@@ -134,7 +134,8 @@ def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, confi
               "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
               "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
-              "previously_forgotten": earlier}
+              "previously_forgotten": earlier,
+              "num_classes": len(data.class_names)}
     return ForgetOutcome(report, result, retrained[0] if retrained else None)
 
 

@@ -21,12 +21,14 @@ class GateResult:
     bound: float
     passed: bool
     rule: str
+    detail: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.value:.4g} {self.rule} {self.bound:.4g} -> {'pass' if self.passed else 'FAIL'}"
+        text = f"{self.name}: {self.value:.4g} {self.rule} {self.bound:.4g} -> {'pass' if self.passed else 'FAIL'}"
+        return f"{text} ({self.detail})" if self.detail else text
 
 
 def at_most(name, value, bound):
@@ -51,9 +53,23 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
         at_most("retained_drop_pp", drop_pp, config.max_retained_drop_pp),
         at_least("retain_test_acc", unlearned["retain_test_acc"], config.min_retain_test_acc),
     ]
+    if "num_classes" in report:  # reports written before these gates existed lack it
+        left = report["num_classes"] - len(report.get("previously_forgotten", [])) - len(report["forget_classes"])
+        chance = 1 / left if left > 0 else 1.0
+        skill = (unlearned["retain_test_acc"] - chance) / (1 - chance) if left > 1 else float("nan")
+        results += [at_least("retained_classes", left, config.min_retained_classes),
+                    at_least("retain_skill", skill, config.min_retain_skill)]
     if config.require_parity:
         results += parity_gates(parity)
     return results
+
+
+def deleted_classes_gate(forgotten, deleted: dict[int, list[int]]) -> GateResult:
+    """Every class deleted on record (class -> the done requests that deleted it) must be
+    forgotten by a version before it may become champion."""
+    missing = sorted(set(deleted) - {int(c) for c in forgotten})
+    detail = "; ".join(f"class {c} deleted by request {', '.join(map(str, deleted[c]))}" for c in missing)
+    return GateResult("deleted_classes_predicted", float(len(missing)), 0.0, not missing, "<=", detail)
 
 
 def parity_gates(parity: dict | None) -> list[GateResult]:

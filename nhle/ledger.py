@@ -7,7 +7,10 @@
     ledger.finish(request.id, owner, "done", model_version_after="4")
 
 Life of a request: pending -> processing -> done | failed (or pending again after an error,
-until max_attempts); a request refused at submission is stored as rejected. Every change is one
+until max_attempts); a request refused at submission is stored as rejected. A done request's
+classes are *deleted on record* (`deleted_classes()`): no model that predicts them may become or
+stay champion, until an operator reopens the request (`reopen`, done -> reopened), which is
+stored with who, why and when in the events table beside it. Every change is one
 committed transaction, and a claim is a compare-and-set on (status, claimed_by): two processing
 runs can never hold the same request, on SQLite or PostgreSQL alike. A claim is a lease that
 its run renews (LeaseKeeper); a claim whose lease ran out, or whose process is gone on this
@@ -26,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import DateTime, Integer, String, Text, TypeDecorator, create_engine, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-STATUSES = ("pending", "processing", "done", "rejected", "failed")
+STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
 
 
 def utcnow() -> datetime:
@@ -76,6 +79,34 @@ class ForgetRequestRow(Base):
     batch: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class LedgerEventRow(Base):
+    """What happened to a request after it ended (today: an operator reopened it)."""
+
+    __tablename__ = "forget_request_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(Integer, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    operator: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    detail: Mapped[str] = mapped_column(Text)              # JSON
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    id: int
+    request_id: int
+    kind: str
+    operator: str
+    reason: str
+    at: datetime
+    detail: dict
+
+    def as_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "at": self.at.isoformat()}
 
 
 @dataclass(frozen=True)
@@ -262,6 +293,45 @@ class Ledger:
                                  finished_at=utcnow() if status == "failed" else None)
 
 
+    def deleted_classes(self) -> dict[int, list[int]]:
+        """Classes deleted on record: {class: [ids of the done requests that deleted it]}."""
+        deleted: dict[int, list[int]] = {}
+        for request in self.list("done"):
+            for c in request.classes:
+                deleted.setdefault(int(c), []).append(request.id)
+        return deleted
+
+    def reopen(self, request_id: int, operator: str, reason: str, detail: dict | None = None) -> LedgerEvent:
+        """An operator takes back a done request: its classes are no longer deleted on record.
+        The status change and the event (who, why, when, detail) are one transaction."""
+        if not operator.strip() or not reason.strip():
+            raise ValueError("reopening a forget request needs an operator and a reason, both non-empty")
+        now = utcnow()
+        row = LedgerEventRow(request_id=int(request_id), kind="reopened", operator=operator.strip(),
+                             reason=reason.strip(), at=now, detail=json.dumps(detail or {}))
+        with self._session() as session, session.begin():
+            result = session.execute(update(ForgetRequestRow)
+                                     .where(ForgetRequestRow.id == int(request_id), ForgetRequestRow.status == "done")
+                                     .values(status="reopened"))
+            if result.rowcount != 1:
+                current = session.get(ForgetRequestRow, int(request_id))
+                raise ValueError(f"forget request {request_id} cannot be reopened: "
+                                 + ("it does not exist" if current is None else f"it is {current.status}, not done"))
+            session.add(row)
+        return self._event(row)
+
+    def events(self, request_id: int | None = None) -> list[LedgerEvent]:
+        query = select(LedgerEventRow).order_by(LedgerEventRow.id)
+        if request_id is not None:
+            query = query.where(LedgerEventRow.request_id == int(request_id))
+        with self._session() as session:
+            return [self._event(row) for row in session.scalars(query)]
+
+    @staticmethod
+    def _event(row: LedgerEventRow) -> LedgerEvent:
+        return LedgerEvent(row.id, row.request_id, row.kind, row.operator, row.reason, row.at, json.loads(row.detail))
+
+
 class LeaseKeeper:
     """Renews `owner`'s claims every lease_seconds / 3 in a daemon thread while the block runs."""
 
@@ -286,4 +356,4 @@ class LeaseKeeper:
         self._thread.join()
 
 
-__all__ = ["ForgetRequest", "Ledger", "LeaseKeeper", "STATUSES", "new_owner", "owner_is_gone"]
+__all__ = ["ForgetRequest", "Ledger", "LedgerEvent", "LeaseKeeper", "STATUSES", "new_owner", "owner_is_gone"]

@@ -254,14 +254,19 @@ def judge(params: Params, candidate: Candidate, parity: dict) -> list[GateResult
 
 def settle(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
            parent_version: str | None, data: Splits | None) -> dict:
-    """The end of every flow: when the gates held and the version forgot classes, first delete
+    """The end of every flow: the gates plus one on the classes deleted on record (the ledger);
+    when they held and the version forgot classes, first delete
     their samples from the dataset (a new DVC version, tagged `data_after.*` on the version),
     then promote. The alias moves last, so a failure anywhere before leaves `champion` alone."""
-    from nhle.gates import all_passed
+    from nhle.forget_requests import open_ledger
+    from nhle.gates import all_passed, deleted_classes_gate
     from nhle.tracking import tag_version
 
     name = params.registry.model_name
     forgotten = json.loads(mlflow.MlflowClient().get_model_version(name, version).tags.get("forgotten_classes", "[]"))
+    # Whatever made this version (training, an import, unlearning), it may not bring back a
+    # class that a completed forget request deleted.
+    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes())]
     data_after = None
     if data is not None and forgotten and all_passed(gates):
         data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")

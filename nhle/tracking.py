@@ -149,24 +149,42 @@ def promote_if_passed(registry: RegistryConfig, version: str, gates: list[GateRe
     return True, "every gate held"
 
 
-def rollback(registry: RegistryConfig) -> tuple[str, str]:
+def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=None) -> tuple[str, str]:
     """Move `champion` back to `previous`; `previous` moves one step further back when known.
-    Returns (from_version, to_version)."""
+    Returns (from_version, to_version).
+
+    `deleted` is the ledger's classes deleted on record (class -> done request ids). The target
+    must forget every one of them; otherwise nothing moves, unless `reopen` (a callable taking
+    the request ids to reopen and the two versions) records first that an operator takes those
+    requests back."""
     name = registry.model_name
     client = MlflowClient()
     champion = version_by_alias(name, registry.champion_alias)
     previous = version_by_alias(name, registry.previous_alias)
     if previous is None:
         raise ValueError(f"model {name!r} has no {registry.previous_alias!r} alias to roll back to")
-    client.set_registered_model_alias(name, registry.champion_alias, previous.version)
+    before, after = (str(champion.version) if champion else ""), str(previous.version)
+    forgotten = set(json.loads(previous.tags.get("forgotten_classes") or "[]"))
+    missing = sorted(set(deleted) - forgotten)
+    if missing:
+        requests = sorted({r for c in missing for r in deleted[c]})
+        if reopen is None:
+            raise ValueError(
+                f"version {previous.version} predicts class(es) {missing}, deleted on record by forget request(s) "
+                f"{requests}: rolling back would bring them back. Nothing was moved. To do it anyway, reopen "
+                f"those requests on record: nhle rollback --reopen {' --reopen '.join(map(str, requests))} "
+                "--reason '...'")
+        reopen(requests, before, after)
+        tag_version(name, after, {f"reopened.request.{r}": "true" for r in requests})
+    client.set_registered_model_alias(name, registry.champion_alias, after)
     earlier = previous.tags.get("replaced_version")
     if earlier:
         client.set_registered_model_alias(name, registry.previous_alias, earlier)
     else:
         client.delete_registered_model_alias(name, registry.previous_alias)
     if champion is not None:
-        tag_version(name, champion.version, {"rolled_back": "true"})
-    return (champion.version if champion else ""), previous.version
+        tag_version(name, before, {"rolled_back": "true"})
+    return before, after
 
 
 def download_checkpoint(version: ModelVersion, folder: str | Path | None = None) -> Path:

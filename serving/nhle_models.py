@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from nhle_settings import OPT_LEVELS, ApiError, Settings, now_iso
-from nhle_sources import Pointer, make_source
+from nhle_sources import Pointer, gates_passed, make_source
 
 log = logging.getLogger("nhle_server")
 
@@ -117,12 +117,28 @@ def _int_list(value, what: str) -> list[int]:
     return value
 
 
-def load_model(source, pointer: Pointer, settings: Settings) -> LoadedModel:
-    """Download, open and smoke-test one model; raises on anything that should block a swap."""
+def check_registration(pointer: Pointer, digest: str) -> None:
+    """A registry version is served only as registered: the file nhle exported (sha256 tag) and
+    only after every gate held (gates tag)."""
+    tagged = pointer.tags.get("onnx_sha256")
+    if not tagged:
+        raise ValueError(f"version {pointer.version} has no onnx_sha256 tag: it was not registered by nhle")
+    if tagged != digest:
+        raise ValueError(f"version {pointer.version}'s ONNX file has sha256 {digest[:16]}... but was registered "
+                         f"with {tagged[:16]}...: the file changed after registration")
+    if not gates_passed(pointer.tags):
+        raise ValueError(f"version {pointer.version} is not tagged as having passed its gates")
+
+
+def load_model(source, pointer: Pointer, settings: Settings, deleted: dict | None = None) -> LoadedModel:
+    """Download, open and smoke-test one model; raises on anything that should block a swap.
+    `deleted` is the source's classes deleted on record (read now when not given)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nhle-serve-") as tmp:
         onnx_path, metadata = source.fetch(pointer, Path(tmp))
         digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+        if source.registered:
+            check_registration(pointer, digest)
         # Created while the download exists: ONNX Runtime reads any external weights now.
         session = make_session(onnx_path, settings, choose_providers(settings.device))
     if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -177,6 +193,13 @@ def load_model(source, pointer: Pointer, settings: Settings) -> LoadedModel:
         forgotten |= masked_in_graph
     if len(forgotten) >= n_classes:
         raise ValueError("every class is forgotten: nothing left to predict")
+    deleted = source.deleted_classes() if deleted is None else deleted
+    missing = sorted(set(deleted) - forgotten)
+    if missing:
+        requests = sorted({r for c in missing for r in deleted[c]})
+        raise ValueError(f"version {pointer.version} predicts class(es) {missing}, deleted on record by forget "
+                         f"request(s) {requests}: a forgotten class is never served again (reopening the request "
+                         "on record is the only way: nhle rollback --reopen)")
     with np.errstate(all="ignore"):
         p = softmax(logits)
     if not np.isfinite(p).all():
@@ -207,6 +230,7 @@ class ModelManager:
         self.last_swap_time: str | None = None
         self.last_error: dict | None = None        # the last failed load
         self.last_check: dict | None = None        # the last alias check (time, outcome)
+        self.fallback: dict | None = None          # set while serving another version than the refused one
         self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
         self._lock = threading.Lock()              # one check/load at a time
         self._stop = threading.Event()
@@ -234,33 +258,63 @@ class ModelManager:
         try:
             source = self.source
             pointer = source.current()
-        except Exception as err:  # registry down, alias missing, file gone: keep serving
+            deleted = source.deleted_classes()
+        except Exception as err:  # registry or ledger down, alias missing, file gone: keep serving
             log.warning("model check (%s) failed: %s", reason, err)
             return {"outcome": "check_failed", "serving_version": serving, "error": f"{type(err).__name__}: {err}"}
         self.aliases = pointer.aliases
         if current is not None and current.pointer.key == pointer.key:
             return {"outcome": "unchanged", "serving_version": serving}
-        if not force and pointer.key in self._failed:
+        # A refusal holds for this version under this record: reopening a request may lift it.
+        failure_key = f"{pointer.key}|deleted={sorted(deleted)}"
+        if not force and failure_key in self._failed:
             return {"outcome": "skipped", "serving_version": serving, "candidate_version": pointer.version,
-                    "error": self._failed[pointer.key]}
+                    "error": self._failed[failure_key]}
         log.info("loading model %s (version %s, %s)", pointer.model_uri, pointer.version, reason)
         try:
-            model = load_model(source, pointer, self.settings)
+            model = load_model(source, pointer, self.settings, deleted)
         except Exception as err:  # any failure of a candidate blocks its swap, nothing more
             message = f"{type(err).__name__}: {err}"
-            self._failed[pointer.key] = message
+            self._failed[failure_key] = message
             self.last_error = {"time": now_iso(), "model_uri": pointer.model_uri, "version": pointer.version,
                                "message": message}
             log.error("model %s (version %s) not swapped in, still serving %s: %s",
                       pointer.model_uri, pointer.version, serving, message)
+            if current is None:
+                return self._fall_back(source, pointer, message)
             return {"outcome": "failed", "serving_version": serving, "candidate_version": pointer.version,
                     "error": message}
-        self._failed.pop(pointer.key, None)
+        self._failed.pop(failure_key, None)
+        self.fallback = None
         self.current = model  # the swap: one reference assignment
         self.last_swap_time = now_iso()
         log.info("serving model %s version %s (sha256 %s, %s, loaded in %.2f s; was %s)", pointer.name,
                  model.version, model.sha256[:12], ",".join(model.providers), model.load_seconds, serving)
         return {"outcome": "swapped", "serving_version": model.version, "previous_version": serving}
+
+    def _fall_back(self, source, refused: Pointer, message: str) -> dict:
+        """Nothing is served and the source's model was refused: serve the newest version that
+        passes every check (gates, sha256, the classes deleted on record) instead, and say so."""
+        try:
+            candidates = source.fallbacks(exclude=refused.version)
+            deleted = source.deleted_classes()
+        except Exception as err:  # the registry is down: stay not ready
+            log.warning("no fallback: listing versions failed: %s", err)
+            candidates = []
+        for pointer in candidates:
+            try:
+                model = load_model(source, pointer, self.settings, deleted)
+            except Exception as err:
+                log.warning("fallback version %s refused too: %s", pointer.version, err)
+                continue
+            self.current, self.last_swap_time = model, now_iso()
+            self.fallback = {"serving_version": model.version, "refused_version": refused.version,
+                             "because": message}
+            log.warning("serving fallback version %s because version %s was refused: %s", model.version,
+                        refused.version, message)
+            return {"outcome": "fallback", "serving_version": model.version, "candidate_version": refused.version,
+                    "error": message}
+        return {"outcome": "failed", "serving_version": None, "candidate_version": refused.version, "error": message}
 
     def _run(self):
         while not self._stop.is_set():
@@ -287,11 +341,18 @@ class ModelManager:
             raise ApiError(503, "not_ready", f"no model loaded yet{error}")
         return model
 
+    def refused(self) -> dict | None:
+        """The version the source points at, when it is not the one served because it was refused."""
+        check = self.last_check or {}
+        if check.get("outcome") in ("failed", "skipped", "fallback"):
+            return {"version": check.get("candidate_version"), "reason": check.get("error")}
+        return None
+
     def describe(self) -> dict:
         model = self.current
         info = {"ready": model is not None, "model_uri": getattr(self._source, "model_uri", self.settings.model),
                 "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
-                "poll_seconds": self.settings.poll_seconds}
+                "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback}
         if model is None:
             return info
         tags = model.pointer.tags

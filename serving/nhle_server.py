@@ -134,6 +134,10 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             error = manager.last_error["message"] if manager.last_error else check.get("error")
             reason = f"model not loaded yet: {error}" if error else "model not loaded yet"
             return JSONResponse({"ready": False, "reason": reason}, 503)
+        refused = manager.refused()
+        if refused:  # still ready: what is served passed every check; the alias's target did not
+            return {"ready": True, "version": model.version, "refused_version": refused["version"],
+                    "warning": f"not serving version {refused['version']}: {refused['reason']}"}
         return {"ready": True, "version": model.version}
 
     @app.get("/model")

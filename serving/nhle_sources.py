@@ -46,13 +46,40 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 class RegistrySource:
     """models:/NAME@ALIAS (followed) or models:/NAME/VERSION (pinned) in an MLflow registry."""
 
-    def __init__(self, model_uri: str, tracking_uri: str):
+    registered = True  # its versions carry onnx_sha256 and gates tags that load_model checks
+
+    def __init__(self, model_uri: str, tracking_uri: str, ledger_url: str | None = None):
         match = MODELS_URI.match(model_uri)
         if not match:
             raise ValueError(f"model URI {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
-        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self.model_uri, self.tracking_uri, self.ledger_url = model_uri, tracking_uri, ledger_url
         self.name, self.alias, self.version = match["name"], match["alias"], match["version"]
-        self._client = None
+        self._client = self._ledger = None
+
+    def deleted_classes(self) -> dict[int, list[int]]:
+        """Classes deleted on record by completed forget requests (the ledger): a version that
+        predicts one of them is never served. An unreachable ledger raises, so nothing is
+        swapped in unchecked."""
+        if not self.ledger_url:
+            return {}
+        if self._ledger is None:
+            from nhle.ledger import Ledger  # SQLAlchemy only: no torch
+
+            self._ledger = Ledger(self.ledger_url)
+        return self._ledger.deleted_classes()
+
+    def fallbacks(self, exclude: str | None, limit: int = 10) -> list[Pointer]:
+        """Versions that passed their gates, newest first (at most `limit`), for a server whose
+        champion cannot be served."""
+        client = self.client()
+        found = sorted(client.search_model_versions(f"name = '{self.name}'"), key=lambda v: -int(v.version))
+        pointers = [self._pointer(mv) for mv in found if str(mv.version) != str(exclude) and gates_passed(mv.tags)]
+        return pointers[:limit]
+
+    def _pointer(self, mv) -> Pointer:
+        return Pointer(key=f"{self.name}/{mv.version}", model_uri=f"models:/{self.name}/{mv.version}",
+                       name=self.name, version=str(mv.version), aliases=tuple(mv.aliases or ()),
+                       run_id=mv.run_id, tags=dict(mv.tags or {}))
 
     def client(self):
         if self._client is None:
@@ -71,9 +98,7 @@ class RegistrySource:
             mv = client.get_model_version_by_alias(self.name, self.alias)
         else:
             mv = client.get_model_version(self.name, self.version)
-        return Pointer(key=f"{self.name}/{mv.version}", model_uri=f"models:/{self.name}/{mv.version}",
-                       name=self.name, version=str(mv.version), aliases=tuple(mv.aliases or ()),
-                       run_id=mv.run_id, tags=dict(mv.tags or {}))
+        return self._pointer(mv)
 
     def fetch(self, pointer: Pointer, workdir: Path) -> tuple[Path, dict]:
         """Download the version into workdir; returns (model.onnx path, preprocessing metadata)."""
@@ -99,8 +124,26 @@ class RegistrySource:
         return local / flavor.get("data", "model.onnx"), metadata
 
 
+def gates_passed(tags: dict) -> bool:
+    """The version's `gates` tag (written before any alias move) lists gates that all held."""
+    try:
+        gates = json.loads(tags.get("gates") or "[]")
+    except ValueError:
+        return False
+    return bool(gates) and all(isinstance(g, dict) and g.get("passed") is True for g in gates)
+
+
 class LocalSource:
-    """A local .onnx file, with its preprocessing json beside it; re-read when either changes."""
+    """A local .onnx file, with its preprocessing json beside it; re-read when either changes.
+    No registry stands behind it: no sha256, gate or ledger check applies."""
+
+    registered = False
+
+    def deleted_classes(self) -> dict[int, list[int]]:
+        return {}
+
+    def fallbacks(self, exclude: str | None) -> list[Pointer]:
+        return []
 
     def __init__(self, path: Path):
         self.path = path.resolve()
@@ -141,7 +184,9 @@ def make_source(settings: Settings):
             params_path = settings.project_dir / params_path
         params = load_params(params_path)
         uri = uri or f"models:/{params.registry.model_name}@{params.registry.champion_alias}"
-        return RegistrySource(uri, resolve_tracking_uri(params.tracking_uri(), settings.project_dir.resolve()))
+        project_dir = settings.project_dir.resolve()
+        return RegistrySource(uri, resolve_tracking_uri(params.tracking_uri(), project_dir),
+                              resolve_tracking_uri(params.requests_database(), project_dir))
     path = Path(uri)
     if not path.is_absolute():
         path = settings.project_dir / path

@@ -31,3 +31,36 @@ def test_parity_gate_fails_on_disagreement_nan_or_no_check():
                    None):
         assert not all_passed(evaluate_gates(report(), parity, GateConfig()))
     assert all_passed(evaluate_gates(report(), None, GateConfig(require_parity=False)))
+
+
+def with_classes(num_classes, forget, earlier=(), retain_after=0.975):
+    return {**report(retain_after=retain_after, retain_before=retain_after), "num_classes": num_classes,
+            "forget_classes": list(forget), "previously_forgotten": list(earlier)}
+
+
+def test_a_model_left_with_one_class_never_passes():
+    """9 of 10 classes forgotten: the one left is always 'right', 100% retained accuracy."""
+    results = evaluate_gates(with_classes(10, [8], earlier=range(8), retain_after=1.0), GOOD_PARITY, GateConfig())
+    failed = [r.name for r in results if not r.passed]
+    assert failed == ["retained_classes", "retain_skill"]
+    assert all_passed(evaluate_gates(with_classes(10, [8], earlier=range(7)), GOOD_PARITY, GateConfig()))
+
+
+def test_retained_accuracy_is_judged_against_chance_for_the_classes_left():
+    # 2 classes left: 70% is 0.4 of the way from chance (50%) to perfect, under the 0.5 default.
+    results = evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY, GateConfig())
+    assert [r.name for r in results if not r.passed] == ["retain_skill"]
+    # The same 70% with 10 classes left... of 11 (chance 10%) is 0.67: it holds.
+    assert all_passed(evaluate_gates(with_classes(11, [0], retain_after=0.70), GOOD_PARITY, GateConfig()))
+    assert not all_passed(evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY,
+                                         GateConfig(min_retained_classes=3)))
+
+
+def test_the_deleted_classes_gate_names_each_class_and_its_requests():
+    from nhle.gates import deleted_classes_gate
+
+    assert deleted_classes_gate([3, 5], {5: [1]}).passed
+    gate = deleted_classes_gate([3], {5: [1, 4], 7: [2]})
+    assert not gate.passed and gate.value == 2
+    assert gate.describe() == ("deleted_classes_predicted: 2 <= 0 -> FAIL (class 5 deleted by request 1, 4; "
+                               "class 7 deleted by request 2)")

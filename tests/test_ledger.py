@@ -111,3 +111,30 @@ def test_owner_is_gone_only_for_dead_processes_of_this_host(dead_owner):
     assert owner_is_gone(dead_owner)
     assert not owner_is_gone(new_owner())  # this very process
     assert not owner_is_gone("some-other-host:1:x") and not owner_is_gone("garbage")
+
+
+def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why(ledger, ledger_url):
+    from nhle.ledger import Ledger, new_owner
+
+    owner = new_owner()
+    first = ledger.submit([5], ["5"], "dpo@example.com", "erasure 1")
+    second = ledger.submit([5, 7], ["5", "7"], "dpo@example.com", "erasure 2")
+    pending = ledger.submit([2], ["2"], "dpo@example.com", "erasure 3")
+    ledger.claim(owner, 60)
+    ledger.finish(first.id, owner, "done", model_version_after="3")
+    ledger.finish(second.id, owner, "done", model_version_after="3")
+    ledger.release(pending.id, owner, "boom", max_attempts=3)
+    assert ledger.deleted_classes() == {5: [first.id, second.id], 7: [second.id]}
+
+    with pytest.raises(ValueError, match="needs an operator and a reason"):
+        ledger.reopen(first.id, "ops", " ")
+    with pytest.raises(ValueError, match="it is pending, not done"):
+        ledger.reopen(pending.id, "ops", "why")
+    event = ledger.reopen(second.id, "ops@example.com", "court order", {"model_version_to": "2"})
+    with pytest.raises(ValueError, match="it is reopened, not done"):
+        ledger.reopen(second.id, "ops@example.com", "again")
+    assert ledger.deleted_classes() == {5: [first.id]}
+    again = Ledger(ledger_url)  # another connection reads the same record
+    assert again.get(second.id).status == "reopened"
+    assert [e.as_dict() for e in again.events(second.id)] == [event.as_dict()]
+    assert event.kind == "reopened" and event.detail == {"model_version_to": "2"} and event.at.tzinfo is not None

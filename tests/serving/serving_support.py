@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -77,9 +78,13 @@ class Registry:
 
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
-    def register(self, onnx_model, metadata: dict, champion: bool = True, corrupt: bool = False) -> str:
-        """Log `onnx_model` (a path or ModelProto) as a new version, tag it, and (by default)
-        point `champion` at it. `corrupt` overwrites the stored model.onnx with garbage bytes."""
+    def register(self, onnx_model, metadata: dict, champion: bool = True, corrupt: bool = False,
+                 gates_passed: bool = True, tamper_with: Path | None = None) -> str:
+        """Log `onnx_model` (a path or ModelProto) as a new version, tag it as nhle does (forgotten
+        classes, the stored file's sha256, its gates) and (by default) point `champion` at it.
+        `corrupt` overwrites the stored model.onnx with garbage bytes (the sha256 tag is theirs:
+        an export that went wrong, not a file changed afterwards). `tamper_with` replaces the
+        stored file by another one after it was registered and tagged."""
         import mlflow
         import mlflow.onnx
         import onnx
@@ -95,7 +100,14 @@ class Registry:
         if corrupt:
             Path(location.removeprefix("file://"), "model.onnx").write_bytes(b"this is not an onnx model")
         client = self.client()
-        client.set_model_version_tag(NAME, version, "forgotten_classes", json.dumps(metadata["forgotten_classes"]))
+        stored = Path(location.removeprefix("file://"), "model.onnx")
+        gates = [{"name": "test_acc", "value": 1.0, "bound": 0.9, "passed": gates_passed, "rule": ">="}]
+        for key, value in {"forgotten_classes": json.dumps(metadata["forgotten_classes"]),
+                           "onnx_sha256": hashlib.sha256(stored.read_bytes()).hexdigest(),
+                           "gates": json.dumps(gates)}.items():
+            client.set_model_version_tag(NAME, version, key, value)
+        if tamper_with is not None:
+            stored.write_bytes(Path(tamper_with).read_bytes())
         if champion:
             client.set_registered_model_alias(NAME, "champion", version)
         return version

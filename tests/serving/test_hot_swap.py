@@ -38,13 +38,35 @@ def test_admin_reload_needs_the_token(live):
     assert r.json()["outcome"] == "unchanged" and r.json()["serving_version"] == "1"
 
 
-def test_broken_versions_are_not_swapped_in(live, onnx_files, digits):
+@pytest.fixture(scope="module")
+def swapped_rows(models, digits, tmp_path_factory):
+    """The class-3-masked model with the head rows of classes 0 and 1 swapped (mask intact): it
+    answers 1 for every 0. Exported to ONNX, a file that passes every smoke test."""
+    import copy
+
+    import torch
+
+    from nhle.export import export_onnx
+
+    model = copy.deepcopy(models[(3,)])
+    with torch.no_grad():
+        model.head.weight[[0, 1]] = model.head.weight[[1, 0]].clone()
+        model.head.bias[[0, 1]] = model.head.bias[[1, 0]].clone()
+    return export_onnx(model, tmp_path_factory.mktemp("swapped") / "model.onnx", digits.image_shape)
+
+
+def test_broken_versions_are_not_swapped_in(live, onnx_files, digits, swapped_rows):
     registry, server = live
     before = server.http.get("/model").json()
     garbage = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), corrupt=True)
     # A real graph whose metadata declares class 5 forgotten: the graph does not mask it.
     unmasked = registry.register(onnx_files[(3,)], preprocessing(digits, [3, 5]))
-    for version, words in ((garbage, "INVALID_PROTOBUF"), (unmasked, "forgotten classes get non-zero probability")):
+    # The registered file replaced afterwards by a valid graph that answers 1 for every 0.
+    tampered = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), tamper_with=swapped_rows)
+    ungated = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), gates_passed=False)
+    for version, words in ((garbage, "INVALID_PROTOBUF"), (unmasked, "forgotten classes get non-zero probability"),
+                           (tampered, "the file changed after registration"),
+                           (ungated, "is not tagged as having passed its gates")):
         registry.client().set_registered_model_alias("nhle-classifier", "champion", version)
         r = server.http.post("/admin/reload", headers=AUTH)  # forced: retried even if the poller failed it
         assert r.status_code == 200, r.text

@@ -1,0 +1,137 @@
+"""A class deleted under a completed forget request stays deleted: `nhle rollback`, a hand move
+of the champion alias and a new base model cannot bring it back, and the running server refuses
+a champion that predicts it, until an operator reopens the request on record. Real parts: the
+Prefect harness, MLflow on SQLite, the ledger file, DVC, `nhle serve` as a process over HTTP."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nhle.cli import main
+
+NAME = "nhle-classifier"
+PARAMS = {"train": {"epochs": 6}, "retrain_baseline": False, "forget": "3", "serving": {"poll_seconds": 0.5}}
+
+
+def cli(root: Path, *args: str) -> int:
+    return main([*args, "--params", str(root / "params.yaml"), "--project-dir", str(root)])
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def champion_version() -> str:
+    return str(client().get_model_version_by_alias(NAME, "champion").version)
+
+
+def wait_for(http, condition, what: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described = http.get("/model").json()
+        if condition(described):
+            return described
+        time.sleep(0.3)
+    pytest.fail(f"server never showed {what}: {described}")
+
+
+def predictions(http, images) -> np.ndarray:
+    response = http.post("/predict", json={"instances": images.tolist(), "top_k": 9})
+    assert response.status_code == 200, response.text
+    return [[row["index"] for row in p["top_k"]] for p in response.json()["predictions"]]
+
+
+@pytest.fixture(scope="module")
+def project(new_project):
+    """Version 1 (base), 2 (forgot 3, `nhle run`), 3 (forgot 3 and 5 under request 1, done)."""
+    root = new_project("stays-forgotten", PARAMS)
+    assert cli(root, "request", "submit", "--classes", "5", "--requester", "dpo@example.com",
+               "--reason", "erasure request 1142") == 0
+    assert cli(root, "request", "process") == 0
+    assert champion_version() == "3"
+    return root
+
+
+def test_rollback_and_a_hand_moved_alias_never_serve_a_deleted_class(project, serve, digits, capsys):
+    images = digits.test.float_images()[(digits.test.labels == 5).numpy()][:40].numpy()
+    with serve(project) as http:
+        wait_for(http, lambda d: d.get("version") == "3", "version 3")
+        capsys.readouterr()
+        assert cli(project, "rollback") == 2  # version 2 predicts 5, deleted under request 1
+        err = capsys.readouterr().err
+        assert "predicts class(es) [5], deleted on record by forget request(s) [1]" in err and "--reopen 1" in err
+        assert champion_version() == "3"
+
+        client().set_registered_model_alias(NAME, "champion", "2")  # by hand, as another tool would
+        described = wait_for(http, lambda d: (d.get("refused") or {}).get("version") == "2", "version 2 refused")
+        assert described["version"] == "3" and "deleted on record by forget request(s) [1]" in described["refused"]["reason"]
+        ready = http.get("/readyz").json()
+        assert ready["version"] == "3" and ready["refused_version"] == "2" and "predicts class(es) [5]" in ready["warning"]
+        assert not any(5 in top for top in predictions(http, images))
+        client().set_registered_model_alias(NAME, "champion", "3")
+
+
+def test_an_imported_model_has_the_deleted_classes_masked_and_gated(project, tmp_path, capsys):
+    """`nhle import` of a user's small CNN trained on everything: the classes deleted from the
+    versioned data are masked before it is judged, and the gate on deleted classes holds."""
+    import torch
+
+    from nhle.models import build_network
+
+    torch.manual_seed(0)
+    torch.save(build_network("smallcnn", 1, 10).state_dict(), tmp_path / "theirs.pt")
+    assert cli(project, "import", "--arch", "smallcnn", "--weights", str(tmp_path / "theirs.pt")) == 0
+    assert "deleted_classes_predicted: 0 <= 0 -> pass" in capsys.readouterr().out
+    version = client().get_model_version(NAME, "4")
+    assert json.loads(version.tags["forgotten_classes"]) == [3, 5] and champion_version() == "4"
+
+
+def test_a_server_started_on_an_unusable_champion_serves_the_newest_good_version(project, serve):
+    """Champion pointed by hand at version 1 (predicts 5): a server started now falls back to
+    version 4, the newest that passed its gates and forgets every deleted class, and says so."""
+    before = champion_version()
+    client().set_registered_model_alias(NAME, "champion", "1")
+    try:
+        with serve(project) as http:
+            described = http.get("/model").json()
+            assert described["version"] == "4" and described["fallback"]["refused_version"] == "1"
+            assert "predicts class(es) [5]" in described["fallback"]["because"]
+            assert described["refused"]["version"] == "1"
+    finally:
+        client().set_registered_model_alias(NAME, "champion", before)
+
+
+def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded(project, serve, capsys):
+    from nhle.ledger import Ledger
+
+    with serve(project) as http:
+        wait_for(http, lambda d: d.get("version") == "4", "version 4")
+        assert cli(project, "rollback") == 0  # 4 -> 3: version 3 forgets 5 too
+        assert champion_version() == "3"
+        assert cli(project, "rollback") == 2  # 3 -> 2 would bring 5 back
+        assert "--reopen 1" in capsys.readouterr().err and champion_version() == "3"
+        assert cli(project, "rollback", "--reopen", "1") == 2  # a reopen needs a reason on record
+        assert "--reopen needs --reason" in capsys.readouterr().err and champion_version() == "3"
+        assert cli(project, "rollback", "--reopen", "1", "--reason", "erasure withdrawn by the data subject",
+                   "--operator", "ops@example.com") == 0
+        out = capsys.readouterr().out
+        assert "moved from version 3 to 2" in out and "forget request 1 reopened by ops@example.com" in out
+        assert champion_version() == "2"
+        wait_for(http, lambda d: d.get("version") == "2" and not d.get("refused"), "version 2 served")
+
+    ledger = Ledger(f"sqlite:///{project / 'requests.db'}")
+    assert ledger.get(1).status == "reopened" and ledger.deleted_classes() == {}
+    [event] = ledger.events(1)
+    assert (event.kind, event.operator, event.reason) == ("reopened", "ops@example.com",
+                                                          "erasure withdrawn by the data subject")
+    assert event.detail == {"action": "rollback", "model_version_from": "3", "model_version_to": "2"}
+    assert client().get_model_version(NAME, "2").tags["reopened.request.1"] == "true"
+    assert cli(project, "request", "show", "1", "--no-report") == 0
+    shown = capsys.readouterr().out
+    assert '"status": "reopened"' in shown and "REOPENED" in shown and "ops@example.com" in shown
+    assert cli(project, "request", "list") == 0
+    assert "reopened" in capsys.readouterr().out
