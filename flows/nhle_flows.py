@@ -109,8 +109,11 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
     forgot = candidate.report is not None
     result = settle(params, root, run_id, version, gates, candidate.parent_version, candidate.data if forgot else None)
     pipeline.discard_work_dir(candidate)
-    get_run_logger().info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted",
-                          result["reason"])
+    logger = get_run_logger()
+    logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
+    for told in result["notified"]:
+        logger.info("server %s told: %s, serving version %s %.2f s after the alias moved%s", told["url"],
+                    told["outcome"], told.get("serving_version"), told["seconds"], f" ({told['error']})" if "error" in told else "")
     return result
 
 

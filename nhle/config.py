@@ -238,6 +238,10 @@ class ServingConfig:
     """ONNX Runtime graph optimisation: disable, basic, extended or all."""
     device: str = "auto"
     """auto (CUDA provider when a GPU is visible), cpu or cuda."""
+    notify: tuple[str, ...] = ()
+    """Base URLs of running nhle servers (http://host:8000) that a flow tells to reload right after
+    it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),
+    so they stop answering with the old version before their next poll."""
 
 
 @dataclass(frozen=True)

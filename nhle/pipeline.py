@@ -312,10 +312,44 @@ def promote(params: Params, run_id: str, version: str, gates: list[GateResult], 
         log_gates(gates)
     tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
     promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
+    notified = notify_servers(params.serving.notify, str(version)) if promoted else []
     with logging_to(run_id):
         mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
+        if notified:
+            mlflow.log_dict(notified, "notified_servers.json")
     return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
-            "gates": [g.as_dict() for g in gates]}
+            "gates": [g.as_dict() for g in gates], "notified": notified}
+
+
+def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
+    """Tell each running server that the champion moved (POST /admin/reload); returns, per
+    server, its outcome and the seconds from the alias move to it serving `version`. A server
+    that cannot be told is reported, never an error: it still finds the version at its poll."""
+    import os
+    import time
+
+    import httpx
+
+    token = os.environ.get("NHLE_ADMIN_TOKEN")
+    results = []
+    for url in urls:
+        started = time.perf_counter()
+        entry = {"url": url}
+        try:
+            if not token:
+                raise RuntimeError("NHLE_ADMIN_TOKEN is not set in the flow's environment")
+            response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers={"Authorization": f"Bearer {token}"},
+                                  timeout=timeout)
+            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
+            entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
+                         serving_new_version=str(body.get("serving_version")) == version)
+        except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
+            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}", serving_new_version=False)
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        results.append(entry)
+    return results
 
 
 def discard_work_dir(candidate: Candidate) -> None:
@@ -388,6 +422,9 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
         for gate in result["gates"]:
             print(f"  {GateResult(**gate).describe()}")
         print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
+        for told in result.get("notified", []):
+            print(f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
+                  f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else ""))
         compute = result["compute_seconds"]
         print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
               + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")

@@ -135,3 +135,31 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
     assert '"status": "reopened"' in shown and "REOPENED" in shown and "ops@example.com" in shown
     assert cli(project, "request", "list") == 0
     assert "reopened" in capsys.readouterr().out
+
+
+def test_a_promotion_tells_the_running_servers_at_once(project, serve, capsys, monkeypatch):
+    """A server that polls only every 10 minutes answers with the new version as soon as
+    `nhle request process` returns: the flow called its /admin/reload right after the alias move."""
+    import yaml
+
+    token = "notify-test-token"
+    with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
+        before = http.get("/model").json()["version"]
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["serving"]["notify"] = [str(http.base_url).rstrip("/"), "http://127.0.0.1:9"]  # the second is down
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
+        assert cli(project, "request", "submit", "--classes", "7", "--requester", "dpo@example.com",
+                   "--reason", "erasure request 1143") == 0
+        assert cli(project, "request", "process") == 0
+        new = champion_version()
+        assert new != before and http.get("/model").json()["version"] == new  # no poll happened in between
+        digits_7 = http.post("/predict", json={"instances": [[[0.0] * 8] * 8], "top_k": 9}).json()
+        assert all(row["index"] != 7 for row in digits_7["predictions"][0]["top_k"])
+    import mlflow
+
+    run_id = client().get_model_version(NAME, new).run_id
+    [told, down] = mlflow.artifacts.load_dict(f"runs:/{run_id}/notified_servers.json")
+    assert told["outcome"] == "swapped" and told["serving_version"] == new and told["serving_new_version"]
+    assert 0 < told["seconds"] < 60
+    assert down["outcome"] == "not_told" and "ConnectError" in down["error"]
