@@ -9,7 +9,10 @@ report.json, parity.json and gates.json); nhle.forget_requests fetches those and
 """
 from __future__ import annotations
 
+import html
 import json
+import re
+import unicodedata
 from datetime import datetime, timezone
 
 EVIDENCE = (
@@ -76,6 +79,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def terminal_text(value) -> str:
+    """Text a requester typed, safe to print: control characters (ANSI escapes, newlines)
+    shown as escapes instead of acting on the terminal or breaking a one-line listing."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] == "C" else ch for ch in str(value))
+
+
+def markdown_text(value) -> str:
+    """Text a requester typed, safe inside a Markdown table cell: one line, HTML and Markdown
+    syntax shown literally (so it cannot add headings, rows, links or script)."""
+    text = html.escape(terminal_text(value), quote=False)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def reference_text(reference: dict | None) -> str:
     """Which reference the evidence is measured against: a retrained model, or none and why."""
     if not reference:
@@ -96,7 +115,7 @@ def audit_markdown(audit: dict) -> str:
              "## Request", "",
              "| field | value |", "|---|---|"]
     for key in ("id", "class_names", "classes", "requester", "reason", "submitted_at", "started_at", "attempts"):
-        lines.append(f"| {key} | {_fmt(request.get(key))} |")
+        lines.append(f"| {key} | {markdown_text(_fmt(request.get(key)))} |")
     lines += ["", "## Model", "",
               f"- registered model `{model['name']}`: version {model['version_before'] or '-'} -> "
               f"**version {model['version_after']}** ({'now champion' if outcome['promoted'] else 'not promoted'})",
@@ -134,4 +153,4 @@ def audit_markdown(audit: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_audit", "audit_markdown", "reference_text"]
+__all__ = ["build_audit", "audit_markdown", "markdown_text", "reference_text", "terminal_text"]

@@ -196,6 +196,7 @@ def default_operator() -> str:
 def cmd_rollback(args) -> int:
     """Refuses a version that predicts a class deleted on record, unless the operator reopens
     the requests that deleted it (--reopen ID --reason ...), which the ledger keeps."""
+    from nhle.audit import terminal_text
     from nhle.forget_requests import open_ledger
     from nhle.tracking import configure, rollback
 
@@ -218,7 +219,7 @@ def cmd_rollback(args) -> int:
     before, after = rollback(params.registry, ledger.deleted_classes(), reopen if asked else None)
     print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
     for event in reopened:
-        print(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}")
+        print(terminal_text(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}"))
     return 0
 
 

@@ -39,6 +39,7 @@ def cmd_list(args, params) -> int:
 
 
 def cmd_show(args, params) -> int:
+    from nhle.audit import terminal_text
     from nhle.forget_requests import as_json, open_ledger, read_report
     from nhle.tracking import configure
 
@@ -53,8 +54,8 @@ def cmd_show(args, params) -> int:
         print(f"\naudit report ({request.report_uri}):\n")
         print(read_report(request.report_uri))
     for event in ledger.events(request.id):  # after the report: what happened to it since
-        print(f"\n{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: {event.reason} "
-              f"{json.dumps(event.detail)}")
+        print("\n" + terminal_text(f"{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: "
+                                   f"{event.reason} {json.dumps(event.detail)}"))
     return 0
 
 

@@ -140,10 +140,12 @@ def read_report(uri: str) -> str:
 
 def describe(request: ForgetRequest) -> str:
     """One line per request for `nhle request list`."""
+    from nhle.audit import terminal_text
+
     after = f" -> v{request.model_version_after}" if request.model_version_after else ""
-    return (f"{request.id:>5}  {request.status:<10}  classes {request.class_names}  v{request.model_version_before or '-'}"
-            f"{after}  {request.requester}  {request.submitted_at:%Y-%m-%d %H:%M:%S}Z"
-            + (f"  error: {request.error}" if request.error else ""))
+    return terminal_text(f"{request.id:>5}  {request.status:<10}  classes {request.class_names}  "
+                         f"v{request.model_version_before or '-'}{after}  {request.requester}  "
+                         f"{request.submitted_at:%Y-%m-%d %H:%M:%S}Z" + (f"  error: {request.error}" if request.error else ""))
 
 
 def as_json(request: ForgetRequest) -> str:

@@ -32,6 +32,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
 
 
+MAX_REQUESTER = 200   # the column's size: SQLite would store more, PostgreSQL would refuse it
+MAX_REASON = 2000
+
+
+def check_length(field: str, value: str, limit: int) -> None:
+    if len(value.strip()) > limit:
+        raise ValueError(f"the {field} is {len(value.strip())} characters long; at most {limit} are kept on record")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -194,6 +203,8 @@ class Ledger:
             raise ValueError(f"a new request is pending or rejected, not {status!r}")
         if not requester.strip() or not reason.strip():
             raise ValueError("a forget request needs a requester and a reason")
+        check_length("requester", requester, MAX_REQUESTER)
+        check_length("reason", reason, MAX_REASON)
         now = utcnow()
         row = ForgetRequestRow(classes=json.dumps([int(c) for c in classes]), class_names=json.dumps(class_names),
                                requester=requester.strip(), reason=reason.strip(), status=status,
@@ -306,6 +317,8 @@ class Ledger:
         The status change and the event (who, why, when, detail) are one transaction."""
         if not operator.strip() or not reason.strip():
             raise ValueError("reopening a forget request needs an operator and a reason, both non-empty")
+        check_length("operator", operator, MAX_REQUESTER)
+        check_length("reason", reason, MAX_REASON)
         now = utcnow()
         row = LedgerEventRow(request_id=int(request_id), kind="reopened", operator=operator.strip(),
                              reason=reason.strip(), at=now, detail=json.dumps(detail or {}))

@@ -42,3 +42,25 @@ def test_done_request_without_a_report_still_renders():
     assert audit["outcome"]["status"] == "done" and audit["data"]["after"]["md5"] == "bb.dir"
     text = audit_markdown(audit)
     assert "**Outcome: done** - every gate held (already forgotten)" in text and "No unlearning report" in text
+
+
+def test_what_a_requester_typed_cannot_forge_the_report_or_the_terminal():
+    reason = ("ok\n\n## Outcome: done - every gate held\n| forged | row |\n<script>alert(1)</script> "
+              "[click](http://evil.example) \x1b[2J\x1b[31mred")
+    audit = build_audit({**REQUEST, "reason": reason, "requester": "a|b\r\nc"}, "nhle-classifier", "3", TAGS, "run1",
+                        REPORT, {"passed": True}, GATES)
+    text = audit_markdown(audit)
+    assert audit["request"]["reason"] == reason  # stored verbatim, escaped only on output
+    lines = text.splitlines()
+    assert not any(line.startswith("## Outcome") for line in lines)
+    assert [line for line in lines if line.startswith("| forged")] == []
+    assert "<script>" not in text and "](http" not in text and "\x1b" not in text and "\r" not in text
+    [reason_row] = [line for line in lines if line.startswith("| reason |")]
+    assert reason_row.count("|") - reason_row.count("\\|") == 3  # one cell: every | inside is escaped
+    assert "&lt;script&gt;" in reason_row and "\\x1b" in reason_row
+
+
+def test_request_lines_for_the_terminal_show_control_characters_as_escapes():
+    from nhle.audit import terminal_text
+
+    assert terminal_text("dpo\n\x1b[31m@x\u202e") == "dpo\\n\\x1b[31m@x\\u202e"

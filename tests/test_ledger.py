@@ -138,3 +138,13 @@ def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why
     assert again.get(second.id).status == "reopened"
     assert [e.as_dict() for e in again.events(second.id)] == [event.as_dict()]
     assert event.kind == "reopened" and event.detail == {"model_version_to": "2"} and event.at.tzinfo is not None
+
+
+def test_requester_and_reason_are_bounded_to_what_the_record_keeps(ledger):
+    with pytest.raises(ValueError, match="the requester is 5000 characters long; at most 200"):
+        ledger.submit([5], ["5"], "x" * 5000, "erasure")
+    with pytest.raises(ValueError, match="the reason is 2001 characters long; at most 2000"):
+        ledger.submit([5], ["5"], "dpo@example.com", "y" * 2001)
+    assert ledger.list() == []
+    kept = ledger.submit([5], ["5"], "d" * 200, "line one\nline two")
+    assert ledger.get(kept.id).reason == "line one\nline two"  # verbatim
