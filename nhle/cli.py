@@ -48,7 +48,8 @@ def resolve_params(args) -> Params:
 
 
 def add_params_flag(parser):
-    parser.add_argument("--params", default="params.yaml", help="params.yaml to read (defaults when missing)")
+    parser.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
+                        "when there is none; a file named here must exist)")
 
 
 def add_data_flags(parser):
@@ -471,6 +472,11 @@ def main(argv=None) -> int:
     logging.getLogger("nhle").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "params"):
+            if args.params is not None and not Path(args.params).is_file():
+                raise FileNotFoundError(f"--params {args.params}: no such file (leave --params out to use "
+                                        "params.yaml, or the built-in defaults when there is none)")
+            args.params = args.params or "params.yaml"
         if args.command in ("request", "schedule", "deploy"):
             return args.func(args, resolve_params(args))
         return args.func(args)

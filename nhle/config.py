@@ -153,14 +153,75 @@ def to_dict(config) -> dict:
     return asdict(config)
 
 
+# Lower bounds of the numeric fields that have one, by name (a name means the same in every section).
+AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
+            "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
+            "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0}
+ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "parity_tolerance": 0.0}
+
+
+def checked_value(owner: str, name: str, kind, value):
+    """`value` as the field's type (an int is a fine float, and so is a string such as "1e9",
+    which YAML 1.1 reads as text), or a ValueError naming the key and the value."""
+    import math
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(kind)
+    where = f"{owner}.{name}"
+    if typing.get_origin(kind) is tuple:
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        return tuple(checked_value(owner, f"{name}[{i}]", args[0], v) for i, v in enumerate(items))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be a whole number, got {value!r}")
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on (no/yes) as a boolean
+            value = "on" if value else "off"
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    else:
+        return value
+    if name in AT_LEAST and value < AT_LEAST[name]:
+        raise ValueError(f"{where} must be at least {AT_LEAST[name]}, got {value!r}")
+    if name in ABOVE and not value > ABOVE[name]:
+        raise ValueError(f"{where} must be above {ABOVE[name]}, got {value!r}")
+    return value
+
+
 def replace_known(config, **overrides):
-    """A copy of a frozen config with the given fields changed; unknown names are an error."""
+    """A copy of a frozen config with the given fields changed, each checked against its type
+    and bounds; unknown names are an error."""
+    import typing
+
+    cls = type(config)
     names = {f.name for f in fields(config)}
     unknown = set(overrides) - names
     if unknown:
-        raise ValueError(f"unknown {type(config).__name__} fields: {sorted(unknown)}; known: {sorted(names)}")
-    values = {**asdict(config), **{k: v for k, v in overrides.items()}}
-    return type(config)(**values)
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    owner = next((section for section, kind in SECTIONS.items() if kind is cls), cls.__name__)
+    values = {**asdict(config), **{k: checked_value(owner, k, hints[k], v) for k, v in overrides.items()}}
+    return cls(**values)
 
 
 @dataclass(frozen=True)

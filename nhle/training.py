@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import tempfile
@@ -152,9 +153,12 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     start = time.perf_counter()
     label = f"retrain without {list(exclude)}" if exclude else "train"
     with tqdm(range(config.epochs), desc=label, disable=None if progress else True, leave=False) as bar:
-        for _ in bar:
+        for epoch in bar:
             loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator,
                                    config.amp, scaler)
+            if not math.isfinite(loss):  # fail here: a NaN model would pass on to export and gates
+                raise ValueError(f"training diverged: the loss is {loss} in epoch {epoch + 1} (train.lr = "
+                                 f"{config.lr}; a smaller learning rate usually fixes it)")
             bar.set_postfix(loss=f"{loss:.4f}")
     recalibrate_batch_norm(model, train, config.batch_size, device)
     if device.type == "cuda":

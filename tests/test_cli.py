@@ -18,7 +18,8 @@ def no_project_params(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    assert main(["train", "--params", str(out / "none.yaml"), "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
+    (out / "empty.yaml").write_text("{}\n")  # every built-in default
+    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
                  "--out", str(out)]) == 0
     return out / "model.pt"
 

@@ -52,9 +52,42 @@ def test_model_section_validates_and_old_train_model_is_explained():
     assert params.model.arch == "resnet50" and params.model.mean == (0.5, 0.4, 0.3) and params.model.std == (0.25,)
     with pytest.raises(ValueError, match="mean and std together"):
         params_from_dict({"model": {"mean": [0.5]}})
-    with pytest.raises(ValueError, match="must be a number or a list of numbers"):
+    with pytest.raises(ValueError, match=r"model.mean\[0\] must be a number, got .imagenet."):
         params_from_dict({"model": {"mean": "imagenet", "std": 1}})
     with pytest.raises(ValueError, match="give one"):
         params_from_dict({"model": {"weights": "a.pth", "from_mlflow": "models:/m/1"}})
     with pytest.raises(ValueError, match="train.model is now model.arch"):
         params_from_dict({"train": {"model": "resnet18"}})
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"train": {"epochs": "ten"}}, "train.epochs must be a whole number, got 'ten'"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be at least 1, got 0"),
+    ({"train": {"epochs": -1}}, "train.epochs must be at least 1, got -1"),
+    ({"train": {"lr": 0}}, "train.lr must be above 0.0, got 0.0"),
+    ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
+    ({"unlearn": {"n_samples": -4}}, "unlearn.n_samples must be at least 1, got -4"),
+    ({"unlearn": {"max_steps": -5}}, "unlearn.max_steps must be at least 0, got -5"),
+    ({"unlearn": {"mask": "yes"}}, "unlearn.mask must be true or false, got 'yes'"),
+    ({"unlearn": {"anchor_weight": float("nan")}}, "unlearn.anchor_weight must be a finite number, got nan"),
+    ({"serving": {"notify": [8000]}}, "serving.notify[0] must be a string, got 8000"),
+    ({"data": {"image_size": 0}}, "data.image_size must be at least 1, got 0"),
+])
+def test_wrong_types_and_out_of_range_values_name_the_key_and_the_value(raw, message):
+    with pytest.raises(ValueError) as err:
+        params_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  epochs: 2\nunlearn:\n  lr: 5e-5\n")  # YAML 1.1: '1e-3' is a string
+    params = load_params(path)
+    assert params.train.lr == 1e-3 and params.unlearn.lr == 5e-5 and params.data.image_size is None
+
+
+def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
+    from nhle.cli import main
+
+    assert main(["run", "--params", str(tmp_path / "missing.yaml"), "--project-dir", str(tmp_path)]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err

@@ -153,3 +153,11 @@ def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
     norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norm.momentum == 0.01 and not model.training
     assert evaluate(model, data.test) > 0.5
+
+
+def test_a_diverging_training_run_fails_with_the_learning_rate_named(digits):
+    from nhle.config import TrainConfig
+    from nhle.training import train_model
+
+    with pytest.raises(ValueError, match=r"training diverged: the loss is nan in epoch \d+ \(train.lr = 1000000000.0"):
+        train_model(digits, TrainConfig(epochs=3, lr=1e9), seed=0, progress=False)

@@ -135,6 +135,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         loss = nhle_loss(logits, forget, retained, config.encoding)
         if config.anchor_weight > 0:
             loss = loss + config.anchor_weight * retained_anchor(logits, original_logits, retained)
+        if not torch.isfinite(loss):
+            raise ValueError(f"NHLE diverged: the loss is {loss.item()} at step {steps} (unlearn.lr = {config.lr}; "
+                             "a smaller learning rate usually fixes it)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
