@@ -157,7 +157,7 @@ def to_dict(config) -> dict:
 AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
             "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
             "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0}
-ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "parity_tolerance": 0.0}
+ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0}
 
 
 def checked_value(owner: str, name: str, kind, value):

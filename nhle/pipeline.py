@@ -394,6 +394,10 @@ def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     name = params.registry.model_name
     champion = load_champion(params)
     already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
+    if champion and not already:  # a clear refusal here, not a traceback from inside the flow
+        from nhle.experiment import validate_forget
+
+        validate_forget(champion[0], forget_spec, champion[1]["class_names"], params.retrain_baseline)
     if already:
         print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
               f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")

@@ -94,10 +94,18 @@ class RegistrySource:
 
     def current(self) -> Pointer:
         client = self.client()
-        if self.alias:
-            mv = client.get_model_version_by_alias(self.name, self.alias)
-        else:
-            mv = client.get_model_version(self.name, self.version)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.alias:
+                mv = client.get_model_version_by_alias(self.name, self.alias)
+            else:
+                mv = client.get_model_version(self.name, self.version)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise LookupError(f"{self.model_uri} does not exist yet in {self.tracking_uri}: run `nhle run` (or "
+                              f"`nhle import` for your own model) first ({err.message})") from None
         return self._pointer(mv)
 
     def fetch(self, pointer: Pointer, workdir: Path) -> tuple[Path, dict]:

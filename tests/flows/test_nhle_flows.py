@@ -100,6 +100,18 @@ def test_invalid_request_is_refused_before_anything_is_registered(project):
     assert str(champion().version) == "2"
 
 
+def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, capsys):
+    from nhle.cli import main
+
+    before = len(client().search_model_versions(f"name='{NAME}'"))
+    assert main(["run", "--forget", "0,1,2,4,5,6,7,8,9", "--params", str(project / "params.yaml"),
+                 "--project-dir", str(project)]) == 2
+    captured = capsys.readouterr()
+    assert "would leave no class to predict" in captured.err and "Traceback" not in captured.err + captured.out
+    assert "Beginning flow run" not in captured.err + captured.out
+    assert len(client().search_model_versions(f"name='{NAME}'")) == before
+
+
 def test_sequential_forgetting_then_rollback(project):
     result = flow("forget")(classes="5", params=PARAMS, project_dir=str(project), n_samples=16)
     assert result["promoted"] is True

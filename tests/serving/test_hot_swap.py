@@ -149,3 +149,13 @@ def test_hot_swap_under_concurrent_load(live, onnx_files, digits):
         r = server.http.post("/predict", content=body, headers={"content-type": "application/json"})
         assert r.json()["model_version"] == new_version["v"]
         assert not {e["index"] for p in r.json()["predictions"] for e in p["top_k"]} & {3, 5}
+
+
+def test_a_server_with_no_champion_yet_says_what_to_run(make_registry, start_server):
+    server = start_server(make_registry("empty-project").root, ready=False)
+    deadline = time.monotonic() + 30
+    while "nhle run" not in (reason := server.http.get("/readyz").json().get("reason", "")):
+        assert time.monotonic() < deadline, reason
+        time.sleep(0.3)
+    response = server.http.get("/readyz")
+    assert response.status_code == 503 and "run `nhle run` (or `nhle import` for your own model) first" in reason
