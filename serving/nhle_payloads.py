@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ DEFAULT_TOP_K = 3
 # Decoded-image guard: an 8 MiB PNG can hold a gigapixel of zeros. 4096 x 4096 is far above
 # any image this model family needs and keeps one decode under ~50 MB of RGB.
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_ASPECT = 64
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
@@ -62,10 +65,25 @@ def _type_names(types) -> str:
     return ", ".join(sorted(names.get(t, t.__name__) for t in types))
 
 
+MAX_DEPTH = 5  # a batch of C x H x W images is 4 deep
+
+
+def check_depth(value: list, where: str) -> None:
+    """Refuse arrays nested deeper than any image batch before numpy sees them (numpy fails on
+    32 or more levels with an error of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        items, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad("too_deep", f"{where} is nested more than {MAX_DEPTH} levels deep; images are C x H x W")
+        stack.extend((item, depth + 1) for item in items if isinstance(item, list))
+
+
 def to_array(value, where: str) -> np.ndarray:
     """A nested JSON list of numbers -> float64 array; bools, strings, nulls and ragged rows are refused."""
     if not isinstance(value, list):
         raise bad("bad_type", f"{where} must be a nested array of pixel values, got {type(value).__name__}")
+    check_depth(value, where)
     try:
         arr = np.array(value, dtype=object)
     except ValueError:
@@ -136,9 +154,15 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as img:
             if img.format not in IMAGE_FORMATS:
                 raise bad("bad_image", f"{where} is a {img.format} image; send {', '.join(IMAGE_FORMATS)}", 400)
-            if img.width * img.height > MAX_IMAGE_PIXELS:
+            # From the header, before any pixel is decoded: a 16,000,000 x 1 PNG is 16 KB on the
+            # wire but a quarter of a gigabyte while it decodes.
+            if img.width * img.height > MAX_IMAGE_PIXELS or max(img.size) > MAX_IMAGE_SIDE:
                 raise bad("image_too_large", f"{where} is {img.width} x {img.height} pixels; at most "
-                                             f"{MAX_IMAGE_PIXELS} pixels are decoded", 413)
+                                             f"{MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} on a side are decoded",
+                          413)
+            if max(img.size) > MAX_IMAGE_ASPECT * max(1, min(img.size)):
+                raise bad("bad_image", f"{where} is {img.width} x {img.height} pixels; sides may differ at most "
+                                       f"{MAX_IMAGE_ASPECT} times", 400)
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):
                 # 16-bit grey (PNG): scale 0..65535 to [0, 1] ourselves; convert("L") would clip.
@@ -156,7 +180,8 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise bad("bad_image", f"{where} could not be decoded as an image: {err}", 400) from None
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(err))  # no addresses
+        raise bad("bad_image", f"{where} could not be decoded as an image: {message}", 400) from None
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -171,7 +196,8 @@ def check_count(n: int, settings: Settings, what: str = "instances"):
 def parse_top_k(value, from_text: bool = False) -> int:
     if value is None:
         return DEFAULT_TOP_K
-    if from_text and isinstance(value, str) and value.strip().isdigit():  # query and form fields
+    # query and form fields; isdigit() alone also takes '²', which int() refuses
+    if from_text and isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if type(value) is not int or value < 1:
         raise bad("bad_top_k", f"top_k must be an integer >= 1, got {value!r}")

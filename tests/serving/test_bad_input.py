@@ -15,6 +15,9 @@ from PIL import Image
 from serving_support import SERVING
 
 IMG = [[0.5] * 8 for _ in range(8)]
+NESTED_34 = [0.5]
+for _ in range(33):
+    NESTED_34 = [NESTED_34]
 JSON = {"content-type": "application/json"}
 
 
@@ -108,6 +111,14 @@ CASES = [
      "could not be decoded"),
     ("image-top-k", "/predict/image?top_k=zero", dict(files={"files": ("a.png", png())}), 422, "top_k"),
     ("image-query", "/predict/image?k=1", dict(files={"files": ("a.png", png())}), 422, "query parameter"),
+    ("nested-34-deep", "/predict", dict(json={"instances": [NESTED_34]}), 422, "nested more than 5 levels deep"),
+    ("top-k-superscript", "/predict/image?top_k=%C2%B2", dict(files={"files": ("a.png", png())}), 422, "top_k"),
+    ("image-too-long", "/predict", dict(json={"instances": [base64.b64encode(png(9000, 1)).decode()]}), 413,
+     "8192 on a side"),
+    ("image-too-thin", "/predict", dict(json={"instances": [base64.b64encode(png(1000, 4)).decode()]}), 400,
+     "differ at most 64 times"),
+    ("no-memory-address", "/predict/image", dict(files={"files": ("a.txt", b"plain text")}), 400,
+     "cannot identify image file the data"),
     ("image-too-many", "/predict/image", dict(files=[("files", (f"{i}.png", png())) for i in range(301)]), 413,
      "limit is 300"),
     ("malformed-multipart", "/predict/image",
