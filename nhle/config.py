@@ -41,6 +41,9 @@ class DataConfig:
     classes: str | None = None
     """A text file with one class name per line, in the order of the model's outputs (an
     imported model's); the dataset's labels are renumbered to it. None: the dataset's order."""
+    skip_bad_images: bool = False
+    """imagefolder: leave out files that cannot be decoded (each named in a warning) instead of
+    stopping with the list of them."""
     download: bool = False
     """Let torchvision download the dataset into root (never done unless asked)."""
 

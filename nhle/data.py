@@ -83,7 +83,8 @@ class Splits:
 
 
 def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.25,
-                 download: bool = False, image_size: int | None = None, classes: str | Path | None = None) -> Splits:
+                 download: bool = False, image_size: int | None = None, classes: str | Path | None = None,
+                 skip_bad_images: bool = False) -> Splits:
     """Load a dataset by name; see the module docstring. `image_size` resizes (square);
     `classes` (a file, one name per line) renumbers the labels to a model's output order."""
     name = name.lower()
@@ -101,7 +102,8 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
     elif name == "imagefolder":
         if root is None:
             raise ValueError("dataset 'imagefolder' needs a root folder with one sub-folder per class")
-        splits = load_image_folder(root, seed=seed, test_fraction=test_fraction, image_size=image_size or 32)
+        splits = load_image_folder(root, seed=seed, test_fraction=test_fraction, image_size=image_size or 32,
+                                   skip_bad_images=skip_bad_images)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and splits.image_shape[1:] != (image_size, image_size):
@@ -182,10 +184,14 @@ def load_torchvision(name: str, root: str | Path, download: bool = False) -> Spl
 
 
 def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.25,
-                      image_size: int = 32) -> Splits:
+                      image_size: int = 32, skip_bad_images: bool = False) -> Splits:
     """A user's images, one sub-folder per class, resized to image_size and split per seed.
 
-    Grey if every image is single-channel, else RGB."""
+    Grey if every image is single-channel, else RGB. Each file is opened, decoded and closed
+    in turn (one open file at a time, whatever the folder's size); files that do not decode
+    are listed by name, or left out with `skip_bad_images`."""
+    import logging
+
     from PIL import Image
     from sklearn.model_selection import train_test_split
     from torchvision.datasets import ImageFolder
@@ -193,11 +199,30 @@ def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.
     folder = ImageFolder(str(root))
     if len(folder) == 0:
         raise ValueError(f"no images found under {root}")
-    pictures = [Image.open(path) for path, _ in folder.samples]
-    mode = "L" if all(p.mode in ("L", "1", "I;16") for p in pictures) else "RGB"
-    arrays = [np.asarray(p.convert(mode).resize((image_size, image_size), Image.BILINEAR)) for p in pictures]
-    images = torch.from_numpy(np.stack(arrays))
-    images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
+    arrays, grey, samples, bad = [], True, [], []
+    for path, label in folder.samples:
+        try:
+            with Image.open(path) as picture:
+                picture.load()  # decode now: a truncated file fails here, with its name
+                grey = grey and picture.mode in ("L", "1", "I;16")
+                rgb = picture.convert("L" if picture.mode.startswith("I") else picture.mode).convert("RGB")
+                arrays.append(np.asarray(rgb.resize((image_size, image_size), Image.BILINEAR)))
+                samples.append((path, label))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            bad.append(f"{path}: {err}")
+    if bad and not skip_bad_images:
+        raise ValueError(f"{len(bad)} of {len(folder)} files under {root} could not be read as images (set "
+                         "data.skip_bad_images: true to leave them out): " + "; ".join(bad[:5])
+                         + ("; ..." if len(bad) > 5 else ""))
+    if bad:
+        logging.getLogger(__name__).warning("left out %d unreadable image(s) under %s: %s", len(bad), root,
+                                            "; ".join(bad))
+    if not samples:
+        raise ValueError(f"none of the {len(folder)} files under {root} could be read as an image")
+    stacked = np.stack(arrays)
+    images = torch.from_numpy(stacked[..., :1].copy() if grey else stacked)
+    images = images.permute(0, 3, 1, 2)
+    folder.samples = samples
     labels = np.array([label for _, label in folder.samples])
     counts = np.bincount(labels)
     stratify = labels if counts.min() >= 2 else None

@@ -24,7 +24,8 @@ from nhle.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, wit
 
 def load_data(config: DataConfig) -> Splits:
     return load_dataset(config.dataset, root=config.root, seed=config.seed, test_fraction=config.test_fraction,
-                        download=config.download, image_size=config.image_size, classes=config.classes)
+                        download=config.download, image_size=config.image_size, classes=config.classes,
+                        skip_bad_images=config.skip_bad_images)
 
 
 def train_base(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,

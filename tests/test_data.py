@@ -165,3 +165,43 @@ def test_a_classes_file_renames_or_renumbers_to_the_models_output_order(digits, 
     names.write_text("a\na\n")
     with pytest.raises(ValueError, match=r"names \['a'\] more than once"):
         read_class_names(names)
+
+
+def grey_folder(root, n_per_class: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8), "L").save(root / name / f"{i:04d}.png")
+    return root
+
+
+def test_an_image_folder_larger_than_the_open_file_limit_loads(tmp_path):
+    """600 PNGs under a limit of 128 open files (a child process, so the limit is its own)."""
+    import subprocess
+    import sys
+
+    root = grey_folder(tmp_path / "many", 300)
+    script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)); "
+              "from nhle.data import load_dataset; d = load_dataset('imagefolder', root=%r, image_size=8); "
+              "print(len(d.train.labels) + len(d.test.labels), tuple(d.train.images.shape[1:]))" % str(root))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["600", "(1,", "8,", "8)"]
+
+
+def test_unreadable_images_are_named_or_left_out_on_request(tmp_path, caplog):
+    root = grey_folder(tmp_path / "some-bad", 4)
+    (root / "a" / "0001.png").write_bytes(b"not a png")
+    good = (root / "b" / "0002.png").read_bytes()
+    (root / "b" / "0002.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagefolder", root=root, image_size=8)
+    message = str(err.value)
+    assert "2 of 8 files" in message and "data.skip_bad_images: true" in message
+    assert "a/0001.png" in message and "b/0002.png" in message
+    data = load_dataset("imagefolder", root=root, image_size=8, skip_bad_images=True)
+    assert len(data.train.labels) + len(data.test.labels) == 6 and data.class_names == ["a", "b"]
+    assert "left out 2 unreadable image(s)" in caplog.text
