@@ -12,6 +12,7 @@ in `promote`, the last step, and only when every gate held.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
@@ -434,7 +435,8 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
               + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
     print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
-    print(f"\nMLflow UI:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
+    print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
           f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
 

@@ -120,6 +120,10 @@ def instance_tensor(value, model: LoadedModel, scale: str, where: str) -> np.nda
     """One image: base64 string, C x H x W array, or H x W array for a one-channel model."""
     if isinstance(value, str):
         return decode_base64_image(value, model, where)
+    if isinstance(value, dict) and set(value) == {"b64"}:  # TF Serving / KServe V1 binary convention
+        if not isinstance(value["b64"], str):
+            raise bad("bad_type", f'{where}.b64 must be a base64 string, got {type(value["b64"]).__name__}')
+        return decode_base64_image(value["b64"], model, f"{where}.b64")
     if isinstance(value, dict) and set(value) == {model.input_name}:  # MLflow's named-tensor form
         value = value[model.input_name]
     x = to_array(value, where)

@@ -66,7 +66,7 @@ log = logging.getLogger("nhle_server")
 PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": {"type": "object", "required": ["instances"], "additionalProperties": False, "properties": {
         "instances": {"type": "array", "description": "images: C x H x W (or H x W) nested arrays, "
-                      "or base64 PNG/JPEG strings of any size", "items": {}},
+                      'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}', "items": {}},
         "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
         "scale": {"type": "string", "enum": ["unit", "byte"], "default": "unit",
                   "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255"}}}}}}}

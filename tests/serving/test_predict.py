@@ -89,7 +89,8 @@ def test_images_of_any_size_as_base64_and_multipart(server, digits):
     upscaled = [base64.b64encode(encode(Image.fromarray(p).resize((64, 64), Image.NEAREST).convert("RGB"))).decode()
                 for p in pixels]
     data_urls = ["data:image/png;base64," + s for s in same_size]
-    for instances in (same_size, upscaled, data_urls):
+    tf_serving = [{"b64": s} for s in same_size]  # the TF Serving / KServe V1 convention
+    for instances in (same_size, upscaled, data_urls, tf_serving):
         assert top(server.http.post("/predict", json={"instances": instances, "top_k": 2})) == reference
 
     # Odd sizes and JPEG decode and give a valid answer.
