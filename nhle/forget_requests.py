@@ -106,7 +106,7 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
     from mlflow import MlflowClient
 
     from nhle.audit import audit_markdown, build_audit
-    from nhle.tracking import run_json, tag_version
+    from nhle.tracking import describe_version, run_json, tag_version
 
     client = MlflowClient()
     name = params.registry.model_name
@@ -128,6 +128,7 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
         closed.append(ledger.finish(request.id, owner, "done" if promoted else "failed",
                                     model_version_after=str(version), data_version_after=audit["data"]["after"],
                                     report_uri=uri, error=None if promoted else audit["outcome"]["reason"]))
+    describe_version(name, str(version))  # now with the audit reports
     return closed
 
 

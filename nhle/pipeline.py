@@ -307,12 +307,13 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
 
 
 def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
-    from nhle.tracking import log_gates, promote_if_passed, tag_version
+    from nhle.tracking import describe_version, log_gates, promote_if_passed, tag_version
 
     with logging_to(run_id):
         log_gates(gates)
     tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
     promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
+    describe_version(params.registry.model_name, str(version))
     notified = notify_servers(params.serving.notify, str(version)) if promoted else []
     with logging_to(run_id):
         mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})

@@ -187,6 +187,40 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
     return before, after
 
 
+def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
+    """The model version page's text (Markdown, as the MLflow UI renders it), made from the
+    version's tags: what it forgot and from which version, its gates, and where the evidence is."""
+    run = f"#/experiments/{experiment_id}/runs/{run_id}"
+    forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
+    parent = tags.get("parent_version")
+    lines = [f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
+             + (f" (made from version {parent})" if parent else "") + ".", ""]
+    if tags.get("promoted") == "true":
+        lines.append("**Promoted:** every gate held.")
+    elif tags.get("promoted") == "false":
+        lines.append(f"**Not promoted:** {tags.get('rejection_reason', '')}")
+    gates = json.loads(tags.get("gates") or "[]")
+    if gates:
+        lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
+                  for g in gates]
+    lines += ["", f"**Evidence** ([run {run_id}]({run}), its Artifacts tab): `report.json` (every metric against "
+              "the original and the retrained reference), `gates.json`, `parity.json`, `plots/`, "
+              "`preprocessing.json`, `checkpoint/model.pt`."]
+    audits = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items() if k.startswith("audit.request."))
+    if audits:
+        lines += ["", "**Audit reports:** " + ", ".join(f"request {i}: `{uri}`" for i, uri in audits)]
+    return "\n".join(lines)
+
+
+def describe_version(name: str, version: str) -> None:
+    """Write version_description onto the registered version (again whenever its tags grow)."""
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    experiment_id = client.get_run(mv.run_id).info.experiment_id
+    client.update_model_version(name, version, description=version_description(dict(mv.tags), mv.run_id, experiment_id))
+
+
 def download_checkpoint(version: ModelVersion, folder: str | Path | None = None) -> Path:
     """The PyTorch checkpoint logged beside a registered version (artifact checkpoint/model.pt)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="nhle-champion-"))

@@ -75,6 +75,18 @@ def test_rollback_and_a_hand_moved_alias_never_serve_a_deleted_class(project, se
         client().set_registered_model_alias(NAME, "champion", "3")
 
 
+def test_the_version_page_carries_the_evidence(project):
+    """The MLflow model version page (its description) says what was forgotten, from which
+    version, each gate's verdict, and where the report and the audit report are."""
+    version = client().get_model_version(NAME, "3")
+    text = version.description
+    assert text.startswith("**Never predicts:** 3, 5 (made from version 2).")
+    assert "**Promoted:** every gate held." in text
+    assert "| deleted_classes_predicted | 0 | <= 0 | pass |" in text and "| retained_classes | 8 | >= 2 | pass |" in text
+    assert f"#/experiments/" in text and f"/runs/{version.run_id})" in text and "`report.json`" in text
+    assert f"request 1: `runs:/{version.run_id}/audit/request-1.md`" in text
+
+
 def test_an_imported_model_has_the_deleted_classes_masked_and_gated(project, tmp_path, capsys):
     """`nhle import` of a user's small CNN trained on everything: the classes deleted from the
     versioned data are masked before it is judged, and the gate on deleted classes holds."""
