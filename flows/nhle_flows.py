@@ -22,9 +22,11 @@ process_requests: claim requests in the ledger -> settle what a dead run registe
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -101,6 +103,23 @@ def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
     return resolved, root
 
 
+def publish_artifacts(params: Params, version: str, result: dict) -> None:
+    """The outcome where a Prefect user looks (the flow run's Artifacts): the version's own
+    description from MLflow (what it forgot, gates, where the evidence is) and the gates as a table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    name = params.registry.model_name
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
+    description = MlflowClient().get_model_version(name, version).description or ""
+    verdict = "promoted" if result["promoted"] else "not promoted"
+    create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\nMLflow run "
+                             f"`{result['run_id']}` at `{mlflow.get_tracking_uri()}`\n\n{description}",
+                             description=f"{name} version {version}: {verdict} ({result['reason']})")
+    create_table_artifact(key=f"{key}-gates", table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")}
+                                                      for g in result["gates"]],
+                          description=f"gates of {name} version {version}")
+
+
 def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None) -> dict:
     """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
     onnx_path, parity = export_and_check(params, candidate)
@@ -109,6 +128,7 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
     forgot = candidate.report is not None
     result = settle(params, root, run_id, version, gates, candidate.parent_version, candidate.data if forgot else None)
     pipeline.discard_work_dir(candidate)
+    publish_artifacts(params, version, result)
     logger = get_run_logger()
     logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
     for told in result["notified"]:

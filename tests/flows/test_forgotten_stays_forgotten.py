@@ -175,3 +175,18 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, capsys, m
     assert told["outcome"] == "swapped" and told["serving_version"] == new and told["serving_new_version"]
     assert 0 < told["seconds"] < 60
     assert down["outcome"] == "not_told" and "ConnectError" in down["error"]
+
+
+def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["nhle-classifier-version-3", "nhle-classifier-version-3-gates"])))
+    by_type = {artifact.type: artifact for artifact in found}
+    assert set(by_type) == {"markdown", "table"}
+    assert by_type["markdown"].data.startswith("# nhle-classifier version 3: promoted")
+    assert "**Never predicts:** 3, 5" in by_type["markdown"].data
+    gates = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
+    assert {"name": "deleted_classes_predicted", "value": 0.0, "rule": "<=", "bound": 0.0, "passed": True} in gates
