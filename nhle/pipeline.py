@@ -204,7 +204,7 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
     """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
     from nhle.export import preprocessing as input_preprocessing
     from nhle.plots import write_evidence_plots
-    from nhle.tracking import log_onnx_model, log_parity, log_report, tag_version
+    from nhle.tracking import log_dataset, log_onnx_model, log_parity, log_report, tag_version
     from nhle.training import save_checkpoint
 
     checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
@@ -214,6 +214,7 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
     forgotten = preprocessing["forgotten_classes"]
     with logging_to(run_id):
         mlflow.set_tags(data_version.as_tags())
+        log_dataset(candidate.data, data_version)
         mlflow.log_artifact(str(checkpoint_path), "checkpoint")
         mlflow.log_dict(preprocessing, "preprocessing.json")
         log_parity(parity)

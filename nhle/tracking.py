@@ -97,6 +97,22 @@ def log_gates(gates: list[GateResult]) -> None:
     mlflow.log_metrics({f"gate/{g.name}": float(g.passed) for g in gates})
 
 
+def log_dataset(data, data_version, context: str = "training") -> None:
+    """The DVC-versioned dataset as the run's MLflow dataset input (the run's Datasets column):
+    source = the DVC-tracked folder, digest = its DVC md5, tags = path, md5, git revision, remote."""
+    import warnings
+
+    source = str(Path(data_version.repo) / data_version.path)
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(data.train.images.numpy(), targets=data.train.labels.numpy(),
+                                         source=source,
+                                         name=f"{data.name}@{data_version.git_rev[:8]}",
+                                         digest=data_version.md5.removesuffix(".dir")[:36])
+    tags = {**data_version.as_tags("dvc."), "dvc.remote": data_version.remote}
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
 def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict) -> ModelVersion:
     """Log the ONNX model with a signature and input example and register a new version of it."""
     import onnx

@@ -190,3 +190,15 @@ def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
     assert "**Never predicts:** 3, 5" in by_type["markdown"].data
     gates = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert {"name": "deleted_classes_predicted", "value": 0.0, "rule": "<=", "bound": 0.0, "passed": True} in gates
+
+
+def test_each_run_records_its_dvc_dataset_as_an_mlflow_input(project):
+    version = client().get_model_version(NAME, "3")
+    run = client().get_run(version.run_id)
+    [entry] = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in entry.tags}
+    assert tags["mlflow.data.context"] == "training"
+    assert tags["dvc.md5"] == version.tags["data.md5"] and tags["dvc.git_rev"] == version.tags["data.git_rev"]
+    assert entry.dataset.name == f"digits@{version.tags['data.git_rev'][:8]}"
+    assert entry.dataset.digest == version.tags["data.md5"].removesuffix(".dir")[:36]
+    assert version.tags["data.path"] in entry.dataset.source
