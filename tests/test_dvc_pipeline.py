@@ -19,9 +19,16 @@ def run(args, cwd, env):
 
 
 def test_dvc_repro_runs_the_chain_once_and_experiments_change_params(tmp_path):
+    """As the README writes it: `.venv/bin/dvc repro` with the venv not on PATH (not activated).
+    The checkout's code is there too, because every stage depends on the code it runs."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != Path(bin_dir).resolve())
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1])
+    (tmp_path / ".gitignore").write_text(".venv\n")
     shutil.copy(REPO / "dvc.yaml", tmp_path)
+    shutil.copytree(REPO / "nhle", tmp_path / "nhle", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["epochs"] = 2  # a tiny budget; the chain is what is under test
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -43,6 +50,10 @@ def test_dvc_repro_runs_the_chain_once_and_experiments_change_params(tmp_path):
 
     second = run([f"{bin_dir}/dvc", "repro"], tmp_path, env)
     assert "Running stage" not in second and "up to date" in second
+    gates = tmp_path / "nhle" / "gates.py"
+    gates.write_text(gates.read_text() + "\n# a change of the gate code\n")
+    third = run([f"{bin_dir}/dvc", "repro"], tmp_path, env)
+    assert "Running stage 'evaluate'" in third and "Running stage 'train'" not in third
 
     run([*git, "add", "-A"], tmp_path, env)
     run([*git, "commit", "-qm", "pipeline outputs"], tmp_path, env)
