@@ -108,7 +108,8 @@ def test_bench_scaling_quick_times_nhle_and_retrain_per_size(tmp_path):
     for row in rows:
         assert row["nhle_forget_test_acc"] == 0 and row["retrain_seconds"] > 0 and row["nhle_seconds"] > 0
         assert row["original_retain_test_acc"] > 0.5  # the synthetic classes are learnable
-    assert rows[1]["retrain_seconds"] > rows[0]["retrain_seconds"]  # more data, longer retrain
+    # No comparison of the two times here: wall-clock ratios belong to the benchmark's own run
+    # (docs/benchmarks.md section 2); under load this one flipped.
     assert "| 5,000 |" in (tmp_path / "scaling.md").read_text() and (tmp_path / "scaling.png").exists()
 
 
