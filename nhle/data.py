@@ -222,8 +222,7 @@ def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.
     stacked = np.stack(arrays)
     images = torch.from_numpy(stacked[..., :1].copy() if grey else stacked)
     images = images.permute(0, 3, 1, 2)
-    folder.samples = samples
-    labels = np.array([label for _, label in folder.samples])
+    labels = np.array([label for _, label in samples])
     counts = np.bincount(labels)
     stratify = labels if counts.min() >= 2 else None
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,

@@ -64,10 +64,17 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
     return results
 
 
+def deleted_but_predicted(forgotten, deleted: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+    """(classes deleted on record that a model forgetting `forgotten` still predicts, the done
+    requests that deleted them). `deleted` maps class -> request ids (Ledger.deleted_classes)."""
+    missing = sorted(set(deleted) - {int(c) for c in forgotten})
+    return missing, sorted({r for c in missing for r in deleted[c]})
+
+
 def deleted_classes_gate(forgotten, deleted: dict[int, list[int]]) -> GateResult:
     """Every class deleted on record (class -> the done requests that deleted it) must be
     forgotten by a version before it may become champion."""
-    missing = sorted(set(deleted) - {int(c) for c in forgotten})
+    missing, _ = deleted_but_predicted(forgotten, deleted)
     detail = "; ".join(f"class {c} deleted by request {', '.join(map(str, deleted[c]))}" for c in missing)
     return GateResult("deleted_classes_predicted", float(len(missing)), 0.0, not missing, "<=", detail)
 

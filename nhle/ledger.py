@@ -303,7 +303,6 @@ class Ledger:
                                  claimed_by=None, lease_until=None,
                                  finished_at=utcnow() if status == "failed" else None)
 
-
     def deleted_classes(self) -> dict[int, list[int]]:
         """Classes deleted on record: {class: [ids of the done requests that deleted it]}."""
         deleted: dict[int, list[int]] = {}

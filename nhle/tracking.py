@@ -22,7 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from nhle.config import Params, RegistryConfig, resolve_uri
-from nhle.gates import GateResult, all_passed, failure_reason
+from nhle.gates import GateResult, all_passed, deleted_but_predicted, failure_reason
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
 
@@ -180,10 +180,8 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
     if previous is None:
         raise ValueError(f"model {name!r} has no {registry.previous_alias!r} alias to roll back to")
     before, after = (str(champion.version) if champion else ""), str(previous.version)
-    forgotten = set(json.loads(previous.tags.get("forgotten_classes") or "[]"))
-    missing = sorted(set(deleted) - forgotten)
+    missing, requests = deleted_but_predicted(json.loads(previous.tags.get("forgotten_classes") or "[]"), deleted)
     if missing:
-        requests = sorted({r for c in missing for r in deleted[c]})
         if reopen is None:
             raise ValueError(
                 f"version {previous.version} predicts class(es) {missing}, deleted on record by forget request(s) "

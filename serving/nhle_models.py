@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from nhle.gates import deleted_but_predicted  # pure: nhle.config only, no torch
 from nhle_settings import OPT_LEVELS, ApiError, Settings, now_iso
 from nhle_sources import Pointer, gates_passed, make_source
 
@@ -130,9 +131,9 @@ def check_registration(pointer: Pointer, digest: str) -> None:
         raise ValueError(f"version {pointer.version} is not tagged as having passed its gates")
 
 
-def load_model(source, pointer: Pointer, settings: Settings, deleted: dict | None = None) -> LoadedModel:
+def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]]) -> LoadedModel:
     """Download, open and smoke-test one model; raises on anything that should block a swap.
-    `deleted` is the source's classes deleted on record (read now when not given)."""
+    `deleted` is the source's classes deleted on record (class -> done request ids)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nhle-serve-") as tmp:
         onnx_path, metadata = source.fetch(pointer, Path(tmp))
@@ -193,10 +194,8 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict | Non
         forgotten |= masked_in_graph
     if len(forgotten) >= n_classes:
         raise ValueError("every class is forgotten: nothing left to predict")
-    deleted = source.deleted_classes() if deleted is None else deleted
-    missing = sorted(set(deleted) - forgotten)
+    missing, requests = deleted_but_predicted(forgotten, deleted)
     if missing:
-        requests = sorted({r for c in missing for r in deleted[c]})
         raise ValueError(f"version {pointer.version} predicts class(es) {missing}, deleted on record by forget "
                          f"request(s) {requests}: a forgotten class is never served again (reopening the request "
                          "on record is the only way: nhle rollback --reopen)")
@@ -281,7 +280,7 @@ class ModelManager:
             log.error("model %s (version %s) not swapped in, still serving %s: %s",
                       pointer.model_uri, pointer.version, serving, message)
             if current is None:
-                return self._fall_back(source, pointer, message)
+                return self._fall_back(source, pointer, message, deleted)
             return {"outcome": "failed", "serving_version": serving, "candidate_version": pointer.version,
                     "error": message}
         self._failed.pop(failure_key, None)
@@ -292,12 +291,11 @@ class ModelManager:
                  model.version, model.sha256[:12], ",".join(model.providers), model.load_seconds, serving)
         return {"outcome": "swapped", "serving_version": model.version, "previous_version": serving}
 
-    def _fall_back(self, source, refused: Pointer, message: str) -> dict:
+    def _fall_back(self, source, refused: Pointer, message: str, deleted: dict[int, list[int]]) -> dict:
         """Nothing is served and the source's model was refused: serve the newest version that
         passes every check (gates, sha256, the classes deleted on record) instead, and say so."""
         try:
             candidates = source.fallbacks(exclude=refused.version)
-            deleted = source.deleted_classes()
         except Exception as err:  # the registry is down: stay not ready
             log.warning("no fallback: listing versions failed: %s", err)
             candidates = []
