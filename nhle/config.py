@@ -159,8 +159,9 @@ def to_dict(config) -> dict:
 # Lower bounds of the numeric fields that have one, by name (a name means the same in every section).
 AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
             "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
-            "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0}
-ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0}
+            "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0,
+            "max_request_pixels": 1, "max_body_bytes": 1024}
+ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "body_timeout_seconds": 0.0}
 
 
 def checked_value(owner: str, name: str, kind, value):
@@ -296,6 +297,11 @@ class ServingConfig:
     """Most images one request may carry."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest request body accepted (413 above it)."""
+    body_timeout_seconds: float = 30.0
+    """A request body must arrive whole within this many seconds (else 408, connection closed)."""
+    max_request_pixels: int = 64 * 1024 * 1024
+    """Most image pixels (width x height from each header, before decoding) one request may have
+    decoded, summed over its images (413 above it): bounds one request's decoding work."""
     ort_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
     ort_opt_level: str = "all"

@@ -6,11 +6,15 @@ Never imports torch.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
+import time
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,29 @@ DEFAULT_TOP_K = 3
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_ASPECT = 64
+
+# Pixels the request being handled may still have decoded (set by its handler): one request of 256
+# images, each under MAX_IMAGE_PIXELS, could otherwise decode 4 billion pixels.
+_pixels_left: ContextVar[list[int] | None] = ContextVar("pixels_left", default=None)
+
+
+@contextlib.contextmanager
+def pixel_budget(settings: Settings):
+    token = _pixels_left.set([settings.max_request_pixels])
+    try:
+        yield
+    finally:
+        _pixels_left.reset(token)
+
+
+def spend_pixels(n: int, where: str) -> None:
+    left = _pixels_left.get()
+    if left is None:
+        return
+    if n > left[0]:
+        raise bad("request_too_large", f"{where} would take this request's decoded images past "
+                                       "NHLE_MAX_REQUEST_PIXELS pixels in all: send fewer or smaller images", 413)
+    left[0] -= n
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
@@ -103,10 +130,17 @@ def to_array(value, where: str) -> np.ndarray:
     return out
 
 
-def to_unit(x: np.ndarray, scale: str, where: str) -> np.ndarray:
+# What to do with 0..255 pixels sent where [0, 1] is expected: /predict has a "scale" field, the
+# MLflow scoring protocol of /invocations has none.
+BYTE_HINT = {"predict": '; 0..255 pixels need "scale": "byte"',
+             "invocations": "; divide 0..255 pixels by 255 (the MLflow protocol carries the model's [0, 1] "
+                            'input; /predict also takes "scale": "byte")'}
+
+
+def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str = "predict") -> np.ndarray:
     top = 1.0 if scale == "unit" else 255.0
     if x.size and (x.min() < 0 or x.max() > top):
-        hint = '; 0..255 pixels need "scale": "byte"' if scale == "unit" else ""
+        hint = BYTE_HINT[endpoint] if scale == "unit" else ""
         raise bad("out_of_range", f"{where} has values in [{x.min():g}, {x.max():g}], outside [0, {top:g}] "
                                   f"of scale {scale!r}{hint}")
     return (x / 255.0 if scale == "byte" else x).astype(np.float32)
@@ -116,7 +150,7 @@ def shape_text(shape) -> str:
     return " x ".join(str(s) for s in shape)
 
 
-def instance_tensor(value, model: LoadedModel, scale: str, where: str) -> np.ndarray:
+def instance_tensor(value, model: LoadedModel, scale: str, where: str, endpoint: str = "predict") -> np.ndarray:
     """One image: base64 string, C x H x W array, or H x W array for a one-channel model."""
     if isinstance(value, str):
         return decode_base64_image(value, model, where)
@@ -133,7 +167,7 @@ def instance_tensor(value, model: LoadedModel, scale: str, where: str) -> np.nda
         raise bad("bad_shape", f"{where} has shape {shape_text(x.shape) or 'scalar'}; "
                                f"this model takes {shape_text((c, h, w))}{extra}")
     x = x.reshape(c, h, w)
-    return to_unit(x, scale, where)
+    return to_unit(x, scale, where, endpoint)
 
 
 def decode_base64_image(text: str, model: LoadedModel, where: str) -> np.ndarray:
@@ -167,6 +201,7 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
             if max(img.size) > MAX_IMAGE_ASPECT * max(1, min(img.size)):
                 raise bad("bad_image", f"{where} is {img.width} x {img.height} pixels; sides may differ at most "
                                        f"{MAX_IMAGE_ASPECT} times", 400)
+            spend_pixels(img.width * img.height, where)
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):
                 # 16-bit grey (PNG): scale 0..65535 to [0, 1] ourselves; convert("L") would clip.
@@ -240,7 +275,8 @@ def handle_predict(body: bytes, model: LoadedModel, settings: Settings) -> dict:
     scale = payload.get("scale", "unit")
     if scale not in ("unit", "byte"):
         raise bad("bad_scale", f'"scale" must be "unit" (pixels in [0, 1]) or "byte" (0..255), got {scale!r}')
-    x = np.stack([instance_tensor(v, model, scale, f"instances[{i}]") for i, v in enumerate(instances)])
+    with pixel_budget(settings):
+        x = np.stack([instance_tensor(v, model, scale, f"instances[{i}]") for i, v in enumerate(instances)])
     return {"predictions": top_k_rows(model.probabilities(x), model, top_k), "model_version": model.version}
 
 
@@ -259,7 +295,7 @@ def batch_tensor(value, model: LoadedModel, where: str, settings: Settings) -> n
     if x.shape[1:] != (c, h, w) and not (c == 1 and x.shape[1:] == (h, w)):
         raise bad("bad_shape", f"{where} has shape {shape_text(x.shape)}; this model takes "
                                f"N x {shape_text((c, h, w))}" + (f" (or N x {h} x {w})" if c == 1 else ""))
-    return to_unit(x.reshape(-1, c, h, w), "unit", where)
+    return to_unit(x.reshape(-1, c, h, w), "unit", where, "invocations")
 
 
 def dataframe_tensor(frame, model: LoadedModel, settings: Settings) -> np.ndarray:
@@ -282,13 +318,13 @@ def dataframe_tensor(frame, model: LoadedModel, settings: Settings) -> np.ndarra
                                f"{shape_text((c, h, w))}) or one tensor column, got "
                                f"{len(columns) if isinstance(columns, list) else type(columns).__name__}")
     if rows and all(isinstance(r, list) and len(r) == 1 and isinstance(r[0], list) for r in rows):
-        return np.stack([instance_tensor(r[0], model, "unit", f"dataframe_split.data[{i}][0]")
+        return np.stack([instance_tensor(r[0], model, "unit", f"dataframe_split.data[{i}][0]", "invocations")
                          for i, r in enumerate(rows)])
     x = to_array(rows, "dataframe_split.data")
     if x.ndim != 2 or x.shape[1] != n_pixels:
         raise bad("bad_shape", f"dataframe_split.data has shape {shape_text(x.shape)}; each row must hold "
                                f"{n_pixels} pixels (C*H*W = {shape_text((c, h, w))})")
-    return to_unit(x.reshape(-1, c, h, w), "unit", "dataframe_split.data")
+    return to_unit(x.reshape(-1, c, h, w), "unit", "dataframe_split.data", "invocations")
 
 
 INVOCATION_KEYS = ("inputs", "instances", "dataframe_split")
@@ -314,30 +350,34 @@ def handle_invocations(body: bytes, model: LoadedModel, settings: Settings) -> d
         if not isinstance(instances, list):
             raise bad("bad_type", f'"instances" must be a list, got {type(instances).__name__}')
         check_count(len(instances), settings)
-        x = np.stack([instance_tensor(v, model, "unit", f"instances[{i}]") for i, v in enumerate(instances)])
+        with pixel_budget(settings):
+            x = np.stack([instance_tensor(v, model, "unit", f"instances[{i}]", "invocations")
+                          for i, v in enumerate(instances)])
     else:
-        x = dataframe_tensor(payload["dataframe_split"], model, settings)
+        with pixel_budget(settings):
+            x = dataframe_tensor(payload["dataframe_split"], model, settings)
     return {"predictions": model.probabilities(x).tolist()}
 
 
-def handle_images(files: list[tuple[str, bytes]], top_k: int, model: LoadedModel) -> dict:
-    x = np.stack([image_tensor(raw, model, f"file {name!r}") for name, raw in files])
+def handle_images(files: list[tuple[str, bytes]], top_k: int, model: LoadedModel, settings: Settings) -> dict:
+    with pixel_budget(settings):
+        x = np.stack([image_tensor(raw, model, f"file {name!r}") for name, raw in files])
     return {"predictions": [{"filename": name, **row} for (name, _), row in
                             zip(files, top_k_rows(model.probabilities(x), model, top_k))],
             "model_version": model.version}
 
 
 # --------------------------------------------------------------------------------------------
-# The body limit, enforced before any parsing: the declared Content-Length and the bytes that
-# actually arrive (a chunked body has no Content-Length).
+# The body limits, enforced before any parsing: the declared Content-Length, the bytes that
+# actually arrive (a chunked body has no Content-Length), and the time they take to arrive.
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_seconds: float = 30.0):
+        self.app, self.max_bytes, self.timeout_seconds = app, max_bytes, timeout_seconds
 
     async def refuse(self, scope, receive, send, status: int, message: str):
-        code = "payload_too_large" if status == 413 else "bad_request"
+        code = {413: "payload_too_large", 408: "body_timeout"}.get(status, "bad_request")
         # Connection: close, since the rest of the refused body is never read.
         await JSONResponse({"detail": message, "error": code}, status,
                            headers={"Connection": "close"})(scope, receive, send)
@@ -355,8 +395,13 @@ class BodyLimit:
                 return await self.refuse(scope, receive, send, 413, f"the body is {size} bytes; the limit is {self.max_bytes} "
                                                     "(NHLE_MAX_BODY_BYTES)")
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_seconds
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await self.refuse(scope, receive, send, 408, f"the body did not arrive whole within "
+                                         f"{self.timeout_seconds:g} s ({size} bytes came; NHLE_BODY_TIMEOUT_SECONDS)")
             if message["type"] != "http.request":  # the client went away
                 return
             chunk = message.get("body", b"")

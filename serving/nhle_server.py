@@ -6,7 +6,8 @@
 Settings come from params.yaml's `serving:` section, each overridden by an environment variable
 (see `Settings.from_env` and serving/README.md):
 NHLE_PARAMS, NHLE_PROJECT_DIR, NHLE_MODEL, NHLE_ADMIN_TOKEN, NHLE_POLL_SECONDS,
-NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_DEVICE.
+NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_REQUEST_PIXELS,
+NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_DEVICE.
 
 Model input: float32 pixels in [0, 1], shape (C, H, W) per image, exactly what the exported
 ONNX graph takes (normalisation and the forgotten-class mask are inside the graph). /predict
@@ -30,12 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import sys
 
 import onnxruntime as ort  # noqa: F401  (nhle_server.ort, as before the split)
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +84,29 @@ IMAGES_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-d
         "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}}}}}}
 
 
+def example_image(shape) -> list:
+    """A C x H x W image in [0, 1] (a diagonal gradient) for the OpenAPI examples."""
+    c, h, w = shape
+    ramp = (np.arange(h)[:, None] + np.arange(w)[None, :]) / max(1, h + w - 2)
+    return np.round(np.broadcast_to(ramp, (c, h, w)), 3).tolist()
+
+
+def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> dict:
+    """Request examples shaped for the served model, with the responses it really gives them
+    (computed now), so "Try it out" in /docs reproduces the documented answer."""
+    image = example_image(model.input_shape)
+    cases = {"/predict": ({"instances": [image], "top_k": 3}, handle_predict),
+             "/invocations": ({"inputs": [image]}, handle_invocations)}
+    for path, (request, handler) in cases.items():
+        operation = schema["paths"][path]["post"]
+        response = handler(json.dumps(request).encode(), model, settings)
+        operation["requestBody"]["content"]["application/json"]["example"] = request
+        operation["responses"]["200"]["content"] = {"application/json": {"example": response}}
+    schema["info"]["description"] += (f" The examples are version {model.version}'s real answers to a "
+                                      f"{shape_text(model.input_shape)} gradient image.")
+    return schema
+
+
 def _setup_logging():
     # uvicorn configures only its own loggers; without this our INFO lines would be dropped.
     if not log.handlers:
@@ -89,7 +117,7 @@ def _setup_logging():
         log.propagate = False
 
 
-def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, manager: ModelManager | None = None):
     """The ASGI app; `uvicorn nhle_server:create_app --factory` calls it with no arguments."""
     _setup_logging()
     settings = settings or Settings.from_env()
@@ -103,10 +131,19 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         finally:
             manager.stop()
 
-    app = FastAPI(title="nhle model server", version="1", lifespan=lifespan,
-                  description="Image classification with an unlearned model: forgotten classes are never returned.")
+    # FastAPIOffline: /docs and /redoc load their JavaScript and CSS from this server, not a CDN.
+    app = FastAPIOffline(title="nhle model server", version="1", lifespan=lifespan,
+                         description="Image classification with an unlearned model: forgotten classes are never returned.")
+
+    def openapi() -> dict:
+        # Not cached like FastAPI's: the examples follow the model being served.
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        model = manager.current
+        return add_live_examples(schema, model, settings) if model is not None else schema
+
+    app.openapi = openapi
     app.state.settings, app.state.manager = settings, manager
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds)
 
     def headers(model: LoadedModel) -> dict:
         return {"X-Model-Version": str(model.version)}
@@ -190,7 +227,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             files = [(u.filename or f"files[{i}]", await u.read()) for i, u in enumerate(uploads)]
         finally:
             await form.close()
-        result = await run_in_threadpool(handle_images, files, top_k, model)
+        result = await run_in_threadpool(handle_images, files, top_k, model, settings)
         return JSONResponse(result, headers=headers(model))
 
     @app.post("/admin/reload")

@@ -55,6 +55,12 @@ class Settings:
     """NHLE_MAX_INSTANCES: most images in one request (more is 413)."""
     max_body_bytes: int = 8 * MIB
     """NHLE_MAX_BODY_BYTES: largest request body (more is 413)."""
+    body_timeout_seconds: float = 30.0
+    """NHLE_BODY_TIMEOUT_SECONDS: a request body must arrive whole within this (else 408 and the
+    connection is closed), so a client that stops mid-body does not hold a connection."""
+    max_request_pixels: int = 64 * MIB
+    """NHLE_MAX_REQUEST_PIXELS: most image pixels (width x height, read from each header before
+    decoding) one request may make the server decode, summed over its images (more is 413)."""
     ort_threads: int = 0
     """NHLE_ORT_THREADS: ONNX Runtime intra-op threads; 0 is ONNX Runtime's default."""
     ort_opt_level: str = "all"
@@ -71,6 +77,10 @@ class Settings:
             raise ValueError(f"NHLE_MAX_INSTANCES must be >= 1, got {self.max_instances}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"NHLE_MAX_BODY_BYTES must be >= 1024, got {self.max_body_bytes}")
+        if not self.body_timeout_seconds > 0 or not math.isfinite(self.body_timeout_seconds):
+            raise ValueError(f"NHLE_BODY_TIMEOUT_SECONDS must be a positive number, got {self.body_timeout_seconds}")
+        if self.max_request_pixels < 1:
+            raise ValueError(f"NHLE_MAX_REQUEST_PIXELS must be >= 1, got {self.max_request_pixels}")
         if self.ort_threads < 0:
             raise ValueError(f"NHLE_ORT_THREADS must be >= 0, got {self.ort_threads}")
         if self.ort_opt_level not in OPT_LEVELS:
@@ -94,6 +104,8 @@ class Settings:
             poll_seconds=_env_number(env, "NHLE_POLL_SECONDS", defaults.poll_seconds, float),
             max_instances=_env_number(env, "NHLE_MAX_INSTANCES", defaults.max_instances),
             max_body_bytes=_env_number(env, "NHLE_MAX_BODY_BYTES", defaults.max_body_bytes),
+            body_timeout_seconds=_env_number(env, "NHLE_BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds, float),
+            max_request_pixels=_env_number(env, "NHLE_MAX_REQUEST_PIXELS", defaults.max_request_pixels),
             ort_threads=_env_number(env, "NHLE_ORT_THREADS", defaults.ort_threads),
             ort_opt_level=(env.get("NHLE_ORT_OPT_LEVEL") or defaults.ort_opt_level).strip().lower(),
             device=(env.get("NHLE_DEVICE") or defaults.device).strip().lower(),

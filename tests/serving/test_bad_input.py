@@ -2,12 +2,15 @@
 
     .venv/bin/python -m pytest -q tests/serving/test_bad_input.py
 
-The `server` fixture runs with NHLE_MAX_INSTANCES=300 and NHLE_MAX_BODY_BYTES=1 MiB.
+The `server` fixture runs with NHLE_MAX_INSTANCES=300, NHLE_MAX_BODY_BYTES=1 MiB,
+NHLE_MAX_REQUEST_PIXELS=20,000,000 and NHLE_BODY_TIMEOUT_SECONDS=3.
 """
 import base64
 import io
 import json
+import socket
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -121,6 +124,11 @@ CASES = [
      "cannot identify image file the data"),
     ("image-too-many", "/predict/image", dict(files=[("files", (f"{i}.png", png())) for i in range(301)]), 413,
      "limit is 300"),
+    ("request-pixels", "/predict", dict(json={"instances": [base64.b64encode(png(4000, 2000)).decode()] * 3}), 413,
+     "instances[2] would take this request's decoded images past NHLE_MAX_REQUEST_PIXELS"),
+    ("request-pixels-files", "/predict/image", dict(files=[("files", (f"{i}.png", png(4000, 2000))) for i in range(3)]),
+     413, "NHLE_MAX_REQUEST_PIXELS"),
+    ("invocations-bytes", "/invocations", dict(json={"inputs": [[[200] * 8] * 8]}), 422, "divide 0..255 pixels by 255"),
     ("malformed-multipart", "/predict/image",
      dict(content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno end",
           headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "multipart"),
@@ -140,6 +148,28 @@ def test_server_still_serves_after_every_bad_request(server):
     r = server.http.post("/predict", json={"instances": [IMG]})
     assert r.status_code == 200 and len(r.json()["predictions"][0]["top_k"]) == 3
     assert "Traceback" not in server.log()  # no bad input reached the 500 handler
+
+
+def test_invocations_never_suggests_a_field_it_rejects(server):
+    r = server.http.post("/invocations", json={"instances": [[[200] * 8] * 8]})
+    assert r.status_code == 422 and 'need "scale"' not in r.json()["detail"], r.json()
+    r = server.http.post("/invocations", json={"inputs": [IMG], "scale": "byte"})
+    assert r.status_code == 422 and "unknown field(s) ['scale']" in r.json()["detail"]
+
+
+def test_a_body_that_stops_midway_gets_408_and_the_connection_closed(server):
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b'{"instances": [')
+        received = b""
+        while chunk := conn.recv(4096):  # b"" once the server has closed the connection
+            received += chunk
+    waited = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b"did not arrive whole within 3 s (15 bytes came" in received
+    assert 2.5 < waited < 20, waited  # the 3 s limit, not the client's 30 s timeout
+    assert server.http.post("/predict", json={"instances": [IMG]}).status_code == 200
 
 
 def test_unknown_route_and_method_are_4xx(server):

@@ -140,3 +140,32 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
                             env={**server.env, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_docs_pages_load_every_asset_from_the_server_itself(server):
+    import re
+
+    for page in ("/docs", "/redoc"):
+        r = server.http.get(page)
+        assert r.status_code == 200, r.text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+\.(?:js|css|png))["']""", r.text)
+        assert assets, r.text
+        for url in assets:  # a blank page without internet had its assets on a CDN
+            assert url.startswith("/"), f"{page} loads {url} from elsewhere"
+            asset = server.http.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 1000, url
+        assert "cdn." not in r.text
+
+
+def test_openapi_examples_are_the_served_models_real_answers(server):
+    spec = server.http.get("/openapi.json").json()
+    assert "version 1's real answers" in spec["info"]["description"]
+    for path in ("/predict", "/invocations"):
+        operation = spec["paths"][path]["post"]
+        request = operation["requestBody"]["content"]["application/json"]["example"]
+        documented = operation["responses"]["200"]["content"]["application/json"]["example"]
+        r = server.http.post(path, json=request)  # what "Try it out" in /docs sends
+        assert r.status_code == 200, r.text
+        assert r.json() == documented
+    assert len(spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["example"]
+               ["predictions"][0]["top_k"]) == 3
