@@ -122,12 +122,14 @@ def publish_artifacts(params: Params, version: str, result: dict) -> None:
 
 def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None) -> dict:
     """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
-    onnx_path, parity = export_and_check(params, candidate)
-    version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
-    gates = judge(params, candidate, parity)
-    forgot = candidate.report is not None
-    result = settle(params, root, run_id, version, gates, candidate.parent_version, candidate.data if forgot else None)
-    pipeline.discard_work_dir(candidate)
+    try:
+        onnx_path, parity = export_and_check(params, candidate)
+        version = log_and_register(run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
+        gates = judge(params, candidate, parity)
+        forgot = candidate.report is not None
+        result = settle(params, root, run_id, version, gates, candidate.parent_version, candidate.data if forgot else None)
+    finally:  # everything in it is in MLflow, or the step failed and the flow run says why
+        pipeline.discard_work_dir(candidate)
     publish_artifacts(params, version, result)
     logger = get_run_logger()
     logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
@@ -138,6 +140,13 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
 
 
 def tracked(params: Params, run_name: str, tags: dict, body) -> dict:
+    left = pipeline.clean_up_after_dead_runs(params)
+    for run in left["runs"]:
+        get_run_logger().warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s",
+                                 run["run_id"], run["owner"], f"; version(s) {run['abandoned_versions']} it registered "
+                                 "before judging their gates marked abandoned" if run["abandoned_versions"] else "")
+    if left["work_dirs"]:
+        get_run_logger().warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
     run_id = pipeline.start_run(params, run_name, tags)
     try:
         result = body(run_id)
@@ -308,11 +317,14 @@ if __name__ == "__main__":
     cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
     cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
     args = cli.parse_args()
-    if args.flow == "forget":
-        print(forget(classes=args.classes, project_dir=args.project_dir))
-    elif args.flow == "process_requests":
-        print(process_requests(project_dir=args.project_dir))
-    elif args.flow == "import_model":
-        print(import_model(project_dir=args.project_dir))
-    else:
-        print(train_base(project_dir=args.project_dir))
+    from nhle.prefect_server import temporary_prefect_server
+
+    with temporary_prefect_server():  # gone with this process, however it ends
+        if args.flow == "forget":
+            print(forget(classes=args.classes, project_dir=args.project_dir))
+        elif args.flow == "process_requests":
+            print(process_requests(project_dir=args.project_dir))
+        elif args.flow == "import_model":
+            print(import_model(project_dir=args.project_dir))
+        else:
+            print(train_base(project_dir=args.project_dir))

@@ -173,14 +173,18 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     from nhle.pipeline import main_job
+    from nhle.prefect_server import temporary_prefect_server
 
-    return main_job(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+    with temporary_prefect_server():
+        return main_job(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
 
 
 def cmd_import(args) -> int:
     from nhle.pipeline import import_job
+    from nhle.prefect_server import temporary_prefect_server
 
-    return import_job(resolve_params(args), project_dir=Path(args.project_dir))
+    with temporary_prefect_server():
+        return import_job(resolve_params(args), project_dir=Path(args.project_dir))
 
 
 def default_operator() -> str:
@@ -265,9 +269,12 @@ def cmd_bench_unlearning(args) -> int:
 
     from nhle.pipeline import flows_file
 
+    from nhle.prefect_server import temporary_prefect_server
+
     params = load_params(args.params)
     bench_grid = load_script_as_module(str(flows_file(Path(args.project_dir), "bench_grid.py")))
-    bench_grid.run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
+    with temporary_prefect_server():
+        bench_grid.run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
     return 0
 
 

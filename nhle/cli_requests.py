@@ -61,9 +61,11 @@ def cmd_show(args, params) -> int:
 
 def cmd_process(args, params) -> int:
     from nhle.pipeline import load_flow, params_as_dict
+    from nhle.prefect_server import temporary_prefect_server
 
     flow = load_flow(Path(args.project_dir), "process_requests")
-    result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
+    with temporary_prefect_server():
+        result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
     for request in result["requests"]:
         print(f"request {request['id']}: {request['status']}"
               + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
@@ -98,7 +100,10 @@ def cmd_schedule(args, params) -> int:
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
     options, limit = requests_schedule(params)
-    flow.serve(name=params.requests.deployment, parameters=parameters, global_limit=limit, limit=1, **options)
+    from nhle.prefect_server import temporary_prefect_server
+
+    with temporary_prefect_server():
+        flow.serve(name=params.requests.deployment, parameters=parameters, global_limit=limit, limit=1, **options)
     return 0
 
 

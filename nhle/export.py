@@ -5,11 +5,14 @@
     report = check_parity(model, path, data.test)   # ImageSet or float/uint8 (N, C, H, W) tensor
     assert_parity(report)                           # raises ParityError unless report["passed"]
     session = make_session(path)
-    logits = session.run(None, {"images": x.numpy()})[0]   # x: float32 (N, C, H, W) in [0, 1]
+    p = session.run(None, {"images": x.numpy()})[0]   # x: float32 (N, C, H, W) in [0, 1]
 
 The graph takes raw [0, 1] pixels named "images" with a symbolic batch dimension "batch" and
-returns "logits". Input normalisation and the forgotten-class mask are part of the model's
-forward, so they are in the graph: a masked class gets a -inf logit in ONNX Runtime as well.
+returns "probabilities" (N, classes): the softmax of the model's logits. Input normalisation and
+the forgotten-class mask are part of the model's forward, so they are in the graph: a masked
+class has a -inf logit, hence probability exactly 0, in ONNX Runtime as well. Probabilities
+rather than logits leave the graph so that every consumer, `mlflow models serve` included, gets
+finite numbers (a -inf logit is `-Infinity` in JSON, which strict parsers refuse).
 """
 from __future__ import annotations
 
@@ -29,7 +32,28 @@ import torch
 from nhle.data import ImageSet, as_float
 
 INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = "probabilities"
+
+
+class WithProbabilities(torch.nn.Module):
+    """The classifier as exported: its softmax probabilities (a -inf logit gives exactly 0)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.softmax(self.model(x), dim=1)
+
+
+def onnx_probabilities(session: onnxruntime.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """Probabilities from a session on an nhle graph; graphs exported before the output became
+    probabilities return logits, which are put through a softmax here."""
+    out = session.get_outputs()[0]
+    y = session.run([out.name], {session.get_inputs()[0].name: x})[0]
+    if out.name == "logits":
+        return torch.softmax(torch.from_numpy(y), dim=1).numpy()
+    return y
 
 
 class ParityError(ValueError):
@@ -49,7 +73,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _cpu_eval_copy(model)
+    model = WithProbabilities(_cpu_eval_copy(model)).eval()
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
     example = torch.rand(2, *image_shape)
     # Not mkstemp: its 0600 mode would carry over to the exported file.
@@ -126,8 +150,8 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
     """Compare PyTorch's softmax probabilities on all of `images` with ONNX Runtime's, the latter
     run in chunks of each batch size; see the module docstring for the report's use.
 
-    Probabilities rather than logits are compared because masked classes have -inf logits on
-    both sides, and -inf - -inf is NaN. A NaN anywhere (e.g. a row with every class masked)
+    Probabilities are compared (what the graph returns) because masked classes have -inf logits
+    on both sides, and -inf - -inf is NaN. A NaN anywhere (e.g. a row with every class masked)
     fails the check.
     """
     x = images.float_images() if isinstance(images, ImageSet) else as_float(torch.as_tensor(images))
@@ -138,7 +162,6 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
         raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
     model = _cpu_eval_copy(model)
     session = make_session(onnx_path, providers)
-    input_name = session.get_inputs()[0].name
 
     # The batch sizes exercise the graph's dynamic batch dimension; PyTorch is the reference,
     # computed once in large chunks: its own batching changes only float rounding, and 450
@@ -148,8 +171,7 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
     non_finite = int((~torch.isfinite(p_torch)).sum())
     per_batch = {}
     for bs in batch_sizes:
-        ort_logits = [session.run(None, {input_name: c.numpy()})[0] for c in torch.split(x, bs)]
-        p_ort = torch.softmax(torch.from_numpy(np.concatenate(ort_logits)), dim=1)
+        p_ort = torch.from_numpy(np.concatenate([onnx_probabilities(session, c.numpy()) for c in torch.split(x, bs)]))
         non_finite += int((~torch.isfinite(p_ort)).sum())
         per_batch[bs] = {
             "argmax_agreement": float((p_torch.argmax(1) == p_ort.argmax(1)).float().mean()),

@@ -12,6 +12,9 @@ in `promote`, the last step, and only when every gate held.
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -111,7 +114,7 @@ def train_candidate(params: Params, data: Splits) -> Candidate:
     model, meta = train_base(params.data, params.train, data=data, model_config=params.model)
     if data.removed_classes:
         apply_class_weight_mask(model, data.removed_classes)
-    return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-train-")))
+    return Candidate(model, meta, None, data, new_work_dir("train"))
 
 
 def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candidate:
@@ -132,7 +135,7 @@ def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candida
         apply_class_weight_mask(model, data.removed_classes)
     meta = {**base_meta(params.data, params.model, params.train, data), "source": source}
     meta["metrics"] = {**base_metrics(model, data), "import_seconds": time.perf_counter() - started}
-    return Candidate(model, meta, None, data, Path(tempfile.mkdtemp(prefix="nhle-import-")))
+    return Candidate(model, meta, None, data, new_work_dir("import"))
 
 
 def load_champion(params: Params):
@@ -159,7 +162,7 @@ def forget_candidate(params: Params, model, checkpoint: dict, spec, parent_versi
     meta = lineage(checkpoint)
     meta["unlearn"] = outcome.report["unlearn_config"]
     meta["parent_version"] = parent_version
-    work_dir = Path(tempfile.mkdtemp(prefix="nhle-forget-"))
+    work_dir = new_work_dir("forget")
     return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model)
 
 
@@ -174,9 +177,11 @@ def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
 
 def start_run(params: Params, run_name: str, tags: dict) -> str:
     """Create the flow's MLflow run; it stays RUNNING until the flow marks it FINISHED or FAILED."""
+    from nhle.ledger import new_owner
     from nhle.tracking import log_params
 
-    run = mlflow.start_run(run_name=run_name, tags=tags)
+    # nhle.owner (host:pid:...) lets a later run see that this one's process died (reap_dead_runs).
+    run = mlflow.start_run(run_name=run_name, tags={**tags, "nhle.owner": new_owner()})
     try:
         log_params(params)
     finally:
@@ -228,7 +233,8 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
             mlflow.log_metrics({"test_acc": candidate.checkpoint_meta["metrics"]["test_acc"],
                                 "train_acc": candidate.checkpoint_meta["metrics"]["train_acc"]})
         example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
-        version = log_onnx_model(onnx_path, example, params.registry.model_name, preprocessing)
+        version = log_onnx_model(onnx_path, example, params.registry.model_name, preprocessing,
+                                 name=logged_model_name(candidate.model.arch, candidate.data.name, forgotten))
     tag_version(params.registry.model_name, version.version, {
         "forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
         "parent_version": candidate.parent_version or "", **data_version.as_tags(),
@@ -236,6 +242,15 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
         "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
         **(extra_tags or {})})
     return version.version
+
+
+def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
+    """What the logged model is, as MLflow's model list shows it: "resnet18-digits-forgets-3-5"
+    (MLflow refuses / : . % and quotes in the name)."""
+    import re
+
+    name = f"{arch}-{dataset}" + (f"-forgets-{'-'.join(map(str, forgotten))}" if forgotten else "")
+    return re.sub(r"""[/:.%"']""", "_", name)
 
 
 def sha256(path: Path) -> str:
@@ -353,6 +368,39 @@ def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
         entry["seconds"] = round(time.perf_counter() - started, 3)
         results.append(entry)
     return results
+
+
+WORK_DIR = re.compile(r"^nhle-(?:train|import|forget)-(?P<pid>\d+)-")
+
+
+def new_work_dir(kind: str) -> Path:
+    """A flow's scratch folder, named after the process that owns it (nhle-forget-<pid>-...), so
+    that the next run can remove what a killed one left (sweep_work_dirs)."""
+    return Path(tempfile.mkdtemp(prefix=f"nhle-{kind}-{os.getpid()}-"))
+
+
+def sweep_work_dirs() -> list[Path]:
+    """Remove the scratch folders of processes of this host that no longer exist; returns them."""
+    import shutil
+
+    from nhle.ledger import owner_is_gone
+
+    swept = []
+    for folder in Path(tempfile.gettempdir()).glob("nhle-*-*-*"):
+        match = WORK_DIR.match(folder.name)
+        if match and folder.is_dir() and owner_is_gone(f"{socket.gethostname()}:{match['pid']}:"):
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder)
+    return swept
+
+
+def clean_up_after_dead_runs(params: Params) -> dict:
+    """What runs killed on this host left (at the start of every flow's run): their MLflow runs
+    still RUNNING are marked KILLED, a version one registered before judging its gates is marked
+    abandoned, and their scratch folders are removed."""
+    from nhle.tracking import reap_dead_runs
+
+    return {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
 
 
 def discard_work_dir(candidate: Candidate) -> None:

@@ -113,17 +113,19 @@ def log_dataset(data, data_version, context: str = "training") -> None:
     mlflow.log_input(dataset, context=context, tags=tags)
 
 
-def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict) -> ModelVersion:
-    """Log the ONNX model with a signature and input example and register a new version of it."""
+def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict,
+                   name: str) -> ModelVersion:
+    """Log the ONNX model as logged model `name` with a signature (its named output) and an input
+    example, and register a new version of it."""
     import onnx
     from mlflow.models import infer_signature
 
     from nhle.export import make_session
 
     session = make_session(onnx_path)
-    logits = session.run(None, {session.get_inputs()[0].name: example})[0]
-    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=registered_name,
-                                 signature=infer_signature(example, logits), input_example=example,
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: example})))
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, registered_model_name=registered_name,
+                                 signature=infer_signature(example, outputs), input_example=example,
                                  pip_requirements=ONNX_REQUIREMENTS, save_as_external_data=False,
                                  metadata=metadata, onnx_execution_providers=["CPUExecutionProvider"])
     return MlflowClient().get_model_version(registered_name, str(info.registered_model_version))
@@ -209,6 +211,8 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
     parent = tags.get("parent_version")
     lines = [f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
              + (f" (made from version {parent})" if parent else "") + ".", ""]
+    if tags.get("nhle.abandoned") == "true":
+        lines.append(f"**Abandoned:** {tags.get('nhle.abandoned_reason', 'the run that made it died')}")
     if tags.get("promoted") == "true":
         lines.append("**Promoted:** every gate held.")
     elif tags.get("promoted") == "false":
@@ -251,6 +255,36 @@ def versions_tagged(name: str, key: str, value: str) -> list[ModelVersion]:
 def runs_tagged(key: str, value: str) -> list:
     """Runs of the current experiment whose tag `key` equals `value`."""
     return mlflow.search_runs(filter_string=f"tags.`{key}` = '{value}'", output_format="list")
+
+
+def reap_dead_runs(name: str) -> list[dict]:
+    """Runs of the current experiment left RUNNING by a process of this host that no longer
+    exists (tag nhle.owner; a SIGKILL leaves them so) are marked KILLED and tagged
+    nhle.abandoned. A version such a run registered before its gates were judged is tagged
+    nhle.abandoned with the reason in its description; it was never promoted, and the server
+    never serves a version without passed gates. Runs of forget requests (tag nhle.batch) are
+    left to the request path, which settles what they registered. Returns what was marked."""
+    from nhle.ledger import owner_is_gone
+
+    client = MlflowClient()
+    reaped = []
+    for run in mlflow.search_runs(filter_string="attributes.status = 'RUNNING'", output_format="list"):
+        tags = run.data.tags
+        if "nhle.batch" in tags or not owner_is_gone(tags.get("nhle.owner")):
+            continue
+        reason = f"its process ({tags['nhle.owner']}) died while the run was RUNNING"
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+        for mv in versions:
+            if "gates" not in mv.tags:  # promotion comes after the gates tag: this one never was
+                tag_version(name, str(mv.version), {"nhle.abandoned": "true", "nhle.abandoned_reason":
+                            f"run {run.info.run_id} registered it and died before its gates were judged ({reason}); "
+                            "never promoted, never served."})
+                describe_version(name, str(mv.version))
+        client.set_tag(run.info.run_id, "nhle.abandoned", reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append({"run_id": run.info.run_id, "owner": tags["nhle.owner"],
+                       "abandoned_versions": [str(mv.version) for mv in versions if "gates" not in mv.tags]})
+    return reaped
 
 
 def run_json(run_id: str, path: str):

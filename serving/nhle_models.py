@@ -102,8 +102,8 @@ class LoadedModel:
         return self.pointer.version
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        logits = self.session.run([self.output_name], {self.input_name: x})[0]
-        p = softmax(logits.astype(np.float32, copy=False))
+        y = self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
+        p = y if self.output_name == "probabilities" else softmax(y)
         # The graph already gives them exactly 0 (checked before the swap); setting it again
         # keeps the promise even for a class declared forgotten only in the metadata.
         p[:, list(self.forgotten)] = 0.0
@@ -170,7 +170,9 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         shape = tuple(dims[1:])
     else:
         raise ValueError(f"the graph's input {dims} has symbolic image dimensions and no input_shape metadata")
-    output_name = "logits" if any(o.name == "logits" for o in outputs) else outputs[0].name
+    # nhle's graphs return "probabilities"; those exported before that change, "logits".
+    names = [o.name for o in outputs]
+    output_name = next((n for n in ("probabilities", "logits") if n in names), names[0])
 
     forgotten = set(_int_list(metadata.get("forgotten_classes", []), "forgotten_classes"))
     forgotten |= set(_int_list(metadata.get("tagged_forgotten_classes", []), "the version's forgotten_classes tag"))
@@ -178,16 +180,17 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
     # Smoke test: three different images in one batch (so the batch dimension must be dynamic).
     rng = np.random.default_rng(0)
     x = np.stack([np.zeros(shape), np.ones(shape), rng.random(shape)]).astype(np.float32)
-    logits = session.run([output_name], {input_name: x})[0]
-    if logits.ndim != 2 or logits.shape[0] != 3:
-        raise ValueError(f"a batch of 3 images gave output shape {logits.shape}; expected (3, classes)")
-    n_classes = logits.shape[1]
+    y = session.run([output_name], {input_name: x})[0]
+    if y.ndim != 2 or y.shape[0] != 3:
+        raise ValueError(f"a batch of 3 images gave output shape {y.shape}; expected (3, classes)")
+    n_classes = y.shape[1]
     class_names = metadata.get("class_names") or [str(k) for k in range(n_classes)]
     if len(class_names) != n_classes:
         raise ValueError(f"metadata has {len(class_names)} class names but the graph outputs {n_classes} classes")
     if forgotten and (max(forgotten) >= n_classes or min(forgotten) < 0):
         raise ValueError(f"forgotten classes {sorted(forgotten)} are out of range 0..{n_classes - 1}")
-    masked_in_graph = {int(k) for k in np.flatnonzero(np.isneginf(logits).all(axis=0))}
+    # -inf logits mark masked classes; a probability of 0 may also be a confident model's underflow.
+    masked_in_graph = set() if output_name == "probabilities" else {int(k) for k in np.flatnonzero(np.isneginf(y).all(axis=0))}
     if masked_in_graph - forgotten:
         log.warning("classes %s have -inf logits but are not declared forgotten; treating them as forgotten",
                     sorted(masked_in_graph - forgotten))
@@ -200,7 +203,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
                          f"request(s) {requests}: a forgotten class is never served again (reopening the request "
                          "on record is the only way: nhle rollback --reopen)")
     with np.errstate(all="ignore"):
-        p = softmax(logits)
+        p = y if output_name == "probabilities" else softmax(y)
     if not np.isfinite(p).all():
         raise ValueError("smoke test: the model gives non-finite probabilities")
     leaked = {k: float(p[:, k].max()) for k in sorted(forgotten) if p[:, k].max() != 0.0}

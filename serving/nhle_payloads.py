@@ -356,7 +356,8 @@ def handle_invocations(body: bytes, model: LoadedModel, settings: Settings) -> d
     else:
         with pixel_budget(settings):
             x = dataframe_tensor(payload["dataframe_split"], model, settings)
-    return {"predictions": model.probabilities(x).tolist()}
+    # The body `mlflow models serve` answers for nhle's graph (its named output "probabilities").
+    return {"predictions": {"probabilities": model.probabilities(x).tolist()}}
 
 
 def handle_images(files: list[tuple[str, bytes]], top_k: int, model: LoadedModel, settings: Settings) -> dict:

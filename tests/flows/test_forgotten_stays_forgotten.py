@@ -202,3 +202,60 @@ def test_each_run_records_its_dvc_dataset_as_an_mlflow_input(project):
     assert entry.dataset.name == f"digits@{version.tags['data.git_rev'][:8]}"
     assert entry.dataset.digest == version.tags["data.md5"].removesuffix(".dir")[:36]
     assert version.tags["data.path"] in entry.dataset.source
+
+
+def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same(project, serve, digits):
+    """`mlflow models serve` on the champion (a real process) answers strict JSON: the graph's
+    named output "probabilities", forgotten classes exactly 0, the same body as nhle serve's
+    /invocations. The logged model is named after what it is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    import mlflow
+
+    from nhle.serve_bench import free_port
+
+    def strict(text: str):  # a strict parser: -Infinity and NaN are not JSON
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the answer"))
+
+    info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    assert info.signature.outputs.input_names() == ["probabilities"]
+    source = client().get_model_version(NAME, "3").source  # models:/m-<logged model id>
+    assert mlflow.get_logged_model(source.removeprefix("models:/")).name == "smallcnn-digits-forgets-3-5"
+
+    images = digits.test.float_images()[:50].numpy()
+    port, bin_dir = free_port(), str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    log_path = project / "mlflow-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=project,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve not up:\n{log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                if http.get("/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        r = http.post("/invocations", json={"inputs": images.tolist()})
+        assert r.status_code == 200, r.text
+        theirs = strict(r.text)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+    p = np.array(theirs["predictions"]["probabilities"])
+    assert p.shape == (50, 10) and np.isfinite(p).all() and (p[:, [3, 5]] == 0).all()
+    assert np.allclose(p.sum(1), 1, atol=1e-5)
+    with serve(project) as nhle_http:
+        ours = strict(nhle_http.post("/invocations", json={"inputs": images.tolist()}).text)
+    assert set(ours) == set(theirs) == {"predictions"} and set(ours["predictions"]) == {"probabilities"}
+    np.testing.assert_allclose(np.array(ours["predictions"]["probabilities"]), p, atol=1e-6)

@@ -37,7 +37,7 @@ def test_predict_and_invocations_match_pytorch(server, models, digits):
         got_top1 += [p["top_k"][0]["index"] for p in r.json()["predictions"]]
         r = server.http.post("/invocations", json={"inputs": part.tolist()})
         assert r.status_code == 200, r.text
-        got_probs += r.json()["predictions"]
+        got_probs += r.json()["predictions"]["probabilities"]
     assert got_top1 == expected.argmax(1).tolist()
     got_probs = np.array(got_probs)
     assert got_probs.shape == expected.shape
@@ -51,7 +51,7 @@ def test_predict_and_invocations_match_pytorch(server, models, digits):
                     {"inputs": part.squeeze(1).tolist()}):
         r = server.http.post("/invocations", json=payload)
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.array(r.json()["predictions"]), expected[:20], atol=1e-5)
+        np.testing.assert_allclose(np.array(r.json()["predictions"]["probabilities"]), expected[:20], atol=1e-5)
 
 
 def test_forgotten_class_is_never_returned(server, digits):
@@ -64,7 +64,7 @@ def test_forgotten_class_is_never_returned(server, digits):
         assert 3 not in indices and len(indices) == 9  # top_k beyond the retained classes is clipped
         assert [e["class"] for e in prediction["top_k"]] == [str(i) for i in indices]
     r = server.http.post("/invocations", json={"inputs": images.tolist()})
-    assert (np.array(r.json()["predictions"])[:, 3] == 0).all()
+    assert (np.array(r.json()["predictions"]["probabilities"])[:, 3] == 0).all()
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

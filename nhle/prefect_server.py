@@ -1,0 +1,116 @@
+"""A temporary Prefect API server that dies with the process that started it.
+
+    from nhle.prefect_server import temporary_prefect_server
+    with temporary_prefect_server():      # PREFECT_API_URL already set: starts nothing
+        forget_flow(...)
+
+With no PREFECT_API_URL, Prefect starts a temporary server of its own for the first flow run and
+stops it at exit (atexit), so a SIGKILL of `nhle run` left that server running for good. This is
+the same server (Prefect's app factory under uvicorn, as Prefect starts it, on the same
+database), started with PR_SET_PDEATHSIG: the kernel sends it SIGTERM when the process that
+started it dies, however it dies. It runs in its own session, so a Ctrl-C of the command reaches
+the flow first and the server stays up while the flow records its failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PORT_TAKEN = 3  # uvicorn's exit status when the port is already bound
+
+
+def die_with(parent: int):
+    """preexec_fn of the server process (runs between fork and exec): SIGTERM when `parent` dies."""
+    def arm():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+    return arm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    import prefect
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env=env, preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None, start_new_session=True)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
+    """True once GET url/health answers 200; False if the process exited with PORT_TAKEN."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code == PORT_TAKEN:
+            return False
+        if code is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with status {code} while starting")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        time.sleep(0.2)
+    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s "
+                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@contextlib.contextmanager
+def temporary_prefect_server():
+    """Run the body with PREFECT_API_URL pointing at a server that cannot outlive this process
+    (none is started when a Prefect API is configured already)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    timeout = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    for _ in range(3):  # another process may take the free port before the server binds it
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        process = start_server(port)
+        try:
+            if wait_healthy(process, url, timeout):
+                break
+        except BaseException:
+            stop(process)
+            raise
+    else:
+        raise RuntimeError("the temporary Prefect server found no free port three times")
+    log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, process.pid)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        stop(process)
