@@ -112,8 +112,13 @@ def publish_artifacts(params: Params, version: str, result: dict) -> None:
     key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
     description = MlflowClient().get_model_version(name, version).description or ""
     verdict = "promoted" if result["promoted"] else "not promoted"
-    create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\nMLflow run "
-                             f"`{result['run_id']}` at `{mlflow.get_tracking_uri()}`\n\n{description}",
+    uri = mlflow.get_tracking_uri()
+    # The description's links are relative to the MLflow UI; here they must name it.
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    where = "" if ui == uri.rstrip("/") else f" (links: `mlflow ui --backend-store-uri {uri}` on its default address)"
+    description = description.replace("](#/", f"]({ui}/#/")
+    create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
+                             f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",
                              description=f"{name} version {version}: {verdict} ({result['reason']})")
     create_table_artifact(key=f"{key}-gates", table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")}
                                                       for g in result["gates"]],

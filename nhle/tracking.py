@@ -222,12 +222,17 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
         lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
                   for g in gates]
-    lines += ["", f"**Evidence** ([run {run_id}]({run}), its Artifacts tab): `report.json` (every metric against "
-              "the original and the retrained reference), `gates.json`, `parity.json`, `plots/`, "
-              "`preprocessing.json`, `checkpoint/model.pt`."]
+    def artifact(path: str, text: str | None = None) -> str:
+        # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
+        return f"[{text or path}]({run}/artifacts/{path})"
+
+    lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact('report.json')} (every metric against the "
+              f"original and the retrained reference), {artifact('gates.json')}, {artifact('parity.json')}, "
+              f"{artifact('plots')}, {artifact('preprocessing.json')}, {artifact('checkpoint/model.pt')}."]
     audits = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items() if k.startswith("audit.request."))
     if audits:
-        lines += ["", "**Audit reports:** " + ", ".join(f"request {i}: `{uri}`" for i, uri in audits)]
+        lines += ["", "**Audit reports:** " + ", ".join(
+            artifact(uri.removeprefix(f"runs:/{run_id}/"), f"request {i}") + f" (`{uri}`)" for i, uri in audits)]
     return "\n".join(lines)
 
 

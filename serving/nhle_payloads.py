@@ -12,7 +12,9 @@ import binascii
 import contextlib
 import io
 import json
+import os
 import re
+import threading
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -31,6 +33,10 @@ DEFAULT_TOP_K = 3
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_ASPECT = 64
+
+# Images decoded at once, all requests together: each may hold ~100 MB while it decodes, and the
+# thread pool runs up to 40 handlers.
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 # Pixels the request being handled may still have decoded (set by its handler): one request of 256
 # images, each under MAX_IMAGE_PIXELS, could otherwise decode 4 billion pixels.
@@ -202,25 +208,31 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
                 raise bad("bad_image", f"{where} is {img.width} x {img.height} pixels; sides may differ at most "
                                        f"{MAX_IMAGE_ASPECT} times", 400)
             spend_pixels(img.width * img.height, where)
-            img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I"):
-                # 16-bit grey (PNG): scale 0..65535 to [0, 1] ourselves; convert("L") would clip.
-                grey = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
-                img, top = Image.fromarray(grey), 1.0  # float32 -> mode F
-            else:
-                img, top = img.convert("L" if c == 1 else "RGB"), 255.0
-            if img.size != (w, h):
-                # Box (area) filter when shrinking: every source pixel counts, no aliasing.
-                shrink = img.width >= w and img.height >= h
-                img = img.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.float32) / top
-            if c == 3 and pixels.ndim == 2:
-                pixels = np.repeat(pixels[..., None], 3, axis=2)
+            with DECODE_SLOTS:
+                return decoded(img, c, h, w)
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(err))  # no addresses
         raise bad("bad_image", f"{where} could not be decoded as an image: {message}", 400) from None
+
+
+def decoded(img: Image.Image, c: int, h: int, w: int) -> np.ndarray:
+    """The opened image's pixels: the model's channels, H x W, in [0, 1] (C x H x W)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):
+        # 16-bit grey (PNG): scale 0..65535 to [0, 1] ourselves; convert("L") would clip.
+        grey = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        img, top = Image.fromarray(grey), 1.0  # float32 -> mode F
+    else:
+        img, top = img.convert("L" if c == 1 else "RGB"), 255.0
+    if img.size != (w, h):
+        # Box (area) filter when shrinking: every source pixel counts, no aliasing.
+        shrink = img.width >= w and img.height >= h
+        img = img.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32) / top
+    if c == 3 and pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
 
 

@@ -83,8 +83,10 @@ def test_the_version_page_carries_the_evidence(project):
     assert text.startswith("**Never predicts:** 3, 5 (made from version 2).")
     assert "**Promoted:** every gate held." in text
     assert "| deleted_classes_predicted | 0 | <= 0 | pass |" in text and "| retained_classes | 8 | >= 2 | pass |" in text
-    assert f"#/experiments/" in text and f"/runs/{version.run_id})" in text and "`report.json`" in text
-    assert f"request 1: `runs:/{version.run_id}/audit/request-1.md`" in text
+    run = f"#/experiments/{client().get_run(version.run_id).info.experiment_id}/runs/{version.run_id}"
+    # The MLflow 3 UI's routes: /experiments/:experimentId/runs/:runUuid/artifacts/<path> opens the artifact.
+    assert f"[run {version.run_id}]({run})" in text and f"[report.json]({run}/artifacts/report.json)" in text
+    assert f"[request 1]({run}/artifacts/audit/request-1.md) (`runs:/{version.run_id}/audit/request-1.md`)" in text
 
 
 def test_an_imported_model_has_the_deleted_classes_masked_and_gated(project, tmp_path, capsys):
@@ -188,6 +190,9 @@ def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
     assert set(by_type) == {"markdown", "table"}
     assert by_type["markdown"].data.startswith("# nhle-classifier version 3: promoted")
     assert "**Never predicts:** 3, 5" in by_type["markdown"].data
+    # Links name the MLflow UI (here: `mlflow ui` on its default address, the store being SQLite).
+    assert "[MLflow version page](http://127.0.0.1:5000/#/models/nhle-classifier/versions/3)" in by_type["markdown"].data
+    assert "](http://127.0.0.1:5000/#/experiments/" in by_type["markdown"].data and "](#/" not in by_type["markdown"].data
     gates = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert {"name": "deleted_classes_predicted", "value": 0.0, "rule": "<=", "bound": 0.0, "passed": True} in gates
 
@@ -223,8 +228,11 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
 
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     assert info.signature.outputs.input_names() == ["probabilities"]
-    source = client().get_model_version(NAME, "3").source  # models:/m-<logged model id>
-    assert mlflow.get_logged_model(source.removeprefix("models:/")).name == "smallcnn-digits-forgets-3-5"
+    champion = client().get_model_version_by_alias(NAME, "champion")  # earlier tests may have moved it
+    forgotten = json.loads(champion.tags["forgotten_classes"])
+    assert forgotten, champion.tags
+    name = "smallcnn-digits-forgets-" + "-".join(map(str, forgotten))  # champion.source: models:/m-<logged model id>
+    assert mlflow.get_logged_model(champion.source.removeprefix("models:/")).name == name
 
     images = digits.test.float_images()[:50].numpy()
     port, bin_dir = free_port(), str(Path(sys.executable).parent)
@@ -253,7 +261,7 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(15)
     p = np.array(theirs["predictions"]["probabilities"])
-    assert p.shape == (50, 10) and np.isfinite(p).all() and (p[:, [3, 5]] == 0).all()
+    assert p.shape == (50, 10) and np.isfinite(p).all() and (p[:, forgotten] == 0).all()
     assert np.allclose(p.sum(1), 1, atol=1e-5)
     with serve(project) as nhle_http:
         ours = strict(nhle_http.post("/invocations", json={"inputs": images.tolist()}).text)
