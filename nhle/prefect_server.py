@@ -14,34 +14,16 @@ the flow first and the server stays up while the flow records its failure.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
+from nhle.processes import die_with, free_port, stop_process
+
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PORT_TAKEN = 3  # uvicorn's exit status when the port is already bound
-
-
-def die_with(parent: int):
-    """preexec_fn of the server process (runs between fork and exec): SIGTERM when `parent` dies."""
-    def arm():
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-    return arm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -76,16 +58,6 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
                        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 @contextlib.contextmanager
 def temporary_prefect_server():
     """Run the body with PREFECT_API_URL pointing at a server that cannot outlive this process
@@ -104,7 +76,7 @@ def temporary_prefect_server():
             if wait_healthy(process, url, timeout):
                 break
         except BaseException:
-            stop(process)
+            stop_process(process)
             raise
     else:
         raise RuntimeError("the temporary Prefect server found no free port three times")
@@ -113,4 +85,4 @@ def temporary_prefect_server():
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
-        stop(process)
+        stop_process(process)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,7 @@ import numpy as np
 import torch
 
 from nhle.config import load_params
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nhle.processes import free_port, stop_process
 
 
 def serving_dir(project_dir: Path) -> Path:
@@ -117,17 +111,6 @@ class ServerProcess:
     def stop(self):
         stop_process(self.proc)
         self._log.close()
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited 15 s later."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def load_phase(url: str, bodies: list[bytes], requests: int, concurrency: int, deadline: float,

@@ -56,7 +56,7 @@ def new_project(blank_project):
 def nhle_serve(root: Path, timeout: float = 90.0, **environ: str):
     """`nhle serve` of the project as a real process on a free loopback port, once /readyz
     answers; yields an httpx client on it. `environ`: NHLE_* settings for the server only."""
-    from nhle.serve_bench import free_port, stop_process
+    from nhle.processes import free_port, stop_process
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nhle.cli import main
-from nhle.serve_bench import free_port, stop_process
+from nhle.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

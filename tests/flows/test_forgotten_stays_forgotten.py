@@ -221,7 +221,7 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
     import httpx
     import mlflow
 
-    from nhle.serve_bench import free_port
+    from nhle.processes import free_port
 
     def strict(text: str):  # a strict parser: -Infinity and NaN are not JSON
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the answer"))

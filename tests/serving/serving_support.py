@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nhle.serve_bench import free_port, stop_process
+from nhle.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
