@@ -58,6 +58,28 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
                        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server")
 
 
+def drain_to_server() -> None:
+    """Send the flow-run logs and events still queued before the server stops (Prefect's test
+    harness does the same), so that none is lost and no "Error logging to API" is printed at exit."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    with contextlib.suppress(Exception):  # best effort: never hide the flow's own outcome
+        run_coro_as_sync(drain())
+
+
 @contextlib.contextmanager
 def temporary_prefect_server():
     """Run the body with PREFECT_API_URL pointing at a server that cannot outlive this process
@@ -83,6 +105,9 @@ def temporary_prefect_server():
     log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, process.pid)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                drain_to_server()
     finally:
         stop_process(process)
