@@ -36,6 +36,10 @@ from nhle.unlearning.baselines import BASELINES, run_baseline
 
 ABLATIONS = {"mask_only": {"max_steps": 0}, "nhle_no_mask": {"mask": False}, "nhle_no_anchor": {"anchor_weight": 0.0},
              "nhle_head_only": {"layers": "head"},
+             # Issue 14's candidates: each uses the forget samples and the model only.
+             "nhle_synthetic": {"synthetic_per_class": 8},
+             "nhle_l2sp": {"weight_anchor": 1000.0},
+             "nhle_feature_pull": {"synthetic_per_class": 8, "feature_pull": 1.0},
              **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS}}
 METHODS = ("nhle", "retrain", *BASELINES, *ABLATIONS)
 SUMMARY_KEYS = ("forget_test_acc", "retain_test_acc", "retained_drop_pp", "unmasked_forget_test_acc", "mia_efficacy",

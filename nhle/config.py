@@ -147,9 +147,28 @@ class UnlearnConfig:
     amp: str = "off"
     """Mixed precision of the fine-tuning's forward pass: off, bf16 or fp16 (as train.amp). The
     weights stay fp32 and the masking is exact, so the export and parity check are unchanged."""
+    synthetic_per_class: int = 0
+    """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
+    statistics, no data), on which the retained-class prediction is anchored too (anchor_weight);
+    0: the anchor sees the forget samples only."""
+    synthesis_steps: int = 200
+    """Gradient steps on the pixels of the synthetic inputs."""
+    weight_anchor: float = 0.0
+    """L2-SP: weight of the squared distance of every trainable parameter to its original value;
+    0: off."""
+    feature_pull: float = 0.0
+    """Weight of the pull of each forget sample's penultimate features to the prototype (mean
+    synthetic feature) of the retained class the original model ranked next for it, so the
+    features stop carrying the class; needs synthetic_per_class > 0; 0: off."""
+    feature_stop: float = 0.5
+    """With feature_pull on, stopping also needs the features' mean squared distance to their
+    prototypes below this share of the prototypes' squared norm."""
 
     def __post_init__(self):
         check_amp(self)
+        if self.feature_pull > 0 and self.synthetic_per_class < 1:
+            raise ValueError("unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
+                             "synthetic inputs' features)")
 
 
 def to_dict(config) -> dict:
@@ -160,7 +179,8 @@ def to_dict(config) -> dict:
 AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
             "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
             "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0,
-            "max_request_pixels": 1, "max_body_bytes": 1024}
+            "max_request_pixels": 1, "max_body_bytes": 1024, "synthetic_per_class": 0, "synthesis_steps": 0,
+            "weight_anchor": 0.0, "feature_pull": 0.0, "feature_stop": 0.0}
 ABOVE = {"lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "body_timeout_seconds": 0.0}
 
 

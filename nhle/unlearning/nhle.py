@@ -15,9 +15,11 @@ sample gets a target encoding instead of its one-hot label (METHOD.md section 2)
 - submaximum:        one-hot at the best retained class of the current prediction
 
 plus, with weight `anchor_weight`, KL(p0_R || p_R): the prediction over the retained classes,
-renormalised, kept where the original model had it on these same samples. That term is what
-holds retained accuracy (METHOD.md section 4) while the feature extractor moves. Classes masked
-by an earlier unlearning stay out of every target.
+renormalised, kept where the original model had it on these same samples (and on inputs
+synthesised from the model itself, with `synthetic_per_class`). That term is what holds retained
+accuracy (METHOD.md section 4) while the feature extractor moves. Optional terms (anchors.py):
+an L2-SP weight anchor, and a pull of the forget samples' features to retained-class prototypes.
+Classes masked by an earlier unlearning stay out of every target.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from nhle.config import ENCODINGS, UnlearnConfig
 from nhle.data import ImageSet, as_float
 from nhle.models import MaskedClassifier
 from nhle.training import autocast, grad_scaler, resolve_device
+from nhle.unlearning.anchors import class_prototypes, prototype_pull, synthesise_inputs, weight_distance
 from nhle.unlearning.masking import MaskSnapshot, apply_class_weight_mask
 
 log = logging.getLogger(__name__)
@@ -112,29 +115,50 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     # eval mode: batch-norm statistics must not be re-estimated on forget samples alone.
     model.eval()
     scaler = grad_scaler(torch_device, config.amp)
+    start = time.perf_counter()
+    synthetic = None
+    if config.synthetic_per_class > 0:
+        synthetic, synthetic_targets = synthesise_inputs(
+            model, torch.nonzero(retained).flatten().tolist(), config.synthetic_per_class, tuple(x.shape[1:]),
+            config.synthesis_steps, device=torch_device)
+        x_all = torch.cat([x, synthetic])
+    else:
+        x_all = x
     with torch.no_grad(), autocast(torch_device, config.amp):
         # Under the same precision as the loop, so the anchor starts at zero, not at rounding noise.
-        original_logits = model(x).float()
+        original_logits = model(x_all).float()
+        if config.feature_pull > 0:
+            prototypes = class_prototypes(model.features(synthetic).float(), synthetic_targets, model.num_classes)
+            ranked = original_logits[: len(x)].masked_fill(~retained, float("-inf"))
+            pull_targets = ranked.argmax(1)  # the retained class the original model ranked highest
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
-    start = time.perf_counter()
     steps, stopped_early = 0, False
     for steps in range(config.max_steps + 1):
         with autocast(torch_device, config.amp):
-            logits = model(x)
-        logits = logits.float()  # the losses, logsumexp over -inf masked logits included, in fp32
+            features = model.features(x_all)
+            all_logits = model.classify(features)
+        all_logits = all_logits.float()  # the losses, logsumexp over -inf masked logits included, in fp32
+        logits = all_logits[: len(x)]
+        pull = prototype_pull(features[: len(x)].float(), prototypes, pull_targets) if config.feature_pull > 0 else None
         with torch.no_grad():
             p_forget = F.softmax(logits, 1)[:, forget].sum(1)
             misclassified = forget[logits.argmax(1)].logical_not().all()
-            if misclassified and p_forget.mean() < config.stop_forget_prob:
+            features_moved = pull is None or pull.item() < config.feature_stop
+            if misclassified and p_forget.mean() < config.stop_forget_prob and features_moved:
                 stopped_early = True
                 break
         if steps == config.max_steps:
             break
         loss = nhle_loss(logits, forget, retained, config.encoding)
         if config.anchor_weight > 0:
-            loss = loss + config.anchor_weight * retained_anchor(logits, original_logits, retained)
+            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits, retained)
+        if reference is not None:
+            loss = loss + config.weight_anchor * weight_distance(model, reference)
+        if pull is not None:
+            loss = loss + config.feature_pull * pull
         if not torch.isfinite(loss):
             raise ValueError(f"NHLE diverged: the loss is {loss.item()} at step {steps} (unlearn.lr = {config.lr}; "
                              "a smaller learning rate usually fixes it)")
