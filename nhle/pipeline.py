@@ -247,8 +247,6 @@ def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: 
 def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
     """What the logged model is, as MLflow's model list shows it: "resnet18-digits-forgets-3-5"
     (MLflow refuses / : . % and quotes in the name)."""
-    import re
-
     name = f"{arch}-{dataset}" + (f"-forgets-{'-'.join(map(str, forgotten))}" if forgotten else "")
     return re.sub(r"""[/:.%"']""", "_", name)
 

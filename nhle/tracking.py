@@ -278,17 +278,17 @@ def reap_dead_runs(name: str) -> list[dict]:
         if "nhle.batch" in tags or not owner_is_gone(tags.get("nhle.owner")):
             continue
         reason = f"its process ({tags['nhle.owner']}) died while the run was RUNNING"
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
-        for mv in versions:
-            if "gates" not in mv.tags:  # promotion comes after the gates tag: this one never was
-                tag_version(name, str(mv.version), {"nhle.abandoned": "true", "nhle.abandoned_reason":
-                            f"run {run.info.run_id} registered it and died before its gates were judged ({reason}); "
-                            "never promoted, never served."})
-                describe_version(name, str(mv.version))
+        # Promotion comes after the gates tag: a version without one never was promoted.
+        abandoned = [str(mv.version) for mv in client.search_model_versions(
+            f"name = '{name}' and run_id = '{run.info.run_id}'") if "gates" not in mv.tags]
+        for version in abandoned:
+            tag_version(name, version, {"nhle.abandoned": "true", "nhle.abandoned_reason":
+                        f"run {run.info.run_id} registered it and died before its gates were judged ({reason}); "
+                        "never promoted, never served."})
+            describe_version(name, version)
         client.set_tag(run.info.run_id, "nhle.abandoned", reason)
         client.set_terminated(run.info.run_id, "KILLED")
-        reaped.append({"run_id": run.info.run_id, "owner": tags["nhle.owner"],
-                       "abandoned_versions": [str(mv.version) for mv in versions if "gates" not in mv.tags]})
+        reaped.append({"run_id": run.info.run_id, "owner": tags["nhle.owner"], "abandoned_versions": abandoned})
     return reaped
 
 

@@ -80,6 +80,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def as_probabilities(y: np.ndarray, output_name: str) -> np.ndarray:
+    """The graph's output as probabilities: nhle's graphs return them ("probabilities"); graphs
+    exported before return logits, which get the softmax here."""
+    return y if output_name == "probabilities" else softmax(y)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """Everything one request needs, swapped as one reference."""
@@ -103,7 +109,7 @@ class LoadedModel:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         y = self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
-        p = y if self.output_name == "probabilities" else softmax(y)
+        p = as_probabilities(y, self.output_name)
         # The graph already gives them exactly 0 (checked before the swap); setting it again
         # keeps the promise even for a class declared forgotten only in the metadata.
         p[:, list(self.forgotten)] = 0.0
@@ -203,7 +209,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
                          f"request(s) {requests}: a forgotten class is never served again (reopening the request "
                          "on record is the only way: nhle rollback --reopen)")
     with np.errstate(all="ignore"):
-        p = y if output_name == "probabilities" else softmax(y)
+        p = as_probabilities(y, output_name)
     if not np.isfinite(p).all():
         raise ValueError("smoke test: the model gives non-finite probabilities")
     leaked = {k: float(p[:, k].max()) for k in sorted(forgotten) if p[:, k].max() != 0.0}
