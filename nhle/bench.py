@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,20 +31,26 @@ from nhle.config import ENCODINGS, DataConfig, ModelConfig, TrainConfig, Unlearn
 from nhle.data import sample_per_class
 from nhle.experiment import load_data, retrain_without, train_base
 from nhle.metrics import evaluate_forgetting
-from nhle.training import seed_everything, training_spec
+from nhle.training import evaluate, seed_everything, training_spec
 from nhle.unlearning import unlearn, without_mask
 from nhle.unlearning.baselines import BASELINES, run_baseline
 
-ABLATIONS = {"mask_only": {"max_steps": 0}, "nhle_no_mask": {"mask": False}, "nhle_no_anchor": {"anchor_weight": 0.0},
-             "nhle_head_only": {"layers": "head"},
-             # Issue 14's candidates: each uses the forget samples and the model only.
-             "nhle_synthetic": {"synthetic_per_class": 8},
-             "nhle_l2sp": {"weight_anchor": 1000.0},
-             "nhle_feature_pull": {"synthetic_per_class": 8, "feature_pull": 1.0},
+PREVIOUS_DEFAULT = {"lr": 1e-4, "synthetic_per_class": 0, "forget_rank": 0.0}
+"""The recipe of sections 1-6 of docs/benchmarks.md (default until issue 14)."""
+ABLATIONS = {"mask_only": {"max_steps": 0, "synthetic_per_class": 0}, "nhle_no_mask": {"mask": False},
+             "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
+             "nhle_backbone_only": {"layers": "backbone"},
+             # What issue 14 measured on the way to the default (docs/benchmarks.md section 7).
+             "nhle_previous_default": PREVIOUS_DEFAULT, "nhle_no_synthetic": {"synthetic_per_class": 0},
+             "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
+             "nhle_warmup_50": {"warmup_steps": 50}, "nhle_anchor_t4": {"anchor_temperature": 4.0},
+             "nhle_saliency_0.3": {"saliency": 0.3}, "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
+             "nhle_l2sp": {"weight_anchor": 1e6}, "nhle_feature_pull": {"feature_pull": 1.0},
+             **{f"forget_rank_{r}": {"forget_rank": r} for r in (0.25, 0.5, 0.75, 1.0)},
              **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS}}
 METHODS = ("nhle", "retrain", *BASELINES, *ABLATIONS)
 SUMMARY_KEYS = ("forget_test_acc", "retain_test_acc", "retained_drop_pp", "unmasked_forget_test_acc", "mia_efficacy",
-                "probe_forget_acc", "forget_silhouette", "relearn_steps", "seconds", "seconds_vs_retrain")
+                "probe_forget_acc", "forget_silhouette", "relearn_steps", "seconds", "seconds_vs_retrain", "steps")
 
 
 def measured_on() -> str:
@@ -121,6 +128,13 @@ class Grid:
 
 @functools.lru_cache(maxsize=4)
 def grid_data(data_config: DataConfig):
+    """The dataset of a grid: any nhle dataset, or synthetic<N>, the N-sample synthetic set of
+    `nhle bench scaling` (a different set per seed)."""
+    synthetic = re.fullmatch(r"synthetic(\d+)", data_config.dataset)
+    if synthetic:
+        from nhle.bench_scaling import synthetic_splits  # it imports this module
+
+        return synthetic_splits(int(synthetic[1]), seed=data_config.seed)
     return load_data(data_config)
 
 
@@ -144,7 +158,7 @@ def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> d
                                    seed)
 
     if method == "original":
-        metrics, seconds, steps = measure(model), 0.0, None
+        metrics, seconds, steps = {**measure(model), "test_acc": evaluate(model, data.test)}, 0.0, None
     elif method == "retrain":
         retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False,
                                                        spec=training_spec(ModelConfig(arch=grid.arch), data))
@@ -166,14 +180,16 @@ def inline(fn, *args):
     return SimpleNamespace(result=lambda: value)
 
 
-def run_grid(grid: Grid, submit=inline, on_case=None) -> list[dict]:
+def run_grid(grid: Grid, submit=inline, on_case=None, done=frozenset()) -> list[dict]:
     """Every unit of the grid through `submit(fn, *args) -> future` (inline, a concurrent.futures
     executor's submit, or a Prefect task's submit on a Dask cluster); one row per method and case,
-    in the grid's order. on_case(rows) is called as each (seed, case) completes."""
+    in the grid's order. on_case(rows) is called as each (seed, case) completes. Cases in `done`
+    ((seed, tuple of classes)) are left out, and so is a seed with nothing left to run."""
     num_classes = grid_data(grid.data_config(grid.seeds[0])).num_classes
-    models = {seed: submit(train_seed, grid, seed) for seed in grid.seeds}
+    units = [(seed, case, method) for seed, case, method in grid.units(num_classes) if (seed, tuple(case)) not in done]
+    models = {seed: submit(train_seed, grid, seed) for seed in dict.fromkeys(seed for seed, _, _ in units)}
     models = {seed: future.result() for seed, future in models.items()}
-    pending = (submit(run_unit, grid, seed, case, method, models[seed]) for seed, case, method in grid.units(num_classes))
+    pending = (submit(run_unit, grid, seed, case, method, models[seed]) for seed, case, method in units)
     if submit is not inline:  # an executor runs them all at once; inline, each case is written as it ends
         pending = list(pending)
     rows, case_results = [], []
@@ -204,10 +220,16 @@ def case_kind(classes) -> str:
 
 
 def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), submit=inline,
-                     engine: str = "sequential") -> list[dict]:
-    """Run the grid and write runs.jsonl, summary.json, summary.md and tradeoff.png to `out`."""
+                     engine: str = "sequential", resume: bool = False) -> list[dict]:
+    """Run the grid and write runs.jsonl, summary.json, summary.md, goal.md and tradeoff.png to
+    `out`. With `resume`, the cases out/runs.jsonl already holds for every method are kept and
+    not run again (a benchmark of hours survives its process)."""
     out.mkdir(parents=True, exist_ok=True)
+    earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
+    done = frozenset((r["seed"], tuple(r["forget_classes"])) for r in earlier)
     with open(out / "runs.jsonl", "w") as runs:
+        for row in earlier:
+            runs.write(json.dumps(row) + "\n")
         def on_case(new):
             for row in new:
                 runs.write(json.dumps(row) + "\n")
@@ -216,14 +238,73 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
                 f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new),
                 flush=True)
 
-        rows = run_grid(grid, submit, on_case)
+        rows = earlier + run_grid(grid, submit, on_case, done)
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs, batch {grid.train_config.batch_size}), "
               f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
     tradeoff_plot(summary, out / "tradeoff.png")
     write_report(out, "summary", header, markdown_table(summary))
+    goal, checks = goal_table(rows)
+    (out / "goal.json").write_text(json.dumps(checks, indent=1) + "\n")
+    write_report(out, "goal", header, goal)
     return rows
+
+
+def completed_rows(path: Path, methods) -> list[dict]:
+    """The rows of `path` (runs.jsonl) whose (seed, case) has a row for every one of `methods`."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    found: dict[tuple, set] = {}
+    for row in rows:
+        found.setdefault((row["seed"], tuple(row["forget_classes"])), set()).add(row["method"])
+    return [r for r in rows if set(methods) <= found[(r["seed"], tuple(r["forget_classes"]))] and r["method"] in methods]
+
+
+GOALS = ("forget acc 0", "attack <= 3%", "mean drop <= retrain + 0.3 pp", "worst drop <= 2 pp",
+         "relearn >= half of retrain", "silhouette <= halfway to retrain")
+"""Issue 14's goal for one setting: the method's runs against the retrained reference of the same cases."""
+
+
+def goal_checks(rows: list[dict], method: str) -> dict:
+    """GOALS checked for `method` over `rows` (every case and seed of one setting), with the figures."""
+    def values(who, key):
+        return np.array([r[key] for r in rows if r["method"] == who], dtype=float)
+
+    drop, retrain_drop = values(method, "retained_drop_pp"), values("retrain", "retained_drop_pp")
+    silhouette = [float(np.mean([r["original"]["forget_silhouette"] for r in rows if r["method"] == method])),
+                  float(values(method, "forget_silhouette").mean()), float(values("retrain", "forget_silhouette").mean())]
+    relearn = [float(values(method, "relearn_steps").mean()), float(values("retrain", "relearn_steps").mean())]
+    figures = {"runs": len(drop), "forget_acc_max": float(values(method, "forget_test_acc").max()),
+               "attack_mean": float(values(method, "unmasked_forget_test_acc").mean()),
+               "drop_mean": float(drop.mean()), "drop_std": float(drop.std()), "drop_worst": float(drop.max()),
+               "retrain_drop_mean": float(retrain_drop.mean()), "silhouette_original_method_retrain": silhouette,
+               "relearn_method_retrain": relearn,
+               "time_vs_retrain": float(values(method, "seconds_vs_retrain").mean()),
+               "steps_mean_max": [float(values(method, "steps").mean()), float(values(method, "steps").max())]
+               if method != "retrain" else None}
+    met = [figures["forget_acc_max"] == 0, figures["attack_mean"] <= 0.03,
+           figures["drop_mean"] <= figures["retrain_drop_mean"] + 0.3, figures["drop_worst"] <= 2.0,
+           relearn[0] >= relearn[1] / 2, silhouette[1] <= (silhouette[0] + silhouette[2]) / 2]
+    return {**figures, "missed": [goal for goal, ok in zip(GOALS, met) if not ok]}
+
+
+def goal_table(rows: list[dict]) -> tuple[str, dict]:
+    """Issue 14's goal, checked for every unlearning method of the grid (markdown, {method: checks})."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain" and m not in BASELINES]
+    checks = {m: goal_checks(rows, m) for m in methods}
+    lines = ["| method | runs | forget acc max % | attack mean % | drop mean ± std pp | worst pp | retrain drop mean pp "
+             "| silhouette original / method / retrain | relearn method / retrain | time / retrain "
+             "| steps mean / max | goal |", "|---" * 12 + "|"]
+    for method, c in checks.items():
+        sil, relearn, steps = c["silhouette_original_method_retrain"], c["relearn_method_retrain"], c["steps_mean_max"]
+        lines.append(f"| {method} | {c['runs']} | {100 * c['forget_acc_max']:.1f} | {100 * c['attack_mean']:.1f} | "
+                     f"{c['drop_mean']:.2f} ± {c['drop_std']:.2f} | {c['drop_worst']:.2f} | {c['retrain_drop_mean']:.2f} | "
+                     f"{sil[0]:.2f} / {sil[1]:.2f} / {sil[2]:.2f} | {relearn[0]:.1f} / {relearn[1]:.1f} | "
+                     f"{c['time_vs_retrain']:.3f} | {steps[0]:.0f} / {steps[1]:.0f} | "
+                     f"{'met' if not c['missed'] else 'missed: ' + ', '.join(c['missed'])} |")
+    return "\n".join(lines), checks
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -235,8 +316,9 @@ def summarise(rows: list[dict]) -> dict:
             mine = [r for r in rows if r["case"] == kind and r["method"] == method]
             entry = {"runs": len(mine)}
             for key in SUMMARY_KEYS:
-                values = np.array([r[key] for r in mine], dtype=float)
-                entry[key] = {"mean": float(values.mean()), "std": float(values.std()), "max": float(values.max())}
+                values = np.array([r[key] for r in mine if r[key] is not None], dtype=float)  # retrain has no steps
+                entry[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                              "max": float(values.max())} if len(values) else None
             summary[kind][method] = entry
         originals = [r["original"] for r in rows if r["case"] == kind and r["method"] == "retrain"]
         summary[kind]["original"] = {key: float(np.mean([o[key] for o in originals]))
@@ -249,14 +331,17 @@ def markdown_table(summary: dict) -> str:
     def pm(entry, key, scale=1.0, digits=2):
         return f"{scale * entry[key]['mean']:.{digits}f} ± {scale * entry[key]['std']:.{digits}f}"
 
+    def steps(entry):
+        return "—" if entry["steps"] is None else f"{entry['steps']['mean']:.0f} / {entry['steps']['max']:.0f}"
+
     lines = []
     for kind, methods in summary.items():
         original = methods["original"]
         lines += [f"### {kind}", "",
                   "| method | runs | forget test acc % | retain test acc % | retained drop pp | worst drop pp "
                   "| mask-removal attack % | MIA efficacy | probe forget acc % | silhouette | relearn steps "
-                  "| seconds | time / retrain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| seconds | time / retrain | steps mean / max |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, entry in methods.items():
             if method == "original":
                 continue
@@ -265,7 +350,7 @@ def markdown_table(summary: dict) -> str:
                          f"{entry['retained_drop_pp']['max']:.2f} | {pm(entry, 'unmasked_forget_test_acc', 100, 1)} | "
                          f"{pm(entry, 'mia_efficacy')} | {pm(entry, 'probe_forget_acc', 100, 1)} | "
                          f"{pm(entry, 'forget_silhouette')} | {pm(entry, 'relearn_steps', 1, 1)} | "
-                         f"{pm(entry, 'seconds', 1, 2)} | {pm(entry, 'seconds_vs_retrain', 1, 3)} |")
+                         f"{pm(entry, 'seconds', 1, 2)} | {pm(entry, 'seconds_vs_retrain', 1, 3)} | {steps(entry)} |")
         lines += ["", f"Original model: retain test acc {100 * original['retain_test_acc']:.1f}%, probe forget acc "
                       f"{100 * original['probe_forget_acc']:.1f}%, silhouette {original['forget_silhouette']:.2f}, "
                       f"MIA efficacy {original['mia_efficacy']:.2f}. For methods without a mask the mask-removal "

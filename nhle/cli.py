@@ -263,7 +263,7 @@ def cmd_bench_unlearning(args) -> int:
                 arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
                 quick=args.quick)
     if args.engine == "sequential":
-        bench_unlearning(grid, Path(args.out))
+        bench_unlearning(grid, Path(args.out), resume=args.resume)
         return 0
     from prefect.utilities.importtools import load_script_as_module
 
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png")
     unlearning.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override an NHLE setting for every run, e.g. --set lr=3e-5 (repeatable)")
+    unlearning.add_argument("--resume", action="store_true", help="keep the cases OUT/runs.jsonl already holds for "
+                            "every method and run only the rest (sequential engine)")
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
                             "multi-class case, 3 epochs")
     unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",

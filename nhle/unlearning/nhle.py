@@ -24,6 +24,7 @@ Classes masked by an earlier unlearning stay out of every target.
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -31,12 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nhle.config import ENCODINGS, UnlearnConfig
+from nhle.config import ENCODINGS, LAYERS, UnlearnConfig
 from nhle.data import ImageSet, as_float
 from nhle.models import MaskedClassifier
 from nhle.training import autocast, grad_scaler, resolve_device
 from nhle.unlearning.anchors import class_prototypes, prototype_pull, synthesise_inputs, weight_distance
 from nhle.unlearning.masking import MaskSnapshot, apply_class_weight_mask
+from nhle.unlearning.steps import make_optimizer, saliency_masks
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,23 @@ def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
-def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor) -> torch.Tensor:
+def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     """KL(original || current) of the prediction restricted to the retained classes."""
-    return F.kl_div(F.log_softmax(logits[:, retained], 1), F.log_softmax(original_logits[:, retained], 1),
-                    log_target=True, reduction="batchmean")
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(logits[:, retained] / t, 1), F.log_softmax(original_logits[:, retained] / t, 1),
+                            log_target=True, reduction="batchmean")
+
+
+def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, config: UnlearnConfig) -> bool:
+    """The stopping rule, on the forget samples' unmasked logits: every sample ranks the
+    forgotten classes below at least max(1, ceil(forget_rank * |retained|)) retained classes
+    (forget_rank 1: last, where a model that never saw them puts them), and their mean
+    probability of the forgotten classes is below stop_forget_prob."""
+    above = (logits[:, retained] > logits[:, forget].max(1, keepdim=True).values).sum(1)
+    needed = max(1, math.ceil(config.forget_rank * int(retained.sum())))
+    p_forget = F.softmax(logits, 1)[:, forget].sum(1)
+    return bool((above >= needed).all()) and p_forget.mean().item() < config.stop_forget_prob
 
 
 def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, config: UnlearnConfig = UnlearnConfig(),
@@ -89,8 +104,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     """Fine-tune a copy of `model` with NHLE on `forget_samples`, then mask `forget_classes`."""
     if config.encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {config.encoding!r}; choose one of {', '.join(ENCODINGS)}")
-    if config.layers not in ("all", "head"):
-        raise ValueError(f"unknown layers {config.layers!r}; choose all or head")
+    if config.layers not in LAYERS:
+        raise ValueError(f"unknown layers {config.layers!r}; choose one of {', '.join(LAYERS)}")
     forget_classes = sorted(int(c) for c in forget_classes)
     torch_device = resolve_device(device)
     model = copy.deepcopy(model).to(torch_device)
@@ -105,13 +120,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     x = as_float(forget_samples.images).to(torch_device)
     if not forget[forget_samples.labels.to(torch_device)].all():
         raise ValueError(f"forget samples must all belong to the forgotten classes {forget_classes}")
-    parameters = model.head.parameters() if config.layers == "head" else model.parameters()
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(parameters, lr=config.lr)
-    elif config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
+    moving = {"head": model.head, "backbone": model.backbone, "all": model}[config.layers].parameters()
+    optimizer, warmup = make_optimizer(moving, config)
     # eval mode: batch-norm statistics must not be re-estimated on forget samples alone.
     model.eval()
     scaler = grad_scaler(torch_device, config.amp)
@@ -132,6 +142,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             ranked = original_logits[: len(x)].masked_fill(~retained, float("-inf"))
             pull_targets = ranked.argmax(1)  # the retained class the original model ranked highest
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
+    keep = saliency_masks(optimizer.param_groups[0]["params"], nhle_loss(model(x).float(), forget, retained,
+                                                                       config.encoding), config.saliency) \
+        if config.saliency < 1.0 else None
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
@@ -144,17 +157,16 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         logits = all_logits[: len(x)]
         pull = prototype_pull(features[: len(x)].float(), prototypes, pull_targets) if config.feature_pull > 0 else None
         with torch.no_grad():
-            p_forget = F.softmax(logits, 1)[:, forget].sum(1)
-            misclassified = forget[logits.argmax(1)].logical_not().all()
             features_moved = pull is None or pull.item() < config.feature_stop
-            if misclassified and p_forget.mean() < config.stop_forget_prob and features_moved:
+            if features_moved and forgotten_enough(logits, forget, retained, config):
                 stopped_early = True
                 break
         if steps == config.max_steps:
             break
         loss = nhle_loss(logits, forget, retained, config.encoding)
         if config.anchor_weight > 0:
-            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits, retained)
+            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits, retained,
+                                                                 config.anchor_temperature)
         if reference is not None:
             loss = loss + config.weight_anchor * weight_distance(model, reference)
         if pull is not None:
@@ -164,13 +176,18 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
                              "a smaller learning rate usually fixes it)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        for p, mask in (keep or {}).items():
+            if p.grad is not None:
+                p.grad.mul_(mask)
         scaler.step(optimizer)
         scaler.update()
+        warmup.step()
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     if not stopped_early:
         # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
         # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
+        p_forget = F.softmax(logits.detach(), 1)[:, forget].sum(1)
         log.warning("NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
                     config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
                     "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")

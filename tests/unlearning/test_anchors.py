@@ -65,4 +65,4 @@ def test_weight_anchor_keeps_the_weights_closer_to_the_original(trained, digits)
 
 def test_feature_pull_without_synthetic_inputs_is_refused():
     with pytest.raises(ValueError, match="feature_pull needs unlearn.synthetic_per_class >= 1"):
-        UnlearnConfig(feature_pull=1.0)
+        UnlearnConfig(feature_pull=1.0, synthetic_per_class=0)
