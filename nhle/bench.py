@@ -35,14 +35,14 @@ from nhle.training import evaluate, seed_everything, training_spec
 from nhle.unlearning import unlearn, without_mask
 from nhle.unlearning.baselines import BASELINES, run_baseline
 
-PREVIOUS_DEFAULT = {"lr": 1e-4, "synthetic_per_class": 0, "forget_rank": 0.0}
+PREVIOUS_DEFAULT = {"lr": 1e-4, "synthetic_per_class": 0, "forget_rank": 0.0, "adaptive_lr": False}
 """The recipe of sections 1-6 of docs/benchmarks.md (default until issue 14)."""
 ABLATIONS = {"mask_only": {"max_steps": 0, "synthetic_per_class": 0}, "nhle_no_mask": {"mask": False},
              "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
              "nhle_backbone_only": {"layers": "backbone"},
              # What issue 14 measured on the way to the default (docs/benchmarks.md section 7).
              "nhle_previous_default": PREVIOUS_DEFAULT, "nhle_no_synthetic": {"synthetic_per_class": 0},
-             "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
+             "nhle_fixed_lr": {"adaptive_lr": False}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
              "nhle_warmup_50": {"warmup_steps": 50}, "nhle_anchor_t4": {"anchor_temperature": 4.0},
              "nhle_saliency_0.3": {"saliency": 0.3}, "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
              "nhle_l2sp": {"weight_anchor": 1e6}, "nhle_feature_pull": {"feature_pull": 1.0},

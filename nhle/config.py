@@ -131,6 +131,10 @@ class UnlearnConfig:
     lr: float = 3e-5
     """Learning rate of the fine-tuning (3e-5 held every architecture measured; 1e-4, the earlier
     default, lost 1.5-8.7 pp on torchvision's ResNet-18: docs/benchmarks.md section 7)."""
+    adaptive_lr: bool = True
+    """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
+    steps, the forget samples would not reach the stopping bound within max_steps: a model
+    saturated on them moves too slowly at lr. False: lr throughout (an ablation)."""
     max_steps: int = 300
     """Hard cap on fine-tuning steps; the synthesis has its own (synthesis_steps)."""
     stop_forget_prob: float = 0.05

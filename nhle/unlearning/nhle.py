@@ -88,6 +88,41 @@ def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retaine
                             log_target=True, reduction="batchmean")
 
 
+def forget_log_odds(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor) -> float:
+    """Mean log(p_F / p_R) over the forget samples: the distance still to go, which keeps
+    falling while p_F is saturated at 1 (where log p_F does not move)."""
+    return (torch.logsumexp(logits[:, forget], 1) - torch.logsumexp(logits[:, retained], 1)).mean().item()
+
+
+class PaceKeeper:
+    """The learning-rate rule: every max_steps // 3 steps, if the forget samples' log-odds fell
+    too slowly to reach the stopping bound within the cap at that pace, the learning rate is
+    tripled (at most twice). Models that forget within the cap at unlearn.lr never see it; a
+    model whose softmax is saturated on the forget samples (margins of 30+ nats) does."""
+
+    FACTOR, MAX_RAISES = 3.0, 2
+
+    def __init__(self, config: UnlearnConfig, optimizer, warmup):
+        self.config, self.optimizer, self.warmup = config, optimizer, warmup
+        self.window = max(1, config.max_steps // 3)
+        self.goal = math.log(config.stop_forget_prob / (1 - config.stop_forget_prob))
+        self.history: list[float] = []
+        self.raises = 0
+
+    def record(self, step: int, log_odds: float) -> None:
+        self.history.append(log_odds)
+        if not self.config.adaptive_lr or step == 0 or step % self.window or self.raises >= self.MAX_RAISES:
+            return
+        pace = (self.history[step - self.window] - log_odds) / self.window
+        if log_odds > self.goal and pace * (self.config.max_steps - step) < log_odds - self.goal:
+            self.raises += 1
+            self.warmup.base_lrs = [lr * self.FACTOR for lr in self.warmup.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, self.warmup.base_lrs):
+                group["lr"] = lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+            log.info("NHLE step %d: log-odds %.2f falling %.3f per step, too slow to reach %.2f by step %d; "
+                     "learning rate x%g", step, log_odds, pace, self.goal, self.config.max_steps, self.FACTOR)
+
+
 def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, config: UnlearnConfig) -> bool:
     """The stopping rule, on the forget samples' unmasked logits: every sample ranks the
     forgotten classes below at least max(1, ceil(forget_rank * |retained|)) retained classes
@@ -148,6 +183,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
+    pace = PaceKeeper(config, optimizer, warmup)
     steps, stopped_early = 0, False
     for steps in range(config.max_steps + 1):
         with autocast(torch_device, config.amp):
@@ -157,6 +193,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         logits = all_logits[: len(x)]
         pull = prototype_pull(features[: len(x)].float(), prototypes, pull_targets) if config.feature_pull > 0 else None
         with torch.no_grad():
+            pace.record(steps, forget_log_odds(logits, forget, retained))
             features_moved = pull is None or pull.item() < config.feature_stop
             if features_moved and forgotten_enough(logits, forget, retained, config):
                 stopped_early = True

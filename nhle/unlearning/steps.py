@@ -67,7 +67,7 @@ def saliency_masks(parameters, loss: torch.Tensor, share: float) -> dict[torch.T
             masks[p] = torch.zeros_like(p)
             continue
         magnitude = g.abs().flatten()
-        keep = max(1, round(share * magnitude.numel()))
-        threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
-        masks[p] = (g.abs() >= threshold).to(p.dtype)
+        mask = torch.zeros_like(magnitude)
+        mask[magnitude.topk(max(1, round(share * magnitude.numel()))).indices] = 1.0  # exactly that share, ties too
+        masks[p] = mask.reshape(p.shape).to(p.dtype)
     return masks

@@ -197,9 +197,6 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(pho
     root = blank_project("own-torchvision", {
         "data": {"dataset": "imagefolder", "root": str(photos), "image_size": 32},
         "train": {"epochs": 3, "batch_size": 32}, "retrain_baseline": True,
-        # The default anchor (100) lost 13 and 33 pp on 2 of 4 seeds of this few-step model
-        # (measured; the recipe's robustness is issue 14): set in params.yaml, as a user would.
-        "unlearn": {"anchor_weight": 1000.0},
         "gates": {"min_retain_test_acc": 0.8, "max_retained_drop_pp": 4.0}})  # one test image is ~3.3 pp here
     assert cli(root, "import", "--arch", "mobilenet_v3_small", "--weights", str(weights),
                "--weights-key", "model_state") == 0
