@@ -42,3 +42,23 @@ def test_resume_keeps_finished_cases_and_runs_only_the_rest(tmp_path, capsys):
     assert sorted((r["method"], r["forget_classes"][0]) for r in rows) == [("nhle", 3), ("nhle", 4),
                                                                             ("retrain", 3), ("retrain", 4)]
     assert "| nhle | 2 |" in (tmp_path / "goal.md").read_text()
+
+
+def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_knob(tmp_path, capsys):
+    from nhle.bench_report import main as report
+
+    for setting, cost in (("smallcnn", 0.0), ("resnet", 1.0)):
+        rows = [row("retrain", 0.0, 0.2, 8), row("nhle", 0.1 + cost, 0.5, 2),
+                row("forget_rank_0.5", 0.3 + cost, 0.4, 4), row("forget_rank_1.0", 0.8 + cost, 0.3, 6)]
+        for r in rows:
+            r.update(forget_classes=[3], seed=0, probe_forget_acc=0.9, original={"forget_silhouette": 0.6,
+                                                                                "probe_forget_acc": 1.0, "test_acc": 0.97})
+        (tmp_path / setting).mkdir()
+        (tmp_path / setting / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report([str(tmp_path)]) == 0
+    table = (tmp_path / "goal.md").read_text()
+    assert "| smallcnn | 97.0 | nhle | 1 |" in table and "| resnet | 97.0 | forget_rank_1.0 | 1 |" in table
+    assert "0.60 / 0.30 / 0.20" in table  # silhouette original / method / retrain
+    assert (tmp_path / "forget_rank.png").stat().st_size > 10_000
+    assert report([str(tmp_path / "nothing")]) == 2
+    assert "no */runs.jsonl under" in capsys.readouterr().err

@@ -261,3 +261,34 @@ def test_bad_models_are_refused_with_a_message_and_nothing_is_registered(blank_p
         assert message in capsys.readouterr().err, flags
     versions, champion = registry(root)
     assert versions == [] and champion is None
+
+
+def test_a_saturated_model_forgets_with_the_default_recipe_because_the_pace_rule_raises_its_step(photos):
+    """The same mobilenet trained without label smoothing: its logit margins on the trivially
+    separable colours are so large that NHLE's gradient nearly vanishes. At unlearn.lr alone it
+    is still unforgotten after max_steps; the pace rule (unlearn.adaptive_lr) raises the
+    learning rate when the log-odds fall too slowly, and the class goes within the cap."""
+    import torchvision
+
+    from nhle.config import UnlearnConfig
+    from nhle.data import load_dataset, sample_per_class, split_by_classes
+    from nhle.models import IMAGENET_MEAN, IMAGENET_STD, wrap
+    from nhle.training import evaluate
+    from nhle.unlearning import unlearn, without_mask
+
+    data = load_dataset("imagefolder", root=photos, image_size=32)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.manual_seed(0)
+    net = fit(torchvision.models.mobilenet_v3_small(num_classes=4), data.train.float_images(), data.train.labels,
+              steps=60, normalise=lambda x: (x - mean) / std)
+    model = wrap(net, in_channels=3, image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    blue = data.class_names.index("blue")
+    samples = sample_per_class(data.train, [blue], 32, seed=0)
+    forget_test, retain_test = split_by_classes(data.test, [blue])
+
+    fixed = unlearn(model, samples, [blue], UnlearnConfig(adaptive_lr=False), device="cpu")
+    assert not fixed.stopped_early and evaluate(without_mask(fixed.model, fixed.snapshot), forget_test) > 0.5
+    paced = unlearn(model, samples, [blue], UnlearnConfig(), device="cpu")
+    assert paced.stopped_early and paced.steps < UnlearnConfig().max_steps
+    assert evaluate(without_mask(paced.model, paced.snapshot), forget_test) == 0.0
+    assert evaluate(paced.model, retain_test) >= evaluate(model, retain_test) - 0.02

@@ -45,3 +45,23 @@ def test_saliency_limited_unlearning_moves_only_that_share_of_each_tensor(traine
              for name, p in result.model.named_parameters()}
     assert all(share <= 0.2 + 0.01 for share in moved.values()), moved
     assert max(moved.values()) > 0
+
+
+def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
+    from nhle.unlearning.nhle import PaceKeeper
+
+    def rates(log_odds, config=UnlearnConfig(lr=1e-5, max_steps=30)):
+        optimizer, warmup = make_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
+        pace = PaceKeeper(config, optimizer, warmup)
+        seen = []
+        for step, value in enumerate(log_odds):
+            pace.record(step, value)
+            seen.append(optimizer.param_groups[0]["lr"])
+        return seen
+
+    # Goal log(0.05 / 0.95) = -2.94; checks every 10 steps of 30.
+    on_time = rates([10 - 0.7 * t for t in range(25)])  # 0.7 per step: there by step ~19
+    assert on_time == pytest.approx([1e-5] * 25)
+    stalled = rates([30 - 0.01 * t for t in range(30)])  # margins of 30 nats, hardly moving
+    assert stalled[9] == pytest.approx(1e-5) and stalled[10] == pytest.approx(3e-5) and stalled[29] == pytest.approx(9e-5)
+    assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=False))[-1] == pytest.approx(1e-5)
