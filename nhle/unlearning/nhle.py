@@ -6,7 +6,7 @@
     result.snapshot   # the final-layer rows masking removed (for the mask-removal attack)
 
 Only the n samples of each forgotten class are used (full batch), never retained data. Each
-sample gets a target encoding instead of its one-hot label (METHOD.md section 2):
+sample gets a target encoding instead of its one-hot label (docs/benchmarks.md and the README's method section):
 
 - negative_hot:      t = -1 on the forgotten classes taken as one (gradient ascent on log p_F)
 - uniform_rest:      t = 1/|R| on the retained classes R, 0 on F
@@ -15,11 +15,16 @@ sample gets a target encoding instead of its one-hot label (METHOD.md section 2)
 - submaximum:        one-hot at the best retained class of the current prediction
 
 plus, with weight `anchor_weight`, KL(p0_R || p_R): the prediction over the retained classes,
-renormalised, kept where the original model had it on these same samples (and on inputs
-synthesised from the model itself, with `synthetic_per_class`). That term is what holds retained
-accuracy (METHOD.md section 4) while the feature extractor moves. Optional terms (anchors.py):
-an L2-SP weight anchor, and a pull of the forget samples' features to retained-class prototypes.
-Classes masked by an earlier unlearning stay out of every target.
+renormalised, kept where the original model had it, on these same samples and on
+`synthetic_per_class` inputs per retained class synthesised from the model itself (anchors.py).
+That term is what holds retained accuracy while the feature extractor moves; without the
+synthetic inputs it sees only the forgotten class, which was not enough on ResNet-18.
+
+Steps: Adam at `lr`, raised by the pace rule (PaceKeeper) only when the cap would be missed.
+Stop (forgotten_enough) when every forget sample ranks the forgotten classes below a share
+`forget_rank` of the retained ones and their mean probability is below `stop_forget_prob`.
+Optional terms and step variants (anchors.py, steps.py) are the ablations of docs/benchmarks.md
+section 7. Classes masked by an earlier unlearning stay out of every target.
 """
 from __future__ import annotations
 
@@ -116,9 +121,9 @@ class PaceKeeper:
         pace = (self.history[step - self.window] - log_odds) / self.window
         if log_odds > self.goal and pace * (self.config.max_steps - step) < log_odds - self.goal:
             self.raises += 1
-            self.warmup.base_lrs = [lr * self.FACTOR for lr in self.warmup.base_lrs]
-            for group, lr in zip(self.optimizer.param_groups, self.warmup.base_lrs):
-                group["lr"] = lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+            self.warmup.base_lrs = [lr * self.FACTOR for lr in self.warmup.base_lrs]  # the schedule's later steps
+            for group in self.optimizer.param_groups:  # and this one
+                group["lr"] *= self.FACTOR
             log.info("NHLE step %d: log-odds %.2f falling %.3f per step, too slow to reach %.2f by step %d; "
                      "learning rate x%g", step, log_odds, pace, self.goal, self.config.max_steps, self.FACTOR)
 
