@@ -1,7 +1,7 @@
 """The audit report from plain values: every section present, a failed gate shows as the outcome."""
 import json
 
-from nhle.audit import audit_markdown, build_audit
+from nhle.core.audit import audit_markdown, build_audit
 
 METRICS = {"forget_test_acc": 0.0, "retain_test_acc": 0.97, "unmasked_forget_test_acc": 0.3, "mia_efficacy": 1.0,
            "probe_forget_acc": 0.9, "forget_silhouette": 0.4, "relearn_steps": 2, "forget_train_acc": 0.0,
@@ -61,6 +61,6 @@ def test_what_a_requester_typed_cannot_forge_the_report_or_the_terminal():
 
 
 def test_request_lines_for_the_terminal_show_control_characters_as_escapes():
-    from nhle.audit import terminal_text
+    from nhle.core.audit import terminal_text
 
     assert terminal_text("dpo\n\x1b[31m@x\u202e") == "dpo\\n\\x1b[31m@x\\u202e"

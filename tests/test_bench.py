@@ -1,9 +1,9 @@
 """nhle bench unlearning's own logic: issue 14's goal check, the synthetic dataset, resuming."""
 import json
 
-from nhle.bench import GOALS, goal_checks, grid_data
-from nhle.cli import main
-from nhle.config import DataConfig
+from nhle.bench.unlearning import GOALS, goal_checks, grid_data
+from nhle.cli.main import main
+from nhle.core.config import DataConfig
 
 
 def row(method, drop, silhouette, relearn, attack=0.0, forget_acc=0.0, seconds=1.0):
@@ -45,7 +45,7 @@ def test_resume_keeps_finished_cases_and_runs_only_the_rest(tmp_path, capsys):
 
 
 def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_knob(tmp_path, capsys):
-    from nhle.bench_report import main as report
+    from nhle.bench.report import main as report
 
     for setting, cost in (("smallcnn", 0.0), ("resnet", 1.0)):
         rows = [row("retrain", 0.0, 0.2, 8), row("nhle", 0.1 + cost, 0.5, 2),

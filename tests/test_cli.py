@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from nhle.cli import main
-from nhle.config import UnlearnConfig
-from nhle.metrics import METRIC_KEYS
+from nhle.cli.main import main
+from nhle.core.config import UnlearnConfig
+from nhle.core.metrics import METRIC_KEYS
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
         assert all(0 <= block[k] <= 1 for k in METRIC_KEYS if k.endswith("_acc"))
     assert report["metrics"]["unlearned"]["forget_test_acc"] == 0.0
     assert set(report["seconds"]) == {"unlearn", "retrain"}
-    from nhle.training import load_checkpoint
+    from nhle.core.training import load_checkpoint
 
     model, checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint["forgotten_classes"] == [2, 7] and model.forget_mask.sum() == 2
@@ -64,7 +64,7 @@ def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_
 
 
 def test_console_script_help_and_missing_checkpoint(tmp_path):
-    nhle = [sys.executable, "-m", "nhle.cli"]
+    nhle = [sys.executable, "-m", "nhle.cli.main"]
     assert "--retrain-baseline" in subprocess.run(nhle + ["unlearn", "--help"], capture_output=True, text=True).stdout
     done = subprocess.run(nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out",
                                   str(tmp_path / "o")], capture_output=True, text=True)
@@ -72,7 +72,7 @@ def test_console_script_help_and_missing_checkpoint(tmp_path):
 
 
 def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
-    from nhle.bench import METHODS
+    from nhle.bench.unlearning import METHODS
 
     assert main(["bench", "unlearning", "--quick", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
@@ -126,7 +126,7 @@ def test_bench_inference_quick_compares_runtimes_for_both_models(tmp_path):
 
 
 def test_synthetic_data_has_class_structure():
-    from nhle.bench_scaling import synthetic_splits
+    from nhle.bench.scaling import synthetic_splits
 
     data = synthetic_splits(500, test_size=100)
     assert data.train.images.shape == (500, 1, 16, 16) and data.train.images.dtype.is_floating_point is False
@@ -138,9 +138,9 @@ def test_synthetic_data_has_class_structure():
 
 
 def test_core_imports_no_tracking_orchestration_or_versioning():
-    code = ("import sys, nhle.data, nhle.models, nhle.graphs, nhle.importing, nhle.training, nhle.unlearning, "
-            "nhle.unlearning.baselines, "
-            "nhle.metrics, nhle.experiment, nhle.audit, nhle.bench, nhle.bench_scaling, nhle.bench_inference, nhle.cli, "
-            "nhle.gpu_check; "
+    code = ("import sys, nhle.core.data, nhle.core.models, nhle.core.graphs, nhle.core.importing, nhle.core.training, nhle.core.unlearning, "
+            "nhle.core.unlearning.baselines, "
+            "nhle.core.metrics, nhle.core.experiment, nhle.core.audit, nhle.bench.unlearning, nhle.bench.scaling, nhle.bench.inference, nhle.cli.main, "
+            "nhle.bench.gpu; "
             "bad = [m for m in ('mlflow', 'prefect', 'dvc') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from nhle.config import Params, UnlearnConfig, load_params, params_from_dict
+from nhle.core.config import Params, UnlearnConfig, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_tracking_uri_environment_variable_wins(monkeypatch):
 
 
 def test_relative_store_paths_resolve_inside_the_project(tmp_path):
-    from nhle.config import resolve_uri
+    from nhle.core.config import resolve_uri
 
     assert resolve_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("mlartifacts", tmp_path) == (tmp_path / "mlartifacts").as_uri()
@@ -87,7 +87,7 @@ def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
 
 
 def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
-    from nhle.cli import main
+    from nhle.cli.main import main
 
     assert main(["run", "--params", str(tmp_path / "missing.yaml"), "--project-dir", str(tmp_path)]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nhle.data import load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.core.data import load_dataset, parse_classes, sample_per_class, split_by_classes
 
 
 def test_digits_split_is_stratified_deterministic_and_scaled():
@@ -134,7 +134,7 @@ def test_resize_for_resnet(digits):
 
 
 def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
-    from nhle.data import drop_classes, load_splits, save_splits
+    from nhle.core.data import drop_classes, load_splits, save_splits
 
     once = drop_classes(digits, [3])
     twice = drop_classes(once, [5, 3])
@@ -151,7 +151,7 @@ def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
 
 
 def test_a_classes_file_renames_or_renumbers_to_the_models_output_order(digits, tmp_path):
-    from nhle.data import in_class_order, read_class_names
+    from nhle.core.data import in_class_order, read_class_names
 
     names = tmp_path / "classes.txt"
     names.write_text("\n".join(f"digit {k}" for k in range(10)) + "\n")
@@ -185,7 +185,7 @@ def test_an_image_folder_larger_than_the_open_file_limit_loads(tmp_path):
 
     root = grey_folder(tmp_path / "many", 300)
     script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)); "
-              "from nhle.data import load_dataset; d = load_dataset('imagefolder', root=%r, image_size=8); "
+              "from nhle.core.data import load_dataset; d = load_dataset('imagefolder', root=%r, image_size=8); "
               "print(len(d.train.labels) + len(d.test.labels), tuple(d.train.images.shape[1:]))" % str(root))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

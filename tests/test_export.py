@@ -5,8 +5,8 @@ import onnx
 import pytest
 import torch
 
-from nhle.config import ExportConfig
-from nhle.export import (
+from nhle.core.config import ExportConfig
+from nhle.core.export import (
     ParityError,
     assert_parity,
     check_parity,
@@ -14,8 +14,8 @@ from nhle.export import (
     make_session,
     session_providers,
 )
-from nhle.models import build_model
-from nhle.unlearning import apply_class_weight_mask
+from nhle.core.models import build_model
+from nhle.core.unlearning import apply_class_weight_mask
 
 MASKED = 3
 
@@ -113,7 +113,7 @@ def test_failed_export_leaves_nothing(masked, digits, tmp_path, monkeypatch, sta
 def test_session_providers(monkeypatch):
     import onnxruntime
 
-    from nhle.export import preload_cuda_libraries
+    from nhle.core.export import preload_cuda_libraries
 
     calls = []
     monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: calls.append(1), raising=False)
@@ -132,7 +132,7 @@ def test_session_providers(monkeypatch):
 def test_a_failed_or_missing_preload_is_not_an_error(monkeypatch):
     import onnxruntime
 
-    from nhle.export import preload_cuda_libraries
+    from nhle.core.export import preload_cuda_libraries
 
     def broken():
         raise OSError("libcudnn.so.9: cannot open shared object file")
@@ -153,7 +153,7 @@ def test_cpu_machine_session_logs_no_failed_cuda_provider(onnx_path):
     import subprocess
     import sys
 
-    code = ("import numpy as np; from nhle.export import make_session; "
+    code = ("import numpy as np; from nhle.core.export import make_session; "
             f"s = make_session({str(onnx_path)!r}); "
             "s.run(None, {'images': np.zeros((2, 1, 8, 8), np.float32)}); print(s.get_providers())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

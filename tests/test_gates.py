@@ -1,5 +1,5 @@
-from nhle.config import GateConfig
-from nhle.gates import all_passed, evaluate_gates, failure_reason
+from nhle.core.config import GateConfig
+from nhle.core.gates import all_passed, evaluate_gates, failure_reason
 
 GOOD_PARITY = {"argmax_agreement": 1.0, "max_abs_prob_diff": 5e-7, "tolerance": 1e-5, "non_finite": 0}
 
@@ -57,7 +57,7 @@ def test_retained_accuracy_is_judged_against_chance_for_the_classes_left():
 
 
 def test_the_deleted_classes_gate_names_each_class_and_its_requests():
-    from nhle.gates import deleted_classes_gate
+    from nhle.core.gates import deleted_classes_gate
 
     assert deleted_classes_gate([3, 5], {5: [1]}).passed
     gate = deleted_classes_gate([3], {5: [1, 4], 7: [2]})

@@ -1,4 +1,4 @@
-"""nhle.gpu_check on this CPU-only machine: the real entry point end to end with --quick, its
+"""nhle.bench.gpu on this CPU-only machine: the real entry point end to end with --quick, its
 failure exits, the CLI's `bench gpu`, and the CIFAR-shaped synthetic data it uses."""
 import json
 import subprocess
@@ -12,9 +12,9 @@ from nhle import gpu_check
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `python -m nhle.gpu_check --quick --device cpu` in a fresh process (about 30 s)."""
+    """One `python -m nhle.bench.gpu --quick --device cpu` in a fresh process (about 30 s)."""
     out = tmp_path_factory.mktemp("gpu_check")
-    done = subprocess.run([sys.executable, "-m", "nhle.gpu_check", "--quick", "--device", "cpu", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "nhle.bench.gpu", "--quick", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     return done, out
 
@@ -91,7 +91,7 @@ def test_cli_bench_gpu_hands_its_flags_to_gpu_check(monkeypatch, capsys):
 
 
 def test_cifar_shaped_synthetic_data_has_class_structure_and_scaling_data_is_unchanged():
-    from nhle.bench_scaling import synthetic_splits
+    from nhle.bench.scaling import synthetic_splits
 
     data = synthetic_splits(300, test_size=50, size=32, channels=3)
     assert data.train.images.shape == (300, 3, 32, 32) and data.train.images.dtype == torch.uint8

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nhle.graphs import export_graph, split_at_head
-from nhle.models import GRAPH, MaskedClassifier
+from nhle.core.graphs import export_graph, split_at_head
+from nhle.core.models import GRAPH, MaskedClassifier
 
 
 class TheirNet(nn.Module):
@@ -61,9 +61,9 @@ def test_refusals_name_what_is_wrong():
 
 
 def test_a_graph_model_fine_tunes_saves_and_exports(tmp_path):
-    from nhle.export import check_parity, export_onnx
-    from nhle.training import load_checkpoint, save_checkpoint
-    from nhle.unlearning import apply_class_weight_mask
+    from nhle.core.export import check_parity, export_onnx
+    from nhle.core.training import load_checkpoint, save_checkpoint
+    from nhle.core.unlearning import apply_class_weight_mask
 
     torch.manual_seed(0)
     backbone, head = split_at_head(traced(TheirNet().eval()), 10)

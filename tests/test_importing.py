@@ -3,9 +3,9 @@ import pytest
 import torch
 import torchvision
 
-from nhle.config import ModelConfig
-from nhle.data import resize
-from nhle.importing import from_weights, import_model, read_state_dict
+from nhle.core.config import ModelConfig
+from nhle.core.data import resize
+from nhle.core.importing import from_weights, import_model, read_state_dict
 
 
 @pytest.fixture(scope="module")

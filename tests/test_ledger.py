@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from nhle.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
+from nhle.adapters.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -68,7 +68,7 @@ def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger, dead_ow
     me = new_owner()
     assert {r.id for r in ledger.claim(me, 60)} == {live.id, dead.id, expired.id}
     with ledger._session() as session, session.begin():  # hand two of them to gone claimants
-        from nhle.ledger import ForgetRequestRow
+        from nhle.adapters.ledger import ForgetRequestRow
 
         session.get(ForgetRequestRow, dead.id).claimed_by = dead_owner
         row = session.get(ForgetRequestRow, expired.id)
@@ -114,7 +114,7 @@ def test_owner_is_gone_only_for_dead_processes_of_this_host(dead_owner):
 
 
 def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why(ledger, ledger_url):
-    from nhle.ledger import Ledger, new_owner
+    from nhle.adapters.ledger import Ledger, new_owner
 
     owner = new_owner()
     first = ledger.submit([5], ["5"], "dpo@example.com", "erasure 1")

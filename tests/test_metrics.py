@@ -4,10 +4,10 @@ import copy
 import numpy as np
 import pytest
 
-from nhle.data import sample_per_class, split_by_classes
-from nhle.metrics import (METRIC_KEYS, evaluate_forgetting, forget_silhouette, mia_efficacy, probe_forget_acc,
+from nhle.core.data import sample_per_class, split_by_classes
+from nhle.core.metrics import (METRIC_KEYS, evaluate_forgetting, forget_silhouette, mia_efficacy, probe_forget_acc,
                           relearn_steps)
-from nhle.unlearning import apply_class_weight_mask, without_mask
+from nhle.core.unlearning import apply_class_weight_mask, without_mask
 
 
 def test_probe_on_perfectly_separable_features_recalls_everything():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nhle.models import build_model, wrap
+from nhle.core.models import build_model, wrap
 
 
 @pytest.mark.parametrize("arch,channels,size,width", [("smallcnn", 1, 8, 128), ("smallcnn", 3, 28, 128),
@@ -37,7 +37,7 @@ def test_every_torchvision_classifier_but_squeezenet_has_its_head_found():
     """On the meta device (shapes only, no memory): the head is found and its output is the
     network's output. SqueezeNet's classifier is a 1x1 convolution, so it is refused; RegNet's
     builder cannot run on meta and gets its own test below."""
-    from nhle.models import build_network, find_head, torchvision_classifiers
+    from nhle.core.models import build_network, find_head, torchvision_classifiers
 
     found, refused = {}, {}
     for name in torchvision_classifiers():
@@ -73,8 +73,8 @@ def test_a_masked_class_stays_masked_in_torch_and_onnx_runtime_after_fine_tuning
     """Four families with random weights at 32x32: the head is found, the features are its input,
     class 2 (made the winner of every input first) is never predicted in PyTorch nor in ONNX
     Runtime, parity holds, and SGD with momentum and weight decay leaves the mask bit-identical."""
-    from nhle.export import check_parity, export_onnx
-    from nhle.unlearning import apply_class_weight_mask
+    from nhle.core.export import check_parity, export_onnx
+    from nhle.core.unlearning import apply_class_weight_mask
 
     if arch.startswith("timm/"):
         pytest.importorskip("timm")

@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nhle.config import UnlearnConfig  # noqa: E402
-from nhle.data import sample_per_class  # noqa: E402
-from nhle.plots import confusion_matrix, write_evidence_plots  # noqa: E402
-from nhle.unlearning import unlearn  # noqa: E402
+from nhle.core.config import UnlearnConfig  # noqa: E402
+from nhle.core.data import sample_per_class  # noqa: E402
+from nhle.core.plots import confusion_matrix, write_evidence_plots  # noqa: E402
+from nhle.core.unlearning import unlearn  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("per_class_accuracy", "confusion_matrix", "feature_projection")

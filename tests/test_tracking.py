@@ -1,7 +1,7 @@
-"""nhle.tracking: where a new experiment keeps its artifacts."""
+"""nhle.adapters.tracking: where a new experiment keeps its artifacts."""
 from pathlib import Path
 
-from nhle.tracking import artifact_location
+from nhle.adapters.tracking import artifact_location
 
 
 def test_artifact_location_is_local_for_a_local_store_and_the_servers_for_a_tracking_server(tmp_path):

@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from nhle.config import ExportConfig, TrainConfig, UnlearnConfig, load_params
-from nhle.data import sample_per_class
-from nhle.export import check_parity, export_onnx
-from nhle.training import (
+from nhle.core.config import ExportConfig, TrainConfig, UnlearnConfig, load_params
+from nhle.core.data import sample_per_class
+from nhle.core.export import check_parity, export_onnx
+from nhle.core.training import (
     evaluate,
     load_checkpoint,
     resolve_device,
     save_checkpoint,
     train_model,
 )
-from nhle.unlearning import unlearn
+from nhle.core.unlearning import unlearn
 
 
 def test_training_is_seeded_and_learns(digits):
@@ -37,7 +37,7 @@ def test_retrain_excludes_the_classes(digits, monkeypatch):
 def test_checkpoint_is_a_plain_dict_that_round_trips(trained, tmp_path):
     import copy
 
-    from nhle.unlearning import apply_class_weight_mask
+    from nhle.core.unlearning import apply_class_weight_mask
 
     model = copy.deepcopy(trained)
     apply_class_weight_mask(model, [6])
@@ -113,8 +113,8 @@ def test_bf16_training_and_unlearning_on_the_cpu_export_fp32_and_pass_parity(dig
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_batches_come_as_float_on_the_device(digits):
-    from nhle.data import ImageSet
-    from nhle.training import batches
+    from nhle.core.data import ImageSet
+    from nhle.core.training import batches
 
     data = ImageSet((digits.train.images * 255).round().to(torch.uint8), digits.train.labels)
     (x, y), = batches(data.subset(range(10)), 64, torch.device("cuda"))
@@ -124,8 +124,8 @@ def test_gpu_batches_come_as_float_on_the_device(digits):
 
 def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
     """Old checkpoints say arch 'resnet18' for the CIFAR-stem network and keep it in train.model."""
-    from nhle.models import build_model
-    from nhle.training import recipe_of
+    from nhle.core.models import build_model
+    from nhle.core.training import recipe_of
 
     model = build_model("resnet18_cifar", 3, 10, mean=0.5, std=0.25).eval()
     old = {"state_dict": model.state_dict(), "forgotten_classes": [],
@@ -143,9 +143,9 @@ def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
 def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
     """torchvision's MobileNetV3 (BN momentum 0.01) would otherwise answer from near-initial
     running statistics in eval mode after a short training."""
-    from nhle.config import ModelConfig
-    from nhle.data import resize
-    from nhle.training import evaluate, training_spec
+    from nhle.core.config import ModelConfig
+    from nhle.core.data import resize
+    from nhle.core.training import evaluate, training_spec
 
     data = resize(digits, 32)
     spec = training_spec(ModelConfig(arch="mobilenet_v3_small"), data)
@@ -156,8 +156,8 @@ def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
 
 
 def test_a_diverging_training_run_fails_with_the_learning_rate_named(digits):
-    from nhle.config import TrainConfig
-    from nhle.training import train_model
+    from nhle.core.config import TrainConfig
+    from nhle.core.training import train_model
 
     with pytest.raises(ValueError, match=r"training diverged: the loss is nan in epoch \d+ \(train.lr = 1000000000.0"):
         train_model(digits, TrainConfig(epochs=3, lr=1e9), seed=0, progress=False)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nhle.data import ImageSet, Splits, drop_classes, load_splits, save_splits
-from nhle.versioning import (DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version,
+from nhle.core.data import ImageSet, Splits, drop_classes, load_splits, save_splits
+from nhle.adapters.versioning import (DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version,
                              version_dataset)
 
 
@@ -135,7 +135,7 @@ def test_bad_remote_raises_runtime_error_naming_the_command(digits, tmp_path):
 def test_dvc_gc_purges_deleted_samples_from_cache_and_remote(versions, digits):
     """The README's purge after a forget request: `dvc gc --workspace --cloud` leaves only what
     the current version (without class 3) uses; the old version cannot be fetched any more."""
-    from nhle.versioning import dvc_executable
+    from nhle.adapters.versioning import dvc_executable
 
     repo, remote = versions["repo"], versions["remote"]
     remote_files = lambda: {p.name for p in remote.rglob("*") if p.is_file()}  # noqa: E731

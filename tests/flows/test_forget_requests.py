@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from nhle.cli import main
+from nhle.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -35,7 +35,7 @@ def submit(root, classes, requester="dpo@example.com", reason="erasure request")
 
 
 def ledger(root):
-    from nhle.ledger import Ledger
+    from nhle.adapters.ledger import Ledger
 
     return Ledger(f"sqlite:///{root / 'requests.db'}")
 
@@ -43,8 +43,8 @@ def ledger(root):
 def registry_state(root):
     from mlflow import MlflowClient
 
-    from nhle.config import load_params
-    from nhle.tracking import configure
+    from nhle.core.config import load_params
+    from nhle.adapters.tracking import configure
 
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
@@ -62,7 +62,7 @@ def champion_predictions(champion) -> np.ndarray:
     import mlflow
     import onnxruntime as ort
 
-    from nhle.data import load_digits
+    from nhle.core.data import load_digits
 
     path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion.version}")
     session = ort.InferenceSession(str(Path(path) / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -86,7 +86,7 @@ def test_invalid_requests_are_rejected_recorded_and_change_nothing(project, caps
 
 
 def test_requests_processed_in_sequence_leave_every_class_forgotten(project, capsys):
-    from nhle.versioning import DataVersion, open_dataset_version
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
 
     assert submit(project, "5", reason="first request") == 0
     assert cli(project, "request", "process") == 0
@@ -153,7 +153,7 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    process = subprocess.Popen([sys.executable, "-m", "nhle.cli", "request", "process", "--params",
+    process = subprocess.Popen([sys.executable, "-m", "nhle.cli.main", "request", "process", "--params",
                                 str(project / "slow.yaml"), "--project-dir", str(project)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = [], threading.Event()
@@ -169,7 +169,7 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
         process.wait()
     assert registry_state(project) == (versions, champion)  # no version, no alias moved
     assert ledger(project).get(request.id).status == "processing"  # still owned by the dead run
-    from nhle.tracking import runs_tagged
+    from nhle.adapters.tracking import runs_tagged
 
     assert [run.info.status for run in runs_tagged("nhle.batch", held.batch)] == ["RUNNING"]  # as it was killed
     assert cli(project, "request", "process") == 0
@@ -186,7 +186,7 @@ def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, 
     """A run that died after registering its version: the next run settles that version (gates,
     data deletion, promotion) instead of unlearning again."""
     from nhle import pipeline
-    from nhle.config import load_params
+    from nhle.core.config import load_params
 
     params = load_params(project / "params.yaml")
     assert submit(project, "4", reason="registered then died") == 0
@@ -243,7 +243,7 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     settings["requests"] = {"cron": "17 3 * * *", "timezone": "Europe/Paris", "deployment": "nightly"}
     (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    server = subprocess.Popen([sys.executable, "-m", "nhle.cli", "schedule", "--params", str(project / "schedule.yaml"),
+    server = subprocess.Popen([sys.executable, "-m", "nhle.cli.main", "schedule", "--params", str(project / "schedule.yaml"),
                                "--project-dir", str(project)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     lines, seen = [], threading.Event()

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nhle.cli import main
+from nhle.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -56,7 +56,7 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
     import mlflow.onnx
     import onnxruntime
 
-    from nhle.data import load_digits, split_by_classes
+    from nhle.core.data import load_digits, split_by_classes
 
     model = mlflow.onnx.load_model(f"models:/{NAME}@champion")
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -70,9 +70,9 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
 
 
 def test_model_traces_to_the_exact_data_bytes(project):
-    from nhle.tracking import download_checkpoint
-    from nhle.training import load_checkpoint
-    from nhle.versioning import DataVersion, open_dataset_version
+    from nhle.adapters.tracking import download_checkpoint
+    from nhle.core.training import load_checkpoint
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
 
     version = champion()
     _, checkpoint = load_checkpoint(download_checkpoint(version))
@@ -101,7 +101,7 @@ def test_invalid_request_is_refused_before_anything_is_registered(project):
 
 
 def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, capsys):
-    from nhle.cli import main
+    from nhle.cli.main import main
 
     before = len(client().search_model_versions(f"name='{NAME}'"))
     assert main(["run", "--forget", "0,1,2,4,5,6,7,8,9", "--params", str(project / "params.yaml"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nhle.processes import free_port, stop_process
+from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING = REPO / "serving"
@@ -35,7 +35,7 @@ def preprocessing(digits, forgotten) -> dict:
 
 
 def masked(model, classes):
-    from nhle.unlearning import apply_class_weight_mask
+    from nhle.core.unlearning import apply_class_weight_mask
 
     model = copy.deepcopy(model).cpu().eval()
     apply_class_weight_mask(model, classes)
@@ -114,7 +114,7 @@ class Registry:
 
 
 class Server:
-    """`uvicorn nhle_server:create_app --factory` as a child process, talked to over HTTP."""
+    """`uvicorn nhle_serving.server:create_app --factory` as a child process, talked to over HTTP."""
 
     def __init__(self, project_dir: Path, log_path: Path, **settings):
         self.port = free_port()
@@ -128,7 +128,7 @@ class Server:
         self.env = env
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_server:create_app", "--factory", "--app-dir", str(SERVING),
+            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory", "--app-dir", str(SERVING),
              "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
         self.http = httpx.Client(base_url=self.url, timeout=30)

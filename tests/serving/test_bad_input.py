@@ -184,9 +184,9 @@ def test_admin_reload_disabled_without_token_and_not_ready_without_model(tmp_pat
     import httpx
 
     sys.path.insert(0, str(SERVING))
-    import nhle_server
+    import nhle_serving.server
 
-    app = nhle_server.create_app(nhle_server.Settings(model=str(tmp_path / "none.onnx")))
+    app = nhle_serving.server.create_app(nhle_serving.server.Settings(model=str(tmp_path / "none.onnx")))
 
     async def calls():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

@@ -127,12 +127,12 @@ def test_server_process_never_imports_torch(server, champion_registry):
 import json, sys
 sys.path.insert(0, {str(SERVING)!r})
 import numpy as np
-import nhle_server
-settings = nhle_server.Settings(project_dir={str(champion_registry.root)!r},
+import nhle_serving.server
+settings = nhle_serving.server.Settings(project_dir={str(champion_registry.root)!r},
                                 params_path={str(champion_registry.root / 'params.yaml')!r})
-manager = nhle_server.ModelManager(settings)
+manager = nhle_serving.server.ModelManager(settings)
 assert manager.refresh()["outcome"] == "swapped"
-out = nhle_server.handle_predict(json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode(), manager.current, settings)
+out = nhle_serving.server.handle_predict(json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode(), manager.current, settings)
 assert len(out["predictions"]) == 1
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
 """

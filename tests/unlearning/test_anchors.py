@@ -3,12 +3,12 @@ original weights, and retained-class prototypes. Real models, no retained data."
 import pytest
 import torch
 
-from nhle.config import UnlearnConfig
-from nhle.data import sample_per_class, split_by_classes
-from nhle.models import build_model
-from nhle.training import evaluate
-from nhle.unlearning import unlearn
-from nhle.unlearning.anchors import synthesise_inputs, weight_distance
+from nhle.core.config import UnlearnConfig
+from nhle.core.data import sample_per_class, split_by_classes
+from nhle.core.models import build_model
+from nhle.core.training import evaluate
+from nhle.core.unlearning import unlearn
+from nhle.core.unlearning.anchors import synthesise_inputs, weight_distance
 
 
 def test_synthetic_inputs_are_images_the_model_gives_their_class(trained):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from nhle.data import split_by_classes
-from nhle.training import evaluate
-from nhle.unlearning.baselines import BASELINES, _random_relabel, run_baseline
+from nhle.core.data import split_by_classes
+from nhle.core.training import evaluate
+from nhle.core.unlearning.baselines import BASELINES, _random_relabel, run_baseline
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@ section 7 measured (small CNN, digits, 15 epochs, seed 0), and the stopping rule
 import pytest
 import torch
 
-from nhle.config import TrainConfig, UnlearnConfig
-from nhle.data import as_float, load_digits, sample_per_class, split_by_classes
-from nhle.training import evaluate, train_model
-from nhle.unlearning import unlearn, without_mask
+from nhle.core.config import TrainConfig, UnlearnConfig
+from nhle.core.data import as_float, load_digits, sample_per_class, split_by_classes
+from nhle.core.training import evaluate, train_model
+from nhle.core.unlearning import unlearn, without_mask
 
 # Measured for the default on this seed: drops 0.50 pp (class 3) and 0.00 pp (2, 5, 8), attack
 # 0%. The bounds leave one or two test samples of room (one is 0.25 pp) for other CPUs' maths.

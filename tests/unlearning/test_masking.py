@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nhle.data import as_float
-from nhle.unlearning import apply_class_weight_mask, without_mask
+from nhle.core.data import as_float
+from nhle.core.unlearning import apply_class_weight_mask, without_mask
 
 
 def fine_tune(model, data, optimizer, steps=30):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from nhle.config import ENCODINGS, UnlearnConfig
-from nhle.data import as_float, sample_per_class, split_by_classes
-from nhle.training import evaluate
-from nhle.unlearning import nhle_loss, unlearn, without_mask
+from nhle.core.config import ENCODINGS, UnlearnConfig
+from nhle.core.data import as_float, sample_per_class, split_by_classes
+from nhle.core.training import evaluate
+from nhle.core.unlearning import nhle_loss, unlearn, without_mask
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from nhle.config import UnlearnConfig
-from nhle.data import sample_per_class
-from nhle.unlearning import unlearn
-from nhle.unlearning.steps import NormalizedGradient, make_optimizer, saliency_masks
+from nhle.core.config import UnlearnConfig
+from nhle.core.data import sample_per_class
+from nhle.core.unlearning import unlearn
+from nhle.core.unlearning.steps import NormalizedGradient, make_optimizer, saliency_masks
 
 
 def test_a_normalized_step_moves_the_weights_by_its_share_of_their_norm():
@@ -48,7 +48,7 @@ def test_saliency_limited_unlearning_moves_only_that_share_of_each_tensor(traine
 
 
 def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
-    from nhle.unlearning.nhle import PaceKeeper
+    from nhle.core.unlearning.nhle import PaceKeeper
 
     def rates(log_odds, config=UnlearnConfig(lr=1e-5, max_steps=30)):
         optimizer, warmup = make_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
