@@ -12,21 +12,14 @@ them only on a cluster of identical workers.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import cloudpickle
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from nhle.bench.unlearning import Grid, bench_unlearning, run_unit, train_seed
 from nhle.core.config import DaskConfig
-
-# Loaded by file path (as Prefect loads flows), this module has a name that the scheduler and
-# workers of a running cluster cannot import: send its functions (the flow, in the task context)
-# by value instead of by reference.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TASKS = {
     train_seed: task(train_seed, name="train-base-model", task_run_name="base-model-seed-{seed}",

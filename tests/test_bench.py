@@ -2,7 +2,7 @@
 import json
 
 from nhle.bench.unlearning import GOALS, goal_checks, grid_data
-from nhle.cli.main import main
+from nhle.cli import main
 from nhle.core.config import DataConfig
 
 

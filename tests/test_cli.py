@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nhle.cli.main import main
+from nhle.cli import main
 from nhle.core.config import UnlearnConfig
 from nhle.core.metrics import METRIC_KEYS
 
@@ -64,7 +64,7 @@ def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_
 
 
 def test_console_script_help_and_missing_checkpoint(tmp_path):
-    nhle = [sys.executable, "-m", "nhle.cli.main"]
+    nhle = [sys.executable, "-m", "nhle.cli.commands"]
     assert "--retrain-baseline" in subprocess.run(nhle + ["unlearn", "--help"], capture_output=True, text=True).stdout
     done = subprocess.run(nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out",
                                   str(tmp_path / "o")], capture_output=True, text=True)
@@ -140,7 +140,7 @@ def test_synthetic_data_has_class_structure():
 def test_core_imports_no_tracking_orchestration_or_versioning():
     code = ("import sys, nhle.core.data, nhle.core.models, nhle.core.graphs, nhle.core.importing, nhle.core.training, nhle.core.unlearning, "
             "nhle.core.unlearning.baselines, "
-            "nhle.core.metrics, nhle.core.experiment, nhle.core.audit, nhle.bench.unlearning, nhle.bench.scaling, nhle.bench.inference, nhle.cli.main, "
+            "nhle.core.metrics, nhle.core.experiment, nhle.core.audit, nhle.bench.unlearning, nhle.bench.scaling, nhle.bench.inference, nhle.cli.commands, "
             "nhle.bench.gpu; "
             "bad = [m for m in ('mlflow', 'prefect', 'dvc') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -87,7 +87,7 @@ def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
 
 
 def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
-    from nhle.cli.main import main
+    from nhle.cli import main
 
     assert main(["run", "--params", str(tmp_path / "missing.yaml"), "--project-dir", str(tmp_path)]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_dvc_repro_runs_the_chain_once_and_experiments_change_params(tmp_path):
 
     second = run([f"{bin_dir}/dvc", "repro"], tmp_path, env)
     assert "Running stage" not in second and "up to date" in second
-    gates = tmp_path / "nhle" / "gates.py"
+    gates = tmp_path / "nhle" / "core" / "gates.py"
     gates.write_text(gates.read_text() + "\n# a change of the gate code\n")
     third = run([f"{bin_dir}/dvc", "repro"], tmp_path, env)
     assert "Running stage 'evaluate'" in third and "Running stage 'train'" not in third

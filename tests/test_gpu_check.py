@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from nhle import gpu_check
+from nhle.bench import gpu as gpu_check
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import torchvision
 
 from nhle.core.config import ModelConfig
 from nhle.core.data import resize
-from nhle.core.importing import from_weights, import_model, read_state_dict
+from nhle.core.importing import from_weights, read_state_dict
+from nhle.orchestration.steps import import_model
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_training_is_seeded_and_learns(digits):
 
 
 def test_retrain_excludes_the_classes(digits, monkeypatch):
-    from nhle import training
+    from nhle.core import training
 
     seen = []
     real = training.train_one_epoch

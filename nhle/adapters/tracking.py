@@ -5,13 +5,14 @@
     version = log_onnx_model("model.onnx", ...)     # a registered model version per run
     record_promotion(params.registry, version, *promotion_decision(gates, champion, parent))
 
-The only module of nhle (with the flows) that imports mlflow. Alias moves happen last and only
-after every gate held, so a failed step never moves `champion`.
+The only module of nhle (with nhle.adapters.mlflow_models) that imports mlflow. Alias moves
+happen last and only after every gate held, so a failed step never moves `champion`.
 """
 from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,6 +47,113 @@ def configure(params: Params, project_dir: str | Path = ".") -> str:
                 raise
     mlflow.set_experiment(name)
     return uri
+
+
+def start_run(params: Params, run_name: str, tags: dict) -> str:
+    """Create a flow's MLflow run with the resolved params; it stays RUNNING until finish_run."""
+    from nhle.adapters.ledger import new_owner
+
+    # nhle.owner (host:pid:...) lets a later run see that this one's process died (reap_dead_runs).
+    run = mlflow.start_run(run_name=run_name, tags={**tags, "nhle.owner": new_owner()})
+    try:
+        log_params(params)
+    finally:
+        mlflow.end_run(status="RUNNING")
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED."""
+    MlflowClient().set_terminated(run_id, status)
+
+
+@contextmanager
+def logging_to(run_id: str):
+    """Make `run_id` the active run for fluent mlflow calls, leaving it RUNNING afterwards
+    (`with mlflow.start_run(run_id=...)` would mark it FINISHED between the flow's steps)."""
+    active = mlflow.active_run()
+    started = active is None or active.info.run_id != run_id
+    if started:
+        mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        if started:
+            mlflow.end_run(status="RUNNING")
+
+
+def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarray, logged_name: str,
+                checkpoint_path: Path, preprocessing: dict, data, data_version, parity: dict,
+                report: dict | None, plots: dict, base_metrics: dict | None, tags: dict) -> str:
+    """Everything a new version carries, logged to its run (dataset input, checkpoint,
+    preprocessing, parity, report and plots or a base model's accuracy), then the ONNX model
+    registered as a new version of `model_name`, tagged with `tags`. Returns the version."""
+    with logging_to(run_id):
+        mlflow.set_tags(data_version.as_tags())
+        log_dataset(data, data_version)
+        mlflow.log_artifact(str(checkpoint_path), "checkpoint")
+        mlflow.log_dict(preprocessing, "preprocessing.json")
+        log_parity(parity)
+        if report is not None:
+            log_report(report)
+        for path in plots.values():
+            mlflow.log_artifact(str(path), "plots")
+        if base_metrics is not None:
+            mlflow.log_metrics(base_metrics)
+        version = log_onnx_model(onnx_path, example, model_name, preprocessing, name=logged_name)
+    tag_version(model_name, version.version, tags)
+    return version.version
+
+
+def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: str, version: str,
+                notified: list[dict]) -> None:
+    """The gates (gates.json, gate/* metrics) and the promotion on the run."""
+    with logging_to(run_id):
+        log_gates(gates)
+        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
+        if notified:
+            mlflow.log_dict(notified, "notified_servers.json")
+
+
+def set_run_tags(run_id: str, tags: dict) -> None:
+    with logging_to(run_id):
+        mlflow.set_tags(tags)
+
+
+def version_tags(name: str, version: str) -> tuple[dict, str]:
+    """(tags, run id) of a registered version."""
+    mv = MlflowClient().get_model_version(name, str(version))
+    return dict(mv.tags), mv.run_id
+
+
+def log_run_files(run_id: str, files: dict[str, dict | str]) -> None:
+    """Artifacts written into a finished or running run: a dict as JSON, a str as text."""
+    client = MlflowClient()
+    for path, content in files.items():
+        if isinstance(content, dict):
+            client.log_dict(run_id, content, path)
+        else:
+            client.log_text(run_id, content, path)
+
+
+def fail_runs(run_ids: list[str]) -> None:
+    """Runs that died before registering anything: tagged nhle.abandoned and marked FAILED."""
+    client = MlflowClient()
+    for run_id in run_ids:
+        client.set_tag(run_id, "nhle.abandoned", "true")
+        client.set_terminated(run_id, "FAILED")
+
+
+def read_text(uri: str) -> str:
+    return mlflow.artifacts.load_text(uri)
+
+
+def version_page(name: str, version: str) -> tuple[str, str]:
+    """(the version's description, the MLflow UI's address for links: the tracking server's, or
+    the address `mlflow ui` takes by default for a local store)."""
+    uri = mlflow.get_tracking_uri()
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return MlflowClient().get_model_version(name, version).description or "", ui
 
 
 def artifact_location(configured: str, tracking_uri: str, project_dir: Path) -> str | None:

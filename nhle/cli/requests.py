@@ -60,10 +60,11 @@ def cmd_show(args, params) -> int:
 
 
 def cmd_process(args, params) -> int:
-    from nhle.orchestration.pipeline import load_flow, params_as_dict
     from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import load_flow
+    from nhle.core.config import params_as_dict
 
-    flow = load_flow(Path(args.project_dir), "process_requests")
+    flow = load_flow("process_requests")
     with temporary_prefect_server():
         result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
     for request in result["requests"]:
@@ -90,11 +91,12 @@ def requests_schedule(params) -> tuple[dict, object]:
 
 def cmd_schedule(args, params) -> int:
     """flow.serve: a deployment with params.yaml's cron and a concurrency limit of one run."""
-    from nhle.orchestration.pipeline import load_flow, params_as_dict
+    from nhle.cli.jobs import load_flow
+    from nhle.core.config import params_as_dict
 
     project_dir = Path(args.project_dir).resolve()
-    flow = load_flow(project_dir, "process_requests")
-    os.chdir(project_dir)  # the deployment's entrypoint, flows/nhle_flows.py, is relative to it
+    flow = load_flow("process_requests")
+    os.chdir(project_dir)  # the deployment's working directory
     print(f"serving {flow.name}/{params.requests.deployment} on cron {params.requests.cron!r} "
           f"({params.requests.timezone}); Ctrl-C stops it")
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
@@ -112,7 +114,8 @@ def cmd_deploy(args, params) -> int:
     from prefect.flows import Flow
     from prefect.settings import get_current_settings
 
-    from nhle.orchestration.pipeline import flows_file, params_as_dict
+    from nhle.cli.jobs import flows_file
+    from nhle.core.config import params_as_dict
 
     if not get_current_settings().api.url:
         raise RuntimeError("nhle deploy registers deployments with a Prefect server: set PREFECT_API_URL "

@@ -198,6 +198,13 @@ def to_dict(config) -> dict:
     return asdict(config)
 
 
+def params_as_dict(params) -> dict:
+    """Params as plain JSON types (a flow parameter, a deployment's parameters)."""
+    import json
+
+    return json.loads(json.dumps(asdict(params)))
+
+
 # Lower bounds of the numeric fields that have one, by name (a name means the same in every section).
 AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
             "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,

@@ -1,8 +1,9 @@
 """The jobs the CLI and the flows run: train a base model, and forget classes with a report.
 
-    from nhle.core.experiment import train_base, forget
+    from nhle.core.experiment import train_base, forget_and_measure, validate_forget
     model, checkpoint = train_base(DataConfig(), TrainConfig())
-    outcome = forget(model, checkpoint, "3", seed=0, retrain_baseline=True)
+    classes = validate_forget(model, "3", checkpoint["class_names"])   # the request, parsed once
+    outcome = forget_and_measure(model, checkpoint, classes, seed=0, retrain_baseline=True)
     outcome.report    # the report.json contract: metrics of original / unlearned / retrained
 
 Plain library code: no tracking, orchestration or data-versioning imports.
@@ -97,14 +98,15 @@ def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int,
     return model, apply_class_weight_mask(model, classes), seconds
 
 
-def forget(model: MaskedClassifier, checkpoint: dict, spec, seed: int = 0, config: UnlearnConfig = UnlearnConfig(),
-           retrain_baseline: bool = False, data: Splits | None = None, device: str = "auto",
-           progress: bool = True, retrained=None) -> ForgetOutcome:
-    """Unlearn the classes in `spec` from `model` with NHLE + masking, and measure the result
-    against the original (and, if asked, a model retrained without them). `retrained` may pass a
-    (model, snapshot, seconds) computed before, to share one retrain between several methods."""
+def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
+                       config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
+                       data: Splits | None = None, device: str = "auto", progress: bool = True,
+                       retrained=None) -> ForgetOutcome:
+    """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
+    masking, and measure the result against the original (and, if asked, a model retrained
+    without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
+    one retrain between several methods."""
     data = data or data_for_checkpoint(checkpoint)
-    classes = validate_forget(model, spec, data.class_names, retrain_baseline and retrained is None)
     earlier = model.forgotten_classes
     # Classes forgotten before are neither forget nor retained classes now: the model no longer
     # serves them, so they stay out of every metric and out of the retrained reference.
@@ -172,5 +174,5 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "data_for_checkpoint", "forget", "load_data", "retrain_without",
+__all__ = ["ForgetOutcome", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
            "save_unlearned", "split_by_classes", "summary_lines", "train_base", "validate_forget"]

@@ -4,7 +4,7 @@
     results = evaluate_gates(report, parity, GateConfig())
     all_passed(results)   # -> bool; each result names the figure, the bound and whether it held
 
-Pure functions over the report (nhle.core.experiment.forget) and the parity check (nhle.core.export).
+Pure functions over the report (nhle.core.experiment.forget_and_measure) and the parity check (nhle.core.export).
 """
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """Your own classifier into nhle: a torchvision or timm architecture with your weights, or a
-PyTorch model you logged to MLflow. `nhle import` (flows/nhle_flows.py:import_model) registers
+PyTorch model you logged to MLflow. `nhle import` (the import flow) registers
 the result as a base version after the same evaluation, ONNX export, parity and gates as a model
 nhle trained; forgetting, serving and forget requests then work on it unchanged.
 
     nhle import --arch resnet50 --weights model.pth --dataset imagefolder --data-root photos --image-size 224
     nhle import --from-mlflow models:/their-model/3 --mlflow-tracking-uri http://their-mlflow:5000 ...
 
-    from nhle.core.importing import import_model
-    model, source = import_model(params.model, data, tracking_uri)   # a MaskedClassifier, provenance
+    from nhle.core.importing import from_weights, smoke_test
+    model, source = from_weights(params.model, data)   # a MaskedClassifier, and where it came from
+    smoke_test(model, data)
+
+An MLflow model comes in through nhle.adapters.mlflow_models.from_mlflow (it needs mlflow).
 
 Weights are read with torch.load(weights_only=True): a state_dict, or a checkpoint dict holding
 one under `weights_key`. An MLflow model is either MLflow 3's torch.export program or a pickled
@@ -18,7 +21,6 @@ ValueError that names the problem, raised before anything is registered.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,26 +28,17 @@ import torch.nn as nn
 
 from nhle.core.config import ModelConfig
 from nhle.core.data import Splits
-from nhle.core.graphs import export_graph, input_shape, is_graph, split_at_head
-from nhle.core.models import (GRAPH, IMAGENET_MEAN, IMAGENET_STD, NHLE_ARCHITECTURES, MaskedClassifier, build_network,
+from nhle.core.models import (IMAGENET_MEAN, IMAGENET_STD, NHLE_ARCHITECTURES, MaskedClassifier, build_network,
                          channel_stats, find_head, network_channels, wrap)
 
 # Heads torchvision's googlenet / inception_v3 use only while training; nhle builds them without.
 AUXILIARY_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
-def import_model(config: ModelConfig, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
-    """The model `config` names (from_mlflow, else arch + weights), wrapped for `data`, and where
-    it came from. `tracking_uri` is used for from_mlflow when config has no tracking URI of its own."""
+def check_square(data: Splits) -> None:
     channels, height, width = data.image_shape
     if height != width:
         raise ValueError(f"the images are {height} x {width}: give --image-size to make them square")
-    if config.from_mlflow:
-        model, source = from_mlflow(config, data, config.mlflow_tracking_uri or tracking_uri)
-    else:
-        model, source = from_weights(config, data)
-    smoke_test(model, data)
-    return model, source
 
 
 def default_normalisation(config: ModelConfig, net: nn.Module, data: Splits):
@@ -125,74 +118,6 @@ def load_matching(net: nn.Module, state: dict, path: Path, arch: str) -> None:
                          f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape. Are these the weights "
                          "of another architecture? --arch names the one they were saved from")
     net.load_state_dict(state)
-
-
-@contextmanager
-def mlflow_store(tracking_uri: str):
-    """MLflow's tracking and registry URIs set to `tracking_uri` for a while (the user's store
-    may be another than nhle's), then set back."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-
-
-def load_mlflow_pytorch(uri: str, tracking_uri: str) -> nn.Module:
-    """mlflow.pytorch.load_model of `uri` in the store at `tracking_uri`, on the CPU."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    with mlflow_store(tracking_uri):
-        try:
-            flavours = mlflow.models.get_model_info(uri).flavors
-        except (MlflowException, OSError) as err:
-            message = getattr(err, "message", None) or str(err)
-            raise ValueError(f"no MLflow model at {uri} in {tracking_uri}: {message.splitlines()[0]}") from err
-        if "pytorch" not in flavours:
-            raise ValueError(f"{uri} is not a PyTorch model: its MLflow flavours are {sorted(flavours)}")
-        try:
-            return mlflow.pytorch.load_model(uri, map_location="cpu")
-        except MlflowException as err:
-            raise ValueError(f"mlflow.pytorch.load_model({uri!r}) failed: {err.message.splitlines()[0]}") from err
-
-
-def from_mlflow(config: ModelConfig, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
-    channels, size, _ = data.image_shape
-    loaded = load_mlflow_pytorch(config.from_mlflow, tracking_uri)
-    if is_graph(loaded):  # MLflow 3's default: a torch.export program
-        traced = input_shape(loaded)
-        if traced is not None and traced[1:] != (size, size):
-            raise ValueError(f"{config.from_mlflow} was traced for {'x'.join(map(str, traced))} images but the data is "
-                             f"{'x'.join(map(str, data.image_shape))}: give --image-size {traced[1]}")
-        net_channels = traced[0] if traced else channels
-        backbone, head = split_at_head(loaded, data.num_classes, config.head or None)
-        form = "pt2"
-    else:  # pickled: found as any module is, then traced so that later steps need no user code
-        net = loaded.cpu().eval()
-        net_channels = network_channels(net, channels)
-        example = torch.rand(2, net_channels, size, size)
-        try:
-            path = find_head(net, example, config.head or None)
-        except RuntimeError as err:
-            raise ValueError(f"{config.from_mlflow} cannot take the data's {'x'.join(map(str, data.image_shape))} "
-                             f"images: {str(err).splitlines()[0]}") from err
-        head = net.get_submodule(path)
-        if head.out_features != data.num_classes:
-            raise ValueError(f"the model's head {path!r} has {head.out_features} outputs but the {data.name} data has "
-                             f"{data.num_classes} classes: the model's outputs must be the dataset's classes")
-        net.set_submodule(path, nn.Identity())
-        backbone = export_graph(net, example)
-        form = "pickle"
-    mean, std = default_normalisation(config, backbone, data)
-    model = MaskedClassifier(backbone, head, channels, mean, std, arch=GRAPH, image_size=size,
-                             network_channels=net_channels)
-    return model, {"kind": "mlflow", "uri": config.from_mlflow, "tracking_uri": tracking_uri, "format": form}
 
 
 def smoke_test(model: MaskedClassifier, data: Splits) -> None:

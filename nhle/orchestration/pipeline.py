@@ -1,525 +1,135 @@
-"""The steps the Prefect flows run, each a plain function over nhle's core and its adapters.
+"""The pipeline's flows as plain functions: each puts nhle.orchestration.steps in order and runs
+every step through `run(step, *args)`, the engine it is given: `call` (now, in this process) or,
+in flows/pipeline.py, the step's Prefect task. The MLflow run of each flow is opened and closed
+here (`tracked`), so a flow that fails leaves its run FAILED and the champion where it was.
 
-flows/nhle_flows.py wraps these as tasks; `nhle run` (main_job) runs those
-flows by file path, the way Prefect deploys them. Order of a forget flow:
+    from nhle.orchestration import pipeline
+    pipeline.train_base(params, project_dir)                    # data version -> train -> publish
+    pipeline.forget(params, project_dir, "3")                   # champion -> NHLE + masking -> publish
 
-    champion -> data version -> NHLE + masking -> evaluate -> export -> parity -> log + register
-    -> gates -> promote
-
-Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
-in `promote`, the last step, and only when every gate held.
+publish: export -> parity -> log + register -> gates -> delete the forgotten data -> promote.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import socket
-import sys
-import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass, asdict
+import logging
+from dataclasses import replace
 from pathlib import Path
 
-import mlflow
-import numpy as np
-
 from nhle.core.config import Params
-from nhle.core.data import Splits
-from nhle.core.gates import GateResult, evaluate_gates
-from nhle.core.models import MaskedClassifier
+from nhle.orchestration import steps
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class Candidate:
-    """A model produced by a flow, with everything needed to log, check and promote it."""
-
-    model: MaskedClassifier
-    checkpoint_meta: dict
-    report: dict | None
-    data: Splits
-    work_dir: Path
-    parent_version: str | None = None
-    original: MaskedClassifier | None = None
-    """The model before unlearning, for the before/after plots."""
+def call(step, *args):
+    """The plain engine: the step, now."""
+    return step(*args)
 
 
-def project_path(params_dir: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else (params_dir / path).resolve()
-
-
-def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):
-    """Materialise `data` into the DVC data repository (created when missing) and return its
-    DataVersion."""
-    from nhle.adapters.versioning import version_dataset
-
-    repo = project_path(project_dir, params.versioning.repo)
-    remote = params.versioning.remote
-    remote = remote if "://" in remote else str(project_path(project_dir, remote))
-    return version_dataset(data, repo, remote, message=message)
-
-
-def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
-    """The data a forget flow starts from: the DVC version the forget that made `version` left
-    behind (its forgotten classes' samples deleted), else the DVC version `version` was made
-    from, else (a model registered without one) the data its checkpoint was trained on."""
-    from nhle.core.experiment import data_for_checkpoint
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
-
-    for prefix in ("data_after.", "data."):
-        recorded = DataVersion.from_tags(version.tags, params.versioning.remote, prefix=prefix)
-        if recorded is not None:
-            return open_dataset_version(recorded)
-    return data_for_checkpoint(checkpoint)
-
-
-def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
-    """A new DVC version of `data` without any sample of the `forgotten` classes (committed and
-    pushed like every version); returns its DataVersion."""
-    from nhle.core.data import drop_classes
-
-    names = [data.class_names[c] for c in forgotten]
-    return version_data(params, project_dir, drop_classes(data, forgotten),
-                        message=f"Delete the samples of classes {names} ({why})")
-
-
-def load_params_data(params: Params) -> Splits:
-    from nhle.core.experiment import load_data
-
-    return load_data(params.data)
-
-
-def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) -> Splits:
-    """`data` less the classes forget requests deleted from this dataset in the data repo, so
-    that a retrain from the source cannot relearn them."""
-    from nhle.core.data import drop_classes
-    from nhle.adapters.versioning import DATASETS_DIR
-
-    record = project_path(project_dir, params.versioning.repo) / DATASETS_DIR / data.name / "classes.json"
-    if not record.is_file():
-        return data
-    recorded = json.loads(record.read_text())
-    # By name: a model imported with its own class order numbers the same classes differently.
-    names = [recorded["class_names"][c] for c in recorded.get("removed_classes", [])]
-    return drop_classes(data, [data.class_names.index(n) for n in names if n in data.class_names])
-
-
-def train_candidate(params: Params, data: Splits) -> Candidate:
-    """Train a base model; classes without training samples (deleted by forget requests) are
-    masked, so the model can never predict them."""
-    from nhle.core.experiment import train_base
-    from nhle.core.unlearning import apply_class_weight_mask
-
-    model, meta = train_base(params.data, params.train, data=data, model_config=params.model)
-    if data.removed_classes:
-        apply_class_weight_mask(model, data.removed_classes)
-    return Candidate(model, meta, None, data, new_work_dir("train"))
-
-
-def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candidate:
-    """The user's model (params.model: from_mlflow, else arch + weights) for `data`, evaluated
-    like a trained base model; classes deleted on record are masked. Raises ValueError naming
-    what does not fit, before anything is logged or registered."""
-    import time
-
-    from nhle.core.config import resolve_uri
-    from nhle.core.experiment import base_meta, base_metrics
-    from nhle.core.importing import import_model
-    from nhle.core.unlearning import apply_class_weight_mask
-
-    started = time.perf_counter()
-    tracking_uri = resolve_uri(params.model.mlflow_tracking_uri or params.tracking_uri(), project_dir)
-    model, source = import_model(params.model, data, tracking_uri)
-    if data.removed_classes:
-        apply_class_weight_mask(model, data.removed_classes)
-    meta = {**base_meta(params.data, params.model, params.train, data), "source": source}
-    meta["metrics"] = {**base_metrics(model, data), "import_seconds": time.perf_counter() - started}
-    return Candidate(model, meta, None, data, new_work_dir("import"))
-
-
-def load_champion(params: Params):
-    """(model, checkpoint dict, ModelVersion) of the current champion, or None when there is none."""
-    from nhle.adapters.tracking import download_checkpoint, version_by_alias
-    from nhle.core.training import load_checkpoint
-
-    version = version_by_alias(params.registry.model_name, params.registry.champion_alias)
-    if version is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="nhle-champion-") as folder:
-        model, checkpoint = load_checkpoint(download_checkpoint(version, folder))
-    return model, checkpoint, version
-
-
-def forget_candidate(params: Params, model, checkpoint: dict, spec, parent_version: str, data: Splits,
-                     seed: int = 0) -> Candidate:
-    from nhle.core.experiment import forget
-
-    outcome = forget(model, checkpoint, spec, seed=seed, config=params.unlearn,
-                     retrain_baseline=params.retrain_baseline, data=data, device=params.train.device)
-    from nhle.core.experiment import lineage
-
-    meta = lineage(checkpoint)
-    meta["unlearn"] = outcome.report["unlearn_config"]
-    meta["parent_version"] = parent_version
-    work_dir = new_work_dir("forget")
-    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model)
-
-
-def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
-    from nhle.core.export import check_parity, export_onnx
-
-    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape)
-    parity = check_parity(candidate.model, path, candidate.data.test, params.export.parity_batch_sizes,
-                          params.export.parity_tolerance)
-    return path, parity
-
-
-def start_run(params: Params, run_name: str, tags: dict) -> str:
-    """Create the flow's MLflow run; it stays RUNNING until the flow marks it FINISHED or FAILED."""
-    from nhle.adapters.ledger import new_owner
-    from nhle.adapters.tracking import log_params
-
-    # nhle.owner (host:pid:...) lets a later run see that this one's process died (reap_dead_runs).
-    run = mlflow.start_run(run_name=run_name, tags={**tags, "nhle.owner": new_owner()})
+def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
+            run=call, logger=log) -> dict:
+    """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
     try:
-        log_params(params)
-    finally:
-        mlflow.end_run(status="RUNNING")
-    return run.info.run_id
-
-
-@contextmanager
-def logging_to(run_id: str):
-    """Make `run_id` the active run for fluent mlflow calls, leaving it RUNNING afterwards
-    (`with mlflow.start_run(run_id=...)` would mark it FINISHED between the flow's steps)."""
-    active = mlflow.active_run()
-    started = active is None or active.info.run_id != run_id
-    if started:
-        mlflow.start_run(run_id=run_id, nested=active is not None)
-    try:
-        yield
-    finally:
-        if started:
-            mlflow.end_run(status="RUNNING")
-
-
-def log_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
-                  data_version, extra_tags: dict | None = None) -> str:
-    """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
-    from nhle.core.export import preprocessing as input_preprocessing
-    from nhle.core.plots import write_evidence_plots
-    from nhle.adapters.tracking import log_dataset, log_onnx_model, log_parity, log_report, tag_version
-    from nhle.core.training import save_checkpoint
-
-    checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
-                                      data_version=asdict(data_version), **candidate.checkpoint_meta)
-    class_names = candidate.data.class_names
-    preprocessing = input_preprocessing(candidate.model, candidate.data.image_shape, class_names)
-    forgotten = preprocessing["forgotten_classes"]
-    with logging_to(run_id):
-        mlflow.set_tags(data_version.as_tags())
-        log_dataset(candidate.data, data_version)
-        mlflow.log_artifact(str(checkpoint_path), "checkpoint")
-        mlflow.log_dict(preprocessing, "preprocessing.json")
-        log_parity(parity)
-        if candidate.report is not None:
-            log_report(candidate.report)
-            plots = write_evidence_plots(candidate.original, candidate.model, candidate.data, candidate.report["forget_classes"],
-                                         candidate.work_dir / "plots")
-            for path in plots.values():
-                mlflow.log_artifact(str(path), "plots")
-        else:
-            mlflow.log_metrics({"test_acc": candidate.checkpoint_meta["metrics"]["test_acc"],
-                                "train_acc": candidate.checkpoint_meta["metrics"]["train_acc"]})
-        example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
-        version = log_onnx_model(onnx_path, example, params.registry.model_name, preprocessing,
-                                 name=logged_model_name(candidate.model.arch, candidate.data.name, forgotten))
-    tag_version(params.registry.model_name, version.version, {
-        "forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
-        "parent_version": candidate.parent_version or "", **data_version.as_tags(),
-        "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
-        "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
-        **(extra_tags or {})})
-    return version.version
-
-
-def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
-    """What the logged model is, as MLflow's model list shows it: "resnet18-digits-forgets-3-5"
-    (MLflow refuses / : . % and quotes in the name)."""
-    name = f"{arch}-{dataset}" + (f"-forgets-{'-'.join(map(str, forgotten))}" if forgotten else "")
-    return re.sub(r"""[/:.%"']""", "_", name)
-
-
-def sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def judge(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
-    if candidate.report is None:  # a base model: only parity and the accuracy floor apply
-        from nhle.core.gates import at_least, parity_gates
-
-        gates = [at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
-                           params.gates.min_retain_test_acc)]
-        return gates + (parity_gates(parity) if params.gates.require_parity else [])
-    return evaluate_gates(candidate.report, parity, params.gates)
-
-
-def settle(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
-           parent_version: str | None, data: Splits | None) -> dict:
-    """The end of every flow: the gates plus one on the classes deleted on record (the ledger);
-    when they held and the version forgot classes, first delete
-    their samples from the dataset (a new DVC version, tagged `data_after.*` on the version),
-    then promote. The alias moves last, so a failure anywhere before leaves `champion` alone."""
-    from nhle.orchestration.requests import open_ledger
-    from nhle.core.gates import all_passed, deleted_classes_gate
-    from nhle.adapters.tracking import tag_version
-
-    name = params.registry.model_name
-    forgotten = json.loads(mlflow.MlflowClient().get_model_version(name, version).tags.get("forgotten_classes", "[]"))
-    # Whatever made this version (training, an import, unlearning), it may not bring back a
-    # class that a completed forget request deleted.
-    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes())]
-    data_after = None
-    if data is not None and forgotten and all_passed(gates):
-        data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
-        tag_version(name, version, data_after.as_tags("data_after."))
-        with logging_to(run_id):
-            mlflow.set_tags(data_after.as_tags("data_after."))
-    result = promote(params, run_id, version, gates, parent_version)
-    result["data_after"] = asdict(data_after) if data_after else None
+        onnx_path, parity = run(steps.export_and_check, params, candidate)
+        version = run(steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
+        gates = run(steps.gates_of, params, candidate, parity)
+        forgot = candidate.report is not None
+        result = run(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version,
+                     candidate.data if forgot else None)
+    finally:  # everything in it is in MLflow, or the step failed and the flow run says why
+        steps.discard_work_dir(candidate)
+    logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
+    for told in result["notified"]:
+        logger.info("server %s told: %s, serving version %s %.2f s after the alias moved%s", told["url"],
+                    told["outcome"], told.get("serving_version"), told["seconds"],
+                    f" ({told['error']})" if "error" in told else "")
     return result
 
 
-def resume_version(params: Params, project_dir: Path, version) -> dict:
-    """Finish a registered version whose flow died before settling it (a crashed forget-request
-    run): judge it from its logged report and parity, delete the data and promote, without
-    unlearning or registering anything again. A version already settled is left as it is."""
-    from nhle.adapters.tracking import run_json
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
+def tracked(params: Params, run_name: str, tags: dict, body, logger=log) -> dict:
+    """body(run_id) inside a new MLflow run, after marking what dead runs of this host left;
+    the run ends FINISHED, or FAILED when body raises."""
+    from nhle.adapters.tracking import finish_run, start_run
 
-    name, number = params.registry.model_name, str(version.version)
-    champion = load_champion_version(params)
-    if champion is not None and str(champion.version) == number:
-        result = {"promoted": True, "reason": "promoted by the run that registered it"}
-    elif version.tags.get("promoted") == "false":
-        result = {"promoted": False, "reason": version.tags.get("rejection_reason", "")}
-    else:
-        report, parity = run_json(version.run_id, "report.json"), run_json(version.run_id, "parity.json")
-        if report is None or parity is None:
-            raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
-                               f"{version.run_id}: it cannot be judged; register a new one")
-        gates = evaluate_gates(report, parity, params.gates)
-        before = DataVersion.from_tags(version.tags, params.versioning.remote)
-        data = open_dataset_version(before) if before is not None else None
-        result = settle(params, project_dir, version.run_id, number, gates, version.tags.get("parent_version") or None,
-                        data)
-    mlflow.MlflowClient().set_terminated(version.run_id, "FINISHED")
-    return {**result, "version": number, "run_id": version.run_id}
+    left = steps.clean_up_after_dead_runs(params)
+    for dead in left["runs"]:
+        logger.warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s", dead["run_id"],
+                       dead["owner"], f"; version(s) {dead['abandoned_versions']} it registered before judging their "
+                       "gates marked abandoned" if dead["abandoned_versions"] else "")
+    if left["work_dirs"]:
+        logger.warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
+    run_id = start_run(params, run_name, tags)
+    try:
+        result = body(run_id)
+    except BaseException:
+        finish_run(run_id, "FAILED")
+        raise
+    finish_run(run_id, "FINISHED")
+    return result
 
 
-def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
-    from nhle.adapters.tracking import describe_version, log_gates, promote_if_passed, tag_version
+def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
+    """Train a base model on the configured data and register it (champion if its gates hold)."""
+    data = run(steps.training_data, params, root)
+    data_version = run(steps.version_data, params, root, data)
 
-    with logging_to(run_id):
-        log_gates(gates)
-    tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
-    promoted, reason = promote_if_passed(params.registry, version, gates, parent_version)
-    describe_version(params.registry.model_name, str(version))
-    notified = notify_servers(params.serving.notify, str(version)) if promoted else []
-    with logging_to(run_id):
-        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
-        if notified:
-            mlflow.log_dict(notified, "notified_servers.json")
-    return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
-            "gates": [g.as_dict() for g in gates], "notified": notified}
+    def body(run_id):
+        candidate = run(steps.train_candidate, params, data)
+        result = publish(params, root, run_id, candidate, data_version, run=run, logger=logger)
+        return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
+                "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
+
+    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, logger)
 
 
-def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
-    """Tell each running server that the champion moved (POST /admin/reload); returns, per
-    server, its outcome and the seconds from the alias move to it serving `version`. A server
-    that cannot be told is reported, never an error: it still finds the version at its poll."""
-    import os
-    import time
+def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
+    """Register your model (params.model: from_mlflow, else arch + weights) as a base version,
+    champion if its gates hold, like a trained base model."""
+    data = run(steps.training_data, params, root)
+    candidate = run(steps.import_candidate, params, root, data)  # refused before anything is versioned or logged
+    data_version = run(steps.version_data, params, root, data)
+    source = candidate.checkpoint_meta["source"]
+    what = source.get("uri") or f"{source['arch']} ({Path(source['weights']).name if 'weights' in source else 'random'})"
 
-    import httpx
+    def body(run_id):
+        result = publish(params, root, run_id, candidate, data_version, {"nhle.source": source["kind"]}, run, logger)
+        return {**result, "summary": f"imported {what} on {data.name}", "data_version": data_version.md5,
+                "class_names": data.class_names,
+                "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
 
-    token = os.environ.get("NHLE_ADMIN_TOKEN")
-    results = []
-    for url in urls:
-        started = time.perf_counter()
-        entry = {"url": url}
-        try:
-            if not token:
-                raise RuntimeError("NHLE_ADMIN_TOKEN is not set in the flow's environment")
-            response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers={"Authorization": f"Bearer {token}"},
-                                  timeout=timeout)
-            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
-            entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
-                         serving_new_version=str(body.get("serving_version")) == version)
-        except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
-            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}", serving_new_version=False)
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        results.append(entry)
-    return results
+    return tracked(params, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
+                                                                          "nhle.source": source["kind"]}, body, logger)
 
 
-WORK_DIR = re.compile(r"^nhle-(?:train|import|forget)-(?P<pid>\d+)-")
+def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,
+           encoding: str | None = None, batch: str | None = None, request_ids: list[int] | None = None,
+           run=call, logger=log) -> dict:
+    """Forget `classes` (indices or names, comma separated: parsed and checked here, once) from
+    the current champion. `batch` and `request_ids` (set by the request loop) tag the MLflow run
+    and the model version, so a later run can find the version a crashed run registered."""
+    from nhle.core.experiment import validate_forget
 
+    overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
+    params = replace(params, unlearn=replace(params.unlearn, **overrides))
+    champion = run(steps.load_champion, params)
+    if champion is None:
+        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias} to forget from: "
+                         "run the train_base flow (or `nhle run`) first")
+    model, checkpoint, parent = champion
+    parent_version = str(parent.version)
+    indices = validate_forget(model, classes, checkpoint["class_names"], params.retrain_baseline)  # before any log
+    data = run(steps.data_of_version, params, root, parent, checkpoint)
+    data_version = run(steps.version_data, params, root, data)
+    batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
 
-def new_work_dir(kind: str) -> Path:
-    """A flow's scratch folder, named after the process that owns it (nhle-forget-<pid>-...), so
-    that the next run can remove what a killed one left (sweep_work_dirs)."""
-    return Path(tempfile.mkdtemp(prefix=f"nhle-{kind}-{os.getpid()}-"))
+    def body(run_id):
+        candidate = run(steps.forget_candidate, params, model, checkpoint, indices, parent_version, data, seed)
+        result = publish(params, root, run_id, candidate, data_version, batch_tags, run, logger)
+        names = candidate.report["forget_class_names"]
+        return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
+                "data_version": data_version.md5, "report": candidate.report,
+                "compute_seconds": candidate.report["seconds"]}
 
-
-def sweep_work_dirs() -> list[Path]:
-    """Remove the scratch folders of processes of this host that no longer exist; returns them."""
-    import shutil
-
-    from nhle.adapters.ledger import owner_is_gone
-
-    swept = []
-    for folder in Path(tempfile.gettempdir()).glob("nhle-*-*-*"):
-        match = WORK_DIR.match(folder.name)
-        if match and folder.is_dir() and owner_is_gone(f"{socket.gethostname()}:{match['pid']}:"):
-            shutil.rmtree(folder, ignore_errors=True)
-            swept.append(folder)
-    return swept
-
-
-def clean_up_after_dead_runs(params: Params) -> dict:
-    """What runs killed on this host left (at the start of every flow's run): their MLflow runs
-    still RUNNING are marked KILLED, a version one registered before judging its gates is marked
-    abandoned, and their scratch folders are removed."""
-    from nhle.adapters.tracking import reap_dead_runs
-
-    return {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
-
-
-def discard_work_dir(candidate: Candidate) -> None:
-    """Everything in the work folder is in MLflow once the version is registered."""
-    import shutil
-
-    shutil.rmtree(candidate.work_dir, ignore_errors=True)
-
-
-def flows_file(project_dir: Path, name: str = "nhle_flows.py") -> Path:
-    """flows/<name> of the nhle checkout at project_dir (Prefect loads flows by file path)."""
-    path = Path(project_dir).resolve() / "flows" / name
-    if not path.exists():
-        raise FileNotFoundError(f"no flows/{name} under {Path(project_dir).resolve()}: run nhle from the "
-                                "nhle checkout or pass --project-dir")
-    return path
-
-
-def load_flow(project_dir: Path, name: str):
-    """A flow of flows/nhle_flows.py, loaded by file path the way Prefect deploys it."""
-    from prefect.flows import load_flow_from_entrypoint
-
-    return load_flow_from_entrypoint(f"{flows_file(project_dir)}:{name}")
-
-
-def main_job(params: Params, forget_spec: str | None, project_dir: Path) -> int:
-    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
-    from nhle.adapters.tracking import configure
-
-    import time
-
-    started = time.perf_counter()
-    project_dir = project_dir.resolve()
-    uri = configure(params, project_dir)
-    forget_spec = forget_spec or params.forget
-    results = []
-    if load_champion_version(params) is None:
-        train_flow = load_flow(project_dir, "train_base")
-        flow_started = time.perf_counter()
-        results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
-        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
-    name = params.registry.model_name
-    champion = load_champion(params)
-    already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
-    if champion and not already:  # a clear refusal here, not a traceback from inside the flow
-        from nhle.core.experiment import validate_forget
-
-        validate_forget(champion[0], forget_spec, champion[1]["class_names"], params.retrain_baseline)
-    if already:
-        print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
-              f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
-    else:
-        forget_flow = load_flow(project_dir, "forget")
-        flow_started = time.perf_counter()
-        results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
-        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
-    print_results(params, results, started, uri, "run")
-    return 0 if not results or results[-1]["promoted"] else 1
-
-
-def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
-    """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
-    import time
-
-    from nhle.core.experiment import summary_lines
-    from nhle.adapters.tracking import aliases_of
-
-    name = params.registry.model_name
-    for result in results:
-        if result.get("report"):
-            print("\n" + "\n".join(summary_lines(result["report"])))
-        print(f"\n{name} version {result['version']} ({result['summary']}): "
-              f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
-        for gate in result["gates"]:
-            print(f"  {GateResult(**gate).describe()}")
-        print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
-        for told in result.get("notified", []):
-            print(f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
-                  f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else ""))
-        compute = result["compute_seconds"]
-        print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
-              + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
-    print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
-          f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
-    mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
-    print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
-          f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
-
-
-def import_job(params: Params, project_dir: Path) -> int:
-    """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
-    the registry state. Exit 0 when the imported version became champion."""
-    import time
-
-    from nhle.adapters.tracking import configure
-
-    started = time.perf_counter()
-    project_dir = project_dir.resolve()
-    uri = configure(params, project_dir)
-    flow_started = time.perf_counter()
-    result = load_flow(project_dir, "import_model")(params=params_as_dict(params), project_dir=str(project_dir))
-    result["flow_seconds"] = time.perf_counter() - flow_started
-    print_results(params, [result], started, uri, "import")
-    if result["promoted"]:
-        print(f"Forget:      .venv/bin/nhle run --forget CLASS   (or `nhle request submit`; classes: "
-              f"{', '.join(result['class_names'])})")
-    return 0 if result["promoted"] else 1
-
-
-def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:
-    from nhle.core.data import parse_classes
-
-    return all(bool(model.forget_mask[c]) for c in parse_classes(spec, class_names))
-
-
-def load_champion_version(params: Params):
-    from nhle.adapters.tracking import version_by_alias
-
-    return version_by_alias(params.registry.model_name, params.registry.champion_alias)
-
-
-def params_as_dict(params: Params) -> dict:
-    return json.loads(json.dumps(asdict(params)))
+    return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
+                    **batch_tags}, body, logger)

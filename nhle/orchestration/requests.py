@@ -7,8 +7,9 @@
 
 The ledger (nhle.adapters.ledger) is the record of truth: a request is committed there before anything
 else happens, and it ends done or failed only once its model version is settled and its audit
-report is logged. The steps here are plain functions; flows/nhle_flows.py:process_requests runs
-them as Prefect tasks and the `forget` flow as a subflow.
+report is logged. Everything here is a plain function; process_requests takes the engine that
+runs each step (`run`) and the forget it calls, which flows/pipeline.py makes Prefect tasks and
+the `forget` flow (a subflow).
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
     """Validate `spec` against the current champion and record the request: pending, or rejected
     (then RequestRejected is raised) when a class is unknown or already forgotten, or when
     forgetting it with the pending requests would leave no class."""
+    from nhle.adapters.tracking import configure
     from nhle.core.data import parse_classes
     from nhle.core.experiment import validate_forget
-    from nhle.orchestration.pipeline import load_champion
-    from nhle.adapters.tracking import configure
+    from nhle.orchestration.steps import load_champion
 
     if not str(spec).strip():
         raise ValueError("--classes is empty: give class indices or names, e.g. 3 or 2,7")
@@ -87,15 +88,10 @@ def batch_version(params: Params, batch: str):
 def fail_orphan_runs(batch: str) -> list[str]:
     """Mark the MLflow runs of a `batch` that died before registering a version FAILED (a killed
     run is left RUNNING); returns their ids."""
-    from mlflow import MlflowClient
+    from nhle.adapters.tracking import fail_runs, runs_tagged
 
-    from nhle.adapters.tracking import runs_tagged
-
-    client = MlflowClient()
     orphans = [run.info.run_id for run in runs_tagged("nhle.batch", batch)]
-    for run_id in orphans:
-        client.set_tag(run_id, "nhle.abandoned", "true")
-        client.set_terminated(run_id, "FAILED")
+    fail_runs(orphans)
     return orphans
 
 
@@ -103,15 +99,11 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
                    note: str | None = None) -> list[ForgetRequest]:
     """Write each request's audit report (JSON + Markdown, logged to the version's run and linked
     from the version) and end it done (version promoted) or failed (it was not)."""
-    from mlflow import MlflowClient
-
+    from nhle.adapters.tracking import describe_version, log_run_files, run_json, tag_version, version_tags
     from nhle.core.audit import audit_markdown, build_audit
-    from nhle.adapters.tracking import describe_version, run_json, tag_version
 
-    client = MlflowClient()
     name = params.registry.model_name
-    model_version = client.get_model_version(name, str(version))
-    tags, run_id = dict(model_version.tags), model_version.run_id
+    tags, run_id = version_tags(name, str(version))
     report, parity, gates = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json"))
     promoted = tags.get("promoted") == "true"
     closed = []
@@ -119,8 +111,7 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
         audit = build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id, report,
                             parity, gates, note)
         base = f"audit/request-{request.id}"
-        client.log_dict(run_id, audit, f"{base}.json")
-        client.log_text(run_id, audit_markdown(audit), f"{base}.md")
+        log_run_files(run_id, {f"{base}.json": audit, f"{base}.md": audit_markdown(audit)})
         uri = f"runs:/{run_id}/{base}.md"
         tag_version(name, str(version), {f"audit.request.{request.id}": uri})
         ledger.record(request.id, owner, data_version_before=audit["data"]["before"],
@@ -132,11 +123,88 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
     return closed
 
 
+def recover_batch(params: Params, root: Path, batch: str):
+    """A crashed run's batch: settle the version it registered, or fail its orphaned runs."""
+    from nhle.orchestration.steps import resume_version
+
+    version = batch_version(params, batch)
+    if version is None:
+        fail_orphan_runs(batch)
+        return None
+    return resume_version(params, root, version)
+
+
+def claim_requests(ledger: Ledger, owner: str, lease_seconds: float) -> list[ForgetRequest]:
+    return ledger.claim(owner, lease_seconds)
+
+
+def held(ledger: Ledger, owner: str, requests) -> list[ForgetRequest]:
+    """The requests of `requests` that `owner` still holds."""
+    still = {r.id for r in ledger.list("processing") if r.claimed_by == owner}
+    return [r for r in requests if r.id in still]
+
+
+def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
+    """Take every pending (and abandoned) forget request, unlearn their classes together with one
+    call of `forget` (nhle.orchestration.pipeline.forget's signature) on top of the champion, and
+    close each request with its audit report. `run(step, *args)` runs each step."""
+    from nhle.adapters.ledger import LeaseKeeper, new_owner
+
+    ledger = open_ledger(params, root)
+    owner = new_owner()
+    claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds)
+    logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)
+    versions = []
+    with LeaseKeeper(ledger, owner, params.requests.lease_seconds):
+        try:
+            for batch in sorted({r.batch for r in claimed if r.batch}):
+                result = run(recover_batch, params, root, batch)
+                if result is not None:
+                    group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
+                    run(close_requests, ledger, owner, params, group, result["version"],
+                        f"version registered by an earlier run of batch {batch} that stopped")
+                    versions.append(result["version"])
+            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), run, forget)
+        except Exception as err:
+            for request in held(ledger, owner, claimed):
+                ledger.release(request.id, owner, f"{type(err).__name__}: {err}", params.requests.max_attempts)
+            raise
+    closed = [ledger.get(r.id) for r in claimed]
+    return {"requests": [r.as_dict() for r in closed], "versions": versions}
+
+
+def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, run, forget) -> list[str]:
+    """Requests no earlier run got to: already forgotten by the champion -> done; the rest are
+    unlearned together in one forget."""
+    from nhle.orchestration.steps import load_champion
+
+    if not requests:
+        return []
+    champion = run(load_champion, params)
+    if champion is None:
+        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias}: run train_base first")
+    model, checkpoint, version = champion
+    masked = set(model.forgotten_classes)
+    satisfied = [r for r in requests if set(r.classes) <= masked]
+    if satisfied:
+        run(close_requests, ledger, owner, params, satisfied, str(version.version),
+            f"already forgotten by version {version.version}")
+    todo = [r for r in requests if r not in satisfied]
+    if not todo:
+        return [str(version.version)]
+    classes = ",".join(str(c) for c in sorted({c for r in todo for c in r.classes} - masked))
+    for request in todo:
+        ledger.record(request.id, owner, batch=owner, model_version_before=str(version.version))
+    result = forget(params, root, classes, batch=owner, request_ids=[r.id for r in todo])
+    run(close_requests, ledger, owner, params, held(ledger, owner, todo), result["version"])
+    return [result["version"]]
+
+
 def read_report(uri: str) -> str:
     """The Markdown audit report a ledger row points to."""
-    import mlflow
+    from nhle.adapters.tracking import read_text
 
-    return mlflow.artifacts.load_text(uri)
+    return read_text(uri)
 
 
 def describe(request: ForgetRequest) -> str:
@@ -153,5 +221,5 @@ def as_json(request: ForgetRequest) -> str:
     return json.dumps(request.as_dict(), indent=2)
 
 
-__all__ = ["RequestRejected", "as_json", "batch_version", "close_requests", "describe", "fail_orphan_runs",
-           "open_ledger", "read_report", "submit"]
+__all__ = ["RequestRejected", "as_json", "batch_version", "claim_requests", "close_requests", "describe",
+           "fail_orphan_runs", "held", "open_ledger", "process_requests", "read_report", "recover_batch", "submit"]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from nhle.cli.main import main
+from nhle.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -62,7 +62,7 @@ def nhle_serve(root: Path, timeout: float = 90.0, **environ: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
     log_path = root / f"serve-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "nhle.cli.main", "serve", "--params", str(root / "params.yaml"),
+        process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "serve", "--params", str(root / "params.yaml"),
                                     "--project-dir", str(root), "--port", str(port)], env={**env, **QUIET, **environ}, cwd=root,
                                    stdout=log, stderr=subprocess.STDOUT)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nhle.cli.main import main
+from nhle.cli import main
 from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def sequential(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("grid") / "sequential"
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "nhle.cli.main", *GRID, "--out", str(out)], env=one_thread, check=True,
+    subprocess.run([sys.executable, "-m", "nhle.cli.commands", *GRID, "--out", str(out)], env=one_thread, check=True,
                    capture_output=True)
     rows = read_rows(out)
     assert [(r["seed"], r["forget_classes"], r["method"]) for r in rows] == \

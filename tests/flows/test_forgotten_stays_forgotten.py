@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nhle.cli.main import main
+from nhle.cli import main
 
 NAME = "nhle-classifier"
 PARAMS = {"train": {"epochs": 6}, "retrain_baseline": False, "forget": "3", "serving": {"poll_seconds": 0.5}}

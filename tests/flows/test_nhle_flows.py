@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nhle.cli.main import main
+from nhle.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -16,7 +16,7 @@ PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False, "gates": {"min_reta
 def flow(name):
     from prefect.flows import load_flow_from_entrypoint
 
-    return load_flow_from_entrypoint(f"{REPO / 'flows' / 'nhle_flows.py'}:{name}")
+    return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_invalid_request_is_refused_before_anything_is_registered(project):
 
 
 def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, capsys):
-    from nhle.cli.main import main
+    from nhle.cli import main
 
     before = len(client().search_model_versions(f"name='{NAME}'"))
     assert main(["run", "--forget", "0,1,2,4,5,6,7,8,9", "--params", str(project / "params.yaml"),

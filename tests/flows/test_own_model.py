@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nhle.cli.main import main
+from nhle.cli import main
 
 NAME = "nhle-classifier"
 
@@ -84,7 +84,7 @@ def their_store(tmp_path_factory, mlflow_template, digits):
     torch.export program), version 2 pickled."""
     import mlflow
 
-    from nhle.core.importing import mlflow_store
+    from nhle.adapters.mlflow_models import mlflow_store
 
     folder = tmp_path_factory.mktemp("their-mlflow")
     shutil.copy(mlflow_template, folder / "mlflow.db")

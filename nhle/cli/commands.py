@@ -120,13 +120,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_unlearn(args) -> int:
-    from nhle.core.experiment import forget, save_unlearned, summary_lines
+    from nhle.core.experiment import forget_and_measure, save_unlearned, summary_lines, validate_forget
     from nhle.core.training import load_checkpoint
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
-    outcome = forget(model, checkpoint, args.forget or params.forget, seed=args.seed, config=params.unlearn,
-                     retrain_baseline=args.retrain_baseline, device=params.train.device)
+    classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"], args.retrain_baseline)
+    outcome = forget_and_measure(model, checkpoint, classes, seed=args.seed, config=params.unlearn,
+                                 retrain_baseline=args.retrain_baseline, device=params.train.device)
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
     print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'report.json'}")
@@ -172,19 +173,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from nhle.orchestration.pipeline import main_job
     from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import run_command
 
     with temporary_prefect_server():
-        return main_job(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+        return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
 
 
 def cmd_import(args) -> int:
-    from nhle.orchestration.pipeline import import_job
     from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import import_command
 
     with temporary_prefect_server():
-        return import_job(resolve_params(args), project_dir=Path(args.project_dir))
+        return import_command(resolve_params(args), project_dir=Path(args.project_dir))
 
 
 def default_operator() -> str:
@@ -260,16 +261,12 @@ def cmd_bench_unlearning(args) -> int:
     if args.engine == "sequential":
         bench_unlearning(grid, Path(args.out), resume=args.resume)
         return 0
-    from prefect.utilities.importtools import load_script_as_module
-
-    from nhle.orchestration.pipeline import flows_file
-
     from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle_flows.bench_grid import run_on_dask
 
     params = load_params(args.params)
-    bench_grid = load_script_as_module(str(flows_file(Path(args.project_dir), "bench_grid.py")))
     with temporary_prefect_server():
-        bench_grid.run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
+        run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
     return 0
 
 
