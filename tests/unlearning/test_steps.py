@@ -65,3 +65,5 @@ def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
     stalled = rates([30 - 0.01 * t for t in range(30)])  # margins of 30 nats, hardly moving
     assert stalled[9] == pytest.approx(1e-5) and stalled[10] == pytest.approx(3e-5) and stalled[29] == pytest.approx(9e-5)
     assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=False))[-1] == pytest.approx(1e-5)
+    # stop_forget_prob 0 is never reached on purpose (the whole cap is wanted): no raise, no error
+    assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, stop_forget_prob=0.0))[-1] == pytest.approx(1e-5)

@@ -111,13 +111,16 @@ class PaceKeeper:
     def __init__(self, config: UnlearnConfig, optimizer, warmup):
         self.config, self.optimizer, self.warmup = config, optimizer, warmup
         self.window = max(1, config.max_steps // 3)
-        self.goal = math.log(config.stop_forget_prob / (1 - config.stop_forget_prob))
+        # A bound of 0 (or 1) cannot be reached (or is met at once): the run is meant to use the
+        # whole cap, and no pace is too slow for it.
+        self.active = config.adaptive_lr and 0 < config.stop_forget_prob < 1
+        self.goal = math.log(config.stop_forget_prob / (1 - config.stop_forget_prob)) if self.active else 0.0
         self.history: list[float] = []
         self.raises = 0
 
     def record(self, step: int, log_odds: float) -> None:
         self.history.append(log_odds)
-        if not self.config.adaptive_lr or step == 0 or step % self.window or self.raises >= self.MAX_RAISES:
+        if not self.active or step == 0 or step % self.window or self.raises >= self.MAX_RAISES:
             return
         pace = (self.history[step - self.window] - log_odds) / self.window
         if log_odds > self.goal and pace * (self.config.max_steps - step) < log_odds - self.goal:
