@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+SERVING_DEVICES = ("auto", "cpu", "cuda")
 LAYERS = ("all", "head", "backbone")
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -28,7 +30,20 @@ def check_amp(config) -> None:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class Section:
+    """A params.yaml section: every field is checked against its type and bounds when the section
+    is built (from params.yaml, a flag, replace() or a constructor call), naming the key."""
+
+    def __post_init__(self):
+        check_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields, or more than a type and a bound; run after the field checks."""
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
     dataset: str = "digits"
     """digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, or imagefolder."""
     root: str | None = None
@@ -50,7 +65,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = "smallcnn"
     """The classifier: smallcnn (small grey images), resnet18_cifar (ResNet-18 with the CIFAR
     stem), any torchvision classification model by its torchvision name (resnet18, resnet50,
@@ -79,7 +94,7 @@ class ModelConfig:
     std: tuple[float, ...] | None = None
     """Per-channel std of the input normalisation; None as for mean (1 for an MLflow model)."""
 
-    def __post_init__(self):
+    def check(self):
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -99,7 +114,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 15
     """Passes over the training split; base training and retraining use the same recipe."""
     batch_size: int = 64
@@ -115,12 +130,12 @@ class TrainConfig:
     scaler). The weights stay fp32, so the exported ONNX model is fp32 and the parity check still
     guards it; bf16 also runs on the CPU, fp16 is meant for GPUs."""
 
-    def __post_init__(self):
+    def check(self):
         check_amp(self)
 
 
 @dataclass(frozen=True)
-class UnlearnConfig:
+class UnlearnConfig(Section):
     encoding: str = "negative_hot"
     """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement, README)."""
     n_samples: int = 32
@@ -184,7 +199,7 @@ class UnlearnConfig:
     """With feature_pull on, stopping also needs the features' mean squared distance to their
     prototypes below this share of the prototypes' squared norm."""
 
-    def __post_init__(self):
+    def check(self):
         check_amp(self)
         if self.feature_pull > 0 and self.synthetic_per_class < 1:
             raise ValueError("unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
@@ -262,24 +277,39 @@ def checked_value(owner: str, name: str, kind, value):
     return value
 
 
+def section_name(cls) -> str:
+    """The params.yaml section a config class (or a subclass of one) is read from."""
+    for base in cls.__mro__:
+        for section, kind in SECTIONS.items():
+            if kind is base:
+                return section
+    return cls.__name__
+
+
+def check_fields(config) -> None:
+    """Every field of `config` checked (and normalised: "1e-3" -> 0.001, a list -> a tuple) by
+    checked_value; a ValueError names section.key and the value."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    owner = section_name(type(config))
+    for f in fields(config):
+        object.__setattr__(config, f.name, checked_value(owner, f.name, hints[f.name], getattr(config, f.name)))
+
+
 def replace_known(config, **overrides):
     """A copy of a frozen config with the given fields changed, each checked against its type
     and bounds; unknown names are an error."""
-    import typing
-
     cls = type(config)
     names = {f.name for f in fields(config)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}; known: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    owner = next((section for section, kind in SECTIONS.items() if kind is cls), cls.__name__)
-    values = {**asdict(config), **{k: checked_value(owner, k, hints[k], v) for k, v in overrides.items()}}
-    return cls(**values)
+    return cls(**{**asdict(config), **overrides})
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     parity_tolerance: float = 1e-4
     """Largest allowed |p_onnx - p_torch| over every class probability of the test split.
     The fp32 noise (kernels summing in another order) grows with the logits' size: about 1e-6
@@ -290,7 +320,7 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class GateConfig:
+class GateConfig(Section):
     max_forget_test_acc: float = 0.0
     """Promotion needs forget_test_acc at most this (the mask makes it exactly 0)."""
     max_unmasked_forget_test_acc: float = 0.05
@@ -309,7 +339,7 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(Section):
     model_name: str = "nhle-classifier"
     """Registered model name in the MLflow model registry."""
     champion_alias: str = "champion"
@@ -319,7 +349,7 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set."""
     artifact_location: str = "mlartifacts"
@@ -331,7 +361,7 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
-class VersioningConfig:
+class VersioningConfig(Section):
     repo: str = "data-repo"
     """Git + DVC repository the datasets are versioned in (created when missing; relative to the
     project directory). Kept apart from the code repository so flows never commit to your branch."""
@@ -340,7 +370,7 @@ class VersioningConfig:
 
 
 @dataclass(frozen=True)
-class ServingConfig:
+class ServingConfig(Section):
     poll_seconds: float = 5.0
     """How often the server checks the champion alias for a new version (hot swap)."""
     max_instances: int = 256
@@ -363,9 +393,14 @@ class ServingConfig:
     it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),
     so they stop answering with the old version before their next poll."""
 
+    def check(self):
+        for name, choices in (("ort_opt_level", ORT_OPT_LEVELS), ("device", SERVING_DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"serving.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
-class RequestsConfig:
+class RequestsConfig(Section):
     database: str = "sqlite:///requests.db"
     """SQLAlchemy URL of the forget-request ledger; sqlite:///relative.db is inside the project
     directory. A PostgreSQL URL (postgresql+psycopg://user:pass@host/db) works unchanged; the
@@ -385,7 +420,7 @@ class RequestsConfig:
 
 
 @dataclass(frozen=True)
-class DaskConfig:
+class DaskConfig(Section):
     address: str = ""
     """Scheduler of a running Dask cluster (tcp://host:8786) that `nhle bench unlearning --engine dask`
     sends the benchmark grid to; empty starts a local cluster for the run. The DASK_ADDRESS

@@ -19,7 +19,6 @@ import pytest
 from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-SERVING = REPO / "serving"
 NAME = "nhle-classifier"
 ADMIN_TOKEN = "test-admin-token"
 # No telemetry and no progress bars in the server process either.
@@ -128,7 +127,7 @@ class Server:
         self.env = env
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory", "--app-dir", str(SERVING),
+            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
              "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
         self.http = httpx.Client(base_url=self.url, timeout=30)
