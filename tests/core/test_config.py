@@ -4,7 +4,7 @@ import pytest
 
 from nhle.core.config import Params, UnlearnConfig, load_params, params_from_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_project_params_yaml_reads_into_the_typed_schema():
