@@ -1,7 +1,9 @@
-"""The `nhle` command. Settings come from params.yaml (--params); a flag overrides its field.
+"""The `nhle` command. Settings come from params.yaml (--params); a flag, or --set section.key=value,
+overrides its field.
 
-    nhle train --dataset digits --model smallcnn --seed 0 --out runs/base
-    nhle unlearn --checkpoint runs/base/model.pt --forget 3 --seed 0 --out runs/forget3 --retrain-baseline
+    nhle train --dataset digits --arch smallcnn --split-seed 0 --out runs/base
+    nhle unlearn --checkpoint runs/base/model.pt --forget 3 --sample-seed 0 --out runs/forget3 --retrain-baseline
+    nhle params                                   # every setting with its default and meaning (= params.yaml)
     nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
     nhle rollback                                 # move the champion alias back to the previous version
     nhle request submit --classes 3 --requester WHO --reason WHY   # forget requests (nhle.cli.requests)
@@ -18,57 +20,71 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from nhle.core.config import ENCODINGS, Params, TrainConfig, UnlearnConfig, load_params
+from nhle.core.config import ENCODINGS, LAYERS, Params, TrainConfig, load_params, with_assignments
 
-# flag -> (params section, field); flags default to None so params.yaml supplies the value.
+# A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
+# its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
+# that params.yaml supplies the value.
 FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
-               "image_size": ("data", "image_size"), "classes": ("data", "classes"), "arch": ("model", "arch"),
-               "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
+               "image_size": ("data", "image_size"), "classes": ("data", "classes"), "split_seed": ("data", "seed"),
+               "arch": ("model", "arch"), "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
                "from_mlflow": ("model", "from_mlflow"), "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
-               "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"), "epochs": ("train", "epochs"),
-               "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "device": ("train", "device"),
-               "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
+               "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"),
+               "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+               "device": ("train", "device"), "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
                "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
-               "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers")}
+               "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers"),
+               "forget_rank": ("unlearn", "forget_rank")}
+CHOICES = {("unlearn", "encoding"): ENCODINGS, ("unlearn", "layers"): LAYERS}
 
 
 def resolve_params(args) -> Params:
-    """params.yaml (or defaults when it does not exist), then every flag that was given."""
+    """params.yaml (or defaults when it does not exist), then every flag that was given, then
+    every --set (they win)."""
     params = load_params(args.params)
-    sections = {}
-    for flag, (section, name) in FLAG_FIELDS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            sections.setdefault(section, {})[name] = value
+    assignments = [f"{section}.{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+                   for flag, (section, name) in FLAG_FIELDS.items()
+                   if (value := getattr(args, flag, None)) is not None]
     if getattr(args, "no_mask", False):
-        sections.setdefault("unlearn", {})["mask"] = False
-    if getattr(args, "split_seed", None) is not None:
-        sections.setdefault("data", {})["seed"] = args.split_seed
-    return replace(params, **{s: replace(getattr(params, s), **v) for s, v in sections.items()})
+        assignments.append("unlearn.mask=false")
+    return with_assignments(params, assignments + list(getattr(args, "set", None) or []))
 
 
 def add_params_flag(parser):
     parser.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
                         "when there is none; a file named here must exist)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set unlearn.lr=3e-5 or --set forget=5 (repeatable; "
+                        "`nhle params` lists every key with its meaning)")
+
+
+def add_field_flags(parser, *flags: str) -> None:
+    """--flag for each name of FLAG_FIELDS, typed and documented by its config field."""
+    import typing
+
+    from nhle.core.config import SECTIONS, field_docs
+
+    for flag in flags:
+        section, name = FLAG_FIELDS[flag]
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # int | None -> int
+        options = {"help": f"{field_docs(SECTIONS[section])[name]} ({section}.{name})"}
+        if kind is bool:
+            options.update(action="store_true", default=None)
+        else:
+            options["type"] = float_list if typing.get_origin(kind) is tuple else kind
+            if (section, name) in CHOICES:
+                options["choices"] = CHOICES[(section, name)]
+        aliases = ("--model",) if flag == "arch" else ()
+        parser.add_argument(f"--{flag.replace('_', '-')}", *aliases, dest=flag, **options)
 
 
 def add_data_flags(parser):
-    parser.add_argument("--dataset", help="digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, "
-                        "imagefolder, or prepared (a folder written by `nhle prepare`)")
-    parser.add_argument("--data-root", help="folder with the dataset's files (not needed for digits)")
-    parser.add_argument("--download", action="store_true", default=None,
-                        help="let torchvision download the dataset into --data-root")
-    parser.add_argument("--image-size", type=int, help="resize images to this square size")
-    parser.add_argument("--classes", help="a text file of class names, one per line, in the order of the model's "
-                        "outputs (default: the dataset's order)")
+    add_field_flags(parser, "dataset", "data_root", "download", "image_size", "classes")
 
 
 def add_arch_flags(parser):
-    parser.add_argument("--arch", "--model", dest="arch", help="smallcnn, resnet18_cifar (CIFAR stem), any torchvision "
-                        "classification model (resnet18, resnet50, mobilenet_v3_small, vit_b_16, ...) or timm/NAME")
-    parser.add_argument("--head", help="module path of the final nn.Linear (e.g. classifier.3); default: found")
-    parser.add_argument("--mean", type=float_list, help="input normalisation mean, per channel: 0.485,0.456,0.406")
-    parser.add_argument("--std", type=float_list, help="input normalisation std, per channel: 0.229,0.224,0.225")
+    add_field_flags(parser, "arch", "head", "mean", "std")
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -80,20 +96,12 @@ def float_list(text: str) -> tuple[float, ...]:
 
 def add_train_flags(parser):
     add_arch_flags(parser)
-    parser.add_argument("--epochs", type=int, help="training epochs")
-    parser.add_argument("--batch-size", type=int, help="training batch size")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (cosine decay)")
-    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    add_field_flags(parser, "epochs", "batch_size", "lr", "device")
 
 
 def add_unlearn_flags(parser):
-    parser.add_argument("--encoding", choices=ENCODINGS, help="NHLE label encoding")
-    parser.add_argument("--n-samples", type=int, help="forget samples per class")
-    parser.add_argument("--unlearn-lr", type=float, help="fine-tuning learning rate")
-    parser.add_argument("--max-steps", type=int, help="hard cap on fine-tuning steps")
-    parser.add_argument("--anchor-weight", type=float, help="weight of the retained-class prediction anchor (0 = off)")
-    parser.add_argument("--layers", choices=("all", "head"), help="parameters that move")
-    parser.add_argument("--no-mask", action="store_true", help="skip class weight masking (ablation only)")
+    add_field_flags(parser, "encoding", "n_samples", "unlearn_lr", "max_steps", "anchor_weight", "layers", "forget_rank")
+    parser.add_argument("--no-mask", action="store_true", help="skip class weight masking (ablation only; unlearn.mask)")
 
 
 def cmd_train(args) -> int:
@@ -126,7 +134,7 @@ def cmd_unlearn(args) -> int:
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
     classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"], args.retrain_baseline)
-    outcome = forget_and_measure(model, checkpoint, classes, seed=args.seed, config=params.unlearn,
+    outcome = forget_and_measure(model, checkpoint, classes, seed=args.sample_seed, config=params.unlearn,
                                  retrain_baseline=args.retrain_baseline, device=params.train.device)
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
@@ -170,6 +178,22 @@ def cmd_export(args) -> int:
     print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
           f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}")
     return 0 if parity["passed"] else 1
+
+
+def cmd_params(args) -> int:
+    """Every setting with its value and meaning, as params.yaml holds them (the defaults, or
+    --params and --set applied)."""
+    from nhle.core.config import params_yaml
+
+    text = params_yaml(resolve_params(args))
+    if args.write:
+        from nhle.core.files import atomic_write
+
+        atomic_write(Path(args.write), lambda f: f.write(text.encode()))
+        print(f"wrote {args.write}")
+    else:
+        print(text, end="")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -255,7 +279,7 @@ def cmd_bench_unlearning(args) -> int:
     recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
     train_config = replace(TrainConfig(), **recipe)
     grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
-                multi=args.multi, methods=args.methods, base=config_with_overrides(UnlearnConfig(), args.set),
+                multi=args.multi, methods=args.methods, base=with_assignments(load_params(args.params), args.set).unlearn,
                 arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
                 quick=args.quick)
     if args.engine == "sequential":
@@ -291,25 +315,6 @@ def cmd_bench_gpu(args) -> int:
     return gpu_check_main(args.gpu_check_args)
 
 
-def config_with_overrides(config, assignments: list[str]):
-    """Apply KEY=VALUE strings to a frozen config, converting each value to its field's type."""
-    from nhle.core.config import replace_known
-
-    overrides = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        current = getattr(config, key, None)
-        if isinstance(current, bool):
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        elif current is None:
-            overrides[key] = value
-        else:
-            overrides[key] = type(current)(value)
-    return replace_known(config, **overrides)
-
-
 def write_json(path: Path, payload) -> None:
     from nhle.core.files import write_json as write
 
@@ -325,14 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_flag(train)
     add_data_flags(train)
     add_train_flags(train)
-    train.add_argument("--seed", dest="split_seed", type=int, help="seed of the split and the training")
+    add_field_flags(train, "split_seed")
     train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
     train.set_defaults(func=cmd_train)
 
     prepare = commands.add_parser("prepare", help="materialise the dataset as files (train.npz, test.npz, classes.json)")
     add_params_flag(prepare)
     add_data_flags(prepare)
-    prepare.add_argument("--seed", dest="split_seed", type=int, help="seed of the train/test split")
+    add_field_flags(prepare, "split_seed")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.set_defaults(func=cmd_prepare)
 
@@ -341,11 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
     unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
                          "(default: `forget` in params.yaml)")
-    unlearn.add_argument("--seed", type=int, default=0, help="seed of the forget-sample draw and the retrain")
+    unlearn.add_argument("--sample-seed", type=int, default=0, help="seed of the forget-sample draw and of the "
+                         "retrained reference (the split's seed is data.seed, --split-seed of `nhle train`)")
     unlearn.add_argument("--out", required=True, help="output folder")
     unlearn.add_argument("--retrain-baseline", action="store_true",
                          help="also retrain from scratch without the classes and report it")
-    unlearn.add_argument("--device", help="auto, cpu or cuda")
+    add_field_flags(unlearn, "device")
     add_unlearn_flags(unlearn)
     unlearn.set_defaults(func=cmd_unlearn)
 
@@ -361,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
     export.set_defaults(func=cmd_export)
+
+    settings = commands.add_parser("params", help="print every setting with its value and meaning (params.yaml's "
+                                   "format); --write FILE writes it")
+    add_params_flag(settings)
+    settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
+    settings.set_defaults(func=cmd_params)
 
     run = commands.add_parser("run", help="the main job: train a base model if there is no champion, "
                               "run one forget flow, print the registry state")
@@ -425,8 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)")
     unlearning.add_argument("--device", default="auto", help="auto, cpu or cuda")
     unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png")
-    unlearning.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override an NHLE setting for every run, e.g. --set lr=3e-5 (repeatable)")
     unlearning.add_argument("--resume", action="store_true", help="keep the cases OUT/runs.jsonl already holds for "
                             "every method and run only the rest (sequential engine)")
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "

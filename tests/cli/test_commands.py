@@ -19,7 +19,7 @@ def no_project_params(tmp_path, monkeypatch):
 def base_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     (out / "empty.yaml").write_text("{}\n")  # every built-in default
-    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--model", "smallcnn", "--seed", "0", "--epochs", "4",
+    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--model", "smallcnn", "--split-seed", "0", "--epochs", "4",
                  "--out", str(out)]) == 0
     return out / "model.pt"
 
@@ -31,7 +31,7 @@ def test_train_writes_model_and_metrics(base_checkpoint):
 
 def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_path):
     out = tmp_path / "forget"
-    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", "2,7", "--seed", "1", "--out", str(out),
+    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", "2,7", "--sample-seed", "1", "--out", str(out),
                  "--retrain-baseline", "--n-samples", "16"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["forget_classes"] == [2, 7] and report["seed"] == 1 and report["n_forget_samples"] == 32

@@ -91,3 +91,12 @@ def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
 
     assert main(["run", "--params", str(tmp_path / "missing.yaml"), "--project-dir", str(tmp_path)]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err
+
+
+def test_params_yaml_is_the_code_defaults_with_their_docstrings():
+    """One home per default: the checkout's params.yaml is `nhle params` of the code's defaults,
+    so running from another folder (no params.yaml: the defaults) changes nothing."""
+    from nhle.core.config import Params, params_yaml
+
+    assert (REPO / "params.yaml").read_text() == params_yaml(Params()), "regenerate it: nhle params --write params.yaml"
+    assert load_params(REPO / "params.yaml") == Params()
