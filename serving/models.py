@@ -65,7 +65,7 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, settings: Settings, providers: list[str]) -> ort.InferenceSession:
+def open_session(path: Path, settings: Settings, providers: list[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[settings.ort_opt_level]
     if settings.ort_threads:
@@ -147,7 +147,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         if source.registered:
             check_registration(pointer, digest)
         # Created while the download exists: ONNX Runtime reads any external weights now.
-        session = make_session(onnx_path, settings, choose_providers(settings.device))
+        session = open_session(onnx_path, settings, choose_providers(settings.device))
     if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise ValueError("NHLE_DEVICE=cuda but ONNX Runtime could not start its CUDA provider (CUDA 13 or "
                          "cuDNN 9 libraries missing? see docs/gpu.md); the session fell back to "

@@ -56,7 +56,7 @@ QUICK = {"train_size": 640, "test_size": 200, "epochs": 2, "batch_size": 64, "ma
 NOT_IMPORTED = ("mlflow", "prefect", "dvc", "fastapi", "matplotlib")
 
 
-def load_data(cifar_root: str | None, train_size: int, test_size: int, seed: int) -> Splits:
+def gpu_check_data(cifar_root: str | None, train_size: int, test_size: int, seed: int) -> Splits:
     """Real CIFAR-10 from local files (a seeded subset of each split when sizes are smaller),
     else the synthetic 3x32x32 stand-in of exactly those sizes."""
     if cifar_root is None:
@@ -137,7 +137,7 @@ def run(args) -> dict:
     if gpu:
         preload_cuda_libraries()
     export_config = ExportConfig()
-    data = load_data(args.cifar_root, sizes["train_size"], sizes["test_size"], args.seed)
+    data = gpu_check_data(args.cifar_root, sizes["train_size"], sizes["test_size"], args.seed)
     print(f"gpu_check: {data.name}, {len(data.train)} train / {len(data.test)} test images "
           f"{'x'.join(map(str, data.image_shape))}, ResNet-18 on {device}, amp {args.amp}", flush=True)
 

@@ -30,7 +30,7 @@ import numpy as np
 from nhle.core.gates import retained_drop_pp
 from nhle.core.config import ENCODINGS, DataConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.core.data import sample_per_class
-from nhle.core.experiment import load_data, retrain_without, train_base
+from nhle.core.experiment import load_data, retrain_without, train_base_model
 from nhle.core.metrics import evaluate_forgetting
 from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
@@ -142,7 +142,7 @@ def grid_data(data_config: DataConfig):
 def train_seed(grid: Grid, seed: int):
     """The base model every unit of `seed` starts from."""
     data_config = grid.data_config(seed)
-    return train_base(data_config, grid.train_config, data=grid_data(data_config), progress=False,
+    return train_base_model(data_config, grid.train_config, data=grid_data(data_config), progress=False,
                       model_config=ModelConfig(arch=grid.arch))[0]
 
 

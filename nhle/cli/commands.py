@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nhle.core.config import ENCODINGS, LAYERS, Params, TrainConfig, load_params, with_assignments
+from nhle.core.files import write_json
 
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
 # its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
@@ -105,11 +106,11 @@ def add_unlearn_flags(parser):
 
 
 def cmd_train(args) -> int:
-    from nhle.core.experiment import train_base
+    from nhle.core.experiment import train_base_model
     from nhle.core.training import save_checkpoint
 
     params = resolve_params(args)
-    model, meta = train_base(params.data, params.train, model_config=params.model)
+    model, meta = train_base_model(params.data, params.train, model_config=params.model)
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model, **meta)
     write_json(out / "metrics.json", meta["metrics"])
@@ -313,12 +314,6 @@ def cmd_bench_gpu(args) -> int:
     from nhle.bench.gpu import main as gpu_check_main
 
     return gpu_check_main(args.gpu_check_args)
-
-
-def write_json(path: Path, payload) -> None:
-    from nhle.core.files import write_json as write
-
-    write(path, payload)
 
 
 def build_parser() -> argparse.ArgumentParser:

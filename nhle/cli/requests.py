@@ -16,23 +16,23 @@ from nhle.adapters.ledger import STATUSES
 
 
 def cmd_submit(args, params) -> int:
-    from nhle.orchestration.requests import RequestRejected, describe, submit
+    from nhle.orchestration.requests import RequestRejected, request_line, submit
 
     try:
         request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
     except RequestRejected as err:
-        print(f"rejected and recorded: {describe(err.request)}")
+        print(f"rejected and recorded: {request_line(err.request)}")
         raise ValueError(str(err)) from None
-    print(f"accepted: {describe(request)}\nIt is processed by the next `nhle request process` or scheduled run.")
+    print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run.")
     return 0
 
 
 def cmd_list(args, params) -> int:
-    from nhle.orchestration.requests import describe, open_ledger
+    from nhle.orchestration.requests import request_line, open_ledger
 
     requests = open_ledger(params, args.project_dir).list(args.status)
     for request in requests:
-        print(describe(request))
+        print(request_line(request))
     if not requests:
         print("no forget requests" + (f" with status {args.status}" if args.status else ""))
     return 0

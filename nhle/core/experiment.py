@@ -1,7 +1,7 @@
 """The jobs the CLI and the flows run: train a base model, and forget classes with a report.
 
-    from nhle.core.experiment import train_base, forget_and_measure, validate_forget
-    model, checkpoint = train_base(DataConfig(), TrainConfig())
+    from nhle.core.experiment import train_base_model, forget_and_measure, validate_forget
+    model, checkpoint = train_base_model(DataConfig(), TrainConfig())
     classes = validate_forget(model, "3", checkpoint["class_names"])   # the request, parsed once
     outcome = forget_and_measure(model, checkpoint, classes, seed=0, retrain_baseline=True)
     outcome.report    # the report.json contract: metrics of original / unlearned / retrained
@@ -29,7 +29,7 @@ def load_data(config: DataConfig) -> Splits:
                         skip_bad_images=config.skip_bad_images)
 
 
-def train_base(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,
+def train_base_model(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,
                progress: bool = True, model_config: ModelConfig = ModelConfig()) -> tuple[MaskedClassifier, dict]:
     """Train the base model (model_config.arch from random initialisation); returns it and the
     checkpoint metadata to save with it."""
@@ -175,4 +175,4 @@ def summary_lines(report: dict) -> list[str]:
 
 
 __all__ = ["ForgetOutcome", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
-           "save_unlearned", "split_by_classes", "summary_lines", "train_base", "validate_forget"]
+           "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]

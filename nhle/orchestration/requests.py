@@ -207,7 +207,7 @@ def read_report(uri: str) -> str:
     return read_text(uri)
 
 
-def describe(request: ForgetRequest) -> str:
+def request_line(request: ForgetRequest) -> str:
     """One line per request for `nhle request list`."""
     from nhle.core.audit import terminal_text
 

@@ -105,16 +105,16 @@ def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) ->
 def train_candidate(params: Params, data: Splits) -> Candidate:
     """Train a base model; classes without training samples (deleted by forget requests) are
     masked, so the model can never predict them."""
-    from nhle.core.experiment import train_base
+    from nhle.core.experiment import train_base_model
     from nhle.core.unlearning import apply_class_weight_mask
 
-    model, meta = train_base(params.data, params.train, data=data, model_config=params.model)
+    model, meta = train_base_model(params.data, params.train, data=data, model_config=params.model)
     if data.removed_classes:
         apply_class_weight_mask(model, data.removed_classes)
     return Candidate(model, meta, None, data, new_work_dir("train"))
 
 
-def import_model(config, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
+def load_user_model(config, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
     """The model `config` names (from_mlflow, else arch + weights), wrapped for `data`, and where
     it came from. `tracking_uri` is used for from_mlflow when config has no tracking URI of its own."""
     from nhle.core.importing import check_square, from_weights, smoke_test
@@ -142,7 +142,7 @@ def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candida
 
     started = time.perf_counter()
     tracking_uri = resolve_uri(params.model.mlflow_tracking_uri or params.tracking_uri(), project_dir)
-    model, source = import_model(params.model, data, tracking_uri)
+    model, source = load_user_model(params.model, data, tracking_uri)
     if data.removed_classes:
         apply_class_weight_mask(model, data.removed_classes)
     meta = {**base_meta(params.data, params.model, params.train, data), "source": source}

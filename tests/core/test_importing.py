@@ -6,7 +6,7 @@ import torchvision
 from nhle.core.config import ModelConfig
 from nhle.core.data import resize
 from nhle.core.importing import from_weights, read_state_dict
-from nhle.orchestration.steps import import_model
+from nhle.orchestration.steps import load_user_model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_a_state_dict_in_a_checkpoint_dict_with_a_data_parallel_prefix(tmp_path,
         read_state_dict(path)
     with pytest.raises(ValueError, match=r"has no entry 'state_dict' \(weights_key\); it holds \['epoch', 'model'\]"):
         read_state_dict(path, "state_dict")
-    model, source = import_model(ModelConfig(arch="resnet18", weights=str(path), weights_key="model"), digits32, "")
+    model, source = load_user_model(ModelConfig(arch="resnet18", weights=str(path), weights_key="model"), digits32, "")
     x = digits32.test.float_images()[:4]
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():  # ImageNet normalisation and grey -> RGB inside the wrapper

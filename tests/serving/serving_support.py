@@ -27,10 +27,13 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
 
 
 def preprocessing(digits, forgotten) -> dict:
-    """The metadata a real version carries (what nhle's export flow logs as preprocessing.json)."""
-    return {"input_name": "images", "input_shape": list(digits.image_shape), "input_scale": "float32 in [0, 1]",
-            "normalisation": "inside the graph", "class_names": list(digits.class_names),
-            "forgotten_classes": sorted(forgotten)}
+    """The metadata a real version carries (nhle.core.export.preprocessing, what the export flow
+    logs as preprocessing.json), saying that `forgotten` is masked (true or not: some tests lie)."""
+    from nhle.core.export import preprocessing as metadata
+    from nhle.core.models import build_model
+
+    model = masked(build_model("smallcnn", *digits.image_shape[:1], digits.num_classes), forgotten)
+    return metadata(model, digits.image_shape, digits.class_names)
 
 
 def masked(model, classes):
