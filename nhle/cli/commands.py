@@ -51,12 +51,23 @@ def resolve_params(args) -> Params:
     return with_assignments(params, assignments + list(getattr(args, "set", None) or []))
 
 
-def add_params_flag(parser):
-    parser.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
+def params_parent() -> argparse.ArgumentParser:
+    """--params and --set: the parent of every command that reads the settings."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
                         "when there is none; a file named here must exist)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    parent.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set unlearn.lr=3e-5 or --set forget=5 (repeatable; "
                         "`nhle params` lists every key with its meaning)")
+    return parent
+
+
+def project_parent() -> argparse.ArgumentParser:
+    """--params, --set and --project-dir: the parent of every command that works on a project."""
+    parent = argparse.ArgumentParser(add_help=False, parents=[params_parent()])
+    parent.add_argument("--project-dir", default=".", help="the project folder: the relative paths of params.yaml "
+                        "(MLflow store, data repository, request ledger) are taken in it")
+    return parent
 
 
 def add_field_flags(parser, *flags: str) -> None:
@@ -321,23 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and measure that it did.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a base model and write DIR/model.pt")
-    add_params_flag(train)
+    train = commands.add_parser("train", parents=[params_parent()], help="train a base model and write DIR/model.pt")
     add_data_flags(train)
     add_train_flags(train)
     add_field_flags(train, "split_seed")
     train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
     train.set_defaults(func=cmd_train)
 
-    prepare = commands.add_parser("prepare", help="materialise the dataset as files (train.npz, test.npz, classes.json)")
-    add_params_flag(prepare)
+    prepare = commands.add_parser("prepare", parents=[params_parent()], help="materialise the dataset as files (train.npz, test.npz, classes.json)")
     add_data_flags(prepare)
     add_field_flags(prepare, "split_seed")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.set_defaults(func=cmd_prepare)
 
-    unlearn = commands.add_parser("unlearn", help="forget classes of a checkpoint; write OUT/model.pt and report.json")
-    add_params_flag(unlearn)
+    unlearn = commands.add_parser("unlearn", parents=[params_parent()], help="forget classes of a checkpoint; write OUT/model.pt and report.json")
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
     unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
                          "(default: `forget` in params.yaml)")
@@ -350,35 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_unlearn_flags(unlearn)
     unlearn.set_defaults(func=cmd_unlearn)
 
-    evaluate = commands.add_parser("evaluate", help="plots, flat metrics and gate verdicts of an unlearning")
-    add_params_flag(evaluate)
+    evaluate = commands.add_parser("evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning")
     evaluate.add_argument("--original", required=True, help="the original model.pt")
     evaluate.add_argument("--unlearned", required=True, help="folder written by `nhle unlearn`")
     evaluate.add_argument("--out", required=True, help="output folder (plots, metrics.json, gates.json)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = commands.add_parser("export", help="export a checkpoint to ONNX and check parity with ONNX Runtime")
-    add_params_flag(export)
+    export = commands.add_parser("export", parents=[params_parent()], help="export a checkpoint to ONNX and check parity with ONNX Runtime")
     export.add_argument("--checkpoint", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
     export.set_defaults(func=cmd_export)
 
-    settings = commands.add_parser("params", help="print every setting with its value and meaning (params.yaml's "
+    settings = commands.add_parser("params", parents=[params_parent()], help="print every setting with its value and meaning (params.yaml's "
                                    "format); --write FILE writes it")
-    add_params_flag(settings)
     settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
     settings.set_defaults(func=cmd_params)
 
-    run = commands.add_parser("run", help="the main job: train a base model if there is no champion, "
+    run = commands.add_parser("run", parents=[project_parent()], help="the main job: train a base model if there is no champion, "
                               "run one forget flow, print the registry state")
-    add_params_flag(run)
     run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
-    run.add_argument("--project-dir", default=".", help="folder holding flows/, the MLflow store and data")
     run.set_defaults(func=cmd_run)
 
-    imports = commands.add_parser("import", help="register your own model (torchvision / timm weights, or a PyTorch "
+    imports = commands.add_parser("import", parents=[project_parent()], help="register your own model (torchvision / timm weights, or a PyTorch "
                                   "model in MLflow) as a base version, after the same evaluation, export and gates")
-    add_params_flag(imports)
     add_data_flags(imports)
     add_arch_flags(imports)
     imports.add_argument("--weights", help="a state_dict file (or a checkpoint dict holding one, see --weights-key); "
@@ -388,12 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "model logged with mlflow.pytorch (either format), instead of --arch/--weights")
     imports.add_argument("--mlflow-tracking-uri", help="the MLflow server or store --from-mlflow is in (default: "
                          "nhle's own)")
-    imports.add_argument("--project-dir", default=".", help="folder holding flows/, the MLflow store and data")
     imports.set_defaults(func=cmd_import)
 
-    rollback = commands.add_parser("rollback", help="move the champion alias back to the previous version")
-    add_params_flag(rollback)
-    rollback.add_argument("--project-dir", default=".", help="folder the tracking URI is relative to")
+    rollback = commands.add_parser("rollback", parents=[project_parent()], help="move the champion alias back to the previous version")
     rollback.add_argument("--reopen", type=int, action="append", metavar="REQUEST_ID",
                           help="reopen this done forget request on record, so that the version rolled back to may "
                                "predict its classes again (repeat for several)")
@@ -401,21 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--operator", default=default_operator(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
-    serve = commands.add_parser("serve", help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
-    add_params_flag(serve)
+    serve = commands.add_parser("serve", parents=[project_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
-    serve.add_argument("--project-dir", default=".", help="the nhle checkout (serving/, params.yaml, MLflow store)")
     serve.set_defaults(func=cmd_serve)
 
     from nhle.cli.requests import add_commands
 
-    add_commands(commands, add_params_flag)
+    add_commands(commands, project_parent)
 
     bench = commands.add_parser("bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
-    unlearning = benches.add_parser("unlearning", help="NHLE vs retrain, baselines and ablations: every class x "
+    unlearning = benches.add_parser("unlearning", parents=[project_parent()], help="NHLE vs retrain, baselines and ablations: every class x "
                                     "seeds, plus a multi-class case")
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
     unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
@@ -439,8 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",
                             help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
                             "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")
-    add_params_flag(unlearning)
-    unlearning.add_argument("--project-dir", default=".", help="the nhle checkout (flows/bench_grid.py)")
     unlearning.set_defaults(func=cmd_bench_unlearning)
     scaling = benches.add_parser("scaling", help="NHLE vs retrain time as a synthetic training set grows")
     scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
@@ -454,9 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
     inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
     inference.set_defaults(func=cmd_bench_inference)
-    serving = benches.add_parser("serve", help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
+    serving = benches.add_parser("serve", parents=[project_parent()], help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
     serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
-    serving.add_argument("--project-dir", default=".", help="the nhle checkout (serving/)")
     serving.set_defaults(func=cmd_bench_serve)
     # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
     # flags live in one place and building this parser does not import torch. prefix_chars="+"

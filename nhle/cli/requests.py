@@ -143,14 +143,12 @@ def cmd_deploy(args, params) -> int:
     return 0
 
 
-def add_commands(commands, add_params_flag) -> None:
+def add_commands(commands, project_parent) -> None:
     request = commands.add_parser("request", help="forget requests: submit, list, show, process")
     actions = request.add_subparsers(dest="action", required=True)
 
     def action(name, func, help_text):
-        parser = actions.add_parser(name, help=help_text)
-        add_params_flag(parser)
-        parser.add_argument("--project-dir", default=".", help="folder with params.yaml's stores and flows/")
+        parser = actions.add_parser(name, parents=[project_parent()], help=help_text)
         parser.set_defaults(func=func)
         return parser
 
@@ -165,16 +163,11 @@ def add_commands(commands, add_params_flag) -> None:
     show.add_argument("--no-report", action="store_true", help="only the ledger row")
     action("process", cmd_process, "process every pending request now, in one Prefect flow run")
 
-    schedule = commands.add_parser("schedule", help="serve the request-processing flow as a Prefect deployment "
+    schedule = commands.add_parser("schedule", parents=[project_parent()], help="serve the request-processing flow as a Prefect deployment "
                                    "on params.yaml's requests.cron (a long-running process)")
-    add_params_flag(schedule)
-    schedule.add_argument("--project-dir", default=".", help="the nhle checkout (flows/, params.yaml's stores)")
     schedule.set_defaults(func=cmd_schedule)
 
-    deploy = commands.add_parser("deploy", help="register the flows with the Prefect server (PREFECT_API_URL) for "
+    deploy = commands.add_parser("deploy", parents=[project_parent()], help="register the flows with the Prefect server (PREFECT_API_URL) for "
                                  "the workers of a process work pool")
-    add_params_flag(deploy)
     deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
-    deploy.add_argument("--project-dir", default=".", help="the nhle checkout the workers run the flows in "
-                        "(flows/, params.yaml and its stores); workers must see the same path")
     deploy.set_defaults(func=cmd_deploy)

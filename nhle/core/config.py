@@ -46,7 +46,8 @@ class Section:
 @dataclass(frozen=True)
 class DataConfig(Section):
     dataset: str = "digits"
-    """digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, or imagefolder."""
+    """digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, imagefolder, or prepared (a
+    folder written by `nhle prepare`)."""
     root: str | None = None
     """Folder holding the dataset's files (torchvision layout, or one sub-folder per class)."""
     seed: int = 0
