@@ -164,8 +164,8 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
     session = make_session(onnx_path, providers)
 
     # The batch sizes exercise the graph's dynamic batch dimension; PyTorch is the reference,
-    # computed once in large chunks: its own batching changes only float rounding, and 450
-    # batch-1 forwards took 15-20 s on a busy 2-core machine.
+    # computed once in large chunks: its own batching changes only float rounding, and batch-1
+    # forwards of a whole test split are slow on a CPU.
     with torch.no_grad():
         p_torch = torch.softmax(torch.cat([model(c) for c in torch.split(x, 256)]), dim=1)
     non_finite = int((~torch.isfinite(p_torch)).sum())

@@ -1,4 +1,4 @@
-"""The metrics of METHOD.md section 3, one definition each, used everywhere.
+"""The metrics of docs/method.md section 3, one definition each, used everywhere.
 
     from nhle.core.metrics import evaluate_forgetting
     metrics = evaluate_forgetting(model, data, forget_classes=[3], forget_samples=..., attack_model=...)

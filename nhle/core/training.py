@@ -170,8 +170,8 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
 def recalibrate_batch_norm(model, data: ImageSet, batch_size: int, device) -> None:
     """Batch-norm running statistics estimated afresh over `data` with the final weights (one
     forward pass, equal weight per batch). Their moving averages lag the weights that moved
-    under them: torchvision's MobileNetV3 (momentum 0.01) trained 20 epochs on digits reached
-    99% accuracy in train mode and 10% in eval mode; re-estimated, 92% after 6 epochs."""
+    under them: with MobileNetV3's momentum of 0.01, eval mode fell far below train mode
+    (docs/benchmarks.md section 6)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return

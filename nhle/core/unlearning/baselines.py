@@ -6,7 +6,7 @@
 Every method gets a copy of the trained model and the whole train split (the forget data D_f is
 every train sample of the forgotten classes, the retained data D_r the rest), as in the papers,
 and returns the model as the method leaves it: no class weight masking, since none of them masks.
-(`retrain` is nhle.core.experiment.retrain_without.) Settings, from the public code METHOD.md
+(`retrain` is nhle.core.experiment.retrain_without.) Settings, from the public code docs/method.md
 section 5 names (if-loops/selective-synaptic-dampening, OPTML-Group/Unlearn-Saliency,
 meghdadk/SCRUB):
 

@@ -52,7 +52,7 @@ def without_mask(model: MaskedClassifier, snapshot: MaskSnapshot | None = None, 
     """A copy of `model` with the mask of `classes` (default: the snapshot's) taken off and, when
     a snapshot is given, their rows restored to the values they had before masking.
 
-    This is the mask-removal attack of METHOD.md section 3: it is given more than the shipped
+    This is the mask-removal attack of docs/method.md section 3: it is given more than the shipped
     weights (the pre-mask rows), so a low score here means the network itself no longer
     recognises the class, not merely that its output row was deleted."""
     attacked = copy.deepcopy(model)

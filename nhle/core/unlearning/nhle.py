@@ -64,11 +64,10 @@ def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor
     logits and are left out.
 
     negative_hot ascends log sum_F p_f, the forgotten classes taken as one: for one class that
-    is exactly -1 at its own label. Two readings that fail for several classes, measured on
-    digits: -1 on every forgotten class (the loss keeps falling by pushing the *other*
-    forgotten classes' tiny, unbounded log p down; 5 and 7 were still 97% recovered by the
-    mask-removal attack after 1000 steps), and -1 at the sample's own label only (1s are pushed
-    into 8 and 8s into 1; class 1 came back 100%)."""
+    is exactly -1 at its own label. Two readings fail for several classes (docs/benchmarks.md
+    section 1): -1 on every forgotten class (the loss keeps falling by pushing the *other*
+    forgotten classes' tiny, unbounded log p down, and the attack recovers them), and -1 at the
+    sample's own label only (the forgotten classes are pushed into each other)."""
     log_p = F.log_softmax(logits, dim=1)
     in_forget = torch.logsumexp(log_p[:, forget], 1)  # log of the mass on all forgotten classes
     if encoding == "negative_hot":
