@@ -139,7 +139,7 @@ class TrainConfig(Section):
 @dataclass(frozen=True)
 class UnlearnConfig(Section):
     encoding: str = "negative_hot"
-    """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement, README)."""
+    """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement: docs/method.md)."""
     n_samples: int = 32
     """Samples drawn from the train split per forgotten class; no retained data is used."""
     optimizer: str = "adam"
