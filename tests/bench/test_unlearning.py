@@ -23,6 +23,14 @@ def test_goal_checks_compare_with_the_retrained_reference_of_the_same_runs():
     assert worse["missed"] == [GOALS[1], GOALS[2], GOALS[3], GOALS[4], GOALS[5]]
 
 
+def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
+    rows = [{**row("retrain", -2.0, 0.2, 8), "seed": 0, "forget_classes": [1]},
+            {**row("retrain", 0.0, 0.2, 8), "seed": 0, "forget_classes": [2]},
+            {**row("nhle", 0.2, 0.4, 4), "seed": 0, "forget_classes": [2]}]
+    checks = goal_checks(rows, "nhle")
+    assert checks["retrain_drop_mean"] == 0.0 and checks["runs"] == 1 and checks["missed"] == []
+
+
 def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
     data = grid_data(DataConfig(dataset="synthetic2000", seed=1))
     assert data.name == "synthetic2000" and len(data.train) == 2000 and data.num_classes == 10

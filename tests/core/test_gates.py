@@ -47,13 +47,14 @@ def test_a_model_left_with_one_class_never_passes():
 
 
 def test_retained_accuracy_is_judged_against_chance_for_the_classes_left():
+    skill_only = GateConfig(min_retain_test_acc=0.0)  # the absolute floor (0.9) would refuse 70% on its own
     # 2 classes left: 70% is 0.4 of the way from chance (50%) to perfect, under the 0.5 default.
-    results = evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY, GateConfig())
+    results = evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY, skill_only)
     assert [r.name for r in results if not r.passed] == ["retain_skill"]
     # The same 70% with 10 classes left... of 11 (chance 10%) is 0.67: it holds.
-    assert all_passed(evaluate_gates(with_classes(11, [0], retain_after=0.70), GOOD_PARITY, GateConfig()))
+    assert all_passed(evaluate_gates(with_classes(11, [0], retain_after=0.70), GOOD_PARITY, skill_only))
     assert not all_passed(evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY,
-                                         GateConfig(min_retained_classes=3)))
+                                         GateConfig(min_retain_test_acc=0.0, min_retained_classes=3)))
 
 
 def test_the_deleted_classes_gate_names_each_class_and_its_requests():
