@@ -4,7 +4,7 @@
     DASK_ADDRESS=tcp://scheduler:8786 nhle bench unlearning --engine dask --seeds 0,1,2,3,4
 
 Each base model (one per seed) and each (seed, case, method) run is one Prefect task on
-prefect-dask's DaskTaskRunner; nhle.bench decides what runs and assembles the rows, so the files
+prefect-dask's DaskTaskRunner; nhle.bench.unlearning decides what runs and assembles the rows, so the files
 written are those of the sequential run (`--engine sequential`), unit for unit. With a real
 cluster the workers need nhle installed; the flow itself (and the files) stay on this machine.
 Times are still ratios to a retrain, but measured on whichever worker ran each unit: compare
@@ -12,21 +12,14 @@ them only on a cluster of identical workers.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import cloudpickle
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
-from nhle.bench import Grid, bench_unlearning, run_unit, train_seed
-from nhle.config import DaskConfig
-
-# Loaded by file path (as Prefect loads flows), this module has a name that the scheduler and
-# workers of a running cluster cannot import: send its functions (the flow, in the task context)
-# by value instead of by reference.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+from nhle.bench.unlearning import Grid, bench_unlearning, run_unit, train_seed
+from nhle.core.config import DaskConfig
 
 TASKS = {
     train_seed: task(train_seed, name="train-base-model", task_run_name="base-model-seed-{seed}",
@@ -37,7 +30,7 @@ TASKS = {
 
 
 def submit(fn, *args):
-    """nhle.bench's engine interface: the unit as a Prefect task on the flow's task runner."""
+    """nhle.bench.unlearning's engine interface: the unit as a Prefect task on the flow's task runner."""
     return TASKS[fn].submit(*args)
 
 

@@ -11,9 +11,9 @@ os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="nhle-dvc-si
 
 import pytest  # noqa: E402
 
-from nhle.config import TrainConfig  # noqa: E402
-from nhle.data import load_digits  # noqa: E402
-from nhle.training import train_model  # noqa: E402
+from nhle.core.config import TrainConfig  # noqa: E402
+from nhle.core.data import load_digits  # noqa: E402
+from nhle.core.training import train_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def dead_owner() -> str:
     import subprocess
     import sys
 
-    from nhle.ledger import new_owner
+    from nhle.adapters.ledger import new_owner
 
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

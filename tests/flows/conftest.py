@@ -21,8 +21,8 @@ def blank_project(tmp_path_factory, prefect_harness, mlflow_template):
     """Make a project folder with `params` (the checkout's flows/ and serving/ linked in, an empty
     MLflow store) and point MLflow at it; returns the folder."""
     def make(name: str, params: dict) -> Path:
-        from nhle.config import load_params
-        from nhle.tracking import configure
+        from nhle.core.config import load_params
+        from nhle.adapters.tracking import configure
 
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         root = tmp_path_factory.mktemp(name)
@@ -41,8 +41,8 @@ def new_project(blank_project):
     """A blank project in which `nhle run` has run (base model, then the forget flow for params'
     `forget` class), MLflow pointed at it; returns the folder."""
     def make(name: str, params: dict) -> Path:
-        from nhle.config import load_params
-        from nhle.tracking import configure
+        from nhle.core.config import load_params
+        from nhle.adapters.tracking import configure
 
         root = blank_project(name, params)
         assert main(["run", "--params", str(root / "params.yaml"), "--project-dir", str(root)]) == 0
@@ -56,13 +56,13 @@ def new_project(blank_project):
 def nhle_serve(root: Path, timeout: float = 90.0, **environ: str):
     """`nhle serve` of the project as a real process on a free loopback port, once /readyz
     answers; yields an httpx client on it. `environ`: NHLE_* settings for the server only."""
-    from nhle.processes import free_port, stop_process
+    from nhle.adapters.processes import free_port, stop_process
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
     log_path = root / f"serve-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "nhle.cli", "serve", "--params", str(root / "params.yaml"),
+        process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "serve", "--params", str(root / "params.yaml"),
                                     "--project-dir", str(root), "--port", str(port)], env={**env, **QUIET, **environ}, cwd=root,
                                    stdout=log, stderr=subprocess.STDOUT)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)

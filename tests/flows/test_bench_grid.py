@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nhle.cli import main
-from nhle.processes import free_port, stop_process
+from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,7 +53,7 @@ def sequential(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("grid") / "sequential"
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "nhle.cli", *GRID, "--out", str(out)], env=one_thread, check=True,
+    subprocess.run([sys.executable, "-m", "nhle.cli.commands", *GRID, "--out", str(out)], env=one_thread, check=True,
                    capture_output=True)
     rows = read_rows(out)
     assert [(r["seed"], r["forget_classes"], r["method"]) for r in rows] == \
@@ -108,7 +108,7 @@ def test_grid_differences_are_caught(tmp_path):
 
 
 def test_dask_address_in_config_or_environment_wins(monkeypatch):
-    from nhle.config import params_from_dict
+    from nhle.core.config import params_from_dict
 
     params = params_from_dict({"dask": {"address": "tcp://scheduler:8786"}})
     assert params.dask_address() == "tcp://scheduler:8786"

@@ -46,7 +46,7 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as log:
-        run = subprocess.Popen([sys.executable, "-m", "nhle.cli", "run", "--params", str(root / "params.yaml"),
+        run = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "run", "--params", str(root / "params.yaml"),
                                 "--project-dir", str(root)], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while not list(scratch.glob(f"nhle-train-{run.pid}-*")):  # trained; exporting and registering now
@@ -80,9 +80,9 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
 def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, dead_owner):
     from mlflow import MlflowClient
 
-    from nhle.config import load_params
-    from nhle.ledger import new_owner
-    from nhle.pipeline import clean_up_after_dead_runs
+    from nhle.core.config import load_params
+    from nhle.adapters.ledger import new_owner
+    from nhle.orchestration.steps import clean_up_after_dead_runs
 
     root = blank_project("abandoned", PARAMS)
     client = MlflowClient()

@@ -35,7 +35,7 @@ def submit(root, classes, requester="dpo@example.com", reason="erasure request")
 
 
 def ledger(root):
-    from nhle.ledger import Ledger
+    from nhle.adapters.ledger import Ledger
 
     return Ledger(f"sqlite:///{root / 'requests.db'}")
 
@@ -43,8 +43,8 @@ def ledger(root):
 def registry_state(root):
     from mlflow import MlflowClient
 
-    from nhle.config import load_params
-    from nhle.tracking import configure
+    from nhle.core.config import load_params
+    from nhle.adapters.tracking import configure
 
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
@@ -62,7 +62,7 @@ def champion_predictions(champion) -> np.ndarray:
     import mlflow
     import onnxruntime as ort
 
-    from nhle.data import load_digits
+    from nhle.core.data import load_digits
 
     path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion.version}")
     session = ort.InferenceSession(str(Path(path) / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -86,7 +86,7 @@ def test_invalid_requests_are_rejected_recorded_and_change_nothing(project, caps
 
 
 def test_requests_processed_in_sequence_leave_every_class_forgotten(project, capsys):
-    from nhle.versioning import DataVersion, open_dataset_version
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
 
     assert submit(project, "5", reason="first request") == 0
     assert cli(project, "request", "process") == 0
@@ -153,7 +153,7 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    process = subprocess.Popen([sys.executable, "-m", "nhle.cli", "request", "process", "--params",
+    process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "request", "process", "--params",
                                 str(project / "slow.yaml"), "--project-dir", str(project)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = [], threading.Event()
@@ -169,7 +169,7 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
         process.wait()
     assert registry_state(project) == (versions, champion)  # no version, no alias moved
     assert ledger(project).get(request.id).status == "processing"  # still owned by the dead run
-    from nhle.tracking import runs_tagged
+    from nhle.adapters.tracking import runs_tagged
 
     assert [run.info.status for run in runs_tagged("nhle.batch", held.batch)] == ["RUNNING"]  # as it was killed
     assert cli(project, "request", "process") == 0
@@ -185,8 +185,9 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
 def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, dead_owner):
     """A run that died after registering its version: the next run settles that version (gates,
     data deletion, promotion) instead of unlearning again."""
-    from nhle import pipeline
-    from nhle.config import load_params
+    from nhle.adapters.tracking import start_run
+    from nhle.core.config import load_params
+    from nhle.orchestration import steps
 
     params = load_params(project / "params.yaml")
     assert submit(project, "4", reason="registered then died") == 0
@@ -196,14 +197,14 @@ def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, 
     book.claim(owner, 3600)
     book.record(request.id, owner, batch=owner)
     # what the dead run did before it died: unlearn, export, log and register (not settled)
-    model, checkpoint, parent = pipeline.load_champion(params)
-    data = pipeline.data_of_version(params, project, parent, checkpoint)
-    candidate = pipeline.forget_candidate(params, model, checkpoint, "4", str(parent.version), data)
-    onnx_path, parity = pipeline.export_and_check(params, candidate)
-    run_id = pipeline.start_run(params, "died-after-register", {"nhle.batch": owner})
-    registered = pipeline.log_candidate(run_id, params, candidate, onnx_path, parity,
-                                        pipeline.version_data(params, project, data),
-                                        {"nhle.batch": owner, "nhle.request_ids": str(request.id)})
+    model, checkpoint, parent = steps.load_champion(params)
+    data = steps.data_of_version(params, project, parent, checkpoint)
+    candidate = steps.forget_candidate(params, model, checkpoint, [4], str(parent.version), data)
+    onnx_path, parity = steps.export_and_check(params, candidate)
+    run_id = start_run(params, "died-after-register", {"nhle.batch": owner})
+    registered = steps.register_candidate(run_id, params, candidate, onnx_path, parity,
+                                          steps.version_data(params, project, data),
+                                          {"nhle.batch": owner, "nhle.request_ids": str(request.id)})
     versions, champion = registry_state(project)
     assert str(champion.version) == str(parent.version)
     assert book.get(request.id).status == "processing"  # a long lease, but its process is gone,
@@ -223,7 +224,7 @@ def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
     _, before = registry_state(project)
     forgotten = json.loads(before.tags["forgotten_classes"])
     assert len(forgotten) >= 5
-    train_base = load_flow_from_entrypoint(f"{REPO / 'flows' / 'nhle_flows.py'}:train_base")
+    train_base = load_flow_from_entrypoint("nhle_flows.pipeline:train_base")
     result = train_base(project_dir=str(project))
     assert result["promoted"] is True and result["data_version"] == before.tags["data_after.md5"]
     _, champion = registry_state(project)
@@ -243,7 +244,7 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     settings["requests"] = {"cron": "17 3 * * *", "timezone": "Europe/Paris", "deployment": "nightly"}
     (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    server = subprocess.Popen([sys.executable, "-m", "nhle.cli", "schedule", "--params", str(project / "schedule.yaml"),
+    server = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "schedule", "--params", str(project / "schedule.yaml"),
                                "--project-dir", str(project)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     lines, seen = [], threading.Event()

@@ -16,7 +16,7 @@ PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False, "gates": {"min_reta
 def flow(name):
     from prefect.flows import load_flow_from_entrypoint
 
-    return load_flow_from_entrypoint(f"{REPO / 'flows' / 'nhle_flows.py'}:{name}")
+    return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
     import mlflow.onnx
     import onnxruntime
 
-    from nhle.data import load_digits, split_by_classes
+    from nhle.core.data import load_digits, split_by_classes
 
     model = mlflow.onnx.load_model(f"models:/{NAME}@champion")
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -70,9 +70,9 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
 
 
 def test_model_traces_to_the_exact_data_bytes(project):
-    from nhle.tracking import download_checkpoint
-    from nhle.training import load_checkpoint
-    from nhle.versioning import DataVersion, open_dataset_version
+    from nhle.adapters.tracking import download_checkpoint
+    from nhle.core.training import load_checkpoint
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
 
     version = champion()
     _, checkpoint = load_checkpoint(download_checkpoint(version))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from nhle.processes import free_port, stop_process
+from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -154,7 +154,7 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
     flow_run = run_deployment(stack, "process-forget-requests/forget-requests")
     assert flow_run["deployment_id"] and flow_run["work_pool_name"] == POOL
 
-    from nhle.ledger import Ledger
+    from nhle.adapters.ledger import Ledger
 
     (request,) = Ledger(f"sqlite:///{project / 'requests.db'}").list()
     assert request.status == "done", request.error
@@ -170,7 +170,7 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
     assert not (project / "mlartifacts").exists() and not (project / "mlflow.db").exists()
 
     # The ONNX Runtime server follows the champion on the MLflow server and never answers class 5.
-    from nhle.data import load_digits
+    from nhle.core.data import load_digits
 
     port = free_port()
     server = Process("nhle-serve", [str(BIN / "nhle"), "serve", "--port", str(port)], env, project,

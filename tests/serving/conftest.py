@@ -22,7 +22,7 @@ def models(trained):
 @pytest.fixture(scope="session")
 def onnx_files(models, digits, tmp_path_factory):
     """Each masked model as model.onnx with its preprocessing json beside it."""
-    from nhle.export import export_onnx
+    from nhle.core.export import export_onnx
 
     files = {}
     for classes, model in models.items():

@@ -16,10 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nhle.processes import free_port, stop_process
+from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-SERVING = REPO / "serving"
 NAME = "nhle-classifier"
 ADMIN_TOKEN = "test-admin-token"
 # No telemetry and no progress bars in the server process either.
@@ -28,14 +27,17 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
 
 
 def preprocessing(digits, forgotten) -> dict:
-    """The metadata a real version carries (what nhle's export flow logs as preprocessing.json)."""
-    return {"input_name": "images", "input_shape": list(digits.image_shape), "input_scale": "float32 in [0, 1]",
-            "normalisation": "inside the graph", "class_names": list(digits.class_names),
-            "forgotten_classes": sorted(forgotten)}
+    """The metadata a real version carries (nhle.core.export.preprocessing, what the export flow
+    logs as preprocessing.json), saying that `forgotten` is masked (true or not: some tests lie)."""
+    from nhle.core.export import preprocessing as metadata
+    from nhle.core.models import build_model
+
+    model = masked(build_model("smallcnn", *digits.image_shape[:1], digits.num_classes), forgotten)
+    return metadata(model, digits.image_shape, digits.class_names)
 
 
 def masked(model, classes):
-    from nhle.unlearning import apply_class_weight_mask
+    from nhle.core.unlearning import apply_class_weight_mask
 
     model = copy.deepcopy(model).cpu().eval()
     apply_class_weight_mask(model, classes)
@@ -114,7 +116,7 @@ class Registry:
 
 
 class Server:
-    """`uvicorn nhle_server:create_app --factory` as a child process, talked to over HTTP."""
+    """`uvicorn nhle_serving.server:create_app --factory` as a child process, talked to over HTTP."""
 
     def __init__(self, project_dir: Path, log_path: Path, **settings):
         self.port = free_port()
@@ -128,7 +130,7 @@ class Server:
         self.env = env
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_server:create_app", "--factory", "--app-dir", str(SERVING),
+            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
              "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
         self.http = httpx.Client(base_url=self.url, timeout=30)

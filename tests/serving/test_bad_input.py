@@ -9,13 +9,11 @@ import base64
 import io
 import json
 import socket
-import sys
 import time
 
 import pytest
 from PIL import Image
 
-from serving_support import SERVING
 
 IMG = [[0.5] * 8 for _ in range(8)]
 NESTED_34 = [0.5]
@@ -183,10 +181,10 @@ def test_admin_reload_disabled_without_token_and_not_ready_without_model(tmp_pat
 
     import httpx
 
-    sys.path.insert(0, str(SERVING))
-    import nhle_server
+    import nhle_serving.server
+    import nhle_serving.settings
 
-    app = nhle_server.create_app(nhle_server.Settings(model=str(tmp_path / "none.onnx")))
+    app = nhle_serving.server.create_app(nhle_serving.settings.Settings(model=str(tmp_path / "none.onnx")))
 
     async def calls():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

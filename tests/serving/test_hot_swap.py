@@ -46,7 +46,7 @@ def swapped_rows(models, digits, tmp_path_factory):
 
     import torch
 
-    from nhle.export import export_onnx
+    from nhle.core.export import export_onnx
 
     model = copy.deepcopy(models[(3,)])
     with torch.no_grad():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from serving_support import NAME, SERVING
+from serving_support import NAME
 
 
 def torch_probabilities(model, x: torch.Tensor) -> np.ndarray:
@@ -125,14 +125,13 @@ def test_server_process_never_imports_torch(server, champion_registry):
     # The module itself, through a full registry load and a prediction, in a clean interpreter.
     script = f"""
 import json, sys
-sys.path.insert(0, {str(SERVING)!r})
 import numpy as np
-import nhle_server
-settings = nhle_server.Settings(project_dir={str(champion_registry.root)!r},
+import nhle_serving.models, nhle_serving.payloads, nhle_serving.settings
+settings = nhle_serving.settings.Settings(project_dir={str(champion_registry.root)!r},
                                 params_path={str(champion_registry.root / 'params.yaml')!r})
-manager = nhle_server.ModelManager(settings)
+manager = nhle_serving.models.ModelManager(settings)
 assert manager.refresh()["outcome"] == "swapped"
-out = nhle_server.handle_predict(json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode(), manager.current, settings)
+out = nhle_serving.payloads.handle_predict(json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode(), manager.current, settings)
 assert len(out["predictions"]) == 1
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
 """

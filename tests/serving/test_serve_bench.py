@@ -8,7 +8,7 @@ from serving_support import REPO
 
 
 def test_bench_serve_writes_its_figures(trained, tmp_path):
-    from nhle.serve_bench import bench_serve
+    from nhle.bench.serving import bench_serve
 
     out = tmp_path / "out"
     result = bench_serve(REPO, tmp_path / "params.yaml", out, single_requests=30, batch_requests=4, batch_size=64,

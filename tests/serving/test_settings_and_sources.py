@@ -3,67 +3,63 @@
     .venv/bin/python -m pytest -q tests/serving/test_settings_and_sources.py
 """
 import shutil
-import sys
 
 import pytest
 
-from serving_support import SERVING
-
-sys.path.insert(0, str(SERVING))
-import nhle_models  # noqa: E402  (gpu_present lives here; nhle_server re-exports it)
-import nhle_server  # noqa: E402
+import nhle_serving.models
+import nhle_serving.settings
 
 
 def test_settings_from_env():
-    s = nhle_server.Settings.from_env({
+    s = nhle_serving.settings.Settings.from_env({
         "NHLE_PARAMS": "p.yaml", "NHLE_PROJECT_DIR": "/srv", "NHLE_MODEL": "models:/m@prod", "NHLE_ADMIN_TOKEN": "t",
         "NHLE_POLL_SECONDS": "0.5", "NHLE_MAX_INSTANCES": "10", "NHLE_MAX_BODY_BYTES": "2048",
         "NHLE_ORT_THREADS": "2", "NHLE_ORT_OPT_LEVEL": "Basic", "NHLE_DEVICE": "cpu"})
     assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == ("p.yaml", "/srv", "models:/m@prod", "t")
     assert (s.poll_seconds, s.max_instances, s.max_body_bytes, s.ort_threads) == (0.5, 10, 2048, 2)
     assert (s.ort_opt_level, s.device) == ("basic", "cpu")
-    default = nhle_server.Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml"})
+    default = nhle_serving.settings.Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml"})
     assert default.poll_seconds == 5 and default.max_instances == 256 and default.max_body_bytes == 8 * 1024 * 1024
     assert default.model is None and default.admin_token is None and default.ort_opt_level == "all"
     for env, name in (({"NHLE_ORT_OPT_LEVEL": "max"}, "NHLE_ORT_OPT_LEVEL"), ({"NHLE_MAX_INSTANCES": "x"}, "NHLE_MAX_INSTANCES"),
                       ({"NHLE_POLL_SECONDS": "0"}, "NHLE_POLL_SECONDS"), ({"NHLE_DEVICE": "tpu"}, "NHLE_DEVICE")):
         with pytest.raises(ValueError, match=name):
-            nhle_server.Settings.from_env(env)
+            nhle_serving.settings.Settings.from_env(env)
 
 
 def test_settings_come_from_params_yaml_and_env_wins(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("serving:\n  poll_seconds: 0.25\n  max_instances: 7\n  ort_opt_level: basic\n")
-    s = nhle_server.Settings.from_env({"NHLE_PARAMS": str(params)})
+    s = nhle_serving.settings.Settings.from_env({"NHLE_PARAMS": str(params)})
     assert (s.poll_seconds, s.max_instances, s.ort_opt_level, s.max_body_bytes) == (0.25, 7, "basic", 8 * 1024 * 1024)
-    s = nhle_server.Settings.from_env({"NHLE_PARAMS": str(params), "NHLE_MAX_INSTANCES": "3"})
+    s = nhle_serving.settings.Settings.from_env({"NHLE_PARAMS": str(params), "NHLE_MAX_INSTANCES": "3"})
     assert s.max_instances == 3 and s.poll_seconds == 0.25
 
 
 def test_cuda_is_asked_for_only_with_a_gpu(monkeypatch):
-    monkeypatch.setattr(nhle_server.ort, "get_available_providers",
+    monkeypatch.setattr(nhle_serving.models.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(nhle_models, "gpu_present", lambda: False)
-    assert nhle_server.choose_providers("auto") == ["CPUExecutionProvider"]
-    monkeypatch.setattr(nhle_server.ort, "preload_dlls", lambda *a, **k: None, raising=False)
-    monkeypatch.setattr(nhle_models, "gpu_present", lambda: True)
-    assert nhle_server.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert nhle_server.choose_providers("cpu") == ["CPUExecutionProvider"]
-    assert nhle_server.choose_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(nhle_models, "gpu_present", lambda: False)
+    monkeypatch.setattr(nhle_serving.models, "gpu_present", lambda: False)
+    assert nhle_serving.models.choose_providers("auto") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(nhle_serving.models.ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(nhle_serving.models, "gpu_present", lambda: True)
+    assert nhle_serving.models.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert nhle_serving.models.choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert nhle_serving.models.choose_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(nhle_serving.models, "gpu_present", lambda: False)
     with pytest.raises(ValueError, match="no GPU is visible"):
-        nhle_server.choose_providers("cuda")
-    monkeypatch.setattr(nhle_server.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert nhle_server.choose_providers("auto") == ["CPUExecutionProvider"]
+        nhle_serving.models.choose_providers("cuda")
+    monkeypatch.setattr(nhle_serving.models.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert nhle_serving.models.choose_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
-        nhle_server.choose_providers("cuda")
+        nhle_serving.models.choose_providers("cuda")
 
 
 def test_local_file_is_reloaded_when_it_changes(onnx_files, tmp_path):
     """NHLE_MODEL=<file>.onnx: a new file is smoke-tested and swapped in, a broken one is not."""
     for name in ("model.onnx", "model.preprocessing.json"):
         shutil.copy(onnx_files[(3,)].parent / name, tmp_path / name)
-    manager = nhle_server.ModelManager(nhle_server.Settings(model=str(tmp_path / "model.onnx"), ort_threads=1,
+    manager = nhle_serving.models.ModelManager(nhle_serving.settings.Settings(model=str(tmp_path / "model.onnx"), ort_threads=1,
                                                             ort_opt_level="basic"))
     assert manager.refresh()["outcome"] == "swapped" and manager.current.forgotten == (3,)
     assert manager.refresh()["outcome"] == "unchanged"

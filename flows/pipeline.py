@@ -1,0 +1,129 @@
+"""nhle's Prefect flows: `train-base`, `import`, `forget` and `process-forget-requests`. Each
+flow is nhle.orchestration.pipeline's function of the same name with every step a Prefect task.
+
+    python -m nhle_flows.pipeline forget --classes 3     # one run now (ephemeral Prefect, no server)
+    python -m nhle_flows.pipeline train_base
+    python -m nhle_flows.pipeline import_model           # = `nhle import`: your model, as params.yaml's model section names it
+    python -m nhle_flows.pipeline process_requests       # = `nhle request process`; `nhle schedule` serves it
+    prefect deploy flows/pipeline.py:forget -n forget -p <work-pool>      # from the checkout
+
+The flows read params.yaml of `project_dir` unless given `params` (a dict in the shape of
+nhle.core.config.Params). What each flow does, step by step: nhle.orchestration.pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from nhle.adapters.tracking import configure, version_page
+from nhle.core.config import Params, load_params, params_as_dict, params_from_dict
+from nhle.orchestration import pipeline, requests, steps
+
+# Models and tensors pass between tasks in memory: nothing to hash, nothing to cache.
+step = task(cache_policy=NO_CACHE)
+retried = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)  # idempotent I/O only
+TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, steps.version_data,
+                                requests.claim_requests) else step)(fn)
+         for fn in (steps.load_champion, steps.training_data, steps.data_of_version, steps.version_data,
+                    steps.train_candidate, steps.import_candidate, steps.forget_candidate, steps.export_and_check,
+                    steps.register_candidate, steps.gates_of, steps.finish_version, requests.claim_requests,
+                    requests.recover_batch, requests.close_requests)}
+
+
+def as_task(fn, *args):
+    """nhle.orchestration's engine interface: the step as its Prefect task, in this flow run."""
+    return TASKS[fn](*args)
+
+
+def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
+    root = Path(project_dir).resolve()
+    resolved = params_from_dict(params) if params is not None else load_params(root / "params.yaml")
+    configure(resolved, root)
+    return resolved, root
+
+
+def publish_artifacts(params: Params, result: dict) -> None:
+    """The outcome where a Prefect user looks (the flow run's Artifacts): the version's own
+    description from MLflow (what it forgot, gates, where the evidence is) and the gates as a table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    name, version = params.registry.model_name, result["version"]
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
+    description, ui = version_page(name, version)
+    verdict = "promoted" if result["promoted"] else "not promoted"
+    uri = params.tracking_uri()
+    where = "" if uri.startswith(("http://", "https://")) else f" (links: `mlflow ui --backend-store-uri {uri}` on its default address)"
+    description = description.replace("](#/", f"]({ui}/#/")  # the description's links are relative to the UI
+    create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
+                             f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",
+                             description=f"{name} version {version}: {verdict} ({result['reason']})")
+    create_table_artifact(key=f"{key}-gates", table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")}
+                                                      for g in result["gates"]],
+                          description=f"gates of {name} version {version}")
+
+
+@flow(name="train-base", flow_run_name="train-base")
+def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Train a base model on the configured data and register it (champion if its gates hold)."""
+    resolved, root = resolve(params, project_dir)
+    result = pipeline.train_base(resolved, root, as_task, get_run_logger())
+    publish_artifacts(resolved, result)
+    return result
+
+
+@flow(name="import", flow_run_name="import")
+def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Register your model (params.yaml's model section: from_mlflow, else arch + weights) as a
+    base version of the registered model, champion if its gates hold, like a trained base model."""
+    resolved, root = resolve(params, project_dir)
+    result = pipeline.import_model(resolved, root, as_task, get_run_logger())
+    publish_artifacts(resolved, result)
+    return result
+
+
+@flow(name="forget", flow_run_name="forget-classes-{classes}")
+def forget(classes: str, params: dict | None = None, project_dir: str = ".", seed: int = 0,
+           n_samples: int | None = None, encoding: str | None = None, batch: str | None = None,
+           request_ids: list[int] | None = None) -> dict:
+    """Forget `classes` (indices or names, comma separated) from the current champion."""
+    resolved, root = resolve(params, project_dir)
+    result = pipeline.forget(resolved, root, classes, seed, n_samples, encoding, batch, request_ids, as_task,
+                             get_run_logger())
+    publish_artifacts(resolved, result)
+    return result
+
+
+def forget_subflow(params: Params, root: Path, classes: str, **options) -> dict:
+    """The request loop's forget: the `forget` flow, as a subflow of the loop's flow run."""
+    return forget(classes=classes, params=params_as_dict(params), project_dir=str(root), **options)
+
+
+@flow(name="process-forget-requests", flow_run_name="forget-requests")
+def process_requests(params: dict | None = None, project_dir: str = ".") -> dict:
+    """Take every pending (and abandoned) forget request, unlearn their classes together in one
+    `forget` subflow on top of the champion, and close each request with its audit report."""
+    resolved, root = resolve(params, project_dir)
+    return requests.process_requests(resolved, root, as_task, forget_subflow, get_run_logger())
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
+    cli.add_argument("flow", choices=("train_base", "import_model", "forget", "process_requests"), help="which flow")
+    cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
+    cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
+    args = cli.parse_args()
+    from nhle.adapters.prefect_server import temporary_prefect_server
+
+    with temporary_prefect_server():  # gone with this process, however it ends
+        if args.flow == "forget":
+            print(forget(classes=args.classes, project_dir=args.project_dir))
+        elif args.flow == "process_requests":
+            print(process_requests(project_dir=args.project_dir))
+        elif args.flow == "import_model":
+            print(import_model(project_dir=args.project_dir))
+        else:
+            print(train_base(project_dir=args.project_dir))

@@ -1,0 +1,113 @@
+"""A temporary Prefect API server that dies with the process that started it.
+
+    from nhle.adapters.prefect_server import temporary_prefect_server
+    with temporary_prefect_server():      # PREFECT_API_URL already set: starts nothing
+        forget_flow(...)
+
+With no PREFECT_API_URL, Prefect starts a temporary server of its own for the first flow run and
+stops it at exit (atexit), so a SIGKILL of `nhle run` left that server running for good. This is
+the same server (Prefect's app factory under uvicorn, as Prefect starts it, on the same
+database), started with PR_SET_PDEATHSIG: the kernel sends it SIGTERM when the process that
+started it dies, however it dies. It runs in its own session, so a Ctrl-C of the command reaches
+the flow first and the server stays up while the flow records its failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from nhle.adapters.processes import die_with, free_port, stop_process
+
+log = logging.getLogger(__name__)
+PORT_TAKEN = 3  # uvicorn's exit status when the port is already bound
+
+
+def start_server(port: int) -> subprocess.Popen:
+    import prefect
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env=env, preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None, start_new_session=True)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
+    """True once GET url/health answers 200; False if the process exited with PORT_TAKEN."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code == PORT_TAKEN:
+            return False
+        if code is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with status {code} while starting")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        time.sleep(0.2)
+    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s "
+                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server")
+
+
+def drain_to_server() -> None:
+    """Send the flow-run logs and events still queued before the server stops (Prefect's test
+    harness does the same), so that none is lost and no "Error logging to API" is printed at exit."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    with contextlib.suppress(Exception):  # best effort: never hide the flow's own outcome
+        run_coro_as_sync(drain())
+
+
+@contextlib.contextmanager
+def temporary_prefect_server():
+    """Run the body with PREFECT_API_URL pointing at a server that cannot outlive this process
+    (none is started when a Prefect API is configured already)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    timeout = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    for _ in range(3):  # another process may take the free port before the server binds it
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        process = start_server(port)
+        try:
+            if wait_healthy(process, url, timeout):
+                break
+        except BaseException:
+            stop_process(process)
+            raise
+    else:
+        raise RuntimeError("the temporary Prefect server found no free port three times")
+    log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, process.pid)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                drain_to_server()
+    finally:
+        stop_process(process)

@@ -1,0 +1,404 @@
+"""MLflow adapter: runs, metrics, artifacts, the ONNX model, the registry and its aliases.
+
+    from nhle.adapters.tracking import configure, record_promotion, rollback
+    configure(params)                               # tracking URI + experiment with artifact location
+    version = log_onnx_model("model.onnx", ...)     # a registered model version per run
+    record_promotion(params.registry, version, *promotion_decision(gates, champion, parent))
+
+The only module of nhle (with nhle.adapters.mlflow_models) that imports mlflow. Alias moves
+happen last and only after every gate held, so a failed step never moves `champion`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from nhle.core.config import Params, RegistryConfig, resolve_uri
+from nhle.core.gates import GateResult, deleted_but_predicted, retained_drop_pp
+
+ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
+
+
+def configure(params: Params, project_dir: str | Path = ".") -> str:
+    """Point MLflow at the configured store and experiment; returns the tracking URI in use."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
+    project_dir = Path(project_dir)
+    uri = resolve_uri(params.tracking_uri(), project_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = params.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = artifact_location(params.tracking.artifact_location, uri, project_dir)
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:  # not a race with another process
+                raise
+    mlflow.set_experiment(name)
+    return uri
+
+
+def start_run(params: Params, run_name: str, tags: dict) -> str:
+    """Create a flow's MLflow run with the resolved params; it stays RUNNING until finish_run."""
+    from nhle.adapters.ledger import new_owner
+
+    # nhle.owner (host:pid:...) lets a later run see that this one's process died (reap_dead_runs).
+    run = mlflow.start_run(run_name=run_name, tags={**tags, "nhle.owner": new_owner()})
+    try:
+        log_params(params)
+    finally:
+        mlflow.end_run(status="RUNNING")
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED."""
+    MlflowClient().set_terminated(run_id, status)
+
+
+@contextmanager
+def logging_to(run_id: str):
+    """Make `run_id` the active run for fluent mlflow calls, leaving it RUNNING afterwards
+    (`with mlflow.start_run(run_id=...)` would mark it FINISHED between the flow's steps)."""
+    active = mlflow.active_run()
+    started = active is None or active.info.run_id != run_id
+    if started:
+        mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        if started:
+            mlflow.end_run(status="RUNNING")
+
+
+def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarray, logged_name: str,
+                checkpoint_path: Path, preprocessing: dict, data, data_version, parity: dict,
+                report: dict | None, plots: dict, base_metrics: dict | None, tags: dict) -> str:
+    """Everything a new version carries, logged to its run (dataset input, checkpoint,
+    preprocessing, parity, report and plots or a base model's accuracy), then the ONNX model
+    registered as a new version of `model_name`, tagged with `tags`. Returns the version."""
+    with logging_to(run_id):
+        mlflow.set_tags(data_version.as_tags())
+        log_dataset(data, data_version)
+        mlflow.log_artifact(str(checkpoint_path), "checkpoint")
+        mlflow.log_dict(preprocessing, "preprocessing.json")
+        log_parity(parity)
+        if report is not None:
+            log_report(report)
+        for path in plots.values():
+            mlflow.log_artifact(str(path), "plots")
+        if base_metrics is not None:
+            mlflow.log_metrics(base_metrics)
+        version = log_onnx_model(onnx_path, example, model_name, preprocessing, name=logged_name)
+    tag_version(model_name, version.version, tags)
+    return version.version
+
+
+def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: str, version: str,
+                notified: list[dict]) -> None:
+    """The gates (gates.json, gate/* metrics) and the promotion on the run."""
+    with logging_to(run_id):
+        log_gates(gates)
+        mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
+        if notified:
+            mlflow.log_dict(notified, "notified_servers.json")
+
+
+def set_run_tags(run_id: str, tags: dict) -> None:
+    with logging_to(run_id):
+        mlflow.set_tags(tags)
+
+
+def version_tags(name: str, version: str) -> tuple[dict, str]:
+    """(tags, run id) of a registered version."""
+    mv = MlflowClient().get_model_version(name, str(version))
+    return dict(mv.tags), mv.run_id
+
+
+def log_run_files(run_id: str, files: dict[str, dict | str]) -> None:
+    """Artifacts written into a finished or running run: a dict as JSON, a str as text."""
+    client = MlflowClient()
+    for path, content in files.items():
+        if isinstance(content, dict):
+            client.log_dict(run_id, content, path)
+        else:
+            client.log_text(run_id, content, path)
+
+
+def fail_runs(run_ids: list[str]) -> None:
+    """Runs that died before registering anything: tagged nhle.abandoned and marked FAILED."""
+    client = MlflowClient()
+    for run_id in run_ids:
+        client.set_tag(run_id, "nhle.abandoned", "true")
+        client.set_terminated(run_id, "FAILED")
+
+
+def read_text(uri: str) -> str:
+    return mlflow.artifacts.load_text(uri)
+
+
+def version_page(name: str, version: str) -> tuple[str, str]:
+    """(the version's description, the MLflow UI's address for links: the tracking server's, or
+    the address `mlflow ui` takes by default for a local store)."""
+    uri = mlflow.get_tracking_uri()
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return MlflowClient().get_model_version(name, version).description or "", ui
+
+
+def artifact_location(configured: str, tracking_uri: str, project_dir: Path) -> str | None:
+    """Where a new experiment keeps its artifacts. A folder name is inside the project dir for a
+    local store; with a tracking server (http/https) it is ignored, so that the server's own
+    --artifacts-destination holds them and every client up- and downloads through the server.
+    A URI with a scheme (s3://, gs://, mlflow-artifacts:/...) is used as it is."""
+    if "://" in configured or configured.startswith("mlflow-artifacts:"):
+        return configured
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return resolve_uri(configured, project_dir)
+
+
+def flatten(payload: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(params: Params) -> None:
+    mlflow.log_params({k: str(v) for k, v in flatten(asdict(params)).items()})
+
+
+def log_report(report: dict) -> None:
+    """Every metric block of report.json as `<block>/<metric>`, plus seconds and the drop."""
+    metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
+               for key, value in values.items()}
+    metrics.update({f"seconds/{key}": float(value) for key, value in report["seconds"].items()})
+    metrics["unlearned/retained_drop_pp"] = retained_drop_pp(report["metrics"]["original"]["retain_test_acc"],
+                                                             report["metrics"]["unlearned"]["retain_test_acc"])
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(report, "report.json")
+
+
+def log_parity(parity: dict) -> None:
+    mlflow.log_metrics({"parity/argmax_agreement": parity["argmax_agreement"],
+                        "parity/max_abs_prob_diff": parity["max_abs_prob_diff"]})
+    mlflow.log_dict(parity, "parity.json")
+
+
+def log_gates(gates: list[GateResult]) -> None:
+    mlflow.log_dict([g.as_dict() for g in gates], "gates.json")
+    mlflow.log_metrics({f"gate/{g.name}": float(g.passed) for g in gates})
+
+
+def log_dataset(data, data_version, context: str = "training") -> None:
+    """The DVC-versioned dataset as the run's MLflow dataset input (the run's Datasets column):
+    source = the DVC-tracked folder, digest = its DVC md5, tags = path, md5, git revision, remote."""
+    import warnings
+
+    source = str(Path(data_version.repo) / data_version.path)
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(data.train.images.numpy(), targets=data.train.labels.numpy(),
+                                         source=source,
+                                         name=f"{data.name}@{data_version.git_rev[:8]}",
+                                         digest=data_version.md5.removesuffix(".dir")[:36])
+    tags = {**data_version.as_tags("dvc."), "dvc.remote": data_version.remote}
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
+def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict,
+                   name: str) -> ModelVersion:
+    """Log the ONNX model as logged model `name` with a signature (its named output) and an input
+    example, and register a new version of it."""
+    import onnx
+    from mlflow.models import infer_signature
+
+    from nhle.core.export import make_session
+
+    session = make_session(onnx_path)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: example})))
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, registered_model_name=registered_name,
+                                 signature=infer_signature(example, outputs), input_example=example,
+                                 pip_requirements=ONNX_REQUIREMENTS, save_as_external_data=False,
+                                 metadata=metadata, onnx_execution_providers=["CPUExecutionProvider"])
+    return MlflowClient().get_model_version(registered_name, str(info.registered_model_version))
+
+
+def tag_version(name: str, version: str, tags: dict) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value if isinstance(value, str) else json.dumps(value))
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def record_promotion(registry: RegistryConfig, version: str, promoted: bool, reason: str) -> None:
+    """Carry out nhle.core.gates.promotion_decision's verdict: when promoted, `previous` moves to the
+    former champion and `champion` to `version`; either way the version is tagged with it."""
+    name = registry.model_name
+    if not promoted:
+        tag_version(name, version, {"promoted": "false", "rejection_reason": reason})
+        return
+    client = MlflowClient()
+    current = version_by_alias(name, registry.champion_alias)
+    if current is not None:
+        client.set_registered_model_alias(name, registry.previous_alias, current.version)
+    client.set_registered_model_alias(name, registry.champion_alias, version)
+    tag_version(name, version, {"promoted": "true", "replaced_version": str(current.version if current else "")})
+
+
+def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=None) -> tuple[str, str]:
+    """Move `champion` back to `previous`; `previous` moves one step further back when known.
+    Returns (from_version, to_version).
+
+    `deleted` is the ledger's classes deleted on record (class -> done request ids). The target
+    must forget every one of them; otherwise nothing moves, unless `reopen` (a callable taking
+    the request ids to reopen and the two versions) records first that an operator takes those
+    requests back."""
+    name = registry.model_name
+    client = MlflowClient()
+    champion = version_by_alias(name, registry.champion_alias)
+    previous = version_by_alias(name, registry.previous_alias)
+    if previous is None:
+        raise ValueError(f"model {name!r} has no {registry.previous_alias!r} alias to roll back to")
+    before, after = (str(champion.version) if champion else ""), str(previous.version)
+    missing, requests = deleted_but_predicted(json.loads(previous.tags.get("forgotten_classes") or "[]"), deleted)
+    if missing:
+        if reopen is None:
+            raise ValueError(
+                f"version {previous.version} predicts class(es) {missing}, deleted on record by forget request(s) "
+                f"{requests}: rolling back would bring them back. Nothing was moved. To do it anyway, reopen "
+                f"those requests on record: nhle rollback --reopen {' --reopen '.join(map(str, requests))} "
+                "--reason '...'")
+        reopen(requests, before, after)
+        tag_version(name, after, {f"reopened.request.{r}": "true" for r in requests})
+    client.set_registered_model_alias(name, registry.champion_alias, after)
+    earlier = previous.tags.get("replaced_version")
+    if earlier:
+        client.set_registered_model_alias(name, registry.previous_alias, earlier)
+    else:
+        client.delete_registered_model_alias(name, registry.previous_alias)
+    if champion is not None:
+        tag_version(name, before, {"rolled_back": "true"})
+    return before, after
+
+
+def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
+    """The model version page's text (Markdown, as the MLflow UI renders it), made from the
+    version's tags: what it forgot and from which version, its gates, and where the evidence is."""
+    run = f"#/experiments/{experiment_id}/runs/{run_id}"
+    forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
+    parent = tags.get("parent_version")
+    lines = [f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
+             + (f" (made from version {parent})" if parent else "") + ".", ""]
+    if tags.get("nhle.abandoned") == "true":
+        lines.append(f"**Abandoned:** {tags.get('nhle.abandoned_reason', 'the run that made it died')}")
+    if tags.get("promoted") == "true":
+        lines.append("**Promoted:** every gate held.")
+    elif tags.get("promoted") == "false":
+        lines.append(f"**Not promoted:** {tags.get('rejection_reason', '')}")
+    gates = json.loads(tags.get("gates") or "[]")
+    if gates:
+        lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
+                  for g in gates]
+    def artifact(path: str, text: str | None = None) -> str:
+        # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
+        return f"[{text or path}]({run}/artifacts/{path})"
+
+    lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact('report.json')} (every metric against the "
+              f"original and the retrained reference), {artifact('gates.json')}, {artifact('parity.json')}, "
+              f"{artifact('plots')}, {artifact('preprocessing.json')}, {artifact('checkpoint/model.pt')}."]
+    audits = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items() if k.startswith("audit.request."))
+    if audits:
+        lines += ["", "**Audit reports:** " + ", ".join(
+            artifact(uri.removeprefix(f"runs:/{run_id}/"), f"request {i}") + f" (`{uri}`)" for i, uri in audits)]
+    return "\n".join(lines)
+
+
+def describe_version(name: str, version: str) -> None:
+    """Write version_description onto the registered version (again whenever its tags grow)."""
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    experiment_id = client.get_run(mv.run_id).info.experiment_id
+    client.update_model_version(name, version, description=version_description(dict(mv.tags), mv.run_id, experiment_id))
+
+
+def download_checkpoint(version: ModelVersion, folder: str | Path | None = None) -> Path:
+    """The PyTorch checkpoint logged beside a registered version (artifact checkpoint/model.pt)."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="nhle-champion-"))
+    return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint/model.pt",
+                                                    dst_path=str(folder)))
+
+
+def versions_tagged(name: str, key: str, value: str) -> list[ModelVersion]:
+    """Versions of registered model `name` whose tag `key` equals `value`, oldest first."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{key}` = '{value}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def runs_tagged(key: str, value: str) -> list:
+    """Runs of the current experiment whose tag `key` equals `value`."""
+    return mlflow.search_runs(filter_string=f"tags.`{key}` = '{value}'", output_format="list")
+
+
+def reap_dead_runs(name: str) -> list[dict]:
+    """Runs of the current experiment left RUNNING by a process of this host that no longer
+    exists (tag nhle.owner; a SIGKILL leaves them so) are marked KILLED and tagged
+    nhle.abandoned. A version such a run registered before its gates were judged is tagged
+    nhle.abandoned with the reason in its description; it was never promoted, and the server
+    never serves a version without passed gates. Runs of forget requests (tag nhle.batch) are
+    left to the request path, which settles what they registered. Returns what was marked."""
+    from nhle.adapters.ledger import owner_is_gone
+
+    client = MlflowClient()
+    reaped = []
+    for run in mlflow.search_runs(filter_string="attributes.status = 'RUNNING'", output_format="list"):
+        tags = run.data.tags
+        if "nhle.batch" in tags or not owner_is_gone(tags.get("nhle.owner")):
+            continue
+        reason = f"its process ({tags['nhle.owner']}) died while the run was RUNNING"
+        # Promotion comes after the gates tag: a version without one never was promoted.
+        abandoned = [str(mv.version) for mv in client.search_model_versions(
+            f"name = '{name}' and run_id = '{run.info.run_id}'") if "gates" not in mv.tags]
+        for version in abandoned:
+            tag_version(name, version, {"nhle.abandoned": "true", "nhle.abandoned_reason":
+                        f"run {run.info.run_id} registered it and died before its gates were judged ({reason}); "
+                        "never promoted, never served."})
+            describe_version(name, version)
+        client.set_tag(run.info.run_id, "nhle.abandoned", reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append({"run_id": run.info.run_id, "owner": tags["nhle.owner"], "abandoned_versions": abandoned})
+    return reaped
+
+
+def run_json(run_id: str, path: str):
+    """A JSON artifact of a run (report.json, parity.json, gates.json), or None when it is absent."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError):
+        return None
+
+
+def aliases_of(name: str, version: str) -> list[str]:
+    return list(MlflowClient().get_model_version(name, version).aliases)

@@ -1,0 +1,401 @@
+"""`nhle bench unlearning`: NHLE against retraining, the published baselines and its own ablations.
+
+    nhle bench unlearning --seeds 0,1,2 --out bench/unlearning          # digits, small CNN, ~15 min
+    nhle bench unlearning --model resnet18_cifar --image-size 32 --epochs 3 --seeds 0 --classes 3
+    nhle bench unlearning --model mobilenet_v3_small --image-size 32 --epochs 30   # any torchvision / timm/ name
+    nhle bench unlearning --quick --out /tmp/quick                       # CI: 1 seed, 2 classes + 1 triple
+    nhle bench unlearning --dataset cifar10 --data-root ~/data --model resnet18_cifar --device cuda   # on a GPU
+
+For each seed one base model is trained. For each case (every class alone, then the `--multi`
+classes together) one model is retrained without the classes (the gold standard), and every
+method unlearns them from that same base model, with the same forget samples, in one run on one
+machine; times are ratios to that retrain. Methods: `nhle` (the configured NHLE + masking),
+`retrain`, the baselines of nhle.core.unlearning.baselines, and the ablations in ABLATIONS. Writes
+runs.jsonl (one line per run), summary.json, summary.md (mean ± std over runs) and tradeoff.png
+(retained drop against the linear probe, point size = time).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from nhle.core.gates import retained_drop_pp
+from nhle.core.config import ENCODINGS, DataConfig, ModelConfig, TrainConfig, UnlearnConfig
+from nhle.core.data import sample_per_class
+from nhle.core.experiment import load_data, retrain_without, train_base_model
+from nhle.core.metrics import evaluate_forgetting
+from nhle.core.training import evaluate, seed_everything, training_spec
+from nhle.core.unlearning import unlearn, without_mask
+from nhle.core.unlearning.baselines import BASELINES, run_baseline
+
+PREVIOUS_DEFAULT = {"lr": 1e-4, "synthetic_per_class": 0, "forget_rank": 0.0, "adaptive_lr": False}
+"""The recipe of sections 1-6 of docs/benchmarks.md (default until issue 14)."""
+ABLATIONS = {"mask_only": {"max_steps": 0, "synthetic_per_class": 0}, "nhle_no_mask": {"mask": False},
+             "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
+             "nhle_backbone_only": {"layers": "backbone"},
+             # What issue 14 measured on the way to the default (docs/benchmarks.md section 7).
+             "nhle_previous_default": PREVIOUS_DEFAULT, "nhle_no_synthetic": {"synthetic_per_class": 0},
+             "nhle_fixed_lr": {"adaptive_lr": False}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
+             "nhle_warmup_50": {"warmup_steps": 50}, "nhle_anchor_t4": {"anchor_temperature": 4.0},
+             "nhle_saliency_0.3": {"saliency": 0.3}, "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
+             "nhle_l2sp": {"weight_anchor": 1e6}, "nhle_feature_pull": {"feature_pull": 1.0},
+             **{f"forget_rank_{r}": {"forget_rank": r} for r in (0.25, 0.5, 0.75, 1.0)},
+             **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS}}
+METHODS = ("nhle", "retrain", *BASELINES, *ABLATIONS)
+SUMMARY_KEYS = ("forget_test_acc", "retain_test_acc", "retained_drop_pp", "unmasked_forget_test_acc", "mia_efficacy",
+                "probe_forget_acc", "forget_silhouette", "relearn_steps", "seconds", "seconds_vs_retrain", "steps")
+
+
+def measured_on() -> str:
+    """'measured <date> on <host> (<arch>, torch threads: N)': the stamp every benchmark table carries."""
+    import torch
+
+    return (f"measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
+            f"({platform.machine()}, torch threads: {torch.get_num_threads()})")
+
+
+def write_report(out: Path, name: str, header: str, table: str) -> None:
+    """out/<name>.md = header + table, and the same on stdout."""
+    (out / f"{name}.md").write_text(header + "\n\n" + table + "\n")
+    print(header + "\n\n" + table)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
+    return list(dict.fromkeys(["retrain", *methods]))  # retrain is the reference of every ratio
+
+
+def cases(num_classes: int, classes: str, multi: str) -> list[list[int]]:
+    singles = range(num_classes) if classes == "all" else [int(c) for c in str(classes).split(",")]
+    out = [[c] for c in singles]
+    if multi and multi != "none":
+        out.append(sorted(int(c) for c in multi.split(",")))
+    for case in out:
+        if not all(0 <= c < num_classes for c in case):
+            raise ValueError(f"class(es) {case} out of range 0..{num_classes - 1}")
+    return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One benchmark. Every (seed, case, method) unit depends only on the seed's base model, so the
+    units can run in any order, on any worker: `run_grid` gives the same rows either way."""
+    dataset: str = "digits"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    classes: str = "all"
+    multi: str = "2,5,8"
+    methods: tuple[str, ...] = METHODS
+    base: UnlearnConfig = UnlearnConfig()
+    arch: str = "smallcnn"
+    train_config: TrainConfig = TrainConfig()
+    image_size: int | None = None
+    device: str = "auto"
+    root: str | None = None
+    quick: bool = False
+
+    def __post_init__(self):
+        methods = self.methods if isinstance(self.methods, str) else ",".join(self.methods)
+        object.__setattr__(self, "methods", tuple(parse_methods(methods)))
+        if self.quick:
+            object.__setattr__(self, "seeds", tuple(self.seeds)[:1])
+            object.__setattr__(self, "train_config", replace(self.train_config, epochs=3))
+            # Every method runs in CI: the input synthesis and the relearn attack dominated its time.
+            object.__setattr__(self, "base", replace(self.base, max_steps=100, synthesis_steps=10, relearn_max_steps=20))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    def data_config(self, seed: int) -> DataConfig:
+        return DataConfig(dataset=self.dataset, seed=seed, image_size=self.image_size, root=self.root)
+
+    def cases(self, num_classes: int) -> list[list[int]]:
+        found = cases(num_classes, self.classes, self.multi)
+        if self.quick:
+            found = found[:2] + ([found[-1]] if len(found[-1]) > 1 else [])
+        return found
+
+    def units(self, num_classes: int) -> list[tuple[int, list[int], str]]:
+        """(seed, classes, method) of every run; 'original' measures the base model itself."""
+        return [(seed, case, method) for seed in self.seeds for case in self.cases(num_classes)
+                for method in ("original", *self.methods)]
+
+
+@functools.lru_cache(maxsize=4)
+def grid_data(data_config: DataConfig):
+    """The dataset of a grid: any nhle dataset, or synthetic<N>, the N-sample synthetic set of
+    `nhle bench scaling` (a different set per seed)."""
+    synthetic = re.fullmatch(r"synthetic(\d+)", data_config.dataset)
+    if synthetic:
+        from nhle.bench.scaling import synthetic_splits  # it imports this module
+
+        return synthetic_splits(int(synthetic[1]), seed=data_config.seed)
+    return load_data(data_config)
+
+
+def train_seed(grid: Grid, seed: int):
+    """The base model every unit of `seed` starts from."""
+    data_config = grid.data_config(seed)
+    return train_base_model(data_config, grid.train_config, data=grid_data(data_config), progress=False,
+                      model_config=ModelConfig(arch=grid.arch))[0]
+
+
+def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> dict:
+    """One method on one (seed, classes) case, from the seed's base model; seeded on its own so
+    that neither the order of the units nor the process they run in changes the result."""
+    seed_everything(seed)
+    data = grid_data(grid.data_config(seed))
+    base = grid.base
+    samples = sample_per_class(data.train, classes, base.n_samples, seed)
+
+    def measure(candidate, attack=None):
+        return evaluate_forgetting(candidate, data, classes, samples, attack, base.relearn_max_steps, base.relearn_lr,
+                                   seed)
+
+    if method == "original":
+        metrics, seconds, steps = {**measure(model), "test_acc": evaluate(model, data.test)}, 0.0, None
+    elif method == "retrain":
+        retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False,
+                                                       spec=training_spec(ModelConfig(arch=grid.arch), data))
+        metrics, steps = measure(retrained, without_mask(retrained, snapshot)), None
+    elif method in BASELINES:
+        result = run_baseline(method, model, data, classes, seed, grid.device)
+        metrics, seconds, steps = measure(result.model), result.seconds, result.steps
+    else:
+        result = unlearn(model, samples, classes, replace(base, **ABLATIONS.get(method, {})), device=grid.device)
+        attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
+        metrics, seconds, steps = measure(result.model, attacked), result.seconds, result.steps
+    return {"method": method, "seed": seed, "forget_classes": list(classes), "metrics": metrics,
+            "seconds": seconds, "steps": steps}
+
+
+def inline(fn, *args):
+    """The sequential engine: run now; .result() gives the value (the shape of a future)."""
+    value = fn(*args)
+    return SimpleNamespace(result=lambda: value)
+
+
+def run_grid(grid: Grid, submit=inline, on_case=None, done=frozenset()) -> list[dict]:
+    """Every unit of the grid through `submit(fn, *args) -> future` (inline, a concurrent.futures
+    executor's submit, or a Prefect task's submit on a Dask cluster); one row per method and case,
+    in the grid's order. on_case(rows) is called as each (seed, case) completes. Cases in `done`
+    ((seed, tuple of classes)) are left out, and so is a seed with nothing left to run."""
+    num_classes = grid_data(grid.data_config(grid.seeds[0])).num_classes
+    units = [(seed, case, method) for seed, case, method in grid.units(num_classes) if (seed, tuple(case)) not in done]
+    models = {seed: submit(train_seed, grid, seed) for seed in dict.fromkeys(seed for seed, _, _ in units)}
+    models = {seed: future.result() for seed, future in models.items()}
+    pending = (submit(run_unit, grid, seed, case, method, models[seed]) for seed, case, method in units)
+    if submit is not inline:  # an executor runs them all at once; inline, each case is written as it ends
+        pending = list(pending)
+    rows, case_results = [], []
+    for future in pending:
+        case_results.append(future.result())
+        if case_results[-1]["method"] == grid.methods[-1]:
+            new = case_rows(case_results)
+            rows += new
+            if on_case:
+                on_case(new)
+            case_results = []
+    return rows
+
+
+def case_rows(results: list[dict]) -> list[dict]:
+    """The rows of one (seed, case): each method against the original model and the retrain."""
+    by_method = {r["method"]: r for r in results}
+    original, retrain_seconds = by_method["original"]["metrics"], by_method["retrain"]["seconds"]
+    return [{"method": r["method"], "seed": r["seed"], "forget_classes": r["forget_classes"],
+             "case": case_kind(r["forget_classes"]), **r["metrics"], "original": original,
+             "retained_drop_pp": retained_drop_pp(original["retain_test_acc"], r["metrics"]["retain_test_acc"]),
+             "seconds": r["seconds"], "seconds_vs_retrain": r["seconds"] / retrain_seconds, "steps": r["steps"]}
+            for r in results if r["method"] != "original"]
+
+
+def case_kind(classes) -> str:
+    return "one class" if len(classes) == 1 else f"{len(classes)} classes"
+
+
+def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), submit=inline,
+                     engine: str = "sequential", resume: bool = False) -> list[dict]:
+    """Run the grid and write runs.jsonl, summary.json, summary.md, goal.md and tradeoff.png to
+    `out`. With `resume`, the cases out/runs.jsonl already holds for every method are kept and
+    not run again (a benchmark of hours survives its process)."""
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
+    done = frozenset((r["seed"], tuple(r["forget_classes"])) for r in earlier)
+    with open(out / "runs.jsonl", "w") as runs:
+        for row in earlier:
+            runs.write(json.dumps(row) + "\n")
+        def on_case(new):
+            for row in new:
+                runs.write(json.dumps(row) + "\n")
+            runs.flush()
+            print(f"seed {new[0]['seed']} classes {new[0]['forget_classes']}: " + ", ".join(
+                f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new),
+                flush=True)
+
+        rows = earlier + run_grid(grid, submit, on_case, done)
+    summary = summarise(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs, batch {grid.train_config.batch_size}), "
+              f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
+    tradeoff_plot(summary, out / "tradeoff.png")
+    write_report(out, "summary", header, markdown_table(summary))
+    goal, checks = goal_table(rows)
+    (out / "goal.json").write_text(json.dumps(checks, indent=1) + "\n")
+    write_report(out, "goal", header, goal)
+    return rows
+
+
+def completed_rows(path: Path, methods) -> list[dict]:
+    """The rows of `path` (runs.jsonl) whose (seed, case) has a row for every one of `methods`."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    found: dict[tuple, set] = {}
+    for row in rows:
+        found.setdefault((row["seed"], tuple(row["forget_classes"])), set()).add(row["method"])
+    return [r for r in rows if set(methods) <= found[(r["seed"], tuple(r["forget_classes"]))] and r["method"] in methods]
+
+
+GOALS = ("forget acc 0", "attack <= 3%", "mean drop <= retrain + 0.3 pp", "worst drop <= 2 pp",
+         "relearn >= half of retrain", "silhouette <= halfway to retrain")
+"""Issue 14's goal for one setting: the method's runs against the retrained reference of the same cases."""
+
+
+def goal_checks(rows: list[dict], method: str) -> dict:
+    """GOALS checked for `method` over `rows` (every case and seed of one setting), with the figures;
+    the reference is the retrain of the cases `method` ran on."""
+    def case(row):
+        return row.get("seed"), tuple(row.get("forget_classes", ()))
+
+    ran = {case(r) for r in rows if r["method"] == method}
+    rows = [r for r in rows if case(r) in ran]
+
+    def values(who, key):
+        return np.array([r[key] for r in rows if r["method"] == who], dtype=float)
+
+    drop, retrain_drop = values(method, "retained_drop_pp"), values("retrain", "retained_drop_pp")
+    silhouette = [float(np.mean([r["original"]["forget_silhouette"] for r in rows if r["method"] == method])),
+                  float(values(method, "forget_silhouette").mean()), float(values("retrain", "forget_silhouette").mean())]
+    relearn = [float(values(method, "relearn_steps").mean()), float(values("retrain", "relearn_steps").mean())]
+    figures = {"runs": len(drop), "forget_acc_max": float(values(method, "forget_test_acc").max()),
+               "attack_mean": float(values(method, "unmasked_forget_test_acc").mean()),
+               "drop_mean": float(drop.mean()), "drop_std": float(drop.std()), "drop_worst": float(drop.max()),
+               "retrain_drop_mean": float(retrain_drop.mean()), "silhouette_original_method_retrain": silhouette,
+               "relearn_method_retrain": relearn,
+               "time_vs_retrain": float(values(method, "seconds_vs_retrain").mean()),
+               "steps_mean_max": [float(values(method, "steps").mean()), float(values(method, "steps").max())]
+               if method != "retrain" else None}
+    met = [figures["forget_acc_max"] == 0, figures["attack_mean"] <= 0.03,
+           figures["drop_mean"] <= figures["retrain_drop_mean"] + 0.3, figures["drop_worst"] <= 2.0,
+           relearn[0] >= relearn[1] / 2, silhouette[1] <= (silhouette[0] + silhouette[2]) / 2]
+    return {**figures, "missed": [goal for goal, ok in zip(GOALS, met) if not ok]}
+
+
+def goal_table(rows: list[dict]) -> tuple[str, dict]:
+    """Issue 14's goal, checked for every unlearning method of the grid (markdown, {method: checks})."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain" and m not in BASELINES]
+    checks = {m: goal_checks(rows, m) for m in methods}
+    lines = ["| method | runs | forget acc max % | attack mean % | drop mean ± std pp | worst pp | retrain drop mean pp "
+             "| silhouette original / method / retrain | relearn method / retrain | time / retrain "
+             "| steps mean / max | goal |", "|---" * 12 + "|"]
+    for method, c in checks.items():
+        sil, relearn, steps = c["silhouette_original_method_retrain"], c["relearn_method_retrain"], c["steps_mean_max"]
+        lines.append(f"| {method} | {c['runs']} | {100 * c['forget_acc_max']:.1f} | {100 * c['attack_mean']:.1f} | "
+                     f"{c['drop_mean']:.2f} ± {c['drop_std']:.2f} | {c['drop_worst']:.2f} | {c['retrain_drop_mean']:.2f} | "
+                     f"{sil[0]:.2f} / {sil[1]:.2f} / {sil[2]:.2f} | {relearn[0]:.1f} / {relearn[1]:.1f} | "
+                     f"{c['time_vs_retrain']:.3f} | {steps[0]:.0f} / {steps[1]:.0f} | "
+                     f"{'met' if not c['missed'] else 'missed: ' + ', '.join(c['missed'])} |")
+    return "\n".join(lines), checks
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{case kind: {method: {runs, key: {mean, std, max}}, 'original': {...}}}."""
+    summary = {}
+    for kind in dict.fromkeys(r["case"] for r in rows):
+        summary[kind] = {}
+        for method in dict.fromkeys(r["method"] for r in rows if r["case"] == kind):
+            mine = [r for r in rows if r["case"] == kind and r["method"] == method]
+            entry = {"runs": len(mine)}
+            for key in SUMMARY_KEYS:
+                values = np.array([r[key] for r in mine if r[key] is not None], dtype=float)  # retrain has no steps
+                entry[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                              "max": float(values.max())} if len(values) else None
+            summary[kind][method] = entry
+        originals = [r["original"] for r in rows if r["case"] == kind and r["method"] == "retrain"]
+        summary[kind]["original"] = {key: float(np.mean([o[key] for o in originals]))
+                                     for key in ("retain_test_acc", "probe_forget_acc", "forget_silhouette",
+                                                 "mia_efficacy")}
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    def pm(entry, key, scale=1.0, digits=2):
+        return f"{scale * entry[key]['mean']:.{digits}f} ± {scale * entry[key]['std']:.{digits}f}"
+
+    def steps(entry):
+        return "—" if entry["steps"] is None else f"{entry['steps']['mean']:.0f} / {entry['steps']['max']:.0f}"
+
+    lines = []
+    for kind, methods in summary.items():
+        original = methods["original"]
+        lines += [f"### {kind}", "",
+                  "| method | runs | forget test acc % | retain test acc % | retained drop pp | worst drop pp "
+                  "| mask-removal attack % | MIA efficacy | probe forget acc % | silhouette | relearn steps "
+                  "| seconds | time / retrain | steps mean / max |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for method, entry in methods.items():
+            if method == "original":
+                continue
+            lines.append(f"| {method} | {entry['runs']} | {pm(entry, 'forget_test_acc', 100, 1)} | "
+                         f"{pm(entry, 'retain_test_acc', 100, 1)} | {pm(entry, 'retained_drop_pp')} | "
+                         f"{entry['retained_drop_pp']['max']:.2f} | {pm(entry, 'unmasked_forget_test_acc', 100, 1)} | "
+                         f"{pm(entry, 'mia_efficacy')} | {pm(entry, 'probe_forget_acc', 100, 1)} | "
+                         f"{pm(entry, 'forget_silhouette')} | {pm(entry, 'relearn_steps', 1, 1)} | "
+                         f"{pm(entry, 'seconds', 1, 2)} | {pm(entry, 'seconds_vs_retrain', 1, 3)} | {steps(entry)} |")
+        lines += ["", f"Original model: retain test acc {100 * original['retain_test_acc']:.1f}%, probe forget acc "
+                      f"{100 * original['probe_forget_acc']:.1f}%, silhouette {original['forget_silhouette']:.2f}, "
+                      f"MIA efficacy {original['mia_efficacy']:.2f}. For methods without a mask the mask-removal "
+                      "attack is the model itself.", ""]
+    return "\n".join(lines)
+
+
+def tradeoff_plot(summary: dict, path: Path) -> Path | None:
+    """Retained drop (x) against probe forget accuracy (y), point area ~ time / retrain."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plain core (e.g. a GPU image) need not have matplotlib
+        return None
+    kinds = list(summary)
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        for method, entry in summary[kind].items():
+            if method not in ("nhle", "retrain", *BASELINES):  # the ablations are in the table
+                continue
+            x, y = entry["retained_drop_pp"]["mean"], 100 * entry["probe_forget_acc"]["mean"]
+            size = 30 + 400 * min(entry["seconds_vs_retrain"]["mean"], 3.0)
+            color = "tab:red" if method == "nhle" else "tab:green" if method == "retrain" else "tab:blue"
+            forgot = entry["forget_test_acc"]["mean"] <= 0.05  # hollow: the class is still predicted
+            axis.scatter(x, y, s=size, alpha=0.6, color=color if forgot else "none", edgecolors=color, linewidths=1.5)
+            axis.annotate(method, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axis.axhline(100 * summary[kind]["original"]["probe_forget_acc"], color="grey", lw=0.8, ls="--")
+        axis.set(title=f"{kind}: area ~ time / retrain; hollow = forget acc > 5%", xlabel="retained accuracy drop (pp)",
+                 ylabel="linear probe on forgotten classes (%)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["ABLATIONS", "METHODS", "Grid", "bench_unlearning", "cases", "parse_methods", "run_grid", "summarise"]

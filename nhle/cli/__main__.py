@@ -1,0 +1,3 @@
+from nhle.cli.commands import main
+
+raise SystemExit(main())

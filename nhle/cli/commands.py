@@ -1,0 +1,489 @@
+"""The `nhle` command. Settings come from params.yaml (--params); a flag, or --set section.key=value,
+overrides its field.
+
+    nhle train --dataset digits --arch smallcnn --split-seed 0 --out runs/base
+    nhle unlearn --checkpoint runs/base/model.pt --forget 3 --sample-seed 0 --out runs/forget3 --retrain-baseline
+    nhle params                                   # every setting with its default and meaning (= params.yaml)
+    nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
+    nhle rollback                                 # move the champion alias back to the previous version
+    nhle request submit --classes 3 --requester WHO --reason WHY   # forget requests (nhle.cli.requests)
+    nhle request process | list | show ID         # and `nhle schedule` for the cron deployment
+    nhle bench unlearning --seeds 0,1,2           # NHLE vs retrain, baselines, ablations; tables to files
+    nhle serve --host 127.0.0.1 --port 8000      # ONNX Runtime server of the champion, hot-swapped
+    nhle prepare | evaluate | export              # the dvc.yaml stages
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from nhle.core.config import ENCODINGS, LAYERS, Params, TrainConfig, load_params, with_assignments
+from nhle.core.files import write_json
+
+# A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
+# its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
+# that params.yaml supplies the value.
+FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
+               "image_size": ("data", "image_size"), "classes": ("data", "classes"), "split_seed": ("data", "seed"),
+               "arch": ("model", "arch"), "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
+               "from_mlflow": ("model", "from_mlflow"), "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
+               "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"),
+               "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+               "device": ("train", "device"), "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
+               "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
+               "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers"),
+               "forget_rank": ("unlearn", "forget_rank")}
+CHOICES = {("unlearn", "encoding"): ENCODINGS, ("unlearn", "layers"): LAYERS}
+
+
+def resolve_params(args) -> Params:
+    """params.yaml (or defaults when it does not exist), then every flag that was given, then
+    every --set (they win)."""
+    params = load_params(args.params)
+    assignments = [f"{section}.{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+                   for flag, (section, name) in FLAG_FIELDS.items()
+                   if (value := getattr(args, flag, None)) is not None]
+    if getattr(args, "no_mask", False):
+        assignments.append("unlearn.mask=false")
+    return with_assignments(params, assignments + list(getattr(args, "set", None) or []))
+
+
+def params_parent() -> argparse.ArgumentParser:
+    """--params and --set: the parent of every command that reads the settings."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
+                        "when there is none; a file named here must exist)")
+    parent.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set unlearn.lr=3e-5 or --set forget=5 (repeatable; "
+                        "`nhle params` lists every key with its meaning)")
+    return parent
+
+
+def project_parent() -> argparse.ArgumentParser:
+    """--params, --set and --project-dir: the parent of every command that works on a project."""
+    parent = argparse.ArgumentParser(add_help=False, parents=[params_parent()])
+    parent.add_argument("--project-dir", default=".", help="the project folder: the relative paths of params.yaml "
+                        "(MLflow store, data repository, request ledger) are taken in it")
+    return parent
+
+
+def add_field_flags(parser, *flags: str) -> None:
+    """--flag for each name of FLAG_FIELDS, typed and documented by its config field."""
+    import typing
+
+    from nhle.core.config import SECTIONS, field_docs
+
+    for flag in flags:
+        section, name = FLAG_FIELDS[flag]
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # int | None -> int
+        options = {"help": f"{field_docs(SECTIONS[section])[name]} ({section}.{name})"}
+        if kind is bool:
+            options.update(action="store_true", default=None)
+        else:
+            options["type"] = float_list if typing.get_origin(kind) is tuple else kind
+            if (section, name) in CHOICES:
+                options["choices"] = CHOICES[(section, name)]
+        aliases = ("--model",) if flag == "arch" else ()
+        parser.add_argument(f"--{flag.replace('_', '-')}", *aliases, dest=flag, **options)
+
+
+def add_data_flags(parser):
+    add_field_flags(parser, "dataset", "data_root", "download", "image_size", "classes")
+
+
+def add_arch_flags(parser):
+    add_field_flags(parser, "arch", "head", "mean", "std")
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def add_train_flags(parser):
+    add_arch_flags(parser)
+    add_field_flags(parser, "epochs", "batch_size", "lr", "device")
+
+
+def add_unlearn_flags(parser):
+    add_field_flags(parser, "encoding", "n_samples", "unlearn_lr", "max_steps", "anchor_weight", "layers", "forget_rank")
+    parser.add_argument("--no-mask", action="store_true", help="skip class weight masking (ablation only; unlearn.mask)")
+
+
+def cmd_train(args) -> int:
+    from nhle.core.experiment import train_base_model
+    from nhle.core.training import save_checkpoint
+
+    params = resolve_params(args)
+    model, meta = train_base_model(params.data, params.train, model_config=params.model)
+    out = Path(args.out)
+    save_checkpoint(out / "model.pt", model, **meta)
+    write_json(out / "metrics.json", meta["metrics"])
+    print(f"wrote {out / 'model.pt'}: test accuracy {meta['metrics']['test_acc']:.4f}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from nhle.core.data import save_splits
+    from nhle.core.experiment import load_data
+
+    data = load_data(resolve_params(args).data)
+    save_splits(data, args.out)
+    print(f"wrote {data.name} ({len(data.train)} train, {len(data.test)} test) to {args.out}")
+    return 0
+
+
+def cmd_unlearn(args) -> int:
+    from nhle.core.experiment import forget_and_measure, save_unlearned, summary_lines, validate_forget
+    from nhle.core.training import load_checkpoint
+
+    params = resolve_params(args)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"], args.retrain_baseline)
+    outcome = forget_and_measure(model, checkpoint, classes, seed=args.sample_seed, config=params.unlearn,
+                                 retrain_baseline=args.retrain_baseline, device=params.train.device)
+    save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
+    print("\n".join(summary_lines(outcome.report)))
+    print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from nhle.core.experiment import data_for_checkpoint
+    from nhle.core.gates import evaluate_gates
+    from nhle.core.plots import write_evidence_plots
+    from nhle.core.training import load_checkpoint
+
+    params = resolve_params(args)
+    original, checkpoint = load_checkpoint(args.original)
+    unlearned, _ = load_checkpoint(Path(args.unlearned) / "model.pt")
+    report = json.loads((Path(args.unlearned) / "report.json").read_text())
+    out = Path(args.out)
+    write_evidence_plots(original, unlearned, data_for_checkpoint(checkpoint), report["forget_classes"], out / "plots")
+    gates = evaluate_gates(report, None, replace(params.gates, require_parity=False))
+    write_json(out / "gates.json", [g.as_dict() for g in gates])
+    flat = {f"{block}.{key}": value for block, values in report["metrics"].items() for key, value in values.items()}
+    write_json(out / "metrics.json", {**flat, **{f"seconds.{k}": v for k, v in report["seconds"].items()}})
+    for gate in gates:
+        print(gate.describe())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nhle.core.experiment import data_for_checkpoint
+    from nhle.core.export import check_parity, export_onnx
+    from nhle.core.training import load_checkpoint
+
+    params = resolve_params(args)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    data = data_for_checkpoint(checkpoint)
+    out = Path(args.out)
+    path = export_onnx(model, out / "model.onnx", data.image_shape)
+    parity = check_parity(model, path, data.test, params.export.parity_batch_sizes, params.export.parity_tolerance)
+    write_json(out / "parity.json", parity)
+    print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
+          f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}")
+    return 0 if parity["passed"] else 1
+
+
+def cmd_params(args) -> int:
+    """Every setting with its value and meaning, as params.yaml holds them (the defaults, or
+    --params and --set applied)."""
+    from nhle.core.config import params_yaml
+
+    text = params_yaml(resolve_params(args))
+    if args.write:
+        from nhle.core.files import atomic_write
+
+        atomic_write(Path(args.write), lambda f: f.write(text.encode()))
+        print(f"wrote {args.write}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import run_command
+
+    with temporary_prefect_server():
+        return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+
+
+def cmd_import(args) -> int:
+    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import import_command
+
+    with temporary_prefect_server():
+        return import_command(resolve_params(args), project_dir=Path(args.project_dir))
+
+
+def default_operator() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_rollback(args) -> int:
+    """Refuses a version that predicts a class deleted on record, unless the operator reopens
+    the requests that deleted it (--reopen ID --reason ...), which the ledger keeps."""
+    from nhle.core.audit import terminal_text
+    from nhle.orchestration.requests import open_ledger
+    from nhle.adapters.tracking import configure, rollback
+
+    params = resolve_params(args)
+    configure(params, args.project_dir)
+    ledger = open_ledger(params, args.project_dir)
+    asked = sorted(set(args.reopen or []))
+    if asked and not (args.reason or "").strip():
+        raise ValueError("--reopen needs --reason: say on record why the deleted classes may come back")
+    reopened = []
+
+    def reopen(needed, before, after):
+        if set(needed) - set(asked):
+            raise ValueError(f"rolling back to version {after} needs forget request(s) {needed} reopened, but "
+                             f"--reopen names {asked or 'none'}. Nothing was moved.")
+        for request_id in asked:
+            reopened.append(ledger.reopen(request_id, args.operator, args.reason, {
+                "action": "rollback", "model_version_from": before, "model_version_to": after}))
+
+    before, after = rollback(params.registry, ledger.deleted_classes(), reopen if asked else None)
+    print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
+    for event in reopened:
+        print(terminal_text(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}"))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """uvicorn on nhle_serving.server (serving/ of the checkout); the server itself never imports torch."""
+    import os
+
+    import uvicorn
+
+    os.environ["NHLE_PARAMS"] = str(Path(args.params).resolve())
+    os.environ["NHLE_PROJECT_DIR"] = str(Path(args.project_dir).resolve())
+    if args.model:
+        os.environ["NHLE_MODEL"] = args.model
+    uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from nhle.bench.serving import main as bench_serve_main
+
+    return bench_serve_main(["--out", args.out, "--project-dir", args.project_dir])
+
+
+def cmd_bench_unlearning(args) -> int:
+    from nhle.bench.unlearning import Grid, bench_unlearning
+
+    recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
+    train_config = replace(TrainConfig(), **recipe)
+    grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
+                multi=args.multi, methods=args.methods, base=with_assignments(load_params(args.params), args.set).unlearn,
+                arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
+                quick=args.quick)
+    if args.engine == "sequential":
+        bench_unlearning(grid, Path(args.out), resume=args.resume)
+        return 0
+    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle_flows.bench_grid import run_on_dask
+
+    params = load_params(args.params)
+    with temporary_prefect_server():
+        run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
+    return 0
+
+
+def cmd_bench_scaling(args) -> int:
+    from nhle.bench.scaling import bench_scaling
+
+    sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    bench_scaling(sizes=sizes, out=Path(args.out), epochs=2 if args.quick else args.epochs, device=args.device)
+    return 0
+
+
+def cmd_bench_inference(args) -> int:
+    from nhle.bench.inference import bench_inference
+
+    bench_inference(out=Path(args.out), rounds=1 if args.quick else 5, seconds_per_model=5 if args.quick else 40)
+    return 0
+
+
+def cmd_bench_gpu(args) -> int:
+    from nhle.bench.gpu import main as gpu_check_main
+
+    return gpu_check_main(args.gpu_check_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nhle", description="Make an image classifier forget whole classes, "
+                                     "and measure that it did.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", parents=[params_parent()], help="train a base model and write DIR/model.pt")
+    add_data_flags(train)
+    add_train_flags(train)
+    add_field_flags(train, "split_seed")
+    train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
+    train.set_defaults(func=cmd_train)
+
+    prepare = commands.add_parser("prepare", parents=[params_parent()], help="materialise the dataset as files (train.npz, test.npz, classes.json)")
+    add_data_flags(prepare)
+    add_field_flags(prepare, "split_seed")
+    prepare.add_argument("--out", required=True, help="output folder")
+    prepare.set_defaults(func=cmd_prepare)
+
+    unlearn = commands.add_parser("unlearn", parents=[params_parent()], help="forget classes of a checkpoint; write OUT/model.pt and report.json")
+    unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
+    unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
+                         "(default: `forget` in params.yaml)")
+    unlearn.add_argument("--sample-seed", type=int, default=0, help="seed of the forget-sample draw and of the "
+                         "retrained reference (the split's seed is data.seed, --split-seed of `nhle train`)")
+    unlearn.add_argument("--out", required=True, help="output folder")
+    unlearn.add_argument("--retrain-baseline", action="store_true",
+                         help="also retrain from scratch without the classes and report it")
+    add_field_flags(unlearn, "device")
+    add_unlearn_flags(unlearn)
+    unlearn.set_defaults(func=cmd_unlearn)
+
+    evaluate = commands.add_parser("evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning")
+    evaluate.add_argument("--original", required=True, help="the original model.pt")
+    evaluate.add_argument("--unlearned", required=True, help="folder written by `nhle unlearn`")
+    evaluate.add_argument("--out", required=True, help="output folder (plots, metrics.json, gates.json)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser("export", parents=[params_parent()], help="export a checkpoint to ONNX and check parity with ONNX Runtime")
+    export.add_argument("--checkpoint", required=True, help="model.pt to export")
+    export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
+    export.set_defaults(func=cmd_export)
+
+    settings = commands.add_parser("params", parents=[params_parent()], help="print every setting with its value and meaning (params.yaml's "
+                                   "format); --write FILE writes it")
+    settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
+    settings.set_defaults(func=cmd_params)
+
+    run = commands.add_parser("run", parents=[project_parent()], help="the main job: train a base model if there is no champion, "
+                              "run one forget flow, print the registry state")
+    run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
+    run.set_defaults(func=cmd_run)
+
+    imports = commands.add_parser("import", parents=[project_parent()], help="register your own model (torchvision / timm weights, or a PyTorch "
+                                  "model in MLflow) as a base version, after the same evaluation, export and gates")
+    add_data_flags(imports)
+    add_arch_flags(imports)
+    imports.add_argument("--weights", help="a state_dict file (or a checkpoint dict holding one, see --weights-key); "
+                         "none: random initialisation")
+    imports.add_argument("--weights-key", help="the entry of the checkpoint dict that holds the state_dict")
+    imports.add_argument("--from-mlflow", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH of a "
+                         "model logged with mlflow.pytorch (either format), instead of --arch/--weights")
+    imports.add_argument("--mlflow-tracking-uri", help="the MLflow server or store --from-mlflow is in (default: "
+                         "nhle's own)")
+    imports.set_defaults(func=cmd_import)
+
+    rollback = commands.add_parser("rollback", parents=[project_parent()], help="move the champion alias back to the previous version")
+    rollback.add_argument("--reopen", type=int, action="append", metavar="REQUEST_ID",
+                          help="reopen this done forget request on record, so that the version rolled back to may "
+                               "predict its classes again (repeat for several)")
+    rollback.add_argument("--reason", help="why the requests are reopened (stored in the ledger)")
+    rollback.add_argument("--operator", default=default_operator(), help="who reopens them (default: %(default)s)")
+    rollback.set_defaults(func=cmd_rollback)
+
+    serve = commands.add_parser("serve", parents=[project_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
+    serve.set_defaults(func=cmd_serve)
+
+    from nhle.cli.requests import add_commands
+
+    add_commands(commands, project_parent)
+
+    bench = commands.add_parser("bench", help="benchmarks that write their results to files")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    unlearning = benches.add_parser("unlearning", parents=[project_parent()], help="NHLE vs retrain, baselines and ablations: every class x "
+                                    "seeds, plus a multi-class case")
+    unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
+    unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
+    unlearning.add_argument("--model", default="smallcnn", help="the architecture: smallcnn, resnet18_cifar, any "
+                            "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME")
+    unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
+    unlearning.add_argument("--batch-size", type=int, help="training batch size of the base and retrained models")
+    unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for ResNet-18 on digits")
+    unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")
+    unlearning.add_argument("--multi", default="2,5,8", help="classes forgotten together as one more case, or none")
+    unlearning.add_argument("--methods", default="all", help="'all' or a comma list: nhle, retrain, the baselines "
+                            "(finetune, neggrad, random_label, boundary_shrink, ssd, scrub, salun) and ablations "
+                            "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)")
+    unlearning.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png")
+    unlearning.add_argument("--resume", action="store_true", help="keep the cases OUT/runs.jsonl already holds for "
+                            "every method and run only the rest (sequential engine)")
+    unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
+                            "multi-class case, 3 epochs, unlearning capped at 100 steps, 10 synthesis steps, relearn capped at 20 steps")
+    unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",
+                            help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
+                            "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")
+    unlearning.set_defaults(func=cmd_bench_unlearning)
+    scaling = benches.add_parser("scaling", help="NHLE vs retrain time as a synthetic training set grows")
+    scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
+    scaling.add_argument("--epochs", type=int, default=5, help="training epochs of the base and retrained models")
+    scaling.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
+    scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
+    scaling.set_defaults(func=cmd_bench_scaling)
+    inference = benches.add_parser("inference", help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 "
+                                   "GFLOP/s against this machine's fp32 matmul rate")
+    inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
+    inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
+    inference.set_defaults(func=cmd_bench_inference)
+    serving = benches.add_parser("serve", parents=[project_parent()], help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
+    serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
+    serving.set_defaults(func=cmd_bench_serve)
+    # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
+    # flags live in one place and building this parser does not import torch. prefix_chars="+"
+    # keeps this subparser from taking --quick etc. as options of its own.
+    gpu = benches.add_parser("gpu", add_help=False, prefix_chars="+",
+                             help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.bench.gpu; "
+                             "see `nhle bench gpu --help`)")
+    gpu.add_argument("gpu_check_args", nargs=argparse.REMAINDER, help="the flags of python -m nhle.bench.gpu")
+    gpu.set_defaults(func=cmd_bench_gpu)
+    return parser
+
+
+def main(argv=None) -> int:
+    import logging
+    import os
+
+    # nhle's own INFO lines (e.g. unlearning progress) go through Prefect's handlers inside flows.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nhle")
+    logging.getLogger("nhle").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "params"):
+            if args.params is not None and not Path(args.params).is_file():
+                raise FileNotFoundError(f"--params {args.params}: no such file (leave --params out to use "
+                                        "params.yaml, or the built-in defaults when there is none)")
+            args.params = args.params or "params.yaml"
+        if args.command in ("request", "schedule", "deploy"):
+            return args.func(args, resolve_params(args))
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"nhle {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The commands that run flows and say what happened: `nhle run` (run_command) and `nhle import`
+(import_command). Each loads its flows from nhle_flows.pipeline, as Prefect deploys them, runs
+them on a temporary Prefect server that dies with this process, and prints each version, its
+gates and the commands that open the MLflow UI and serve the champion.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from nhle.core.config import Params, params_as_dict
+from nhle.core.gates import GateResult
+from nhle.core.models import MaskedClassifier
+from nhle.orchestration.steps import champion_version, load_champion
+
+
+def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
+    """flows/<name> of the nhle checkout at project_dir: the entrypoint a deployment names."""
+    path = Path(project_dir).resolve() / "flows" / name
+    if not path.exists():
+        raise FileNotFoundError(f"no flows/{name} under {Path(project_dir).resolve()}: run nhle from the "
+                                "nhle checkout or pass --project-dir")
+    return path
+
+
+def load_flow(name: str):
+    """A flow of nhle_flows.pipeline (flows/pipeline.py), loaded by entrypoint as Prefect does."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
+
+
+def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
+    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
+    import time
+
+    from nhle.adapters.tracking import configure
+
+    started = time.perf_counter()
+    project_dir = project_dir.resolve()
+    uri = configure(params, project_dir)
+    forget_spec = forget_spec or params.forget
+    results = []
+    if champion_version(params) is None:
+        train_flow = load_flow("train_base")
+        flow_started = time.perf_counter()
+        results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
+        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
+    name = params.registry.model_name
+    champion = load_champion(params)
+    already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
+    if champion and not already:  # a clear refusal here, not a traceback from inside the flow
+        from nhle.core.experiment import validate_forget
+
+        validate_forget(champion[0], forget_spec, champion[1]["class_names"], params.retrain_baseline)
+    if already:
+        print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
+              f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
+    else:
+        forget_flow = load_flow("forget")
+        flow_started = time.perf_counter()
+        results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
+        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
+    print_results(params, results, started, uri, "run")
+    return 0 if not results or results[-1]["promoted"] else 1
+
+
+def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
+    """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
+    import time
+
+    from nhle.adapters.tracking import aliases_of
+    from nhle.core.experiment import summary_lines
+
+    name = params.registry.model_name
+    for result in results:
+        if result.get("report"):
+            print("\n" + "\n".join(summary_lines(result["report"])))
+        print(f"\n{name} version {result['version']} ({result['summary']}): "
+              f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
+        for gate in result["gates"]:
+            print(f"  {GateResult(**gate).describe()}")
+        print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
+        for told in result.get("notified", []):
+            print(f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
+                  f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else ""))
+        compute = result["compute_seconds"]
+        print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
+              + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
+    print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
+          f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
+    mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
+    print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
+          f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
+
+
+def import_command(params: Params, project_dir: Path) -> int:
+    """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
+    the registry state. Exit 0 when the imported version became champion."""
+    import time
+
+    from nhle.adapters.tracking import configure
+
+    started = time.perf_counter()
+    project_dir = project_dir.resolve()
+    uri = configure(params, project_dir)
+    flow_started = time.perf_counter()
+    result = load_flow("import_model")(params=params_as_dict(params), project_dir=str(project_dir))
+    result["flow_seconds"] = time.perf_counter() - flow_started
+    print_results(params, [result], started, uri, "import")
+    if result["promoted"]:
+        print(f"Forget:      .venv/bin/nhle run --forget CLASS   (or `nhle request submit`; classes: "
+              f"{', '.join(result['class_names'])})")
+    return 0 if result["promoted"] else 1
+
+
+def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:
+    from nhle.core.data import parse_classes
+
+    return all(bool(model.forget_mask[c]) for c in parse_classes(spec, class_names))

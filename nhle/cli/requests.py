@@ -1,0 +1,173 @@
+"""`nhle request ...` and `nhle schedule`: forget requests from the command line.
+
+    nhle request submit --classes 3 --requester dpo@example.com --reason "erasure request 1142"
+    nhle request list [--status pending]
+    nhle request show 7                # the ledger row and its audit report
+    nhle request process               # process every pending request now (one Prefect flow run)
+    nhle schedule                      # serve the processing flow as a deployment on params.yaml's cron
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nhle.adapters.ledger import STATUSES
+
+
+def cmd_submit(args, params) -> int:
+    from nhle.orchestration.requests import RequestRejected, request_line, submit
+
+    try:
+        request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
+    except RequestRejected as err:
+        print(f"rejected and recorded: {request_line(err.request)}")
+        raise ValueError(str(err)) from None
+    print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run.")
+    return 0
+
+
+def cmd_list(args, params) -> int:
+    from nhle.orchestration.requests import request_line, open_ledger
+
+    requests = open_ledger(params, args.project_dir).list(args.status)
+    for request in requests:
+        print(request_line(request))
+    if not requests:
+        print("no forget requests" + (f" with status {args.status}" if args.status else ""))
+    return 0
+
+
+def cmd_show(args, params) -> int:
+    from nhle.core.audit import terminal_text
+    from nhle.orchestration.requests import as_json, open_ledger, read_report
+    from nhle.adapters.tracking import configure
+
+    ledger = open_ledger(params, args.project_dir)
+    try:
+        request = ledger.get(args.id)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    print(as_json(request))
+    if request.report_uri and not args.no_report:
+        configure(params, args.project_dir)
+        print(f"\naudit report ({request.report_uri}):\n")
+        print(read_report(request.report_uri))
+    for event in ledger.events(request.id):  # after the report: what happened to it since
+        print("\n" + terminal_text(f"{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: "
+                                   f"{event.reason} {json.dumps(event.detail)}"))
+    return 0
+
+
+def cmd_process(args, params) -> int:
+    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.cli.jobs import load_flow
+    from nhle.core.config import params_as_dict
+
+    flow = load_flow("process_requests")
+    with temporary_prefect_server():
+        result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
+    for request in result["requests"]:
+        print(f"request {request['id']}: {request['status']}"
+              + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
+              + (f" ({request['error']})" if request["error"] else "")
+              + (f"; audit {request['report_uri']}" if request["report_uri"] else ""))
+    if not result["requests"]:
+        print("no pending forget requests")
+    return 0 if all(r["status"] in ("done", "pending") for r in result["requests"]) else 1
+
+
+def requests_schedule(params) -> tuple[dict, object]:
+    """(deployment options, concurrency limit) of every forget-request deployment: params.yaml's
+    cron, and at most one run at a time (a run that would overlap is cancelled, not queued)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    options = {"schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
+               "tags": ["nhle", "forget-requests"],
+               "description": "Process every pending forget request of the nhle ledger"}
+    return options, ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+def cmd_schedule(args, params) -> int:
+    """flow.serve: a deployment with params.yaml's cron and a concurrency limit of one run."""
+    from nhle.cli.jobs import load_flow
+    from nhle.core.config import params_as_dict
+
+    project_dir = Path(args.project_dir).resolve()
+    flow = load_flow("process_requests")
+    os.chdir(project_dir)  # the deployment's working directory
+    print(f"serving {flow.name}/{params.requests.deployment} on cron {params.requests.cron!r} "
+          f"({params.requests.timezone}); Ctrl-C stops it")
+    # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
+    parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
+    options, limit = requests_schedule(params)
+    from nhle.adapters.prefect_server import temporary_prefect_server
+
+    with temporary_prefect_server():
+        flow.serve(name=params.requests.deployment, parameters=parameters, global_limit=limit, limit=1, **options)
+    return 0
+
+
+def cmd_deploy(args, params) -> int:
+    """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
+    from prefect.flows import Flow
+    from prefect.settings import get_current_settings
+
+    from nhle.cli.jobs import flows_file
+    from nhle.core.config import params_as_dict
+
+    if not get_current_settings().api.url:
+        raise RuntimeError("nhle deploy registers deployments with a Prefect server: set PREFECT_API_URL "
+                           "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
+    project_dir = Path(args.project_dir).resolve()
+    entry = flows_file(project_dir).relative_to(project_dir)
+    own_params = Path(args.params).resolve() == project_dir / "params.yaml"
+    # With the project's own params.yaml each run reads it afresh; another file is frozen in.
+    parameters = {"project_dir": str(project_dir), **({} if own_params else {"params": params_as_dict(params)})}
+    request_options, request_limit = requests_schedule(params)
+    deployments = [  # (flow function, deployment name, options, concurrency limit)
+        ("train_base", "train-base", {"tags": ["nhle"], "description": "Train, export and register a base model; "
+                                      "promoted if its gates hold"}, None),
+        ("forget", "forget", {"tags": ["nhle"], "description": "Forget the given classes from the champion "
+                              "(NHLE + masking), with evidence"}, None),
+        ("process_requests", params.requests.deployment, request_options, request_limit),
+    ]
+    for function, name, options, limit in deployments:
+        flow = Flow.from_source(source=str(project_dir), entrypoint=f"{entry}:{function}")
+        deployment_id = flow.deploy(name=name, work_pool_name=args.pool, parameters=parameters,
+                                    concurrency_limit=limit, build=False, push=False, print_next_steps=False,
+                                    **options)
+        print(f"deployed {flow.name}/{name} to work pool {args.pool!r} ({deployment_id})")
+    print(f"start a worker: prefect worker start --pool {args.pool} --type process")
+    return 0
+
+
+def add_commands(commands, project_parent) -> None:
+    request = commands.add_parser("request", help="forget requests: submit, list, show, process")
+    actions = request.add_subparsers(dest="action", required=True)
+
+    def action(name, func, help_text):
+        parser = actions.add_parser(name, parents=[project_parent()], help=help_text)
+        parser.set_defaults(func=func)
+        return parser
+
+    submit = action("submit", cmd_submit, "record a forget request, checked against the current champion")
+    submit.add_argument("--classes", required=True, help="class(es) to forget: indices or names, comma separated")
+    submit.add_argument("--requester", required=True, help="who asks (a name or an address)")
+    submit.add_argument("--reason", required=True, help="why (kept in the ledger and the audit report)")
+    listing = action("list", cmd_list, "list the requests in the ledger")
+    listing.add_argument("--status", choices=STATUSES, help="only requests with this status")
+    show = action("show", cmd_show, "a request's ledger row and its audit report")
+    show.add_argument("id", type=int, help="request id")
+    show.add_argument("--no-report", action="store_true", help="only the ledger row")
+    action("process", cmd_process, "process every pending request now, in one Prefect flow run")
+
+    schedule = commands.add_parser("schedule", parents=[project_parent()], help="serve the request-processing flow as a Prefect deployment "
+                                   "on params.yaml's requests.cron (a long-running process)")
+    schedule.set_defaults(func=cmd_schedule)
+
+    deploy = commands.add_parser("deploy", parents=[project_parent()], help="register the flows with the Prefect server (PREFECT_API_URL) for "
+                                 "the workers of a process work pool")
+    deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
+    deploy.set_defaults(func=cmd_deploy)

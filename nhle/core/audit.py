@@ -1,0 +1,158 @@
+"""The audit report of one forget request: what was asked, what was done, and the evidence.
+
+    from nhle.core.audit import build_audit, audit_markdown
+    audit = build_audit(request, model_name, version_tags, report, parity, gates)   # plain dict -> JSON
+    text = audit_markdown(audit)                                                  # the readable page
+
+Pure functions over plain values (the ledger row, the model version's tags and the run's
+report.json, parity.json and gates.json); nhle.orchestration.requests fetches those and logs the results.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import unicodedata
+from datetime import datetime, timezone
+
+from nhle.core.gates import retained_drop_pp
+
+EVIDENCE = (
+    ("forget_test_acc", "accuracy on the forgotten classes' test samples", "0 = never predicted"),
+    ("retain_test_acc", "accuracy on the retained classes' test samples", "as high as before"),
+    ("unmasked_forget_test_acc", "mask-removal attack: forgotten-class test accuracy with the mask taken off "
+     "and the pre-mask rows restored", "low: the network itself no longer recognises the class"),
+    ("mia_efficacy", "membership-inference efficacy on the forgotten train samples (SVC on confidences)",
+     "close to the retrained model's"),
+    ("probe_forget_acc", "linear probe on the features, recall on the forgotten classes",
+     "close to the retrained model's"),
+    ("forget_silhouette", "cosine silhouette of the forgotten classes in feature space",
+     "lower than the original's"),
+    ("relearn_steps", "Adam steps to relearn the class above 50% from its samples", "higher = more forgotten"),
+)
+
+
+def _data(tags: dict, prefix: str) -> dict | None:
+    values = {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
+    return values or None
+
+
+def build_audit(request: dict, model_name: str, version: str, version_tags: dict, run_id: str,
+                report: dict | None, parity: dict | None, gates: list | None, note: str | None = None) -> dict:
+    """The audit of `request` (a ledger row as a dict), settled by model version `version`."""
+    promoted = version_tags.get("promoted") == "true"
+    metrics = (report or {}).get("metrics", {})
+    evidence = []
+    for key, meaning, expected in EVIDENCE:
+        if metrics:
+            evidence.append({"metric": key, "meaning": meaning, "expected": expected,
+                             **{which: metrics[which].get(key) for which in ("original", "unlearned", "retrained")
+                                if which in metrics}})
+    drop = None
+    if "original" in metrics and "unlearned" in metrics:
+        drop = retained_drop_pp(metrics["original"]["retain_test_acc"], metrics["unlearned"]["retain_test_acc"])
+    return {
+        "request": request,
+        "outcome": {"status": "done" if promoted else "failed", "promoted": promoted,
+                    "reason": version_tags.get("rejection_reason") or ("every gate held" if promoted else ""),
+                    "note": note},
+        "model": {"name": model_name, "version_before": version_tags.get("parent_version") or None,
+                  "version_after": str(version), "run_id": run_id, "onnx_sha256": version_tags.get("onnx_sha256"),
+                  "forgotten_classes": json.loads(version_tags.get("forgotten_classes", "[]")),
+                  "forgotten_class_names": json.loads(version_tags.get("forgotten_class_names", "[]"))},
+        "unlearned_together": (report or {}).get("forget_class_names"),
+        "data": {"before": _data(version_tags, "data."), "after": _data(version_tags, "data_after.")},
+        "metrics": metrics,
+        "evidence": evidence,
+        "retained_drop_pp": drop,
+        "reference": (report or {}).get("reference"),
+        "seconds": (report or {}).get("seconds"),
+        "parity": parity,
+        "gates": gates or [],
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def terminal_text(value) -> str:
+    """Text a requester typed, safe to print: control characters (ANSI escapes, newlines)
+    shown as escapes instead of acting on the terminal or breaking a one-line listing."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] == "C" else ch for ch in str(value))
+
+
+def markdown_text(value) -> str:
+    """Text a requester typed, safe inside a Markdown table cell: one line, HTML and Markdown
+    syntax shown literally (so it cannot add headings, rows, links or script)."""
+    text = html.escape(terminal_text(value), quote=False)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def reference_text(reference: dict | None) -> str:
+    """Which reference the evidence is measured against: a retrained model, or none and why."""
+    if not reference:
+        return "not recorded"
+    if reference.get("kind") == "retrained":
+        recipe = reference.get("recipe") or {}
+        return (f"retrained from random initialisation without the forgotten classes: {reference.get('arch')}, "
+                f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, lr {recipe.get('lr')} "
+                "(the train recipe of params.yaml)")
+    return f"none, no model was retrained ({reference.get('why')}); the evidence compares with the original only"
+
+
+def audit_markdown(audit: dict) -> str:
+    request, outcome, model, data = audit["request"], audit["outcome"], audit["model"], audit["data"]
+    lines = [f"# Forget request {request['id']}: audit report", "",
+             f"**Outcome: {outcome['status']}** - {outcome['reason'] or 'no reason recorded'}"
+             + (f" ({outcome['note']})" if outcome.get("note") else ""), "",
+             "## Request", "",
+             "| field | value |", "|---|---|"]
+    for key in ("id", "class_names", "classes", "requester", "reason", "submitted_at", "started_at", "attempts"):
+        lines.append(f"| {key} | {markdown_text(_fmt(request.get(key)))} |")
+    lines += ["", "## Model", "",
+              f"- registered model `{model['name']}`: version {model['version_before'] or '-'} -> "
+              f"**version {model['version_after']}** ({'now champion' if outcome['promoted'] else 'not promoted'})",
+              f"- classes the new version never predicts: {model['forgotten_class_names']}",
+              f"- unlearned together in this run: {audit['unlearned_together']}",
+              f"- MLflow run `{model['run_id']}`; ONNX sha256 `{model['onnx_sha256']}`", "",
+              "## Data (DVC)", ""]
+    for which in ("before", "after"):
+        version = data.get(which)
+        if version:
+            lines.append(f"- {which}: `{version.get('path')}` md5 `{version.get('md5')}` at git rev "
+                         f"`{version.get('git_rev')}` of `{version.get('repo')}`")
+        else:
+            lines.append(f"- {which}: -")
+    lines += ["", "## Evidence of forgetting", "", f"Reference: {reference_text(audit.get('reference'))}.", ""]
+    columns = [c for c in ("original", "unlearned", "retrained") if c in audit["metrics"]]
+    if audit["evidence"]:
+        lines += ["| metric | " + " | ".join(columns) + " | expected |", "|---" * (len(columns) + 2) + "|"]
+        for row in audit["evidence"]:
+            lines.append(f"| {row['metric']} | " + " | ".join(_fmt(row.get(c)) for c in columns)
+                         + f" | {row['expected']} |")
+        lines += [""] + [f"- `{row['metric']}`: {row['meaning']}" for row in audit["evidence"]]
+        lines += ["", f"Retained accuracy drop: {_fmt(audit['retained_drop_pp'])} percentage points."]
+    else:
+        lines.append("No unlearning report (see the outcome above).")
+    parity = audit.get("parity") or {}
+    lines += ["", "## ONNX Runtime parity", "",
+              f"passed: {_fmt(parity.get('passed'))}, argmax agreement {_fmt(parity.get('argmax_agreement'))}, "
+              f"max |p_onnx - p_torch| {_fmt(parity.get('max_abs_prob_diff'))}", "", "## Gates", "",
+              "| gate | value | rule | result |", "|---|---|---|---|"]
+    for gate in audit["gates"]:
+        lines.append(f"| {gate['name']} | {_fmt(gate.get('value'))} | {gate.get('rule')} {_fmt(gate.get('bound'))} | "
+                     f"{'pass' if gate['passed'] else 'FAIL'} |")
+    lines += ["", f"_generated {audit['generated_at']}_", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["build_audit", "audit_markdown", "markdown_text", "reference_text", "terminal_text"]

@@ -1,0 +1,178 @@
+"""The jobs the CLI and the flows run: train a base model, and forget classes with a report.
+
+    from nhle.core.experiment import train_base_model, forget_and_measure, validate_forget
+    model, checkpoint = train_base_model(DataConfig(), TrainConfig())
+    classes = validate_forget(model, "3", checkpoint["class_names"])   # the request, parsed once
+    outcome = forget_and_measure(model, checkpoint, classes, seed=0, retrain_baseline=True)
+    outcome.report    # the report.json contract: metrics of original / unlearned / retrained
+
+Plain library code: no tracking, orchestration or data-versioning imports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from nhle.core.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig, replace_known, to_dict
+from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.core.gates import check_a_class_is_left
+from nhle.core.metrics import evaluate_forgetting
+from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
+from nhle.core.training import evaluate, recipe_of, train_model, training_spec
+from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
+
+
+def load_data(config: DataConfig) -> Splits:
+    return load_dataset(config.dataset, root=config.root, seed=config.seed, test_fraction=config.test_fraction,
+                        download=config.download, image_size=config.image_size, classes=config.classes,
+                        skip_bad_images=config.skip_bad_images)
+
+
+def train_base_model(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,
+               progress: bool = True, model_config: ModelConfig = ModelConfig()) -> tuple[MaskedClassifier, dict]:
+    """Train the base model (model_config.arch from random initialisation); returns it and the
+    checkpoint metadata to save with it."""
+    if model_config.weights != "none" or model_config.from_mlflow:
+        raise ValueError("model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
+                         "(training starts from random initialisation, so it would ignore them)")
+    data = data or load_data(data_config)
+    model, seconds = train_model(data, train_config, seed=data_config.seed, progress=progress,
+                                 spec=training_spec(model_config, data))
+    meta = base_meta(data_config, model_config, train_config, data)
+    meta["metrics"] = {**base_metrics(model, data), "train_seconds": seconds}
+    return model, meta
+
+
+def base_meta(data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig, data: Splits) -> dict:
+    """What a base model's checkpoint records besides its weights: the settings (train is the
+    recipe of its retrained reference) and the exact data."""
+    return {"config": {"data": to_dict(data_config), "model": to_dict(model_config), "train": to_dict(train_config)},
+            "dataset": data.name, "class_names": data.class_names, "data_fingerprint": data.fingerprint()}
+
+
+def base_metrics(model: MaskedClassifier, data: Splits) -> dict:
+    return {"train_acc": evaluate(model, data.train), "test_acc": evaluate(model, data.test)}
+
+
+def data_for_checkpoint(checkpoint: dict) -> Splits:
+    """Reload the exact data a checkpoint was trained on, or fail saying what differs."""
+    data = load_data(replace_known(DataConfig(), **checkpoint["config"]["data"]))
+    if data.fingerprint() != checkpoint["data_fingerprint"]:
+        raise ValueError(f"the {data.name} data found now differs from the data this model was trained on "
+                         f"(fingerprint {data.fingerprint()[:12]} != {checkpoint['data_fingerprint'][:12]})")
+    return data
+
+
+def validate_forget(model: MaskedClassifier, spec, class_names: list[str], retrain_baseline: bool = False) -> list[int]:
+    """Parse a forget request against a model: unknown, already-forgotten, or all classes -> error,
+    as is asking for a retrained reference of a model that has no architecture to retrain."""
+    if retrain_baseline and model.arch == GRAPH:
+        raise ValueError("this model was imported as a traced graph (from MLflow), so it has no architecture to "
+                         "retrain as the reference: set retrain_baseline: false in params.yaml, or import it with "
+                         "--arch and --weights")
+    classes = parse_classes(spec, class_names)
+    already = [c for c in classes if bool(model.forget_mask[c])]
+    if already:
+        raise ValueError(f"class(es) {[class_names[c] for c in already]} are already forgotten by this model")
+    check_a_class_is_left(model.num_classes, model.forgotten_classes, classes, str([class_names[c] for c in classes]))
+    return classes
+
+
+@dataclass
+class ForgetOutcome:
+    report: dict
+    result: UnlearnResult
+    retrained: MaskedClassifier | None
+
+
+def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
+                    masked=(), spec: ModelSpec | None = None):
+    """The gold standard: the same recipe (architecture `spec`, default smallcnn) from scratch
+    without `classes` (and without the already-forgotten `masked` classes, which are masked too),
+    then masked. Returns (model, snapshot of the `classes` rows as trained, seconds)."""
+    model, seconds = train_model(data, train_config, seed=seed, exclude=sorted({*classes, *masked}),
+                                 progress=progress, spec=spec)
+    if masked:
+        apply_class_weight_mask(model, masked)
+    return model, apply_class_weight_mask(model, classes), seconds
+
+
+def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
+                       config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
+                       data: Splits | None = None, device: str = "auto", progress: bool = True,
+                       retrained=None) -> ForgetOutcome:
+    """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
+    masking, and measure the result against the original (and, if asked, a model retrained
+    without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
+    one retrain between several methods."""
+    data = data or data_for_checkpoint(checkpoint)
+    earlier = model.forgotten_classes
+    # Classes forgotten before are neither forget nor retained classes now: the model no longer
+    # serves them, so they stay out of every metric and out of the retrained reference.
+    data = drop_classes(data, earlier)
+    samples = sample_per_class(data.train, classes, config.n_samples, seed)
+    result = unlearn(model, samples, classes, config, device=device)
+
+    def measure(candidate, attack):
+        return evaluate_forgetting(candidate, data, classes, samples, attack, config.relearn_max_steps,
+                                   config.relearn_lr, seed)
+
+    attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
+    metrics = {"original": measure(model, None), "unlearned": measure(result.model, attacked)}
+    seconds = {"unlearn": result.seconds}
+    reference = {"kind": "none", "why": "retrain_baseline is false"}
+    if retrain_baseline or retrained is not None:
+        model_config, train_config = recipe_of(checkpoint)
+        reference = {"kind": "retrained", "arch": model.arch, "recipe": to_dict(train_config)}
+        reference_spec = training_spec(replace_known(model_config, arch=model.arch), data)
+        retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier,
+                                                 spec=reference_spec)
+        metrics["retrained"] = measure(retrained[0], without_mask(retrained[0], retrained[1]))
+        seconds["retrain"] = retrained[2]
+    report = {"dataset": data.name, "model": model.arch, "forget_classes": classes, "reference": reference,
+              "forget_class_names": [data.class_names[c] for c in classes], "seed": seed,
+              "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
+              "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
+              "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
+              "previously_forgotten": earlier,
+              "num_classes": len(data.class_names)}
+    return ForgetOutcome(report, result, retrained[0] if retrained else None)
+
+
+def lineage(checkpoint: dict) -> dict:
+    """What every model made from `checkpoint` inherits: settings, data and where it came from."""
+    return {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint", "source")
+            if k in checkpoint}
+
+
+def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
+    """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
+    from nhle.core.files import write_json
+    from nhle.core.training import save_checkpoint
+
+    folder = Path(folder)
+    save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
+                    unlearn=outcome.report["unlearn_config"], **lineage(checkpoint))
+    write_json(folder / "report.json", outcome.report)
+    return folder
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The report as a small table for the terminal."""
+    metrics = report["metrics"]
+    columns = [c for c in ("original", "unlearned", "retrained") if c in metrics]
+    lines = [f"forget {report['forget_class_names']} from {report['model']} on {report['dataset']} "
+             f"(seed {report['seed']}, {report['n_forget_samples']} samples, encoding {report['encoding']})",
+             f"{'metric':<26}" + "".join(f"{c:>12}" for c in columns)]
+    for key in metrics["original"]:
+        lines.append(f"{key:<26}" + "".join(f"{metrics[c][key]:>12.4g}" for c in columns))
+    seconds = report["seconds"]
+    line = f"unlearn {seconds['unlearn']:.2f} s"
+    if "retrain" in seconds:
+        line += f", retrain {seconds['retrain']:.2f} s, ratio {seconds['unlearn'] / seconds['retrain']:.3f}"
+    return lines + [line]
+
+
+__all__ = ["ForgetOutcome", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
+           "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]

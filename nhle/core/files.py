@@ -1,0 +1,35 @@
+"""Files written whole or not at all: a crash mid-write never leaves half a checkpoint, dataset
+or report behind.
+
+    from nhle.core.files import atomic_write, write_json
+    write_json("out/report.json", report)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside path, then rename it over path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, payload) -> Path:
+    """Pretty JSON written atomically (parent folders created)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
+    return path

@@ -1,0 +1,124 @@
+"""Promotion gates: the conditions an unlearned model must meet before it may serve.
+
+    from nhle.core.gates import evaluate_gates, all_passed
+    results = evaluate_gates(report, parity, GateConfig())
+    all_passed(results)   # -> bool; each result names the figure, the bound and whether it held
+
+Pure functions over the report (nhle.core.experiment.forget_and_measure) and the parity check (nhle.core.export).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from nhle.core.config import GateConfig
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float
+    bound: float
+    passed: bool
+    rule: str
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        text = f"{self.name}: {self.value:.4g} {self.rule} {self.bound:.4g} -> {'pass' if self.passed else 'FAIL'}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+def at_most(name, value, bound):
+    value = float(value)
+    return GateResult(name, value, float(bound), not math.isnan(value) and value <= bound, "<=")
+
+
+def at_least(name, value, bound):
+    value = float(value)
+    return GateResult(name, value, float(bound), not math.isnan(value) and value >= bound, ">=")
+
+
+def retained_drop_pp(original_acc: float, acc: float) -> float:
+    """Retained test accuracy lost against the original model, in percentage points (the one
+    definition of the retained drop: gates, audit, tracking and benchmarks use it)."""
+    return 100 * (original_acc - acc)
+
+
+def classes_left(num_classes: int, forgotten_before, forgetting) -> int:
+    """How many classes a model still predicts once `forgetting` is forgotten on top of
+    `forgotten_before` (the one "would this leave a class?" count)."""
+    return num_classes - len(set(forgotten_before) | set(forgetting))
+
+
+def check_a_class_is_left(num_classes: int, forgotten_before, forgetting, what: str) -> None:
+    """ValueError naming `what` when forgetting it would leave no class to predict."""
+    if classes_left(num_classes, forgotten_before, forgetting) < 1:
+        raise ValueError(f"forgetting {what} would leave no class to predict")
+
+
+def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> list[GateResult]:
+    """One result per gate. `parity` is nhle.core.export.check_parity's report (None = not run)."""
+    unlearned = report["metrics"]["unlearned"]
+    original = report["metrics"]["original"]
+    drop_pp = retained_drop_pp(original["retain_test_acc"], unlearned["retain_test_acc"])
+    results = [
+        at_most("forget_test_acc", unlearned["forget_test_acc"], config.max_forget_test_acc),
+        at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"],
+                 config.max_unmasked_forget_test_acc),
+        at_most("retained_drop_pp", drop_pp, config.max_retained_drop_pp),
+        at_least("retain_test_acc", unlearned["retain_test_acc"], config.min_retain_test_acc),
+    ]
+    if "num_classes" in report:  # reports written before these gates existed lack it
+        left = classes_left(report["num_classes"], report.get("previously_forgotten", []), report["forget_classes"])
+        chance = 1 / left if left > 0 else 1.0
+        skill = (unlearned["retain_test_acc"] - chance) / (1 - chance) if left > 1 else float("nan")
+        results += [at_least("retained_classes", left, config.min_retained_classes),
+                    at_least("retain_skill", skill, config.min_retain_skill)]
+    if config.require_parity:
+        results += parity_gates(parity)
+    return results
+
+
+def deleted_but_predicted(forgotten, deleted: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+    """(classes deleted on record that a model forgetting `forgotten` still predicts, the done
+    requests that deleted them). `deleted` maps class -> request ids (Ledger.deleted_classes)."""
+    missing = sorted(set(deleted) - {int(c) for c in forgotten})
+    return missing, sorted({r for c in missing for r in deleted[c]})
+
+
+def deleted_classes_gate(forgotten, deleted: dict[int, list[int]]) -> GateResult:
+    """Every class deleted on record (class -> the done requests that deleted it) must be
+    forgotten by a version before it may become champion."""
+    missing, _ = deleted_but_predicted(forgotten, deleted)
+    detail = "; ".join(f"class {c} deleted by request {', '.join(map(str, deleted[c]))}" for c in missing)
+    return GateResult("deleted_classes_predicted", float(len(missing)), 0.0, not missing, "<=", detail)
+
+
+def parity_gates(parity: dict | None) -> list[GateResult]:
+    if parity is None:
+        return [GateResult("parity", float("nan"), 1.0, False, "ran")]
+    return [at_least("parity_argmax_agreement", parity["argmax_agreement"], 1.0),
+            at_most("parity_max_abs_prob_diff", parity["max_abs_prob_diff"], parity["tolerance"]),
+            at_most("parity_non_finite", parity.get("non_finite", 0), 0)]
+
+
+def promotion_decision(gates: list[GateResult], champion_version: str | None,
+                       parent_version: str | None) -> tuple[bool, str]:
+    """(promote?, why): a version becomes champion only if every gate held and the champion is
+    still the version it was made from (None: a base model, made from no version)."""
+    if not all_passed(gates):
+        return False, f"gate failed: {failure_reason(gates)}"
+    if parent_version is not None and str(champion_version) != str(parent_version):
+        return False, f"champion moved to version {champion_version} while this version was made from {parent_version}"
+    return True, "every gate held"
+
+
+def all_passed(results: list[GateResult]) -> bool:
+    return all(r.passed for r in results)
+
+
+def failure_reason(results: list[GateResult]) -> str:
+    return "; ".join(r.describe() for r in results if not r.passed)

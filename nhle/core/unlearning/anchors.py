@@ -1,0 +1,86 @@
+"""What NHLE may hold on to besides the forget samples: nothing but the model itself.
+
+    from nhle.core.unlearning.anchors import synthesise_inputs, weight_distance, prototype_pull
+    x_syn, y_syn = synthesise_inputs(model, retained=[0, 1, 2], per_class=4, image_shape=(1, 8, 8), steps=100)
+
+- synthesise_inputs: inputs the original model assigns to each retained class, found by gradient
+  descent on the pixels (DeepInversion, Yin et al. 2020): the cross-entropy of the class plus the
+  distance of every batch-norm layer's batch statistics to its running ones (the training data's,
+  as the model remembers them) and a smoothness prior. No training data is read. A model without
+  batch norm gets the cross-entropy and the prior only.
+- weight_distance: the L2-SP distance of the parameters to the original's (Li et al. 2018), per parameter.
+- prototype_pull: forget samples' penultimate features pulled to the prototype (mean feature of
+  the synthetic inputs) of the retained class the original model ranked next for them, so the
+  features stop carrying the class, not only the head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def synthesise_inputs(model: nn.Module, retained: list[int], per_class: int, image_shape, steps: int,
+                      lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 0.05, seed: int = 0,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [0, 1], their target classes): `per_class` inputs per retained class."""
+    model = model.eval()
+    targets = torch.tensor(retained, device=device).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    z = (torch.randn((len(targets), *image_shape), generator=generator) * 0.5).to(device).requires_grad_(True)
+    statistics = []
+
+    def match(module, inputs, _output):
+        h = inputs[0]
+        dims = [0] + list(range(2, h.dim()))
+        statistics.append((h.mean(dims) - module.running_mean).norm()
+                          + (h.var(dims, unbiased=False) - module.running_var).norm())
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    hooks = [m.register_forward_hook(match) for m in norms]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    try:
+        for _ in range(steps):
+            statistics.clear()
+            x = torch.sigmoid(z)
+            loss = F.cross_entropy(model(x), targets) + tv_weight * total_variation(x)
+            if statistics:
+                loss = loss + bn_weight * torch.stack(statistics).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    return torch.sigmoid(z).detach(), targets
+
+
+def weight_distance(model: nn.Module, reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared difference of the trainable parameters to `reference` (name -> tensor): a
+    mean, not L2-SP's sum, so one weight fits models of any size."""
+    params = [(p, reference[name]) for name, p in model.named_parameters() if p.requires_grad]
+    return sum(((p - p0) ** 2).sum() for p, p0 in params) / sum(p.numel() for p, _ in params)
+
+
+def class_prototypes(features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, d): the mean feature of each class's inputs (zeros where a class has none)."""
+    prototypes = torch.zeros(num_classes, features.shape[1], device=features.device)
+    prototypes.index_add_(0, targets, features)
+    counts = torch.bincount(targets, minlength=num_classes).clamp(min=1).unsqueeze(1)
+    return prototypes / counts
+
+
+def prototype_pull(features: torch.Tensor, prototypes: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each feature to its target class's prototype, relative to the
+    prototypes' mean squared norm (so the weight does not depend on the feature scale)."""
+    goal = prototypes[target_classes]
+    return ((features - goal) ** 2).sum(1).mean() / (goal ** 2).sum(1).mean().clamp(min=1e-12)

@@ -1,0 +1,135 @@
+"""The pipeline's flows as plain functions: each puts nhle.orchestration.steps in order and runs
+every step through `run(step, *args)`, the engine it is given: `call` (now, in this process) or,
+in flows/pipeline.py, the step's Prefect task. The MLflow run of each flow is opened and closed
+here (`tracked`), so a flow that fails leaves its run FAILED and the champion where it was.
+
+    from nhle.orchestration import pipeline
+    pipeline.train_base(params, project_dir)                    # data version -> train -> publish
+    pipeline.forget(params, project_dir, "3")                   # champion -> NHLE + masking -> publish
+
+publish: export -> parity -> log + register -> gates -> delete the forgotten data -> promote.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from nhle.core.config import Params
+from nhle.orchestration import steps
+
+log = logging.getLogger(__name__)
+
+
+def call(step, *args):
+    """The plain engine: the step, now."""
+    return step(*args)
+
+
+def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
+            run=call, logger=log) -> dict:
+    """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
+    try:
+        onnx_path, parity = run(steps.export_and_check, params, candidate)
+        version = run(steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
+        gates = run(steps.gates_of, params, candidate, parity)
+        forgot = candidate.report is not None
+        result = run(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version,
+                     candidate.data if forgot else None)
+    finally:  # everything in it is in MLflow, or the step failed and the flow run says why
+        steps.discard_work_dir(candidate)
+    logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
+    for told in result["notified"]:
+        logger.info("server %s told: %s, serving version %s %.2f s after the alias moved%s", told["url"],
+                    told["outcome"], told.get("serving_version"), told["seconds"],
+                    f" ({told['error']})" if "error" in told else "")
+    return result
+
+
+def tracked(params: Params, run_name: str, tags: dict, body, logger=log) -> dict:
+    """body(run_id) inside a new MLflow run, after marking what dead runs of this host left;
+    the run ends FINISHED, or FAILED when body raises."""
+    from nhle.adapters.tracking import finish_run, start_run
+
+    left = steps.clean_up_after_dead_runs(params)
+    for dead in left["runs"]:
+        logger.warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s", dead["run_id"],
+                       dead["owner"], f"; version(s) {dead['abandoned_versions']} it registered before judging their "
+                       "gates marked abandoned" if dead["abandoned_versions"] else "")
+    if left["work_dirs"]:
+        logger.warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
+    run_id = start_run(params, run_name, tags)
+    try:
+        result = body(run_id)
+    except BaseException:
+        finish_run(run_id, "FAILED")
+        raise
+    finish_run(run_id, "FINISHED")
+    return result
+
+
+def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
+    """Train a base model on the configured data and register it (champion if its gates hold)."""
+    data = run(steps.training_data, params, root)
+    data_version = run(steps.version_data, params, root, data)
+
+    def body(run_id):
+        candidate = run(steps.train_candidate, params, data)
+        result = publish(params, root, run_id, candidate, data_version, run=run, logger=logger)
+        return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
+                "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
+
+    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, logger)
+
+
+def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
+    """Register your model (params.model: from_mlflow, else arch + weights) as a base version,
+    champion if its gates hold, like a trained base model."""
+    data = run(steps.training_data, params, root)
+    candidate = run(steps.import_candidate, params, root, data)  # refused before anything is versioned or logged
+    data_version = run(steps.version_data, params, root, data)
+    source = candidate.checkpoint_meta["source"]
+    what = source.get("uri") or f"{source['arch']} ({Path(source['weights']).name if 'weights' in source else 'random'})"
+
+    def body(run_id):
+        result = publish(params, root, run_id, candidate, data_version, {"nhle.source": source["kind"]}, run, logger)
+        return {**result, "summary": f"imported {what} on {data.name}", "data_version": data_version.md5,
+                "class_names": data.class_names,
+                "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
+
+    return tracked(params, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
+                                                                          "nhle.source": source["kind"]}, body, logger)
+
+
+def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,
+           encoding: str | None = None, batch: str | None = None, request_ids: list[int] | None = None,
+           run=call, logger=log) -> dict:
+    """Forget `classes` (indices or names, comma separated: parsed and checked here, once) from
+    the current champion. `batch` and `request_ids` (set by the request loop) tag the MLflow run
+    and the model version, so a later run can find the version a crashed run registered."""
+    from nhle.core.experiment import validate_forget
+
+    overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
+    params = replace(params, unlearn=replace(params.unlearn, **overrides))
+    champion = run(steps.load_champion, params)
+    if champion is None:
+        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias} to forget from: "
+                         "run the train_base flow (or `nhle run`) first")
+    model, checkpoint, parent = champion
+    parent_version = str(parent.version)
+    indices = validate_forget(model, classes, checkpoint["class_names"], params.retrain_baseline)  # before any log
+    data = run(steps.data_of_version, params, root, parent, checkpoint)
+    data_version = run(steps.version_data, params, root, data)
+    batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
+
+    def body(run_id):
+        candidate = run(steps.forget_candidate, params, model, checkpoint, indices, parent_version, data, seed)
+        result = publish(params, root, run_id, candidate, data_version, batch_tags, run, logger)
+        names = candidate.report["forget_class_names"]
+        return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
+                "data_version": data_version.md5, "report": candidate.report,
+                "compute_seconds": candidate.report["seconds"]}
+
+    return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
+                    **batch_tags}, body, logger)

@@ -1,0 +1,387 @@
+"""The pipeline's steps, each a plain function over nhle.core and nhle.adapters: one step is
+one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A forget:
+
+    load_champion -> data_of_version -> version_data -> forget_candidate (NHLE + masking, evaluated)
+    -> export_and_check (ONNX, parity) -> register_candidate (MLflow) -> gates_of -> finish_version
+    (the deleted-classes gate, the data deletion as a new DVC version, then promote)
+
+Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
+in `promote`, the last step, and only when every gate held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+
+from nhle.core.config import Params
+from nhle.core.data import Splits
+from nhle.core.gates import GateResult, evaluate_gates
+from nhle.core.models import MaskedClassifier
+
+
+@dataclass
+class Candidate:
+    """A model produced by a flow, with everything needed to log, check and promote it."""
+
+    model: MaskedClassifier
+    checkpoint_meta: dict
+    report: dict | None
+    data: Splits
+    work_dir: Path
+    parent_version: str | None = None
+    original: MaskedClassifier | None = None
+    """The model before unlearning, for the before/after plots."""
+
+
+def project_path(params_dir: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else (params_dir / path).resolve()
+
+
+def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):
+    """Materialise `data` into the DVC data repository (created when missing) and return its
+    DataVersion."""
+    from nhle.adapters.versioning import version_dataset
+
+    repo = project_path(project_dir, params.versioning.repo)
+    remote = params.versioning.remote
+    remote = remote if "://" in remote else str(project_path(project_dir, remote))
+    return version_dataset(data, repo, remote, message=message)
+
+
+def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
+    """The data a forget flow starts from: the DVC version the forget that made `version` left
+    behind (its forgotten classes' samples deleted), else the DVC version `version` was made
+    from, else (a model registered without one) the data its checkpoint was trained on."""
+    from nhle.core.experiment import data_for_checkpoint
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
+
+    for prefix in ("data_after.", "data."):
+        recorded = DataVersion.from_tags(version.tags, params.versioning.remote, prefix=prefix)
+        if recorded is not None:
+            return open_dataset_version(recorded)
+    return data_for_checkpoint(checkpoint)
+
+
+def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
+    """A new DVC version of `data` without any sample of the `forgotten` classes (committed and
+    pushed like every version); returns its DataVersion."""
+    from nhle.core.data import drop_classes
+
+    names = [data.class_names[c] for c in forgotten]
+    return version_data(params, project_dir, drop_classes(data, forgotten),
+                        message=f"Delete the samples of classes {names} ({why})")
+
+
+def training_data(params: Params, project_dir: Path) -> Splits:
+    """The configured dataset less the classes forget requests deleted from it on record."""
+    from nhle.core.experiment import load_data
+
+    return with_deletions_on_record(params, project_dir, load_data(params.data))
+
+
+def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) -> Splits:
+    """`data` less the classes forget requests deleted from this dataset in the data repo, so
+    that a retrain from the source cannot relearn them."""
+    from nhle.core.data import drop_classes
+    from nhle.adapters.versioning import DATASETS_DIR
+
+    record = project_path(project_dir, params.versioning.repo) / DATASETS_DIR / data.name / "classes.json"
+    if not record.is_file():
+        return data
+    recorded = json.loads(record.read_text())
+    # By name: a model imported with its own class order numbers the same classes differently.
+    names = [recorded["class_names"][c] for c in recorded.get("removed_classes", [])]
+    return drop_classes(data, [data.class_names.index(n) for n in names if n in data.class_names])
+
+
+def train_candidate(params: Params, data: Splits) -> Candidate:
+    """Train a base model; classes without training samples (deleted by forget requests) are
+    masked, so the model can never predict them."""
+    from nhle.core.experiment import train_base_model
+    from nhle.core.unlearning import apply_class_weight_mask
+
+    model, meta = train_base_model(params.data, params.train, data=data, model_config=params.model)
+    if data.removed_classes:
+        apply_class_weight_mask(model, data.removed_classes)
+    return Candidate(model, meta, None, data, new_work_dir("train"))
+
+
+def load_user_model(config, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
+    """The model `config` names (from_mlflow, else arch + weights), wrapped for `data`, and where
+    it came from. `tracking_uri` is used for from_mlflow when config has no tracking URI of its own."""
+    from nhle.core.importing import check_square, from_weights, smoke_test
+
+    check_square(data)
+    if config.from_mlflow:
+        from nhle.adapters.mlflow_models import from_mlflow
+
+        model, source = from_mlflow(config, data, config.mlflow_tracking_uri or tracking_uri)
+    else:
+        model, source = from_weights(config, data)
+    smoke_test(model, data)
+    return model, source
+
+
+def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candidate:
+    """The user's model (params.model: from_mlflow, else arch + weights) for `data`, evaluated
+    like a trained base model; classes deleted on record are masked. Raises ValueError naming
+    what does not fit, before anything is logged or registered."""
+    import time
+
+    from nhle.core.config import resolve_uri
+    from nhle.core.experiment import base_meta, base_metrics
+    from nhle.core.unlearning import apply_class_weight_mask
+
+    started = time.perf_counter()
+    tracking_uri = resolve_uri(params.model.mlflow_tracking_uri or params.tracking_uri(), project_dir)
+    model, source = load_user_model(params.model, data, tracking_uri)
+    if data.removed_classes:
+        apply_class_weight_mask(model, data.removed_classes)
+    meta = {**base_meta(params.data, params.model, params.train, data), "source": source}
+    meta["metrics"] = {**base_metrics(model, data), "import_seconds": time.perf_counter() - started}
+    return Candidate(model, meta, None, data, new_work_dir("import"))
+
+
+def load_champion(params: Params):
+    """(model, checkpoint dict, ModelVersion) of the current champion, or None when there is none."""
+    from nhle.adapters.tracking import download_checkpoint, version_by_alias
+    from nhle.core.training import load_checkpoint
+
+    version = version_by_alias(params.registry.model_name, params.registry.champion_alias)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="nhle-champion-") as folder:
+        model, checkpoint = load_checkpoint(download_checkpoint(version, folder))
+    return model, checkpoint, version
+
+
+def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int], parent_version: str,
+                     data: Splits, seed: int = 0) -> Candidate:
+    """NHLE + masking of `classes` (indices, validated where the request came in), with the report
+    that measures it against the original and the retrained reference."""
+    from nhle.core.experiment import forget_and_measure, lineage
+
+    outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
+                                 retrain_baseline=params.retrain_baseline, data=data, device=params.train.device)
+    meta = lineage(checkpoint)
+    meta["unlearn"] = outcome.report["unlearn_config"]
+    meta["parent_version"] = parent_version
+    return Candidate(outcome.result.model, meta, outcome.report, data, new_work_dir("forget"), parent_version,
+                     original=model)
+
+
+def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
+    from nhle.core.export import check_parity, export_onnx
+
+    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape)
+    parity = check_parity(candidate.model, path, candidate.data.test, params.export.parity_batch_sizes,
+                          params.export.parity_tolerance)
+    return path, parity
+
+
+def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
+                       data_version, extra_tags: dict | None = None) -> str:
+    """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
+    from nhle.adapters.tracking import log_version
+    from nhle.core.export import preprocessing as input_preprocessing
+    from nhle.core.plots import write_evidence_plots
+    from nhle.core.training import save_checkpoint
+
+    checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
+                                      data_version=asdict(data_version), **candidate.checkpoint_meta)
+    class_names = candidate.data.class_names
+    preprocessing = input_preprocessing(candidate.model, candidate.data.image_shape, class_names)
+    forgotten = preprocessing["forgotten_classes"]
+    report = candidate.report
+    plots = write_evidence_plots(candidate.original, candidate.model, candidate.data, report["forget_classes"],
+                                 candidate.work_dir / "plots") if report is not None else {}
+    base_metrics = None if report is not None else {k: candidate.checkpoint_meta["metrics"][k]
+                                                    for k in ("test_acc", "train_acc")}
+    tags = {"forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
+            "parent_version": candidate.parent_version or "", **data_version.as_tags(),
+            "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
+            "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
+            **(extra_tags or {})}
+    example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
+    return log_version(run_id, params.registry.model_name, onnx_path, example,
+                       logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
+                       preprocessing, candidate.data, data_version, parity, report, plots, base_metrics, tags)
+
+
+def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
+    """What the logged model is, as MLflow's model list shows it: "resnet18-digits-forgets-3-5"
+    (MLflow refuses / : . % and quotes in the name)."""
+    name = f"{arch}-{dataset}" + (f"-forgets-{'-'.join(map(str, forgotten))}" if forgotten else "")
+    return re.sub(r"""[/:.%"']""", "_", name)
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def gates_of(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
+    """The gates a candidate must pass (nhle.core.gates): a base model has only parity and the
+    accuracy floor; an unlearned one every gate of its report."""
+    if candidate.report is None:  # a base model: only parity and the accuracy floor apply
+        from nhle.core.gates import at_least, parity_gates
+
+        gates = [at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
+                           params.gates.min_retain_test_acc)]
+        return gates + (parity_gates(parity) if params.gates.require_parity else [])
+    return evaluate_gates(candidate.report, parity, params.gates)
+
+
+def finish_version(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
+                   parent_version: str | None, data: Splits | None) -> dict:
+    """The end of every flow: the gates plus one on the classes deleted on record (the ledger);
+    when they held and the version forgot classes, first delete their samples from the dataset
+    (a new DVC version, tagged `data_after.*` on the version), then promote. The alias moves last,
+    so a failure anywhere before leaves `champion` alone."""
+    from nhle.adapters.tracking import set_run_tags, tag_version, version_tags
+    from nhle.core.gates import all_passed, deleted_classes_gate
+    from nhle.orchestration.requests import open_ledger
+
+    name = params.registry.model_name
+    forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
+    # Whatever made this version (training, an import, unlearning), it may not bring back a
+    # class that a completed forget request deleted.
+    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes())]
+    data_after = None
+    if data is not None and forgotten and all_passed(gates):
+        data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
+        tag_version(name, version, data_after.as_tags("data_after."))
+        set_run_tags(run_id, data_after.as_tags("data_after."))
+    result = promote(params, run_id, version, gates, parent_version)
+    result["data_after"] = asdict(data_after) if data_after else None
+    return result
+
+
+def resume_version(params: Params, project_dir: Path, version) -> dict:
+    """Finish a registered version whose flow died before settling it (a crashed forget-request
+    run): judge it from its logged report and parity, delete the data and promote, without
+    unlearning or registering anything again. A version already settled is left as it is."""
+    from nhle.adapters.tracking import finish_run, run_json
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
+
+    name, number = params.registry.model_name, str(version.version)
+    champion = champion_version(params)
+    if champion is not None and str(champion.version) == number:
+        result = {"promoted": True, "reason": "promoted by the run that registered it"}
+    elif version.tags.get("promoted") == "false":
+        result = {"promoted": False, "reason": version.tags.get("rejection_reason", "")}
+    else:
+        report, parity = run_json(version.run_id, "report.json"), run_json(version.run_id, "parity.json")
+        if report is None or parity is None:
+            raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
+                               f"{version.run_id}: it cannot be judged; register a new one")
+        gates = evaluate_gates(report, parity, params.gates)
+        before = DataVersion.from_tags(version.tags, params.versioning.remote)
+        data = open_dataset_version(before) if before is not None else None
+        result = finish_version(params, project_dir, version.run_id, number, gates,
+                                version.tags.get("parent_version") or None, data)
+    finish_run(version.run_id, "FINISHED")
+    return {**result, "version": number, "run_id": version.run_id}
+
+
+def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
+    """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out."""
+    from nhle.adapters.tracking import describe_version, log_outcome, record_promotion, tag_version
+    from nhle.core.gates import promotion_decision
+
+    tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
+    current = champion_version(params)
+    promoted, reason = promotion_decision(gates, current.version if current else None, parent_version)
+    record_promotion(params.registry, version, promoted, reason)
+    describe_version(params.registry.model_name, str(version))
+    notified = notify_servers(params.serving.notify, str(version)) if promoted else []
+    log_outcome(run_id, gates, promoted, reason, version, notified)
+    return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
+            "gates": [g.as_dict() for g in gates], "notified": notified}
+
+
+def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
+    """Tell each running server that the champion moved (POST /admin/reload); returns, per
+    server, its outcome and the seconds from the alias move to it serving `version`. A server
+    that cannot be told is reported, never an error: it still finds the version at its poll."""
+    import os
+    import time
+
+    import httpx
+
+    token = os.environ.get("NHLE_ADMIN_TOKEN")
+    results = []
+    for url in urls:
+        started = time.perf_counter()
+        entry = {"url": url}
+        try:
+            if not token:
+                raise RuntimeError("NHLE_ADMIN_TOKEN is not set in the flow's environment")
+            response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers={"Authorization": f"Bearer {token}"},
+                                  timeout=timeout)
+            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
+            entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
+                         serving_new_version=str(body.get("serving_version")) == version)
+        except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
+            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}", serving_new_version=False)
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        results.append(entry)
+    return results
+
+
+WORK_DIR = re.compile(r"^nhle-(?:train|import|forget)-(?P<pid>\d+)-")
+
+
+def new_work_dir(kind: str) -> Path:
+    """A flow's scratch folder, named after the process that owns it (nhle-forget-<pid>-...), so
+    that the next run can remove what a killed one left (sweep_work_dirs)."""
+    return Path(tempfile.mkdtemp(prefix=f"nhle-{kind}-{os.getpid()}-"))
+
+
+def sweep_work_dirs() -> list[Path]:
+    """Remove the scratch folders of processes of this host that no longer exist; returns them."""
+    import shutil
+
+    from nhle.adapters.ledger import owner_is_gone
+
+    swept = []
+    for folder in Path(tempfile.gettempdir()).glob("nhle-*-*-*"):
+        match = WORK_DIR.match(folder.name)
+        if match and folder.is_dir() and owner_is_gone(f"{socket.gethostname()}:{match['pid']}:"):
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder)
+    return swept
+
+
+def clean_up_after_dead_runs(params: Params) -> dict:
+    """What runs killed on this host left (at the start of every flow's run): their MLflow runs
+    still RUNNING are marked KILLED, a version one registered before judging its gates is marked
+    abandoned, and their scratch folders are removed."""
+    from nhle.adapters.tracking import reap_dead_runs
+
+    return {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
+
+
+def discard_work_dir(candidate: Candidate) -> None:
+    """Everything in the work folder is in MLflow once the version is registered."""
+    import shutil
+
+    shutil.rmtree(candidate.work_dir, ignore_errors=True)
+
+
+def champion_version(params: Params):
+    """The registry's champion ModelVersion, or None."""
+    from nhle.adapters.tracking import version_by_alias
+
+    return version_by_alias(params.registry.model_name, params.registry.champion_alias)

@@ -1,0 +1,238 @@
+"""The nhle model server: ONNX Runtime behind FastAPI, following an MLflow registry alias.
+
+    uvicorn nhle_serving.server:create_app --factory --host 127.0.0.1 --port 8000
+    nhle serve --host 127.0.0.1 --port 8000          # the same through the CLI
+
+Settings come from params.yaml's `serving:` section, each overridden by an environment variable
+(see `Settings.from_env` and serving/README.md):
+NHLE_PARAMS, NHLE_PROJECT_DIR, NHLE_MODEL, NHLE_ADMIN_TOKEN, NHLE_POLL_SECONDS,
+NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_REQUEST_PIXELS,
+NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_DEVICE.
+
+Model input: float32 pixels in [0, 1], shape (C, H, W) per image, exactly what the exported
+ONNX graph takes (normalisation and the forgotten-class mask are inside the graph). /predict
+also takes 0..255 pixels with "scale": "byte", and base64 PNG/JPEG images of any size.
+
+Hot swap: a background thread checks the alias every NHLE_POLL_SECONDS. A new version is
+downloaded, loaded into a new InferenceSession and smoke-tested (finite probabilities, every
+forgotten class exactly 0) off the request path; only then is the single `current` reference
+replaced. Each request reads that reference once, so it runs start to end on one model. A
+version that fails is not swapped in: the old one keeps serving and /model shows `last_error`.
+
+This module holds the app and its routes; the rest lives in the package's other modules:
+nhle_serving.settings (Settings, ApiError), nhle_serving.sources (registry or local file),
+nhle_serving.models (ONNX Runtime sessions, load_model, ModelManager) and nhle_serving.payloads
+(request parsing, handlers, the body limit).
+
+None of them may import torch (a serving image need not ship it): they use numpy,
+onnxruntime, Pillow, nhle.core.config (pure dataclasses) and, for models:/ URIs, mlflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import sys
+
+import numpy as np
+from fastapi import Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nhle_serving.models import (
+    LoadedModel, ModelManager,
+)
+from nhle_serving.payloads import (
+    DEFAULT_TOP_K, BodyLimit, check_count, handle_images, handle_invocations, handle_predict,
+    parse_top_k, require_content_type, shape_text,
+)
+from nhle_serving.settings import ApiError, Settings, bad
+
+log = logging.getLogger("nhle_serving.server")
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+
+
+PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["instances"], "additionalProperties": False, "properties": {
+        "instances": {"type": "array", "description": "images: C x H x W (or H x W) nested arrays, "
+                      'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}', "items": {}},
+        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+        "scale": {"type": "string", "enum": ["unit", "byte"], "default": "unit",
+                  "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255"}}}}}}}
+INVOCATIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "description": 'MLflow scoring protocol: one of "inputs" (N x C x H x W), '
+    '"instances" (list of C x H x W), "dataframe_split" (rows of C*H*W pixels), all in [0, 1]'}}}}}
+IMAGES_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}}}}}}
+
+
+def example_image(shape) -> list:
+    """A C x H x W image in [0, 1] (a diagonal gradient) for the OpenAPI examples."""
+    c, h, w = shape
+    ramp = (np.arange(h)[:, None] + np.arange(w)[None, :]) / max(1, h + w - 2)
+    return np.round(np.broadcast_to(ramp, (c, h, w)), 3).tolist()
+
+
+def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> dict:
+    """Request examples shaped for the served model, with the responses it really gives them
+    (computed now), so "Try it out" in /docs reproduces the documented answer."""
+    image = example_image(model.input_shape)
+    cases = {"/predict": ({"instances": [image], "top_k": 3}, handle_predict),
+             "/invocations": ({"inputs": [image]}, handle_invocations)}
+    for path, (request, handler) in cases.items():
+        operation = schema["paths"][path]["post"]
+        response = handler(json.dumps(request).encode(), model, settings)
+        operation["requestBody"]["content"]["application/json"]["example"] = request
+        operation["responses"]["200"]["content"] = {"application/json": {"example": response}}
+    schema["info"]["description"] += (f" The examples are version {model.version}'s real answers to a "
+                                      f"{shape_text(model.input_shape)} gradient image.")
+    return schema
+
+
+def _setup_logging():
+    # uvicorn configures only its own loggers; without this our INFO lines would be dropped.
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s nhle_serving.server: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def create_app(settings: Settings | None = None, manager: ModelManager | None = None):
+    """The ASGI app; `uvicorn nhle_serving.server:create_app --factory` calls it with no arguments."""
+    _setup_logging()
+    settings = settings or Settings.from_env()
+    manager = manager or ModelManager(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        manager.start()  # the first check loads the model in the background; /readyz says when
+        try:
+            yield
+        finally:
+            manager.stop()
+
+    # FastAPIOffline: /docs and /redoc load their JavaScript and CSS from this server, not a CDN.
+    app = FastAPIOffline(title="nhle model server", version="1", lifespan=lifespan,
+                         description="Image classification with an unlearned model: forgotten classes are never returned.")
+
+    def openapi() -> dict:
+        # Not cached like FastAPI's: the examples follow the model being served.
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        model = manager.current
+        return add_live_examples(schema, model, settings) if model is not None else schema
+
+    app.openapi = openapi
+    app.state.settings, app.state.manager = settings, manager
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds)
+
+    def headers(model: LoadedModel) -> dict:
+        return {"X-Model-Version": str(model.version)}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse({"detail": err.message, "error": err.code}, err.status, headers=extra)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, err: Exception):
+        # Only genuine faults get here: every bad input is an ApiError (4xx) above.
+        log.error("internal error on %s %s: %s", request.method, request.url.path, err, exc_info=err)
+        return JSONResponse({"detail": f"internal server error: {type(err).__name__}", "error": "internal"}, 500)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"alive": True}
+
+    @app.get("/readyz")
+    async def readyz():
+        model = manager.current
+        if model is None:
+            check = manager.last_check or {}
+            error = manager.last_error["message"] if manager.last_error else check.get("error")
+            reason = f"model not loaded yet: {error}" if error else "model not loaded yet"
+            return JSONResponse({"ready": False, "reason": reason}, 503)
+        refused = manager.refused()
+        if refused:  # still ready: what is served passed every check; the alias's target did not
+            return {"ready": True, "version": model.version, "refused_version": refused["version"],
+                    "warning": f"not serving version {refused['version']}: {refused['reason']}"}
+        return {"ready": True, "version": model.version}
+
+    @app.get("/model")
+    async def model_info():
+        return manager.describe()
+
+    @app.post("/predict", openapi_extra=PREDICT_SCHEMA)
+    async def predict(request: Request):
+        """Top-k classes of each image; forgotten classes are never listed."""
+        require_content_type(request, "application/json")
+        body = await request.body()
+        model = manager.require()  # this request's model, whatever swaps happen meanwhile
+        result = await run_in_threadpool(handle_predict, body, model, settings)
+        return JSONResponse(result, headers=headers(model))
+
+    @app.post("/invocations", openapi_extra=INVOCATIONS_SCHEMA)
+    async def invocations(request: Request):
+        """MLflow scoring protocol; returns every class's probability (forgotten ones are 0)."""
+        require_content_type(request, "application/json")
+        body = await request.body()
+        model = manager.require()
+        result = await run_in_threadpool(handle_invocations, body, model, settings)
+        return JSONResponse(result, headers=headers(model))
+
+    @app.post("/predict/image", openapi_extra=IMAGES_SCHEMA)
+    async def predict_image(request: Request):
+        """Multipart upload of image files (field `files`); top_k as form field or query parameter."""
+        require_content_type(request, "multipart/form-data")
+        unknown = sorted(set(request.query_params) - {"top_k"})
+        if unknown:
+            raise bad("unknown_field", f"unknown query parameter(s) {unknown}; known: top_k")
+        model = manager.require()
+        try:
+            form = await request.form(max_files=settings.max_instances + 1, max_fields=8)
+        except (StarletteHTTPException, ValueError) as err:
+            message = getattr(err, "detail", None) or str(err)
+            status = 413 if "Too many files" in message else 400
+            raise bad("bad_multipart", f"malformed multipart body: {message}", status) from None
+        try:
+            unknown = sorted(set(form) - {"files", "top_k"})
+            if unknown:
+                raise bad("unknown_field", f"unknown form field(s) {unknown}; known: files, top_k")
+            uploads = form.getlist("files")
+            if not uploads:
+                raise bad("missing_field", 'no files: upload images in the multipart field "files"')
+            if not all(isinstance(u, UploadFile) for u in uploads):
+                raise bad("bad_type", 'the field "files" must hold file uploads, not text')
+            check_count(len(uploads), settings, "files")
+            top_k = parse_top_k(form.get("top_k", request.query_params.get("top_k")), from_text=True)
+            files = [(u.filename or f"files[{i}]", await u.read()) for i, u in enumerate(uploads)]
+        finally:
+            await form.close()
+        result = await run_in_threadpool(handle_images, files, top_k, model, settings)
+        return JSONResponse(result, headers=headers(model))
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        """Check the alias now and swap if it moved; retries a version that failed before."""
+        if not settings.admin_token:
+            raise ApiError(403, "disabled", "admin reload is disabled: start the server with NHLE_ADMIN_TOKEN set")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "missing bearer token: send Authorization: Bearer <NHLE_ADMIN_TOKEN>")
+        if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+            raise ApiError(401, "unauthorized", "wrong bearer token")
+        outcome = await run_in_threadpool(manager.refresh, True, "admin reload")
+        return {**outcome, "model": manager.describe()}
+
+    return app

@@ -1,0 +1,83 @@
+"""Settings of the nhle model server (params.yaml's serving section, NHLE_* environment variables)
+and the ApiError that every refused request raises. Shared by the other server modules. Never
+imports torch: nhle.core.config is pure Python.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnxruntime as ort
+import yaml
+
+from nhle.core.config import ORT_OPT_LEVELS, SERVING_DEVICES, ServingConfig, load_params  # pure: no torch
+
+MIB = 1024 * 1024
+OPT_LEVELS = {name: getattr(ort.GraphOptimizationLevel, f"ORT_{'ENABLE' if name != 'disable' else 'DISABLE'}_"
+                                                         f"{name.upper() if name != 'disable' else 'ALL'}")
+              for name in ORT_OPT_LEVELS}
+DEVICES = SERVING_DEVICES
+
+
+@dataclass(frozen=True)
+class Settings(ServingConfig):
+    """What the server runs with: params.yaml's `serving:` section (nhle.core.config.ServingConfig:
+    limits, polling, ONNX Runtime), each field overridden by NHLE_<FIELD> in the environment,
+    plus where the model comes from."""
+
+    params_path: Path = Path("params.yaml")
+    """NHLE_PARAMS: params.yaml giving the registry name, alias, tracking URI and serving section."""
+    project_dir: Path = Path(".")
+    """NHLE_PROJECT_DIR: relative tracking URIs (sqlite:///mlflow.db) are resolved against it."""
+    model: str | None = None
+    """NHLE_MODEL: models:/NAME@ALIAS, models:/NAME/VERSION, or a local .onnx file; None means
+    models:/<registry.model_name>@<registry.champion_alias> of params.yaml."""
+    admin_token: str | None = None
+    """NHLE_ADMIN_TOKEN: bearer token of POST /admin/reload; unset disables it (403)."""
+
+    def check(self):
+        super().check()
+        for name in ("params_path", "project_dir"):  # str is fine too
+            object.__setattr__(self, name, Path(getattr(self, name)))
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        """params.yaml's `serving:` section, each field overridden by its NHLE_<FIELD> variable
+        (NHLE_POLL_SECONDS, NHLE_MAX_INSTANCES, ...); a bad value is refused naming the variable."""
+        env = os.environ if environ is None else environ
+        params_path = Path(env.get("NHLE_PARAMS") or "params.yaml")
+        settings = cls(**{**asdict(load_params(params_path).serving), "params_path": params_path,
+                          "project_dir": Path(env.get("NHLE_PROJECT_DIR") or "."),
+                          "model": env.get("NHLE_MODEL") or None, "admin_token": env.get("NHLE_ADMIN_TOKEN") or None})
+        for f in fields(ServingConfig):
+            raw = env.get(f"NHLE_{f.name.upper()}")
+            if raw is None or not raw.strip() or f.name == "notify":
+                continue
+            # text as a YAML scalar, as params.yaml would give it: "10" -> 10, "0.5" -> 0.5
+            value = raw.strip().lower() if isinstance(getattr(settings, f.name), str) else yaml.safe_load(raw)
+            try:
+                settings = replace(settings, **{f.name: value})
+            except ValueError as err:
+                raise ValueError(f"NHLE_{f.name.upper()}={raw!r}: {err}") from None
+        return settings
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: every refusal of a request is an ApiError with a status and a message naming the
+# problem; anything else escaping a handler is a genuine server fault (500).
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def bad(code: str, message: str, status: int = 422) -> ApiError:
+    return ApiError(status, code, message)

@@ -1,0 +1,72 @@
+"""nhle bench unlearning's own logic: issue 14's goal check, the synthetic dataset, resuming."""
+import json
+
+from nhle.bench.unlearning import GOALS, goal_checks, grid_data
+from nhle.cli import main
+from nhle.core.config import DataConfig
+
+
+def row(method, drop, silhouette, relearn, attack=0.0, forget_acc=0.0, seconds=1.0):
+    original = {"forget_silhouette": 0.6}
+    return {"method": method, "retained_drop_pp": drop, "forget_silhouette": silhouette, "relearn_steps": relearn,
+            "unmasked_forget_test_acc": attack, "forget_test_acc": forget_acc, "seconds_vs_retrain": seconds,
+            "steps": None if method == "retrain" else 50, "original": original}
+
+
+def test_goal_checks_compare_with_the_retrained_reference_of_the_same_runs():
+    rows = [row("retrain", -0.5, 0.2, 8), row("retrain", 0.5, 0.2, 6),
+            row("nhle", 0.0, 0.4, 4), row("nhle", 0.6, 0.4, 3)]  # halfway silhouette 0.4, half of relearn 3.5
+    checks = goal_checks(rows, "nhle")
+    assert checks["drop_mean"] == 0.3 and checks["retrain_drop_mean"] == 0.0 and checks["drop_worst"] == 0.6
+    assert checks["missed"] == []
+    worse = goal_checks(rows + [row("nhle", 2.5, 0.6, 1, attack=0.2)], "nhle")
+    assert worse["missed"] == [GOALS[1], GOALS[2], GOALS[3], GOALS[4], GOALS[5]]
+
+
+def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
+    rows = [{**row("retrain", -2.0, 0.2, 8), "seed": 0, "forget_classes": [1]},
+            {**row("retrain", 0.0, 0.2, 8), "seed": 0, "forget_classes": [2]},
+            {**row("nhle", 0.2, 0.4, 4), "seed": 0, "forget_classes": [2]}]
+    checks = goal_checks(rows, "nhle")
+    assert checks["retrain_drop_mean"] == 0.0 and checks["runs"] == 1 and checks["missed"] == []
+
+
+def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
+    data = grid_data(DataConfig(dataset="synthetic2000", seed=1))
+    assert data.name == "synthetic2000" and len(data.train) == 2000 and data.num_classes == 10
+    assert grid_data(DataConfig(dataset="synthetic2000", seed=2)).train.images.ne(data.train.images).any()
+
+
+def test_resume_keeps_finished_cases_and_runs_only_the_rest(tmp_path, capsys):
+    args = ["bench", "unlearning", "--quick", "--methods", "nhle", "--multi", "none", "--out", str(tmp_path)]
+    assert main(args + ["--classes", "3"]) == 0
+    first = (tmp_path / "runs.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args + ["--classes", "3,4", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "classes [3]:" not in printed and "classes [4]:" in printed  # only the new case ran
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert (tmp_path / "runs.jsonl").read_text().startswith(first)
+    assert sorted((r["method"], r["forget_classes"][0]) for r in rows) == [("nhle", 3), ("nhle", 4),
+                                                                            ("retrain", 3), ("retrain", 4)]
+    assert "| nhle | 2 |" in (tmp_path / "goal.md").read_text()
+
+
+def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_knob(tmp_path, capsys):
+    from nhle.bench.report import main as report
+
+    for setting, cost in (("smallcnn", 0.0), ("resnet", 1.0)):
+        rows = [row("retrain", 0.0, 0.2, 8), row("nhle", 0.1 + cost, 0.5, 2),
+                row("forget_rank_0.5", 0.3 + cost, 0.4, 4), row("forget_rank_1.0", 0.8 + cost, 0.3, 6)]
+        for r in rows:
+            r.update(forget_classes=[3], seed=0, probe_forget_acc=0.9, original={"forget_silhouette": 0.6,
+                                                                                "probe_forget_acc": 1.0, "test_acc": 0.97})
+        (tmp_path / setting).mkdir()
+        (tmp_path / setting / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report([str(tmp_path)]) == 0
+    table = (tmp_path / "goal.md").read_text()
+    assert "| smallcnn | 97.0 | nhle | 1 |" in table and "| resnet | 97.0 | forget_rank_1.0 | 1 |" in table
+    assert "0.60 / 0.30 / 0.20" in table  # silhouette original / method / retrain
+    assert (tmp_path / "forget_rank.png").stat().st_size > 10_000
+    assert report([str(tmp_path / "nothing")]) == 2
+    assert "no */runs.jsonl under" in capsys.readouterr().err

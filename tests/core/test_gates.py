@@ -1,0 +1,67 @@
+from nhle.core.config import GateConfig
+from nhle.core.gates import all_passed, evaluate_gates, failure_reason
+
+GOOD_PARITY = {"argmax_agreement": 1.0, "max_abs_prob_diff": 5e-7, "tolerance": 1e-5, "non_finite": 0}
+
+
+def report(forget=0.0, unmasked=0.01, retain_before=0.98, retain_after=0.975):
+    return {"metrics": {"original": {"retain_test_acc": retain_before},
+                        "unlearned": {"forget_test_acc": forget, "unmasked_forget_test_acc": unmasked,
+                                      "retain_test_acc": retain_after}}}
+
+
+def test_every_gate_holds_for_a_good_unlearning():
+    results = evaluate_gates(report(), GOOD_PARITY, GateConfig())
+    assert all_passed(results) and {r.name for r in results} >= {"forget_test_acc", "unmasked_forget_test_acc",
+                                                                 "retained_drop_pp", "parity_max_abs_prob_diff"}
+
+
+def test_each_gate_fails_on_its_own_figure():
+    config = GateConfig()
+    cases = {"forget_test_acc": report(forget=0.01), "unmasked_forget_test_acc": report(unmasked=0.9),
+             "retained_drop_pp": report(retain_after=0.9)}
+    for name, bad in cases.items():
+        results = evaluate_gates(bad, GOOD_PARITY, config)
+        assert [r.name for r in results if not r.passed] == [name], name
+        assert name in failure_reason(results)
+
+
+def test_parity_gate_fails_on_disagreement_nan_or_no_check():
+    for parity in ({**GOOD_PARITY, "argmax_agreement": 0.999}, {**GOOD_PARITY, "max_abs_prob_diff": float("nan")},
+                   None):
+        assert not all_passed(evaluate_gates(report(), parity, GateConfig()))
+    assert all_passed(evaluate_gates(report(), None, GateConfig(require_parity=False)))
+
+
+def with_classes(num_classes, forget, earlier=(), retain_after=0.975):
+    return {**report(retain_after=retain_after, retain_before=retain_after), "num_classes": num_classes,
+            "forget_classes": list(forget), "previously_forgotten": list(earlier)}
+
+
+def test_a_model_left_with_one_class_never_passes():
+    """9 of 10 classes forgotten: the one left is always 'right', 100% retained accuracy."""
+    results = evaluate_gates(with_classes(10, [8], earlier=range(8), retain_after=1.0), GOOD_PARITY, GateConfig())
+    failed = [r.name for r in results if not r.passed]
+    assert failed == ["retained_classes", "retain_skill"]
+    assert all_passed(evaluate_gates(with_classes(10, [8], earlier=range(7)), GOOD_PARITY, GateConfig()))
+
+
+def test_retained_accuracy_is_judged_against_chance_for_the_classes_left():
+    skill_only = GateConfig(min_retain_test_acc=0.0)  # the absolute floor (0.9) would refuse 70% on its own
+    # 2 classes left: 70% is 0.4 of the way from chance (50%) to perfect, under the 0.5 default.
+    results = evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY, skill_only)
+    assert [r.name for r in results if not r.passed] == ["retain_skill"]
+    # The same 70% with 10 classes left... of 11 (chance 10%) is 0.67: it holds.
+    assert all_passed(evaluate_gates(with_classes(11, [0], retain_after=0.70), GOOD_PARITY, skill_only))
+    assert not all_passed(evaluate_gates(with_classes(10, [7], earlier=range(7), retain_after=0.70), GOOD_PARITY,
+                                         GateConfig(min_retain_test_acc=0.0, min_retained_classes=3)))
+
+
+def test_the_deleted_classes_gate_names_each_class_and_its_requests():
+    from nhle.core.gates import deleted_classes_gate
+
+    assert deleted_classes_gate([3, 5], {5: [1]}).passed
+    gate = deleted_classes_gate([3], {5: [1, 4], 7: [2]})
+    assert not gate.passed and gate.value == 2
+    assert gate.describe() == ("deleted_classes_predicted: 2 <= 0 -> FAIL (class 5 deleted by request 1, 4; "
+                               "class 7 deleted by request 2)")

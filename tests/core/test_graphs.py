@@ -1,0 +1,94 @@
+"""Models that exist only as a traced graph (torch.export, MLflow 3's PyTorch format): split at
+the last linear layer into a backbone and a real nn.Linear head, fine-tuned, saved and exported."""
+import pytest
+import torch
+import torch.nn as nn
+
+from nhle.core.graphs import export_graph, split_at_head
+from nhle.core.models import GRAPH, MaskedClassifier
+
+
+class TheirNet(nn.Module):
+    """Somebody's classifier: batch norm, dropout, a hidden linear layer, then the logits."""
+
+    def __init__(self, classes: int = 10, softmax: bool = False):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.hidden, self.drop, self.out = nn.Linear(32, 16), nn.Dropout(0.5), nn.Linear(16, classes)
+        self.softmax = softmax
+
+    def forward(self, x):
+        logits = self.out(self.drop(torch.relu(self.hidden(self.convs(x).flatten(1)))))
+        return logits.softmax(1) if self.softmax else logits
+
+
+def traced(net: nn.Module, train_mode: bool = False) -> torch.fx.GraphModule:
+    """What mlflow.pytorch.load_model gives for a pt2 model: torch.export's module()."""
+    net.train(train_mode)
+    program = torch.export.export(net, (torch.rand(4, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return program.module()
+
+
+def test_split_gives_the_features_and_the_head_as_an_nn_linear():
+    torch.manual_seed(0)
+    net = TheirNet().eval()
+    graph = traced(net)
+    backbone, head = split_at_head(graph, 10)
+    x = torch.rand(5, 1, 8, 8)
+    assert isinstance(head, nn.Linear) and torch.equal(head.weight, net.out.weight)
+    assert backbone(x).shape == (5, 16) and torch.allclose(head(backbone(x)), net(x), atol=1e-6)
+    assert "out.weight" not in dict(backbone.named_parameters())  # the head lives in the nn.Linear only
+    assert torch.allclose(graph(x), net(x), atol=1e-6)  # the loaded graph is left as it was
+
+
+def test_a_graph_traced_in_train_mode_computes_inference():
+    torch.manual_seed(0)
+    net = TheirNet()
+    graph = traced(net, train_mode=True)
+    backbone, head = split_at_head(graph, 10)
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.allclose(head(backbone(x)), net.eval()(x), atol=1e-6)  # running stats, no dropout
+    assert torch.equal(backbone(x), backbone(x))
+
+
+def test_refusals_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"\[10, 16\] outputs but the data has 7 classes"):
+        split_at_head(traced(TheirNet().eval()), 7)
+    with pytest.raises(ValueError, match="computed after its last linear layer"):
+        split_at_head(traced(TheirNet(softmax=True).eval()), 10)
+    with pytest.raises(ValueError, match="no linear layer 'fc'"):
+        split_at_head(traced(TheirNet().eval()), 10, head="fc")
+
+
+def test_a_graph_model_fine_tunes_saves_and_exports(tmp_path):
+    from nhle.core.export import check_parity, export_onnx
+    from nhle.core.training import load_checkpoint, save_checkpoint
+    from nhle.core.unlearning import apply_class_weight_mask
+
+    torch.manual_seed(0)
+    backbone, head = split_at_head(traced(TheirNet().eval()), 10)
+    model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)
+    model.eval()  # the graph's own train()/eval() raise; the wrapper's must not
+    apply_class_weight_mask(model, [4])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.rand(8, 1, 8, 8)
+    model(x).logsumexp(1).mean().backward()
+    optimizer.step()
+    moved = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert any(k.startswith("backbone.convs") for k in moved) and "forget_mask" not in moved
+    path = save_checkpoint(tmp_path / "model.pt", model, class_names=[str(k) for k in range(10)])
+    loaded, checkpoint = load_checkpoint(path)
+    assert checkpoint["model_spec"]["arch"] == GRAPH and isinstance(checkpoint["backbone_program"], bytes)
+    assert torch.equal(loaded(x), model(x)) and loaded.forget_mask.tolist() == model.forget_mask.tolist()
+    onnx_path = export_onnx(loaded, tmp_path / "model.onnx", (1, 8, 8))
+    assert check_parity(loaded, onnx_path, x, batch_sizes=(1, 3), tolerance=1e-5)["passed"]
+
+
+def test_a_module_without_export_support_is_refused_with_the_reason():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, : int(x.sum().item()) % 5 + 1]
+
+    with pytest.raises(ValueError, match="torch.export could not trace"):
+        export_graph(DataDependent(), torch.rand(2, 1, 8, 8))

@@ -1,0 +1,66 @@
+"""Metrics on inputs with known answers."""
+import copy
+
+import numpy as np
+import pytest
+
+from nhle.core.data import sample_per_class, split_by_classes
+from nhle.core.metrics import (METRIC_KEYS, evaluate_forgetting, forget_silhouette, mia_efficacy, probe_forget_acc,
+                          relearn_steps)
+from nhle.core.unlearning import apply_class_weight_mask, without_mask
+
+
+def test_probe_on_perfectly_separable_features_recalls_everything():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 50)
+    features = np.eye(3)[labels] * 10 + rng.normal(0, 0.1, (150, 3))
+    assert probe_forget_acc(features, labels, features, labels, [1]) == 1.0
+
+
+def test_probe_on_features_without_class_information_is_near_chance():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 300)
+    features = rng.normal(size=(1200, 8))
+    assert probe_forget_acc(features[::2], labels[::2], features[1::2], labels[1::2], [0]) < 0.45
+
+
+def test_mia_members_and_nonmembers_from_one_distribution_sit_near_chance():
+    rng = np.random.default_rng(0)
+    efficacy = mia_efficacy(rng.uniform(size=2000), rng.uniform(size=500), rng.uniform(size=1000))
+    assert 0.2 < efficacy < 0.8
+
+
+def test_mia_flags_forget_samples_that_look_like_members():
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.uniform(0.9, 1.0, 400), rng.uniform(0.0, 0.5, 400)
+    assert mia_efficacy(members, nonmembers, rng.uniform(0.9, 1.0, 100)) == 0.0
+    assert mia_efficacy(members, nonmembers, rng.uniform(0.0, 0.5, 100)) == 1.0
+
+
+def test_silhouette_of_tight_and_of_mixed_clusters():
+    labels = np.repeat([0, 1], 20)
+    tight = np.eye(2)[labels] + 0.01 * np.random.default_rng(0).normal(size=(40, 2))
+    assert forget_silhouette(tight, labels, [1]) > 0.9
+    mixed = np.random.default_rng(1).normal(size=(40, 2))
+    assert abs(forget_silhouette(mixed, labels, [1])) < 0.2
+
+
+def test_relearn_is_zero_for_a_model_that_knows_the_class(trained, digits):
+    forget_test, _ = split_by_classes(digits.test, [4])
+    samples = sample_per_class(digits.train, [4], 32, 0)
+    assert relearn_steps(trained, samples, forget_test, max_steps=10) == 0
+
+
+def test_masking_only_hides_the_class_and_the_attack_sees_it(trained, digits):
+    model = copy.deepcopy(trained)
+    snapshot = apply_class_weight_mask(model, [4])
+    samples = sample_per_class(digits.train, [4], 32, 0)
+    masked = evaluate_forgetting(model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5)
+    original = evaluate_forgetting(trained, digits, [4], samples, relearn_max_steps=5)
+    assert set(masked) == set(METRIC_KEYS)
+    assert masked["forget_test_acc"] == 0.0 and masked["forget_train_acc"] == 0.0
+    assert masked["unmasked_forget_test_acc"] == pytest.approx(original["forget_test_acc"])
+    assert masked["probe_forget_acc"] == original["probe_forget_acc"]  # same features
+    assert masked["relearn_steps"] == 0
+    assert masked["retain_test_acc"] >= original["retain_test_acc"]
+    assert all(0.0 <= masked[k] <= 1.0 for k in METRIC_KEYS if k.endswith("acc") or k == "mia_efficacy")

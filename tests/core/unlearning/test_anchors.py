@@ -1,0 +1,68 @@
+"""What NHLE may hold on to besides the forget samples: inputs synthesised from the model, the
+original weights, and retained-class prototypes. Real models, no retained data."""
+import pytest
+import torch
+
+from nhle.core.config import UnlearnConfig
+from nhle.core.data import sample_per_class, split_by_classes
+from nhle.core.models import build_model
+from nhle.core.training import evaluate
+from nhle.core.unlearning import unlearn
+from nhle.core.unlearning.anchors import synthesise_inputs, weight_distance
+
+
+def test_synthetic_inputs_are_images_the_model_gives_their_class(trained):
+    before = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    x, y = synthesise_inputs(trained, [0, 1, 2, 4], per_class=4, image_shape=(1, 8, 8), steps=100)
+    assert x.shape == (16, 1, 8, 8) and y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [4] * 4
+    assert 0 <= x.min() and x.max() <= 1
+    with torch.no_grad():
+        assert (trained(x).argmax(1) == y).float().mean() >= 0.9
+    assert weight_distance(trained, before) == 0  # the model is read, never moved
+    assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_synthesis_matches_the_batch_norm_statistics_the_model_remembers():
+    torch.manual_seed(0)
+    model = build_model("resnet18_cifar", 1, 10).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    def distance(x):
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.append(
+            (i[0].mean((0, 2, 3)) - m.running_mean).norm() + (i[0].var((0, 2, 3)) - m.running_var).norm())) for m in norms]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        return torch.stack(seen).mean().item()
+
+    plain, _ = synthesise_inputs(model, [1, 2], 4, (1, 16, 16), steps=30, bn_weight=0.0, seed=1)
+    matched, _ = synthesise_inputs(model, [1, 2], 4, (1, 16, 16), steps=30, bn_weight=1.0, seed=1)
+    assert distance(matched) < distance(plain)
+
+
+def test_feature_pull_forgets_and_moves_the_features_into_a_retained_class(trained, digits):
+    samples = sample_per_class(digits.train, [3], 32, seed=0)
+    config = UnlearnConfig(synthetic_per_class=4, synthesis_steps=100, feature_pull=1.0, feature_stop=0.5)
+    result = unlearn(trained, samples, [3], config, device="cpu")
+    forget_test, retain_test = split_by_classes(digits.test, [3])
+    assert evaluate(result.model, forget_test) == 0.0
+    assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.03
+    with torch.no_grad():  # the forget class's test features moved away from where they were
+        before, after = trained.features(forget_test.float_images()), result.model.features(forget_test.float_images())
+    assert (after - before).norm(dim=1).mean() > 0.1 * before.norm(dim=1).mean()
+
+
+def test_weight_anchor_keeps_the_weights_closer_to_the_original(trained, digits):
+    samples = sample_per_class(digits.train, [5], 32, seed=0)
+    reference = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    free = unlearn(trained, samples, [5], UnlearnConfig(mask=False, max_steps=40, stop_forget_prob=0.0), device="cpu")
+    held = unlearn(trained, samples, [5], UnlearnConfig(mask=False, max_steps=40, stop_forget_prob=0.0,
+                                                         weight_anchor=1e6), device="cpu")
+    assert weight_distance(held.model, reference) < weight_distance(free.model, reference)
+
+
+def test_feature_pull_without_synthetic_inputs_is_refused():
+    with pytest.raises(ValueError, match="feature_pull needs unlearn.synthetic_per_class >= 1"):
+        UnlearnConfig(feature_pull=1.0, synthetic_per_class=0)

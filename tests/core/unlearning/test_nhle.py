@@ -1,0 +1,82 @@
+"""NHLE fine-tuning: each encoding pushes the forgotten classes out, using forget samples only."""
+import pytest
+import torch
+
+from nhle.core.config import ENCODINGS, UnlearnConfig
+from nhle.core.data import as_float, sample_per_class, split_by_classes
+from nhle.core.training import evaluate
+from nhle.core.unlearning import nhle_loss, unlearn, without_mask
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_each_encoding_lowers_the_forgotten_probability(encoding):
+    logits = torch.zeros(4, 5, requires_grad=True)
+    forget = torch.tensor([False, True, False, False, False])
+    retained = torch.tensor([True, False, True, True, False])  # class 4 masked earlier
+    masked_logits = logits.masked_fill(~(forget | retained), float("-inf"))
+    nhle_loss(masked_logits, forget, retained, encoding).backward()
+    assert (logits.grad[:, 1] > 0).all()  # a descent step lowers the forgotten logit
+    assert (logits.grad[:, 4] == 0).all() and torch.isfinite(logits.grad).all()
+
+
+def test_unknown_encoding_is_refused():
+    with pytest.raises(ValueError, match="unknown encoding 'positive'"):
+        nhle_loss(torch.zeros(1, 3), torch.tensor([True, False, False]), torch.tensor([False, True, True]), "positive")
+
+
+def test_unlearn_forgets_with_forget_samples_only(trained, digits):
+    samples = sample_per_class(digits.train, [3], 32, seed=0)
+    assert set(samples.labels.tolist()) == {3}  # the only data NHLE gets
+    result = unlearn(trained, samples, [3], UnlearnConfig(encoding="complementary"), device="cpu")
+    forget_test, retain_test = split_by_classes(digits.test, [3])
+    assert evaluate(result.model, forget_test) == 0.0
+    assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.02
+    assert 0 < result.steps <= UnlearnConfig().max_steps and result.seconds > 0
+    assert evaluate(without_mask(result.model, result.snapshot), forget_test) < 0.2
+    assert not trained.forget_mask.any()  # the input model is left as it was
+    backbone_moved = not torch.equal(result.model.backbone[0].weight, trained.backbone[0].weight)
+    assert backbone_moved  # the default updates the feature extractor
+
+
+def test_head_only_leaves_features_and_step_cap_holds(trained, digits):
+    samples = sample_per_class(digits.train, [1], 32, seed=0)
+    result = unlearn(trained, samples, [1], UnlearnConfig(layers="head", max_steps=3), device="cpu")
+    x = as_float(digits.test.images[:16])
+    assert torch.equal(result.model.features(x), trained.features(x))
+    assert result.steps <= 3
+
+
+def test_sequential_forgetting_keeps_earlier_classes_masked(trained, digits):
+    first = unlearn(trained, sample_per_class(digits.train, [3], 32, 0), [3], device="cpu").model
+    second = unlearn(first, sample_per_class(digits.train, [5], 32, 0), [5], device="cpu").model
+    assert second.forget_mask.nonzero().flatten().tolist() == [3, 5]
+    predictions = second(as_float(digits.test.images)).argmax(1)
+    assert not torch.isin(predictions, torch.tensor([3, 5])).any()
+    with pytest.raises(ValueError, match="already forgotten"):
+        unlearn(second, sample_per_class(digits.train, [3], 8, 0), [3], device="cpu")
+
+
+def test_forgetting_every_class_is_refused(trained, digits):
+    with pytest.raises(ValueError, match="no class to predict"):
+        unlearn(trained, sample_per_class(digits.train, range(10), 2, 0), range(10), device="cpu")
+
+
+@pytest.mark.parametrize("classes", [[5, 7], [1, 8]])
+def test_several_classes_are_forgotten_together(trained, digits, classes):
+    """Forget requests are processed as a union: several classes at once must stop by the rule,
+    not at the step cap, and leave nothing for the mask-removal attack on any of them (1 and 8
+    look alike: a loss that pushes one into the other never stops)."""
+    samples = sample_per_class(digits.train, classes, 32, seed=0)
+    result = unlearn(trained, samples, classes, UnlearnConfig(), device="cpu")
+    _, retain_test = split_by_classes(digits.test, classes)
+    assert result.stopped_early and result.steps < UnlearnConfig().max_steps
+    attacked = without_mask(result.model, result.snapshot)
+    for cls in classes:
+        assert evaluate(attacked, split_by_classes(digits.test, [cls])[0]) < 0.1
+    assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.02
+
+
+def test_forget_samples_of_other_classes_are_refused(trained, digits):
+    samples = sample_per_class(digits.train, [2], 4, seed=0)
+    with pytest.raises(ValueError, match="must all belong to the forgotten classes"):
+        unlearn(trained, samples, [5], UnlearnConfig(), device="cpu")

@@ -1,0 +1,39 @@
+"""nhle.orchestration without Prefect: the flows' functions run with the plain engine (`call`, or
+any `run(step, *args)`), on real MLflow (SQLite), DVC and the request ledger in a temp folder."""
+import logging
+import shutil
+
+import yaml
+
+from nhle.adapters.tracking import configure
+from nhle.core.config import load_params
+from nhle.orchestration import pipeline, requests, steps
+
+
+def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_path, mlflow_template):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": 4}, "retrain_baseline": False,
+                                                          "gates": {"min_retain_test_acc": 0.8}}))
+    params = load_params(tmp_path / "params.yaml")
+    configure(params, tmp_path)
+    ran = []
+
+    def engine(step, *args):  # what flows/pipeline.py does with Prefect tasks, here a plain call
+        ran.append(step.__name__)
+        return step(*args)
+
+    def forget(params, root, classes, **options):
+        return pipeline.forget(params, root, classes, run=engine, **options)
+
+    base = pipeline.train_base(params, tmp_path, engine)
+    assert base["promoted"] and ran[:3] == ["training_data", "version_data", "train_candidate"]
+    submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
+    result = requests.process_requests(params, tmp_path, engine, forget, logging.getLogger("test"))
+
+    done = requests.open_ledger(params, tmp_path).get(submitted.id)
+    assert done.status == "done" and done.model_version_after == result["versions"][0] and done.report_uri
+    model, checkpoint, version = steps.load_champion(params)
+    assert model.forgotten_classes == [3] and str(version.version) == done.model_version_after
+    assert "**Outcome: done**" in requests.read_report(done.report_uri)
+    assert {"claim_requests", "load_champion", "forget_candidate", "register_candidate", "gates_of",
+            "finish_version", "close_requests"} <= set(ran)

@@ -1,0 +1,93 @@
+"""The architecture, as the tree shows it: each layer imports only the layers below it.
+
+    nhle.core  <-  nhle.adapters  <-  nhle.orchestration  <-  nhle_flows  <-  nhle.cli
+         ^                 ^------ nhle.bench -----------------------^
+         '---- nhle_serving (nhle.core.config, nhle.core.gates and the ledger only: no torch)
+
+Every import statement of every module is read (function-local ones too), so a late import
+cannot hide a wrong dependency."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"nhle": REPO / "nhle", "nhle_flows": REPO / "flows", "nhle_serving": REPO / "serving"}
+# What each layer may import of nhle's own code (a prefix allows its submodules).
+ALLOWED = {
+    "nhle.core": ("nhle.core",),
+    "nhle.adapters": ("nhle.core", "nhle.adapters"),
+    "nhle.orchestration": ("nhle.core", "nhle.adapters", "nhle.orchestration"),
+    "nhle.bench": ("nhle.core", "nhle.adapters", "nhle.bench"),
+    "nhle_flows": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle_flows"),
+    "nhle.cli": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle.cli", "nhle_flows"),
+    # The server reads the ledger (classes deleted on record) and nhle's pure config and gates.
+    "nhle_serving": ("nhle.core.config", "nhle.core.gates", "nhle.adapters.ledger", "nhle_serving"),
+}
+# What the layers that must run on a bare GPU image (torch, torchvision, numpy, scikit-learn,
+# onnx, onnxruntime) or in a serving image may never import.
+SYSTEMS = ("mlflow", "prefect", "prefect_dask", "dvc", "sqlalchemy", "fastapi", "uvicorn", "starlette", "httpx")
+FORBIDDEN = {"nhle.core": SYSTEMS, "nhle_serving": ("torch", "torchvision", "sklearn", "prefect", "dvc")}
+
+
+def modules():
+    """(module name, path) of every Python file of nhle, flows/ and serving/."""
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            yield ".".join((package, *parts)).removesuffix(".__init__"), path
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from nhle import pipeline`
+    return found
+
+
+def layer_of(module: str) -> str:
+    return next((layer for layer in sorted(ALLOWED, key=len, reverse=True)
+                 if module == layer or module.startswith(layer + ".")), "nhle")
+
+
+def own(name: str) -> bool:
+    return name.split(".")[0] in PACKAGES
+
+
+def within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_every_module_belongs_to_a_layer():
+    stray = [m for m, _ in modules() if layer_of(m) == "nhle" and m != "nhle"]
+    assert not stray, f"modules outside every layer folder: {stray}"
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_the_layers_below_it(layer):
+    wrong = []
+    for module, path in modules():
+        if layer_of(module) != layer:
+            continue
+        for name in imports(path):
+            if own(name) and name not in ("nhle", "nhle_flows", "nhle_serving") and not within(name, ALLOWED[layer]):
+                wrong.append(f"{module} imports {name}")
+            if within(name, FORBIDDEN.get(layer, ())):
+                wrong.append(f"{module} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_core_and_the_benchmarks_run_without_tracking_orchestration_or_versioning():
+    """Imported for real, not only read: a GPU image has torch, numpy, scikit-learn, onnx and
+    onnxruntime, and nothing of MLflow, Prefect or DVC."""
+    names = [m for m, _ in modules() if layer_of(m) == "nhle.core"] + ["nhle.bench.unlearning", "nhle.bench.scaling",
+                                                                        "nhle.bench.gpu", "nhle.bench.report"]
+    code = (f"import importlib, sys\nfor name in {names!r}: importlib.import_module(name)\n"
+            f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({SYSTEMS!r})); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
