@@ -60,6 +60,16 @@ def rank_methods(rows: list[dict]) -> list[tuple[float, str]]:
     return ranks + sorted((float(m.split("_")[-1]), m) for m in found if m.startswith("forget_rank_"))
 
 
+def on_common_cases(rows: list[dict], methods) -> list[dict]:
+    """The rows of the (seed, classes) cases on which every one of `methods` ran: a curve of one
+    knob compares its points on the same cases."""
+    def case(row):
+        return row.get("seed"), tuple(row.get("forget_classes", ()))
+
+    common = set.intersection(*({case(r) for r in rows if r["method"] == m} for m in methods))
+    return [r for r in rows if case(r) in common]
+
+
 def forget_rank_plot(settings: dict[str, list[dict]], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -73,6 +83,7 @@ def forget_rank_plot(settings: dict[str, list[dict]], path: Path) -> Path | None
         ranks = rank_methods(rows)
         if len(ranks) < 2:
             continue
+        rows = on_common_cases(rows, [method for _, method in ranks])
         checks = [goal_checks(rows, method) for _, method in ranks]
         x = [rank for rank, _ in ranks]
         line, = drop_axis.plot(x, [c["drop_mean"] for c in checks], "o-", label=setting)

@@ -31,6 +31,15 @@ def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
     assert checks["retrain_drop_mean"] == 0.0 and checks["runs"] == 1 and checks["missed"] == []
 
 
+def test_a_knobs_curve_compares_its_points_on_the_cases_all_of_them_ran_on():
+    from nhle.bench.report import on_common_cases
+
+    rows = [{**row(m, 0.0, 0.2, 8), "seed": 0, "forget_classes": c}
+            for m, c in (("retrain", [1]), ("retrain", [2]), ("nhle", [1]), ("nhle", [2]), ("forget_rank_1.0", [2]))]
+    kept = on_common_cases(rows, ["nhle", "forget_rank_1.0"])
+    assert {(r["method"], r["forget_classes"][0]) for r in kept} == {("retrain", 2), ("nhle", 2), ("forget_rank_1.0", 2)}
+
+
 def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
     data = grid_data(DataConfig(dataset="synthetic2000", seed=1))
     assert data.name == "synthetic2000" and len(data.train) == 2000 and data.num_classes == 10
