@@ -12,12 +12,13 @@ from pathlib import Path
 import onnxruntime as ort
 import yaml
 
-from nhle.core.config import ORT_OPT_LEVELS, SERVING_DEVICES, ServingConfig, load_params  # pure: no torch
+from nhle.core.config import SERVING_DEVICES, ServingConfig, load_params  # pure: no torch
 
 MIB = 1024 * 1024
-OPT_LEVELS = {name: getattr(ort.GraphOptimizationLevel, f"ORT_{'ENABLE' if name != 'disable' else 'DISABLE'}_"
-                                                         f"{name.upper() if name != 'disable' else 'ALL'}")
-              for name in ORT_OPT_LEVELS}
+OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # keys: ORT_OPT_LEVELS of nhle.core.config
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 DEVICES = SERVING_DEVICES
 
 

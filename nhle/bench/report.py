@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nhle.bench.unlearning import goal_checks
+from nhle.bench.unlearning import case_key, goal_checks
 
 MAIN_METHODS = ("nhle", "nhle_previous_default", "nhle_no_synthetic", "nhle_fixed_lr", "forget_rank_1.0", "mask_only")
 
@@ -63,11 +63,8 @@ def rank_methods(rows: list[dict]) -> list[tuple[float, str]]:
 def on_common_cases(rows: list[dict], methods) -> list[dict]:
     """The rows of the (seed, classes) cases on which every one of `methods` ran: a curve of one
     knob compares its points on the same cases."""
-    def case(row):
-        return row.get("seed"), tuple(row.get("forget_classes", ()))
-
-    common = set.intersection(*({case(r) for r in rows if r["method"] == m} for m in methods))
-    return [r for r in rows if case(r) in common]
+    common = set.intersection(*({case_key(r) for r in rows if r["method"] == m} for m in methods))
+    return [r for r in rows if case_key(r) in common]
 
 
 def forget_rank_plot(settings: dict[str, list[dict]], path: Path) -> Path | None:

@@ -222,6 +222,11 @@ def case_kind(classes) -> str:
     return "one class" if len(classes) == 1 else f"{len(classes)} classes"
 
 
+def case_key(row: dict) -> tuple:
+    """(seed, forget classes): the case a runs.jsonl row belongs to."""
+    return row.get("seed"), tuple(row.get("forget_classes", ()))
+
+
 def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), submit=inline,
                      engine: str = "sequential", resume: bool = False) -> list[dict]:
     """Run the grid and write runs.jsonl, summary.json, summary.md, goal.md and tradeoff.png to
@@ -229,7 +234,7 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     not run again (a benchmark of hours survives its process)."""
     out.mkdir(parents=True, exist_ok=True)
     earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
-    done = frozenset((r["seed"], tuple(r["forget_classes"])) for r in earlier)
+    done = frozenset(case_key(r) for r in earlier)
     with open(out / "runs.jsonl", "w") as runs:
         for row in earlier:
             runs.write(json.dumps(row) + "\n")
@@ -261,8 +266,8 @@ def completed_rows(path: Path, methods) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     found: dict[tuple, set] = {}
     for row in rows:
-        found.setdefault((row["seed"], tuple(row["forget_classes"])), set()).add(row["method"])
-    return [r for r in rows if set(methods) <= found[(r["seed"], tuple(r["forget_classes"]))] and r["method"] in methods]
+        found.setdefault(case_key(row), set()).add(row["method"])
+    return [r for r in rows if set(methods) <= found[case_key(r)] and r["method"] in methods]
 
 
 GOALS = ("forget acc 0", "attack <= 3%", "mean drop <= retrain + 0.3 pp", "worst drop <= 2 pp",
@@ -273,11 +278,8 @@ GOALS = ("forget acc 0", "attack <= 3%", "mean drop <= retrain + 0.3 pp", "worst
 def goal_checks(rows: list[dict], method: str) -> dict:
     """GOALS checked for `method` over `rows` (every case and seed of one setting), with the figures;
     the reference is the retrain of the cases `method` ran on."""
-    def case(row):
-        return row.get("seed"), tuple(row.get("forget_classes", ()))
-
-    ran = {case(r) for r in rows if r["method"] == method}
-    rows = [r for r in rows if case(r) in ran]
+    ran = {case_key(r) for r in rows if r["method"] == method}
+    rows = [r for r in rows if case_key(r) in ran]
 
     def values(who, key):
         return np.array([r[key] for r in rows if r["method"] == who], dtype=float)

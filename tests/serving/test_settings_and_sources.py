@@ -75,3 +75,10 @@ def test_local_file_is_reloaded_when_it_changes(onnx_files, tmp_path):
     assert manager.refresh(force=True)["outcome"] == "failed"
     (tmp_path / "model.onnx").unlink()
     assert manager.refresh()["outcome"] == "check_failed" and manager.current is serving
+
+
+def test_every_optimisation_level_the_config_accepts_maps_to_onnx_runtime():
+    from nhle.core.config import ORT_OPT_LEVELS
+    from nhle_serving.settings import OPT_LEVELS
+
+    assert tuple(OPT_LEVELS) == ORT_OPT_LEVELS
