@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from nhle.core.gates import deleted_but_predicted  # pure: nhle.core.config only, no torch
+from nhle_serving.batching import MicroBatcher
 from nhle_serving.settings import OPT_LEVELS, ApiError, Settings, now_iso
 from nhle_serving.sources import Pointer, gates_passed, make_source
 
@@ -102,12 +103,25 @@ class LoadedModel:
     loaded_at: str
     load_seconds: float
     metadata: dict
+    batcher: MicroBatcher | None = None  # the server's, when serving.micro_batching is on
+
+    @property
+    def name(self) -> str:
+        """The Open Inference Protocol's model name: the registry's (a local file's stem)."""
+        return self.pointer.name or "model"
 
     @property
     def version(self) -> str | None:
         return self.pointer.version
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Every class's probability for the float32 (N, C, H, W) batch; forgotten ones exactly 0."""
+        if self.batcher is not None:
+            return self.batcher.probabilities(self, x)
+        return self.compute(x)
+
+    def compute(self, x: np.ndarray) -> np.ndarray:
+        """One ONNX Runtime call (the micro-batcher calls it with gathered requests)."""
         y = self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
         p = as_probabilities(y, self.output_name)
         # The graph already gives them exactly 0 (checked before the swap); setting it again
@@ -137,7 +151,8 @@ def check_registration(pointer: Pointer, digest: str) -> None:
         raise ValueError(f"version {pointer.version} is not tagged as having passed its gates")
 
 
-def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]]) -> LoadedModel:
+def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]],
+               batcher: MicroBatcher | None = None) -> LoadedModel:
     """Download, open and smoke-test one model; raises on anything that should block a swap.
     `deleted` is the source's classes deleted on record (class -> done request ids)."""
     started = time.perf_counter()
@@ -224,7 +239,8 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
     return LoadedModel(session=session, input_name=input_name, output_name=output_name, input_shape=shape,
                        class_names=tuple(str(c) for c in class_names), forgotten=tuple(sorted(forgotten)),
                        pointer=pointer, sha256=digest, providers=tuple(session.get_providers()),
-                       loaded_at=now_iso(), load_seconds=round(time.perf_counter() - started, 3), metadata=metadata)
+                       loaded_at=now_iso(), load_seconds=round(time.perf_counter() - started, 3), metadata=metadata,
+                       batcher=batcher)
 
 
 class ModelManager:
@@ -243,6 +259,8 @@ class ModelManager:
         self._lock = threading.Lock()              # one check/load at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.batcher = (MicroBatcher(settings.micro_batch_max_images, settings.micro_batch_wait_ms)
+                        if settings.micro_batching else None)
 
     @property
     def source(self):
@@ -280,7 +298,7 @@ class ModelManager:
                     "error": self._failed[failure_key]}
         log.info("loading model %s (version %s, %s)", pointer.model_uri, pointer.version, reason)
         try:
-            model = load_model(source, pointer, self.settings, deleted)
+            model = load_model(source, pointer, self.settings, deleted, self.batcher)
         except Exception as err:  # any failure of a candidate blocks its swap, nothing more
             message = f"{type(err).__name__}: {err}"
             self._failed[failure_key] = message
@@ -310,7 +328,7 @@ class ModelManager:
             candidates = []
         for pointer in candidates:
             try:
-                model = load_model(source, pointer, self.settings, deleted)
+                model = load_model(source, pointer, self.settings, deleted, self.batcher)
             except Exception as err:
                 log.warning("fallback version %s refused too: %s", pointer.version, err)
                 continue
@@ -340,6 +358,8 @@ class ModelManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.batcher is not None:
+            self.batcher.stop()
 
     def require(self) -> LoadedModel:
         model = self.current
@@ -359,7 +379,9 @@ class ModelManager:
         model = self.current
         info = {"ready": model is not None, "model_uri": getattr(self._source, "model_uri", self.settings.model),
                 "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
-                "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback}
+                "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback,
+                "micro_batching": ({"max_images": self.batcher.max_images, "calls": self.batcher.calls,
+                                    "images": self.batcher.images} if self.batcher else None)}
         if model is None:
             return info
         tags = model.pointer.tags

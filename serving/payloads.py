@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nhle_serving.models import LoadedModel
-from nhle_serving.settings import ApiError, Settings, bad
+from nhle_serving.settings import ApiError, Settings, bad, error_body
 
 DEFAULT_TOP_K = 3
 # Decoded-image guard: an 8 MiB PNG can hold a gigapixel of zeros. 4096 x 4096 is far above
@@ -392,7 +392,7 @@ class BodyLimit:
     async def refuse(self, scope, receive, send, status: int, message: str):
         code = {413: "payload_too_large", 408: "body_timeout"}.get(status, "bad_request")
         # Connection: close, since the rest of the refused body is never read.
-        await JSONResponse({"detail": message, "error": code}, status,
+        await JSONResponse(error_body(scope["path"], code, message), status,
                            headers={"Connection": "close"})(scope, receive, send)
 
     async def __call__(self, scope, receive, send):

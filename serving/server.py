@@ -38,7 +38,7 @@ import sys
 import numpy as np
 from fastapi import Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -51,7 +51,8 @@ from nhle_serving.payloads import (
     DEFAULT_TOP_K, BodyLimit, check_count, handle_images, handle_invocations, handle_predict,
     parse_top_k, require_content_type, shape_text,
 )
-from nhle_serving.settings import ApiError, Settings, bad
+from nhle_serving.settings import ApiError, Settings, bad, error_body
+from nhle_serving import open_inference as v2
 
 log = logging.getLogger("nhle_serving.server")
 
@@ -143,7 +144,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse({"detail": err.message, "error": err.code}, err.status, headers=extra)
+        return JSONResponse(error_body(request.url.path, err.code, err.message), err.status, headers=extra)
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, err: Exception):
@@ -222,6 +223,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         result = await run_in_threadpool(handle_images, files, top_k, model, settings)
         return JSONResponse(result, headers=headers(model))
 
+    add_open_inference_routes(app, manager, settings)
+
     @app.post("/admin/reload")
     async def admin_reload(request: Request):
         """Check the alias now and swap if it moved; retries a version that failed before."""
@@ -236,3 +239,50 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         return {**outcome, "model": manager.describe()}
 
     return app
+
+
+def add_open_inference_routes(app, manager: ModelManager, settings: Settings):
+    """The Open Inference Protocol (KServe V2) endpoints: nhle_serving.open_inference."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        nhle_version = version("nhle")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        nhle_version = "unknown"
+
+    @app.get("/v2")
+    async def v2_server():
+        return v2.server_metadata(nhle_version)
+
+    @app.get("/v2/health/live")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready():
+        return JSONResponse({"ready": manager.current is not None}, 200 if manager.current is not None else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_model(name: str, version: str | None = None):
+        model = manager.require()
+        v2.check_model(model, name, version)
+        return v2.model_metadata(model)
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def v2_model_ready(name: str, version: str | None = None):
+        model = manager.require()
+        v2.check_model(model, name, version)
+        return {"name": model.name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(request: Request, name: str, version: str | None = None):
+        """Open Inference Protocol inference: JSON tensors, or the binary tensor data extension."""
+        model = manager.require()  # this request's model, whatever swaps happen meanwhile
+        v2.check_model(model, name, version)
+        body = v2.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+        content, extra = await run_in_threadpool(v2.handle_infer, body, request.headers.get(v2.HEADER), model,
+                                                 settings)
+        return Response(content, headers={**extra, "X-Model-Version": str(model.version)})

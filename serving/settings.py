@@ -82,3 +82,11 @@ class ApiError(Exception):
 
 def bad(code: str, message: str, status: int = 422) -> ApiError:
     return ApiError(status, code, message)
+
+
+def error_body(path: str, code: str, message: str) -> dict:
+    """A refusal's JSON: the Open Inference Protocol's {"error": message} under /v2 (what its
+    clients show), else {"detail": message, "error": code}."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": message, "code": code}
+    return {"detail": message, "error": code}

@@ -226,7 +226,8 @@ def params_as_dict(params) -> dict:
 AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
             "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
             "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0,
-            "max_request_pixels": 1, "max_body_bytes": 1024, "synthetic_per_class": 0, "synthesis_steps": 0,
+            "max_request_pixels": 1, "max_body_bytes": 1024, "micro_batch_max_images": 1,
+            "micro_batch_wait_ms": 0.0, "synthetic_per_class": 0, "synthesis_steps": 0,
             "weight_anchor": 0.0, "feature_pull": 0.0, "feature_stop": 0.0, "warmup_steps": 0}
 ABOVE = {"anchor_temperature": 0.0, "saliency": 0.0, "lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "body_timeout_seconds": 0.0}
 
@@ -389,6 +390,14 @@ class ServingConfig(Section):
     """ONNX Runtime graph optimisation: disable, basic, extended or all."""
     device: str = "auto"
     """auto (CUDA provider when a GPU is visible), cpu or cuda."""
+    micro_batching: bool = False
+    """Gather concurrent requests of fewer than micro_batch_max_images images into one ONNX Runtime
+    call. Off by default: on a 2-core CPU it did not raise throughput (docs/benchmarks.md, section 8);
+    try it where one call costs much more than its HTTP request (a large model, a GPU)."""
+    micro_batch_max_images: int = 64
+    """Most images one gathered ONNX Runtime call takes (micro_batching)."""
+    micro_batch_wait_ms: float = 2.0
+    """Longest a request waits for others to join its call (micro_batching); a full batch goes at once."""
     notify: tuple[str, ...] = ()
     """Base URLs of running nhle servers (http://host:8000) that a flow tells to reload right after
     it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),

@@ -201,6 +201,7 @@ def preprocessing(model, image_shape, class_names) -> dict:
     input tensor, the normalisation the graph applies itself, the classes and the masked ones."""
     return {"input_name": INPUT_NAME, "input_shape": [int(d) for d in image_shape],
             "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
+            "uint8_divisor": 255,  # 8-bit pixels (the servers' UINT8 / "byte" inputs) / this = the input
             "normalisation": {"inside_graph": True, "mean": model.input_mean.flatten().tolist(),
                               "std": model.input_std.flatten().tolist(), "grey_to_rgb": bool(model.grey_to_rgb)},
             "arch": model.arch, "class_names": list(class_names),

@@ -1,0 +1,213 @@
+"""The Open Inference Protocol (KServe V2, also spoken by Triton and MLServer) of the nhle model
+server: metadata, and inference with JSON tensors or with the binary tensor data extension.
+
+    POST /v2/models/{name}[/versions/{version}]/infer
+    {"inputs": [{"name": "images", "datatype": "FP32", "shape": [N, C, H, W], "data": [...]}]}
+
+With the binary extension the body is that JSON header followed by the raw little-endian tensor
+bytes; the header's length is in `Inference-Header-Content-Length` and the input says its byte
+count in `"parameters": {"binary_data_size": ...}`. Inputs: FP32 pixels in [0, 1] (what the graph
+takes) or UINT8 pixels, divided by the recorded preprocessing's `uint8_divisor` (255). The one
+output, "probabilities" (FP32, N x classes), has every forgotten class exactly 0; it comes back
+binary when the request asks (`binary_data_output`, or `binary_data` on the output), else as JSON.
+The model name and version are the registry's. Errors: a 4xx with {"error": message}.
+
+Never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+
+from nhle_serving.models import LoadedModel
+from nhle_serving.payloads import check_count, parse_json, to_array
+from nhle_serving.settings import ApiError, Settings, bad
+
+HEADER = "inference-header-content-length"
+DATATYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+OUTPUT = "probabilities"
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORM = "onnxruntime_onnx"
+
+
+def uint8_divisor(model: LoadedModel) -> float:
+    """What a 0..255 pixel is divided by to give the graph's input (the exported preprocessing)."""
+    return float(model.metadata.get("uint8_divisor", 255.0))
+
+
+def served_version(model: LoadedModel) -> str:
+    """The registry version; a local file has none, so its sha256 prefix names it."""
+    return model.version or model.sha256[:12]
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": "nhle", "version": version, "extensions": EXTENSIONS}
+
+
+def model_metadata(model: LoadedModel) -> dict:
+    c, h, w = model.input_shape
+    return {"name": model.name, "versions": [served_version(model)], "platform": PLATFORM,
+            "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.class_names)]}],
+            "parameters": {"input_datatypes": list(DATATYPES), "input_scale": "FP32 in [0, 1]; UINT8 / "
+                           f"{uint8_divisor(model):g}", "class_names": list(model.class_names),
+                           "forgotten_classes": list(model.forgotten)}}
+
+
+def check_model(model: LoadedModel, name: str, version: str | None) -> None:
+    """404 unless the request names the model (and version) being served."""
+    if name != model.name:
+        raise ApiError(404, "unknown_model", f"model {name!r} is not served here; this server serves {model.name!r}")
+    if version is not None and version != served_version(model):
+        raise ApiError(404, "unknown_version", f"version {version!r} of {name!r} is not served; this server serves "
+                                               f"version {served_version(model)} (the alias it follows)")
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A gzip or deflate request body (tritonclient's request_compression_algorithm), decoded up
+    to `limit` bytes: a small compressed body must not expand past the body limit."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding} is not supported: send gzip, "
+                                                    "deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise bad("bad_encoding", f"the body is not valid {encoding} data: {err}", 400) from None
+    if len(out) > limit:
+        raise bad("payload_too_large", f"the body decompresses to more than {limit} bytes (NHLE_MAX_BODY_BYTES)", 413)
+    return out
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of a request."""
+    if header_length is None:
+        return body, b""
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= len(body):
+        raise bad("bad_header_length", f"Inference-Header-Content-Length {header_length!r} must be a whole number "
+                                       f"of bytes from 1 to the body's {len(body)}", 400)
+    return body[:int(text)], body[int(text):]
+
+
+def flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise bad("bad_parameter", f"{where} must be true or false, got {value!r}", 400)
+    return value
+
+
+def parse_input(tensor, model: LoadedModel, binary: bytes, settings: Settings) -> tuple[np.ndarray, int]:
+    """The request's input tensor -> float32 (N, C, H, W) in [0, 1], and the binary bytes it used."""
+    if not isinstance(tensor, dict):
+        raise bad("bad_type", f"inputs[0] must be an object, got {type(tensor).__name__}", 400)
+    unknown = sorted(set(tensor) - {"name", "shape", "datatype", "parameters", "data"})
+    if unknown:
+        raise bad("unknown_field", f"unknown field(s) {unknown} in inputs[0]", 400)
+    if tensor.get("name") != model.input_name:
+        raise bad("unknown_input", f"inputs[0].name is {tensor.get('name')!r}; the model's input is "
+                                   f"{model.input_name!r}", 400)
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise bad("bad_datatype", f"inputs[0].datatype is {datatype!r}; send FP32 (pixels in [0, 1]) or UINT8 "
+                                  "(0..255)", 400)
+    shape = tensor.get("shape")
+    c, h, w = model.input_shape
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise bad("bad_shape", f"inputs[0].shape must be a list of whole numbers, got {shape!r}", 400)
+    if len(shape) != 4 or shape[1:] != [c, h, w] or shape[0] < 0:
+        raise bad("bad_shape", f"inputs[0].shape is {shape}; this model takes [N, {c}, {h}, {w}]", 400)
+    check_count(shape[0], settings, "inputs[0] images")
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("bad_parameter", "inputs[0].parameters must be an object", 400)
+    dtype, count = DATATYPES[datatype], shape[0] * c * h * w
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if "data" in tensor:
+            raise bad("bad_body", "inputs[0] has both data and binary_data_size: send one", 400)
+        if type(size) is not int or size != count * dtype.itemsize:
+            raise bad("bad_byte_count", f"inputs[0].parameters.binary_data_size is {size!r}; shape {shape} of "
+                                        f"{datatype} takes {count * dtype.itemsize} bytes", 400)
+        if len(binary) < size:
+            raise bad("bad_byte_count", f"the body carries {len(binary)} bytes of tensor data after its JSON "
+                                        f"header; inputs[0] declares {size}", 400)
+        x, used = np.frombuffer(binary, dtype, count).reshape(shape), size
+    elif "data" in tensor:
+        x, used = json_data(tensor["data"], datatype, count, shape), 0
+    else:
+        raise bad("missing_field", "inputs[0] has no data: send data, or binary_data_size with the bytes after "
+                                   "the JSON header", 400)
+    if datatype == "UINT8":
+        return (x / np.float32(uint8_divisor(model))).astype(np.float32), used
+    if not np.isfinite(x).all():
+        raise bad("non_finite", "inputs[0] holds non-finite values", 400)
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise bad("out_of_range", f"inputs[0] has FP32 values in [{x.min():g}, {x.max():g}], outside [0, 1]: "
+                                  "send UINT8 for 0..255 pixels", 400)
+    return x, used
+
+
+def json_data(data, datatype: str, count: int, shape: list) -> np.ndarray:
+    """The JSON "data" of an input: flat (row-major) or nested as the shape, numbers only."""
+    values = to_array(data if isinstance(data, list) else None, "inputs[0].data")
+    if values.size != count:
+        raise bad("bad_shape", f"inputs[0].data holds {values.size} values; shape {shape} needs {count}", 400)
+    if datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or (values != np.round(values)).any()):
+        raise bad("out_of_range", "inputs[0].data holds values that are not UINT8 (whole numbers 0..255)", 400)
+    return values.reshape(shape).astype(DATATYPES[datatype])
+
+
+def binary_output_wanted(payload: dict) -> bool:
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("bad_parameter", "parameters must be an object", 400)
+    binary = flag(parameters.get("binary_data_output", False), "parameters.binary_data_output")
+    outputs = payload.get("outputs")
+    if outputs is None:
+        return binary
+    if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+        raise bad("bad_outputs", f'outputs must list the one output {{"name": "{OUTPUT}"}}', 400)
+    output = outputs[0]
+    if output.get("name") != OUTPUT or set(output) - {"name", "parameters"}:
+        raise bad("unknown_output", f"outputs[0] is {output!r}; the model's one output is {OUTPUT!r}", 400)
+    options = output.get("parameters") or {}
+    if not isinstance(options, dict) or set(options) - {"binary_data"}:
+        raise bad("bad_parameter", f"outputs[0].parameters may hold binary_data only, got {options!r}", 400)
+    return flag(options.get("binary_data", binary), "outputs[0].parameters.binary_data")
+
+
+def handle_infer(body: bytes, header_length: str | None, model: LoadedModel,
+                 settings: Settings) -> tuple[bytes, dict]:
+    """One inference request -> (response body, response headers)."""
+    header, binary = split_body(body, header_length)
+    payload = parse_json(header)
+    if not isinstance(payload, dict):
+        raise bad("bad_body", f"the body must be a JSON object with inputs, got {type(payload).__name__}", 400)
+    unknown = sorted(set(payload) - {"id", "parameters", "inputs", "outputs"})
+    if unknown:
+        raise bad("unknown_field", f"unknown field(s) {unknown}; known: id, parameters, inputs, outputs", 400)
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise bad("bad_inputs", f"inputs must list exactly one tensor, {model.input_name!r}", 400)
+    binary_out = binary_output_wanted(payload)
+    x, used = parse_input(inputs[0], model, binary, settings)
+    if used != len(binary):
+        raise bad("bad_byte_count", f"the body carries {len(binary)} bytes of tensor data; the inputs declare "
+                                    f"{used}", 400)
+    p = model.probabilities(x)
+    output = {"name": OUTPUT, "datatype": "FP32", "shape": list(p.shape)}
+    response = {"model_name": model.name, "model_version": served_version(model), "outputs": [output]}
+    if "id" in payload:
+        response["id"] = payload["id"]
+    if not binary_out:
+        output["data"] = p.ravel().tolist()
+        return json.dumps(response).encode(), {"Content-Type": "application/json"}
+    data = p.astype("<f4").tobytes()
+    output["parameters"] = {"binary_data_size": len(data)}
+    head = json.dumps(response).encode()
+    return head + data, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
