@@ -30,9 +30,13 @@ class MicroBatcher:
         """model.probabilities(x), gathered with other requests' images when x is small."""
         if len(x) >= self.max_images:
             return model.compute(x)
+        return self.submit(model, x).result()
+
+    def submit(self, model, x: np.ndarray) -> Future:
+        """Queue x (fewer than max_images images) for the next call on `model`; the Future gets its rows."""
         done: Future = Future()
         self._queue.put((model, x, done))
-        return done.result()
+        return done
 
     def stop(self):
         self._queue.put(None)

@@ -6,6 +6,7 @@ Never imports torch.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from starlette.concurrency import run_in_threadpool
 
 from nhle.core.gates import deleted_but_predicted  # pure: nhle.core.config only, no torch
 from nhle_serving.batching import MicroBatcher
@@ -28,6 +30,7 @@ from nhle_serving.settings import OPT_LEVELS, ApiError, Settings, now_iso
 from nhle_serving.sources import Pointer, gates_passed, make_source
 
 log = logging.getLogger("nhle_serving.server")
+INLINE_CALL_SECONDS = 0.001
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +74,8 @@ def open_session(path: Path, settings: Settings, providers: list[str]) -> ort.In
     options.graph_optimization_level = OPT_LEVELS[settings.ort_opt_level]
     if settings.ort_threads:
         options.intra_op_num_threads = settings.ort_threads
+    # Idle intra-op threads would spin between calls, taking the cores that parse the next requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -104,6 +109,7 @@ class LoadedModel:
     load_seconds: float
     metadata: dict
     batcher: MicroBatcher | None = None  # the server's, when serving.micro_batching is on
+    seconds_per_image: float = 0.0  # one warm ONNX Runtime call at batch 64, per image
 
     @property
     def name(self) -> str:
@@ -120,6 +126,16 @@ class LoadedModel:
             return self.batcher.probabilities(self, x)
         return self.compute(x)
 
+    async def probabilities_async(self, x: np.ndarray) -> np.ndarray:
+        """probabilities(x) from the event loop: gathered when micro-batching is on; else a call
+        expected under INLINE_CALL_SECONDS runs right here (a hop to a worker thread costs about
+        as much as the call), a longer one in a worker thread."""
+        if self.batcher is not None and len(x) < self.batcher.max_images:
+            return await asyncio.wrap_future(self.batcher.submit(self, x))
+        if len(x) * self.seconds_per_image <= INLINE_CALL_SECONDS:
+            return self.compute(x)
+        return await run_in_threadpool(self.compute, x)
+
     def compute(self, x: np.ndarray) -> np.ndarray:
         """One ONNX Runtime call (the micro-batcher calls it with gathered requests)."""
         y = self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
@@ -130,6 +146,12 @@ class LoadedModel:
         if not np.isfinite(p).all():
             raise RuntimeError(f"model version {self.version} produced non-finite probabilities")
         return p
+
+
+def timed(call, *args) -> float:
+    started = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - started
 
 
 def _int_list(value, what: str) -> list[int]:
@@ -232,15 +254,18 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         raise ValueError(f"smoke test: forgotten classes get non-zero probability {leaked}; the graph does not mask them")
     if np.abs(p.sum(axis=1) - 1).max() > 1e-4:
         raise ValueError("smoke test: probabilities do not sum to 1")
-    # Warm-up at the batch sizes requests use, so the first real request pays no allocation.
+    # Warm-up at the batch sizes requests use, so the first real request pays no allocation;
+    # the last call's time per image decides where requests run (probabilities_async).
     for n in sorted({1, min(64, settings.max_instances)}):
-        session.run([output_name], {input_name: np.repeat(x[2:3], n, axis=0)})
+        batch = np.repeat(x[2:3], n, axis=0)
+        session.run([output_name], {input_name: batch})
+    seconds_per_image = min(timed(session.run, [output_name], {input_name: batch}) for _ in range(3)) / len(batch)
 
     return LoadedModel(session=session, input_name=input_name, output_name=output_name, input_shape=shape,
                        class_names=tuple(str(c) for c in class_names), forgotten=tuple(sorted(forgotten)),
                        pointer=pointer, sha256=digest, providers=tuple(session.get_providers()),
                        loaded_at=now_iso(), load_seconds=round(time.perf_counter() - started, 3), metadata=metadata,
-                       batcher=batcher)
+                       batcher=batcher, seconds_per_image=seconds_per_image)
 
 
 class ModelManager:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -181,9 +182,14 @@ def binary_output_wanted(payload: dict) -> bool:
     return flag(options.get("binary_data", binary), "outputs[0].parameters.binary_data")
 
 
-def handle_infer(body: bytes, header_length: str | None, model: LoadedModel,
-                 settings: Settings) -> tuple[bytes, dict]:
-    """One inference request -> (response body, response headers)."""
+@dataclass(frozen=True)
+class InferRequest:
+    x: np.ndarray           # float32 (N, C, H, W) in [0, 1]
+    binary_output: bool
+    request_id: object      # echoed back when given
+
+
+def parse_infer(body: bytes, header_length: str | None, model: LoadedModel, settings: Settings) -> InferRequest:
     header, binary = split_body(body, header_length)
     payload = parse_json(header)
     if not isinstance(payload, dict):
@@ -194,20 +200,30 @@ def handle_infer(body: bytes, header_length: str | None, model: LoadedModel,
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise bad("bad_inputs", f"inputs must list exactly one tensor, {model.input_name!r}", 400)
-    binary_out = binary_output_wanted(payload)
+    binary_output = binary_output_wanted(payload)
     x, used = parse_input(inputs[0], model, binary, settings)
     if used != len(binary):
         raise bad("bad_byte_count", f"the body carries {len(binary)} bytes of tensor data; the inputs declare "
                                     f"{used}", 400)
-    p = model.probabilities(x)
+    return InferRequest(x, binary_output, payload.get("id"))
+
+
+def respond(request: InferRequest, p: np.ndarray, model: LoadedModel) -> tuple[bytes, dict]:
+    """(response body, response headers) carrying the probabilities `p`."""
     output = {"name": OUTPUT, "datatype": "FP32", "shape": list(p.shape)}
     response = {"model_name": model.name, "model_version": served_version(model), "outputs": [output]}
-    if "id" in payload:
-        response["id"] = payload["id"]
-    if not binary_out:
+    if request.request_id is not None:
+        response["id"] = request.request_id
+    if not request.binary_output:
         output["data"] = p.ravel().tolist()
         return json.dumps(response).encode(), {"Content-Type": "application/json"}
     data = p.astype("<f4").tobytes()
     output["parameters"] = {"binary_data_size": len(data)}
     head = json.dumps(response).encode()
     return head + data, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+
+def handle_infer(body: bytes, header_length: str | None, model: LoadedModel, settings: Settings) -> tuple[bytes, dict]:
+    """One whole inference request, for a worker thread -> (response body, response headers)."""
+    request = parse_infer(body, header_length, model, settings)
+    return respond(request, model.probabilities(request.x), model)

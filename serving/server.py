@@ -7,11 +7,14 @@ Settings come from params.yaml's `serving:` section, each overridden by an envir
 (see `Settings.from_env` and serving/README.md):
 NHLE_PARAMS, NHLE_PROJECT_DIR, NHLE_MODEL, NHLE_ADMIN_TOKEN, NHLE_POLL_SECONDS,
 NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_REQUEST_PIXELS,
-NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_DEVICE.
+NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_MICRO_BATCHING, NHLE_MICRO_BATCH_MAX_IMAGES,
+NHLE_MICRO_BATCH_WAIT_MS, NHLE_DEVICE.
 
 Model input: float32 pixels in [0, 1], shape (C, H, W) per image, exactly what the exported
 ONNX graph takes (normalisation and the forgotten-class mask are inside the graph). /predict
-also takes 0..255 pixels with "scale": "byte", and base64 PNG/JPEG images of any size.
+also takes 0..255 pixels with "scale": "byte", and base64 PNG/JPEG images of any size. The Open
+Inference Protocol (KServe V2) endpoints under /v2 take FP32 or UINT8 tensors, as JSON or as raw
+bytes (nhle_serving.open_inference).
 
 Hot swap: a background thread checks the alias every NHLE_POLL_SECONDS. A new version is
 downloaded, loaded into a new InferenceSession and smoke-tested (finite probabilities, every
@@ -21,8 +24,9 @@ version that fails is not swapped in: the old one keeps serving and /model shows
 
 This module holds the app and its routes; the rest lives in the package's other modules:
 nhle_serving.settings (Settings, ApiError), nhle_serving.sources (registry or local file),
-nhle_serving.models (ONNX Runtime sessions, load_model, ModelManager) and nhle_serving.payloads
-(request parsing, handlers, the body limit).
+nhle_serving.models (ONNX Runtime sessions, load_model, ModelManager), nhle_serving.batching
+(micro-batching), nhle_serving.payloads (request parsing, handlers, the body limit) and
+nhle_serving.open_inference (the /v2 protocol).
 
 None of them may import torch (a serving image need not ship it): they use numpy,
 onnxruntime, Pillow, nhle.core.config (pure dataclasses) and, for models:/ URIs, mlflow.
@@ -55,6 +59,10 @@ from nhle_serving.settings import ApiError, Settings, bad, error_body
 from nhle_serving import open_inference as v2
 
 log = logging.getLogger("nhle_serving.server")
+# A V2 body up to this size is parsed on the event loop, a larger one in a worker thread so that
+# it does not hold up other requests: binary tensors are read as one view of the bytes, JSON
+# numbers one by one.
+INLINE_BODY_BYTES = {"binary": 1024 * 1024, "json": 16 * 1024}
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +291,10 @@ def add_open_inference_routes(app, manager: ModelManager, settings: Settings):
         model = manager.require()  # this request's model, whatever swaps happen meanwhile
         v2.check_model(model, name, version)
         body = v2.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-        content, extra = await run_in_threadpool(v2.handle_infer, body, request.headers.get(v2.HEADER), model,
-                                                 settings)
+        header_length = request.headers.get(v2.HEADER)
+        if len(body) > INLINE_BODY_BYTES["binary" if header_length else "json"]:
+            content, extra = await run_in_threadpool(v2.handle_infer, body, header_length, model, settings)
+        else:
+            parsed = v2.parse_infer(body, header_length, model, settings)
+            content, extra = v2.respond(parsed, await model.probabilities_async(parsed.x), model)
         return Response(content, headers={**extra, "X-Model-Version": str(model.version)})

@@ -1,22 +1,29 @@
-"""Serving benchmark: the real server process on loopback, and ONNX Runtime against PyTorch eager.
+"""Serving benchmark: every way into `nhle serve`, `mlflow models serve` on the same champion, and
+in-process ONNX Runtime, from one client process, interleaved in rounds.
 
-    nhle bench serve --out bench/serve                 # about a minute on 2 CPU cores
-    python -m nhle.bench.serving --out bench/serve --single-requests 300 --batch-requests 50
+    nhle bench serve --out bench/serve                 # a few minutes on 2 CPU cores
+    python -m nhle.bench.serving --out bench/serve --rounds 5 --single-requests 600 --batch-requests 100
 
-One run, one machine: the model (the registry's champion checkpoint when there is one, else a
-SmallCNN freshly trained for a few epochs) is exported to a temporary model.onnx with its
-preprocessing json beside it, `uvicorn nhle_serving.server:create_app` serves it (NHLE_MODEL=<path>) on
-a free 127.0.0.1 port, and a pool of `concurrency` httpx clients sends single-image and
-batch-of-64 /predict requests. Then the same batches of 64 go through an in-process ONNX Runtime
-session and the PyTorch model (eager, no_grad), interleaved in rounds so that drift of the
-machine hits both alike. Clients and server share the machine's cores: on 2 cores the HTTP
-figures are what one box serving itself gets, not a server's ceiling.
-Writes OUT/serve.json and OUT/serve.md; every phase stops at its request count or at the
-`seconds` cap, whichever comes first (serve.json says which).
+The champion is the project's (PROJECT_DIR's registry) when it has one; otherwise the benchmark
+trains and registers a base model in a scratch project (the pipeline's train_base, without
+Prefect). Four servers run as child processes on loopback: `nhle serve` with the project's
+serving settings, the same with micro-batching on, the same with ort_threads 0 (ONNX Runtime's
+own thread count), and `mlflow models serve` of the same models:/ URI. Each
+round sends, for single images and for batches of `batch_size`, a share of the requests to every
+variant in turn (JSON /predict, /invocations, Open Inference Protocol JSON and binary, and MLflow's
+/invocations), `concurrency` keep-alive connections at a time from threads of this process; then
+ONNX Runtime and PyTorch eager run the same batches in process. Clients and servers share the
+machine's cores: on 2 cores the HTTP figures are what one box serving itself gets.
+
+Last, in a scratch project with its own server: a forget request is submitted and
+`nhle request process` started; the time until the running server answers with the new version
+is measured (the flow tells the server to reload through serving.notify).
+Writes OUT/serve.json and OUT/serve.md; each phase stops at its count or at the `seconds` cap.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -26,124 +33,188 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from nhle.core.config import load_params
 from nhle.adapters.processes import free_port, stop_process
+from nhle.core.config import load_params, params_as_dict, with_assignments
+
+ADMIN_TOKEN = "nhle-bench-serve"
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# (variant, server, path, body format): what each round sends, in this order.
+VARIANTS = [("nhle /predict (JSON)", "nhle", "/predict", "predict"),
+            ("nhle /invocations (JSON)", "nhle", "/invocations", "invocations"),
+            ("nhle V2 JSON", "nhle", "/v2/models/{name}/infer", "v2_json"),
+            ("nhle V2 binary", "nhle", "/v2/models/{name}/infer", "v2_binary"),
+            ("nhle V2 binary, micro-batching", "nhle_batching", "/v2/models/{name}/infer", "v2_binary"),
+            ("nhle V2 binary, ort_threads 0", "nhle_ort_all_cores", "/v2/models/{name}/infer", "v2_binary"),
+            ("mlflow models serve /invocations (JSON)", "mlflow", "/invocations", "invocations")]
+# Settings (NHLE_<FIELD>) of each nhle server beyond the project's params.yaml.
+NHLE_SERVERS = {"nhle": {}, "nhle_batching": {"micro_batching": "true"}, "nhle_ort_all_cores": {"ort_threads": 0}}
+BASELINE = "mlflow models serve /invocations (JSON)"
 
 
-def champion_model(params, project_dir: Path):
-    """The champion's PyTorch checkpoint, or None when the store or the alias does not exist.
-    Only reads: no experiment or database is created."""
+# --------------------------------------------------------------------------------------------
+# The champion, and the servers
+
+
+def scratch_project(params, folder: Path) -> tuple[Path, object]:
+    """A project folder with its own MLflow store, ledger and data repository, whose champion is
+    a base model trained by the pipeline (plain function calls, no Prefect)."""
+    from nhle.adapters.tracking import configure
+    from nhle.orchestration import pipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = params_as_dict(params)
+    settings["tracking"].update(tracking_uri="sqlite:///mlflow.db", artifact_location="")
+    settings["requests"]["database"] = "sqlite:///requests.db"
+    (folder / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    params = load_params(folder / "params.yaml")
+    configure(params, folder)
+    result = pipeline.train_base(params, folder)
+    if not result["promoted"]:
+        raise RuntimeError(f"the scratch project's base model was not promoted: {result['reason']}")
+    return folder, params
+
+
+def champion_of(params, project_dir: Path):
+    """(model version, tracking URI) of the project's champion, or None. Only reads."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from nhle.adapters.tracking import download_checkpoint, resolve_uri
-    from nhle.core.training import load_checkpoint
+    from nhle.core.config import resolve_uri
 
     uri = resolve_uri(params.tracking_uri(), project_dir)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        version = client.get_model_version_by_alias(params.registry.model_name, params.registry.champion_alias)
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        model, _ = load_checkpoint(download_checkpoint(version))
-    except (MlflowException, OSError, ValueError):
+        return client.get_model_version_by_alias(params.registry.model_name, params.registry.champion_alias), uri
+    except MlflowException:
         return None
-    return model, f"{params.registry.model_name} version {version.version} ({params.registry.champion_alias})"
-
-
-def export_for_serving(model, data, folder: Path) -> Path:
-    from nhle.core.export import export_onnx, preprocessing
-
-    path = export_onnx(model, folder / "model.onnx", data.image_shape)
-    (folder / "model.preprocessing.json").write_text(json.dumps(preprocessing(model, data.image_shape,
-                                                                              data.class_names)))
-    return path
 
 
 class ServerProcess:
-    """uvicorn nhle_serving.server:create_app --factory as a child process on a free loopback port."""
+    """A server started as a child process on a free loopback port, waited on until ready."""
 
-    def __init__(self, model_path: Path, log_path: Path, max_instances: int):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = {**os.environ, "NHLE_MODEL": str(model_path), "NHLE_POLL_SECONDS": "3600",
-               "NHLE_MAX_INSTANCES": str(max_instances), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    def __init__(self, command: list[str], env: dict, log_path: Path, port: int | None = None, cwd=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in command], cwd=cwd,
+                                     env={**os.environ, **QUIET, **env}, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 60.0):
+    def wait_ready(self, path: str, timeout: float = 120.0):
         import httpx
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.2)
         self._log.flush()
-        raise RuntimeError(f"the server did not become ready:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(f"{self.log_path.stem} did not become ready on {path}:\n"
+                           f"{self.log_path.read_text(errors='replace')[-3000:]}")
 
     def stop(self):
         stop_process(self.proc)
         self._log.close()
 
 
-def load_phase(url: str, bodies: list[bytes], requests: int, concurrency: int, deadline: float,
-               images_per_request: int) -> dict:
-    """`requests` POSTs of the pre-encoded bodies, `concurrency` at a time; latencies per request."""
-    import httpx
+def nhle_server(project_dir: Path, log_path: Path, port: int | None = None, **settings) -> ServerProcess:
+    env = {"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(project_dir / "params.yaml"),
+           "NHLE_ADMIN_TOKEN": ADMIN_TOKEN, **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()}}
+    return ServerProcess([sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
+                          "--host", "127.0.0.1", "--port", "{port}", "--no-access-log", "--log-level", "warning"],
+                         env, log_path, port, cwd=project_dir)
 
+
+def mlflow_server(model_uri: str, tracking_uri: str, log_path: Path) -> ServerProcess:
+    # `mlflow models serve --env-manager local` runs uvicorn from PATH: put this interpreter's first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return ServerProcess([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                          "--host", "127.0.0.1", "--port", "{port}"],
+                         {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}, log_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies and the client
+
+
+def request_body(fmt: str, images: np.ndarray) -> tuple[bytes, dict]:
+    """(body, headers) of one request carrying `images` (float32 N x C x H x W in [0, 1])."""
+    if fmt == "predict":
+        return json.dumps({"instances": images.tolist(), "top_k": 1}).encode(), {"Content-Type": "application/json"}
+    if fmt == "invocations":
+        return json.dumps({"inputs": images.tolist()}).encode(), {"Content-Type": "application/json"}
+    tensor = {"name": "images", "shape": list(images.shape), "datatype": "FP32"}
+    if fmt == "v2_json":
+        body = {"inputs": [{**tensor, "data": images.ravel().tolist()}]}
+        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+    raw = images.astype("<f4").tobytes()
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def load_phase(url: str, path: str, bodies: list[tuple[bytes, dict]], requests: int, concurrency: int,
+               deadline: float) -> dict:
+    """`requests` POSTs, `concurrency` keep-alive connections at a time; latency of each."""
+    host, port = url.removeprefix("http://").split(":")
     latencies, errors, lock = [], [], threading.Lock()
     issued = 0
 
     def worker(k: int):
         nonlocal issued
-        with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json"}) as client:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
             while True:
                 with lock:
                     if issued >= requests or time.monotonic() > deadline:
                         return
                     i = issued
                     issued += 1
+                body, headers = bodies[i % len(bodies)]
                 start = time.perf_counter()
                 try:
-                    r = client.post("/predict", content=bodies[i % len(bodies)])
-                    ok = r.status_code == 200
-                except httpx.HTTPError as err:
-                    ok, r = False, err
+                    connection.request("POST", path, body, headers)
+                    response = connection.getresponse()
+                    answer = response.read()
+                    ok, why = response.status == 200, f"{response.status}: {answer[:200]!r}"
+                except (OSError, http.client.HTTPException) as err:
+                    ok, why = False, repr(err)[:200]
+                    connection.close()
+                    connection = http.client.HTTPConnection(host, int(port), timeout=60)
                 elapsed = time.perf_counter() - start
                 with lock:
-                    (latencies if ok else errors).append(elapsed if ok else repr(r)[:200])
+                    (latencies if ok else errors).append(elapsed if ok else why)
+        finally:
+            connection.close()
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-            "capped": len(latencies) + len(errors) < requests, "concurrency": concurrency,
-            "images_per_request": images_per_request, "seconds": round(wall, 3),
-            "requests_per_s": round(len(latencies) / wall, 1),
-            "images_per_s": round(len(latencies) * images_per_request / wall, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
+            "seconds": time.perf_counter() - started, "latencies": latencies}
+
+
+def summary(phases: list[dict], images_per_request: int, requested: int, concurrency: int) -> dict:
+    latencies = np.array([t for p in phases for t in p["latencies"]]) * 1000
+    done, seconds = len(latencies), sum(p["seconds"] for p in phases)
+    return {"requests": done, "errors": sum(p["errors"] for p in phases),
+            "first_errors": [e for p in phases for e in p["first_errors"]][:3], "capped": done < requested,
+            "concurrency": concurrency, "images_per_request": images_per_request, "seconds": round(seconds, 3),
+            "requests_per_s": round(done / seconds, 1) if seconds else 0.0,
+            "images_per_s": round(done * images_per_request / seconds, 1) if seconds else 0.0,
+            "p50_ms": round(float(np.percentile(latencies, 50)), 2) if done else None,
+            "p99_ms": round(float(np.percentile(latencies, 99)), 2) if done else None}
 
 
 def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: int, deadline: float,
@@ -188,121 +259,235 @@ def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: 
             "ort_over_torch": round(rate["onnxruntime"] / rate["pytorch"], 2) if rate["pytorch"] else None}
 
 
-def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = None,
-                out: Path = Path("bench/serve"), single_requests: int = 300, batch_requests: int = 50,
-                batch_size: int = 64, concurrency: int = 4, seconds: float = 180.0, compare_rounds: int = 5,
-                round_seconds: float = 0.5, model=None) -> dict:
+def in_process(onnx_path: Path, model, batches: dict[str, list[np.ndarray]], rounds: int, deadline: float,
+               round_seconds: float) -> dict:
+    """compare_runtimes for each payload (single images, batches)."""
+    return {payload: compare_runtimes(model, onnx_path, arrays, rounds, deadline, round_seconds)
+            for payload, arrays in batches.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Swap time: `nhle request process` starting -> the running server answering with the new version
+
+
+def swap_time(root: Path, params, work: Path, timeout: float = 900.0) -> dict:
+    import httpx
+
+    from nhle.orchestration.requests import submit
+
+    port = free_port()
+    settings = yaml.safe_load((root / "params.yaml").read_text())
+    settings.setdefault("serving", {})["notify"] = [f"http://127.0.0.1:{port}"]
+    (root / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    server = nhle_server(root, work / "swap-server.log", port).wait_ready("/readyz")
+    try:
+        before = httpx.get(server.url + "/model").json()
+        names = before["class_names"]
+        spec = next(str(c) for c in params.forget.split(",") if c.strip() in names and names.index(c.strip())
+                    not in before["forgotten_classes"])
+        request = submit(params, root, spec, "bench@nhle", "nhle bench serve: time to serve a forget request")
+        started = time.monotonic()
+        command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
+        with open(work / "request-process.log", "wb") as log:
+            proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **QUIET, "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
+            answered = None
+            while time.monotonic() - started < timeout:
+                version = httpx.post(server.url + "/invocations", json={"inputs": [np.zeros(before["input_shape"]).tolist()]}
+                                     ).headers.get("x-model-version")
+                if version != before["version"]:
+                    answered = time.monotonic() - started
+                    break
+                if proc.poll() is not None and proc.returncode != 0:
+                    break
+                time.sleep(0.05)
+            rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
+            finished = time.monotonic() - started
+        if answered is None:
+            raise RuntimeError(f"the server never answered with a new version (nhle request process exit {rc}):\n"
+                               f"{(work / 'request-process.log').read_text(errors='replace')[-3000:]}")
+        return {"request_id": request.id, "classes": spec, "from_version": before["version"], "to_version": version,
+                "seconds_to_new_version": round(answered, 2), "process_seconds": round(finished, 2),
+                "process_exit": rc, "retrain_baseline": params.retrain_baseline,
+                "server_told_by": "serving.notify (POST /admin/reload)", "poll_seconds": params.serving.poll_seconds}
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = None, out: Path = Path("bench/serve"),
+                rounds: int = 3, single_requests: int = 300, batch_requests: int = 60, batch_size: int = 64,
+                concurrency: int = 4, seconds: float = 900.0, round_seconds: float = 0.5, swap: bool = True,
+                assignments: tuple[str, ...] = ()) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
-    `model` (a MaskedClassifier) skips the champion lookup and the training."""
-    from nhle.core.experiment import load_data
-    from nhle.core.training import train_model
+    Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
+    import mlflow.artifacts
+    import onnxruntime
+
+    from nhle.adapters.tracking import download_checkpoint
+    from nhle.core.training import load_checkpoint
 
     started = time.monotonic()
     deadline = started + seconds
     project_dir = Path(project_dir).resolve()
-    params = load_params(Path(params_path) if params_path else project_dir / "params.yaml")
+    params = with_assignments(load_params(Path(params_path) if params_path else project_dir / "params.yaml"),
+                              list(assignments))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(params.data)
-    if model is not None:
-        source = "given model"
-    else:
-        found = champion_model(params, project_dir)
-        if found:
-            model, source = found
-        else:  # no registry yet: a quick model is as good for timing
-            model, _ = train_model(data, replace(params.train, epochs=3, device="cpu"), seed=params.data.seed,
-                                   progress=False)
-            source = "SmallCNN trained for 3 epochs (no champion found)"
-    model = model.cpu().eval()
-
-    test = data.test.float_images()
-    rng = np.random.default_rng(0)
-
-    def batch(n: int) -> np.ndarray:
-        return test[rng.integers(0, len(test), n)].numpy()
-
-    singles = [json.dumps({"instances": batch(1).tolist(), "top_k": 1}).encode() for _ in range(64)]
-    batches = [batch(batch_size) for _ in range(8)]
-    batch_bodies = [json.dumps({"instances": b.tolist(), "top_k": 1}).encode() for b in batches]
-
+    servers, result = [], {}
     with tempfile.TemporaryDirectory(prefix="nhle-bench-serve-") as tmp:
-        onnx_path = export_for_serving(model, data, Path(tmp))
-        server = ServerProcess(onnx_path, Path(tmp) / "server.log",
-                               max_instances=max(256, batch_size))
+        work = Path(tmp)
+        found, scratch = champion_of(params, project_dir), None
+        if found is None:  # no champion here: one trained and registered in a scratch project
+            scratch = scratch_project(params, work / "project")
+            found, root = champion_of(scratch[1], scratch[0]), scratch[0]
+            origin = f"base {params.model.arch} trained by the benchmark ({params.train.epochs} epochs)"
+        else:
+            root, origin = project_dir, f"the project's champion ({project_dir})"
+        version, tracking_uri = found
+        model_uri = f"models:/{version.name}/{version.version}"
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        onnx_path = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(work / "onnx"))) / "model.onnx"
+        model, _ = load_checkpoint(download_checkpoint(version, work / "checkpoint"))
         try:
-            server.wait_ready()
-            load_phase(server.url, singles, 20, concurrency, deadline, 1)  # warm-up, not reported
-            single = load_phase(server.url, singles, single_requests, concurrency, deadline, 1)
-            batched = load_phase(server.url, batch_bodies, batch_requests, concurrency, deadline, batch_size)
+            max_instances = str(max(256, batch_size))
+            for key, extra in NHLE_SERVERS.items():
+                servers.append((key, nhle_server(root, work / f"{key}.log", model=model_uri, poll_seconds=3600,
+                                                 max_instances=max_instances, **extra)))
+            servers.append(("mlflow", mlflow_server(model_uri, tracking_uri, work / "mlflow.log")))
+            urls = {key: server.wait_ready("/ping" if key == "mlflow" else "/readyz").url for key, server in servers}
+            result["http"] = http_rounds(urls, version.name, params, rounds, single_requests, batch_requests, batch_size,
+                                         concurrency, deadline)
         finally:
-            server.stop()
-        runtimes = compare_runtimes(model, onnx_path, batches, compare_rounds, deadline, round_seconds)
-
-    import onnxruntime
-
-    result = {
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__},
-        "model": {"source": source, "dataset": data.name, "input_shape": list(data.image_shape),
-                  "forgotten_classes": model.forgotten_classes},
-        "server": {"transport": "HTTP/1.1 on 127.0.0.1, JSON arrays to /predict, clients on the same machine",
-                   "single": single, f"batch_{batch_size}": batched},
-        "in_process": runtimes,
-        "seconds_cap": seconds,
-        "total_seconds": round(time.monotonic() - started, 1),
-    }
+            for _, server in servers:
+                server.stop()
+        batches = result["http"].pop("_batches")
+        runtimes = in_process(onnx_path, model, batches, rounds, deadline, round_seconds)
+        if swap:
+            if scratch is None:
+                scratch = scratch_project(params, work / "project")
+            result["swap"] = swap_time(scratch[0], scratch[1], work)
+    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+              "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "onnxruntime": onnxruntime.__version__},
+              "model": {"source": origin, "uri": model_uri, "dataset": params.data.dataset,
+                        "forgotten_classes": model.forgotten_classes},
+              "client": f"one process, {concurrency} keep-alive HTTP/1.1 connections (http.client threads) on "
+                        "127.0.0.1; variants interleaved in rounds",
+              **result, "in_process": runtimes, "ratios": ratios(result["http"], runtimes, batch_size),
+              "seconds_cap": seconds, "total_seconds": round(time.monotonic() - started, 1)}
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "serve.md").write_text(markdown(result, batch_size) + "\n")
     return result
 
 
+def http_rounds(urls: dict, name: str, params, rounds: int, single_requests: int, batch_requests: int,
+                batch_size: int, concurrency: int, deadline: float) -> dict:
+    """Every variant at single images and at batch_size, a 1/rounds share of the requests each
+    time, in turn; the figures summed over the rounds."""
+    from nhle.core.experiment import load_data
+
+    test = load_data(params.data).test.float_images().numpy()
+    rng = np.random.default_rng(0)
+    payloads = {"single": (1, single_requests), f"batch_{batch_size}": (batch_size, batch_requests)}
+    arrays = {p: [test[rng.integers(0, len(test), n)] for _ in range(8 if n > 1 else 64)]
+              for p, (n, _) in payloads.items()}
+    bodies = {(p, fmt): [request_body(fmt, a) for a in arrays[p]] for p in payloads for *_, fmt in VARIANTS}
+    phases = {(label, p): [] for label, *_ in VARIANTS for p in payloads}
+    for label, server, path, fmt in VARIANTS:  # warm-up, not reported
+        load_phase(urls[server], path.format(name=name), bodies[("single", fmt)], 20, concurrency, deadline)
+    for _ in range(rounds):
+        for p, (n, total) in payloads.items():
+            for label, server, path, fmt in VARIANTS:
+                share = max(1, total // rounds)
+                phases[(label, p)].append(load_phase(urls[server], path.format(name=name), bodies[(p, fmt)], share,
+                                                     concurrency, deadline))
+    table = {p: {label: summary(phases[(label, p)], n, max(1, total // rounds) * rounds, concurrency)
+                 for label, *_ in VARIANTS} for p, (n, total) in payloads.items()}
+    return {**table, "_batches": {p: arrays[p][:8] for p in payloads}}
+
+
+def ratios(http: dict, runtimes: dict, batch_size: int) -> dict:
+    """Each variant's requests/s over mlflow models serve's, and images/s over in-process ONNX
+    Runtime's on the same batches."""
+    out = {}
+    for payload, rows in http.items():
+        base = rows[BASELINE]["requests_per_s"]
+        ort_rate = runtimes[payload]["ort_images_per_s"]
+        out[payload] = {label: {"over_mlflow": round(row["requests_per_s"] / base, 2) if base else None,
+                                "share_of_onnxruntime": round(row["images_per_s"] / ort_rate, 3) if ort_rate else None}
+                        for label, row in rows.items()}
+    return out
+
+
 def markdown(result: dict, batch_size: int) -> str:
-    machine, server, runtimes = result["machine"], result["server"], result["in_process"]
+    machine = result["machine"]
     lines = [f"Serving benchmark, measured {result['measured_at']} on {machine['node']} ({machine['processor']}, "
              f"{machine['cpu_count']} CPUs; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}). "
-             f"Model: {result['model']['source']}, input {result['model']['input_shape']}.",
-             "",
-             f"HTTP ({server['transport']}):",
-             "",
-             "| payload | images/request | concurrency | requests | requests/s | images/s | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label, key in (("single image", "single"), (f"batch of {batch_size}", f"batch_{batch_size}")):
-        row = server[key]
-        lines.append(f"| {label} | {row['images_per_request']} | {row['concurrency']} | {row['requests']} | "
-                     f"{row['requests_per_s']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-                     f"{row['errors']} |")
-    lines += ["",
-              f"In process, the same batches of {runtimes['batch_size']} on the CPU ({runtimes['rounds']} interleaved "
-              f"rounds, {runtimes['images']['onnxruntime']} and {runtimes['images']['pytorch']} images; "
-              f"torch threads {runtimes['torch_threads']}):",
-              "",
-              "| runtime | images/s |",
-              "|---|---|",
-              f"| ONNX Runtime | {runtimes['ort_images_per_s']} |",
-              f"| PyTorch eager | {runtimes['torch_images_per_s']} |",
-              f"| ratio ORT / PyTorch | {runtimes['ort_over_torch']} |"]
+             f"Model: {result['model']['source']}, {result['model']['uri']}, forgotten classes "
+             f"{result['model']['forgotten_classes']}. Client: {result['client']}.", ""]
+    for payload, rows in result["http"].items():
+        n = rows[BASELINE]["images_per_request"]
+        ort_rate = result["in_process"][payload]["ort_images_per_s"]
+        lines += [f"**{'single image' if n == 1 else f'batch of {n}'}** (in-process ONNX Runtime on the same "
+                  f"batches: {ort_rate:,.0f} images/s)", "",
+                  "| variant | requests | requests/s | images/s | p50 ms | p99 ms | errors | x mlflow | share of ORT |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, row in rows.items():
+            ratio = result["ratios"][payload][label]
+            lines.append(f"| {label} | {row['requests']} | {row['requests_per_s']:,} | {row['images_per_s']:,} | "
+                         f"{row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {ratio['over_mlflow']} | "
+                         f"{ratio['share_of_onnxruntime']:.1%} |")
+        lines.append("")
+    runtimes = result["in_process"]
+    lines += ["In process, the same batches (CPU, default threads): " + "; ".join(
+        f"{p}: ONNX Runtime {r['ort_images_per_s']:,.0f} images/s, PyTorch eager {r['torch_images_per_s']:,.0f} "
+        f"(ratio {r['ort_over_torch']})" for p, r in runtimes.items()) + "."]
+    if "swap" in result:
+        s = result["swap"]
+        lines += ["", f"Forget request {s['request_id']} (classes {s['classes']}): `nhle request process` started -> the "
+                      f"running server answered with version {s['to_version']} (was {s['from_version']}) after "
+                      f"**{s['seconds_to_new_version']} s**; the process ended after {s['process_seconds']} s "
+                      f"(retrain_baseline {s['retrain_baseline']}; the server was told by {s['server_told_by']})."]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nhle bench serve", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own options (`nhle bench serve` adds --project-dir, --params and --set)."""
     parser.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
-    parser.add_argument("--project-dir", default=".", help="the nhle checkout (serving/, params.yaml, MLflow store)")
-    parser.add_argument("--params", help="params.yaml (default: PROJECT_DIR/params.yaml)")
-    parser.add_argument("--single-requests", type=int, default=300)
-    parser.add_argument("--batch-requests", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the requests are spread over")
+    parser.add_argument("--single-requests", type=int, default=300, help="single-image requests per variant")
+    parser.add_argument("--batch-requests", type=int, default=60, help="batch requests per variant")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=180.0, help="cap on the whole run")
-    args = parser.parse_args(argv)
-    result = bench_serve(args.project_dir, args.params, Path(args.out), single_requests=args.single_requests,
-                         batch_requests=args.batch_requests, batch_size=args.batch_size,
-                         concurrency=args.concurrency, seconds=args.seconds)
+    parser.add_argument("--concurrency", type=int, default=4, help="connections sending at once")
+    parser.add_argument("--seconds", type=float, default=900.0, help="cap on the load phases and the in-process runs")
+    parser.add_argument("--no-swap", action="store_true", help="skip timing a forget request to the new version served")
+
+
+def run(args) -> int:
+    result = bench_serve(args.project_dir, args.params, Path(args.out), rounds=args.rounds,
+                         single_requests=args.single_requests, batch_requests=args.batch_requests,
+                         batch_size=args.batch_size, concurrency=args.concurrency, seconds=args.seconds,
+                         swap=not args.no_swap, assignments=tuple(args.set))
     print((Path(args.out) / "serve.md").read_text())
-    return 0 if not result["server"]["single"]["errors"] else 1
+    return 0 if not any(row["errors"] for rows in result["http"].values() for row in rows.values()) else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nhle.bench.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project-dir", default=".", help="the project whose champion is served (else one is trained)")
+    parser.add_argument("--params", help="params.yaml (default: PROJECT_DIR/params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting of params.yaml (repeatable)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

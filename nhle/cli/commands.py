@@ -280,9 +280,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from nhle.bench.serving import main as bench_serve_main
+    from nhle.bench.serving import run
 
-    return bench_serve_main(["--out", args.out, "--project-dir", args.project_dir])
+    return run(args)
 
 
 def cmd_bench_unlearning(args) -> int:
@@ -449,8 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
     inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
     inference.set_defaults(func=cmd_bench_inference)
-    serving = benches.add_parser("serve", parents=[project_parent()], help="server requests/s and latency; ONNX Runtime vs PyTorch eager")
-    serving.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
+    serving = benches.add_parser("serve", parents=[project_parent()], help="nhle serve (JSON, Open Inference "
+                                 "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
+                                 "ONNX Runtime; time from a forget request to the new version served")
+    from nhle.bench.serving import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serving)
     serving.set_defaults(func=cmd_bench_serve)
     # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
     # flags live in one place and building this parser does not import torch. prefix_chars="+"

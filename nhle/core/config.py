@@ -384,8 +384,10 @@ class ServingConfig(Section):
     max_request_pixels: int = 64 * 1024 * 1024
     """Most image pixels (width x height from each header, before decoding) one request may have
     decoded, summed over its images (413 above it): bounds one request's decoding work."""
-    ort_threads: int = 0
-    """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
+    ort_threads: int = 1
+    """ONNX Runtime intra-op threads per call; 0 lets ONNX Runtime use every core. The server runs
+    concurrent requests' calls in parallel, so one thread each served more on 2 cores
+    (docs/benchmarks.md, section 8); 0 suits one large model with few concurrent requests."""
     ort_opt_level: str = "all"
     """ONNX Runtime graph optimisation: disable, basic, extended or all."""
     device: str = "auto"
