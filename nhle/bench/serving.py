@@ -164,9 +164,28 @@ def request_body(fmt: str, images: np.ndarray) -> tuple[bytes, dict]:
     return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
+def process_tree_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) used so far by process `pid` and its descendants (Linux /proc;
+    None elsewhere): `mlflow models serve` answers from a child process of the command."""
+    if pid is None or not Path("/proc/self/stat").exists():
+        return None
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree = {pid}
+    for _ in range(4):  # children, grandchildren, ...
+        tree |= {p for p, (parent, _) in stats.items() if parent in tree}
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
 def load_phase(url: str, path: str, bodies: list[tuple[bytes, dict]], requests: int, concurrency: int,
-               deadline: float) -> dict:
-    """`requests` POSTs, `concurrency` keep-alive connections at a time; latency of each."""
+               deadline: float, server_pid: int | None = None) -> dict:
+    """`requests` POSTs, `concurrency` keep-alive connections at a time; latency of each, and the
+    CPU seconds the client (this process) and the server process tree spent meanwhile."""
     host, port = url.removeprefix("http://").split(":")
     latencies, errors, lock = [], [], threading.Lock()
     issued = 0
@@ -198,11 +217,14 @@ def load_phase(url: str, path: str, bodies: list[tuple[bytes, dict]], requests: 
         finally:
             connection.close()
 
-    started = time.perf_counter()
+    started, client_cpu, server_cpu = time.perf_counter(), time.process_time(), process_tree_cpu(server_pid)
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
+    server_after = process_tree_cpu(server_pid)
     return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-            "seconds": time.perf_counter() - started, "latencies": latencies}
+            "seconds": time.perf_counter() - started, "latencies": latencies,
+            "client_cpu": time.process_time() - client_cpu,
+            "server_cpu": None if server_cpu is None else server_after - server_cpu}
 
 
 def summary(phases: list[dict], images_per_request: int, requested: int, concurrency: int) -> dict:
@@ -214,7 +236,11 @@ def summary(phases: list[dict], images_per_request: int, requested: int, concurr
             "requests_per_s": round(done / seconds, 1) if seconds else 0.0,
             "images_per_s": round(done * images_per_request / seconds, 1) if seconds else 0.0,
             "p50_ms": round(float(np.percentile(latencies, 50)), 2) if done else None,
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2) if done else None}
+            "p99_ms": round(float(np.percentile(latencies, 99)), 2) if done else None,
+            # CPU per answered request: where the cores went (client and servers share them)
+            "client_cpu_ms": round(sum(p["client_cpu"] for p in phases) * 1000 / done, 3) if done else None,
+            "server_cpu_ms": (round(sum(p["server_cpu"] for p in phases) * 1000 / done, 3)
+                              if done and all(p["server_cpu"] is not None for p in phases) else None)}
 
 
 def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: int, deadline: float,
@@ -362,7 +388,8 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
                                                  max_instances=max_instances, **extra)))
             servers.append(("mlflow", mlflow_server(model_uri, tracking_uri, work / "mlflow.log")))
             urls = {key: server.wait_ready("/ping" if key == "mlflow" else "/readyz").url for key, server in servers}
-            result["http"] = http_rounds(urls, version.name, params, rounds, single_requests, batch_requests, batch_size,
+            pids = {key: server.proc.pid for key, server in servers}
+            result["http"] = http_rounds(urls, pids, version.name, params, rounds, single_requests, batch_requests, batch_size,
                                          concurrency, deadline)
         finally:
             for _, server in servers:
@@ -388,7 +415,7 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
     return result
 
 
-def http_rounds(urls: dict, name: str, params, rounds: int, single_requests: int, batch_requests: int,
+def http_rounds(urls: dict, pids: dict, name: str, params, rounds: int, single_requests: int, batch_requests: int,
                 batch_size: int, concurrency: int, deadline: float) -> dict:
     """Every variant at single images and at batch_size, a 1/rounds share of the requests each
     time, in turn; the figures summed over the rounds."""
@@ -408,7 +435,7 @@ def http_rounds(urls: dict, name: str, params, rounds: int, single_requests: int
             for label, server, path, fmt in VARIANTS:
                 share = max(1, total // rounds)
                 phases[(label, p)].append(load_phase(urls[server], path.format(name=name), bodies[(p, fmt)], share,
-                                                     concurrency, deadline))
+                                                     concurrency, deadline, pids[server]))
     table = {p: {label: summary(phases[(label, p)], n, max(1, total // rounds) * rounds, concurrency)
                  for label, *_ in VARIANTS} for p, (n, total) in payloads.items()}
     return {**table, "_batches": {p: arrays[p][:8] for p in payloads}}
@@ -438,13 +465,14 @@ def markdown(result: dict, batch_size: int) -> str:
         ort_rate = result["in_process"][payload]["ort_images_per_s"]
         lines += [f"**{'single image' if n == 1 else f'batch of {n}'}** (in-process ONNX Runtime on the same "
                   f"batches: {ort_rate:,.0f} images/s)", "",
-                  "| variant | requests | requests/s | images/s | p50 ms | p99 ms | errors | x mlflow | share of ORT |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | requests | requests/s | images/s | p50 ms | p99 ms | errors | x mlflow | share of ORT "
+                  "| CPU ms/request: server, client |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, row in rows.items():
             ratio = result["ratios"][payload][label]
             lines.append(f"| {label} | {row['requests']} | {row['requests_per_s']:,} | {row['images_per_s']:,} | "
                          f"{row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {ratio['over_mlflow']} | "
-                         f"{ratio['share_of_onnxruntime']:.1%} |")
+                         f"{ratio['share_of_onnxruntime']:.1%} | {row['server_cpu_ms']}, {row['client_cpu_ms']} |")
         lines.append("")
     runtimes = result["in_process"]
     lines += ["In process, the same batches (CPU, default threads): " + "; ".join(
