@@ -166,12 +166,14 @@ def test_gzip_bodies_are_read_and_bombs_refused(server, all_digits):
     assert r.status_code == 413 and "decompresses to more than" in r.json()["error"]
 
 
-def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_files, digits, start_server, all_digits):
+@pytest.mark.parametrize("micro_batching", [False, True])
+def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_files, digits, start_server, all_digits,
+                                                         micro_batching):
     """Four clients send V2 binary batches of 8 while a new champion (3 and 5 masked) is
     registered: no request fails, version 1 never returns class 3 and version 2 never 3 or 5."""
-    registry = make_registry("v2-swap-project")
+    registry = make_registry(f"v2-swap-project-{micro_batching}")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
-    server = start_server(registry.root, poll_seconds=0.5, micro_batching="true")
+    server = start_server(registry.root, poll_seconds=0.5, micro_batching=str(micro_batching).lower())
     images, labels = all_digits
     picks = [np.concatenate([images[labels == 5][i:i + 4], images[labels == 3][i:i + 4]]) for i in range(20)]
     results, failures, lock, stop = [], [], threading.Lock(), threading.Event()
@@ -209,4 +211,7 @@ def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_fil
             assert (p[:, 5] == 0).all() and (p.argmax(1) != 5).all()
     assert any((p.argmax(1) == 5).any() for v, p in results if v == "1")  # the old model did predict 5s
     batching = server.http.get("/model").json()["micro_batching"]
-    assert batching["images"] > 0 and batching["calls"] <= batching["images"] / 8
+    if micro_batching:
+        assert batching["images"] > 0 and batching["calls"] <= batching["images"] / 8
+    else:
+        assert batching is None
