@@ -119,8 +119,8 @@ class Grid:
 
     def cases(self, num_classes: int) -> list[list[int]]:
         found = cases(num_classes, self.classes, self.multi)
-        if self.quick:
-            found = found[:2] + ([found[-1]] if len(found[-1]) > 1 else [])
+        if self.quick:  # the first two single classes and the last multi-class case
+            found = [c for c in found if len(c) == 1][:2] + [c for c in found if len(c) > 1][-1:]
         return found
 
     def units(self, num_classes: int) -> list[tuple[int, list[int], str]]:

@@ -74,10 +74,11 @@ def test_console_script_help_and_missing_checkpoint(tmp_path):
 def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
     from nhle.bench.unlearning import METHODS
 
-    assert main(["bench", "unlearning", "--quick", "--out", str(tmp_path)]) == 0
+    # One class and one triple (every method runs on each: CI time goes by cases x methods).
+    assert main(["bench", "unlearning", "--quick", "--classes", "0", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     cases = {tuple(r["forget_classes"]) for r in rows}
-    assert cases == {(0,), (1,), (2, 5, 8)}
+    assert cases == {(0,), (2, 5, 8)}
     assert len(rows) == len(cases) * len(METHODS) and {r["method"] for r in rows} == set(METHODS)
     for row in rows:  # every method measured on the same case against the same original and retrain
         same = [r for r in rows if r["forget_classes"] == row["forget_classes"]]
@@ -89,7 +90,7 @@ def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
     no_mask = [r for r in rows if r["method"] == "nhle_no_mask"]
     assert all(r["unmasked_forget_test_acc"] == r["forget_test_acc"] for r in no_mask)
     summary = (tmp_path / "summary.md").read_text()
-    assert "### one class" in summary and "### 3 classes" in summary and "| nhle | 2 |" in summary
+    assert "### one class" in summary and "### 3 classes" in summary and "| nhle | 1 |" in summary
     assert "| salun | 1 |" in summary.split("### 3 classes")[1]
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
 
