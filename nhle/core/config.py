@@ -385,9 +385,9 @@ class ServingConfig(Section):
     """Most image pixels (width x height from each header, before decoding) one request may have
     decoded, summed over its images (413 above it): bounds one request's decoding work."""
     ort_threads: int = 1
-    """ONNX Runtime intra-op threads per call; 0 lets ONNX Runtime use every core. The server runs
-    concurrent requests' calls in parallel, so one thread each served more on 2 cores
-    (docs/benchmarks.md, section 8); 0 suits one large model with few concurrent requests."""
+    """ONNX Runtime intra-op threads per call; 0 lets ONNX Runtime use every core. On 2 cores one
+    thread served 1.5x the single-image requests of 0, and 0.7x the images at batch 64
+    (docs/benchmarks.md, section 8): 0 suits large batches or a large model with few requests."""
     ort_opt_level: str = "all"
     """ONNX Runtime graph optimisation: disable, basic, extended or all."""
     device: str = "auto"
