@@ -4,7 +4,8 @@ Runtime call (serving.micro_batching, off by default; docs/benchmarks.md section
 A request of fewer than `max_images` images is queued with the model it read (so a hot swap
 never mixes versions in one call); one thread takes the first waiting request, gathers others
 until the call holds `max_images` images or `wait_ms` has passed since that first one, runs the
-call for each model present and hands every request its own rows. Larger requests run directly.
+call for each model present and hands every request its own rows. Larger requests run directly
+(LoadedModel.gathered decides).
 
 Never imports torch.
 """
@@ -25,12 +26,6 @@ class MicroBatcher:
         self.calls = self.images = 0  # for /model: how much gathering happened
         self._thread = threading.Thread(target=self._run, name="nhle-micro-batcher", daemon=True)
         self._thread.start()
-
-    def probabilities(self, model, x: np.ndarray) -> np.ndarray:
-        """model.probabilities(x), gathered with other requests' images when x is small."""
-        if len(x) >= self.max_images:
-            return model.compute(x)
-        return self.submit(model, x).result()
 
     def submit(self, model, x: np.ndarray) -> Future:
         """Queue x (fewer than max_images images) for the next call on `model`; the Future gets its rows."""

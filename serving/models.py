@@ -120,17 +120,27 @@ class LoadedModel:
     def version(self) -> str | None:
         return self.pointer.version
 
+    @property
+    def uint8_divisor(self) -> float:
+        """What a 0..255 pixel is divided by to give the graph's input (the exported preprocessing;
+        255 for metadata written before it said so)."""
+        return float(self.metadata.get("uint8_divisor", 255.0))
+
+    def gathered(self, x: np.ndarray) -> bool:
+        """Whether x waits for other requests' images (micro-batching on, and x under its cap)."""
+        return self.batcher is not None and len(x) < self.batcher.max_images
+
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Every class's probability for the float32 (N, C, H, W) batch; forgotten ones exactly 0."""
-        if self.batcher is not None:
-            return self.batcher.probabilities(self, x)
+        if self.gathered(x):
+            return self.batcher.submit(self, x).result()
         return self.compute(x)
 
     async def probabilities_async(self, x: np.ndarray) -> np.ndarray:
         """probabilities(x) from the event loop: gathered when micro-batching is on; else a call
         expected under INLINE_CALL_SECONDS runs right here (a hop to a worker thread costs about
         as much as the call), a longer one in a worker thread."""
-        if self.batcher is not None and len(x) < self.batcher.max_images:
+        if self.gathered(x):
             return await asyncio.wrap_future(self.batcher.submit(self, x))
         if len(x) * self.seconds_per_image <= INLINE_CALL_SECONDS:
             return self.compute(x)

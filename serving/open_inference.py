@@ -33,11 +33,6 @@ EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
 
 
-def uint8_divisor(model: LoadedModel) -> float:
-    """What a 0..255 pixel is divided by to give the graph's input (the exported preprocessing)."""
-    return float(model.metadata.get("uint8_divisor", 255.0))
-
-
 def served_version(model: LoadedModel) -> str:
     """The registry version; a local file has none, so its sha256 prefix names it."""
     return model.version or model.sha256[:12]
@@ -53,7 +48,7 @@ def model_metadata(model: LoadedModel) -> dict:
             "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.class_names)]}],
             "parameters": {"input_datatypes": list(DATATYPES), "input_scale": "FP32 in [0, 1]; UINT8 / "
-                           f"{uint8_divisor(model):g}", "class_names": list(model.class_names),
+                           f"{model.uint8_divisor:g}", "class_names": list(model.class_names),
                            "forgotten_classes": list(model.forgotten)}}
 
 
@@ -144,7 +139,7 @@ def parse_input(tensor, model: LoadedModel, binary: bytes, settings: Settings) -
         raise bad("missing_field", "inputs[0] has no data: send data, or binary_data_size with the bytes after "
                                    "the JSON header", 400)
     if datatype == "UINT8":
-        return (x / np.float32(uint8_divisor(model))).astype(np.float32), used
+        return (x / np.float32(model.uint8_divisor)).astype(np.float32), used
     if not np.isfinite(x).all():
         raise bad("non_finite", "inputs[0] holds non-finite values", 400)
     if x.size and (x.min() < 0 or x.max() > 1):

@@ -143,13 +143,14 @@ BYTE_HINT = {"predict": '; 0..255 pixels need "scale": "byte"',
                             'input; /predict also takes "scale": "byte")'}
 
 
-def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str = "predict") -> np.ndarray:
+def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str = "predict", divisor: float = 255.0) -> np.ndarray:
+    """x in [0, 1] ("unit") or 0..255 ("byte", divided by the model's uint8_divisor) -> float32 input."""
     top = 1.0 if scale == "unit" else 255.0
     if x.size and (x.min() < 0 or x.max() > top):
         hint = BYTE_HINT[endpoint] if scale == "unit" else ""
         raise bad("out_of_range", f"{where} has values in [{x.min():g}, {x.max():g}], outside [0, {top:g}] "
                                   f"of scale {scale!r}{hint}")
-    return (x / 255.0 if scale == "byte" else x).astype(np.float32)
+    return (x / divisor if scale == "byte" else x).astype(np.float32)
 
 
 def shape_text(shape) -> str:
@@ -173,7 +174,7 @@ def instance_tensor(value, model: LoadedModel, scale: str, where: str, endpoint:
         raise bad("bad_shape", f"{where} has shape {shape_text(x.shape) or 'scalar'}; "
                                f"this model takes {shape_text((c, h, w))}{extra}")
     x = x.reshape(c, h, w)
-    return to_unit(x, scale, where, endpoint)
+    return to_unit(x, scale, where, endpoint, model.uint8_divisor)
 
 
 def decode_base64_image(text: str, model: LoadedModel, where: str) -> np.ndarray:

@@ -270,24 +270,25 @@ def add_open_inference_routes(app, manager: ModelManager, settings: Settings):
     async def v2_ready():
         return JSONResponse({"ready": manager.current is not None}, 200 if manager.current is not None else 503)
 
+    def served(name: str, version: str | None):
+        """The model being served, if the request names it (and its version); else a 404."""
+        model = manager.require()  # this request's model, whatever swaps happen meanwhile
+        v2.check_model(model, name, version)
+        return model
+
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def v2_model(name: str, version: str | None = None):
-        model = manager.require()
-        v2.check_model(model, name, version)
-        return v2.model_metadata(model)
+        return v2.model_metadata(served(name, version))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def v2_model_ready(name: str, version: str | None = None):
-        model = manager.require()
-        v2.check_model(model, name, version)
-        return {"name": model.name, "ready": True}
+        return {"name": served(name, version).name, "ready": True}
 
     async def v2_infer(request: Request):
         """Open Inference Protocol inference: JSON tensors, or the binary tensor data extension."""
-        model = manager.require()  # this request's model, whatever swaps happen meanwhile
-        v2.check_model(model, request.path_params["name"], request.path_params.get("version"))
+        model = served(request.path_params["name"], request.path_params.get("version"))
         body = v2.decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
         header_length = request.headers.get(v2.HEADER)
         if len(body) > INLINE_BODY_BYTES["binary" if header_length else "json"]:

@@ -296,7 +296,7 @@ def in_process(onnx_path: Path, model, batches: dict[str, list[np.ndarray]], rou
 # Swap time: `nhle request process` starting -> the running server answering with the new version
 
 
-def swap_time(root: Path, params, work: Path, timeout: float = 900.0) -> dict:
+def swap_time(root: Path, work: Path, timeout: float = 900.0) -> dict:
     import httpx
 
     from nhle.orchestration.requests import submit
@@ -310,8 +310,11 @@ def swap_time(root: Path, params, work: Path, timeout: float = 900.0) -> dict:
     try:
         before = httpx.get(server.url + "/model").json()
         names = before["class_names"]
-        spec = next(str(c) for c in params.forget.split(",") if c.strip() in names and names.index(c.strip())
-                    not in before["forgotten_classes"])
+        spec = next((c.strip() for c in params.forget.split(",") if c.strip() in names and names.index(c.strip())
+                     not in before["forgotten_classes"]), None)
+        if spec is None:
+            raise ValueError(f"forget={params.forget!r} names no class the champion still predicts "
+                             f"({names}, forgotten {before['forgotten_classes']}): set --set forget=<class>")
         request = submit(params, root, spec, "bench@nhle", "nhle bench serve: time to serve a forget request")
         started = time.monotonic()
         command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
@@ -399,7 +402,7 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
         if swap:
             if scratch is None:
                 scratch = scratch_project(params, work / "project")
-            result["swap"] = swap_time(scratch[0], scratch[1], work)
+            result["swap"] = swap_time(scratch[0], work)
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
               "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), "torch": torch.__version__,
