@@ -31,6 +31,7 @@ from nhle_serving.sources import Pointer, gates_passed, make_source
 
 log = logging.getLogger("nhle_serving.server")
 INLINE_CALL_SECONDS = 0.001
+FIRST_RETRY_SECONDS = 0.5   # while nothing is served, checks repeat after 0.5, 1, 2 ... s, up to poll_seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,12 +378,17 @@ class ModelManager:
         return {"outcome": "failed", "serving_version": None, "candidate_version": refused.version, "error": message}
 
     def _run(self):
+        retry = FIRST_RETRY_SECONDS
         while not self._stop.is_set():
             try:
                 self.refresh(reason="startup" if self.current is None and self.last_check is None else "poll")
             except Exception:  # never let the poller die
                 log.exception("model poller error")
-            if self._stop.wait(self.settings.poll_seconds):
+            # Nothing served yet (registry or ledger unreachable, or every version refused): look
+            # again soon, backing off to the poll interval, rather than stay unready for all of it.
+            wait = self.settings.poll_seconds if self.current is not None else min(retry, self.settings.poll_seconds)
+            retry = FIRST_RETRY_SECONDS if self.current is not None else retry * 2
+            if self._stop.wait(wait):
                 break
 
     def start(self):

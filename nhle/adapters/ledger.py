@@ -22,11 +22,14 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import DateTime, Integer, String, Text, TypeDecorator, create_engine, func, select, update
+from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_engine, func, inspect, select,
+                        update)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
@@ -182,6 +185,24 @@ def _json(value) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
+def create_tables(engine, attempts: int = 5) -> None:
+    """Create the ledger's tables where missing. Processes that open a new database at once (servers
+    started side by side) race: create_all checks, then creates, so the one that lost sees "table
+    already exists" (SQLite) or a duplicate type (PostgreSQL). It looks again and creates what is
+    still missing; a failure that leaves a table missing after every attempt is raised."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except DBAPIError:
+            missing = set(Base.metadata.tables) - set(inspect(engine).get_table_names())
+            if not missing:
+                return
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class Ledger:
     def __init__(self, url: str):
         if not url or "://" not in url:
@@ -190,7 +211,7 @@ class Ledger:
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
         self.url = url
         self.engine = create_engine(url, connect_args=connect_args)
-        Base.metadata.create_all(self.engine)
+        create_tables(self.engine)
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

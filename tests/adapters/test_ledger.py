@@ -42,6 +42,26 @@ def test_bad_input_is_refused_with_a_message(ledger, tmp_path):
     assert ledger.claim(new_owner(), 60) == []  # a rejected request is never processed
 
 
+def test_many_openers_of_a_new_database_at_once_all_get_a_working_ledger(ledger_url):
+    # Servers started side by side each open the ledger: every one must find its tables.
+    start, errors, opened = threading.Barrier(6), [], []
+
+    def open_and_submit(n):
+        start.wait()
+        try:
+            opened.append(Ledger(ledger_url).submit([n], [str(n)], "alice", f"r{n}").id)
+        except Exception as error:  # noqa: BLE001 - the test reports whatever a racer hit
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_and_submit, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(r.id for r in Ledger(ledger_url).list("pending")) == sorted(opened) and len(opened) == 6
+
+
 def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, ledger_url):
     ids = {ledger.submit([c % 10], [str(c % 10)], "alice", f"r{c}").id for c in range(30)}
     url = ledger_url

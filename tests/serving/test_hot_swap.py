@@ -159,3 +159,20 @@ def test_a_server_with_no_champion_yet_says_what_to_run(make_registry, start_ser
         time.sleep(0.3)
     response = server.http.get("/readyz")
     assert response.status_code == 503 and "run `nhle run` (or `nhle import` for your own model) first" in reason
+
+
+def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_interval(make_registry, onnx_files,
+                                                                                    digits, start_server):
+    registry = make_registry("ledger-later")
+    registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
+    ledger_dir = registry.root / "ledger"  # missing: SQLite cannot open the ledger, so no check can pass
+    server = start_server(registry.root, ready=False, poll_seconds=3600,
+                          requests_database=f"sqlite:///{ledger_dir / 'requests.db'}")
+    deadline = time.monotonic() + 30
+    while "model check (startup) failed" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.3)
+    assert server.http.get("/readyz").status_code == 503
+    ledger_dir.mkdir()
+    server.wait("/readyz", timeout=30)  # long before the hour of poll_seconds
+    assert server.http.get("/model").json()["version"] == "1"
