@@ -221,13 +221,12 @@ def _draw_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, class_na
 def _project(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of `features` (fitted on them) and the explained variance ratio of each axis."""
     from sklearn.decomposition import PCA
-    from threadpoolctl import threadpool_limits
+
+    from nhle.core.metrics import one_blas_thread
 
     features = np.asarray(features, dtype=np.float64)
     n_components = min(2, features.shape[0], features.shape[1])
-    # One BLAS thread: a 2-component PCA of a few thousand rows is milliseconds single-threaded,
-    # but multi-threaded BLAS on a busy machine can take hundreds of times longer.
-    with threadpool_limits(1):
+    with one_blas_thread():  # a 2-component PCA of a few thousand rows: milliseconds on one thread
         try:  # the covariance solver (scikit-learn >= 1.5) is the fast one for N >> D
             pca = PCA(n_components=n_components, svd_solver="covariance_eigh", random_state=seed)
             points = pca.fit_transform(features)

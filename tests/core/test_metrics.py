@@ -17,6 +17,31 @@ def test_probe_on_perfectly_separable_features_recalls_everything():
     assert probe_forget_acc(features, labels, features, labels, [1]) == 1.0
 
 
+def test_the_sklearn_metrics_run_on_one_blas_thread_and_give_the_threads_back():
+    from threadpoolctl import threadpool_info
+    from sklearn.linear_model import LogisticRegression
+
+    def blas_threads():
+        return sorted(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+    seen, fit = [], LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(blas_threads())
+        return fit(self, *args, **kwargs)
+
+    before = blas_threads()
+    labels = np.repeat(np.arange(3), 50)
+    features = np.eye(3)[labels] * 10 + np.random.default_rng(0).normal(0, 0.1, (150, 3))
+    LogisticRegression.fit = spy
+    try:
+        assert probe_forget_acc(features, labels, features, labels, [1]) == 1.0
+    finally:
+        LogisticRegression.fit = fit
+    assert seen and all(set(threads) == {1} for threads in seen)
+    assert blas_threads() == before
+
+
 def test_probe_on_features_without_class_information_is_near_chance():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 300)
