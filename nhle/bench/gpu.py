@@ -1,7 +1,7 @@
 """`python -m nhle.bench.gpu`: the whole path on one machine (train ResNet-18, NHLE + masking,
 ONNX export, ONNX Runtime parity on every provider) with its timings, to run on a GPU box.
 
-    python -m nhle.bench.gpu --quick --device cpu --out /tmp/gpu_check       # smoke test, ~40 s on 2 CPU cores
+    python -m nhle.bench.gpu --quick --device cpu --out /tmp/gpu_check       # smoke test, ~20 s on 2 CPU cores
     python -m nhle.bench.gpu --device cuda --amp bf16 --out bench/gpu         # a GPU, synthetic CIFAR-shaped data
     python -m nhle.bench.gpu --device cuda --cifar-root ~/data --out bench/gpu   # real CIFAR-10 files
     nhle bench gpu --device cuda --out bench/gpu                              # the same through the CLI
@@ -54,7 +54,7 @@ CUDA_DEFAULT = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 FULL = {"train_size": 50000, "test_size": 2000, "epochs": 3, "batch_size": 128, "max_steps": 300, "repeats": 20,
         "synthesis_steps": UnlearnConfig().synthesis_steps}
 # The default's input synthesis (36 images x 100 steps of ResNet-18) alone took minutes on 2 cores.
-QUICK = {"train_size": 640, "test_size": 200, "epochs": 2, "batch_size": 64, "max_steps": 10, "repeats": 3,
+QUICK = {"train_size": 256, "test_size": 200, "epochs": 1, "batch_size": 32, "max_steps": 5, "repeats": 3,
          "synthesis_steps": 5}
 NOT_IMPORTED = ("mlflow", "prefect", "dvc", "fastapi", "matplotlib")
 

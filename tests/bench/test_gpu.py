@@ -12,7 +12,7 @@ from nhle.bench import gpu as gpu_check
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `python -m nhle.bench.gpu --quick --device cpu` in a fresh process (about 30 s)."""
+    """One `python -m nhle.bench.gpu --quick --device cpu` in a fresh process (about 20 s)."""
     out = tmp_path_factory.mktemp("gpu_check")
     done = subprocess.run([sys.executable, "-m", "nhle.bench.gpu", "--quick", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
