@@ -4,6 +4,7 @@ processes. `nhle deploy` registers the flows; the worker trains the base model a
 a forget request from the ledger; the ONNX Runtime server loads the champion from the MLflow
 server and never answers the forgotten class. Only params.yaml and environment variables differ
 from the embedded set-up."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,13 @@ class Process:
         pytest.fail(f"{self.name} not answering on {url} after {timeout} s:\n{self.log()}")
 
     def stop(self):
+        if self.name == "prefect-worker" and self.proc.poll() is None:
+            # A worker's first SIGTERM only stops it taking runs, and it did not exit in 15 s with
+            # none running; Prefect's documented second SIGTERM makes it kill itself.
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+            self.proc.terminate()
         stop_process(self.proc)
         self._log.close()
 

@@ -10,8 +10,14 @@ import json
 from nhle.bench.serving import BASELINE, VARIANTS
 
 
-def test_bench_serve_writes_its_figures(tmp_path):
+def test_bench_serve_writes_its_figures(tmp_path, prefect_harness, monkeypatch):
+    import prefect.settings
+
     from nhle.bench.serving import bench_serve
+
+    # `nhle request process` (the timed child) uses the session's Prefect API, as a user's would
+    # with PREFECT_API_URL set, instead of starting a temporary server of its own (~20 s in CI).
+    monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
 
     out = tmp_path / "out"
     result = bench_serve(tmp_path, None, out, rounds=2, single_requests=20, batch_requests=4, batch_size=64,
