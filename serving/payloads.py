@@ -143,8 +143,8 @@ BYTE_HINT = {"predict": '; 0..255 pixels need "scale": "byte"',
                             'input; /predict also takes "scale": "byte")'}
 
 
-def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str = "predict", divisor: float = 255.0) -> np.ndarray:
-    """x in [0, 1] ("unit") or 0..255 ("byte", divided by the model's uint8_divisor) -> float32 input."""
+def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str, divisor: float | None = None) -> np.ndarray:
+    """x in [0, 1] ("unit") or 0..255 ("byte", divided by `divisor`, the model's uint8_divisor) -> float32 input."""
     top = 1.0 if scale == "unit" else 255.0
     if x.size and (x.min() < 0 or x.max() > top):
         hint = BYTE_HINT[endpoint] if scale == "unit" else ""

@@ -379,8 +379,6 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
             root, origin = project_dir, f"the project's champion ({project_dir})"
         version, tracking_uri = found
         model_uri = f"models:/{version.name}/{version.version}"
-        import mlflow
-
         mlflow.set_tracking_uri(tracking_uri)
         onnx_path = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(work / "onnx"))) / "model.onnx"
         model, _ = load_checkpoint(download_checkpoint(version, work / "checkpoint"))
