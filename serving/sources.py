@@ -66,7 +66,7 @@ class RegistrySource:
             from nhle.adapters.ledger import Ledger  # SQLAlchemy only: no torch
 
             self._ledger = Ledger(self.ledger_url)
-        return self._ledger.deleted_classes()
+        return self._ledger.deleted_classes(self.name)
 
     def fallbacks(self, exclude: str | None, limit: int = 10) -> list[Pointer]:
         """Versions that passed their gates, newest first (at most `limit`), for a server whose

@@ -2,8 +2,8 @@
 
     from nhle.adapters.ledger import Ledger
     ledger = Ledger("sqlite:///requests.db")          # or postgresql+psycopg://user:pass@host/db
-    request = ledger.submit([3], ["3"], requester="dpo@example.com", reason="GDPR art. 17")
-    claimed = ledger.claim(owner=new_owner(), lease_seconds=300)   # pending + abandoned requests
+    request = ledger.submit([3], ["3"], requester="dpo@example.com", reason="GDPR art. 17", model_name="digits")
+    claimed = ledger.claim(owner=new_owner(), lease_seconds=300, model_name="digits")   # pending + abandoned
     ledger.finish(request.id, owner, "done", model_version_after="4")
 
 Life of a request: pending -> processing -> done | failed (or pending again after an error,
@@ -15,6 +15,11 @@ committed transaction, and a claim is a compare-and-set on (status, claimed_by):
 runs can never hold the same request, on SQLite or PostgreSQL alike. A claim is a lease that
 its run renews (LeaseKeeper); a claim whose lease ran out, or whose process is gone on this
 host, is abandoned and the next run takes it over.
+
+One ledger serves every registered model of a project: each request names its model
+(`model_name`, the MLflow registered model), and its class indices mean that model's classes.
+Rows written before requests named a model (no model_name) count as deleted for every model,
+so that no class they deleted can come back through the change.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_engine, func, inspect, select,
-                        update)
+from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_engine, func, inspect, or_, select,
+                        text, true, update)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -91,6 +96,7 @@ class ForgetRequestRow(Base):
     batch: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    model_name: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)  # None: written before
 
 
 class LedgerEventRow(Base):
@@ -144,6 +150,7 @@ class ForgetRequest:
     batch: str | None
     claimed_by: str | None
     lease_until: datetime | None
+    model_name: str | None
 
     @classmethod
     def from_row(cls, row: ForgetRequestRow) -> "ForgetRequest":
@@ -201,6 +208,29 @@ def create_tables(engine, attempts: int = 5) -> None:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine) -> None:
+    """Columns added to the request table since a ledger was created (model_name), added in
+    place, nullable, so that every row on record is kept as it is."""
+    present = {c["name"] for c in inspect(engine).get_columns(ForgetRequestRow.__tablename__)}
+    for column in ForgetRequestRow.__table__.columns:
+        if column.name not in present:
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {ForgetRequestRow.__tablename__} ADD COLUMN {column.name} {kind}"))
+            except DBAPIError:  # another process added it in the meantime
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(ForgetRequestRow.__tablename__)}:
+                    raise
+
+
+def of_model(model_name: str | None):
+    """The rows of one registered model, and those written before requests named one."""
+    if model_name is None:
+        return true()
+    return or_(ForgetRequestRow.model_name == model_name, ForgetRequestRow.model_name.is_(None))
 
 
 class Ledger:
@@ -216,10 +246,13 @@ class Ledger:
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-    def submit(self, classes: list[int], class_names: list[str], requester: str, reason: str,
+    def submit(self, classes: list[int], class_names: list[str], requester: str, reason: str, *, model_name: str,
                status: str = "pending", error: str | None = None,
                model_version_before: str | None = None) -> ForgetRequest:
-        """Record a request (committed before this returns). status is pending or rejected."""
+        """Record a request on the registered model `model_name` (committed before this returns).
+        status is pending or rejected."""
+        if not str(model_name or "").strip():
+            raise ValueError("a forget request names the registered model it is for (model_name)")
         if status not in ("pending", "rejected"):
             raise ValueError(f"a new request is pending or rejected, not {status!r}")
         if not requester.strip() or not reason.strip():
@@ -230,7 +263,8 @@ class Ledger:
         row = ForgetRequestRow(classes=json.dumps([int(c) for c in classes]), class_names=json.dumps(class_names),
                                requester=requester.strip(), reason=reason.strip(), status=status,
                                submitted_at=now, finished_at=now if status == "rejected" else None,
-                               error=error, model_version_before=model_version_before, attempts=0)
+                               error=error, model_version_before=model_version_before, attempts=0,
+                               model_name=model_name.strip())
         with self._session() as session, session.begin():
             session.add(row)
         return ForgetRequest.from_row(row)
@@ -242,17 +276,19 @@ class Ledger:
                 raise KeyError(f"no forget request with id {request_id} in {self.engine.url!r}")
             return ForgetRequest.from_row(row)
 
-    def list(self, status: str | None = None) -> list[ForgetRequest]:
+    def list(self, status: str | None = None, model_name: str | None = None) -> list[ForgetRequest]:
+        """The requests (with `status`; of `model_name` and the rows that name no model), oldest first."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; choose one of {', '.join(STATUSES)}")
-        query = select(ForgetRequestRow).order_by(ForgetRequestRow.id)
+        query = select(ForgetRequestRow).where(of_model(model_name)).order_by(ForgetRequestRow.id)
         if status is not None:
             query = query.where(ForgetRequestRow.status == status)
         with self._session() as session:
             return [ForgetRequest.from_row(row) for row in session.scalars(query)]
 
-    def claim(self, owner: str, lease_seconds: float) -> list[ForgetRequest]:
-        """Take every pending request and every abandoned processing one for `owner`.
+    def claim(self, owner: str, lease_seconds: float, model_name: str | None = None) -> list[ForgetRequest]:
+        """Take every pending request and every abandoned processing one (of `model_name`, and
+        those that name no model) for `owner`.
 
         Each row is taken with a compare-and-set UPDATE, so a row another run took in the
         meantime is skipped. Abandoned rows keep their batch: the run that takes them over looks
@@ -260,7 +296,8 @@ class Ledger:
         now = utcnow()
         with self._session() as session:
             candidates = [(row.id, row.status, row.claimed_by, row.lease_until) for row in session.scalars(
-                select(ForgetRequestRow).where(ForgetRequestRow.status.in_(("pending", "processing"))))]
+                select(ForgetRequestRow).where(ForgetRequestRow.status.in_(("pending", "processing")),
+                                               of_model(model_name)))]
         taken = []
         for request_id, status, claimant, lease_until in candidates:
             if status == "processing" and not (lease_until is None or lease_until < now or owner_is_gone(claimant)):
@@ -324,10 +361,11 @@ class Ledger:
                                  claimed_by=None, lease_until=None,
                                  finished_at=utcnow() if status == "failed" else None)
 
-    def deleted_classes(self) -> dict[int, list[int]]:
-        """Classes deleted on record: {class: [ids of the done requests that deleted it]}."""
+    def deleted_classes(self, model_name: str | None) -> dict[int, list[int]]:
+        """Classes of `model_name` deleted on record: {class: [ids of the done requests that
+        deleted it]}, rows that name no model included; None: every model's."""
         deleted: dict[int, list[int]] = {}
-        for request in self.list("done"):
+        for request in self.list("done", model_name):
             for c in request.classes:
                 deleted.setdefault(int(c), []).append(request.id)
         return deleted

@@ -504,7 +504,8 @@ def run(args) -> int:
     result = bench_serve(args.project_dir, args.params, Path(args.out), rounds=args.rounds,
                          single_requests=args.single_requests, batch_requests=args.batch_requests,
                          batch_size=args.batch_size, concurrency=args.concurrency, seconds=args.seconds,
-                         swap=not args.no_swap, assignments=tuple(args.set))
+                         swap=not args.no_swap, assignments=tuple(args.set) + (
+                             (f"registry.model_name={args.name}",) if getattr(args, "name", None) else ()))
     print((Path(args.out) / "serve.md").read_text())
     return 0 if not any(row["errors"] for rows in result["http"].values() for row in rows.values()) else 1
 

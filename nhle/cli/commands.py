@@ -20,14 +20,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from nhle.core.config import ENCODINGS, LAYERS, Params, TrainConfig, load_params, with_assignments
+from nhle.core.config import Params, TrainConfig, load_params, with_assignments
 from nhle.core.files import write_json
 
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
 # its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
 # that params.yaml supplies the value.
 FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
-               "image_size": ("data", "image_size"), "classes": ("data", "classes"), "split_seed": ("data", "seed"),
+               "image_size": ("data", "image_size"), "class_names": ("data", "class_names"), "split_seed": ("data", "seed"),
                "arch": ("model", "arch"), "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
                "from_mlflow": ("model", "from_mlflow"), "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
                "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"),
@@ -35,13 +35,12 @@ FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "d
                "device": ("train", "device"), "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
                "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
                "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers"),
-               "forget_rank": ("unlearn", "forget_rank")}
-CHOICES = {("unlearn", "encoding"): ENCODINGS, ("unlearn", "layers"): LAYERS}
+               "forget_rank": ("unlearn", "forget_rank"), "name": ("registry", "model_name")}
 
 
 def resolve_params(args) -> Params:
-    """params.yaml (or defaults when it does not exist), then every flag that was given, then
-    every --set (they win)."""
+    """params.yaml (or defaults when it does not exist) with every flag that was given and every
+    --set (they win) applied together and checked once."""
     params = load_params(args.params)
     assignments = [f"{section}.{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
                    for flag, (section, name) in FLAG_FIELDS.items()
@@ -70,9 +69,19 @@ def project_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def model_parent() -> argparse.ArgumentParser:
+    """--name: the parent of every command that acts on one registered model of the project."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_field_flags(parent, "name")
+    return parent
+
+
 def add_field_flags(parser, *flags: str) -> None:
-    """--flag for each name of FLAG_FIELDS, typed and documented by its config field."""
+    """--flag for each name of FLAG_FIELDS, typed, documented and limited to its choices by its
+    config field. Values are checked with the rest of the settings (resolve_params), so a flag
+    that goes with another (--mean with --std) is checked once both are in."""
     import typing
+    from dataclasses import fields
 
     from nhle.core.config import SECTIONS, field_docs
 
@@ -80,19 +89,21 @@ def add_field_flags(parser, *flags: str) -> None:
         section, name = FLAG_FIELDS[flag]
         hint = typing.get_type_hints(SECTIONS[section])[name]
         kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # int | None -> int
+        rules = next(f.metadata for f in fields(SECTIONS[section]) if f.name == name)
         options = {"help": f"{field_docs(SECTIONS[section])[name]} ({section}.{name})"}
         if kind is bool:
             options.update(action="store_true", default=None)
+        elif typing.get_origin(kind) is tuple:
+            options["type"] = float_list
+        elif "choices" in rules and name != "device":  # device also takes cuda:N
+            options["choices"] = rules["choices"]
         else:
-            options["type"] = float_list if typing.get_origin(kind) is tuple else kind
-            if (section, name) in CHOICES:
-                options["choices"] = CHOICES[(section, name)]
-        aliases = ("--model",) if flag == "arch" else ()
-        parser.add_argument(f"--{flag.replace('_', '-')}", *aliases, dest=flag, **options)
+            options["type"] = kind
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, **options)
 
 
 def add_data_flags(parser):
-    add_field_flags(parser, "dataset", "data_root", "download", "image_size", "classes")
+    add_field_flags(parser, "dataset", "data_root", "download", "image_size", "class_names")
 
 
 def add_arch_flags(parser):
@@ -145,7 +156,7 @@ def cmd_unlearn(args) -> int:
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
-    classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"], args.retrain_baseline)
+    classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"])
     outcome = forget_and_measure(model, checkpoint, classes, seed=args.sample_seed, config=params.unlearn,
                                  retrain_baseline=args.retrain_baseline, device=params.train.device)
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
@@ -209,19 +220,15 @@ def cmd_params(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from nhle.adapters.prefect_server import temporary_prefect_server
     from nhle.cli.jobs import run_command
 
-    with temporary_prefect_server():
-        return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+    return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
 
 
 def cmd_import(args) -> int:
-    from nhle.adapters.prefect_server import temporary_prefect_server
     from nhle.cli.jobs import import_command
 
-    with temporary_prefect_server():
-        return import_command(resolve_params(args), project_dir=Path(args.project_dir))
+    return import_command(resolve_params(args), project_dir=Path(args.project_dir))
 
 
 def default_operator() -> str:
@@ -258,7 +265,8 @@ def cmd_rollback(args) -> int:
             reopened.append(ledger.reopen(request_id, args.operator, args.reason, {
                 "action": "rollback", "model_version_from": before, "model_version_to": after}))
 
-    before, after = rollback(params.registry, ledger.deleted_classes(), reopen if asked else None)
+    before, after = rollback(params.registry, ledger.deleted_classes(params.registry.model_name),
+                             reopen if asked else None)
     print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
     for event in reopened:
         print(terminal_text(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}"))
@@ -271,10 +279,14 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
+    params = resolve_params(args)
+    if args.model and args.name:
+        raise ValueError("--model (a model URI or .onnx file) and --name (a registered model) both name what to "
+                         "serve: give one")
     os.environ["NHLE_PARAMS"] = str(Path(args.params).resolve())
     os.environ["NHLE_PROJECT_DIR"] = str(Path(args.project_dir).resolve())
-    if args.model:
-        os.environ["NHLE_MODEL"] = args.model
+    if args.model or args.name:
+        os.environ["NHLE_MODEL"] = args.model or f"models:/{params.registry.model_name}@{params.registry.champion_alias}"
     uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port)
     return 0
 
@@ -327,25 +339,32 @@ def cmd_bench_gpu(args) -> int:
     return gpu_check_main(args.gpu_check_args)
 
 
+def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with the line `nhle --help` lists for it."""
+    if "help" in options:
+        options.setdefault("description", options["help"][0].upper() + options["help"][1:] + ".")
+    return subparsers.add_parser(name, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nhle", description="Make an image classifier forget whole classes, "
                                      "and measure that it did.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", parents=[params_parent()], help="train a base model and write DIR/model.pt")
+    train = add_command(commands, "train", parents=[params_parent()], help="train a base model and write DIR/model.pt")
     add_data_flags(train)
     add_train_flags(train)
     add_field_flags(train, "split_seed")
     train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
     train.set_defaults(func=cmd_train)
 
-    prepare = commands.add_parser("prepare", parents=[params_parent()], help="materialise the dataset as files (train.npz, test.npz, classes.json)")
+    prepare = add_command(commands, "prepare", parents=[params_parent()], help="materialise the dataset as files (train.npz, test.npz, classes.json)")
     add_data_flags(prepare)
     add_field_flags(prepare, "split_seed")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.set_defaults(func=cmd_prepare)
 
-    unlearn = commands.add_parser("unlearn", parents=[params_parent()], help="forget classes of a checkpoint; write OUT/model.pt and report.json")
+    unlearn = add_command(commands, "unlearn", parents=[params_parent()], help="forget classes of a checkpoint; write OUT/model.pt and report.json")
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
     unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
                          "(default: `forget` in params.yaml)")
@@ -358,41 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_unlearn_flags(unlearn)
     unlearn.set_defaults(func=cmd_unlearn)
 
-    evaluate = commands.add_parser("evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning")
+    evaluate = add_command(commands, "evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning")
     evaluate.add_argument("--original", required=True, help="the original model.pt")
     evaluate.add_argument("--unlearned", required=True, help="folder written by `nhle unlearn`")
     evaluate.add_argument("--out", required=True, help="output folder (plots, metrics.json, gates.json)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = commands.add_parser("export", parents=[params_parent()], help="export a checkpoint to ONNX and check parity with ONNX Runtime")
+    export = add_command(commands, "export", parents=[params_parent()], help="export a checkpoint to ONNX and check parity with ONNX Runtime")
     export.add_argument("--checkpoint", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
     export.set_defaults(func=cmd_export)
 
-    settings = commands.add_parser("params", parents=[params_parent()], help="print every setting with its value and meaning (params.yaml's "
+    settings = add_command(commands, "params", parents=[params_parent()], help="print every setting with its value and meaning (params.yaml's "
                                    "format); --write FILE writes it")
     settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
     settings.set_defaults(func=cmd_params)
 
-    run = commands.add_parser("run", parents=[project_parent()], help="the main job: train a base model if there is no champion, "
+    run = add_command(commands, "run", parents=[project_parent(), model_parent()], help="the main job: train a base model if there is no champion, "
                               "run one forget flow, print the registry state")
     run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
     run.set_defaults(func=cmd_run)
 
-    imports = commands.add_parser("import", parents=[project_parent()], help="register your own model (torchvision / timm weights, or a PyTorch "
+    imports = add_command(commands, "import", parents=[project_parent(), model_parent()], help="register your own model (torchvision / timm weights, or a PyTorch "
                                   "model in MLflow) as a base version, after the same evaluation, export and gates")
     add_data_flags(imports)
     add_arch_flags(imports)
-    imports.add_argument("--weights", help="a state_dict file (or a checkpoint dict holding one, see --weights-key); "
-                         "none: random initialisation")
-    imports.add_argument("--weights-key", help="the entry of the checkpoint dict that holds the state_dict")
-    imports.add_argument("--from-mlflow", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH of a "
-                         "model logged with mlflow.pytorch (either format), instead of --arch/--weights")
-    imports.add_argument("--mlflow-tracking-uri", help="the MLflow server or store --from-mlflow is in (default: "
-                         "nhle's own)")
+    add_field_flags(imports, "weights", "weights_key", "from_mlflow", "mlflow_tracking_uri")
     imports.set_defaults(func=cmd_import)
 
-    rollback = commands.add_parser("rollback", parents=[project_parent()], help="move the champion alias back to the previous version")
+    rollback = add_command(commands, "rollback", parents=[project_parent(), model_parent()], help="move the champion alias back to the previous version")
     rollback.add_argument("--reopen", type=int, action="append", metavar="REQUEST_ID",
                           help="reopen this done forget request on record, so that the version rolled back to may "
                                "predict its classes again (repeat for several)")
@@ -400,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--operator", default=default_operator(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
-    serve = commands.add_parser("serve", parents=[project_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
+    serve = add_command(commands, "serve", parents=[project_parent(), model_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
@@ -408,11 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nhle.cli.requests import add_commands
 
-    add_commands(commands, project_parent)
+    add_commands(commands, project_parent, model_parent, add_command)
 
-    bench = commands.add_parser("bench", help="benchmarks that write their results to files")
+    bench = add_command(commands, "bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
-    unlearning = benches.add_parser("unlearning", parents=[project_parent()], help="NHLE vs retrain, baselines and ablations: every class x "
+    unlearning = add_command(benches, "unlearning", parents=[project_parent()], help="NHLE vs retrain, baselines and ablations: every class x "
                                     "seeds, plus a multi-class case")
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
     unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
@@ -437,19 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
                             help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
                             "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")
     unlearning.set_defaults(func=cmd_bench_unlearning)
-    scaling = benches.add_parser("scaling", help="NHLE vs retrain time as a synthetic training set grows")
+    scaling = add_command(benches, "scaling", help="NHLE vs retrain time as a synthetic training set grows")
     scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
     scaling.add_argument("--epochs", type=int, default=5, help="training epochs of the base and retrained models")
     scaling.add_argument("--device", default="auto", help="auto, cpu or cuda")
     scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
     scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
     scaling.set_defaults(func=cmd_bench_scaling)
-    inference = benches.add_parser("inference", help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 "
+    inference = add_command(benches, "inference", help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 "
                                    "GFLOP/s against this machine's fp32 matmul rate")
     inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
     inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
     inference.set_defaults(func=cmd_bench_inference)
-    serving = benches.add_parser("serve", parents=[project_parent()], help="nhle serve (JSON, Open Inference "
+    serving = add_command(benches, "serve", parents=[project_parent(), model_parent()], help="nhle serve (JSON, Open Inference "
                                  "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
                                  "ONNX Runtime; time from a forget request to the new version served")
     from nhle.bench.serving import add_arguments as add_serve_arguments
@@ -459,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
     # flags live in one place and building this parser does not import torch. prefix_chars="+"
     # keeps this subparser from taking --quick etc. as options of its own.
-    gpu = benches.add_parser("gpu", add_help=False, prefix_chars="+",
+    gpu = add_command(benches, "gpu", add_help=False, prefix_chars="+",
                              help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.bench.gpu; "
                              "see `nhle bench gpu --help`)")
     gpu.add_argument("gpu_check_args", nargs=argparse.REMAINDER, help="the flags of python -m nhle.bench.gpu")
@@ -467,10 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the Makefile and CI set, set by the CLI itself where the user has not: no usage data
+# leaves the machine (and no "Failed to send telemetry" error on one without internet), and the
+# first temporary Prefect server gets time to start on a small machine.
+QUIET_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def main(argv=None) -> int:
     import logging
     import os
 
+    for key, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     # nhle's own INFO lines (e.g. unlearning progress) go through Prefect's handlers inside flows.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nhle")
     logging.getLogger("nhle").setLevel(logging.INFO)

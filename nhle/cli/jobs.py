@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nhle.core.config import Params, params_as_dict
-from nhle.core.gates import GateResult
+from nhle.core.config import Params, RegistryConfig, params_as_dict
+from nhle.core.gates import GateResult, advice
 from nhle.core.models import MaskedClassifier
-from nhle.orchestration.steps import champion_version, load_champion
+from nhle.orchestration.steps import load_champion
 
 
 def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
@@ -31,38 +31,49 @@ def load_flow(name: str):
 
 
 def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
-    """`nhle run`: base model if no champion, one forget flow, then the registry state."""
+    """`nhle run`: base model if no champion, one forget flow, then the registry state. The
+    request is checked (against the champion, else the dataset's classes) before any Prefect
+    server starts, so a typo costs no flow run."""
     import time
 
+    from nhle.adapters.prefect_server import temporary_prefect_server
     from nhle.adapters.tracking import configure
+    from nhle.core.data import parse_classes
+    from nhle.core.experiment import load_data, validate_forget
 
     started = time.perf_counter()
     project_dir = project_dir.resolve()
     uri = configure(params, project_dir)
     forget_spec = forget_spec or params.forget
-    results = []
-    if champion_version(params) is None:
-        train_flow = load_flow("train_base")
-        flow_started = time.perf_counter()
-        results.append(train_flow(params=params_as_dict(params), project_dir=str(project_dir)))
-        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
     name = params.registry.model_name
     champion = load_champion(params)
-    already = already_forgotten(champion[0], champion[1]["class_names"], forget_spec) if champion else False
-    if champion and not already:  # a clear refusal here, not a traceback from inside the flow
-        from nhle.core.experiment import validate_forget
-
-        validate_forget(champion[0], forget_spec, champion[1]["class_names"], params.retrain_baseline)
-    if already:
-        print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
-              f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
-    else:
-        forget_flow = load_flow("forget")
-        flow_started = time.perf_counter()
-        results.append(forget_flow(classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir)))
-        results[-1]["flow_seconds"] = time.perf_counter() - flow_started
+    if champion is None:
+        parse_classes(forget_spec, load_data(params.data).class_names)
+    elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
+        validate_forget(champion[0], forget_spec, champion[1]["class_names"])
+    results = []
+    with temporary_prefect_server():
+        if champion is None:
+            results.append(timed(load_flow("train_base"), params=params_as_dict(params), project_dir=str(project_dir)))
+            champion = load_champion(params)
+        if champion and already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
+            print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
+                  f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
+        else:
+            results.append(timed(load_flow("forget"), classes=forget_spec, params=params_as_dict(params),
+                                 project_dir=str(project_dir)))
     print_results(params, results, started, uri, "run")
     return 0 if not results or results[-1]["promoted"] else 1
+
+
+def timed(flow, **parameters) -> dict:
+    """A flow run's result with its wall-clock seconds as `flow_seconds`."""
+    import time
+
+    started = time.perf_counter()
+    result = flow(**parameters)
+    result["flow_seconds"] = time.perf_counter() - started
+    return result
 
 
 def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
@@ -78,8 +89,11 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
             print("\n" + "\n".join(summary_lines(result["report"])))
         print(f"\n{name} version {result['version']} ({result['summary']}): "
               f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
-        for gate in result["gates"]:
-            print(f"  {GateResult(**gate).describe()}")
+        gates = [GateResult(**gate) for gate in result["gates"]]
+        for gate in gates:
+            print(f"  {gate.describe()}")
+        for line in advice(gates):
+            print(f"  what to try - {line}")
         print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
         for told in result.get("notified", []):
             print(f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
@@ -91,7 +105,8 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
     print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    print(f"Serve it:    .venv/bin/nhle serve --host 127.0.0.1 --port 8000   "
+    flag = "" if name == RegistryConfig().model_name else f" --name {name}"
+    print(f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
           f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
 
 
@@ -100,18 +115,19 @@ def import_command(params: Params, project_dir: Path) -> int:
     the registry state. Exit 0 when the imported version became champion."""
     import time
 
+    from nhle.adapters.prefect_server import temporary_prefect_server
     from nhle.adapters.tracking import configure
 
     started = time.perf_counter()
     project_dir = project_dir.resolve()
     uri = configure(params, project_dir)
-    flow_started = time.perf_counter()
-    result = load_flow("import_model")(params=params_as_dict(params), project_dir=str(project_dir))
-    result["flow_seconds"] = time.perf_counter() - flow_started
+    with temporary_prefect_server():
+        result = timed(load_flow("import_model"), params=params_as_dict(params), project_dir=str(project_dir))
     print_results(params, [result], started, uri, "import")
     if result["promoted"]:
-        print(f"Forget:      .venv/bin/nhle run --forget CLASS   (or `nhle request submit`; classes: "
-              f"{', '.join(result['class_names'])})")
+        flag = "" if params.registry.model_name == RegistryConfig().model_name else f" --name {params.registry.model_name}"
+        print(f"Forget:      .venv/bin/nhle run{flag} --forget {result['class_names'][0]}   (or `nhle request submit"
+              f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})")
     return 0 if result["promoted"] else 1
 
 

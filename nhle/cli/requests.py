@@ -30,11 +30,15 @@ def cmd_submit(args, params) -> int:
 def cmd_list(args, params) -> int:
     from nhle.orchestration.requests import request_line, open_ledger
 
-    requests = open_ledger(params, args.project_dir).list(args.status)
+    from nhle.orchestration.requests import REQUEST_HEADER
+
+    requests = open_ledger(params, args.project_dir).list(args.status, params.registry.model_name)
+    if not requests:
+        print(f"no forget requests for {params.registry.model_name}" + (f" with status {args.status}" if args.status else ""))
+        return 0
+    print(f"forget requests for {params.registry.model_name}:\n{REQUEST_HEADER}")
     for request in requests:
         print(request_line(request))
-    if not requests:
-        print("no forget requests" + (f" with status {args.status}" if args.status else ""))
     return 0
 
 
@@ -77,6 +81,15 @@ def cmd_process(args, params) -> int:
     return 0 if all(r["status"] in ("done", "pending") for r in result["requests"]) else 1
 
 
+def deployment_name(base: str, params) -> str:
+    """A deployment's name: `base` for the project's default model, `base`-MODEL for another, so
+    that each registered model has its own deployments."""
+    from nhle.core.config import RegistryConfig
+
+    model = params.registry.model_name
+    return base if model == RegistryConfig().model_name else f"{base}-{model}"
+
+
 def requests_schedule(params) -> tuple[dict, object]:
     """(deployment options, concurrency limit) of every forget-request deployment: params.yaml's
     cron, and at most one run at a time (a run that would overlap is cancelled, not queued)."""
@@ -97,7 +110,8 @@ def cmd_schedule(args, params) -> int:
     project_dir = Path(args.project_dir).resolve()
     flow = load_flow("process_requests")
     os.chdir(project_dir)  # the deployment's working directory
-    print(f"serving {flow.name}/{params.requests.deployment} on cron {params.requests.cron!r} "
+    name = deployment_name(params.requests.deployment, params)
+    print(f"serving {flow.name}/{name} on cron {params.requests.cron!r} "
           f"({params.requests.timezone}); Ctrl-C stops it")
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
@@ -105,7 +119,7 @@ def cmd_schedule(args, params) -> int:
     from nhle.adapters.prefect_server import temporary_prefect_server
 
     with temporary_prefect_server():
-        flow.serve(name=params.requests.deployment, parameters=parameters, global_limit=limit, limit=1, **options)
+        flow.serve(name=name, parameters=parameters, global_limit=limit, limit=1, **options)
     return 0
 
 
@@ -122,8 +136,11 @@ def cmd_deploy(args, params) -> int:
                            "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
     project_dir = Path(args.project_dir).resolve()
     entry = flows_file(project_dir).relative_to(project_dir)
-    own_params = Path(args.params).resolve() == project_dir / "params.yaml"
-    # With the project's own params.yaml each run reads it afresh; another file is frozen in.
+    from nhle.core.config import load_params
+
+    own_params = Path(args.params).resolve() == project_dir / "params.yaml" and params == load_params(args.params)
+    # With the project's own params.yaml as it is, each run reads it afresh; another file, or
+    # flags (--name, --set), are frozen in.
     parameters = {"project_dir": str(project_dir), **({} if own_params else {"params": params_as_dict(params)})}
     request_options, request_limit = requests_schedule(params)
     deployments = [  # (flow function, deployment name, options, concurrency limit)
@@ -132,6 +149,9 @@ def cmd_deploy(args, params) -> int:
         ("forget", "forget", {"tags": ["nhle"], "description": "Forget the given classes from the champion "
                               "(NHLE + masking), with evidence"}, None),
         ("process_requests", params.requests.deployment, request_options, request_limit),
+    ]
+    deployments = [(function, deployment_name(name, params), options, limit)
+                   for function, name, options, limit in deployments
     ]
     for function, name, options, limit in deployments:
         flow = Flow.from_source(source=str(project_dir), entrypoint=f"{entry}:{function}")
@@ -143,12 +163,12 @@ def cmd_deploy(args, params) -> int:
     return 0
 
 
-def add_commands(commands, project_parent) -> None:
-    request = commands.add_parser("request", help="forget requests: submit, list, show, process")
+def add_commands(commands, project_parent, model_parent, add_command) -> None:
+    request = add_command(commands, "request", help="forget requests: submit, list, show, process")
     actions = request.add_subparsers(dest="action", required=True)
 
     def action(name, func, help_text):
-        parser = actions.add_parser(name, parents=[project_parent()], help=help_text)
+        parser = add_command(actions, name, parents=[project_parent(), model_parent()], help=help_text)
         parser.set_defaults(func=func)
         return parser
 
@@ -163,11 +183,11 @@ def add_commands(commands, project_parent) -> None:
     show.add_argument("--no-report", action="store_true", help="only the ledger row")
     action("process", cmd_process, "process every pending request now, in one Prefect flow run")
 
-    schedule = commands.add_parser("schedule", parents=[project_parent()], help="serve the request-processing flow as a Prefect deployment "
+    schedule = add_command(commands, "schedule", parents=[project_parent(), model_parent()], help="serve the request-processing flow as a Prefect deployment "
                                    "on params.yaml's requests.cron (a long-running process)")
     schedule.set_defaults(func=cmd_schedule)
 
-    deploy = commands.add_parser("deploy", parents=[project_parent()], help="register the flows with the Prefect server (PREFECT_API_URL) for "
+    deploy = add_command(commands, "deploy", parents=[project_parent(), model_parent()], help="register the flows with the Prefect server (PREFECT_API_URL) for "
                                  "the workers of a process work pool")
     deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
     deploy.set_defaults(func=cmd_deploy)

@@ -16,18 +16,24 @@ from pathlib import Path
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 SERVING_DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, a GPU by its index
 LAYERS = ("all", "head", "backbone")
 AMP_MODES = ("off", "bf16", "fp16")
+OPTIMIZERS = ("adam", "sgd", "normalized")
+TORCHVISION_DATASETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
+DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "prepared")
 
 
-def check_amp(config) -> None:
-    """Fail at load time, naming the field, rather than deep inside a training loop.
-
-    YAML 1.1 reads a bare `amp: off` as false, so false is taken to mean "off"."""
-    if config.amp is False:
-        object.__setattr__(config, "amp", "off")  # frozen dataclass: set once, while it is built
-    if config.amp not in AMP_MODES:
-        raise ValueError(f"{type(config).__name__}.amp must be one of {', '.join(AMP_MODES)}, got {config.amp!r}")
+def setting(default, *, choices: tuple[str, ...] | None = None, at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None, default_factory=None):
+    """A config field with its allowed values on it: one of `choices`, or a number within the
+    bounds. checked_value enforces them when a section is built; the CLI takes its `choices` from
+    here. (An optional index suffix is allowed on device choices: cuda:1.)"""
+    rules = {k: v for k, v in (("choices", choices), ("at_least", at_least), ("above", above),
+                               ("at_most", at_most)) if v is not None}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=rules)
+    return field(default=default, metadata=rules)
 
 
 @dataclass(frozen=True)
@@ -45,18 +51,18 @@ class Section:
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    dataset: str = "digits"
+    dataset: str = setting("digits", choices=DATASETS)
     """digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, imagefolder, or prepared (a
     folder written by `nhle prepare`)."""
     root: str | None = None
     """Folder holding the dataset's files (torchvision layout, or one sub-folder per class)."""
     seed: int = 0
     """Seed of the train/test split (digits, imagefolder) and of everything random after it."""
-    test_fraction: float = 0.25
+    test_fraction: float = setting(0.25, above=0.0, at_most=0.9)
     """Share of samples held out for testing, where the dataset has no split of its own."""
-    image_size: int | None = None
+    image_size: int | None = setting(None, at_least=1)
     """Resize images to this square size (e.g. 32 for ResNet-18 on digits); None keeps them."""
-    classes: str | None = None
+    class_names: str | None = None
     """A text file with one class name per line, in the order of the model's outputs (an
     imported model's); the dataset's labels are renumbered to it. None: the dataset's order."""
     skip_bad_images: bool = False
@@ -117,98 +123,91 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    epochs: int = 15
+    epochs: int = setting(15, at_least=1)
     """Passes over the training split; base training and retraining use the same recipe."""
-    batch_size: int = 64
+    batch_size: int = setting(64, at_least=1)
     """Samples per optimisation step."""
-    lr: float = 1e-3
+    lr: float = setting(1e-3, above=0.0)
     """Adam learning rate, cosine-decayed to zero over the epochs."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, at_least=0.0)
     """Adam (decoupled) weight decay."""
-    device: str = "auto"
-    """auto (CUDA when present, else CPU), cpu, or cuda."""
-    amp: str = "off"
+    device: str = setting("auto", choices=DEVICES)
+    """auto (CUDA when present, else CPU), cpu, cuda, or cuda:N (the GPU of index N)."""
+    amp: str = setting("off", choices=AMP_MODES)
     """Mixed precision of the forward pass and loss: off, bf16 or fp16 (fp16 adds a gradient
     scaler). The weights stay fp32, so the exported ONNX model is fp32 and the parity check still
     guards it; bf16 also runs on the CPU, fp16 is meant for GPUs."""
 
-    def check(self):
-        check_amp(self)
-
 
 @dataclass(frozen=True)
 class UnlearnConfig(Section):
-    encoding: str = "negative_hot"
+    encoding: str = setting("negative_hot", choices=ENCODINGS)
     """NHLE label encoding of the forget samples; one of ENCODINGS (chosen by measurement: docs/method.md)."""
-    n_samples: int = 32
+    n_samples: int = setting(32, at_least=1)
     """Samples drawn from the train split per forgotten class; no retained data is used."""
-    optimizer: str = "adam"
+    optimizer: str = setting("adam", choices=OPTIMIZERS)
     """adam; sgd (momentum 0.9); or normalized (steps of lr times the weights' norm along the
     gradient; an ablation): the optimiser of the fine-tuning, full batch of the forget samples."""
-    lr: float = 3e-5
+    lr: float = setting(3e-5, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 7."""
     adaptive_lr: bool = True
     """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
     steps, the forget samples would not reach the stopping bound within max_steps: a model
     saturated on them moves too slowly at lr. False: lr throughout (an ablation)."""
-    max_steps: int = 300
+    max_steps: int = setting(300, at_least=0)
     """Hard cap on fine-tuning steps; the synthesis has its own (synthesis_steps)."""
-    stop_forget_prob: float = 0.05
+    stop_forget_prob: float = setting(0.05, at_least=0.0, at_most=1.0)
     """Stop once the forget samples' mean probability of the forgotten classes (no mask) is below
     this bound and forget_rank holds."""
-    forget_rank: float = 0.0
+    forget_rank: float = setting(0.0, at_least=0.0, at_most=1.0)
     """How deep the forgotten classes must sink before stopping: on every forget sample they must
     rank below this share of the retained classes (at least one). 0: misclassified; 1: ranked
     last, where a model that never saw them puts them. Deeper moves the features more (silhouette,
     relearn steps nearer a retrained model's) at some retained accuracy: the trade-off is measured
     in docs/benchmarks.md section 7."""
-    anchor_weight: float = 100.0
+    anchor_weight: float = setting(100.0, at_least=0.0)
     """Weight of the KL term that keeps the prediction over the retained classes (renormalised)
     equal to the original model's, on the forget samples and the synthetic inputs; 0: off."""
-    anchor_temperature: float = 1.0
+    anchor_temperature: float = setting(1.0, above=0.0)
     """Softmax temperature of that KL term, scaled by its square as in distillation (an ablation)."""
-    synthetic_per_class: int = 4
+    synthetic_per_class: int = setting(4, at_least=0)
     """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
     statistics and a smoothness prior, no data), on which the anchor holds the retained classes'
     prediction too; 0: the anchor sees the forget samples only."""
-    synthesis_steps: int = 100
+    synthesis_steps: int = setting(100, at_least=0)
     """Gradient steps on the pixels of the synthetic inputs."""
-    layers: str = "all"
+    layers: str = setting("all", choices=LAYERS)
     """Which parameters move: all, head (final layer only) or backbone (all but the final layer)."""
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, at_least=0)
     """Linear learning-rate warm-up over this many steps (an ablation); 0: none."""
-    saliency: float = 1.0
+    saliency: float = setting(1.0, above=0.0, at_most=1.0)
     """Share of each parameter's entries that move: those with the largest gradient of the NHLE
     loss on the forget samples (SalUn's saliency; an ablation); 1: all."""
     mask: bool = True
     """Apply class weight masking (zeroed final-layer rows and a -inf logit mask) afterwards."""
-    relearn_max_steps: int = 100
+    relearn_max_steps: int = setting(100, at_least=0)
     """Cap of the relearn attack; relearn_steps equals it when the class never came back."""
-    relearn_lr: float = 1e-3
+    relearn_lr: float = setting(1e-3, above=0.0)
     """Adam learning rate of the relearn attack (plain cross-entropy on the forget samples)."""
-    amp: str = "off"
+    amp: str = setting("off", choices=AMP_MODES)
     """Mixed precision of the fine-tuning's forward pass: off, bf16 or fp16 (as train.amp). The
     weights stay fp32 and the masking is exact, so the export and parity check are unchanged."""
-    weight_anchor: float = 0.0
+    weight_anchor: float = setting(0.0, at_least=0.0)
     """L2-SP: weight of the mean squared distance of every trainable parameter to its original
     value (an ablation); 0: off."""
-    feature_pull: float = 0.0
+    feature_pull: float = setting(0.0, at_least=0.0)
     """Weight of the pull of each forget sample's penultimate features to the prototype (mean
     synthetic feature) of the retained class the original model ranked next for it (an
     ablation); needs synthetic_per_class > 0; 0: off."""
-    feature_stop: float = 0.5
+    feature_stop: float = setting(0.5, at_least=0.0)
     """With feature_pull on, stopping also needs the features' mean squared distance to their
     prototypes below this share of the prototypes' squared norm."""
 
     def check(self):
-        check_amp(self)
         if self.feature_pull > 0 and self.synthetic_per_class < 1:
             raise ValueError("unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
                              "synthetic inputs' features)")
-        for name in ("forget_rank", "saliency"):
-            if isinstance(getattr(self, name), (int, float)) and not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"unlearn.{name} must be between 0 and 1, got {getattr(self, name)!r}")
 
 
 def to_dict(config) -> dict:
@@ -222,19 +221,10 @@ def params_as_dict(params) -> dict:
     return json.loads(json.dumps(asdict(params)))
 
 
-# Lower bounds of the numeric fields that have one, by name (a name means the same in every section).
-AT_LEAST = {"epochs": 1, "batch_size": 1, "n_samples": 1, "max_steps": 0, "relearn_max_steps": 0, "max_attempts": 1,
-            "max_instances": 1, "ort_threads": 0, "n_workers": 1, "threads_per_worker": 1, "min_retained_classes": 1,
-            "image_size": 1, "weight_decay": 0.0, "anchor_weight": 0.0, "max_retained_drop_pp": 0.0,
-            "max_request_pixels": 1, "max_body_bytes": 1024, "micro_batch_max_images": 1,
-            "micro_batch_wait_ms": 0.0, "synthetic_per_class": 0, "synthesis_steps": 0,
-            "weight_anchor": 0.0, "feature_pull": 0.0, "feature_stop": 0.0, "warmup_steps": 0}
-ABOVE = {"anchor_temperature": 0.0, "saliency": 0.0, "lr": 0.0, "relearn_lr": 0.0, "poll_seconds": 0.0, "lease_seconds": 0.0, "body_timeout_seconds": 0.0}
-
-
-def checked_value(owner: str, name: str, kind, value):
+def checked_value(owner: str, name: str, kind, value, rules: dict | None = None):
     """`value` as the field's type (an int is a fine float, and so is a string such as "1e9",
-    which YAML 1.1 reads as text), or a ValueError naming the key and the value."""
+    which YAML 1.1 reads as text) and within the field's rules (setting()), or a ValueError
+    naming the key, the value and what is allowed."""
     import math
     import types
     import typing
@@ -248,7 +238,7 @@ def checked_value(owner: str, name: str, kind, value):
     where = f"{owner}.{name}"
     if typing.get_origin(kind) is tuple:
         items = value if isinstance(value, (tuple, list)) else (value,)
-        return tuple(checked_value(owner, f"{name}[{i}]", args[0], v) for i, v in enumerate(items))
+        return tuple(checked_value(owner, f"{name}[{i}]", args[0], v, rules) for i, v in enumerate(items))
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
@@ -270,13 +260,20 @@ def checked_value(owner: str, name: str, kind, value):
             value = "on" if value else "off"
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
+        choices = (rules or {}).get("choices")
+        if choices and value not in choices and not (value.startswith("cuda:") and "cuda" in choices
+                                                      and value[5:].isdigit()):
+            raise ValueError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
         return value
     else:
         return value
-    if name in AT_LEAST and value < AT_LEAST[name]:
-        raise ValueError(f"{where} must be at least {AT_LEAST[name]}, got {value!r}")
-    if name in ABOVE and not value > ABOVE[name]:
-        raise ValueError(f"{where} must be above {ABOVE[name]}, got {value!r}")
+    rules = rules or {}
+    if "at_least" in rules and value < rules["at_least"]:
+        raise ValueError(f"{where} must be at least {rules['at_least']}, got {value!r}")
+    if "above" in rules and not value > rules["above"]:
+        raise ValueError(f"{where} must be above {rules['above']}, got {value!r}")
+    if "at_most" in rules and value > rules["at_most"]:
+        raise ValueError(f"{where} must be at most {rules['at_most']}, got {value!r}")
     return value
 
 
@@ -297,7 +294,8 @@ def check_fields(config) -> None:
     hints = typing.get_type_hints(type(config))
     owner = section_name(type(config))
     for f in fields(config):
-        object.__setattr__(config, f.name, checked_value(owner, f.name, hints[f.name], getattr(config, f.name)))
+        object.__setattr__(config, f.name, checked_value(owner, f.name, hints[f.name], getattr(config, f.name),
+                                                         dict(f.metadata)))
 
 
 def replace_known(config, **overrides):
@@ -313,29 +311,29 @@ def replace_known(config, **overrides):
 
 @dataclass(frozen=True)
 class ExportConfig(Section):
-    parity_tolerance: float = 1e-4
+    parity_tolerance: float = setting(1e-4, above=0.0)
     """Largest allowed |p_onnx - p_torch| over every class probability of the test split: room for
     fp32 kernels that sum in another order (it grows with the logits' size; docs/benchmarks.md),
     while a bias shifted by 0.01 fails it."""
-    parity_batch_sizes: tuple[int, ...] = (1, 64, 257)
+    parity_batch_sizes: tuple[int, ...] = setting((1, 64, 257), at_least=1)
     """ONNX Runtime batch sizes the parity check runs the whole test split at."""
 
 
 @dataclass(frozen=True)
 class GateConfig(Section):
-    max_forget_test_acc: float = 0.0
+    max_forget_test_acc: float = setting(0.0, at_least=0.0, at_most=1.0)
     """Promotion needs forget_test_acc at most this (the mask makes it exactly 0)."""
-    max_unmasked_forget_test_acc: float = 0.05
+    max_unmasked_forget_test_acc: float = setting(0.05, at_least=0.0, at_most=1.0)
     """Promotion needs the mask-removal attack to recover at most this share of the class."""
-    max_retained_drop_pp: float = 2.0
+    max_retained_drop_pp: float = setting(2.0, at_least=0.0)
     """Promotion needs retained test accuracy within this many points of the parent model."""
-    min_retain_test_acc: float = 0.9
+    min_retain_test_acc: float = setting(0.9, at_least=0.0, at_most=1.0)
     """Promotion needs retained test accuracy at least this (absolute floor)."""
     require_parity: bool = True
     """Promotion needs the ONNX Runtime parity check to pass."""
-    min_retained_classes: int = 2
+    min_retained_classes: int = setting(2, at_least=1)
     """Promotion needs at least this many classes left to predict (one left is always right)."""
-    min_retain_skill: float = 0.5
+    min_retain_skill: float = setting(0.5, at_most=1.0)
     """Promotion needs retained accuracy this far from chance to perfect: (acc - 1/k) / (1 - 1/k)
     over the k classes left, so that few classes left cannot pass on chance alone."""
 
@@ -373,42 +371,37 @@ class VersioningConfig(Section):
 
 @dataclass(frozen=True)
 class ServingConfig(Section):
-    poll_seconds: float = 5.0
+    poll_seconds: float = setting(5.0, above=0.0)
     """How often the server checks the champion alias for a new version (hot swap)."""
-    max_instances: int = 256
+    max_instances: int = setting(256, at_least=1)
     """Most images one request may carry."""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = setting(8 * 1024 * 1024, at_least=1024)
     """Largest request body accepted (413 above it)."""
-    body_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = setting(30.0, above=0.0)
     """A request body must arrive whole within this many seconds (else 408, connection closed)."""
-    max_request_pixels: int = 64 * 1024 * 1024
+    max_request_pixels: int = setting(64 * 1024 * 1024, at_least=1)
     """Most image pixels (width x height from each header, before decoding) one request may have
     decoded, summed over its images (413 above it): bounds one request's decoding work."""
-    ort_threads: int = 1
+    ort_threads: int = setting(1, at_least=0)
     """ONNX Runtime intra-op threads per call; 0 lets ONNX Runtime use every core. On 2 cores one
     thread served 1.5x the single-image requests of 0, and 0.7x the images at batch 64
     (docs/benchmarks.md, section 8): 0 suits large batches or a large model with few requests."""
-    ort_opt_level: str = "all"
+    ort_opt_level: str = setting("all", choices=ORT_OPT_LEVELS)
     """ONNX Runtime graph optimisation: disable, basic, extended or all."""
-    device: str = "auto"
+    device: str = setting("auto", choices=SERVING_DEVICES)
     """auto (CUDA provider when a GPU is visible), cpu or cuda."""
     micro_batching: bool = False
     """Gather concurrent requests of fewer than micro_batch_max_images images into one ONNX Runtime
     call. Off by default: on a 2-core CPU it did not raise throughput (docs/benchmarks.md, section 8);
     try it where one call costs much more than its HTTP request (a large model, a GPU)."""
-    micro_batch_max_images: int = 64
+    micro_batch_max_images: int = setting(64, at_least=1)
     """Most images one gathered ONNX Runtime call takes (micro_batching)."""
-    micro_batch_wait_ms: float = 2.0
+    micro_batch_wait_ms: float = setting(2.0, at_least=0.0)
     """Longest a request waits for others to join its call (micro_batching); a full batch goes at once."""
     notify: tuple[str, ...] = ()
     """Base URLs of running nhle servers (http://host:8000) that a flow tells to reload right after
     it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),
     so they stop answering with the old version before their next poll."""
-
-    def check(self):
-        for name, choices in (("ort_opt_level", ORT_OPT_LEVELS), ("device", SERVING_DEVICES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"serving.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -423,11 +416,11 @@ class RequestsConfig(Section):
     """Time zone of the cron schedule."""
     deployment: str = "forget-requests"
     """Name of the Prefect deployment `nhle schedule` serves."""
-    lease_seconds: float = 300.0
+    lease_seconds: float = setting(300.0, above=0.0)
     """A processing run renews its claim on its requests every third of this; a claim not renewed
     for this long (its run died) is taken over by the next run. On the same host a dead claimant
     process is noticed at once."""
-    max_attempts: int = 3
+    max_attempts: int = setting(3, at_least=1)
     """Runs that raised an error on a request before it is marked failed (crashes do not count)."""
 
 
@@ -437,9 +430,9 @@ class DaskConfig(Section):
     """Scheduler of a running Dask cluster (tcp://host:8786) that `nhle bench unlearning --engine dask`
     sends the benchmark grid to; empty starts a local cluster for the run. The DASK_ADDRESS
     environment variable wins when set."""
-    n_workers: int = 2
+    n_workers: int = setting(2, at_least=1)
     """Worker processes of the local cluster (ignored with an address)."""
-    threads_per_worker: int = 1
+    threads_per_worker: int = setting(1, at_least=1)
     """Threads per local worker: one unit at a time each, so torch keeps its own threads."""
 
 
@@ -454,7 +447,8 @@ class Params:
     retrain_baseline: bool = True
     """Retrain from scratch without the forgotten classes in each forget flow, as the reference:
     the model's architecture from random initialisation with the train recipe. A model imported
-    from MLflow is a traced graph with no architecture to retrain: it needs false here."""
+    from MLflow is a traced graph with no architecture to retrain: its forget flows have no
+    reference, and the report says so."""
     export: ExportConfig = field(default_factory=ExportConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -495,6 +489,9 @@ def params_from_dict(raw: dict | None, source: str = "params") -> Params:
     unknown = set(raw) - set(SECTIONS) - set(TOP_LEVEL)
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted([*SECTIONS, *TOP_LEVEL])}")
+    if isinstance(raw.get("data"), dict) and "classes" in raw["data"]:
+        raise ValueError(f"{source}: data.classes is now data.class_names (the file of class names; `--classes` "
+                         "names the classes to forget)")
     if isinstance(raw.get("train"), dict) and "model" in raw["train"]:
         raise ValueError(f"{source}: train.model is now model.arch (a section of its own, which also names the "
                          "weights of a model you import); note that resnet18 now means torchvision's ResNet-18 and "
@@ -517,28 +514,45 @@ def params_from_dict(raw: dict | None, source: str = "params") -> Params:
 
 
 def with_assignments(params: Params, assignments) -> Params:
-    """params with `section.key=value` (or `key=value` for a top-level field such as forget)
-    applied in order; each value is read as a YAML scalar ("3e-5", "true", "[1, 64]") and checked
-    like a params.yaml value, naming the assignment when it does not fit."""
+    """params with every `section.key=value` (or `key=value` for a top-level field such as forget)
+    applied together, later ones winning, and the result checked once: fields that go together
+    (model.mean and model.std) can come from two assignments. Each value is read as a YAML scalar
+    ("3e-5", "true", "[1, 64]"); an unknown key or a value that does not fit is a ValueError
+    naming the assignment."""
     import yaml
 
+    raw = params_as_dict(params)
+    given = []
     for item in assignments:
         target, sep, text = item.partition("=")
         if not sep or not target.strip():
             raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE (e.g. unlearn.lr=3e-5)")
         section, _, key = target.strip().rpartition(".")
-        value = yaml.safe_load(text) if text.strip() else ""
-        value = tuple(value) if isinstance(value, list) else value
         try:
-            if not section:
-                params = params_from_dict({**params_as_dict(params), key: value})
-            elif section not in SECTIONS:
-                raise ValueError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
-            else:
-                params = replace(params, **{section: replace_known(getattr(params, section), **{key: value})})
-        except ValueError as err:
-            raise ValueError(f"--set {item}: {err}") from None
-    return params
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if not section:
+            if key not in TOP_LEVEL:
+                raise ValueError(f"--set {item}: unknown setting {key!r}; top-level ones are {', '.join(TOP_LEVEL)}, "
+                                 "the rest are SECTION.KEY")
+            raw[key] = value
+        elif section not in SECTIONS:
+            raise ValueError(f"--set {item}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        elif key not in raw[section]:
+            raise ValueError(f"--set {item}: unknown {SECTIONS[section].__name__} field {key!r}; known: "
+                             f"{', '.join(sorted(raw[section]))}")
+        else:
+            raw[section][key] = value
+        given.append(item)
+    if not given:
+        return params
+    try:
+        return params_from_dict(raw)
+    except ValueError as err:
+        message = str(err).removeprefix("params: ")
+        culprits = [item for item in given if item.partition("=")[0].strip() in message]
+        raise ValueError(f"--set {', '.join(culprits) or ', '.join(given)}: {message}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TORCHVISION_DATASETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
-DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "prepared")
+from nhle.core.config import DATASETS, TORCHVISION_DATASETS
 
 
 @dataclass
@@ -83,10 +82,10 @@ class Splits:
 
 
 def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.25,
-                 download: bool = False, image_size: int | None = None, classes: str | Path | None = None,
+                 download: bool = False, image_size: int | None = None, class_names: str | Path | None = None,
                  skip_bad_images: bool = False) -> Splits:
     """Load a dataset by name; see the module docstring. `image_size` resizes (square);
-    `classes` (a file, one name per line) renumbers the labels to a model's output order."""
+    `class_names` (a file, one name per line) renumbers the labels to a model's output order."""
     name = name.lower()
     if name == "digits":
         splits = load_digits(seed=seed, test_fraction=test_fraction)
@@ -108,8 +107,8 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and splits.image_shape[1:] != (image_size, image_size):
         splits = resize(splits, image_size)
-    if classes is not None:
-        splits = in_class_order(splits, read_class_names(classes))
+    if class_names is not None:
+        splits = in_class_order(splits, read_class_names(class_names))
     return splits
 
 

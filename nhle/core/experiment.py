@@ -25,7 +25,7 @@ from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn
 
 def load_data(config: DataConfig) -> Splits:
     return load_dataset(config.dataset, root=config.root, seed=config.seed, test_fraction=config.test_fraction,
-                        download=config.download, image_size=config.image_size, classes=config.classes,
+                        download=config.download, image_size=config.image_size, class_names=config.class_names,
                         skip_bad_images=config.skip_bad_images)
 
 
@@ -64,13 +64,8 @@ def data_for_checkpoint(checkpoint: dict) -> Splits:
     return data
 
 
-def validate_forget(model: MaskedClassifier, spec, class_names: list[str], retrain_baseline: bool = False) -> list[int]:
-    """Parse a forget request against a model: unknown, already-forgotten, or all classes -> error,
-    as is asking for a retrained reference of a model that has no architecture to retrain."""
-    if retrain_baseline and model.arch == GRAPH:
-        raise ValueError("this model was imported as a traced graph (from MLflow), so it has no architecture to "
-                         "retrain as the reference: set retrain_baseline: false in params.yaml, or import it with "
-                         "--arch and --weights")
+def validate_forget(model: MaskedClassifier, spec, class_names: list[str]) -> list[int]:
+    """Parse a forget request against a model: unknown, already-forgotten, or all classes -> error."""
     classes = parse_classes(spec, class_names)
     already = [c for c in classes if bool(model.forget_mask[c])]
     if already:
@@ -122,7 +117,10 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
     metrics = {"original": measure(model, None), "unlearned": measure(result.model, attacked)}
     seconds = {"unlearn": result.seconds}
     reference = {"kind": "none", "why": "retrain_baseline is false"}
-    if retrain_baseline or retrained is not None:
+    if retrain_baseline and retrained is None and model.arch == GRAPH:
+        reference = {"kind": "none", "why": "the model is a traced graph (imported from MLflow): it has no "
+                     "architecture to retrain from scratch; import it with --arch and --weights to get one"}
+    elif retrain_baseline or retrained is not None:
         model_config, train_config = recipe_of(checkpoint)
         reference = {"kind": "retrained", "arch": model.arch, "recipe": to_dict(train_config)}
         reference_spec = training_spec(replace_known(model_config, arch=model.arch), data)

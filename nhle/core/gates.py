@@ -122,3 +122,42 @@ def all_passed(results: list[GateResult]) -> bool:
 
 def failure_reason(results: list[GateResult]) -> str:
     return "; ".join(r.describe() for r in results if not r.passed)
+
+
+# What moves each gate's figure, from the measurements of docs/benchmarks.md (sections 5 and 7).
+RETAINED_ADVICE = (
+    "the fine-tuning cost retained accuracy. Settings that move it: a smaller unlearn.lr (e.g. --set "
+    "unlearn.lr=1e-5; the pace rule still raises it when the model is saturated); a larger unlearn.anchor_weight "
+    "(it holds the retained classes' prediction: without it the drop was 2-37 pp); unlearn.synthetic_per_class "
+    ">= 4 (the synthetic anchor is what held ResNet-18 within 2 pp); unlearn.forget_rank 0 (deeper sinking costs "
+    "accuracy); --set unlearn.layers=head moves only the final layer (a drop of about 0 pp, but the features keep "
+    "the class). A model that was under-trained to begin with loses more (docs/benchmarks.md, section 7)")
+GATE_ADVICE = {
+    "retained_drop_pp": RETAINED_ADVICE + "; the bound is gates.max_retained_drop_pp",
+    "retain_test_acc": "retained accuracy is below the absolute floor gates.min_retain_test_acc: if the original "
+                       "model was already near it, lower the floor for this model (--set gates.min_retain_test_acc=...); "
+                       "else " + RETAINED_ADVICE,
+    "retain_skill": "too little skill is left on the retained classes: " + RETAINED_ADVICE,
+    "retained_classes": "too few classes would be left to predict (gates.min_retained_classes)",
+    "unmasked_forget_test_acc": "with the mask taken off, the weights still recognise the class: a larger "
+                                "unlearn.forget_rank (0.5 to 1 sinks the class deeper; cost in docs/benchmarks.md, "
+                                "section 7), a lower unlearn.stop_forget_prob, or a larger unlearn.max_steps; the "
+                                "bound is gates.max_unmasked_forget_test_acc",
+    "forget_test_acc": "the forgotten class is still predicted: unlearn.mask must be true (the -inf logit mask "
+                       "makes this exactly 0)",
+    "deleted_classes_predicted": "a class deleted on record by a forget request is still predicted: forget it too "
+                                 "(nhle run --forget CLASS), or reopen its request on record (nhle rollback --reopen "
+                                 "ID --reason ...)",
+    "parity_argmax_agreement": "ONNX Runtime and PyTorch disagree on the export: a model with operations the "
+                               "exporter does not keep exactly; export.parity_tolerance bounds the probability gap",
+    "parity_max_abs_prob_diff": "ONNX Runtime's probabilities differ from PyTorch's by more than "
+                                "export.parity_tolerance (large logits widen fp32 differences; docs/benchmarks.md)",
+    "parity_non_finite": "the exported model gives NaN or infinite outputs on some inputs",
+    "parity": "the ONNX Runtime parity check did not run (gates.require_parity)",
+}
+
+
+def advice(results: list[GateResult]) -> list[str]:
+    """For each failed gate: its name, value and bound, and the settings that move it."""
+    return [f"{r.describe()}: {GATE_ADVICE.get(r.name, 'see docs/method.md for what it measures')}"
+            for r in results if not r.passed]

@@ -117,7 +117,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
                          "run the train_base flow (or `nhle run`) first")
     model, checkpoint, parent = champion
     parent_version = str(parent.version)
-    indices = validate_forget(model, classes, checkpoint["class_names"], params.retrain_baseline)  # before any log
+    indices = validate_forget(model, classes, checkpoint["class_names"])  # before any log
     data = run(steps.data_of_version, params, root, parent, checkpoint)
     data_version = run(steps.version_data, params, root, data)
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}

@@ -51,30 +51,33 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
     champion = load_champion(params)
     name = f"{params.registry.model_name}@{params.registry.champion_alias}"
     if champion is None:
-        return _reject(ledger, [], [str(spec)], requester, reason, None,
+        return _reject(ledger, params, [], [str(spec)], requester, reason, None,
                        f"there is no {name} to forget from: run `nhle run` (or the train_base flow) first")
     model, checkpoint, version = champion
     class_names = checkpoint["class_names"]
     try:
-        classes = validate_forget(model, spec, class_names, params.retrain_baseline)
+        classes = validate_forget(model, spec, class_names)
     except ValueError as err:
         try:
             classes = parse_classes(spec, class_names)
         except ValueError:
             classes = []
-        return _reject(ledger, classes, [class_names[c] for c in classes] or [str(spec)], requester, reason,
+        return _reject(ledger, params, classes, [class_names[c] for c in classes] or [str(spec)], requester, reason,
                        str(version.version), f"{err} ({name} is version {version.version})")
-    pending = {c for request in ledger.list("pending") + ledger.list("processing") for c in request.classes}
+    model_name = params.registry.model_name
+    pending = {c for status in ("pending", "processing") for request in ledger.list(status, model_name)
+               for c in request.classes}
     if classes_left(model.num_classes, model.forgotten_classes, pending | set(classes)) < 1:
-        return _reject(ledger, classes, [class_names[c] for c in classes], requester, reason, str(version.version),
+        return _reject(ledger, params, classes, [class_names[c] for c in classes], requester, reason,
+                       str(version.version),
                        f"together with the pending requests for {sorted(pending)} this would leave no class")
-    return ledger.submit(classes, [class_names[c] for c in classes], requester, reason,
+    return ledger.submit(classes, [class_names[c] for c in classes], requester, reason, model_name=model_name,
                          model_version_before=str(version.version))
 
 
-def _reject(ledger: Ledger, classes, names, requester, reason, version, error) -> ForgetRequest:
+def _reject(ledger: Ledger, params: Params, classes, names, requester, reason, version, error) -> ForgetRequest:
     raise RequestRejected(ledger.submit(classes, names, requester, reason, status="rejected", error=error,
-                                        model_version_before=version))
+                                        model_version_before=version, model_name=params.registry.model_name))
 
 
 def batch_version(params: Params, batch: str):
@@ -134,8 +137,8 @@ def recover_batch(params: Params, root: Path, batch: str):
     return resume_version(params, root, version)
 
 
-def claim_requests(ledger: Ledger, owner: str, lease_seconds: float) -> list[ForgetRequest]:
-    return ledger.claim(owner, lease_seconds)
+def claim_requests(ledger: Ledger, owner: str, lease_seconds: float, model_name: str) -> list[ForgetRequest]:
+    return ledger.claim(owner, lease_seconds, model_name)
 
 
 def held(ledger: Ledger, owner: str, requests) -> list[ForgetRequest]:
@@ -152,7 +155,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
 
     ledger = open_ledger(params, root)
     owner = new_owner()
-    claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds)
+    claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
     logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)
     versions = []
     with LeaseKeeper(ledger, owner, params.requests.lease_seconds):
@@ -207,14 +210,19 @@ def read_report(uri: str) -> str:
     return read_text(uri)
 
 
+REQUEST_COLUMNS = "{:>5}  {:<10}  {:<20}  {:<10}  {:<26}  {}"
+REQUEST_HEADER = REQUEST_COLUMNS.format("id", "status", "classes", "versions", "requester", "submitted (UTC)")
+
+
 def request_line(request: ForgetRequest) -> str:
-    """One line per request for `nhle request list`."""
+    """One line per request for `nhle request list`, under REQUEST_HEADER."""
     from nhle.core.audit import terminal_text
 
-    after = f" -> v{request.model_version_after}" if request.model_version_after else ""
-    return terminal_text(f"{request.id:>5}  {request.status:<10}  classes {request.class_names}  "
-                         f"v{request.model_version_before or '-'}{after}  {request.requester}  "
-                         f"{request.submitted_at:%Y-%m-%d %H:%M:%S}Z" + (f"  error: {request.error}" if request.error else ""))
+    after = f"->v{request.model_version_after}" if request.model_version_after else ""
+    return terminal_text(REQUEST_COLUMNS.format(
+        request.id, request.status, ",".join(map(str, request.class_names)),
+        f"v{request.model_version_before or '-'}{after}", request.requester,
+        f"{request.submitted_at:%Y-%m-%d %H:%M:%S}") + (f"  error: {request.error}" if request.error else ""))
 
 
 def as_json(request: ForgetRequest) -> str:

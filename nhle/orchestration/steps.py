@@ -255,7 +255,7 @@ def finish_version(params: Params, project_dir: Path, run_id: str, version: str,
     forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
     # Whatever made this version (training, an import, unlearning), it may not bring back a
     # class that a completed forget request deleted.
-    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes())]
+    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes(params.registry.model_name))]
     data_after = None
     if data is not None and forgotten and all_passed(gates):
         data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")

@@ -21,7 +21,7 @@ def ledger(ledger_url):
 
 
 def test_submit_is_committed_and_read_back_by_another_connection(ledger, ledger_url):
-    request = ledger.submit([3], ["3"], "alice", "erasure request 12", model_version_before="2")
+    request = ledger.submit([3], ["3"], "alice", "erasure request 12", model_version_before="2", model_name="nhle-classifier")
     again = Ledger(ledger_url).get(request.id)
     assert again == request and again.status == "pending" and again.classes == [3]
     assert again.submitted_at.tzinfo is not None and again.model_version_before == "2"
@@ -32,12 +32,12 @@ def test_bad_input_is_refused_with_a_message(ledger, tmp_path):
     with pytest.raises(ValueError, match="SQLAlchemy URL"):
         Ledger(str(tmp_path / "requests.db"))
     with pytest.raises(ValueError, match="requester and a reason"):
-        ledger.submit([3], ["3"], " ", "why")
+        ledger.submit([3], ["3"], " ", "why", model_name="nhle-classifier")
     with pytest.raises(ValueError, match="unknown status 'gone'"):
         ledger.list("gone")
     with pytest.raises(KeyError, match="no forget request with id 99"):
         ledger.get(99)
-    rejected = ledger.submit([], ["42"], "bob", "typo", status="rejected", error="class 42 is out of range")
+    rejected = ledger.submit([], ["42"], "bob", "typo", status="rejected", error="class 42 is out of range", model_name="nhle-classifier")
     assert rejected.status == "rejected" and rejected.finished_at is not None
     assert ledger.claim(new_owner(), 60) == []  # a rejected request is never processed
 
@@ -49,7 +49,7 @@ def test_many_openers_of_a_new_database_at_once_all_get_a_working_ledger(ledger_
     def open_and_submit(n):
         start.wait()
         try:
-            opened.append(Ledger(ledger_url).submit([n], [str(n)], "alice", f"r{n}").id)
+            opened.append(Ledger(ledger_url).submit([n], [str(n)], "alice", f"r{n}", model_name="nhle-classifier").id)
         except Exception as error:  # noqa: BLE001 - the test reports whatever a racer hit
             errors.append(error)
 
@@ -63,7 +63,7 @@ def test_many_openers_of_a_new_database_at_once_all_get_a_working_ledger(ledger_
 
 
 def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, ledger_url):
-    ids = {ledger.submit([c % 10], [str(c % 10)], "alice", f"r{c}").id for c in range(30)}
+    ids = {ledger.submit([c % 10], [str(c % 10)], "alice", f"r{c}", model_name="nhle-classifier").id for c in range(30)}
     url = ledger_url
     taken, start = {}, threading.Barrier(3)
 
@@ -84,7 +84,7 @@ def test_two_runs_claiming_at_once_never_take_the_same_request(ledger, ledger_ur
 
 
 def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger, dead_owner):
-    live, dead, expired = (ledger.submit([c], [str(c)], "alice", "r") for c in (1, 2, 4))
+    live, dead, expired = (ledger.submit([c], [str(c)], "alice", "r", model_name="nhle-classifier") for c in (1, 2, 4))
     me = new_owner()
     assert {r.id for r in ledger.claim(me, 60)} == {live.id, dead.id, expired.id}
     with ledger._session() as session, session.begin():  # hand two of them to gone claimants
@@ -105,7 +105,7 @@ def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger, dead_ow
 
 
 def test_errors_return_requests_to_pending_until_max_attempts(ledger):
-    request = ledger.submit([3], ["3"], "alice", "r")
+    request = ledger.submit([3], ["3"], "alice", "r", model_name="nhle-classifier")
     for attempt in (1, 2):
         owner = new_owner()
         ledger.claim(owner, 60)
@@ -118,7 +118,7 @@ def test_errors_return_requests_to_pending_until_max_attempts(ledger):
 
 
 def test_lease_keeper_renews_while_the_run_works(ledger):
-    request = ledger.submit([3], ["3"], "alice", "r")
+    request = ledger.submit([3], ["3"], "alice", "r", model_name="nhle-classifier")
     owner = new_owner()
     first = ledger.claim(owner, 0.6)[0].lease_until
     with LeaseKeeper(ledger, owner, 0.6):
@@ -137,14 +137,14 @@ def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why
     from nhle.adapters.ledger import Ledger, new_owner
 
     owner = new_owner()
-    first = ledger.submit([5], ["5"], "dpo@example.com", "erasure 1")
-    second = ledger.submit([5, 7], ["5", "7"], "dpo@example.com", "erasure 2")
-    pending = ledger.submit([2], ["2"], "dpo@example.com", "erasure 3")
+    first = ledger.submit([5], ["5"], "dpo@example.com", "erasure 1", model_name="nhle-classifier")
+    second = ledger.submit([5, 7], ["5", "7"], "dpo@example.com", "erasure 2", model_name="nhle-classifier")
+    pending = ledger.submit([2], ["2"], "dpo@example.com", "erasure 3", model_name="nhle-classifier")
     ledger.claim(owner, 60)
     ledger.finish(first.id, owner, "done", model_version_after="3")
     ledger.finish(second.id, owner, "done", model_version_after="3")
     ledger.release(pending.id, owner, "boom", max_attempts=3)
-    assert ledger.deleted_classes() == {5: [first.id, second.id], 7: [second.id]}
+    assert ledger.deleted_classes("nhle-classifier") == {5: [first.id, second.id], 7: [second.id]}
 
     with pytest.raises(ValueError, match="needs an operator and a reason"):
         ledger.reopen(first.id, "ops", " ")
@@ -153,7 +153,7 @@ def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why
     event = ledger.reopen(second.id, "ops@example.com", "court order", {"model_version_to": "2"})
     with pytest.raises(ValueError, match="it is reopened, not done"):
         ledger.reopen(second.id, "ops@example.com", "again")
-    assert ledger.deleted_classes() == {5: [first.id]}
+    assert ledger.deleted_classes("nhle-classifier") == {5: [first.id]}
     again = Ledger(ledger_url)  # another connection reads the same record
     assert again.get(second.id).status == "reopened"
     assert [e.as_dict() for e in again.events(second.id)] == [event.as_dict()]
@@ -162,9 +162,9 @@ def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why
 
 def test_requester_and_reason_are_bounded_to_what_the_record_keeps(ledger):
     with pytest.raises(ValueError, match="the requester is 5000 characters long; at most 200"):
-        ledger.submit([5], ["5"], "x" * 5000, "erasure")
+        ledger.submit([5], ["5"], "x" * 5000, "erasure", model_name="nhle-classifier")
     with pytest.raises(ValueError, match="the reason is 2001 characters long; at most 2000"):
-        ledger.submit([5], ["5"], "dpo@example.com", "y" * 2001)
+        ledger.submit([5], ["5"], "dpo@example.com", "y" * 2001, model_name="nhle-classifier")
     assert ledger.list() == []
-    kept = ledger.submit([5], ["5"], "d" * 200, "line one\nline two")
+    kept = ledger.submit([5], ["5"], "d" * 200, "line one\nline two", model_name="nhle-classifier")
     assert ledger.get(kept.id).reason == "line one\nline two"  # verbatim

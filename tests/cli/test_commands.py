@@ -19,7 +19,7 @@ def no_project_params(tmp_path, monkeypatch):
 def base_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     (out / "empty.yaml").write_text("{}\n")  # every built-in default
-    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--model", "smallcnn", "--split-seed", "0", "--epochs", "4",
+    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--arch", "smallcnn", "--split-seed", "0", "--epochs", "4",
                  "--out", str(out)]) == 0
     return out / "model.pt"
 

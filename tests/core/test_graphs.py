@@ -92,3 +92,96 @@ def test_a_module_without_export_support_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="torch.export could not trace"):
         export_graph(DataDependent(), torch.rand(2, 1, 8, 8))
+
+
+def traced_for_one(net: nn.Module, shape=(1, 8, 8)) -> torch.fx.GraphModule:
+    """What mlflow.pytorch.load_model gives for a pt2 model logged with a ONE-image input_example:
+    MLflow exports with Dim.AUTO, which specialises the batch to 1."""
+    program = torch.export.export(net.eval(), (torch.zeros(1, *shape),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    return program.module()
+
+
+class ViewNet(nn.Module):
+    """Flattens with x.view(x.size(0), -1), which a batch-1 trace records as view(x, [1, -1]),
+    and normalises with a buffer viewed as (1, 1, 1, 1) (not the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.out = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 10)
+        self.register_buffer("centre", torch.tensor([0.5]))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x - self.centre.view(1, 1, 1, 1))))
+        return self.out(h.view(h.size(0), -1))
+
+
+class TokenNet(nn.Module):
+    """A class token expanded to the batch and a reshape by the batch size, as a ViT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches, self.token, self.out = nn.Conv2d(1, 8, 2, 2), nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.patches(x)
+        t = t.reshape(t.shape[0], 8, -1).transpose(1, 2)
+        t = torch.cat([self.token.expand(t.shape[0], -1, -1), t], 1)
+        return self.out((torch.softmax(t @ t.transpose(1, 2), -1) @ t)[:, 0])
+
+
+@pytest.mark.parametrize("make,shape", [(TheirNet, (1, 8, 8)), (ViewNet, (1, 8, 8)), (TokenNet, (1, 8, 8)),
+                                        ("resnet18", (3, 32, 32))])
+def test_a_graph_traced_for_a_batch_of_one_is_made_to_take_any_batch(make, shape):
+    from nhle.core.graphs import any_batch, input_shape, traced_batch
+
+    torch.manual_seed(0)
+    if make == "resnet18":
+        import torchvision
+
+        net = torchvision.models.resnet18(num_classes=10)
+    else:
+        net = make()
+    net.train()
+    with torch.no_grad():  # batch-norm statistics other than the initial ones
+        net(torch.rand(16, *shape))
+    net.eval()
+    graph = traced_for_one(net, shape)
+    assert traced_batch(graph) == 1
+    with pytest.raises(Exception, match=r"Guard failed: x.size\(\)\[0\] == 1"):
+        graph(torch.rand(2, *shape))
+    converted = any_batch(graph)
+    assert traced_batch(converted) is None and input_shape(converted) == shape
+    x = torch.rand(7, *shape)
+    with torch.no_grad():
+        for batch in (x[:1], x[:5], x):
+            assert torch.allclose(converted(batch), net(batch), atol=1e-5)
+    backbone, head = split_at_head(converted, 10)
+    assert torch.allclose(head(backbone(x)), net(x), atol=1e-5)
+    assert traced_batch(traced(TheirNet().eval())) is None  # a dynamic batch is left alone
+
+
+def test_a_batch_of_one_graph_that_cannot_take_other_batches_is_refused():
+    from nhle.adapters.mlflow_models import fixed_batch_to_any
+    from nhle.core.graphs import any_batch
+
+    class Folded(nn.Module):
+        """Folds the batch into another dimension (a reshape to 2 * batch rows): the trace has a 2."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(1, 8, 2, 2), nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.conv(x)
+            b = h.shape[0]
+            return self.out(h.reshape(b * 2, 4, 16).mean(1).reshape(b, 32))
+
+    graph = traced_for_one(Folded())
+    with pytest.raises(ValueError):
+        any_batch(graph)
+    with pytest.raises(ValueError, match="for a batch of exactly one image .* input_example of 2 or more images .*"
+                                         "serialization_format=\"pickle\""):
+        fixed_batch_to_any(graph, 1, "models:/folded/1")
+    fixed = torch.export.export(TheirNet().eval(), (torch.rand(3, 1, 8, 8),)).module()
+    with pytest.raises(ValueError, match="for batches of exactly 3 images only"):
+        fixed_batch_to_any(fixed, 3, "models:/three/1")

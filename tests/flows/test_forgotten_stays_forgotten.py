@@ -140,7 +140,7 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
         wait_for(http, lambda d: d.get("version") == "2" and not d.get("refused"), "version 2 served")
 
     ledger = Ledger(f"sqlite:///{project / 'requests.db'}")
-    assert ledger.get(1).status == "reopened" and ledger.deleted_classes() == {}
+    assert ledger.get(1).status == "reopened" and ledger.deleted_classes("nhle-classifier") == {}
     [event] = ledger.events(1)
     assert (event.kind, event.operator, event.reason) == ("reopened", "ops@example.com",
                                                           "erasure withdrawn by the data subject")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adam", "sgd", "normalized")
+from nhle.core.config import OPTIMIZERS
 
 
 class NormalizedGradient(torch.optim.Optimizer):
