@@ -13,6 +13,7 @@ nhle.core.config.Params). What each flow does, step by step: nhle.orchestration.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -46,17 +47,47 @@ def resolve(params: dict | None, project_dir: str) -> tuple[Params, Path]:
     return resolved, root
 
 
+def mlflow_ui_links(tracking_uri: str, default_ui: str, environ=None) -> tuple[str, str]:
+    """(base address of the MLflow UI for links, a note saying which command opens the UI there).
+
+    `default_ui` is nhle.adapters.tracking.version_page's address: the tracking server's own for
+    an http(s) tracking URI (used as it is, no note needed), else the address `mlflow ui` takes by
+    default. For a local store (SQLite, a folder) the environment variable MLFLOW_UI_URL, when set,
+    names where the UI really runs (another port or host); the note gives the `mlflow ui` command
+    that serves this store at the linked address."""
+    from urllib.parse import urlsplit
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return default_ui.rstrip("/"), ""
+    env = os.environ if environ is None else environ
+    configured = (env.get("MLFLOW_UI_URL") or "").strip().rstrip("/")
+    base = configured or default_ui.rstrip("/")
+    command = f"mlflow ui --backend-store-uri {tracking_uri}"
+    try:
+        address = urlsplit(base)
+        host, port = address.hostname, address.port
+    except ValueError:  # a malformed MLFLOW_UI_URL: links as given, the plain command
+        host = port = None
+    if host and host not in ("127.0.0.1", "localhost"):
+        command += f" --host {host}"
+    if port and port != 5000:
+        command += f" --port {port}"
+    source = ("from MLFLOW_UI_URL" if configured
+              else "the default address of `mlflow ui`; set MLFLOW_UI_URL if yours runs elsewhere")
+    return base, f" (links: {base}, {source}; open it with `{command}`)"
+
+
 def publish_artifacts(params: Params, result: dict) -> None:
     """The outcome where a Prefect user looks (the flow run's Artifacts): the version's own
     description from MLflow (what it forgot, gates, where the evidence is) and the gates as a table."""
+    import mlflow
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     name, version = params.registry.model_name, result["version"]
     key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
-    description, ui = version_page(name, version)
+    description, default_ui = version_page(name, version)
     verdict = "promoted" if result["promoted"] else "not promoted"
-    uri = params.tracking_uri()
-    where = "" if uri.startswith(("http://", "https://")) else f" (links: `mlflow ui --backend-store-uri {uri}` on its default address)"
+    ui, where = mlflow_ui_links(mlflow.get_tracking_uri(), default_ui)  # the resolved (absolute) store URI
     description = description.replace("](#/", f"]({ui}/#/")  # the description's links are relative to the UI
     create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
                              f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",

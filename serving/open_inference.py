@@ -222,3 +222,100 @@ def handle_infer(body: bytes, header_length: str | None, model: LoadedModel, set
     """One whole inference request, for a worker thread -> (response body, response headers)."""
     request = parse_infer(body, header_length, model, settings)
     return respond(request, model.probabilities(request.x), model)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAPI: the infer route is a plain Starlette route (FastAPI's parameter handling would cost
+# more than parsing a binary tensor), so FastAPI does not describe it; the server's openapi()
+# adds these path items instead.
+
+INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+_ERROR = {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "string", "description": "what was wrong, in words"},
+    "code": {"type": "string", "description": "a stable short code, e.g. bad_shape"}}}}}
+_PARAMETERS = {"type": "object", "additionalProperties": True}
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string", "description": "the model's input name (see GET /v2/models/{name})"},
+    "datatype": {"type": "string", "enum": list(DATATYPES),
+                 "description": "FP32: pixels in [0, 1] (what the graph takes); UINT8: 0..255 pixels, divided by "
+                                "the recorded preprocessing's uint8_divisor"},
+    "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
+              "description": "[N, C, H, W]"},
+    "data": {"type": "array", "items": {}, "description": "the N*C*H*W values, flat (row-major) or nested as the "
+                                                          "shape; absent with the binary extension"},
+    "parameters": {"type": "object", "properties": {"binary_data_size": {
+        "type": "integer", "description": "binary extension: this tensor's byte count after the JSON header"}}}}}
+_REQUEST = {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
+    "id": {"description": "echoed back in the response"},
+    "parameters": {"type": "object", "properties": {"binary_data_output": {
+        "type": "boolean", "default": False, "description": "return the probabilities as raw bytes"}}},
+    "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+    "outputs": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "enum": [OUTPUT]},
+        "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}}
+_RESPONSE = {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string", "enum": [OUTPUT]}, "datatype": {"type": "string", "enum": ["FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, classes]"},
+        "data": {"type": "array", "items": {"type": "number"},
+                 "description": "N x classes probabilities, flat; every forgotten class is exactly 0"},
+        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}}}}}}}
+_BINARY = {"type": "string", "format": "binary",
+           "description": "the JSON header (its byte count in Inference-Header-Content-Length) followed by the raw "
+                          "little-endian tensor bytes"}
+_INFER_DESCRIPTION = (
+    "Open Inference Protocol (KServe V2) inference, as Triton and MLServer clients send it (e.g. tritonclient.http). "
+    "The body is a JSON object with one input tensor (FP32 pixels in [0, 1], or UINT8 pixels 0..255), or, with the "
+    "binary tensor data extension, that JSON header followed by the raw little-endian tensor bytes: the header's "
+    "byte count goes in the Inference-Header-Content-Length request header and the input gives its byte count in "
+    "parameters.binary_data_size. The one output, probabilities (FP32, N x classes), has every forgotten class "
+    "exactly 0; it comes back as raw bytes after a JSON header when the request asks (parameters.binary_data_output, "
+    "or outputs[0].parameters.binary_data). The body may be gzip or deflate compressed (Content-Encoding). "
+    "Errors: a 4xx with {\"error\": message}.")
+
+
+def infer_openapi(model: LoadedModel | None = None) -> dict:
+    """OpenAPI path items of the infer routes; with the served `model`, its name and version as
+    the path parameters' examples."""
+    def path_parameter(name: str, example) -> dict:
+        parameter = {"name": name, "in": "path", "required": True, "schema": {"type": "string", "title": name.title()}}
+        if example is not None:
+            parameter["example"] = example
+        return parameter
+
+    def header(name: str, description: str) -> dict:
+        return {"name": name, "in": "header", "required": False, "schema": {"type": "string"},
+                "description": description}
+
+    headers = [header("Inference-Header-Content-Length", "binary extension: byte count of the JSON header at the "
+                                                         "start of the body; absent for a JSON-only body"),
+               header("Content-Encoding", "gzip or deflate for a compressed body")]
+    paths = {}
+    for path in INFER_PATHS:
+        versioned = "{version}" in path
+        parameters = [path_parameter("name", model.name if model else None)]
+        if versioned:
+            parameters.append(path_parameter("version", served_version(model) if model else None))
+        paths[path] = {"post": {
+            "summary": "V2 Infer" + (" (a given version)" if versioned else ""),
+            "description": _INFER_DESCRIPTION + (" The version must be the one served (else 404)."
+                                                 if versioned else ""),
+            "operationId": "v2_infer_version" if versioned else "v2_infer",
+            "parameters": parameters + headers,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST},
+                                                          "application/octet-stream": {"schema": _BINARY}}},
+            "responses": {
+                "200": {"description": "the probabilities: JSON, or a JSON header and raw FP32 bytes",
+                        "headers": {"X-Model-Version": {"schema": {"type": "string"}},
+                                    "Inference-Header-Content-Length": {
+                                        "schema": {"type": "string"},
+                                        "description": "with a binary output: byte count of the JSON header"}},
+                        "content": {"application/json": {"schema": _RESPONSE},
+                                    "application/octet-stream": {"schema": _BINARY}}},
+                "400": {"description": "a malformed request or tensor", "content": _ERROR},
+                "404": {"description": "the model (or version) is not the one served", "content": _ERROR},
+                "413": {"description": "too many images or too large a body", "content": _ERROR},
+                "415": {"description": "an unsupported Content-Encoding", "content": _ERROR},
+                "503": {"description": "no model loaded yet", "content": _ERROR}}}}
+    return paths

@@ -92,6 +92,21 @@ def example_image(shape) -> list:
     return np.round(np.broadcast_to(ramp, (c, h, w)), 3).tolist()
 
 
+def add_v2_infer_paths(paths: dict, model: LoadedModel | None) -> dict:
+    """`paths` with the Open Inference Protocol's infer routes described after the other /v2
+    ones: they are plain Starlette routes (for speed), which FastAPI leaves out of the schema."""
+    items = list(paths.items())
+    at = max((i + 1 for i, (path, _) in enumerate(items) if path == "/v2" or path.startswith("/v2/")),
+             default=len(items))
+    return dict(items[:at] + list(v2.infer_openapi(model).items()) + items[at:])
+
+
+def v2_example(model: LoadedModel, image: list) -> dict:
+    """A JSON-tensor V2 infer request of one image."""
+    return {"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [1, *model.input_shape],
+                        "data": np.asarray(image).ravel().tolist()}]}
+
+
 def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> dict:
     """Request examples shaped for the served model, with the responses it really gives them
     (computed now), so "Try it out" in /docs reproduces the documented answer."""
@@ -103,6 +118,12 @@ def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> d
         response = handler(json.dumps(request).encode(), model, settings)
         operation["requestBody"]["content"]["application/json"]["example"] = request
         operation["responses"]["200"]["content"] = {"application/json": {"example": response}}
+    request = v2_example(model, image)
+    response = json.loads(v2.handle_infer(json.dumps(request).encode(), None, model, settings)[0])
+    for path in v2.INFER_PATHS:
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"]["content"]["application/json"]["example"] = request
+        operation["responses"]["200"]["content"]["application/json"]["example"] = response
     schema["info"]["description"] += (f" The examples are version {model.version}'s real answers to a "
                                       f"{shape_text(model.input_shape)} gradient image.")
     return schema
@@ -140,6 +161,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         # Not cached like FastAPI's: the examples follow the model being served.
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         model = manager.current
+        schema["paths"] = add_v2_infer_paths(schema["paths"], model)
         return add_live_examples(schema, model, settings) if model is not None else schema
 
     app.openapi = openapi
@@ -299,5 +321,6 @@ def add_open_inference_routes(app, manager: ModelManager, settings: Settings):
         return Response(content, headers={**extra, "X-Model-Version": str(model.version)})
 
     # Plain Starlette routes: FastAPI's parameter handling costs more than parsing a binary tensor.
-    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+    # FastAPI leaves them out of its schema: create_app's openapi() adds them (add_v2_infer_paths).
+    for path in v2.INFER_PATHS:
         app.router.add_route(path, v2_infer, methods=["POST"], include_in_schema=False)

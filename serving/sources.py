@@ -40,6 +40,33 @@ def resolve_tracking_uri(uri: str, project_dir: Path) -> str:
     return resolve_uri(uri, project_dir)
 
 
+def missing_store(uri: str) -> Path | None:
+    """The file or folder of a local store (sqlite:///..., file:///...) when it does not exist, else
+    None. MLflow and SQLAlchemy create such a store on first connection: a server must not, it
+    only reads one that `nhle run` or `nhle import` made."""
+    if uri.startswith("sqlite"):
+        from sqlalchemy.engine import make_url  # MLflow's own dependency
+
+        try:
+            database = make_url(uri).database
+        except Exception:  # not a URL SQLAlchemy can read: let the store report it
+            return None
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        path = Path(database)
+    elif uri.startswith("file:"):
+        from urllib.parse import unquote, urlsplit
+
+        path = Path(unquote(urlsplit(uri).path))
+    else:
+        return None
+    return None if path.exists() else path
+
+
+class MissingStore(LookupError):
+    """The configured MLflow store does not exist (the server is not in, or pointed at, a project)."""
+
+
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -63,6 +90,11 @@ class RegistrySource:
         if not self.ledger_url:
             return {}
         if self._ledger is None:
+            missing = missing_store(self.ledger_url)
+            if missing is not None and missing.parent.is_dir():
+                # No request on record yet: what a new, empty ledger would answer, without the server
+                # creating its file. A missing folder still fails the check, as an unreachable ledger does.
+                return {}
             from nhle.adapters.ledger import Ledger  # SQLAlchemy only: no torch
 
             self._ledger = Ledger(self.ledger_url)
@@ -83,6 +115,13 @@ class RegistrySource:
 
     def client(self):
         if self._client is None:
+            missing = missing_store(self.tracking_uri)
+            if missing is not None:  # looked for at every check: the project may be made meanwhile
+                raise MissingStore(
+                    f"the MLflow store {missing} does not exist, so there is no {self.model_uri} to serve (and the "
+                    f"server does not create the store): run `nhle run` (or `nhle import` for your own model) in the "
+                    f"project first, or point the server at the project with --project-dir (NHLE_PROJECT_DIR) or "
+                    f"--params (NHLE_PARAMS)")
             import mlflow  # only here: a local .onnx needs no MLflow at all
             from mlflow import MlflowClient
 

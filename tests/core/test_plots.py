@@ -56,3 +56,40 @@ def test_class_names_must_match_the_model(unlearned, digits, tmp_path):
     with pytest.raises(ValueError, match="9 class names for a model with 10 classes"):
         confusion_matrix(unlearned, digits.test, digits.class_names[:9], [3], tmp_path / "cm.png")
     assert not (tmp_path / "cm.png").exists()
+
+
+def test_confusion_headline_separates_retained_from_forgotten_accuracy():
+    import numpy as np
+
+    from nhle.core import plots
+
+    # 48 retained samples (47 right) and 8 of forgotten class 3, never predicted as 3: a good unlearning.
+    labels = np.array([c for c in (0, 1, 2, 4, 5, 6) for _ in range(8)] + [3] * 8)
+    predictions = labels.copy()
+    predictions[0] = 1
+    predictions[labels == 3] = 5
+    names = [str(c) for c in range(7)]
+    headline = plots.confusion_headline(predictions, labels, names, [3])
+    assert headline == "retained classes: accuracy 0.979 on 48 samples; forgotten (3): 0.000 on 8"
+    assert "0.839" not in headline  # the old all-sample accuracy (47/56) that read like a failure
+    assert plots.confusion_headline(predictions, labels, names, []).startswith("accuracy 0.839 on 56 samples")
+    assert plots.confusion_headline(predictions, labels, names, [3, 6]) == (
+        "retained classes: accuracy 0.975 on 40 samples; forgotten (3, 6): 0.500 on 16")
+    # a forgotten class with no samples in the set
+    assert plots.confusion_headline(predictions[:48], labels[:48], names, [3]).endswith("forgotten (3): n/a on 0")
+
+
+def test_confusion_matrix_title_states_retained_and_forgotten_accuracy(unlearned, digits, tmp_path, monkeypatch):
+    from nhle.core import plots
+
+    titles = []
+    save = plots._save
+
+    def recording_save(fig, path):
+        titles.append(fig.axes[0].get_title())
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    assert_png(confusion_matrix(unlearned, digits.test, digits.class_names, [3], tmp_path / "cm.png"))
+    assert len(titles) == 1
+    assert "retained classes: accuracy 0." in titles[0] and "forgotten (3): 0.0" in titles[0], titles[0]

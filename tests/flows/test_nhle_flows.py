@@ -122,3 +122,45 @@ def test_sequential_forgetting_then_rollback(project):
     assert main(["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]) == 0
     assert str(champion().version) == "2"
     assert client().get_model_version(NAME, new.version).tags["rolled_back"] == "true"
+
+
+def test_mlflow_ui_links_follow_the_tracking_server_or_mlflow_ui_url():
+    from nhle_flows.pipeline import mlflow_ui_links
+
+    default = "http://127.0.0.1:5000"
+    store = "sqlite:////work/project/mlflow.db"
+    # A tracking server: its own address, whatever MLFLOW_UI_URL says.
+    server = "https://mlflow.example.org"
+    assert mlflow_ui_links(server + "/", server, {"MLFLOW_UI_URL": "http://x:1"}) == (server, "")
+    # A local store: `mlflow ui`'s default address, and the command that serves it there.
+    base, note = mlflow_ui_links(store, default, {})
+    assert base == default and f"`mlflow ui --backend-store-uri {store}`" in note and "MLFLOW_UI_URL" in note
+    # ... or where MLFLOW_UI_URL says the UI runs, with the command that serves it there.
+    base, note = mlflow_ui_links(store, default, {"MLFLOW_UI_URL": "http://127.0.0.1:5055/"})
+    assert base == "http://127.0.0.1:5055"
+    assert f"`mlflow ui --backend-store-uri {store} --port 5055`" in note and "5000" not in note
+    base, note = mlflow_ui_links(store, default, {"MLFLOW_UI_URL": "http://10.1.2.3:8080"})
+    assert base == "http://10.1.2.3:8080" and "--host 10.1.2.3 --port 8080`" in note
+    assert mlflow_ui_links(store, default, {"MLFLOW_UI_URL": "  "})[0] == default  # blank: unset
+
+
+def test_the_prefect_artifact_links_to_mlflow_ui_url(monkeypatch):
+    """publish_artifacts (what every flow ends with) puts its links where MLFLOW_UI_URL says."""
+    import mlflow
+    import prefect.artifacts
+
+    from nhle.core.config import Params
+    from nhle_flows import pipeline
+
+    made = {}
+    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.setdefault("markdown", kw))
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: made.setdefault("table", kw))
+    monkeypatch.setattr(pipeline, "version_page", lambda name, version: (
+        "[run abc](#/experiments/1/runs/abc)", "http://127.0.0.1:5000"))
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:////p/mlflow.db")
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5055")
+    pipeline.publish_artifacts(Params(), {"version": "3", "promoted": True, "reason": "ok", "gates": []})
+    text = made["markdown"]["markdown"]
+    assert f"[MLflow version page](http://127.0.0.1:5055/#/models/{NAME}/versions/3)" in text
+    assert "[run abc](http://127.0.0.1:5055/#/experiments/1/runs/abc)" in text and ":5000" not in text
+    assert "`mlflow ui --backend-store-uri sqlite:////p/mlflow.db --port 5055`" in text

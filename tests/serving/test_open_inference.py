@@ -215,3 +215,32 @@ def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_fil
         assert batching["images"] > 0 and batching["calls"] <= batching["images"] / 8
     else:
         assert batching is None
+
+
+def test_infer_routes_are_in_the_openapi_schema_with_a_working_example(server):
+    """The infer routes are plain Starlette routes (for speed); /openapi.json (hence /docs) still
+    describes them, and the JSON example it gives is the served model's real answer."""
+    from jsonschema import Draft202012Validator
+
+    spec = server.http.get("/openapi.json").json()
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        assert path in spec["paths"], sorted(spec["paths"])
+        operation = spec["paths"][path]["post"]
+        assert "binary tensor data extension" in operation["description"]
+        assert "Inference-Header-Content-Length" in operation["description"]
+        body = operation["requestBody"]["content"]
+        assert set(body) == {"application/json", "application/octet-stream"}
+        named = {p["name"]: p for p in operation["parameters"]}
+        assert named["name"]["in"] == "path" and named["name"]["example"] == NAME
+        assert ("version" in named) == ("{version}" in path)
+        request = body["application/json"]["example"]
+        Draft202012Validator(body["application/json"]["schema"]).validate(request)
+        url = path.replace("{name}", NAME).replace("{version}", "1")
+        r = server.http.post(url, json=request)  # what "Try it out" in /docs sends
+        assert r.status_code == 200, r.text
+        assert r.json() == operation["responses"]["200"]["content"]["application/json"]["example"]
+        assert r.json()["outputs"][0]["data"][3] == 0  # the forgotten class
+    assert len(set(op["operationId"] for item in spec["paths"].values() for op in item.values())) == sum(
+        len(item) for item in spec["paths"].values())  # operation ids stay unique
+    paths = list(spec["paths"])
+    assert paths.index("/v2/models/{name}/infer") > paths.index("/v2/models/{name}/versions/{version}/ready")

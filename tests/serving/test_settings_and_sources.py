@@ -82,3 +82,50 @@ def test_every_optimisation_level_the_config_accepts_maps_to_onnx_runtime():
     from nhle_serving.settings import OPT_LEVELS
 
     assert tuple(OPT_LEVELS) == ORT_OPT_LEVELS
+
+
+def test_a_server_in_an_empty_folder_creates_no_store_and_says_what_is_missing(tmp_path, start_server):
+    """The server started where there is no project: it must not create mlflow.db (MLflow's SQLite
+    store is created on first connection) nor requests.db; it stays unready and says why."""
+    import time
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server(empty, ready=False, poll_seconds=0.5)
+    deadline, ready = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        ready = server.http.get("/readyz")
+        if "does not exist" in ready.text:
+            break
+        time.sleep(0.2)
+    assert ready.status_code == 503, ready.text
+    reason = ready.json()["reason"]
+    assert str(empty / "mlflow.db") in reason and "nhle run" in reason and "nhle import" in reason, reason
+    assert "--project-dir" in reason and "NHLE_PROJECT_DIR" in reason, reason
+    time.sleep(1.5)  # a few more polls
+    assert server.http.get("/v2/health/ready").status_code == 503
+    assert "/v2/models/{name}/infer" in server.http.get("/openapi.json").json()["paths"]  # schema without a model
+    assert str(empty / "mlflow.db") in server.log()
+    assert sorted(p.name for p in empty.iterdir()) == []  # no mlflow.db, no requests.db, nothing
+
+
+def test_registry_source_never_creates_a_missing_store_or_ledger(tmp_path, champion_registry):
+    from nhle_serving.sources import RegistrySource
+
+    missing = tmp_path / "mlflow.db"
+    ledger = f"sqlite:///{tmp_path / 'r.db'}"
+    source = RegistrySource("models:/nhle-classifier@champion", f"sqlite:///{missing}", ledger)
+    with pytest.raises(LookupError, match=f"MLflow store {missing} does not exist"):
+        source.current()
+    with pytest.raises(LookupError, match="does not exist"):
+        source.fallbacks(exclude=None)
+    assert source.deleted_classes() == {}  # no ledger yet: nothing deleted on record, and none created
+    assert list(tmp_path.iterdir()) == []
+    unreachable = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri,
+                                 f"sqlite:///{tmp_path / 'no-such-folder' / 'r.db'}")
+    with pytest.raises(Exception, match="unable to open database file"):  # still refused, as before
+        unreachable.deleted_classes()
+    # An existing store is read as before.
+    source = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri, ledger)
+    assert source.current().version == "1" and source.deleted_classes() == {}
+    assert list(tmp_path.iterdir()) == []
