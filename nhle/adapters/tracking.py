@@ -267,6 +267,14 @@ def record_promotion(registry: RegistryConfig, version: str, promoted: bool, rea
     tag_version(name, version, {"promoted": "true", "replaced_version": str(current.version if current else "")})
 
 
+def name_flag(name: str) -> str:
+    """` --name NAME` for a registered model other than the project's default, else nothing: what
+    the commands printed for a user must carry to act on the same model."""
+    from nhle.core.config import RegistryConfig
+
+    return "" if name == RegistryConfig().model_name else f" --name {name}"
+
+
 def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=None) -> tuple[str, str]:
     """Move `champion` back to `previous`; `previous` moves one step further back when known.
     Returns (from_version, to_version).
@@ -288,7 +296,7 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
             raise ValueError(
                 f"version {previous.version} predicts class(es) {missing}, deleted on record by forget request(s) "
                 f"{requests}: rolling back would bring them back. Nothing was moved. To do it anyway, reopen "
-                f"those requests on record: nhle rollback --reopen {' --reopen '.join(map(str, requests))} "
+                f"those requests on record: nhle rollback{name_flag(name)} --reopen {' --reopen '.join(map(str, requests))} "
                 "--reason '...'")
         reopen(requests, before, after)
         tag_version(name, after, {f"reopened.request.{r}": "true" for r in requests})

@@ -481,10 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What the Makefile and CI set, set by the CLI itself where the user has not: no usage data
-# leaves the machine (and no "Failed to send telemetry" error on one without internet), and the
-# first temporary Prefect server gets time to start on a small machine.
+# leaves the machine (and no "Failed to send telemetry" error on one without internet), nhle's
+# log lines outside a flow run stay local without a warning, and the first temporary Prefect
+# server gets time to start on a small machine.
 QUIET_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nhle.core.config import Params, RegistryConfig, params_as_dict
+from nhle.core.config import Params, params_as_dict
 from nhle.core.gates import GateResult, advice
 from nhle.core.models import MaskedClassifier
 from nhle.orchestration.steps import load_champion
@@ -80,7 +80,7 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
     """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
     import time
 
-    from nhle.adapters.tracking import aliases_of
+    from nhle.adapters.tracking import aliases_of, name_flag
     from nhle.core.experiment import summary_lines
 
     name = params.registry.model_name
@@ -105,7 +105,7 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
     print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    flag = "" if name == RegistryConfig().model_name else f" --name {name}"
+    flag = name_flag(name)
     print(f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
           f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
 
@@ -116,7 +116,7 @@ def import_command(params: Params, project_dir: Path) -> int:
     import time
 
     from nhle.adapters.prefect_server import temporary_prefect_server
-    from nhle.adapters.tracking import configure
+    from nhle.adapters.tracking import configure, name_flag
 
     started = time.perf_counter()
     project_dir = project_dir.resolve()
@@ -125,7 +125,7 @@ def import_command(params: Params, project_dir: Path) -> int:
         result = timed(load_flow("import_model"), params=params_as_dict(params), project_dir=str(project_dir))
     print_results(params, [result], started, uri, "import")
     if result["promoted"]:
-        flag = "" if params.registry.model_name == RegistryConfig().model_name else f" --name {params.registry.model_name}"
+        flag = name_flag(params.registry.model_name)
         print(f"Forget:      .venv/bin/nhle run{flag} --forget {result['class_names'][0]}   (or `nhle request submit"
               f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})")
     return 0 if result["promoted"] else 1

@@ -45,6 +45,17 @@ def project_path(params_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else (params_dir / path).resolve()
 
 
+def dataset_folder(params: Params, data: Splits) -> Path:
+    """Where the registered model's dataset lives in the data repo: datasets/<dataset> for the
+    project's default model (where it always was), datasets/<model>/<dataset> for another, so
+    that a deletion for one model never removes another model's training data."""
+    from nhle.adapters.versioning import DATASETS_DIR
+    from nhle.core.config import RegistryConfig
+
+    model = params.registry.model_name
+    return Path(DATASETS_DIR) / (data.name if model == RegistryConfig().model_name else Path(model) / data.name)
+
+
 def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):
     """Materialise `data` into the DVC data repository (created when missing) and return its
     DataVersion."""
@@ -53,7 +64,7 @@ def version_data(params: Params, project_dir: Path, data: Splits, message: str |
     repo = project_path(project_dir, params.versioning.repo)
     remote = params.versioning.remote
     remote = remote if "://" in remote else str(project_path(project_dir, remote))
-    return version_dataset(data, repo, remote, message=message)
+    return version_dataset(data, repo, remote, dataset_path=dataset_folder(params, data), message=message)
 
 
 def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
@@ -91,9 +102,8 @@ def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) ->
     """`data` less the classes forget requests deleted from this dataset in the data repo, so
     that a retrain from the source cannot relearn them."""
     from nhle.core.data import drop_classes
-    from nhle.adapters.versioning import DATASETS_DIR
 
-    record = project_path(project_dir, params.versioning.repo) / DATASETS_DIR / data.name / "classes.json"
+    record = project_path(project_dir, params.versioning.repo) / dataset_folder(params, data) / "classes.json"
     if not record.is_file():
         return data
     recorded = json.loads(record.read_text())

@@ -136,3 +136,70 @@ def test_synthetic_data_has_class_structure():
     within = (data.train.images[data.train.labels == 0].float() - means[0]).abs().mean()
     between = min((means[0] - means[c]).abs().mean() for c in range(1, 10))
     assert between > 0.2 * within  # the classes differ in their mean pattern, not only in noise
+
+
+def parsed(*argv):
+    """The settings a command line resolves to (params.yaml absent: the defaults)."""
+    from nhle.cli.commands import build_parser, resolve_params
+
+    args = build_parser().parse_args(list(argv))
+    args.params = "params.yaml"
+    return resolve_params(args)
+
+
+def test_mean_and_std_flags_are_applied_together_and_checked_once():
+    params = parsed("import", "--arch", "resnet18", "--image-size", "32",
+                    "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")
+    assert params.model.mean == (0.5, 0.5, 0.5) and params.model.std == (0.25, 0.25, 0.25)
+    params = parsed("train", "--out", "x", "--set", "model.mean=[0.4]", "--set", "model.std=[0.2]")
+    assert params.model.mean == (0.4,) and params.model.std == (0.2,)
+    with pytest.raises(ValueError, match="give mean and std together"):
+        parsed("import", "--mean", "0.5,0.5,0.5")
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("unlearn.encoding=bogus", "unlearn.encoding must be one of negative_hot"),
+    ("unlearn.layers=bogus", "unlearn.layers must be one of all, head, backbone"),
+    ("unlearn.optimizer=bogus", "unlearn.optimizer must be one of adam, sgd, normalized"),
+    ("train.device=gpu", "train.device must be one of auto, cpu, cuda"),
+    ("unlearn.lr=abc", "unlearn.lr must be a number"),
+    ("unlearn.forget_rank=2", "unlearn.forget_rank must be at most 1.0"),
+])
+def test_bad_settings_are_refused_when_read_naming_the_field_and_what_it_takes(capsys, setting, message):
+    assert main(["run", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flag_choices_come_from_the_config_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--checkpoint", "m.pt", "--out", "o", "--encoding", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_subcommand_help_starts_with_what_the_command_does(capsys):
+    for argv in (["run", "--help"], ["request", "submit", "--help"], ["bench", "serve", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        usage, _, rest = capsys.readouterr().out.partition("\n\n")
+        assert rest.split("\n")[0].strip() and not rest.startswith("options"), argv
+
+
+def test_a_bad_request_is_refused_before_any_prefect_server_starts_and_prints_no_noise(tmp_path):
+    """Outside make and CI (no telemetry variables set): a class the dataset does not have is
+    refused at once; no temporary Prefect server ever started (it would write its database in
+    PREFECT_HOME). Then a flow command with nothing to do prints no ERROR and no warning."""
+    import os
+
+    home = tmp_path / "prefect-home"
+    quiet = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS", "PREFECT_SERVER_ANALYTICS_ENABLED",
+             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "PREFECT_API_URL")
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet}, "PREFECT_HOME": str(home)}
+    nhle = [sys.executable, "-m", "nhle.cli"]
+    refused = subprocess.run([*nhle, "run", "--forget", "cat"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown class 'cat'" in refused.stderr
+    assert not (home / "prefect.db").exists()
+    done = subprocess.run([*nhle, "request", "process"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "no pending forget requests" in done.stdout
+    assert (home / "prefect.db").exists()  # this one did run a flow
+    output = done.stdout + done.stderr
+    assert "ERROR" not in output and "Warning" not in output and "telemetry" not in output.lower(), output

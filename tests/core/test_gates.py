@@ -65,3 +65,22 @@ def test_the_deleted_classes_gate_names_each_class_and_its_requests():
     assert not gate.passed and gate.value == 2
     assert gate.describe() == ("deleted_classes_predicted: 2 <= 0 -> FAIL (class 5 deleted by request 1, 4; "
                                "class 7 deleted by request 2)")
+
+
+def test_a_failed_gate_comes_with_its_value_bound_and_the_settings_that_move_it():
+    from nhle.core.gates import GATE_ADVICE, GateResult, advice
+
+    results = [GateResult("retained_drop_pp", 7.1, 2.0, False, "<="),
+               GateResult("unmasked_forget_test_acc", 0.2, 0.05, False, "<="),
+               GateResult("forget_test_acc", 0.0, 0.0, True, "<=")]
+    lines = advice(results)
+    assert len(lines) == 2
+    assert lines[0].startswith("retained_drop_pp: 7.1 <= 2 -> FAIL")
+    assert "unlearn.lr" in lines[0] and "unlearn.anchor_weight" in lines[0] and "gates.max_retained_drop_pp" in lines[0]
+    assert "unlearn.forget_rank" in lines[1] and "gates.max_unmasked_forget_test_acc" in lines[1]
+    from nhle.core.config import SECTIONS
+
+    import re
+    for text in GATE_ADVICE.values():  # every setting named in the advice exists
+        for section, key in re.findall(r"\b(unlearn|gates|export)\.([a-z_]+)", text):
+            assert key in {f for f in SECTIONS[section].__dataclass_fields__}, (section, key)

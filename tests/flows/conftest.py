@@ -53,7 +53,7 @@ def new_project(blank_project):
 
 
 @contextlib.contextmanager
-def nhle_serve(root: Path, timeout: float = 90.0, **environ: str):
+def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), **environ: str):
     """`nhle serve` of the project as a real process on a free loopback port, once /readyz
     answers; yields an httpx client on it. `environ`: NHLE_* settings for the server only."""
     from nhle.adapters.processes import free_port, stop_process
@@ -63,7 +63,7 @@ def nhle_serve(root: Path, timeout: float = 90.0, **environ: str):
     log_path = root / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "serve", "--params", str(root / "params.yaml"),
-                                    "--project-dir", str(root), "--port", str(port)], env={**env, **QUIET, **environ}, cwd=root,
+                                    "--project-dir", str(root), "--port", str(port), *args], env={**env, **QUIET, **environ}, cwd=root,
                                    stdout=log, stderr=subprocess.STDOUT)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         try:

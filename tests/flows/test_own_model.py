@@ -36,8 +36,8 @@ def cli(root: Path, *args: str) -> int:
     return main([*args, "--params", str(root / "params.yaml"), "--project-dir", str(root)])
 
 
-def registry(root: Path):
-    """(sorted version numbers, champion or None) of the project's registered model."""
+def registry(root: Path, name: str = NAME):
+    """(sorted version numbers, champion or None) of the project's registered model `name`."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -46,9 +46,9 @@ def registry(root: Path):
 
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     try:
-        champion = client.get_model_version_by_alias(NAME, "champion")
+        champion = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champion = None
     return versions, champion
@@ -145,6 +145,56 @@ def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
     top1 = np.array([top[0] for top in predicted])
     keep = (digits.test.labels != 5).numpy()
     assert (top1[keep] == digits.test.labels.numpy()[keep]).mean() > 0.9
+
+
+def top1(http, images) -> list[int]:
+    response = http.post("/predict", json={"instances": images.numpy().tolist(), "top_k": 1})
+    assert response.status_code == 200, response.text
+    return [p["top_k"][0]["index"] for p in response.json()["predictions"]]
+
+
+def test_a_project_holds_several_models_each_with_its_own_champion_requests_rollback_and_server(
+        their_store, blank_project, serve, digits, capsys):
+    """Two registered models in one project (--name): importing the second leaves the first's
+    champion where it was; a forget request names its model, is processed and enforced for that
+    model only, in its own data folder; rollback and the server act on the model --name names."""
+    uri, _ = their_store
+    root = blank_project("two-models", {"retrain_baseline": False, "gates": {"min_retain_test_acc": 0.85},
+                                        "model": {"mlflow_tracking_uri": uri}})
+    assert cli(root, "import", "--from-mlflow", "models:/their-model/1") == 0
+    assert cli(root, "import", "--name", "second", "--from-mlflow", "models:/their-model/2") == 0
+    assert "nhle run --name second --forget 0" in capsys.readouterr().out  # the hint names the model
+    (first, first_champion), (second, second_champion) = registry(root), registry(root, "second")
+    assert first == [1] and str(first_champion.version) == "1" and second == [1] and str(second_champion.version) == "1"
+
+    assert cli(root, "request", "submit", "--name", "second", "--classes", "5", "--requester", "dpo@example.com",
+               "--reason", "erasure 7") == 0
+    assert cli(root, "request", "process") == 0  # the default model has nothing pending
+    assert "no pending forget requests" in capsys.readouterr().out and registry(root)[0] == [1]
+    assert cli(root, "request", "process", "--name", "second") == 0
+    versions, champion = registry(root, "second")
+    assert versions == [1, 2] and json.loads(champion.tags["forgotten_classes"]) == [5]
+    assert registry(root)[0] == [1] and str(registry(root)[1].version) == "1"
+    assert (root / "data-repo" / "datasets" / "second" / "digits.dvc").is_file()  # its own data folder
+
+    capsys.readouterr()
+    assert cli(root, "request", "list", "--name", "second") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "forget requests for second:" and listed[1].split()[:3] == ["id", "status", "classes"]
+    assert listed[2].split()[:3] == ["1", "done", "5"]
+    assert cli(root, "request", "list") == 0
+    assert "no forget requests for nhle-classifier" in capsys.readouterr().out
+    assert cli(root, "rollback", "--name", "second") == 2  # version 1 of `second` predicts its deleted class 5
+    assert "nhle rollback --name second --reopen 1" in capsys.readouterr().err
+
+    fives = digits.test.float_images()[digits.test.labels == 5]
+    with serve(root) as http:  # the default model: class 5 was deleted from the other one only
+        assert http.get("/model").json()["version"] == "1"
+        assert sum(c == 5 for c in top1(http, fives)) > 0.8 * len(fives)
+    with serve(root, args=("--name", "second")) as http:
+        described = http.get("/model").json()
+        assert described["version"] == "2" and described["forgotten_classes"] == [5]
+        assert 5 not in top1(http, fives)
 
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "yellow": (220, 200, 40)}
