@@ -167,7 +167,7 @@ def cmd_unlearn(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from nhle.core.experiment import data_for_checkpoint
-    from nhle.core.gates import evaluate_gates
+    from nhle.core.gates import advice, evaluate_gates
     from nhle.core.plots import write_evidence_plots
     from nhle.core.training import load_checkpoint
 
@@ -183,6 +183,8 @@ def cmd_evaluate(args) -> int:
     write_json(out / "metrics.json", {**flat, **{f"seconds.{k}": v for k, v in report["seconds"].items()}})
     for gate in gates:
         print(gate.describe())
+    for line in advice(gates):
+        print(f"what to try - {line}")
     return 0
 
 

@@ -76,6 +76,11 @@ def cmd_process(args, params) -> int:
               + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
               + (f" ({request['error']})" if request["error"] else "")
               + (f"; audit {request['report_uri']}" if request["report_uri"] else ""))
+    from nhle.core.gates import advice_for_reason
+
+    for line in sorted({line for r in result["requests"] if r["status"] == "failed" for line in
+                        advice_for_reason(r["error"] or "")}):
+        print(f"  what to try - {line}")
     if not result["requests"]:
         print("no pending forget requests")
     return 0 if all(r["status"] in ("done", "pending") for r in result["requests"]) else 1

@@ -161,3 +161,11 @@ def advice(results: list[GateResult]) -> list[str]:
     """For each failed gate: its name, value and bound, and the settings that move it."""
     return [f"{r.describe()}: {GATE_ADVICE.get(r.name, 'see docs/method.md for what it measures')}"
             for r in results if not r.passed]
+
+
+def advice_for_reason(reason: str) -> list[str]:
+    """advice() for a stored promotion reason (promotion_decision's text, as a ledger row keeps
+    it): the settings that move each gate it names as failed."""
+    import re
+
+    return [f"{name}: {text}" for name, text in GATE_ADVICE.items() if re.search(rf"(?<!\w){name}: ", reason)]

@@ -84,3 +84,13 @@ def test_a_failed_gate_comes_with_its_value_bound_and_the_settings_that_move_it(
     for text in GATE_ADVICE.values():  # every setting named in the advice exists
         for section, key in re.findall(r"\b(unlearn|gates|export)\.([a-z_]+)", text):
             assert key in {f for f in SECTIONS[section].__dataclass_fields__}, (section, key)
+
+
+def test_the_advice_for_a_stored_reason_names_only_the_gates_that_failed():
+    from nhle.core.gates import GateResult, advice_for_reason, promotion_decision
+
+    gates = [GateResult("unmasked_forget_test_acc", 0.3, 0.05, False, "<="),
+             GateResult("forget_test_acc", 0.0, 0.0, True, "<=")]
+    promoted, reason = promotion_decision(gates, "1", "1")
+    lines = advice_for_reason(reason)
+    assert not promoted and [line.split(":")[0] for line in lines] == ["unmasked_forget_test_acc"]
