@@ -185,3 +185,21 @@ def test_a_batch_of_one_graph_that_cannot_take_other_batches_is_refused():
     fixed = torch.export.export(TheirNet().eval(), (torch.rand(3, 1, 8, 8),)).module()
     with pytest.raises(ValueError, match="for batches of exactly 3 images only"):
         fixed_batch_to_any(fixed, 3, "models:/three/1")
+
+
+def test_forgetting_from_a_graph_model_runs_without_a_retrained_reference_and_says_why(digits):
+    """A traced graph has no architecture to retrain: `nhle run --forget` on an imported MLflow
+    model goes ahead (retrain_baseline left at its default) and the report says why there is no
+    reference, instead of refusing the request."""
+    from nhle.core.config import UnlearnConfig
+    from nhle.core.experiment import forget_and_measure, validate_forget
+
+    torch.manual_seed(0)
+    backbone, head = split_at_head(traced(TheirNet().eval()), 10)
+    model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)
+    classes = validate_forget(model, "3", digits.class_names)
+    quick = UnlearnConfig(max_steps=2, synthetic_per_class=0, relearn_max_steps=1)
+    outcome = forget_and_measure(model, {"data_fingerprint": "test"}, classes, config=quick, retrain_baseline=True,
+                                 data=digits, device="cpu", progress=False)
+    assert outcome.report["reference"]["kind"] == "none" and "traced graph" in outcome.report["reference"]["why"]
+    assert "retrained" not in outcome.report["metrics"] and outcome.retrained is None
