@@ -37,7 +37,10 @@ from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_e
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from nhle.core.config import RegistryConfig
+
 STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
+DEFAULT_MODEL = RegistryConfig().model_name
 
 
 MAX_REQUESTER = 200   # the column's size: SQLite would store more, PostgreSQL would refuse it
@@ -200,11 +203,11 @@ def create_tables(engine, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             Base.metadata.create_all(engine)
-            return
+            break
         except DBAPIError:
             missing = set(Base.metadata.tables) - set(inspect(engine).get_table_names())
             if not missing:
-                return
+                break
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
@@ -226,10 +229,12 @@ def add_missing_columns(engine) -> None:
                     raise
 
 
-def of_model(model_name: str | None):
-    """The rows of one registered model, and those written before requests named one."""
+def of_model(model_name: str | None, legacy: bool = True):
+    """The rows of one registered model, and (legacy) those written before requests named one."""
     if model_name is None:
         return true()
+    if not legacy:
+        return ForgetRequestRow.model_name == model_name
     return or_(ForgetRequestRow.model_name == model_name, ForgetRequestRow.model_name.is_(None))
 
 
@@ -287,8 +292,8 @@ class Ledger:
             return [ForgetRequest.from_row(row) for row in session.scalars(query)]
 
     def claim(self, owner: str, lease_seconds: float, model_name: str | None = None) -> list[ForgetRequest]:
-        """Take every pending request and every abandoned processing one (of `model_name`, and
-        those that name no model) for `owner`.
+        """Take every pending request and every abandoned processing one (of `model_name`; those
+        that name no model go to the project's default model, the only one there was) for `owner`.
 
         Each row is taken with a compare-and-set UPDATE, so a row another run took in the
         meantime is skipped. Abandoned rows keep their batch: the run that takes them over looks
@@ -297,7 +302,7 @@ class Ledger:
         with self._session() as session:
             candidates = [(row.id, row.status, row.claimed_by, row.lease_until) for row in session.scalars(
                 select(ForgetRequestRow).where(ForgetRequestRow.status.in_(("pending", "processing")),
-                                               of_model(model_name)))]
+                                               of_model(model_name, legacy=model_name == DEFAULT_MODEL)))]
         taken = []
         for request_id, status, claimant, lease_until in candidates:
             if status == "processing" and not (lease_until is None or lease_until < now or owner_is_gone(claimant)):

@@ -259,6 +259,15 @@ def cmd_rollback(args) -> int:
         raise ValueError("--reopen needs --reason: say on record why the deleted classes may come back")
     reopened = []
 
+    for request_id in asked:  # a request of another registered model is not this rollback's to reopen
+        try:
+            owner = ledger.get(request_id).model_name
+        except KeyError as err:
+            raise ValueError(f"{err.args[0]}. Nothing was moved.") from None
+        if owner not in (None, params.registry.model_name):
+            raise ValueError(f"forget request {request_id} is for model {owner!r}, not {params.registry.model_name!r}: "
+                             f"reopen it with --name {owner}. Nothing was moved.")
+
     def reopen(needed, before, after):
         if set(needed) - set(asked):
             raise ValueError(f"rolling back to version {after} needs forget request(s) {needed} reopened, but "

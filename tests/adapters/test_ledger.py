@@ -168,3 +168,33 @@ def test_requester_and_reason_are_bounded_to_what_the_record_keeps(ledger):
     assert ledger.list() == []
     kept = ledger.submit([5], ["5"], "d" * 200, "line one\nline two", model_name="nhle-classifier")
     assert ledger.get(kept.id).reason == "line one\nline two"  # verbatim
+
+
+def test_one_ledger_serves_several_models_and_an_old_ledger_keeps_its_deletions(ledger_url):
+    """Requests name their registered model: claims, listings and deletions are per model. A
+    ledger made before requests named a model gets the column in place, and its rows still count
+    as deleted for every model (nothing deleted comes back), pending ones going to the default."""
+    from sqlalchemy import create_engine, text
+
+    Ledger(ledger_url).engine.dispose()
+    engine = create_engine(ledger_url)
+    with engine.begin() as connection:  # the table as ledgers made before model_name had it
+        connection.execute(text("DROP INDEX ix_forget_requests_model_name"))
+        connection.execute(text("ALTER TABLE forget_requests DROP COLUMN model_name"))
+        connection.execute(text("INSERT INTO forget_requests (classes, class_names, requester, reason, status, "
+                                "submitted_at, attempts) VALUES ('[3]', '[\"3\"]', 'dpo', 'old', 'done', "
+                                "'2026-01-01 00:00:00', 0), ('[4]', '[\"4\"]', 'dpo', 'old', 'pending', "
+                                "'2026-01-01 00:00:00', 0)"))
+    engine.dispose()
+    ledger = Ledger(ledger_url)
+    assert ledger.get(1).model_name is None and ledger.get(1).classes == [3]
+    cats = ledger.submit([5], ["cat"], "dpo", "erasure", model_name="pets")
+    assert [r.id for r in ledger.claim(new_owner(), 60, "pets")] == [cats.id]  # not the old pending row
+    assert [r.id for r in ledger.claim(new_owner(), 60, "nhle-classifier")] == [2]
+    owner = ledger.get(cats.id).claimed_by
+    ledger.finish(cats.id, owner, "done", model_version_after="2")
+    assert ledger.deleted_classes("pets") == {3: [1], 5: [cats.id]}
+    assert ledger.deleted_classes("nhle-classifier") == {3: [1]}
+    assert [r.id for r in ledger.list(model_name="pets")] == [1, 2, cats.id]
+    with pytest.raises(ValueError, match="names the registered model"):
+        ledger.submit([1], ["1"], "dpo", "why", model_name=" ")
