@@ -95,7 +95,7 @@ def add_field_flags(parser, *flags: str) -> None:
             options.update(action="store_true", default=None)
         elif typing.get_origin(kind) is tuple:
             options["type"] = float_list
-        elif "choices" in rules and name != "device":  # device also takes cuda:N
+        elif "choices" in rules and "also" not in rules:  # with `also`, other values fit too
             options["choices"] = rules["choices"]
         else:
             options["type"] = kind

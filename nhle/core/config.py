@@ -16,7 +16,7 @@ from pathlib import Path
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 SERVING_DEVICES = ("auto", "cpu", "cuda")
-DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, a GPU by its index
+DEVICES = ("auto", "cpu", "cuda")
 LAYERS = ("all", "head", "backbone")
 AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd", "normalized")
@@ -24,12 +24,12 @@ TORCHVISION_DATASETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
 DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "prepared")
 
 
-def setting(default, *, choices: tuple[str, ...] | None = None, at_least: float | None = None,
+def setting(default, *, choices: tuple[str, ...] | None = None, also: str | None = None, at_least: float | None = None,
             above: float | None = None, at_most: float | None = None, default_factory=None):
-    """A config field with its allowed values on it: one of `choices`, or a number within the
-    bounds. checked_value enforces them when a section is built; the CLI takes its `choices` from
-    here. (An optional index suffix is allowed on device choices: cuda:1.)"""
-    rules = {k: v for k, v in (("choices", choices), ("at_least", at_least), ("above", above),
+    """A config field with its allowed values on it: one of `choices` (or a text matching the
+    regular expression `also`), or a number within the bounds. checked_value enforces them when a
+    section is built; the CLI takes its `choices` from here."""
+    rules = {k: v for k, v in (("choices", choices), ("also", also), ("at_least", at_least), ("above", above),
                                ("at_most", at_most)) if v is not None}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=rules)
@@ -51,9 +51,10 @@ class Section:
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    dataset: str = setting("digits", choices=DATASETS)
+    dataset: str = setting("digits", choices=DATASETS, also=r"synthetic\d+")
     """digits (embedded), mnist, fashionmnist, cifar10, cifar100, svhn, imagefolder, or prepared (a
-    folder written by `nhle prepare`)."""
+    folder written by `nhle prepare`); the benchmarks also take synthetic<N>, the N-sample set of
+    `nhle bench scaling`."""
     root: str | None = None
     """Folder holding the dataset's files (torchvision layout, or one sub-folder per class)."""
     seed: int = 0
@@ -131,7 +132,7 @@ class TrainConfig(Section):
     """Adam learning rate, cosine-decayed to zero over the epochs."""
     weight_decay: float = setting(0.0, at_least=0.0)
     """Adam (decoupled) weight decay."""
-    device: str = setting("auto", choices=DEVICES)
+    device: str = setting("auto", choices=DEVICES, also=r"cuda:\d+")
     """auto (CUDA when present, else CPU), cpu, cuda, or cuda:N (the GPU of index N)."""
     amp: str = setting("off", choices=AMP_MODES)
     """Mixed precision of the forward pass and loss: off, bf16 or fp16 (fp16 adds a gradient
@@ -226,6 +227,7 @@ def checked_value(owner: str, name: str, kind, value, rules: dict | None = None)
     which YAML 1.1 reads as text) and within the field's rules (setting()), or a ValueError
     naming the key, the value and what is allowed."""
     import math
+    import re
     import types
     import typing
 
@@ -260,10 +262,10 @@ def checked_value(owner: str, name: str, kind, value, rules: dict | None = None)
             value = "on" if value else "off"
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
-        choices = (rules or {}).get("choices")
-        if choices and value not in choices and not (value.startswith("cuda:") and "cuda" in choices
-                                                      and value[5:].isdigit()):
-            raise ValueError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        choices, also = (rules or {}).get("choices"), (rules or {}).get("also")
+        if choices and value not in choices and not (also and re.fullmatch(also, value)):
+            other = f" (or {also.replace(chr(92) + 'd+', 'N')})" if also else ""
+            raise ValueError(f"{where} must be one of {', '.join(choices)}{other}, got {value!r}")
         return value
     else:
         return value

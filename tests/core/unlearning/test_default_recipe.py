@@ -47,5 +47,5 @@ def test_forget_rank_one_sinks_the_forgotten_class_below_every_retained_class(tr
 
 
 def test_forget_rank_outside_zero_to_one_is_refused():
-    with pytest.raises(ValueError, match="unlearn.forget_rank must be between 0 and 1, got 1.5"):
+    with pytest.raises(ValueError, match="unlearn.forget_rank must be at most 1.0, got 1.5"):
         UnlearnConfig(forget_rank=1.5)
