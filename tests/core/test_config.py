@@ -100,3 +100,15 @@ def test_params_yaml_is_the_code_defaults_with_their_docstrings():
 
     assert (REPO / "params.yaml").read_text() == params_yaml(Params()), "regenerate it: nhle params --write params.yaml"
     assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_the_old_data_classes_key_is_refused_with_its_new_name(tmp_path):
+    """`--classes` names the classes to forget everywhere; the class-names file is data.class_names
+    (--class-names). A params.yaml written before says so instead of failing on an unknown key."""
+    from nhle.core.config import load_params
+
+    (tmp_path / "params.yaml").write_text("data:\n  classes: names.txt\n")
+    with pytest.raises(ValueError, match="data.classes is now data.class_names"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data:\n  class_names: names.txt\n")
+    assert load_params(tmp_path / "params.yaml").data.class_names == "names.txt"
