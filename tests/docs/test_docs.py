@@ -136,7 +136,8 @@ def readme_serves_digits_beside_the_imported_resnet50(project):
 
     model = served_model(project)
     assert model["class_names"] == [str(k) for k in range(10)] and model["forgotten_classes"] == [3, 5], model
-    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    store = f"sqlite:///{project.root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # not the registry an earlier test set
     mine = client.get_model_version_by_alias("mine", "champion")
     assert mine.tags.get("nhle.source") == "weights", mine.tags
 
