@@ -230,7 +230,7 @@ def make_source(settings: Settings):
         if not params_path.is_absolute() and not params_path.exists():
             params_path = settings.project_dir / params_path
         params = load_params(params_path)
-        uri = uri or f"models:/{params.registry.model_name}@{params.registry.champion_alias}"
+        uri = uri or params.registry.champion_uri()
         project_dir = settings.project_dir.resolve()
         return RegistrySource(uri, resolve_tracking_uri(params.tracking_uri(), project_dir),
                               resolve_tracking_uri(params.requests_database(), project_dir))

@@ -37,10 +37,9 @@ from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_e
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from nhle.core.config import RegistryConfig
+from nhle.core.config import is_default_model
 
 STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
-DEFAULT_MODEL = RegistryConfig().model_name
 
 
 MAX_REQUESTER = 200   # the column's size: SQLite would store more, PostgreSQL would refuse it
@@ -302,7 +301,7 @@ class Ledger:
         with self._session() as session:
             candidates = [(row.id, row.status, row.claimed_by, row.lease_until) for row in session.scalars(
                 select(ForgetRequestRow).where(ForgetRequestRow.status.in_(("pending", "processing")),
-                                               of_model(model_name, legacy=model_name == DEFAULT_MODEL)))]
+                                               of_model(model_name, legacy=is_default_model(model_name))))]
         taken = []
         for request_id, status, claimant, lease_until in candidates:
             if status == "processing" and not (lease_until is None or lease_until < now or owner_is_gone(claimant)):

@@ -270,9 +270,9 @@ def record_promotion(registry: RegistryConfig, version: str, promoted: bool, rea
 def name_flag(name: str) -> str:
     """` --name NAME` for a registered model other than the project's default, else nothing: what
     the commands printed for a user must carry to act on the same model."""
-    from nhle.core.config import RegistryConfig
+    from nhle.core.config import is_default_model
 
-    return "" if name == RegistryConfig().model_name else f" --name {name}"
+    return "" if is_default_model(name) else f" --name {name}"
 
 
 def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=None) -> tuple[str, str]:

@@ -297,7 +297,7 @@ def cmd_serve(args) -> int:
     os.environ["NHLE_PARAMS"] = str(Path(args.params).resolve())
     os.environ["NHLE_PROJECT_DIR"] = str(Path(args.project_dir).resolve())
     if args.model or args.name:
-        os.environ["NHLE_MODEL"] = args.model or f"models:/{params.registry.model_name}@{params.registry.champion_alias}"
+        os.environ["NHLE_MODEL"] = args.model or params.registry.champion_uri()
     uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port)
     return 0
 

@@ -89,10 +89,10 @@ def cmd_process(args, params) -> int:
 def deployment_name(base: str, params) -> str:
     """A deployment's name: `base` for the project's default model, `base`-MODEL for another, so
     that each registered model has its own deployments."""
-    from nhle.core.config import RegistryConfig
+    from nhle.core.config import is_default_model
 
     model = params.registry.model_name
-    return base if model == RegistryConfig().model_name else f"{base}-{model}"
+    return base if is_default_model(model) else f"{base}-{model}"
 
 
 def requests_schedule(params) -> tuple[dict, object]:

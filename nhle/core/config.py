@@ -349,6 +349,17 @@ class RegistryConfig(Section):
     previous_alias: str = "previous"
     """Alias kept on the former champion, for rollback."""
 
+    def champion_uri(self) -> str:
+        """models:/NAME@ALIAS of the champion: what serving follows."""
+        return f"models:/{self.model_name}@{self.champion_alias}"
+
+
+def is_default_model(name: str) -> bool:
+    """True for the project's default registered model (registry.model_name's default): the one a
+    project had before it could hold several, whose commands, data folder and deployments carry
+    no model name."""
+    return name == RegistryConfig().model_name
+
 
 @dataclass(frozen=True)
 class TrackingConfig(Section):

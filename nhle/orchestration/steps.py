@@ -50,10 +50,10 @@ def dataset_folder(params: Params, data: Splits) -> Path:
     project's default model (where it always was), datasets/<model>/<dataset> for another, so
     that a deletion for one model never removes another model's training data."""
     from nhle.adapters.versioning import DATASETS_DIR
-    from nhle.core.config import RegistryConfig
+    from nhle.core.config import is_default_model
 
     model = params.registry.model_name
-    return Path(DATASETS_DIR) / (data.name if model == RegistryConfig().model_name else Path(model) / data.name)
+    return Path(DATASETS_DIR) / (data.name if is_default_model(model) else Path(model) / data.name)
 
 
 def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):

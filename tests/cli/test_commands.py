@@ -193,7 +193,8 @@ def test_a_bad_request_is_refused_before_any_prefect_server_starts_and_prints_no
     home = tmp_path / "prefect-home"
     quiet = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS", "PREFECT_SERVER_ANALYTICS_ENABLED",
              "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "PREFECT_API_URL")
-    env = {**{k: v for k, v in os.environ.items() if k not in quiet}, "PREFECT_HOME": str(home)}
+    elsewhere = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "NHLE_REQUESTS_DATABASE")  # set by other tests
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet + elsewhere}, "PREFECT_HOME": str(home)}
     nhle = [sys.executable, "-m", "nhle.cli"]
     refused = subprocess.run([*nhle, "run", "--forget", "cat"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown class 'cat'" in refused.stderr
