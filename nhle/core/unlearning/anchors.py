@@ -15,6 +15,10 @@
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,6 +66,62 @@ def synthesise_inputs(model: nn.Module, retained: list[int], per_class: int, ima
         for p in frozen:
             p.requires_grad_(True)
     return torch.sigmoid(z).detach(), targets
+
+
+@dataclass
+class SyntheticInputs:
+    """What the model alone yields to hold its retained classes: `per_class` anchor inputs and
+    `holdout_per_class` held-out inputs (never in the loss; the drift check's) per class the model
+    predicts. They depend on the model, not on a request: synthesised once per model version and
+    kept beside it (save / load), every later request on that version takes them from there."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    holdout_images: torch.Tensor
+    holdout_targets: torch.Tensor
+    settings: dict
+    """per_class, holdout_per_class, steps, seed and the classes synthesised: reuse needs them equal."""
+    seconds: float = 0.0
+
+    def of_classes(self, classes) -> "SyntheticInputs":
+        """The inputs of `classes` only (a request's retained classes)."""
+        keep = torch.isin(self.targets, torch.tensor(sorted(classes), dtype=self.targets.dtype))
+        held = torch.isin(self.holdout_targets, torch.tensor(sorted(classes), dtype=self.targets.dtype))
+        return SyntheticInputs(self.images[keep], self.targets[keep], self.holdout_images[held],
+                               self.holdout_targets[held], self.settings, self.seconds)
+
+    def save(self, path) -> Path:
+        from nhle.core.files import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save({
+            "images": self.images, "targets": self.targets, "holdout_images": self.holdout_images,
+            "holdout_targets": self.holdout_targets, "settings": self.settings, "seconds": self.seconds}, f))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SyntheticInputs":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+def synthesis_settings(config, classes) -> dict:
+    return {"per_class": config.synthetic_per_class, "holdout_per_class": config.holdout_per_class,
+            "steps": config.synthesis_steps, "seed": 0, "classes": sorted(int(c) for c in classes)}
+
+
+def synthetic_inputs(model: nn.Module, classes, config, image_shape, device="cpu") -> SyntheticInputs:
+    """Anchor and held-out inputs for every one of `classes` (the classes the model predicts),
+    synthesised in one batch so both come from the same search."""
+    settings = synthesis_settings(config, classes)
+    each = config.synthetic_per_class + config.holdout_per_class
+    started = time.perf_counter()
+    images, targets = synthesise_inputs(model, settings["classes"], each, image_shape, config.synthesis_steps,
+                                        seed=settings["seed"], device=device)
+    images, targets = images.cpu(), targets.cpu()
+    held = (torch.arange(len(targets)) % each) >= config.synthetic_per_class
+    return SyntheticInputs(images[~held], targets[~held], images[held], targets[held], settings,
+                           time.perf_counter() - started)
 
 
 def weight_distance(model: nn.Module, reference: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -42,7 +42,8 @@ from nhle.core.data import ImageSet, as_float
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.models import MaskedClassifier
 from nhle.core.training import autocast, grad_scaler, resolve_device
-from nhle.core.unlearning.anchors import class_prototypes, prototype_pull, synthesise_inputs, weight_distance
+from nhle.core.unlearning.anchors import (SyntheticInputs, class_prototypes, prototype_pull, synthesis_settings,
+                                          synthetic_inputs, weight_distance)
 from nhle.core.unlearning.masking import MaskSnapshot, apply_class_weight_mask
 from nhle.core.unlearning.steps import make_optimizer, saliency_masks
 
@@ -55,8 +56,16 @@ class UnlearnResult:
     snapshot: MaskSnapshot | None
     steps: int
     seconds: float
+    """This request's cost: the fine-tuning, plus the synthesis when the inputs were not given."""
     stopped_early: bool
-
+    synthetic: SyntheticInputs | None = None
+    """The model's synthetic inputs (every class it predicted), to keep with its version."""
+    synthesis_seconds: float = 0.0
+    """Of `seconds`, the synthesis (0 when the inputs were given)."""
+    stepped_back: bool = False
+    """The drift check stopped the run and restored its last state within unlearn.max_drift."""
+    drift: float | None = None
+    """The drift of the returned state (None without held-out inputs)."""
 
 def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, encoding: str) -> torch.Tensor:
     """Mean NHLE loss of a batch of forget samples.
@@ -142,9 +151,28 @@ def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch
     return bool((above >= needed).all()) and p_forget.mean().item() < config.stop_forget_prob
 
 
+def model_synthetic_inputs(model: MaskedClassifier, config: UnlearnConfig, image_shape, device,
+                           given: SyntheticInputs | None) -> SyntheticInputs | None:
+    """`given` when it was made for this model with these settings, else new ones; None when the
+    recipe uses none."""
+    if config.synthetic_per_class + config.holdout_per_class == 0:
+        return None
+    predicted = torch.nonzero(~model.forget_mask).flatten().tolist()
+    if given is not None and given.settings == synthesis_settings(config, predicted):
+        return given
+    return synthetic_inputs(model, predicted, config, image_shape, device)
+
+
+def drift_of(model: MaskedClassifier, held: torch.Tensor, original_logits: torch.Tensor, retained) -> float:
+    """KL of the retained classes' prediction on the held-out synthetic inputs from the original's."""
+    with torch.no_grad():
+        return retained_anchor(model(held).float(), original_logits, retained).item()
+
+
 def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, config: UnlearnConfig = UnlearnConfig(),
-            device: str = "auto") -> UnlearnResult:
-    """Fine-tune a copy of `model` with NHLE on `forget_samples`, then mask `forget_classes`."""
+            device: str = "auto", synthetic: SyntheticInputs | None = None) -> UnlearnResult:
+    """Fine-tune a copy of `model` with NHLE on `forget_samples`, then mask `forget_classes`.
+    `synthetic`: the model's synthetic inputs from an earlier request (reused when they match)."""
     if config.encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {config.encoding!r}; choose one of {', '.join(ENCODINGS)}")
     if config.layers not in LAYERS:
@@ -168,21 +196,24 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     model.eval()
     scaler = grad_scaler(torch_device, config.amp)
     start = time.perf_counter()
-    synthetic = None
-    if config.synthetic_per_class > 0:
-        synthetic, synthetic_targets = synthesise_inputs(
-            model, torch.nonzero(retained).flatten().tolist(), config.synthetic_per_class, tuple(x.shape[1:]),
-            config.synthesis_steps, device=torch_device)
-        x_all = torch.cat([x, synthetic])
-    else:
-        x_all = x
+    given = synthetic
+    synthetic = model_synthetic_inputs(model, config, tuple(x.shape[1:]), torch_device, given)
+    synthesis_seconds = synthetic.seconds if synthetic is not None and synthetic is not given else 0.0
+    mine = synthetic.of_classes(torch.nonzero(retained).flatten().tolist()) if synthetic is not None else None
+    anchors = mine.images.to(torch_device) if mine is not None else x[:0]
+    synthetic_targets = mine.targets.to(torch_device) if mine is not None else None
+    x_all = torch.cat([x, anchors])
     with torch.no_grad(), autocast(torch_device, config.amp):
         # Under the same precision as the loop, so the anchor starts at zero, not at rounding noise.
         original_logits = model(x_all).float()
         if config.feature_pull > 0:
-            prototypes = class_prototypes(model.features(synthetic).float(), synthetic_targets, model.num_classes)
+            prototypes = class_prototypes(model.features(anchors).float(), synthetic_targets, model.num_classes)
             ranked = original_logits[: len(x)].masked_fill(~retained, float("-inf"))
             pull_targets = ranked.argmax(1)  # the retained class the original model ranked highest
+    held = mine.holdout_images.to(torch_device) if mine is not None and len(mine.holdout_images) else None
+    if held is not None:
+        with torch.no_grad():
+            held_logits = model(held).float()
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
     keep = saliency_masks(optimizer.param_groups[0]["params"], nhle_loss(model(x).float(), forget, retained,
                                                                        config.encoding), config.saliency) \
@@ -191,8 +222,14 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
     pace = PaceKeeper(config, optimizer, warmup)
-    steps, stopped_early = 0, False
+    steps, stopped_early, stepped_back, drift, best = 0, False, False, None, None
     for steps in range(config.max_steps + 1):
+        if held is not None and steps % config.check_every == 0:
+            drift = drift_of(model, held, held_logits, retained)
+            if best is not None and 0 < config.max_drift < drift:
+                stepped_back = True
+                break
+            best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, drift, steps)
         with autocast(torch_device, config.amp):
             features = model.features(x_all)
             all_logits = model.classify(features)
@@ -226,9 +263,17 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         scaler.step(optimizer)
         scaler.update()
         warmup.step()
+    if held is not None and not stepped_back:
+        drift = drift_of(model, held, held_logits, retained)
+        stepped_back = 0 < config.max_drift < drift
+    if stepped_back:  # the predictions drifted: back to the last state within the bound
+        log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
+                    "back to step %d (drift %.4g)", steps, drift, config.max_drift, best[2], best[1])
+        model.load_state_dict(best[0])
+        drift, steps = best[1], best[2]
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
-    if not stopped_early:
+    if not stopped_early and not stepped_back:
         # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
         # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
         p_forget = F.softmax(logits.detach(), 1)[:, forget].sum(1)
@@ -238,4 +283,5 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     model = model.cpu().eval()
     snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
     seconds = time.perf_counter() - start
-    return UnlearnResult(model, snapshot, steps, seconds, stopped_early)
+    return UnlearnResult(model, snapshot, steps, seconds, stopped_early, synthetic, synthesis_seconds, stepped_back,
+                         drift)

@@ -2,6 +2,7 @@
 original weights, and retained-class prototypes. Real models, no retained data."""
 import pytest
 import torch
+from dataclasses import replace
 
 from nhle.core.config import UnlearnConfig
 from nhle.core.data import sample_per_class, split_by_classes
@@ -66,3 +67,31 @@ def test_weight_anchor_keeps_the_weights_closer_to_the_original(trained, digits)
 def test_feature_pull_without_synthetic_inputs_is_refused():
     with pytest.raises(ValueError, match="feature_pull needs unlearn.synthetic_per_class >= 1"):
         UnlearnConfig(feature_pull=1.0, synthetic_per_class=0)
+
+
+def test_the_synthetic_inputs_of_a_model_are_reused_by_a_later_request_not_recomputed(trained, digits, tmp_path):
+    from nhle.core.unlearning.anchors import SyntheticInputs
+
+    config = UnlearnConfig(max_steps=3, synthesis_steps=5)
+    first = unlearn(trained, sample_per_class(digits.train, [3], 8, seed=0), [3], config, device="cpu")
+    assert first.synthesis_seconds > 0
+    assert sorted(set(first.synthetic.targets.tolist())) == list(range(10))  # every class: any request can use them
+    kept = SyntheticInputs.load(first.synthetic.save(tmp_path / "synthetic.pt"))
+    assert torch.equal(kept.images, first.synthetic.images) and kept.settings == first.synthetic.settings
+
+    second = unlearn(trained, sample_per_class(digits.train, [5], 8, seed=0), [5], config, device="cpu", synthetic=kept)
+    assert second.synthetic is kept and second.synthesis_seconds == 0.0
+    other = unlearn(trained, sample_per_class(digits.train, [5], 8, seed=0), [5],
+                    UnlearnConfig(max_steps=3, synthesis_steps=6), device="cpu", synthetic=kept)
+    assert other.synthetic is not kept and other.synthesis_seconds > 0  # made with other settings: made again
+
+
+def test_a_run_whose_retained_predictions_drift_steps_back_to_its_last_state_within_the_bound(trained, digits):
+    samples = sample_per_class(digits.train, [3], 32, seed=0)
+    _, retain_test = split_by_classes(digits.test, [3])
+    reckless = UnlearnConfig(lr=3e-2, max_steps=60, anchor_weight=0.0, feature_pull=0.0, synthesis_steps=20)
+    ran_on = unlearn(trained, samples, [3], replace(reckless, max_drift=0.0), device="cpu")
+    guarded = unlearn(trained, samples, [3], replace(reckless, max_drift=0.05), device="cpu")
+    assert ran_on.drift > 0.05 and not ran_on.stepped_back
+    assert guarded.stepped_back and guarded.drift <= 0.05 and guarded.steps < 60
+    assert evaluate(guarded.model, retain_test) > evaluate(ran_on.model, retain_test)
