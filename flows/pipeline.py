@@ -31,8 +31,9 @@ TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, step
                                 requests.claim_requests) else step)(fn)
          for fn in (steps.load_champion, steps.training_data, steps.data_of_version, steps.version_data,
                     steps.train_candidate, steps.import_candidate, steps.forget_candidate, steps.export_and_check,
-                    steps.register_candidate, steps.gates_of, steps.finish_version, requests.claim_requests,
-                    requests.recover_batch, requests.close_requests)}
+                    steps.register_candidate, steps.gates_of, steps.finish_version, steps.start_attempt,
+                    steps.end_attempt, steps.record_attempts, requests.claim_requests, requests.recover_batch,
+                    requests.close_requests)}
 
 
 def as_task(fn, *args):
@@ -95,6 +96,10 @@ def publish_artifacts(params: Params, result: dict) -> None:
     create_table_artifact(key=f"{key}-gates", table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")}
                                                       for g in result["gates"]],
                           description=f"gates of {name} version {version}")
+    if len(result.get("attempts", [])) > 1:  # a forget that fell back: why each recipe before it was dropped
+        create_table_artifact(key=f"{key}-attempts", table=[{k: a[k] for k in ("attempt", "recipe", "outcome", "reason",
+                                                                               "run_id")} for a in result["attempts"]],
+                              description=f"unlearning attempts behind {name} version {version}")
 
 
 @flow(name="train-base", flow_run_name="train-base")

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from nhle.core.audit import relearn_sentence
 from nhle.core.config import Params, RegistryConfig, resolve_uri
 from nhle.core.gates import GateResult, deleted_but_predicted, retained_drop_pp
 
@@ -67,6 +68,40 @@ def finish_run(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
+def start_child_run(parent_run_id: str, run_name: str, tags: dict, params: dict) -> str:
+    """A RUNNING run nested under `parent_run_id` (tag mlflow.parentRunId, in its experiment)
+    with `params`; it carries nhle.owner, so a later run can see that its process died."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    from nhle.adapters.ledger import new_owner
+
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: run_name,
+                                  "nhle.owner": new_owner()})
+    with logging_to(run.info.run_id):
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+    return run.info.run_id
+
+
+def log_attempt(run_id: str, report: dict, parity: dict, gates: list[GateResult], tags: dict) -> None:
+    """One unlearning attempt's evidence on its own run: report.json (and its metrics),
+    parity.json, gates.json (and gate/* metrics) and `tags` (its outcome)."""
+    with logging_to(run_id):
+        log_report(report)
+        log_parity(parity)
+        log_gates(gates)
+        mlflow.set_tags(tags)
+
+
+def log_attempts(run_id: str, attempts: list[dict], tags: dict) -> None:
+    """A flow run's unlearning attempts as attempts.json, and `tags`, on the run."""
+    with logging_to(run_id):
+        mlflow.log_dict(attempts, "attempts.json")
+        mlflow.set_tags(tags)
+
+
 @contextmanager
 def logging_to(run_id: str):
     """Make `run_id` the active run for fluent mlflow calls, leaving it RUNNING afterwards
@@ -87,7 +122,8 @@ def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarr
                 report: dict | None, plots: dict, base_metrics: dict | None, tags: dict) -> str:
     """Everything a new version carries, logged to its run (dataset input, checkpoint,
     preprocessing, parity, report and plots or a base model's accuracy), then the ONNX model
-    registered as a new version of `model_name`, tagged with `tags`. Returns the version."""
+    registered as a new version of `model_name`, tagged with `tags` (and `relearn`, the report's
+    relearn shares, for the version page). Returns the version."""
     with logging_to(run_id):
         mlflow.set_tags(data_version.as_tags())
         log_dataset(data, data_version)
@@ -101,7 +137,8 @@ def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarr
         if base_metrics is not None:
             mlflow.log_metrics(base_metrics)
         version = log_onnx_model(onnx_path, example, model_name, preprocessing, name=logged_name)
-    tag_version(model_name, version.version, tags)
+    relearn = (report or {}).get("relearn")
+    tag_version(model_name, version.version, {**tags, **({"relearn": relearn} if relearn else {})})
     return version.version
 
 
@@ -184,14 +221,25 @@ def log_params(params: Params) -> None:
 
 
 def log_report(report: dict) -> None:
-    """Every metric block of report.json as `<block>/<metric>`, plus seconds and the drop."""
+    """Every metric block of report.json as `<block>/<metric>`, plus seconds, the drop and the
+    relearn shares (their raw steps are the blocks' relearn_steps_*)."""
     metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
                for key, value in values.items()}
     metrics.update({f"seconds/{key}": float(value) for key, value in report["seconds"].items()})
     metrics["unlearned/retained_drop_pp"] = retained_drop_pp(report["metrics"]["original"]["retain_test_acc"],
                                                              report["metrics"]["unlearned"]["retain_test_acc"])
+    metrics.update(relearn_metrics(report.get("relearn")))
     mlflow.log_metrics(metrics)
     mlflow.log_dict(report, "report.json")
+
+
+def relearn_metrics(relearn: dict | None) -> dict:
+    """report.json's relearn shares as `relearn/share_<attacker>` and `relearn/reference_steps`;
+    nothing for a report written before them."""
+    if not relearn:
+        return {}
+    return {**{f"relearn/share_{who}": float(relearn[who]) for who in ("shipped", "restored", "mask_only")},
+            "relearn/reference_steps": float(relearn["reference_steps"])}
 
 
 def log_parity(parity: dict) -> None:
@@ -313,7 +361,8 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
 
 def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
     """The model version page's text (Markdown, as the MLflow UI renders it), made from the
-    version's tags: what it forgot and from which version, its gates, and where the evidence is."""
+    version's tags: what it forgot and from which version, its gates, its relearn shares, and
+    where the evidence is."""
     run = f"#/experiments/{experiment_id}/runs/{run_id}"
     forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
     parent = tags.get("parent_version")
@@ -330,6 +379,8 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
         lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
                   for g in gates]
+    lines += relearn_description(tags.get("relearn"))
+
     def artifact(path: str, text: str | None = None) -> str:
         # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
         return f"[{text or path}]({run}/artifacts/{path})"
@@ -342,6 +393,11 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines += ["", "**Audit reports:** " + ", ".join(
             artifact(uri.removeprefix(f"runs:/{run_id}/"), f"request {i}") + f" (`{uri}`)" for i, uri in audits)]
     return "\n".join(lines)
+
+
+def relearn_description(tag: str | None) -> list[str]:
+    """The version's relearn shares (its `relearn` tag, report.json's) with their raw steps."""
+    return ["", f"**Relearn share** {relearn_sentence(json.loads(tag))}."] if tag else []
 
 
 def describe_version(name: str, version: str) -> None:
@@ -357,6 +413,27 @@ def download_checkpoint(version: ModelVersion, folder: str | Path | None = None)
     folder = Path(folder or tempfile.mkdtemp(prefix="nhle-champion-"))
     return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint/model.pt",
                                                     dst_path=str(folder)))
+
+
+SYNTHETIC_ARTIFACT = "checkpoint/synthetic.pt"
+"""Where a version keeps its model's synthetic inputs, beside its checkpoint (anchors.SyntheticInputs)."""
+
+
+def download_synthetic_inputs(name: str, version: str, folder: str | Path) -> Path | None:
+    """The synthetic inputs kept beside registered version `version`, or None when it has none yet."""
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SYNTHETIC_ARTIFACT,
+                                                        dst_path=str(folder)))
+    except (MlflowException, OSError):
+        return None
+
+
+def keep_synthetic_inputs(name: str, version: str, path: Path) -> None:
+    """Log `path` as the synthetic inputs of version `version` (to the run that registered it,
+    finished or not), for every later request on that version."""
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    MlflowClient().log_artifact(run_id, str(path), str(Path(SYNTHETIC_ARTIFACT).parent))
 
 
 def versions_tagged(name: str, key: str, value: str) -> list[ModelVersion]:

@@ -89,6 +89,8 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
             print("\n" + "\n".join(summary_lines(result["report"])))
         print(f"\n{name} version {result['version']} ({result['summary']}): "
               f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
+        for line in attempt_lines(result.get("attempts", [])):
+            print(f"  {line}")
         gates = [GateResult(**gate) for gate in result["gates"]]
         for gate in gates:
             print(f"  {gate.describe()}")
@@ -108,6 +110,14 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
     flag = name_flag(name)
     print(f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
           f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
+
+
+def attempt_lines(attempts: list[dict]) -> list[str]:
+    """One line per unlearning attempt whose candidate failed a gate: its recipe, what became of
+    it and the failed gates with their values and bounds."""
+    return [f"attempt {a['attempt']} ({a['recipe']}): {a['outcome']}"
+            + (f" as version {a['version']}" if a.get("version") else "") + f" - {a['reason']}"
+            for a in attempts if not a["passed"]]
 
 
 def import_command(params: Params, project_dir: Path) -> int:

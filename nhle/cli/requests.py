@@ -76,7 +76,11 @@ def cmd_process(args, params) -> int:
               + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
               + (f" ({request['error']})" if request["error"] else "")
               + (f"; audit {request['report_uri']}" if request["report_uri"] else ""))
+    from nhle.cli.jobs import attempt_lines
     from nhle.core.gates import advice_for_reason
+
+    for line in attempt_lines(result.get("attempts", [])):
+        print(f"  {line}")
 
     for line in sorted({line for r in result["requests"] if r["status"] == "failed" for line in
                         advice_for_reason(r["error"] or "")}):

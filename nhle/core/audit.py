@@ -28,7 +28,11 @@ EVIDENCE = (
      "close to the retrained model's"),
     ("forget_silhouette", "cosine silhouette of the forgotten classes in feature space",
      "lower than the original's"),
-    ("relearn_steps", "Adam steps to relearn the class above 50% from its samples", "higher = more forgotten"),
+    ("relearn_steps_shipped", "relearn attack on the shipped weights (mask off, forgotten rows zero): Adam steps "
+     "on the class's samples until its test accuracy is back to unlearn.relearn_target of the original's",
+     "above the original's (the mask-only model); near the retrained model's"),
+    ("relearn_steps_restored", "the same attack with the pre-mask rows restored",
+     "near the retrained model's (its rows as trained)"),
 )
 
 
@@ -65,6 +69,7 @@ def build_audit(request: dict, model_name: str, version: str, version_tags: dict
         "metrics": metrics,
         "evidence": evidence,
         "retained_drop_pp": drop,
+        "relearn": (report or {}).get("relearn"),
         "reference": (report or {}).get("reference"),
         "seconds": (report or {}).get("seconds"),
         "parity": parity,
@@ -109,6 +114,24 @@ def reference_text(reference: dict | None) -> str:
     return f"none, no model was retrained ({reference.get('why')}); the evidence compares with the original only"
 
 
+def relearn_sentence(relearn: dict) -> str:
+    """The relearn shares (nhle.core.metrics.relearn_shares) with their raw steps, as the audit,
+    the version page and the terminal say them: "(the relearn attack's steps over ...): shipped ..."."""
+    steps, retrained = relearn["steps"], relearn["reference"] == "retrained"
+    meaning = "as hard to bring back as retraining" if retrained else "no harder than the mask alone"
+    shares = ", ".join(f"{who.replace('_', '-')} {_fmt(relearn[who])} ({_fmt(steps[who])} steps)"
+                       for who in ("shipped", "restored", "mask_only"))
+    return (f"(the relearn attack's steps over the {relearn['reference'].replace('_', '-')} model's "
+            f"{_fmt(relearn['reference_steps'])}; 1 = {meaning}): {shares}")
+
+
+def relearn_text(relearn: dict | None) -> list[str]:
+    """The audit's relearn paragraph; nothing for a report written before the relearn share."""
+    if not relearn:
+        return []
+    return ["", f"Relearn share {relearn_sentence(relearn)}. {relearn['why'][:1].upper()}{relearn['why'][1:]}."]
+
+
 def audit_markdown(audit: dict) -> str:
     request, outcome, model, data = audit["request"], audit["outcome"], audit["model"], audit["data"]
     lines = [f"# Forget request {request['id']}: audit report", "",
@@ -141,6 +164,7 @@ def audit_markdown(audit: dict) -> str:
                          + f" | {row['expected']} |")
         lines += [""] + [f"- `{row['metric']}`: {row['meaning']}" for row in audit["evidence"]]
         lines += ["", f"Retained accuracy drop: {_fmt(audit['retained_drop_pp'])} percentage points."]
+        lines += relearn_text(audit.get("relearn"))
     else:
         lines.append("No unlearning report (see the outcome above).")
     parity = audit.get("parity") or {}
@@ -151,8 +175,36 @@ def audit_markdown(audit: dict) -> str:
     for gate in audit["gates"]:
         lines.append(f"| {gate['name']} | {_fmt(gate.get('value'))} | {gate.get('rule')} {_fmt(gate.get('bound'))} | "
                      f"{'pass' if gate['passed'] else 'FAIL'} |")
+    lines += attempts_text(audit.get("unlearning_attempts"))
     lines += ["", f"_generated {audit['generated_at']}_", ""]
     return "\n".join(lines)
 
 
-__all__ = ["build_audit", "audit_markdown", "markdown_text", "reference_text", "terminal_text"]
+
+def with_attempts(audit: dict, attempts: list | None) -> dict:
+    """`audit` with the unlearning attempts of the run that made its version (the run's
+    attempts.json: each recipe tried, in order, and why a candidate was dropped); none for a run
+    written before attempts were recorded."""
+    return {**audit, "unlearning_attempts": attempts or []}
+
+
+def attempts_text(attempts: list | None) -> list[str]:
+    """The audit's section on the unlearning attempts: one row per recipe tried and why a
+    candidate was not registered; nothing for a version made without them."""
+    if not attempts:
+        return []
+    lines = ["", "## Unlearning attempts", "",
+             "Each recipe was tried in this order, each in its own MLflow run; a candidate that failed a gate was "
+             "not registered while another recipe was left.", "",
+             "| attempt | recipe | settings changed | outcome | why | MLflow run |", "|---|---|---|---|---|---|"]
+    for a in attempts:
+        overrides = ", ".join(f"{k}={_fmt(v)}" for k, v in (a.get("overrides") or {}).items()) or "-"
+        outcome = a.get("outcome", "")
+        if a.get("version"):
+            outcome = f"registered as version {a['version']}, {'promoted' if a.get('promoted') else 'not promoted'}"
+        lines.append(f"| {a.get('attempt')} | {a.get('recipe')} | {overrides} | {outcome} | "
+                     f"{a.get('reason', '')} | `{a.get('run_id')}` |")
+    return lines
+
+__all__ = ["build_audit", "audit_markdown", "markdown_text", "reference_text", "relearn_sentence", "relearn_text",
+           "terminal_text", "attempts_text", "with_attempts"]

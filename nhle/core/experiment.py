@@ -4,7 +4,7 @@
     model, checkpoint = train_base_model(DataConfig(), TrainConfig())
     classes = validate_forget(model, "3", checkpoint["class_names"])   # the request, parsed once
     outcome = forget_and_measure(model, checkpoint, classes, seed=0, retrain_baseline=True)
-    outcome.report    # the report.json contract: metrics of original / unlearned / retrained
+    outcome.report    # the report.json contract: metrics of original / unlearned / retrained, relearn shares
 
 Plain library code: no tracking, orchestration or data-versioning imports.
 """
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from nhle.core.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig, replace_known, to_dict
 from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.core.audit import relearn_sentence
 from nhle.core.gates import check_a_class_is_left
-from nhle.core.metrics import evaluate_forgetting
+from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
 from nhle.core.training import evaluate, recipe_of, train_model, training_spec
 from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
@@ -96,26 +97,28 @@ def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int,
 def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
                        config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
                        data: Splits | None = None, device: str = "auto", progress: bool = True,
-                       retrained=None) -> ForgetOutcome:
+                       retrained=None, synthetic=None) -> ForgetOutcome:
     """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
     masking, and measure the result against the original (and, if asked, a model retrained
     without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
-    one retrain between several methods."""
+    one retrain between several methods. `synthetic`: the model's synthetic inputs kept from an
+    earlier request (anchors.SyntheticInputs), reused when they match the recipe."""
     data = data or data_for_checkpoint(checkpoint)
     earlier = model.forgotten_classes
     # Classes forgotten before are neither forget nor retained classes now: the model no longer
     # serves them, so they stay out of every metric and out of the retrained reference.
     data = drop_classes(data, earlier)
     samples = sample_per_class(data.train, classes, config.n_samples, seed)
-    result = unlearn(model, samples, classes, config, device=device)
+    result = unlearn(model, samples, classes, config, device=device, synthetic=synthetic)
+    target_acc = relearn_target_accuracy(model, data, classes, config.relearn_target)
 
     def measure(candidate, attack):
         return evaluate_forgetting(candidate, data, classes, samples, attack, config.relearn_max_steps,
-                                   config.relearn_lr, seed)
+                                   config.relearn_lr, seed, relearn_target_acc=target_acc)
 
     attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
     metrics = {"original": measure(model, None), "unlearned": measure(result.model, attacked)}
-    seconds = {"unlearn": result.seconds}
+    seconds = {"unlearn": result.seconds, "synthesis": result.synthesis_seconds}
     reference = {"kind": "none", "why": "retrain_baseline is false"}
     if retrain_baseline and retrained is None and model.arch == GRAPH:
         reference = {"kind": "none", "why": "the model is a traced graph (imported from MLflow): it has no "
@@ -131,7 +134,11 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
     report = {"dataset": data.name, "model": model.arch, "forget_classes": classes, "reference": reference,
               "forget_class_names": [data.class_names[c] for c in classes], "seed": seed,
               "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
+              "relearn": relearn_shares(metrics),
               "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
+              "stepped_back": result.stepped_back, "drift": result.drift,
+              "synthetic_inputs": "none" if result.synthetic is None else
+              "synthesised" if result.synthesis_seconds else "reused",
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
               "previously_forgotten": earlier,
               "num_classes": len(data.class_names)}
@@ -165,6 +172,8 @@ def summary_lines(report: dict) -> list[str]:
              f"{'metric':<26}" + "".join(f"{c:>12}" for c in columns)]
     for key in metrics["original"]:
         lines.append(f"{key:<26}" + "".join(f"{metrics[c][key]:>12.4g}" for c in columns))
+    if "relearn" in report:
+        lines.append(f"relearn share {relearn_sentence(report['relearn'])}")
     seconds = report["seconds"]
     line = f"unlearn {seconds['unlearn']:.2f} s"
     if "retrain" in seconds:

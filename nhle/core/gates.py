@@ -41,6 +41,20 @@ def at_least(name, value, bound):
     return GateResult(name, value, float(bound), not math.isnan(value) and value >= bound, ">=")
 
 
+def above(name, value, bound):
+    value = float(value)
+    return GateResult(name, value, float(bound), not math.isnan(value) and value > bound, ">")
+
+
+def relearn_ratio(steps: float, reference_steps: float) -> float:
+    """steps / reference_steps, the one ratio of relearn-attack steps (the relearn share, the
+    relearn gate). A reference of 0 steps relearns at once, so no ratio exists: inf for a model
+    that needs any step (it resists more than the reference), nan for one that needs none."""
+    if reference_steps == 0:
+        return math.inf if steps > 0 else math.nan
+    return steps / reference_steps
+
+
 def retained_drop_pp(original_acc: float, acc: float) -> float:
     """Retained test accuracy lost against the original model, in percentage points (the one
     definition of the retained drop: gates, audit, tracking and benchmarks use it)."""
@@ -77,9 +91,21 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
         skill = (unlearned["retain_test_acc"] - chance) / (1 - chance) if left > 1 else float("nan")
         results += [at_least("retained_classes", left, config.min_retained_classes),
                     at_least("retain_skill", skill, config.min_retain_skill)]
+    results += relearn_gate(original, unlearned, config.min_relearn_gain)
     if config.require_parity:
         results += parity_gates(parity)
     return results
+
+
+def relearn_gate(original: dict, unlearned: dict, bound: float) -> list[GateResult]:
+    """The relearn attack on the shipped weights must take more than `bound` times its steps on
+    the mask-only model (the original's shipped weights): else the fine-tuning bought nothing
+    that deleting the class's rows did not. Off at bound 0, and for reports written before the
+    two attackers existed."""
+    key = "relearn_steps_shipped"
+    if bound <= 0 or key not in original or key not in unlearned:
+        return []
+    return [above("relearn_gain", relearn_ratio(unlearned[key], original[key]), bound)]
 
 
 def deleted_but_predicted(forgotten, deleted: dict[int, list[int]]) -> tuple[list[int], list[int]]:
@@ -143,6 +169,10 @@ GATE_ADVICE = {
                                 "unlearn.forget_rank (0.5 to 1 sinks the class deeper; cost in docs/benchmarks.md, "
                                 "section 7), a lower unlearn.stop_forget_prob, or a larger unlearn.max_steps; the "
                                 "bound is gates.max_unmasked_forget_test_acc",
+    "relearn_gain": "the shipped weights (mask off, forgotten rows zero) relearn the class no slower than the "
+                    "original with only the mask applied: the fine-tuning did not go far enough. A larger "
+                    "unlearn.max_steps, a larger unlearn.lr or a lower unlearn.stop_forget_prob let it go further "
+                    "(each may cost retained accuracy); the bound is gates.min_relearn_gain (0: off)",
     "forget_test_acc": "the forgotten class is still predicted: unlearn.mask must be true (the -inf logit mask "
                        "makes this exactly 0)",
     "deleted_classes_predicted": "a class deleted on record by a forget request is still predicted: forget it too "

@@ -1,10 +1,13 @@
 """The metrics of docs/method.md section 3, one definition each, used everywhere.
 
-    from nhle.core.metrics import evaluate_forgetting
-    metrics = evaluate_forgetting(model, data, forget_classes=[3], forget_samples=..., attack_model=...)
+    from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
+    target = relearn_target_accuracy(original, data, [3], share=0.95)
+    metrics = evaluate_forgetting(model, data, forget_classes=[3], forget_samples=..., attack_model=...,
+                                  relearn_target_acc=target)
+    relearn_shares({"original": ..., "unlearned": metrics, "retrained": ...})   # the relearn share
 
 The first functions take plain arrays and have known answers in tests; `evaluate_forgetting`
-runs a model over the splits and returns the nine keys of METRIC_KEYS.
+runs a model over the splits and returns the ten keys of METRIC_KEYS.
 """
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from nhle.core.data import ImageSet, Splits, as_float, split_by_classes
+from nhle.core.gates import relearn_ratio
 from nhle.core.models import MaskedClassifier
 
 METRIC_KEYS = ("forget_test_acc", "retain_test_acc", "forget_train_acc", "retain_train_acc", "mia_efficacy",
-               "probe_forget_acc", "unmasked_forget_test_acc", "forget_silhouette", "relearn_steps")
+               "probe_forget_acc", "unmasked_forget_test_acc", "forget_silhouette", "relearn_steps_shipped",
+               "relearn_steps_restored")
 PROBE_MAX_TRAIN = 10_000
 
 
@@ -87,16 +92,17 @@ def forget_silhouette(features: np.ndarray, labels: np.ndarray, forget_classes) 
 
 
 def relearn_steps(model: MaskedClassifier, forget_samples: ImageSet, forget_test: ImageSet, max_steps: int,
-                  lr: float = 1e-3) -> int:
-    """Full-batch Adam steps of plain cross-entropy on the forget samples until accuracy on the
-    forget test samples exceeds 50%; `max_steps` when it never does. Give it the unmasked model."""
+                  lr: float = 1e-4, target: float = 0.5) -> int:
+    """Full-batch Adam steps of plain cross-entropy on the forget samples until the accuracy on
+    the forget test samples reaches `target`; `max_steps` when it never does. Give it a model
+    with the mask taken off (see masking.without_mask)."""
     from nhle.core.training import predict
 
     model = copy.deepcopy(model).cpu().eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = as_float(forget_samples.images), forget_samples.labels
     for step in range(max_steps):
-        if accuracy(predict(model, forget_test)[0], forget_test.labels) > 0.5:
+        if accuracy(predict(model, forget_test)[0], forget_test.labels) >= target:
             return step
         model.eval()
         loss = F.cross_entropy(model(x), y)
@@ -106,12 +112,39 @@ def relearn_steps(model: MaskedClassifier, forget_samples: ImageSet, forget_test
     return max_steps
 
 
+@torch.no_grad()
+def shipped_weights(model: MaskedClassifier, forget_classes) -> MaskedClassifier:
+    """The shipped attacker's start: a copy with the mask of `forget_classes` taken off and their
+    final-layer rows and biases zero. For a masked model the rows are zero already (this is
+    masking.without_mask(model, classes=...)); for a model that still has the class (the
+    original, a retrained or unmasked model) it deletes the rows, so the original's copy is the
+    mask-only model, the floor any fine-tuning must beat."""
+    attacked = copy.deepcopy(model)
+    index = torch.tensor(sorted(int(c) for c in forget_classes), dtype=torch.long, device=attacked.forget_mask.device)
+    attacked.forget_mask[index] = False
+    attacked.head.weight[index] = 0.0
+    if attacked.head.bias is not None:
+        attacked.head.bias[index] = 0.0
+    return attacked
+
+
+def relearn_target_accuracy(original: MaskedClassifier, data: Splits, forget_classes, share: float) -> float:
+    """The forget test accuracy the relearn attack must bring back: `share` (unlearn.relearn_target)
+    of the original model's, so that every model of one forget is attacked to the same bar."""
+    from nhle.core.training import predict
+
+    forget_test, _ = split_by_classes(data.test, sorted(forget_classes))
+    return share * accuracy(predict(original, forget_test)[0], forget_test.labels)
+
+
 def evaluate_forgetting(model: MaskedClassifier, data: Splits, forget_classes, forget_samples: ImageSet,
-                        attack_model: MaskedClassifier | None = None, relearn_max_steps: int = 100,
-                        relearn_lr: float = 1e-3, seed: int = 0) -> dict:
-    """The nine metrics of `model` for forgetting `forget_classes`. `attack_model` is the model
-    with the mask taken off (see masking.without_mask); None means the model has no mask on
-    these classes, so the attack is the model itself."""
+                        attack_model: MaskedClassifier | None = None, relearn_max_steps: int = 300,
+                        relearn_lr: float = 1e-4, seed: int = 0, *, relearn_target_acc: float) -> dict:
+    """The ten metrics of `model` for forgetting `forget_classes`. `attack_model` is the model
+    with the mask taken off and the pre-mask rows restored (see masking.without_mask); None means
+    the model has no mask on these classes, so that attack is the model itself. The relearn
+    attack runs on both it (restored) and shipped_weights (shipped) up to `relearn_target_acc`
+    (relearn_target_accuracy: the original's, for every model of one forget)."""
     from nhle.core.training import predict
 
     forget_classes = sorted(forget_classes)
@@ -125,6 +158,10 @@ def evaluate_forgetting(model: MaskedClassifier, data: Splits, forget_classes, f
     attack_logits = predict(attack_model, forget_test)[0]
     train_conf = true_label_probability(train_logits, data.train.labels)
     test_conf = true_label_probability(test_logits, data.test.labels)
+
+    def relearn(attacker):
+        return relearn_steps(attacker, forget_samples, forget_test, relearn_max_steps, relearn_lr, relearn_target_acc)
+
     return {
         "forget_test_acc": accuracy(test_logits[test_forget], forget_test.labels),
         "retain_test_acc": accuracy(test_logits[~test_forget], retain_test.labels),
@@ -136,5 +173,28 @@ def evaluate_forgetting(model: MaskedClassifier, data: Splits, forget_classes, f
                                              test_features.numpy(), data.test.labels.numpy(), forget_classes, seed),
         "unmasked_forget_test_acc": accuracy(attack_logits, forget_test.labels),
         "forget_silhouette": forget_silhouette(test_features.numpy(), data.test.labels.numpy(), forget_classes),
-        "relearn_steps": relearn_steps(attack_model, forget_samples, forget_test, relearn_max_steps, relearn_lr),
+        "relearn_steps_shipped": relearn(shipped_weights(model, forget_classes)),
+        "relearn_steps_restored": relearn(attack_model),
     }
+
+
+def relearn_shares(metrics: dict) -> dict:
+    """The relearn share (the Anamnesis index of Chundawat et al., IEEE TIFS 2023) of a report's
+    metrics {"original", "unlearned", optional "retrained"}: the unlearned model's relearn steps,
+    for each attacker, over the retrained model's with its rows as trained (restored), one
+    denominator for both: what a model that never saw the class costs an attacker. 1 = as hard to
+    bring back as retraining. Without a retrained model the reference is the mask-only model (the
+    original's shipped steps). A reference of 0 steps gives inf or nan (gates.relearn_ratio)."""
+    original, unlearned = metrics["original"], metrics["unlearned"]
+    mask_only = original["relearn_steps_shipped"]
+    if "retrained" in metrics:
+        reference, steps = "retrained", metrics["retrained"]["relearn_steps_restored"]
+        why = "steps over those of the model retrained without the classes, its rows as trained"
+    else:
+        reference, steps = "mask_only", mask_only
+        why = ("no retrained model (retrain_baseline off, or a graph model): steps over those of the original "
+               "with only the mask applied, so 1 = no better than masking")
+    mine = {"shipped": unlearned["relearn_steps_shipped"], "restored": unlearned["relearn_steps_restored"],
+            "mask_only": mask_only}
+    return {"reference": reference, "reference_steps": steps,
+            **{attacker: relearn_ratio(n, steps) for attacker, n in mine.items()}, "steps": mine, "why": why}

@@ -8,6 +8,12 @@ here (`tracked`), so a flow that fails leaves its run FAILED and the champion wh
     pipeline.forget(params, project_dir, "3")                   # champion -> NHLE + masking -> publish
 
 publish: export -> parity -> log + register -> gates -> delete the forgotten data -> promote.
+
+A forget tries recipes (try_recipes): the configured unlearn section, then each of
+unlearn.fallbacks, each attempt in an MLflow run nested under the flow's; the first candidate
+that holds every gate is published, a failing one is only recorded while a recipe is left, and
+the last is published whatever its gates (registered, not promoted). The flow's run keeps
+attempts.json, the version the tag nhle.recipe.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ def call(step, *args):
 
 
 def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
-            run=call, logger=log) -> dict:
-    """export -> parity -> log + register -> gates -> delete forgotten data -> promote."""
+            run=call, logger=log, checked: tuple | None = None) -> dict:
+    """export -> parity -> log + register -> gates -> delete forgotten data -> promote.
+    `checked`: (onnx path, parity, gates) of a candidate already exported and judged (a forget's
+    attempt), which is then registered and settled without doing those again."""
     try:
-        onnx_path, parity = run(steps.export_and_check, params, candidate)
+        onnx_path, parity = checked[:2] if checked else run(steps.export_and_check, params, candidate)
         version = run(steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
-        gates = run(steps.gates_of, params, candidate, parity)
+        gates = checked[2] if checked else run(steps.gates_of, params, candidate, parity)
         forgot = candidate.report is not None
         result = run(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version,
                      candidate.data if forgot else None)
@@ -123,13 +131,53 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
 
     def body(run_id):
-        candidate = run(steps.forget_candidate, params, model, checkpoint, indices, parent_version, data, seed)
-        result = publish(params, root, run_id, candidate, data_version, batch_tags, run, logger)
+        candidate, attempts, checked, tried = try_recipes(params, run_id, model, checkpoint, indices, parent_version,
+                                                          data, seed, run, logger)
+        result = publish(tried, root, run_id, candidate, data_version,
+                         {**batch_tags, "nhle.recipe": attempts[-1]["recipe"], "nhle.attempt": str(len(attempts))},
+                         run, logger, checked)
+        attempts[-1].update(version=result["version"], promoted=result["promoted"], promotion_reason=result["reason"])
+        run(steps.record_attempts, run_id, attempts)
         names = candidate.report["forget_class_names"]
-        return {**result, "summary": f"forgot {names} from version {parent_version}", "forgotten": names,
-                "data_version": data_version.md5, "report": candidate.report,
-                "compute_seconds": candidate.report["seconds"]}
+        return {**result, "summary": f"forgot {names} from version {parent_version}"
+                + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
+                "forgotten": names, "data_version": data_version.md5, "report": candidate.report,
+                "compute_seconds": candidate.report["seconds"], "attempts": attempts}
 
     return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
                    {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
                     **batch_tags}, body, logger)
+
+
+def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: list[int], parent_version: str,
+                data, seed: int, run=call, logger=log) -> tuple:
+    """A forget's attempts (steps.unlearning_attempts: the configured unlearn section, then each
+    recipe of unlearn.fallbacks), each in its own MLflow run nested under `run_id`: unlearn,
+    export, parity, gates. The first candidate that holds every gate ends it; a failing one is
+    recorded (its run, attempts.json) and dropped, nothing of it registered, while a recipe is
+    left; the last one is kept whatever its gates, so that its failure is registered on record.
+    Returns (candidate, attempt records, (onnx path, parity, gates), the params it ran with)."""
+    tries = steps.unlearning_attempts(params)
+    attempts = []
+    for number, (recipe, overrides, tried) in enumerate(tries, 1):
+        attempt_run = run(steps.start_attempt, tried, run_id, number, recipe, overrides)
+        candidate = None
+        try:
+            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed)
+            onnx_path, parity = run(steps.export_and_check, tried, candidate)
+            gates = run(steps.gates_of, tried, candidate, parity)
+            attempt = run(steps.end_attempt, attempt_run, number, recipe, overrides, candidate, parity, gates,
+                          number == len(tries))
+        except BaseException:
+            steps.abort_attempt(attempt_run)
+            if candidate is not None:
+                steps.discard_work_dir(candidate)
+            raise
+        attempts.append(attempt)
+        run(steps.record_attempts, run_id, attempts)
+        if attempt["outcome"] == "registered":
+            return candidate, attempts, (onnx_path, parity, gates), tried
+        steps.discard_work_dir(candidate)
+        logger.warning("attempt %d (recipe %s) not registered, trying recipe %s: %s", number, recipe,
+                       tries[number][0], attempt["reason"])
+    raise AssertionError("the last attempt is always registered")  # end_attempt(last=True) says "registered"

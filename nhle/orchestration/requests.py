@@ -103,16 +103,17 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
     """Write each request's audit report (JSON + Markdown, logged to the version's run and linked
     from the version) and end it done (version promoted) or failed (it was not)."""
     from nhle.adapters.tracking import describe_version, log_run_files, run_json, tag_version, version_tags
-    from nhle.core.audit import audit_markdown, build_audit
+    from nhle.core.audit import audit_markdown, build_audit, with_attempts
 
     name = params.registry.model_name
     tags, run_id = version_tags(name, str(version))
-    report, parity, gates = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json"))
+    report, parity, gates, attempts = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json",
+                                                                     "attempts.json"))
     promoted = tags.get("promoted") == "true"
     closed = []
     for request in requests:
-        audit = build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id, report,
-                            parity, gates, note)
+        audit = with_attempts(build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id,
+                                          report, parity, gates, note), attempts)
         base = f"audit/request-{request.id}"
         log_run_files(run_id, {f"{base}.json": audit, f"{base}.md": audit_markdown(audit)})
         uri = f"runs:/{run_id}/{base}.md"
@@ -150,8 +151,16 @@ def held(ledger: Ledger, owner: str, requests) -> list[ForgetRequest]:
 def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
     """Take every pending (and abandoned) forget request, unlearn their classes together with one
     call of `forget` (nhle.orchestration.pipeline.forget's signature) on top of the champion, and
-    close each request with its audit report. `run(step, *args)` runs each step."""
+    close each request with its audit report. `run(step, *args)` runs each step. Returns the
+    requests as they ended, the versions that settled them and the forget's unlearning attempts."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
+
+    attempts = []
+
+    def forget_recording_attempts(*args, **options):
+        result = forget(*args, **options)
+        attempts.extend(result.get("attempts", []))
+        return result
 
     ledger = open_ledger(params, root)
     owner = new_owner()
@@ -167,13 +176,14 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
                     run(close_requests, ledger, owner, params, group, result["version"],
                         f"version registered by an earlier run of batch {batch} that stopped")
                     versions.append(result["version"])
-            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), run, forget)
+            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), run,
+                                      forget_recording_attempts)
         except Exception as err:
             for request in held(ledger, owner, claimed):
                 ledger.release(request.id, owner, f"{type(err).__name__}: {err}", params.requests.max_attempts)
             raise
     closed = [ledger.get(r.id) for r in claimed]
-    return {"requests": [r.as_dict() for r in closed], "versions": versions}
+    return {"requests": [r.as_dict() for r in closed], "versions": versions, "attempts": attempts}
 
 
 def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, run, forget) -> list[str]:

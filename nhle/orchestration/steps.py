@@ -1,9 +1,11 @@
 """The pipeline's steps, each a plain function over nhle.core and nhle.adapters: one step is
 one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A forget:
 
-    load_champion -> data_of_version -> version_data -> forget_candidate (NHLE + masking, evaluated)
-    -> export_and_check (ONNX, parity) -> register_candidate (MLflow) -> gates_of -> finish_version
-    (the deleted-classes gate, the data deletion as a new DVC version, then promote)
+    load_champion -> data_of_version -> version_data -> per attempt (unlearning_attempts: the
+    configured recipe, then the fallbacks): start_attempt -> forget_candidate (NHLE + masking,
+    evaluated) -> export_and_check (ONNX, parity) -> gates_of -> end_attempt -> record_attempts,
+    until a candidate holds every gate or none is left -> register_candidate (MLflow) ->
+    finish_version (the deleted-classes gate, the data deletion as a new DVC version, then promote)
 
 Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
 in `promote`, the last step, and only when every gate held.
@@ -179,13 +181,35 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
     that measures it against the original and the retrained reference."""
     from nhle.core.experiment import forget_and_measure, lineage
 
+    work_dir = new_work_dir("forget")
+    cached = synthetic_inputs_of(params, parent_version, work_dir)
     outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
-                                 retrain_baseline=params.retrain_baseline, data=data, device=params.train.device)
+                                 retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
+                                 synthetic=cached)
+    if outcome.report["synthetic_inputs"] == "synthesised":
+        keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)
     meta["unlearn"] = outcome.report["unlearn_config"]
     meta["parent_version"] = parent_version
-    return Candidate(outcome.result.model, meta, outcome.report, data, new_work_dir("forget"), parent_version,
-                     original=model)
+    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model)
+
+
+def synthetic_inputs_of(params: Params, version: str, folder: Path):
+    """The synthetic inputs an earlier request kept with registered version `version`, or None."""
+    from nhle.adapters.tracking import download_synthetic_inputs
+    from nhle.core.unlearning.anchors import SyntheticInputs
+
+    (folder / "cached").mkdir(parents=True, exist_ok=True)
+    path = download_synthetic_inputs(params.registry.model_name, version, folder / "cached")
+    return SyntheticInputs.load(path) if path is not None else None
+
+
+def keep_synthetic_inputs(params: Params, version: str, synthetic, folder: Path) -> None:
+    """Keep the synthetic inputs of `version`'s model beside its checkpoint: they depend on the
+    model only, so every later request on that version reuses them instead of synthesising."""
+    from nhle.adapters.tracking import keep_synthetic_inputs as log_synthetic_inputs
+
+    log_synthetic_inputs(params.registry.model_name, version, synthetic.save(folder / "synthetic.pt"))
 
 
 def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
@@ -249,6 +273,77 @@ def gates_of(params: Params, candidate: Candidate, parity: dict) -> list[GateRes
                            params.gates.min_retain_test_acc)]
         return gates + (parity_gates(parity) if params.gates.require_parity else [])
     return evaluate_gates(candidate.report, parity, params.gates)
+
+
+CONFIGURED = "configured"
+"""The recipe name of a forget's first attempt: the unlearn section as configured."""
+
+
+def unlearning_attempts(params: Params) -> list[tuple[str, dict, Params]]:
+    """What a forget tries, in order, as (recipe name, its overrides, the params it runs with):
+    the configured unlearn section first (CONFIGURED, no overrides), then each recipe of
+    unlearn.fallbacks (nhle.core.config.RECIPES) applied over it. A recipe that would give a
+    section already tried is left out: the same settings and seed make the same candidate."""
+    from dataclasses import replace
+
+    from nhle.core.config import RECIPES
+
+    attempts = [(CONFIGURED, {}, params)]
+    for name in params.unlearn.fallbacks:
+        unlearn = replace(params.unlearn, **RECIPES[name])
+        if all(unlearn != tried.unlearn for _, _, tried in attempts):
+            attempts.append((name, dict(RECIPES[name]), replace(params, unlearn=unlearn)))
+    return attempts
+
+
+def start_attempt(params: Params, run_id: str, number: int, recipe: str, overrides: dict) -> str:
+    """The MLflow run of a forget's attempt `number`, nested under the flow's run `run_id`: the
+    recipe and every unlearn setting it runs with as params, the recipe's overrides as a tag."""
+    from nhle.adapters.tracking import flatten, start_child_run
+
+    tags = {"nhle.attempt": str(number), "nhle.recipe": recipe, "nhle.recipe.overrides": json.dumps(overrides)}
+    return start_child_run(run_id, f"attempt-{number}-{recipe}", tags,
+                           {"recipe": recipe, **flatten(asdict(params.unlearn), "unlearn.")})
+
+
+def end_attempt(attempt_run_id: str, number: int, recipe: str, overrides: dict, candidate: Candidate, parity: dict,
+                gates: list[GateResult], last: bool) -> dict:
+    """Log an attempt's report, parity and gates on its run and close it (FINISHED: the attempt
+    ran; its tags say whether its candidate held every gate). Returns the attempt's record, as
+    attempts.json lists it: the candidate is published when it held every gate or is the last
+    one; else nothing of it is registered and the forget goes on with the next recipe."""
+    from nhle.adapters.tracking import finish_run, log_attempt
+    from nhle.core.gates import all_passed, failure_reason
+
+    passed = all_passed(gates)
+    published = passed or last
+    record = {"attempt": number, "recipe": recipe, "overrides": overrides, "run_id": attempt_run_id,
+              "passed": passed, "reason": "every gate held" if passed else f"gate failed: {failure_reason(gates)}",
+              "failed_gates": [g.as_dict() for g in gates if not g.passed], "gates": [g.as_dict() for g in gates],
+              "unlearn_steps": candidate.report["unlearn_steps"], "seconds": candidate.report["seconds"],
+              "outcome": "registered" if published else "not registered: the next recipe was tried"}
+    log_attempt(attempt_run_id, candidate.report, parity, gates,
+                {"nhle.attempt.passed": str(passed).lower(), "nhle.attempt.outcome": record["outcome"],
+                 "nhle.attempt.reason": record["reason"][:5000]})
+    finish_run(attempt_run_id, "FINISHED")
+    return record
+
+
+def abort_attempt(attempt_run_id: str) -> None:
+    """An attempt whose step raised: its run ends FAILED (the flow's run says why)."""
+    from nhle.adapters.tracking import finish_run
+
+    finish_run(attempt_run_id, "FAILED")
+
+
+def record_attempts(run_id: str, attempts: list[dict]) -> None:
+    """Every attempt so far as attempts.json on the flow's run, tagged with their count and the
+    recipe of the one registered (once there is one)."""
+    from nhle.adapters.tracking import log_attempts
+
+    registered = [a["recipe"] for a in attempts if a["outcome"] == "registered"]
+    log_attempts(run_id, attempts, {"nhle.attempts": str(len(attempts)),
+                                    **({"nhle.recipe": registered[-1]} if registered else {})})
 
 
 def finish_version(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],

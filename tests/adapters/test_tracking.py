@@ -11,3 +11,21 @@ def test_artifact_location_is_local_for_a_local_store_and_the_servers_for_a_trac
     for uri in ("s3://bucket/nhle", "mlflow-artifacts:/nhle", "gs://bucket/x"):
         assert artifact_location(uri, "http://mlflow:5000", tmp_path) == uri
         assert artifact_location(uri, "sqlite:///x.db", tmp_path) == uri
+
+
+RELEARN = {"reference": "mask_only", "reference_steps": 6, "shipped": 8.0, "restored": 5.0, "mask_only": 1.0,
+           "steps": {"shipped": 48, "restored": 30, "mask_only": 6}, "why": "no retrained model"}
+
+
+def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_with_their_steps():
+    import json
+
+    from nhle.adapters.tracking import relearn_metrics, version_description
+
+    assert relearn_metrics(RELEARN) == {"relearn/share_shipped": 8.0, "relearn/share_restored": 5.0,
+                                        "relearn/share_mask_only": 1.0, "relearn/reference_steps": 6.0}
+    assert relearn_metrics(None) == {}  # a report written before the relearn share
+    text = version_description({"relearn": json.dumps(RELEARN)}, "run1", "0")
+    assert ("**Relearn share** (the relearn attack's steps over the mask-only model's 6; 1 = no harder than the "
+            "mask alone): shipped 8 (48 steps), restored 5 (30 steps), mask-only 1 (6 steps).") in text
+    assert "Relearn share" not in version_description({}, "run1", "0")

@@ -1,4 +1,4 @@
-"""nhle bench unlearning's own logic: issue 14's goal check, the synthetic dataset, resuming."""
+"""nhle bench unlearning's own logic: issue 25's goal check, the synthetic dataset, resuming."""
 import json
 
 from nhle.bench.unlearning import GOALS, goal_checks, grid_data
@@ -6,27 +6,52 @@ from nhle.cli import main
 from nhle.core.config import DataConfig
 
 
-def row(method, drop, silhouette, relearn, attack=0.0, forget_acc=0.0, seconds=1.0):
+def row(method, drop, silhouette, share, attack=0.0, forget_acc=0.0, seconds=1.0, restored=None):
+    """A runs.jsonl row; `share` is its relearn share on both attackers unless `restored` is given."""
     original = {"forget_silhouette": 0.6}
-    return {"method": method, "retained_drop_pp": drop, "forget_silhouette": silhouette, "relearn_steps": relearn,
+    restored = share if restored is None else restored
+    return {"method": method, "retained_drop_pp": drop, "forget_silhouette": silhouette,
+            "relearn_share_shipped": share, "relearn_share_restored": restored, "relearn_share_mask_only": 0.1,
+            "relearn_steps_shipped": 60 * share, "relearn_steps_restored": 60 * restored,
             "unmasked_forget_test_acc": attack, "forget_test_acc": forget_acc, "seconds_vs_retrain": seconds,
             "steps": None if method == "retrain" else 50, "original": original}
 
 
 def test_goal_checks_compare_with_the_retrained_reference_of_the_same_runs():
-    rows = [row("retrain", -0.5, 0.2, 8), row("retrain", 0.5, 0.2, 6),
-            row("nhle", 0.0, 0.4, 4), row("nhle", 0.6, 0.4, 3)]  # halfway silhouette 0.4, half of relearn 3.5
+    rows = [row("retrain", -0.5, 0.2, 1.0), row("retrain", 0.5, 0.2, 1.0),
+            row("nhle", 0.0, 0.4, 0.9), row("nhle", 0.6, 0.4, 0.7)]  # relearn share 0.8 on average
     checks = goal_checks(rows, "nhle")
     assert checks["drop_mean"] == 0.3 and checks["retrain_drop_mean"] == 0.0 and checks["drop_worst"] == 0.6
+    assert checks["drop_reference"] == "retrain" and checks["reference_drop_mean"] == 0.0
+    assert checks["relearn_share_shipped_mean_min"] == [0.8, 0.7]
+    assert checks["relearn_share_mask_only_mean_min"][0] == 0.1
+    assert checks["relearn_steps_shipped_restored_retrain"] == [48.0, 48.0, 60.0]
     assert checks["missed"] == []
-    worse = goal_checks(rows + [row("nhle", 2.5, 0.6, 1, attack=0.2)], "nhle")
-    assert worse["missed"] == [GOALS[1], GOALS[2], GOALS[3], GOALS[4], GOALS[5]]
+    worse = goal_checks(rows + [row("nhle", 2.5, 0.6, 0.4, attack=0.2)], "nhle")
+    assert worse["missed"] == [GOALS[1], GOALS[2].format(reference="retrain"), GOALS[3], GOALS[4]]
+
+
+def test_the_relearn_goal_needs_both_attackers_on_average_and_in_every_run():
+    rows = [row("retrain", 0.0, 0.2, 1.0), row("retrain", 0.0, 0.2, 1.0)]
+    assert goal_checks(rows + [row("nhle", 0.0, 0.4, 0.9), row("nhle", 0.0, 0.4, 0.7)], "nhle")["missed"] == []
+    low_restored = [row("nhle", 0.0, 0.4, 0.9, restored=0.6), row("nhle", 0.0, 0.4, 0.9, restored=0.6)]
+    one_run_low = [row("nhle", 0.0, 0.4, 1.2), row("nhle", 0.0, 0.4, 0.45)]  # mean 0.825, one run under 0.5
+    for nhle in (low_restored, one_run_low):
+        assert goal_checks(rows + nhle, "nhle")["missed"] == [GOALS[4]]
+
+
+def test_the_mean_drop_goal_is_against_mask_only_where_the_grid_ran_it():
+    rows = [row("retrain", -1.0, 0.2, 1.0), row("mask_only", -0.2, 0.6, 0.1), row("nhle", 0.2, 0.4, 0.9)]
+    checks = goal_checks(rows, "nhle")
+    assert (checks["drop_reference"], checks["reference_drop_mean"]) == ("mask_only", -0.2)
+    assert checks["missed"] == [GOALS[2].format(reference="mask_only")]  # 0.2 > -0.2 + 0.3
+    assert goal_checks(rows[:1] + rows[2:], "nhle")["missed"] == [GOALS[2].format(reference="retrain")]
 
 
 def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
-    rows = [{**row("retrain", -2.0, 0.2, 8), "seed": 0, "forget_classes": [1]},
-            {**row("retrain", 0.0, 0.2, 8), "seed": 0, "forget_classes": [2]},
-            {**row("nhle", 0.2, 0.4, 4), "seed": 0, "forget_classes": [2]}]
+    rows = [{**row("retrain", -2.0, 0.2, 1.0), "seed": 0, "forget_classes": [1]},
+            {**row("retrain", 0.0, 0.2, 1.0), "seed": 0, "forget_classes": [2]},
+            {**row("nhle", 0.2, 0.4, 0.9), "seed": 0, "forget_classes": [2]}]
     checks = goal_checks(rows, "nhle")
     assert checks["retrain_drop_mean"] == 0.0 and checks["runs"] == 1 and checks["missed"] == []
 
@@ -34,10 +59,24 @@ def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
 def test_a_knobs_curve_compares_its_points_on_the_cases_all_of_them_ran_on():
     from nhle.bench.report import on_common_cases
 
-    rows = [{**row(m, 0.0, 0.2, 8), "seed": 0, "forget_classes": c}
+    rows = [{**row(m, 0.0, 0.2, 1.0), "seed": 0, "forget_classes": c}
             for m, c in (("retrain", [1]), ("retrain", [2]), ("nhle", [1]), ("nhle", [2]), ("forget_rank_1.0", [2]))]
     kept = on_common_cases(rows, ["nhle", "forget_rank_1.0"])
     assert {(r["method"], r["forget_classes"][0]) for r in kept} == {("retrain", 2), ("nhle", 2), ("forget_rank_1.0", 2)}
+
+
+def test_a_rows_relearn_shares_are_over_the_same_cases_retrained_model_with_its_rows_as_trained():
+    from nhle.bench.unlearning import case_rows
+
+    def result(method, shipped, restored, seconds=2.0):
+        metrics = {"retain_test_acc": 0.9, "relearn_steps_shipped": shipped, "relearn_steps_restored": restored}
+        return {"method": method, "seed": 0, "forget_classes": [3], "metrics": metrics, "seconds": seconds, "steps": 5}
+
+    rows = case_rows([result("original", 6, 0), result("retrain", 70, 60), result("nhle", 48, 30)])
+    nhle = next(r for r in rows if r["method"] == "nhle")
+    shares = (nhle["relearn_share_shipped"], nhle["relearn_share_restored"], nhle["relearn_share_mask_only"])
+    assert shares == (0.8, 0.5, 0.1)
+    assert (nhle["relearn_steps_shipped"], nhle["relearn_steps_restored"]) == (48, 30)  # the raw steps beside them
 
 
 def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
@@ -65,8 +104,8 @@ def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_k
     from nhle.bench.report import main as report
 
     for setting, cost in (("smallcnn", 0.0), ("resnet", 1.0)):
-        rows = [row("retrain", 0.0, 0.2, 8), row("nhle", 0.1 + cost, 0.5, 2),
-                row("forget_rank_0.5", 0.3 + cost, 0.4, 4), row("forget_rank_1.0", 0.8 + cost, 0.3, 6)]
+        rows = [row("retrain", 0.0, 0.2, 1.0), row("mask_only", 0.0, 0.6, 0.1), row("nhle", 0.1 + cost, 0.5, 0.25),
+                row("forget_rank_0.5", 0.3 + cost, 0.4, 0.5), row("forget_rank_1.0", 0.8 + cost, 0.3, 0.75)]
         for r in rows:
             r.update(forget_classes=[3], seed=0, probe_forget_acc=0.9, original={"forget_silhouette": 0.6,
                                                                                 "probe_forget_acc": 1.0, "test_acc": 0.97})
@@ -74,8 +113,10 @@ def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_k
         (tmp_path / setting / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert report([str(tmp_path)]) == 0
     table = (tmp_path / "goal.md").read_text()
-    assert "| smallcnn | 97.0 | nhle | 1 |" in table and "| resnet | 97.0 | forget_rank_1.0 | 1 |" in table
-    assert "0.60 / 0.30 / 0.20" in table  # silhouette original / method / retrain
+    assert "| smallcnn | 97.0 | nhle | 1 |" in table and "| resnet | 97.0 | mask_only | 1 |" in table
+    assert "| 0.00 (mask_only) | 0.60 / 0.50 / 0.20 |" in table  # drop reference; silhouette orig / method / retrain
+    assert "missed: mean drop <= mask_only + 0.3 pp," in table  # resnet nhle, 1.1 pp
+    assert "| 0.25 / 0.25 | 0.25 / 0.25 | 0.10 | 15.0 / 15.0 / 60.0 |" in table  # relearn shares, mask-only's, steps
     assert (tmp_path / "forget_rank.png").stat().st_size > 10_000
     assert report([str(tmp_path / "nothing")]) == 2
     assert "no */runs.jsonl under" in capsys.readouterr().err

@@ -41,7 +41,11 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
         assert set(block) == set(METRIC_KEYS)
         assert all(0 <= block[k] <= 1 for k in METRIC_KEYS if k.endswith("_acc"))
     assert report["metrics"]["unlearned"]["forget_test_acc"] == 0.0
-    assert set(report["seconds"]) == {"unlearn", "retrain"}
+    relearn, metrics = report["relearn"], report["metrics"]  # the relearn shares, over the retrained model's steps
+    assert relearn["reference"] == "retrained"
+    assert relearn["reference_steps"] == metrics["retrained"]["relearn_steps_restored"]
+    assert relearn["steps"]["shipped"] == metrics["unlearned"]["relearn_steps_shipped"]
+    assert set(report["seconds"]) == {"unlearn", "synthesis", "retrain"}
     from nhle.core.training import load_checkpoint
 
     model, checkpoint = load_checkpoint(out / "model.pt")
@@ -49,7 +53,8 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
     # Unlearning the unlearned model again: class names work, earlier classes are refused.
     again = tmp_path / "again"
     assert main(["unlearn", "--checkpoint", str(out / "model.pt"), "--forget", "4", "--out", str(again)]) == 0
-    assert "retrained" not in json.loads((again / "report.json").read_text())["metrics"]
+    again_report = json.loads((again / "report.json").read_text())
+    assert "retrained" not in again_report["metrics"] and again_report["relearn"]["reference"] == "mask_only"
     assert main(["unlearn", "--checkpoint", str(again / "model.pt"), "--forget", "7", "--out",
                  str(tmp_path / "refused")]) == 2
 

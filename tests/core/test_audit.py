@@ -4,10 +4,15 @@ import json
 from nhle.core.audit import audit_markdown, build_audit
 
 METRICS = {"forget_test_acc": 0.0, "retain_test_acc": 0.97, "unmasked_forget_test_acc": 0.3, "mia_efficacy": 1.0,
-           "probe_forget_acc": 0.9, "forget_silhouette": 0.4, "relearn_steps": 2, "forget_train_acc": 0.0,
-           "retain_train_acc": 0.99}
-REPORT = {"metrics": {"original": {**METRICS, "forget_test_acc": 0.98, "unmasked_forget_test_acc": 0.98},
-                      "unlearned": METRICS, "retrained": {**METRICS, "unmasked_forget_test_acc": 0.0}},
+           "probe_forget_acc": 0.9, "forget_silhouette": 0.4, "relearn_steps_shipped": 48, "relearn_steps_restored": 30,
+           "forget_train_acc": 0.0, "retain_train_acc": 0.99}
+REPORT = {"metrics": {"original": {**METRICS, "forget_test_acc": 0.98, "unmasked_forget_test_acc": 0.98,
+                                   "relearn_steps_shipped": 6, "relearn_steps_restored": 0},
+                      "unlearned": METRICS, "retrained": {**METRICS, "unmasked_forget_test_acc": 0.0,
+                                                          "relearn_steps_restored": 60}},
+          "relearn": {"reference": "retrained", "reference_steps": 60, "shipped": 0.8, "restored": 0.5,
+                      "mask_only": 0.1, "steps": {"shipped": 48, "restored": 30, "mask_only": 6},
+                      "why": "steps over those of the model retrained without the classes, its rows as trained"},
           "forget_class_names": ["5"], "seconds": {"unlearn": 0.2, "retrain": 1.5}}
 GATES = [{"name": "forget_test_acc", "value": 0.0, "bound": 0.0, "passed": True, "rule": "<="},
          {"name": "unmasked_forget_test_acc", "value": 0.3, "bound": 0.05, "passed": False, "rule": "<="}]
@@ -33,6 +38,20 @@ def test_failed_request_audit_names_the_failing_gate_and_the_evidence():
     assert text.startswith("# Forget request 7: audit report")
     assert "**Outcome: failed**" in text and "| unmasked_forget_test_acc | 0.3 | <= 0.05 | FAIL |" in text
     assert "| unmasked_forget_test_acc | 0.98 | 0.3 | 0 |" in text and "- after: -" in text
+    assert "| relearn_steps_shipped | 6 | 48 | 48 |" in text and "| relearn_steps_restored | 0 | 30 | 60 |" in text
+
+
+def test_the_audit_gives_the_relearn_shares_with_their_raw_steps():
+    audit = build_audit(REQUEST, "nhle-classifier", "3", TAGS, "run1", REPORT, {"passed": True}, GATES)
+    assert audit["relearn"] == REPORT["relearn"]
+    text = audit_markdown(audit)
+    assert ("Relearn share (the relearn attack's steps over the retrained model's 60; 1 = as hard to bring back as "
+            "retraining): shipped 0.8 (48 steps), restored 0.5 (30 steps), mask-only 0.1 (6 steps). Steps over") in text
+    before = {k: v for k, v in METRICS.items() if not k.startswith("relearn")}
+    old = {**REPORT, "metrics": {"unlearned": {**before, "relearn_steps": 2}}}
+    old.pop("relearn")
+    text = audit_markdown(build_audit(REQUEST, "nhle-classifier", "3", TAGS, "run1", old, None, GATES))
+    assert "Relearn share" not in text and "| relearn_steps_shipped | - |" in text  # a report before issue 25
 
 
 def test_done_request_without_a_report_still_renders():

@@ -94,3 +94,40 @@ def test_the_advice_for_a_stored_reason_names_only_the_gates_that_failed():
     promoted, reason = promotion_decision(gates, "1", "1")
     lines = advice_for_reason(reason)
     assert not promoted and [line.split(":")[0] for line in lines] == ["unmasked_forget_test_acc"]
+
+
+def with_relearn(mask_only, shipped):
+    """A report whose original's shipped attacker (the mask-only model) and unlearned model's took these steps."""
+    good = report()
+    good["metrics"]["original"]["relearn_steps_shipped"] = mask_only
+    good["metrics"]["unlearned"]["relearn_steps_shipped"] = shipped
+    return good
+
+
+def test_the_relearn_gate_needs_the_shipped_weights_to_take_more_steps_than_the_mask_only_model():
+    def failed(steps, config=GateConfig()):
+        return [r.name for r in evaluate_gates(with_relearn(*steps), GOOD_PARITY, config) if not r.passed]
+
+    assert failed((6, 6)) == ["relearn_gain"] and failed((6, 3)) == ["relearn_gain"]  # not above: refused
+    assert failed((6, 7)) == [] and failed((0, 4)) == []  # above (a mask-only model that relearns at once: inf)
+    assert failed((0, 0)) == ["relearn_gain"]
+    assert failed((6, 10), GateConfig(min_relearn_gain=2.0)) == ["relearn_gain"]
+    gate = next(r for r in evaluate_gates(with_relearn(6, 9), GOOD_PARITY, GateConfig()) if r.name == "relearn_gain")
+    assert (gate.value, gate.rule, gate.bound) == (1.5, ">", 1.0)
+
+
+def test_the_relearn_gate_is_off_at_bound_0_and_skipped_for_reports_without_the_two_attackers():
+    off = evaluate_gates(with_relearn(6, 3), GOOD_PARITY, GateConfig(min_relearn_gain=0.0))
+    assert all_passed(off) and "relearn_gain" not in {r.name for r in off}
+    old = report()
+    old["metrics"]["unlearned"]["relearn_steps"] = 1  # the single attacker of reports before issue 25
+    assert "relearn_gain" not in {r.name for r in evaluate_gates(old, GOOD_PARITY, GateConfig())}
+
+
+def test_a_failed_relearn_gate_names_the_settings_that_move_it():
+    from nhle.core.gates import advice
+
+    [line] = advice(evaluate_gates(with_relearn(6, 6), GOOD_PARITY, GateConfig()))
+    assert line.startswith("relearn_gain: 1 > 1 -> FAIL")
+    assert all(s in line for s in ("unlearn.max_steps", "unlearn.lr", "unlearn.stop_forget_prob",
+                                   "gates.min_relearn_gain"))

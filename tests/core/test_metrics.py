@@ -3,10 +3,11 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.metrics import (METRIC_KEYS, evaluate_forgetting, forget_silhouette, mia_efficacy, probe_forget_acc,
-                          relearn_steps)
+                               relearn_shares, relearn_steps, relearn_target_accuracy, shipped_weights)
 from nhle.core.unlearning import apply_class_weight_mask, without_mask
 
 
@@ -70,22 +71,61 @@ def test_silhouette_of_tight_and_of_mixed_clusters():
     assert abs(forget_silhouette(mixed, labels, [1])) < 0.2
 
 
-def test_relearn_is_zero_for_a_model_that_knows_the_class(trained, digits):
+def test_relearn_is_zero_for_a_model_that_already_meets_the_target(trained, digits):
     forget_test, _ = split_by_classes(digits.test, [4])
     samples = sample_per_class(digits.train, [4], 32, 0)
-    assert relearn_steps(trained, samples, forget_test, max_steps=10) == 0
+    target = relearn_target_accuracy(trained, digits, [4], share=0.95)
+    assert target > 0.9 * 0.95
+    assert relearn_steps(trained, samples, forget_test, max_steps=10, target=target) == 0
+
+
+def test_the_shipped_attacker_of_the_original_is_the_mask_only_model(trained):
+    masked = copy.deepcopy(trained)
+    apply_class_weight_mask(masked, [4])
+    mask_only = without_mask(masked, classes=[4])
+    for model in (trained, masked):  # the model that has the class, and the masked one as shipped
+        shipped = shipped_weights(model, [4])
+        assert shipped.state_dict().keys() == mask_only.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), mask_only.state_dict().values()))
+    assert bool(trained.head.weight[4].abs().sum() > 0) and bool(masked.forget_mask[4])  # both left alone
 
 
 def test_masking_only_hides_the_class_and_the_attack_sees_it(trained, digits):
     model = copy.deepcopy(trained)
     snapshot = apply_class_weight_mask(model, [4])
     samples = sample_per_class(digits.train, [4], 32, 0)
-    masked = evaluate_forgetting(model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5)
-    original = evaluate_forgetting(trained, digits, [4], samples, relearn_max_steps=5)
+    target = relearn_target_accuracy(trained, digits, [4], share=0.95)
+    masked = evaluate_forgetting(model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5,
+                                 relearn_target_acc=target)
+    original = evaluate_forgetting(trained, digits, [4], samples, relearn_max_steps=5, relearn_target_acc=target)
     assert set(masked) == set(METRIC_KEYS)
     assert masked["forget_test_acc"] == 0.0 and masked["forget_train_acc"] == 0.0
     assert masked["unmasked_forget_test_acc"] == pytest.approx(original["forget_test_acc"])
     assert masked["probe_forget_acc"] == original["probe_forget_acc"]  # same features
-    assert masked["relearn_steps"] == 0
+    assert masked["relearn_steps_restored"] == original["relearn_steps_restored"] == 0  # the rows given back
+    assert masked["relearn_steps_shipped"] == original["relearn_steps_shipped"]  # both are the mask-only model
     assert masked["retain_test_acc"] >= original["retain_test_acc"]
     assert all(0.0 <= masked[k] <= 1.0 for k in METRIC_KEYS if k.endswith("acc") or k == "mia_efficacy")
+
+
+def steps(shipped, restored):
+    return {"relearn_steps_shipped": shipped, "relearn_steps_restored": restored}
+
+
+def test_the_relearn_share_is_over_the_retrained_models_restored_steps_for_both_attackers():
+    shares = relearn_shares({"original": steps(6, 0), "unlearned": steps(48, 30), "retrained": steps(70, 60)})
+    assert (shares["reference"], shares["reference_steps"]) == ("retrained", 60)
+    assert (shares["shipped"], shares["restored"], shares["mask_only"]) == (0.8, 0.5, 0.1)
+    assert shares["steps"] == {"shipped": 48, "restored": 30, "mask_only": 6}
+
+
+def test_without_a_retrained_model_the_relearn_share_is_over_the_mask_only_models_steps():
+    shares = relearn_shares({"original": steps(6, 0), "unlearned": steps(48, 30)})
+    assert (shares["reference"], shares["reference_steps"]) == ("mask_only", 6)
+    assert (shares["shipped"], shares["restored"], shares["mask_only"]) == (8.0, 5.0, 1.0)
+    assert "no retrained model" in shares["why"]
+
+
+def test_a_reference_of_zero_steps_gives_inf_for_any_step_and_nan_for_none():
+    shares = relearn_shares({"original": steps(0, 0), "unlearned": steps(12, 0)})
+    assert shares["shipped"] == float("inf") and np.isnan(shares["restored"]) and np.isnan(shares["mask_only"])

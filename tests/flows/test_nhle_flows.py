@@ -85,8 +85,12 @@ def test_failed_gate_registers_but_never_moves_the_champion(project):
     params = {**PARAMS, "export": {"parity_tolerance": 1e-15}}  # below fp32 rounding: no export meets it
     result = flow("forget")(classes="5", params=params, project_dir=str(project))
     assert result["promoted"] is False and "parity" in result["reason"]
+    # every recipe fails parity: the fallback ran as Prefect tasks too, and only its candidate was registered
+    assert [(a["recipe"], a["passed"]) for a in result["attempts"]] == [("configured", False),
+                                                                         ("nhle_conservative", False)]
     rejected = client().get_model_version(NAME, result["version"])
     assert rejected.tags["promoted"] == "false" and "parity_max_abs_prob_diff" in rejected.tags["rejection_reason"]
+    assert rejected.tags["nhle.recipe"] == "nhle_conservative"
     assert not rejected.aliases
     assert str(champion().version) == "2"
 

@@ -37,3 +37,27 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
     assert "**Outcome: done**" in requests.read_report(done.report_uri)
     assert {"claim_requests", "load_champion", "forget_candidate", "register_candidate", "gates_of",
             "finish_version", "close_requests"} <= set(ran)
+
+
+def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later_requests(tmp_path, mlflow_template):
+    from mlflow import MlflowClient
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "train": {"epochs": 4}, "retrain_baseline": False,
+        "unlearn": {"max_steps": 5, "synthesis_steps": 5, "relearn_max_steps": 5, "fallbacks": []},
+        # No version may pass: both requests start from the same champion, version 1.
+        "gates": {"min_relearn_gain": 1000.0}}))
+    params = load_params(tmp_path / "params.yaml")
+    configure(params, tmp_path)
+    base = pipeline.train_base(params, tmp_path)
+
+    first = pipeline.forget(params, tmp_path, "3")
+    run_id = MlflowClient().get_model_version(params.registry.model_name, base["version"]).run_id
+    kept = [f.path for f in MlflowClient().list_artifacts(run_id, "checkpoint")]
+    second = pipeline.forget(params, tmp_path, "5")
+
+    assert not first["promoted"] and not second["promoted"]
+    assert first["report"]["synthetic_inputs"] == "synthesised" and first["report"]["seconds"]["synthesis"] > 0
+    assert "checkpoint/synthetic.pt" in kept  # beside version 1's checkpoint
+    assert second["report"]["synthetic_inputs"] == "reused" and second["report"]["seconds"]["synthesis"] == 0.0

@@ -94,6 +94,13 @@ def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
+def shipped_log_forget(logits: torch.Tensor, forget: torch.Tensor, floor: float) -> torch.Tensor:
+    """Mean log p_F of the forget samples with the forgotten rows zeroed (their logits 0: what
+    the shipped weights give with the mask taken off), each sample's clamped at log(floor)."""
+    zeroed = F.log_softmax(logits.masked_fill(forget, 0.0), dim=1)
+    return torch.logsumexp(zeroed[:, forget], 1).clamp(min=math.log(floor)).mean()
+
+
 def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
     """KL(original || current) of the prediction restricted to the retained classes."""
@@ -248,6 +255,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         if config.anchor_weight > 0:
             loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits, retained,
                                                                  config.anchor_temperature)
+        if config.shipped_weight > 0:
+            loss = loss + config.shipped_weight * shipped_log_forget(logits, forget, config.shipped_floor)
         if reference is not None:
             loss = loss + config.weight_anchor * weight_distance(model, reference)
         if pull is not None:
