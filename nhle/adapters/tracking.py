@@ -364,6 +364,11 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
     version's tags: what it forgot and from which version, its gates, its relearn shares, and
     where the evidence is."""
     run = f"#/experiments/{experiment_id}/runs/{run_id}"
+
+    def artifact(path: str, text: str | None = None) -> str:
+        # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
+        return f"[{text or path}]({run}/artifacts/{path})"
+
     forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
     parent = tags.get("parent_version")
     lines = [f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
@@ -380,10 +385,9 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
                   for g in gates]
     lines += relearn_description(tags.get("relearn"))
-
-    def artifact(path: str, text: str | None = None) -> str:
-        # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
-        return f"[{text or path}]({run}/artifacts/{path})"
+    if "nhle.recipe" in tags:
+        lines += ["", f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
+                      f"and why it failed: {artifact('attempts.json')})."]
 
     lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact('report.json')} (every metric against the "
               f"original and the retrained reference), {artifact('gates.json')}, {artifact('parity.json')}, "

@@ -111,6 +111,7 @@ class Grid:
     device: str = "auto"
     root: str | None = None
     quick: bool = False
+    """CI's grid: one seed, 3 epochs, 40 unlearning and 10 synthesis steps, relearn capped at 10 steps."""
 
     def __post_init__(self):
         methods = self.methods if isinstance(self.methods, str) else ",".join(self.methods)
@@ -119,7 +120,7 @@ class Grid:
             object.__setattr__(self, "seeds", tuple(self.seeds)[:1])
             object.__setattr__(self, "train_config", replace(self.train_config, epochs=3))
             # Every method runs in CI: the input synthesis and the relearn attack dominated its time.
-            object.__setattr__(self, "base", replace(self.base, max_steps=100, synthesis_steps=10, relearn_max_steps=20))
+            object.__setattr__(self, "base", replace(self.base, max_steps=40, synthesis_steps=10, relearn_max_steps=10))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
     def data_config(self, seed: int) -> DataConfig:

@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearning.add_argument("--resume", action="store_true", help="keep the cases OUT/runs.jsonl already holds for "
                             "every method and run only the rest (sequential engine)")
     unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
-                            "multi-class case, 3 epochs, unlearning capped at 100 steps, 10 synthesis steps, relearn capped at 20 steps")
+                            "multi-class case, 3 epochs, short unlearning, synthesis and relearn (Grid.quick)")
     unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",
                             help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
                             "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")

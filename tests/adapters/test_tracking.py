@@ -29,3 +29,12 @@ def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_
     assert ("**Relearn share** (the relearn attack's steps over the mask-only model's 6; 1 = no harder than the "
             "mask alone): shipped 8 (48 steps), restored 5 (30 steps), mask-only 1 (6 steps).") in text
     assert "Relearn share" not in version_description({}, "run1", "0")
+
+
+def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt():
+    from nhle.adapters.tracking import version_description
+
+    text = version_description({"nhle.recipe": "nhle_conservative", "nhle.attempt": "2"}, "run1", "0")
+    assert ("**Recipe:** nhle_conservative (attempt 2; every attempt and why it failed: "
+            "[attempts.json](#/experiments/0/runs/run1/artifacts/attempts.json)).") in text
+    assert "Recipe" not in version_description({}, "run1", "0")

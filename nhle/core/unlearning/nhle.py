@@ -282,7 +282,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         drift, steps = best[1], best[2]
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
-    if not stopped_early and not stepped_back:
+    if not stopped_early and not stepped_back and config.stop_forget_prob > 0:  # 0: the whole budget, by design
         # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
         # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
         p_forget = F.softmax(logits.detach(), 1)[:, forget].sum(1)
