@@ -163,7 +163,7 @@ class UnlearnConfig(Section):
     gradient; an ablation): the optimiser of the fine-tuning, full batch of the forget samples."""
     lr: float = setting(1.5e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
-    by docs/benchmarks.md section 8."""
+    by docs/benchmarks.md section 9."""
     adaptive_lr: bool = False
     """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
     steps, the forget samples would not reach the stopping bound within max_steps: a model
@@ -174,7 +174,7 @@ class UnlearnConfig(Section):
     """Stop once the forget samples' mean probability of the forgotten classes (no mask) is below
     this bound and forget_rank holds. 0: never; the run takes all max_steps (the default: stopping
     as soon as the samples are misclassified leaves the class in the features, where a relearn
-    attack finds it, docs/benchmarks.md section 8)."""
+    attack finds it, docs/benchmarks.md section 9)."""
     forget_rank: float = setting(0.0, at_least=0.0, at_most=1.0)
     """How deep the forgotten classes must sink before stopping: on every forget sample they must
     rank below this share of the retained classes (at least one). 0: misclassified; 1: ranked
@@ -234,7 +234,7 @@ class UnlearnConfig(Section):
     """Weight of the forgotten classes' log-probability on the forget samples as the shipped
     weights give it once the mask is taken off (the forgotten rows zero, as masking leaves them):
     lowering it makes the features, not the row masking removes, stop carrying the class, which
-    is what a relearn attack on the shipped weights meets (docs/benchmarks.md section 8); 0: off."""
+    is what a relearn attack on the shipped weights meets (docs/benchmarks.md section 9); 0: off."""
     shipped_floor: float = setting(1e-4, above=0.0, at_most=1.0)
     """That term leaves a sample alone once its forgotten classes' probability, rows zero, is
     below this: deep enough, without pushing the retained logits on further."""

@@ -1,5 +1,5 @@
 """The default NHLE recipe on a fixed seed: a regression guard for what docs/benchmarks.md
-section 8 measured (small CNN, digits, 15 epochs, seed 0), and the stopping rule's depth."""
+section 9 measured (small CNN, digits, 15 epochs, seed 0), and the stopping rule's depth."""
 from dataclasses import replace
 
 import pytest

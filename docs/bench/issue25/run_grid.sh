@@ -1,0 +1,15 @@
+#!/bin/sh
+# Issue 25's grid, one `nhle bench unlearning` per setting, one process at a time (their time
+# ratios are quoted). Partial results land in docs/bench/issue25/<setting>/runs.jsonl as they come;
+# --resume keeps finished cases if the script is started again.
+#     nohup sh docs/bench/issue25/run_grid.sh > docs/bench/issue25/grid.log 2>&1 &
+set -e
+OUT=docs/bench/issue25
+CASES="--classes 0,3,5,8 --multi 2,5,8 --resume"
+M=nhle,mask_only,nhle_synthetic_anchor,nhle_conservative
+run() { name=$1; shift; start=$(date +%s); .venv/bin/nhle bench unlearning $CASES "$@" --out $OUT/$name; echo "$name wall $(( $(date +%s) - start )) s" >> $OUT/wall.txt; }
+run smallcnn_digits --model smallcnn --seeds 0,1,2 --methods $M,nhle_no_shipped_term,nhle_no_feature_pull,nhle_early_stop
+run mobilenet_v3_small --model mobilenet_v3_small --epochs 15 --batch-size 32 --image-size 32 --seeds 1,0 --methods $M
+run resnet18_cifar_3ep --model resnet18_cifar --epochs 3 --image-size 32 --seeds 0,1 --methods $M
+run smallcnn_synthetic20k --model smallcnn --dataset synthetic20000 --epochs 5 --seeds 0,1 --methods $M
+run resnet18 --model resnet18 --epochs 10 --image-size 32 --seeds 0,1 --methods $M
