@@ -43,6 +43,7 @@ ABLATIONS = {
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
     "nhle_no_feature_pull": {"feature_pull": 0.0}, "nhle_no_shipped_term": {"shipped_weight": 0.0},
+    "nhle_anchor_200": {"anchor_weight": 200.0}, "nhle_anchor_300": {"anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},
     "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
     "nhle_no_synthetic": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
