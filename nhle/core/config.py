@@ -217,7 +217,7 @@ class UnlearnConfig(Section):
     past it the fine-tuning steps back to its last state within the bound and stops. 0: off."""
     check_every: int = setting(10, at_least=1)
     """Steps between two drift checks (and the states they may step back to)."""
-    fallbacks: tuple[str, ...] = setting(("nhle_conservative",), choices=tuple(RECIPES))
+    fallbacks: tuple[str, ...] = setting(("nhle_synthetic_anchor", "nhle_conservative"), choices=tuple(RECIPES))
     """Recipes (RECIPES in nhle/core/config.py) a forget tries in this order when the candidate of
     the configured one fails a gate, each over the settings above; empty: no second try."""
     amp: str = setting("off", choices=AMP_MODES)

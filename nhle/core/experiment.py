@@ -79,7 +79,8 @@ def validate_forget(model: MaskedClassifier, spec, class_names: list[str]) -> li
 class ForgetOutcome:
     report: dict
     result: UnlearnResult
-    retrained: MaskedClassifier | None
+    retrained: tuple | None
+    """(model, snapshot, seconds) of the retrained reference, for another recipe on the same request."""
 
 
 def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
@@ -142,7 +143,7 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
               "previously_forgotten": earlier,
               "num_classes": len(data.class_names)}
-    return ForgetOutcome(report, result, retrained[0] if retrained else None)
+    return ForgetOutcome(report, result, retrained if reference["kind"] == "retrained" else None)
 
 
 def lineage(checkpoint: dict) -> dict:

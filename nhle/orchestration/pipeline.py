@@ -158,12 +158,14 @@ def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: l
     left; the last one is kept whatever its gates, so that its failure is registered on record.
     Returns (candidate, attempt records, (onnx path, parity, gates), the params it ran with)."""
     tries = steps.unlearning_attempts(params)
-    attempts = []
+    attempts, retrained = [], None
     for number, (recipe, overrides, tried) in enumerate(tries, 1):
         attempt_run = run(steps.start_attempt, tried, run_id, number, recipe, overrides)
         candidate = None
         try:
-            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed)
+            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed,
+                            retrained)
+            retrained = candidate.retrained  # one retrain per request, whatever the recipes
             onnx_path, parity = run(steps.export_and_check, tried, candidate)
             gates = run(steps.gates_of, tried, candidate, parity)
             attempt = run(steps.end_attempt, attempt_run, number, recipe, overrides, candidate, parity, gates,

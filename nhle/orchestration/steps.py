@@ -40,6 +40,8 @@ class Candidate:
     parent_version: str | None = None
     original: MaskedClassifier | None = None
     """The model before unlearning, for the before/after plots."""
+    retrained: tuple | None = None
+    """The retrained reference (model, snapshot, seconds): the same for every recipe a request tries."""
 
 
 def project_path(params_dir: Path, value: str) -> Path:
@@ -176,7 +178,7 @@ def load_champion(params: Params):
 
 
 def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int], parent_version: str,
-                     data: Splits, seed: int = 0) -> Candidate:
+                     data: Splits, seed: int = 0, retrained: tuple | None = None) -> Candidate:
     """NHLE + masking of `classes` (indices, validated where the request came in), with the report
     that measures it against the original and the retrained reference."""
     from nhle.core.experiment import forget_and_measure, lineage
@@ -185,13 +187,14 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
     cached = synthetic_inputs_of(params, parent_version, work_dir)
     outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
                                  retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
-                                 synthetic=cached)
+                                 synthetic=cached, retrained=retrained)
     if outcome.report["synthetic_inputs"] == "synthesised":
         keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)
     meta["unlearn"] = outcome.report["unlearn_config"]
     meta["parent_version"] = parent_version
-    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model)
+    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model,
+                     retrained=outcome.retrained)
 
 
 def synthetic_inputs_of(params: Params, version: str, folder: Path):

@@ -16,11 +16,12 @@ from nhle.core.config import RECIPES, params_from_dict
 from nhle.orchestration import pipeline, requests, steps
 
 NAME = "nhle-classifier"
-# Small and fast: few epochs, no synthetic inputs, a short relearn attack. min_relearn_gain 0
+# Small and fast: few epochs, no synthetic inputs, a short relearn attack, one fallback. min_relearn_gain 0
 # keeps these tests about the fallback, not about that gate's bound.
 PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False,
           "gates": {"min_retain_test_acc": 0.8, "min_relearn_gain": 0.0},
-          "unlearn": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0, "relearn_max_steps": 50}}
+          "unlearn": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0, "relearn_max_steps": 50,
+                      "fallbacks": ["nhle_conservative"]}}
 # No fine-tuning, masking only: the mask-removal attack recovers the class, so the gate
 # unmasked_forget_test_acc fails; the fallback recipe (nhle_conservative) sets max_steps again.
 NO_FINE_TUNING = {"max_steps": 0}
