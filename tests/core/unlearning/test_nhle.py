@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nhle.core.config import ENCODINGS, UnlearnConfig
+from nhle.core.config import ENCODINGS, RECIPES, UnlearnConfig
 from nhle.core.data import as_float, sample_per_class, split_by_classes
 from nhle.core.training import evaluate
 from nhle.core.unlearning import nhle_loss, unlearn, without_mask
@@ -63,13 +63,15 @@ def test_forgetting_every_class_is_refused(trained, digits):
 
 @pytest.mark.parametrize("classes", [[5, 7], [1, 8]])
 def test_several_classes_are_forgotten_together(trained, digits, classes):
-    """Forget requests are processed as a union: several classes at once must stop by the rule,
-    not at the step cap, and leave nothing for the mask-removal attack on any of them (1 and 8
-    look alike: a loss that pushes one into the other never stops)."""
+    """Forget requests are processed as a union: several classes at once leave nothing for the
+    mask-removal attack on any of them, with the default, and a recipe that stops stops by its rule,
+    not at the step cap (1 and 8 look alike: a loss that pushes one into the other never stops)."""
     samples = sample_per_class(digits.train, classes, 32, seed=0)
+    stopping = UnlearnConfig(**RECIPES["nhle_synthetic_anchor"])
+    stopped = unlearn(trained, samples, classes, stopping, device="cpu")
+    assert stopped.stopped_early and stopped.steps < stopping.max_steps
     result = unlearn(trained, samples, classes, UnlearnConfig(), device="cpu")
     _, retain_test = split_by_classes(digits.test, classes)
-    assert result.stopped_early and result.steps < UnlearnConfig().max_steps
     attacked = without_mask(result.model, result.snapshot)
     for cls in classes:
         assert evaluate(attacked, split_by_classes(digits.test, [cls])[0]) < 0.1

@@ -50,7 +50,7 @@ def test_saliency_limited_unlearning_moves_only_that_share_of_each_tensor(traine
 def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
     from nhle.core.unlearning.nhle import PaceKeeper
 
-    def rates(log_odds, config=UnlearnConfig(lr=1e-5, max_steps=30)):
+    def rates(log_odds, config=UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=True, stop_forget_prob=0.05)):
         optimizer, warmup = make_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
         pace = PaceKeeper(config, optimizer, warmup)
         seen = []
