@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 FLOAT_NOISE = {"forget_silhouette"}  # sklearn's pairwise distances sum in a thread-count-dependent order
-TIMES = {"seconds", "seconds_vs_retrain"}
+TIMES = {"seconds", "seconds_vs_retrain", "seconds_cached_vs_retrain"}
 
 
 def read_rows(folder):
