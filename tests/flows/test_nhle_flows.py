@@ -86,8 +86,8 @@ def test_failed_gate_registers_but_never_moves_the_champion(project):
     result = flow("forget")(classes="5", params=params, project_dir=str(project))
     assert result["promoted"] is False and "parity" in result["reason"]
     # every recipe fails parity: the fallback ran as Prefect tasks too, and only its candidate was registered
-    assert [(a["recipe"], a["passed"]) for a in result["attempts"]] == [("configured", False),
-                                                                         ("nhle_conservative", False)]
+    assert [(a["recipe"], a["passed"]) for a in result["attempts"]] == [
+        ("configured", False), ("nhle_synthetic_anchor", False), ("nhle_conservative", False)]
     rejected = client().get_model_version(NAME, result["version"])
     assert rejected.tags["promoted"] == "false" and "parity_max_abs_prob_diff" in rejected.tags["rejection_reason"]
     assert rejected.tags["nhle.recipe"] == "nhle_conservative"
