@@ -67,6 +67,7 @@ class UnlearnResult:
     drift: float | None = None
     """The drift of the returned state (None without held-out inputs)."""
 
+
 def nhle_loss(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, encoding: str) -> torch.Tensor:
     """Mean NHLE loss of a batch of forget samples.
     `forget`/`retained` are boolean class masks; classes in neither (masked earlier) carry -inf
