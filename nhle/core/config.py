@@ -22,13 +22,14 @@ AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd", "normalized")
 RECIPES = {
     # The default until issue 25: synthetic anchor, early stop at mean p_F < 0.05, slow pace.
-    "nhle_synthetic_anchor": {"shipped_weight": 0.0, "lr": 3e-5, "adaptive_lr": True, "max_steps": 300, "stop_forget_prob": 0.05,
-                              "feature_pull": 0.0, "holdout_per_class": 0, "max_drift": 0.0},
+    "nhle_synthetic_anchor": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "lr": 3e-5,
+                              "adaptive_lr": True, "max_steps": 300, "stop_forget_prob": 0.05, "feature_pull": 0.0,
+                              "holdout_per_class": 0, "max_drift": 0.0},
     # The fallback: the recipe of sections 1-6 of docs/benchmarks.md, which held every run of
     # every setting measured (no synthetic inputs, stop as soon as the samples are misclassified).
-    "nhle_conservative": {"shipped_weight": 0.0, "lr": 1e-4, "adaptive_lr": False, "max_steps": 300, "stop_forget_prob": 0.05,
-                          "synthetic_per_class": 0, "holdout_per_class": 0, "max_drift": 0.0, "forget_rank": 0.0,
-                          "feature_pull": 0.0},
+    "nhle_conservative": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "lr": 1e-4,
+                          "adaptive_lr": False, "max_steps": 300, "stop_forget_prob": 0.05, "synthetic_per_class": 0,
+                          "holdout_per_class": 0, "max_drift": 0.0, "forget_rank": 0.0, "feature_pull": 0.0},
 }
 """Named NHLE recipes: overrides of the unlearn section (unlearn.fallbacks picks from them; `nhle
 bench unlearning` measures each as an ablation, docs/benchmarks.md)."""
@@ -160,15 +161,18 @@ class UnlearnConfig(Section):
     """Samples drawn from the train split per forgotten class; no retained data is used."""
     optimizer: str = setting("adam", choices=OPTIMIZERS)
     """adam; sgd (momentum 0.9); or normalized (steps of lr times the weights' norm along the
-    gradient; an ablation): the optimiser of the fine-tuning, full batch of the forget samples."""
-    lr: float = setting(1.5e-4, above=0.0)
+    gradient; an ablation): the optimiser of the fine-tuning, on forget_batch forget samples a step."""
+    forget_batch: int = setting(32, at_least=0)
+    """Forget samples per step: a request with more (several classes) draws this many afresh every
+    step, so a step costs the same whatever the number of classes; 0: all of them every step."""
+    lr: float = setting(3e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 9."""
     adaptive_lr: bool = False
     """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
     steps, the forget samples would not reach the stopping bound within max_steps: a model
     saturated on them moves too slowly at lr. False: lr throughout (an ablation)."""
-    max_steps: int = setting(80, at_least=0)
+    max_steps: int = setting(60, at_least=0)
     """Hard cap on fine-tuning steps; the synthesis has its own (synthesis_steps)."""
     stop_forget_prob: float = setting(0.0, at_least=0.0, at_most=1.0)
     """Stop once the forget samples' mean probability of the forgotten classes (no mask) is below
@@ -184,8 +188,9 @@ class UnlearnConfig(Section):
     anchor_weight: float = setting(100.0, at_least=0.0)
     """Weight of the KL term that keeps the prediction over the retained classes (renormalised)
     equal to the original model's, on the forget samples and the synthetic inputs; 0: off."""
-    anchor_temperature: float = setting(1.0, above=0.0)
-    """Softmax temperature of that KL term, scaled by its square as in distillation (an ablation)."""
+    anchor_temperature: float = setting(4.0, above=0.0)
+    """Softmax temperature of that KL term, scaled by its square as in distillation: above 1 it
+    also holds inputs the model is sure of (the synthetic ones), whose KL at 1 is flat."""
     synthetic_per_class: int = setting(4, at_least=0)
     """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
     statistics and a smoothness prior, no data), on which the anchor holds the retained classes'
@@ -230,12 +235,12 @@ class UnlearnConfig(Section):
     """Weight of the pull of each forget sample's penultimate features to the prototype (mean
     synthetic feature) of the retained class the original model ranked next for it, so that the
     features stop carrying the class; needs synthetic_per_class > 0; 0: off."""
-    shipped_weight: float = setting(1.0, at_least=0.0)
+    shipped_weight: float = setting(5.0, at_least=0.0)
     """Weight of the forgotten classes' log-probability on the forget samples as the shipped
     weights give it once the mask is taken off (the forgotten rows zero, as masking leaves them):
     lowering it makes the features, not the row masking removes, stop carrying the class, which
     is what a relearn attack on the shipped weights meets (docs/benchmarks.md section 9); 0: off."""
-    shipped_floor: float = setting(1e-4, above=0.0, at_most=1.0)
+    shipped_floor: float = setting(1e-6, above=0.0, at_most=1.0)
     """That term leaves a sample alone once its forgotten classes' probability, rows zero, is
     below this: deep enough, without pushing the retained logits on further."""
     feature_stop: float = setting(0.5, at_least=0.0)

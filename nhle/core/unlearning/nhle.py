@@ -5,7 +5,7 @@
     result.model      # the unlearned model, mask set
     result.snapshot   # the final-layer rows masking removed (for the mask-removal attack)
 
-Only the n samples of each forgotten class are used (full batch), never retained data. Each
+Only the n samples of each forgotten class are used (`forget_batch` of them a step), never retained data. Each
 sample gets a target encoding instead of its one-hot label (docs/benchmarks.md and the README's method section):
 
 - negative_hot:      t = -1 on the forgotten classes taken as one (gradient ascent on log p_F)
@@ -159,6 +159,15 @@ def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch
     return bool((above >= needed).all()) and p_forget.mean().item() < config.stop_forget_prob
 
 
+def step_rows(n_forget: int, n_all: int, forget_batch: int, step: int) -> torch.Tensor:
+    """The rows of [forget samples, anchors] a step trains on: every anchor, and `forget_batch`
+    forget samples drawn afresh (seeded by the step, so a run repeats) when there are more."""
+    if forget_batch == 0 or n_forget <= forget_batch:
+        return torch.arange(n_all)
+    drawn = torch.randperm(n_forget, generator=torch.Generator().manual_seed(step))[:forget_batch]
+    return torch.cat([drawn.sort().values, torch.arange(n_forget, n_all)])
+
+
 def model_synthetic_inputs(model: MaskedClassifier, config: UnlearnConfig, image_shape, device,
                            given: SyntheticInputs | None) -> SyntheticInputs | None:
     """`given` when it was made for this model with these settings, else new ones; None when the
@@ -238,12 +247,15 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
                 stepped_back = True
                 break
             best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, drift, steps)
+        rows = step_rows(len(x), len(x_all), config.forget_batch, steps).to(torch_device)
+        n_forget = len(rows) - len(anchors)
         with autocast(torch_device, config.amp):
-            features = model.features(x_all)
+            features = model.features(x_all[rows])
             all_logits = model.classify(features)
         all_logits = all_logits.float()  # the losses, logsumexp over -inf masked logits included, in fp32
-        logits = all_logits[: len(x)]
-        pull = prototype_pull(features[: len(x)].float(), prototypes, pull_targets) if config.feature_pull > 0 else None
+        logits = all_logits[:n_forget]
+        pull = prototype_pull(features[:n_forget].float(), prototypes, pull_targets[rows[:n_forget]]) \
+            if config.feature_pull > 0 else None
         with torch.no_grad():
             pace.record(steps, forget_log_odds(logits, forget, retained))
             features_moved = pull is None or pull.item() < config.feature_stop
@@ -254,7 +266,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             break
         loss = nhle_loss(logits, forget, retained, config.encoding)
         if config.anchor_weight > 0:
-            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits, retained,
+            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits[rows], retained,
                                                                  config.anchor_temperature)
         if config.shipped_weight > 0:
             loss = loss + config.shipped_weight * shipped_log_forget(logits, forget, config.shipped_floor)
