@@ -1,4 +1,6 @@
 """NHLE fine-tuning: each encoding pushes the forgotten classes out, using forget samples only."""
+from collections import Counter
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from nhle.core.config import ENCODINGS, RECIPES, UnlearnConfig
 from nhle.core.data import as_float, sample_per_class, split_by_classes
 from nhle.core.training import evaluate
 from nhle.core.unlearning import nhle_loss, unlearn, without_mask
+from nhle.core.unlearning.nhle import step_rows
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -82,3 +85,34 @@ def test_forget_samples_of_other_classes_are_refused(trained, digits):
     samples = sample_per_class(digits.train, [2], 4, seed=0)
     with pytest.raises(ValueError, match="must all belong to the forgotten classes"):
         unlearn(trained, samples, [5], UnlearnConfig(), device="cpu")
+
+
+def test_a_step_trains_on_forget_batch_samples_drawn_afresh_and_on_every_anchor():
+    rows = [step_rows(96, 120, 32, step).tolist() for step in range(20)]
+    for r in rows:
+        forget_rows = [i for i in r if i < 96]
+        assert len(forget_rows) == len(set(forget_rows)) == 32 and r[32:] == list(range(96, 120))
+    assert len({tuple(r) for r in rows}) == 20  # a new draw every step ...
+    assert set().union(*map(set, rows)) == set(range(120))  # ... reaching every forget sample
+    assert step_rows(96, 120, 32, 7).tolist() == rows[7]  # and a run repeats
+    assert step_rows(20, 44, 32, 0).tolist() == list(range(44)) == step_rows(20, 44, 0, 0).tolist()
+
+
+def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained, digits):
+    """Three classes' 96 samples, forget_batch 32: every step's forward pass sees 32 forget samples
+    plus the anchors (one more pass after the last step); all 96 go through once, without
+    gradient, for the original's logits; and the classes are still forgotten."""
+    classes = [2, 5, 8]
+    samples = sample_per_class(digits.train, classes, 32, seed=0)
+    config = UnlearnConfig(max_steps=20, forget_batch=32, synthesis_steps=20)
+    seen = []
+    hook = trained.backbone[0].register_forward_pre_hook(lambda _m, inputs: seen.append(len(inputs[0])))
+    try:
+        result = unlearn(trained, samples, classes, config, device="cpu")
+    finally:
+        hook.remove()
+    anchors = config.synthetic_per_class * (trained.num_classes - len(classes))
+    assert seen.count(32 + anchors) == config.max_steps + 1 and seen.count(96 + anchors) == 1, Counter(seen)
+    _, retain_test = split_by_classes(digits.test, classes)
+    assert evaluate(without_mask(result.model, classes=classes), split_by_classes(digits.test, classes)[0]) < 0.5
+    assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.02
