@@ -1,0 +1,37 @@
+"""Issue 25's cost check, with nothing else running: NHLE's seconds over a retrain's, measured in one run.
+
+    .venv/bin/python docs/bench/issue25/cost.py 0 3 2+5+8 > docs/bench/issue25/cost.md
+
+Small CNN on digits (the benchmark's base of the given seed, 15 epochs), torch's default threads.
+Per case: the retrain without the classes, then the default NHLE twice from the same base: the
+first request (synthesises the model's inputs) and a later one that reuses them, three times each;
+the ratios use the median seconds.
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from nhle.core.config import TrainConfig, UnlearnConfig
+from nhle.core.data import load_digits, sample_per_class
+from nhle.core.training import train_model
+from nhle.core.unlearning import unlearn
+
+seed, cases = int(sys.argv[1]), [[int(c) for c in case.split("+")] for case in sys.argv[2:]]
+data = load_digits(seed=seed)
+base, _ = train_model(data, TrainConfig(), seed=seed, progress=False)
+print(f"torch threads {torch.get_num_threads()}, seed {seed}, {time.strftime('%Y-%m-%d %H:%M')}\n")
+print("| classes | retrain s | first request s (synthesis s) | inputs kept s | first / retrain | kept / retrain |")
+print("|---|---|---|---|---|---|")
+for classes in cases:
+    retrain = statistics.median(train_model(data, TrainConfig(), seed=seed, exclude=classes, progress=False)[1]
+                                for _ in range(3))
+    samples = sample_per_class(data.train, classes, 32, seed)
+    first = [unlearn(base, samples, classes, UnlearnConfig(), device="cpu") for _ in range(3)]
+    kept = [unlearn(base, samples, classes, UnlearnConfig(), device="cpu", synthetic=first[0].synthetic).seconds
+            for _ in range(3)]
+    f, s, k = (statistics.median(r.seconds for r in first), statistics.median(r.synthesis_seconds for r in first),
+               statistics.median(kept))
+    print(f"| {'+'.join(map(str, classes))} | {retrain:.2f} | {f:.2f} ({s:.2f}) | {k:.2f} | {f / retrain:.3f} | {k / retrain:.3f} |",
+          flush=True)
