@@ -54,7 +54,8 @@ ABLATIONS = {
     "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
     "nhle_shipped_weight_3": {"shipped_weight": 3.0}, "nhle_shipped_weight_10": {"shipped_weight": 10.0},
     "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4}, "nhle_full_batch": {"forget_batch": 0},
-    "nhle_80_steps": {"max_steps": 80},
+    "nhle_80_steps": {"max_steps": 80}, "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
+    "nhle_synthetic_2": {"synthetic_per_class": 2},
     "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
