@@ -49,8 +49,8 @@ ABLATIONS = {
     "nhle_no_synthetic": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
     # The second default (issue 25's first): shipped term at weight 1 to p 1e-4, KL at temperature 1,
     # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it.
-    "nhle_shipped_weight_1": {"shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0, "forget_batch": 0,
-                              "lr": 1.5e-4, "max_steps": 80},
+    "nhle_shipped_weight_1": {"shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0,
+                              "forget_batch": 0, "lr": 1.5e-4, "max_steps": 80},
     "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
     "nhle_shipped_weight_3": {"shipped_weight": 3.0}, "nhle_shipped_weight_10": {"shipped_weight": 10.0},
     "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4}, "nhle_full_batch": {"forget_batch": 0},

@@ -33,5 +33,5 @@ for classes in cases:
             for _ in range(3)]
     f, s, k = (statistics.median(r.seconds for r in first), statistics.median(r.synthesis_seconds for r in first),
                statistics.median(kept))
-    print(f"| {'+'.join(map(str, classes))} | {retrain:.2f} | {f:.2f} ({s:.2f}) | {k:.2f} | {f / retrain:.3f} | {k / retrain:.3f} |",
-          flush=True)
+    print(f"| {'+'.join(map(str, classes))} | {retrain:.2f} | {f:.2f} ({s:.2f}) | {k:.2f} | {f / retrain:.3f} "
+          f"| {k / retrain:.3f} |", flush=True)
