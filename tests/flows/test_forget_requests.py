@@ -147,7 +147,8 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     import prefect.settings
 
     slow = yaml.safe_load((project / "params.yaml").read_text())
-    slow["unlearn"] = {"stop_forget_prob": 0.0, "max_steps": 10_000_000}  # unlearns for hours
+    # unlearns for hours: no stop, and no drift check to step back and end it
+    slow["unlearn"] = {"stop_forget_prob": 0.0, "max_steps": 10_000_000, "max_drift": 0.0}
     (project / "slow.yaml").write_text(yaml.safe_dump(slow))
     assert submit(project, "2", reason="killed mid-way") == 0
     request = ledger(project).list("pending")[0]
