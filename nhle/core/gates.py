@@ -156,7 +156,10 @@ RETAINED_ADVICE = (
     "unlearn.lr=1e-5; the pace rule still raises it when the model is saturated); a larger unlearn.anchor_weight "
     "(it holds the retained classes' prediction: without it the drop was 2-37 pp); unlearn.synthetic_per_class "
     ">= 4 (the synthetic anchor is what held ResNet-18 within 2 pp); unlearn.forget_rank 0 (deeper sinking costs "
-    "accuracy); --set unlearn.layers=head moves only the final layer (a drop of about 0 pp, but the features keep "
+    "accuracy); a smaller unlearn.shipped_weight (5 by default; 1 sinks the class less deep, a weaker relearn "
+    "share); unlearn.anchor_temperature above 1 (at 1 the anchor is flat on the synthetic inputs: up to 3.7 pp "
+    "lost on the small CNN, 1.5 at 4, docs/benchmarks.md section 9); --set unlearn.layers=head moves only the "
+    "final layer (a drop of about 0 pp, but the features keep "
     "the class). A model that was under-trained to begin with loses more (docs/benchmarks.md, section 7)")
 GATE_ADVICE = {
     "retained_drop_pp": RETAINED_ADVICE + "; the bound is gates.max_retained_drop_pp",
@@ -171,7 +174,8 @@ GATE_ADVICE = {
                                 "bound is gates.max_unmasked_forget_test_acc",
     "relearn_gain": "the shipped weights (mask off, forgotten rows zero) relearn the class no slower than the "
                     "original with only the mask applied: the fine-tuning did not go far enough. A larger "
-                    "unlearn.max_steps, a larger unlearn.lr or a lower unlearn.stop_forget_prob let it go further "
+                    "unlearn.shipped_weight, a larger unlearn.max_steps, a larger unlearn.lr or a lower "
+                    "unlearn.stop_forget_prob let it go further "
                     "(each may cost retained accuracy); the bound is gates.min_relearn_gain (0: off)",
     "forget_test_acc": "the forgotten class is still predicted: unlearn.mask must be true (the -inf logit mask "
                        "makes this exactly 0)",
