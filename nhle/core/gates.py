@@ -91,21 +91,29 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
         skill = (unlearned["retain_test_acc"] - chance) / (1 - chance) if left > 1 else float("nan")
         results += [at_least("retained_classes", left, config.min_retained_classes),
                     at_least("retain_skill", skill, config.min_retain_skill)]
-    results += relearn_gate(original, unlearned, config.min_relearn_gain)
+    results += relearn_gate(original, unlearned, config.min_relearn_gain,
+                            report.get("unlearn_config", {}).get("relearn_max_steps"))
     if config.require_parity:
         results += parity_gates(parity)
     return results
 
 
-def relearn_gate(original: dict, unlearned: dict, bound: float) -> list[GateResult]:
+def relearn_gate(original: dict, unlearned: dict, bound: float, cap: int | None = None) -> list[GateResult]:
     """The relearn attack on the shipped weights must take more than `bound` times its steps on
     the mask-only model (the original's shipped weights): else the fine-tuning bought nothing
-    that deleting the class's rows did not. Off at bound 0, and for reports written before the
-    two attackers existed."""
+    that deleting the class's rows did not. Where the attack never brought the class back from
+    the mask-only model within its `cap` (unlearn.relearn_max_steps), no gain can be measured:
+    it passes while the shipped weights also hold to the cap. Off at bound 0, and for reports
+    written before the two attackers existed."""
     key = "relearn_steps_shipped"
     if bound <= 0 or key not in original or key not in unlearned:
         return []
-    return [above("relearn_gain", relearn_ratio(unlearned[key], original[key]), bound)]
+    gain = relearn_ratio(unlearned[key], original[key])
+    if cap and original[key] >= cap:
+        return [GateResult("relearn_gain", gain, float(bound), unlearned[key] >= cap, ">",
+                           f"the mask-only model held to the attack's cap of {cap} steps: no gain to measure, "
+                           "the shipped weights must hold to it too")]
+    return [above("relearn_gain", gain, bound)]
 
 
 def deleted_but_predicted(forgotten, deleted: dict[int, list[int]]) -> tuple[list[int], list[int]]:

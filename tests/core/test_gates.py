@@ -116,6 +116,21 @@ def test_the_relearn_gate_needs_the_shipped_weights_to_take_more_steps_than_the_
     assert (gate.value, gate.rule, gate.bound) == (1.5, ">", 1.0)
 
 
+def test_where_the_mask_only_model_holds_to_the_attacks_cap_the_shipped_weights_must_hold_to_it_too():
+    """Classes the relearn attack cannot bring back from the mask alone within its cap (seen: 1 and
+    8 together on a 6-epoch digits model, 300 of 300 steps) leave no gain to measure: equal capped
+    counts pass, a shipped model that relearns sooner does not, and each says why."""
+    def gate(mask_only, shipped, cap=300):
+        capped = with_relearn(mask_only, shipped)
+        capped["unlearn_config"] = {"relearn_max_steps": cap}
+        return next(r for r in evaluate_gates(capped, GOOD_PARITY, GateConfig()) if r.name == "relearn_gain")
+
+    held, relearnt = gate(300, 300), gate(300, 120)
+    assert held.passed and "cap of 300 steps" in held.describe()
+    assert not relearnt.passed and "no gain to measure" in relearnt.describe()
+    assert not gate(250, 250).passed  # below the cap the rule is as before: strictly above
+
+
 def test_the_relearn_gate_is_off_at_bound_0_and_skipped_for_reports_without_the_two_attackers():
     off = evaluate_gates(with_relearn(6, 3), GOOD_PARITY, GateConfig(min_relearn_gain=0.0))
     assert all_passed(off) and "relearn_gain" not in {r.name for r in off}
