@@ -383,7 +383,8 @@ class GateConfig(Section):
     min_relearn_gain: float = setting(1.0, at_least=0.0)
     """Promotion needs the relearn attack on the shipped weights (mask off, forgotten rows zero)
     to take more than this multiple of the steps it takes on the original model with only the
-    mask applied: fine-tuning that bought nothing against relearning is refused. 0: off."""
+    mask applied: fine-tuning that bought nothing against relearning is refused (where that model
+    already holds to unlearn.relearn_max_steps, the shipped weights must hold to it too). 0: off."""
 
 
 @dataclass(frozen=True)
