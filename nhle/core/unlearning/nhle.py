@@ -257,9 +257,13 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         pull = prototype_pull(features[:n_forget].float(), prototypes, pull_targets[rows[:n_forget]]) \
             if config.feature_pull > 0 else None
         with torch.no_grad():
-            pace.record(steps, forget_log_odds(logits, forget, retained))
+            judged = logits  # the stopping and pace rules read every forget sample, not the step's draw
+            if config.stop_forget_prob > 0 and n_forget < len(x):
+                with autocast(torch_device, config.amp):
+                    judged = model(x).float()
+            pace.record(steps, forget_log_odds(judged, forget, retained))
             features_moved = pull is None or pull.item() < config.feature_stop
-            if features_moved and forgotten_enough(logits, forget, retained, config):
+            if features_moved and forgotten_enough(judged, forget, retained, config):
                 stopped_early = True
                 break
         if steps == config.max_steps:
@@ -298,7 +302,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     if not stopped_early and not stepped_back and config.stop_forget_prob > 0:  # 0: the whole budget, by design
         # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
         # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
-        p_forget = F.softmax(logits.detach(), 1)[:, forget].sum(1)
+        p_forget = F.softmax(judged, 1)[:, forget].sum(1)
         log.warning("NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
                     config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
                     "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")

@@ -116,3 +116,20 @@ def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained,
     _, retain_test = split_by_classes(digits.test, classes)
     assert evaluate(without_mask(result.model, classes=classes), split_by_classes(digits.test, classes)[0]) < 0.5
     assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.02
+
+
+def test_a_recipe_that_stops_judges_every_forget_sample_not_only_the_steps_draw(trained, digits):
+    """forget_batch 8 of three classes' 96 samples: the stopping rule still holds for all 96 when
+    the run stops (every one ranks the forgotten classes below a retained class, mean p_F small)."""
+    from nhle.core.unlearning.nhle import forgotten_enough
+
+    classes = [2, 5, 8]
+    samples = sample_per_class(digits.train, classes, 32, seed=0)
+    config = UnlearnConfig(**{**RECIPES["nhle_synthetic_anchor"], "forget_batch": 8})
+    result = unlearn(trained, samples, classes, config, device="cpu")
+    assert result.stopped_early
+    forget = torch.zeros(trained.num_classes, dtype=torch.bool)
+    forget[classes] = True
+    with torch.no_grad():
+        logits = without_mask(result.model, result.snapshot)(as_float(samples.images))
+    assert forgotten_enough(logits, forget, ~forget, config)
