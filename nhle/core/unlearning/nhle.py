@@ -180,6 +180,19 @@ def model_synthetic_inputs(model: MaskedClassifier, config: UnlearnConfig, image
     return synthetic_inputs(model, predicted, config, image_shape, device)
 
 
+def salient_entries(model, parameters, x, labels, forget_classes, forget, retained, config: UnlearnConfig):
+    """The entries that move: for each forgotten class, the `saliency` share of each parameter's
+    entries with the largest gradient of the NHLE loss on that class's samples, united over the
+    classes (a request of several classes moves the entries of each, not only of the one whose
+    gradient is largest)."""
+    keep = None
+    for c in forget_classes:
+        own = saliency_masks(parameters, nhle_loss(model(x[labels == c]).float(), forget, retained, config.encoding),
+                             config.saliency)
+        keep = own if keep is None else {p: torch.maximum(keep[p], mask) for p, mask in own.items()}
+    return keep
+
+
 def drift_of(model: MaskedClassifier, held: torch.Tensor, original_logits: torch.Tensor, retained) -> float:
     """KL of the retained classes' prediction on the held-out synthetic inputs from the original's."""
     with torch.no_grad():
@@ -232,9 +245,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         with torch.no_grad():
             held_logits = model(held).float()
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
-    keep = saliency_masks(optimizer.param_groups[0]["params"], nhle_loss(model(x).float(), forget, retained,
-                                                                       config.encoding), config.saliency) \
-        if config.saliency < 1.0 else None
+    keep = salient_entries(model, optimizer.param_groups[0]["params"], x, forget_samples.labels.to(torch_device),
+                           forget_classes, forget, retained, config) if config.saliency < 1.0 else None
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
