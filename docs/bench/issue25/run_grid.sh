@@ -3,14 +3,15 @@
 # ratios are quoted). Partial results land in docs/bench/issue25/<setting>/runs.jsonl as they come;
 # --resume keeps finished cases if the script is started again. The recipes of the fallback list
 # and the second default (nhle_shipped_weight_1) were measured on the small CNN by the previous
-# grid (smallcnn_digits_shipped_weight_1/: its `nhle` rows are nhle_shipped_weight_1).
+# grid (smallcnn_digits_shipped_weight_1/: its `nhle` rows are nhle_shipped_weight_1); the third default
+# (nhle_all_entries) by smallcnn_digits_all_entries/.
 #     nohup sh docs/bench/issue25/run_grid.sh > docs/bench/issue25/grid.log 2>&1 &
 set -e
 OUT=docs/bench/issue25
 CASES="--classes 0,3,5,8 --multi 2,5,8 --resume"
 M=nhle,mask_only
 run() { name=$1; shift; start=$(date +%s); .venv/bin/nhle bench unlearning $CASES "$@" --out $OUT/$name; echo "$name wall $(( $(date +%s) - start )) s" >> $OUT/wall.txt; }
-run smallcnn_digits --model smallcnn --seeds 0,1,2 --methods $M,nhle_anchor_t1,nhle_full_batch
+run smallcnn_digits --model smallcnn --seeds 0,1,2 --methods $M
 run mobilenet_v3_small --model mobilenet_v3_small --epochs 15 --batch-size 32 --image-size 32 --seeds 1,0 --methods $M
 run resnet18_cifar_3ep --model resnet18_cifar --epochs 3 --image-size 32 --seeds 0,1 --methods $M
 run smallcnn_synthetic20k --model smallcnn --dataset synthetic20000 --epochs 5 --seeds 0,1 --methods $M

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nhle.core.config import UnlearnConfig
-from nhle.core.data import sample_per_class
+from nhle.core.data import as_float, sample_per_class
 from nhle.core.unlearning import unlearn
 from nhle.core.unlearning.steps import NormalizedGradient, make_optimizer, saliency_masks
 
@@ -67,3 +67,20 @@ def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
     assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=False))[-1] == pytest.approx(1e-5)
     # stop_forget_prob 0 is never reached on purpose (the whole cap is wanted): no raise, no error
     assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, stop_forget_prob=0.0))[-1] == pytest.approx(1e-5)
+
+
+def test_a_request_of_several_classes_moves_the_salient_entries_of_each_class(trained, digits):
+    from nhle.core.unlearning.nhle import nhle_loss, salient_entries
+
+    classes = [3, 5]
+    samples = sample_per_class(digits.train, classes, 32, seed=0)
+    x, labels = as_float(samples.images), samples.labels
+    forget = torch.zeros(10, dtype=torch.bool)
+    forget[classes] = True
+    parameters = list(trained.parameters())
+    united = salient_entries(trained, parameters, x, labels, classes, forget, ~forget, UnlearnConfig(saliency=0.2))
+    for c in classes:
+        own = saliency_masks(parameters, nhle_loss(trained(x[labels == c]), forget, ~forget, "negative_hot"), 0.2)
+        assert all(bool((united[p] >= own[p]).all()) for p in own)  # every class's own entries move
+    conv = parameters[0]
+    assert 0.2 < united[conv].mean().item() <= 0.4  # more than one class's share, at most both
