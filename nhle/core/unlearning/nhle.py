@@ -186,7 +186,7 @@ def salient_entries(model, parameters, x, labels, forget_classes, forget, retain
     classes (a request of several classes moves the entries of each, not only of the one whose
     gradient is largest)."""
     keep = None
-    for c in forget_classes:
+    for c in [c for c in forget_classes if (labels == c).any()]:  # a class without samples has no gradient
         own = saliency_masks(parameters, nhle_loss(model(x[labels == c]).float(), forget, retained, config.encoding),
                              config.saliency)
         keep = own if keep is None else {p: torch.maximum(keep[p], mask) for p, mask in own.items()}
