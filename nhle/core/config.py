@@ -221,7 +221,11 @@ class UnlearnConfig(Section):
     max_drift: float = setting(0.05, at_least=0.0)
     """Largest drift allowed: the mean KL divergence of the prediction over the retained classes
     on the held-out synthetic inputs from the original model's, checked every check_every steps;
-    past it the fine-tuning steps back to its last state within the bound and stops. 0: off."""
+    past it the fine-tuning steps back to its last state within the bound and carries on more
+    slowly (drift_retries), or stops there. 0: off."""
+    drift_retries: int = setting(2, at_least=0)
+    """Times a run past max_drift goes back to its last state within it and carries on at a third
+    of the learning rate, before it stops there; 0: it stops at the first."""
     check_every: int = setting(10, at_least=1)
     """Steps between two drift checks (and the states they may step back to)."""
     fallbacks: tuple[str, ...] = setting(("nhle_synthetic_anchor", "nhle_conservative"), choices=tuple(RECIPES))

@@ -63,7 +63,8 @@ class UnlearnResult:
     synthesis_seconds: float = 0.0
     """Of `seconds`, the synthesis (0 when the inputs were given)."""
     stepped_back: bool = False
-    """The drift check stopped the run and restored its last state within unlearn.max_drift."""
+    """The drift check found the run past unlearn.max_drift and took it back to its last state
+    within it (to carry on more slowly, or to stop there once unlearn.drift_retries are spent)."""
     drift: float | None = None
     """The drift of the returned state (None without held-out inputs)."""
 
@@ -193,6 +194,18 @@ def salient_entries(model, parameters, x, labels, forget_classes, forget, retain
     return keep
 
 
+DRIFT_SLOWDOWN = 3.0
+"""A run past unlearn.max_drift carries on from its last state within it at this many times less
+learning rate (unlearn.drift_retries times at most)."""
+
+
+def slow_down(optimizer, warmup, factor: float) -> None:
+    """Scale the learning rate of this step and of the schedule's later ones."""
+    warmup.base_lrs = [lr * factor for lr in warmup.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
 def drift_of(model: MaskedClassifier, held: torch.Tensor, original_logits: torch.Tensor, retained) -> float:
     """KL of the retained classes' prediction on the held-out synthetic inputs from the original's."""
     with torch.no_grad():
@@ -251,14 +264,26 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
     pace = PaceKeeper(config, optimizer, warmup)
-    steps, stopped_early, stepped_back, drift, best = 0, False, False, None, None
-    for steps in range(config.max_steps + 1):
+    steps, stopped_early, stepped_back, drift, best, retries = 0, False, False, None, None, 0
+    while True:
         if held is not None and steps % config.check_every == 0:
             drift = drift_of(model, held, held_logits, retained)
             if best is not None and 0 < config.max_drift < drift:
                 stepped_back = True
-                break
-            best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, drift, steps)
+                if retries == config.drift_retries:
+                    break
+                retries += 1
+                log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
+                            "back to step %d, learning rate / %g", steps, drift, config.max_drift, best[3],
+                            DRIFT_SLOWDOWN)
+                model.load_state_dict(best[0])
+                optimizer.load_state_dict(best[1])
+                slow_down(optimizer, warmup, 1 / DRIFT_SLOWDOWN)
+                drift, steps = best[2], best[3]
+                del pace.history[steps:]  # the pace rule reads the history by step
+            else:
+                best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                        copy.deepcopy(optimizer.state_dict()), drift, steps)
         rows = step_rows(len(x), len(x_all), config.forget_batch, steps).to(torch_device)
         n_forget = len(rows) - len(anchors)
         with autocast(torch_device, config.amp):
@@ -301,14 +326,17 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         scaler.step(optimizer)
         scaler.update()
         warmup.step()
-    if held is not None and not stepped_back:
+        steps += 1
+    stop_back = stepped_back and retries == config.drift_retries and drift is not None and config.max_drift < drift
+    if held is not None and not stop_back:
         drift = drift_of(model, held, held_logits, retained)
-        stepped_back = 0 < config.max_drift < drift
-    if stepped_back:  # the predictions drifted: back to the last state within the bound
+        stop_back = 0 < config.max_drift < drift
+        stepped_back = stepped_back or stop_back
+    if stop_back:  # the predictions drifted: back to the last state within the bound, and stop there
         log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
-                    "back to step %d (drift %.4g)", steps, drift, config.max_drift, best[2], best[1])
+                    "back to step %d (drift %.4g)", steps, drift, config.max_drift, best[3], best[2])
         model.load_state_dict(best[0])
-        drift, steps = best[1], best[2]
+        drift, steps = best[2], best[3]
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     if not stopped_early and not stepped_back and config.stop_forget_prob > 0:  # 0: the whole budget, by design
