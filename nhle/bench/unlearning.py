@@ -63,7 +63,8 @@ ABLATIONS = {
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
     "nhle_anchor_t4": {**RECIPES["nhle_synthetic_anchor"], "anchor_temperature": 4.0},
-    "nhle_saliency_0.3": {**RECIPES["nhle_synthetic_anchor"], "saliency": 0.3}, "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
+    "nhle_saliency_0.3": {**RECIPES["nhle_synthetic_anchor"], "saliency": 0.3},
+    "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
     "nhle_l2sp": {"weight_anchor": 1e6},
     **{f"forget_rank_{r}": {**RECIPES["nhle_synthetic_anchor"], "forget_rank": r} for r in (0.25, 0.5, 0.75, 1.0)},
     **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS}}

@@ -117,6 +117,13 @@ def forget_log_odds(logits: torch.Tensor, forget: torch.Tensor, retained: torch.
     return (torch.logsumexp(logits[:, forget], 1) - torch.logsumexp(logits[:, retained], 1)).mean().item()
 
 
+def scale_lr(optimizer, warmup, factor: float) -> None:
+    """Scale the learning rate of this step and of the schedule's later ones."""
+    warmup.base_lrs = [lr * factor for lr in warmup.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
 class PaceKeeper:
     """The learning-rate rule: every max_steps // 3 steps, if the forget samples' log-odds fell
     too slowly to reach the stopping bound within the cap at that pace, the learning rate is
@@ -142,9 +149,7 @@ class PaceKeeper:
         pace = (self.history[step - self.window] - log_odds) / self.window
         if log_odds > self.goal and pace * (self.config.max_steps - step) < log_odds - self.goal:
             self.raises += 1
-            self.warmup.base_lrs = [lr * self.FACTOR for lr in self.warmup.base_lrs]  # the schedule's later steps
-            for group in self.optimizer.param_groups:  # and this one
-                group["lr"] *= self.FACTOR
+            scale_lr(self.optimizer, self.warmup, self.FACTOR)
             log.info("NHLE step %d: log-odds %.2f falling %.3f per step, too slow to reach %.2f by step %d; "
                      "learning rate x%g", step, log_odds, pace, self.goal, self.config.max_steps, self.FACTOR)
 
@@ -197,13 +202,6 @@ def salient_entries(model, parameters, x, labels, forget_classes, forget, retain
 DRIFT_SLOWDOWN = 3.0
 """A run past unlearn.max_drift carries on from its last state within it at this many times less
 learning rate (unlearn.drift_retries times at most)."""
-
-
-def slow_down(optimizer, warmup, factor: float) -> None:
-    """Scale the learning rate of this step and of the schedule's later ones."""
-    warmup.base_lrs = [lr * factor for lr in warmup.base_lrs]
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
 
 
 def drift_of(model: MaskedClassifier, held: torch.Tensor, original_logits: torch.Tensor, retained) -> float:
@@ -264,26 +262,27 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
              forget_classes, torch_device, config.encoding, len(x), config.max_steps)
     pace = PaceKeeper(config, optimizer, warmup)
-    steps, stopped_early, stepped_back, drift, best, retries = 0, False, False, None, None, 0
+    steps, stopped_early, stepped_back, stop_back, drift, best, retries = 0, False, False, False, None, None, 0
     while True:
         if held is not None and steps % config.check_every == 0:
             drift = drift_of(model, held, held_logits, retained)
             if best is not None and 0 < config.max_drift < drift:
                 stepped_back = True
                 if retries == config.drift_retries:
+                    stop_back = True
                     break
                 retries += 1
-                log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
-                            "back to step %d, learning rate / %g", steps, drift, config.max_drift, best[3],
+                log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift "
+                            "= %g; back to step %d, learning rate / %g", steps, drift, config.max_drift, best[3],
                             DRIFT_SLOWDOWN)
                 model.load_state_dict(best[0])
                 optimizer.load_state_dict(best[1])
-                slow_down(optimizer, warmup, 1 / DRIFT_SLOWDOWN)
+                scale_lr(optimizer, warmup, 1 / DRIFT_SLOWDOWN)
                 drift, steps = best[2], best[3]
                 del pace.history[steps:]  # the pace rule reads the history by step
             else:
                 best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                        copy.deepcopy(optimizer.state_dict()), drift, steps)
+                        copy.deepcopy(optimizer.state_dict()) if config.drift_retries else None, drift, steps)
         rows = step_rows(len(x), len(x_all), config.forget_batch, steps).to(torch_device)
         n_forget = len(rows) - len(anchors)
         with autocast(torch_device, config.amp):
@@ -327,7 +326,6 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         scaler.update()
         warmup.step()
         steps += 1
-    stop_back = stepped_back and retries == config.drift_retries and drift is not None and config.max_drift < drift
     if held is not None and not stop_back:
         drift = drift_of(model, held, held_logits, retained)
         stop_back = 0 < config.max_drift < drift
