@@ -196,6 +196,9 @@ class UnlearnConfig(Section):
     """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
     statistics and a smoothness prior, no data), on which the anchor holds the retained classes'
     prediction too; 0: the anchor sees the forget samples only."""
+    anchor_batch: int = setting(0, at_least=0)
+    """Synthetic inputs per retained class a step trains on, drawn afresh every step from the
+    synthetic_per_class kept (so every one is seen, at a lower cost a step); 0: all of them."""
     synthesis_steps: int = setting(100, at_least=0)
     """Gradient steps on the pixels of the synthetic inputs."""
     layers: str = setting("all", choices=LAYERS)

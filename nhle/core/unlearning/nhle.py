@@ -165,13 +165,23 @@ def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch
     return bool((above >= needed).all()) and p_forget.mean().item() < config.stop_forget_prob
 
 
-def step_rows(n_forget: int, n_all: int, forget_batch: int, step: int) -> torch.Tensor:
-    """The rows of [forget samples, anchors] a step trains on: every anchor, and `forget_batch`
-    forget samples drawn afresh (seeded by the step, so a run repeats) when there are more."""
-    if forget_batch == 0 or n_forget <= forget_batch:
-        return torch.arange(n_all)
-    drawn = torch.randperm(n_forget, generator=torch.Generator().manual_seed(step))[:forget_batch]
-    return torch.cat([drawn.sort().values, torch.arange(n_forget, n_all)])
+def step_rows(n_forget: int, anchor_targets: torch.Tensor, forget_batch: int, step: int,
+              anchor_batch: int = 0) -> torch.Tensor:
+    """The rows of [forget samples, anchors] a step trains on, forget samples first: `forget_batch`
+    forget samples and `anchor_batch` anchors of each class (by `anchor_targets`) drawn afresh,
+    seeded by the step so a run repeats; all of either when there are no more or the batch is 0."""
+    generator = torch.Generator().manual_seed(step)
+    forget = torch.arange(n_forget)
+    if 0 < forget_batch < n_forget:
+        forget = torch.randperm(n_forget, generator=generator)[:forget_batch].sort().values
+    anchors = torch.arange(len(anchor_targets))
+    if anchor_batch > 0:
+        shuffled = torch.randperm(len(anchor_targets), generator=generator)
+        grouped = shuffled[torch.argsort(anchor_targets[shuffled], stable=True)]  # by class, shuffled within
+        counts = torch.bincount(anchor_targets[grouped])
+        rank = torch.arange(len(grouped)) - (counts.cumsum(0) - counts)[anchor_targets[grouped]]
+        anchors = grouped[rank < anchor_batch].sort().values
+    return torch.cat([forget, n_forget + anchors])
 
 
 def model_synthetic_inputs(model: MaskedClassifier, config: UnlearnConfig, image_shape, device,
@@ -242,13 +252,14 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     synthesis_seconds = synthetic.seconds if synthetic is not None and synthetic is not given else 0.0
     mine = synthetic.of_classes(torch.nonzero(retained).flatten().tolist()) if synthetic is not None else None
     anchors = mine.images.to(torch_device) if mine is not None else x[:0]
-    synthetic_targets = mine.targets.to(torch_device) if mine is not None else None
+    anchor_targets = mine.targets if mine is not None else torch.zeros(0, dtype=torch.long)
     x_all = torch.cat([x, anchors])
     with torch.no_grad(), autocast(torch_device, config.amp):
         # Under the same precision as the loop, so the anchor starts at zero, not at rounding noise.
         original_logits = model(x_all).float()
         if config.feature_pull > 0:
-            prototypes = class_prototypes(model.features(anchors).float(), synthetic_targets, model.num_classes)
+            prototypes = class_prototypes(model.features(anchors).float(), anchor_targets.to(torch_device),
+                                          model.num_classes)
             ranked = original_logits[: len(x)].masked_fill(~retained, float("-inf"))
             pull_targets = ranked.argmax(1)  # the retained class the original model ranked highest
     held = mine.holdout_images.to(torch_device) if mine is not None and len(mine.holdout_images) else None
@@ -283,8 +294,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             else:
                 best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                         copy.deepcopy(optimizer.state_dict()) if config.drift_retries else None, drift, steps)
-        rows = step_rows(len(x), len(x_all), config.forget_batch, steps).to(torch_device)
-        n_forget = len(rows) - len(anchors)
+        rows = step_rows(len(x), anchor_targets, config.forget_batch, steps, config.anchor_batch).to(torch_device)
+        n_forget = int((rows < len(x)).sum())
         with autocast(torch_device, config.amp):
             features = model.features(x_all[rows])
             all_logits = model.classify(features)

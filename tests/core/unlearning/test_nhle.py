@@ -88,14 +88,30 @@ def test_forget_samples_of_other_classes_are_refused(trained, digits):
 
 
 def test_a_step_trains_on_forget_batch_samples_drawn_afresh_and_on_every_anchor():
-    rows = [step_rows(96, 120, 32, step).tolist() for step in range(20)]
+    anchor_targets = torch.arange(24) % 8
+    rows = [step_rows(96, anchor_targets, 32, step).tolist() for step in range(20)]
     for r in rows:
         forget_rows = [i for i in r if i < 96]
         assert len(forget_rows) == len(set(forget_rows)) == 32 and r[32:] == list(range(96, 120))
     assert len({tuple(r) for r in rows}) == 20  # a new draw every step ...
     assert set().union(*map(set, rows)) == set(range(120))  # ... reaching every forget sample
-    assert step_rows(96, 120, 32, 7).tolist() == rows[7]  # and a run repeats
-    assert step_rows(20, 44, 32, 0).tolist() == list(range(44)) == step_rows(20, 44, 0, 0).tolist()
+    assert step_rows(96, anchor_targets, 32, 7).tolist() == rows[7]  # and a run repeats
+    assert step_rows(20, anchor_targets, 32, 0).tolist() == list(range(44)) == \
+        step_rows(20, anchor_targets, 0, 0).tolist()
+
+
+def test_anchor_batch_draws_that_many_anchors_of_every_class_afresh_each_step():
+    anchor_targets = torch.tensor([0, 1, 2, 3] * 4)  # 4 anchors of each of 4 classes, interleaved
+    rows = [step_rows(10, anchor_targets, 0, step, anchor_batch=2) for step in range(20)]
+    for r in rows:
+        assert r[:10].tolist() == list(range(10))  # every forget sample (forget_batch 0)
+        anchors = r[10:] - 10
+        assert torch.bincount(anchor_targets[anchors], minlength=4).tolist() == [2, 2, 2, 2]
+        assert len(set(anchors.tolist())) == 8
+    assert len({tuple(r.tolist()) for r in rows}) > 10  # a new draw every step ...
+    assert set().union(*(set(r.tolist()) for r in rows)) == set(range(26))  # ... reaching every anchor
+    assert step_rows(10, anchor_targets, 0, 3, anchor_batch=2).tolist() == rows[3].tolist()  # a run repeats
+    assert step_rows(10, anchor_targets, 0, 3, anchor_batch=4).tolist() == list(range(26))  # all there are
 
 
 def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained, digits):
