@@ -22,9 +22,9 @@ AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd", "normalized")
 RECIPES = {
     # The default until issue 25: synthetic anchor, early stop at mean p_F < 0.05, slow pace.
-    "nhle_synthetic_anchor": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "lr": 3e-5,
-                              "adaptive_lr": True, "max_steps": 300, "stop_forget_prob": 0.05, "feature_pull": 0.0,
-                              "holdout_per_class": 0, "max_drift": 0.0, "saliency": 1.0},
+    "nhle_synthetic_anchor": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "anchor_batch": 0,
+                              "lr": 3e-5, "adaptive_lr": True, "max_steps": 300, "stop_forget_prob": 0.05,
+                              "feature_pull": 0.0, "holdout_per_class": 0, "max_drift": 0.0, "saliency": 1.0},
     # The fallback: the recipe of sections 1-6 of docs/benchmarks.md, which held every run of
     # every setting measured (no synthetic inputs, stop as soon as the samples are misclassified).
     "nhle_conservative": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "lr": 1e-4,
@@ -163,9 +163,11 @@ class UnlearnConfig(Section):
     optimizer: str = setting("adam", choices=OPTIMIZERS)
     """adam; sgd (momentum 0.9); or normalized (steps of lr times the weights' norm along the
     gradient; an ablation): the optimiser of the fine-tuning, on forget_batch forget samples a step."""
-    forget_batch: int = setting(32, at_least=0)
-    """Forget samples per step: a request with more (several classes) draws this many afresh every
-    step, so a step costs the same whatever the number of classes; 0: all of them every step."""
+    forget_batch: int = setting(16, at_least=0)
+    """Forget samples per step, drawn afresh every step from the n_samples of each forgotten class,
+    so a step costs the same whatever the number of classes; 0: all of them every step. With
+    anchor_batch, what a request costs (docs/benchmarks.md section 9: half the rows of 32 and every
+    anchor, the same relearn shares)."""
     lr: float = setting(3e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 9."""
@@ -196,7 +198,7 @@ class UnlearnConfig(Section):
     """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
     statistics and a smoothness prior, no data), on which the anchor holds the retained classes'
     prediction too; 0: the anchor sees the forget samples only."""
-    anchor_batch: int = setting(0, at_least=0)
+    anchor_batch: int = setting(2, at_least=0)
     """Synthetic inputs per retained class a step trains on, drawn afresh every step from the
     synthetic_per_class kept (so every one is seen, at a lower cost a step); 0: all of them."""
     synthesis_steps: int = setting(100, at_least=0)

@@ -16,7 +16,7 @@ from nhle.core.unlearning import unlearn, without_mask
 MAX_DROP_PP = 1.0
 MAX_ATTACK = 0.03
 # Relearn share of class 3 on this seed (docs/method.md): measured 0.86 with the shipped weights
-# and 1.15 with the pre-mask rows restored (the retrained model: 73 steps; mask only: 0.30).
+# and 1.12 with the pre-mask rows restored (the retrained model: 73 steps; mask only: 0.30).
 MIN_SHIPPED_SHARE, MIN_RESTORED_SHARE = 0.7, 0.95
 
 

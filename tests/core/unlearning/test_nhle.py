@@ -116,8 +116,9 @@ def test_anchor_batch_draws_that_many_anchors_of_every_class_afresh_each_step():
 
 def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained, digits):
     """Three classes' 96 samples, forget_batch 32: every step's forward pass sees 32 forget samples
-    plus the anchors (one more pass after the last step); all 96 go through once, without
-    gradient, for the original's logits; and the classes are still forgotten."""
+    plus anchor_batch anchors of each retained class (one more pass after the last step); all 96
+    and every anchor go through once, without gradient, for the original's logits; and the
+    classes are still forgotten."""
     classes = [2, 5, 8]
     samples = sample_per_class(digits.train, classes, 32, seed=0)
     config = UnlearnConfig(max_steps=20, forget_batch=32, synthesis_steps=20)
@@ -127,8 +128,9 @@ def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained,
         result = unlearn(trained, samples, classes, config, device="cpu")
     finally:
         hook.remove()
-    anchors = config.synthetic_per_class * (trained.num_classes - len(classes))
-    assert seen.count(32 + anchors) == config.max_steps + 1 and seen.count(96 + anchors) == 1, Counter(seen)
+    retained = trained.num_classes - len(classes)
+    assert seen.count(32 + config.anchor_batch * retained) == config.max_steps + 1, Counter(seen)
+    assert seen.count(96 + config.synthetic_per_class * retained) == 1, Counter(seen)
     _, retain_test = split_by_classes(digits.test, classes)
     assert evaluate(without_mask(result.model, classes=classes), split_by_classes(digits.test, classes)[0]) < 0.5
     assert evaluate(result.model, retain_test) >= evaluate(trained, retain_test) - 0.02
