@@ -36,6 +36,8 @@ from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
 from nhle.core.unlearning.baselines import BASELINES, run_baseline
 
+THIRD_DEFAULT = {"saliency": 1.0, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
+"""The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
     **RECIPES,  # the named recipes: the default until issue 25 and the fallback
     "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
@@ -48,20 +50,22 @@ ABLATIONS = {
     "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
     "nhle_no_synthetic": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
     # The second default (issue 25's first): shipped term at weight 1 to p 1e-4, KL at temperature 1,
-    # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it.
+    # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it, over the third.
     "nhle_shipped_weight_1": {"shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0,
                               "forget_batch": 0, "anchor_batch": 0, "lr": 1.5e-4, "max_steps": 80, "saliency": 1.0},
-    "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
-    "nhle_shipped_weight_3": {"shipped_weight": 3.0}, "nhle_shipped_weight_10": {"shipped_weight": 10.0},
-    "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4}, "nhle_full_batch": {"forget_batch": 0},
-    "nhle_80_steps": {"max_steps": 80}, "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
-    "nhle_synthetic_2": {"synthetic_per_class": 2},
+    **{name: {**THIRD_DEFAULT, **change} for name, change in {
+        "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
+        "nhle_shipped_weight_3": {"shipped_weight": 3.0}, "nhle_shipped_weight_10": {"shipped_weight": 10.0},
+        "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4}, "nhle_full_batch": {"forget_batch": 0},
+        "nhle_80_steps": {"max_steps": 80}, "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
+        "nhle_synthetic_2": {"synthetic_per_class": 2}}.items()},
     # The third default (every entry moves) and the saliency share around the fourth's.
-    "nhle_all_entries": {"saliency": 1.0, "forget_batch": 32, "anchor_batch": 0}, "nhle_saliency_0.2": {"saliency": 0.2},
-    "nhle_saliency_0.5": {"saliency": 0.5},
-    # The fourth default (32 forget samples and every anchor a step) and a quarter of its rows.
-    "nhle_forget_batch_32": {"forget_batch": 32, "anchor_batch": 0},
-    "nhle_forget_batch_8": {"forget_batch": 8, "anchor_batch": 1},
+    "nhle_all_entries": THIRD_DEFAULT, "nhle_saliency_0.2": {"saliency": 0.2}, "nhle_saliency_0.5": {"saliency": 0.5},
+    # The fourth default (60 steps of 32 forget samples and every anchor), the fifth (60 of 16 and 2
+    # of each retained class) and 60 steps of the sixth's rows.
+    "nhle_forget_batch_32": {"forget_batch": 32, "anchor_batch": 0, "max_steps": 60},
+    "nhle_forget_batch_16": {"forget_batch": 16, "anchor_batch": 2, "max_steps": 60},
+    "nhle_forget_batch_8_60_steps": {"max_steps": 60},
     "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
