@@ -163,11 +163,11 @@ class UnlearnConfig(Section):
     optimizer: str = setting("adam", choices=OPTIMIZERS)
     """adam; sgd (momentum 0.9); or normalized (steps of lr times the weights' norm along the
     gradient; an ablation): the optimiser of the fine-tuning, on forget_batch forget samples a step."""
-    forget_batch: int = setting(8, at_least=0)
+    forget_batch: int = setting(16, at_least=0)
     """Forget samples per step, drawn afresh every step from the n_samples of each forgotten class,
     so a step costs the same whatever the number of classes; 0: all of them every step. With
-    anchor_batch and max_steps, what a request costs (docs/benchmarks.md section 9: twice as many
-    steps of a quarter of the rows sank three classes deeper than 60 of 32 and every anchor)."""
+    anchor_batch, what a request costs (docs/benchmarks.md section 9: half the rows of 32 and every
+    anchor, the same relearn shares at half the cost)."""
     lr: float = setting(3e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 9."""
@@ -175,7 +175,7 @@ class UnlearnConfig(Section):
     """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
     steps, the forget samples would not reach the stopping bound within max_steps: a model
     saturated on them moves too slowly at lr. False: lr throughout (an ablation)."""
-    max_steps: int = setting(120, at_least=0)
+    max_steps: int = setting(60, at_least=0)
     """Hard cap on fine-tuning steps; the synthesis has its own (synthesis_steps)."""
     stop_forget_prob: float = setting(0.0, at_least=0.0, at_most=1.0)
     """Stop once the forget samples' mean probability of the forgotten classes (no mask) is below
@@ -198,7 +198,7 @@ class UnlearnConfig(Section):
     """Inputs synthesised per retained class from the model itself (DeepInversion: its batch-norm
     statistics and a smoothness prior, no data), on which the anchor holds the retained classes'
     prediction too; 0: the anchor sees the forget samples only."""
-    anchor_batch: int = setting(1, at_least=0)
+    anchor_batch: int = setting(2, at_least=0)
     """Synthetic inputs per retained class a step trains on, drawn afresh every step from the
     synthetic_per_class kept (so every one is seen, at a lower cost a step); 0: all of them."""
     synthesis_steps: int = setting(100, at_least=0)

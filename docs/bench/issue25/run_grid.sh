@@ -5,7 +5,8 @@
 # and the second default (nhle_shipped_weight_1) were measured on the small CNN by the previous
 # grid (smallcnn_digits_shipped_weight_1/: its `nhle` rows are nhle_shipped_weight_1); the third default
 # (nhle_all_entries) by smallcnn_digits_all_entries/, the fourth (nhle_forget_batch_32) by the
-# *_forget_batch_32/ folders.
+# *_forget_batch_32/ folders, nhle_120_small_steps (the default for an hour) by *_120_small_steps/:
+# in each, the `nhle` rows are that recipe.
 #     nohup sh docs/bench/issue25/run_grid.sh > docs/bench/issue25/grid.log 2>&1 &
 set -e
 OUT=docs/bench/issue25
