@@ -11,11 +11,10 @@ overrides of the unlearn section) three times. The ratios use the median seconds
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from nhle.core.config import TrainConfig, UnlearnConfig
+from nhle.core.config import Params, TrainConfig, UnlearnConfig, with_assignments
 from nhle.core.data import load_digits, sample_per_class
 from nhle.core.training import train_model
 from nhle.core.unlearning import unlearn
@@ -26,8 +25,7 @@ variants = [case for case in sys.argv[2:] if "=" in case]  # key=value[,key=valu
 
 
 def config(variant: str) -> UnlearnConfig:
-    fields = dict(kv.split("=") for kv in variant.split(",") if kv)
-    return replace(UnlearnConfig(), **{k: type(getattr(UnlearnConfig(), k))(v) for k, v in fields.items()})
+    return with_assignments(Params(), [f"unlearn.{kv}" for kv in variant.split(",") if kv]).unlearn
 
 
 data = load_digits(seed=seed)

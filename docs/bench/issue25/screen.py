@@ -3,17 +3,16 @@
     .venv/bin/python docs/bench/issue25/screen.py default feature_pull=1,forget_rank=1 ...
 
 One small CNN on digits (seed 0), classes 3 and 5. For each variant (key=value overrides of
-UnlearnConfig, or a name of ABLATIONS) it prints forget acc, retained drop, mask-removal attack and
-the relearn steps (full-batch Adam 1e-4 on the forget samples until the forget test accuracy is back
+the unlearn section, read as `--set unlearn.key=value` is; `default`: none) it prints forget acc,
+retained drop, mask-removal attack and the relearn steps (full-batch Adam 1e-4 on the forget samples until the forget test accuracy is back
 to 95% of the original's) for both attackers, as a share of the retrained model's.
 """
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from nhle.core.config import TrainConfig, UnlearnConfig
+from nhle.core.config import Params, TrainConfig, with_assignments
 from nhle.core.data import load_digits, sample_per_class, split_by_classes
 from nhle.core.training import evaluate, train_model
 from nhle.core.unlearning import unlearn, without_mask
@@ -44,14 +43,7 @@ for c in map(tuple, CLASSES):
     print(f"class {c}: retrained relearn {refs[c]['retrained']}, mask-only shipped {refs[c]['mask_only']}, retrain {sec:.1f}s", flush=True)
 
 for arg in args:
-    overrides = {}
-    if arg != "default":
-        for kv in arg.split(","):
-            k, v = kv.split("=")
-            field = UnlearnConfig.__dataclass_fields__[k]
-            overrides[k] = (v == "true" if field.type == "bool" else v if field.type == "str"
-                            else float(v) if field.type == "float" else int(v))
-    config = replace(UnlearnConfig(), **overrides)
+    config = with_assignments(Params(), [] if arg == "default" else [f"unlearn.{kv}" for kv in arg.split(",")]).unlearn
     for c in map(tuple, CLASSES):
         ref = refs[c]
         t = time.perf_counter()

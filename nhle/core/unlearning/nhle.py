@@ -294,8 +294,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             else:
                 best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                         copy.deepcopy(optimizer.state_dict()) if config.drift_retries else None, drift, steps)
-        rows = step_rows(len(x), anchor_targets, config.forget_batch, steps, config.anchor_batch).to(torch_device)
-        n_forget = int((rows < len(x)).sum())
+        rows = step_rows(len(x), anchor_targets, config.forget_batch, steps, config.anchor_batch)
+        n_forget = int((rows < len(x)).sum())  # counted on the CPU: no device sync a step
+        rows = rows.to(torch_device)
         with autocast(torch_device, config.amp):
             features = model.features(x_all[rows])
             all_logits = model.classify(features)
