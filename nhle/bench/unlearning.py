@@ -67,6 +67,10 @@ ABLATIONS = {
     "nhle_forget_batch_8": {"forget_batch": 8, "anchor_batch": 1, "max_steps": 60},
     "nhle_120_small_steps": {"forget_batch": 8, "anchor_batch": 1, "max_steps": 120},
     "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
+    # Requests of several classes: the features stop telling the forgotten classes apart.
+    **{f"nhle_forget_confusion_{w:g}": {"forget_confusion": w} for w in (1.0, 3.0, 10.0)},
+    # The forgotten rows learnt afresh without the classes before masking (the restored attacker's start).
+    "nhle_rows_50": {"rows_steps": 50}, "nhle_rows_50_confusion_10": {"rows_steps": 50, "forget_confusion": 10.0},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
     "nhle_anchor_t4": {**RECIPES["nhle_synthetic_anchor"], "anchor_temperature": 4.0},

@@ -246,6 +246,15 @@ class UnlearnConfig(Section):
     """Weight of the pull of each forget sample's penultimate features to the prototype (mean
     synthetic feature) of the retained class the original model ranked next for it, so that the
     features stop carrying the class; needs synthetic_per_class > 0; 0: off."""
+    rows_steps: int = setting(0, at_least=0)
+    """After the fine-tuning, the forgotten classes' final-layer rows are learnt afresh (from a
+    new initialisation, Adam at 1e-2) for this many steps on the retained synthetic inputs' features
+    alone, as training without the classes would leave them, before masking removes them; 0: the
+    rows stay as the fine-tuning left them."""
+    forget_confusion: float = setting(0.0, at_least=0.0)
+    """Weight of the KL from uniform of the prediction among the forgotten classes on their
+    samples (a request of two or more classes): the unmasked logits stop telling the forgotten
+    classes apart, as a model that never saw them cannot; 0: off."""
     shipped_weight: float = setting(5.0, at_least=0.0)
     """Weight of the forgotten classes' log-probability on the forget samples as the shipped
     weights give it once the mask is taken off (the forgotten rows zero, as masking leaves them):
@@ -262,6 +271,9 @@ class UnlearnConfig(Section):
         if self.feature_pull > 0 and self.synthetic_per_class < 1:
             raise ValueError("unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
                              "synthetic inputs' features)")
+        if self.rows_steps > 0 and self.synthetic_per_class < 1:
+            raise ValueError("unlearn.rows_steps needs unlearn.synthetic_per_class >= 1 (the rows are learnt on the "
+                             "synthetic inputs); set unlearn.rows_steps to 0 without them")
 
 
 def to_dict(config) -> dict:

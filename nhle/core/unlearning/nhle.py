@@ -111,6 +111,13 @@ def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retaine
                             log_target=True, reduction="batchmean")
 
 
+def forget_confusion(forget_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(uniform || p(f | F)) over the forget samples, from their logits of the forgotten
+    classes only: how well they still tell the forgotten classes apart (0 when not at all)."""
+    within = F.log_softmax(forget_logits, 1)
+    return (-within.mean(1) - math.log(within.shape[1])).mean()
+
+
 def forget_log_odds(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor) -> float:
     """Mean log(p_F / p_R) over the forget samples: the distance still to go, which keeps
     falling while p_F is saturated at 1 (where log p_F does not move)."""
@@ -207,6 +214,43 @@ def salient_entries(model, parameters, x, labels, forget_classes, forget, retain
                              config.saliency)
         keep = own if keep is None else {p: torch.maximum(keep[p], mask) for p, mask in own.items()}
     return keep
+
+
+def rows_without_the_classes(model: MaskedClassifier, inputs: torch.Tensor, targets: torch.Tensor,
+                             forget: torch.Tensor, steps: int, lr: float = 1e-2) -> None:
+    """Learn the head's `forget` rows (and biases) afresh, in place: nn.Linear's initialisation
+    (seeded, the same every run), then `steps` of Adam on the cross-entropy of `inputs` (retained
+    classes' synthetic inputs, labels `targets`) with everything else fixed. No input is of the
+    forgotten classes, so the rows only learn to stay below the retained ones: the rows a model
+    trained without the classes has, not the fine-tuning's, which still point at them."""
+    with torch.no_grad():
+        features = model.features(inputs).float()
+    head, index = model.head, torch.nonzero(forget).flatten()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.empty(len(index), head.in_features)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)  # as nn.Linear.reset_parameters
+    weight = weight.to(features).requires_grad_()
+    fresh = [weight]
+    bias = None
+    if head.bias is not None:
+        bound = 1 / math.sqrt(head.in_features)
+        bias = torch.empty(len(index)).uniform_(-bound, bound, generator=generator).to(features).requires_grad_()
+        fresh.append(bias)
+    optimizer = torch.optim.Adam(fresh, lr=lr)
+    fixed_weight = head.weight.detach().float()
+    fixed_bias = None if bias is None else head.bias.detach().float()
+    for _ in range(steps):
+        logits = features @ fixed_weight.index_put((index,), weight).T
+        if bias is not None:
+            logits = logits + fixed_bias.index_put((index,), bias)
+        loss = F.cross_entropy(logits.masked_fill(model.forget_mask, float("-inf")), targets)  # earlier requests
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        head.weight[index] = weight.to(head.weight)
+        if bias is not None:
+            head.bias[index] = bias.to(head.bias)
 
 
 DRIFT_SLOWDOWN = 3.0
@@ -326,6 +370,12 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             loss = loss + config.weight_anchor * weight_distance(model, reference)
         if pull is not None:
             loss = loss + config.feature_pull * pull
+        if config.forget_confusion > 0 and len(forget_classes) > 1:
+            # Through the rows as they stand but into the features only: on the rows too, the rows
+            # took the confusion and the restored attacker got faster (screen.md, sixth round).
+            rows_now = model.head.weight.detach()[forget].float()
+            conf_logits = F.linear(features[:n_forget].float(), rows_now)
+            loss = loss + config.forget_confusion * forget_confusion(conf_logits)
         if not torch.isfinite(loss):
             raise ValueError(f"NHLE diverged: the loss is {loss.item()} at step {steps} (unlearn.lr = {config.lr}; "
                              "a smaller learning rate usually fixes it)")
@@ -356,6 +406,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         log.warning("NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
                     config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
                     "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")
+    if config.rows_steps > 0:
+        rows_without_the_classes(model, anchors, anchor_targets.to(torch_device), forget, config.rows_steps)
     model = model.cpu().eval()
     snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
     seconds = time.perf_counter() - start
