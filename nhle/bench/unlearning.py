@@ -36,11 +36,13 @@ from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
 from nhle.core.unlearning.baselines import BASELINES, run_baseline
 
-THIRD_DEFAULT = {"saliency": 1.0, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
+FINE_TUNED_ROWS = {"rows_steps": 0, "forget_confusion": 0.0}
+"""The fifth default over the current one: the rows as the fine-tuning left them, no confusion term."""
+THIRD_DEFAULT = {**FINE_TUNED_ROWS, "saliency": 1.0, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
 """The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
     **RECIPES,  # the named recipes: the default until issue 25 and the fallback
-    "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
+    "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
     "nhle_no_mask": {"mask": False}, "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
@@ -48,10 +50,10 @@ ABLATIONS = {
     "nhle_anchor_200": {"anchor_weight": 200.0}, "nhle_anchor_300": {"anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},
     "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
-    "nhle_no_synthetic": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0},
+    "nhle_no_synthetic": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
     # The second default (issue 25's first): shipped term at weight 1 to p 1e-4, KL at temperature 1,
     # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it, over the third.
-    "nhle_shipped_weight_1": {"shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0,
+    "nhle_shipped_weight_1": {**FINE_TUNED_ROWS, "shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0,
                               "forget_batch": 0, "anchor_batch": 0, "lr": 1.5e-4, "max_steps": 80, "saliency": 1.0},
     **{name: {**THIRD_DEFAULT, **change} for name, change in {
         "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
@@ -63,14 +65,14 @@ ABLATIONS = {
     "nhle_all_entries": THIRD_DEFAULT, "nhle_saliency_0.2": {"saliency": 0.2}, "nhle_saliency_0.5": {"saliency": 0.5},
     # The fourth default (60 steps of 32 forget samples and every anchor), a quarter of its rows, and
     # twice the steps of a quarter of its rows (the sixth default for an hour: deeper, dearer).
-    "nhle_forget_batch_32": {"forget_batch": 32, "anchor_batch": 0, "max_steps": 60},
-    "nhle_forget_batch_8": {"forget_batch": 8, "anchor_batch": 1, "max_steps": 60},
-    "nhle_120_small_steps": {"forget_batch": 8, "anchor_batch": 1, "max_steps": 120},
+    "nhle_forget_batch_32": {**FINE_TUNED_ROWS, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60},
+    "nhle_forget_batch_8": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 60},
+    "nhle_120_small_steps": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 120},
     "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
-    # Requests of several classes: the features stop telling the forgotten classes apart.
-    **{f"nhle_forget_confusion_{w:g}": {"forget_confusion": w} for w in (1.0, 3.0, 10.0)},
-    # The forgotten rows learnt afresh without the classes before masking (the restored attacker's start).
-    "nhle_rows_50": {"rows_steps": 50}, "nhle_rows_50_confusion_10": {"rows_steps": 50, "forget_confusion": 10.0},
+    # The fifth default (the forgotten rows as the fine-tuning left them, no confusion term), and
+    # each of the sixth's two changes alone.
+    "nhle_fine_tuned_rows": FINE_TUNED_ROWS, "nhle_no_forget_confusion": {"forget_confusion": 0.0},
+    **{f"nhle_forget_confusion_{w:g}": {"forget_confusion": w} for w in (1.0, 3.0)},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
     "nhle_anchor_t4": {**RECIPES["nhle_synthetic_anchor"], "anchor_temperature": 4.0},

@@ -24,13 +24,14 @@ RECIPES = {
     # The default until issue 25: synthetic anchor, early stop at mean p_F < 0.05, slow pace.
     "nhle_synthetic_anchor": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "anchor_batch": 0,
                               "lr": 3e-5, "adaptive_lr": True, "max_steps": 300, "stop_forget_prob": 0.05,
-                              "feature_pull": 0.0, "holdout_per_class": 0, "max_drift": 0.0, "saliency": 1.0},
+                              "feature_pull": 0.0, "holdout_per_class": 0, "max_drift": 0.0, "saliency": 1.0,
+                              "rows_steps": 0, "forget_confusion": 0.0},
     # The fallback: the recipe of sections 1-6 of docs/benchmarks.md, which held every run of
     # every setting measured (no synthetic inputs, stop as soon as the samples are misclassified).
     "nhle_conservative": {"shipped_weight": 0.0, "anchor_temperature": 1.0, "forget_batch": 0, "lr": 1e-4,
                           "adaptive_lr": False, "max_steps": 300, "stop_forget_prob": 0.05, "synthetic_per_class": 0,
                           "holdout_per_class": 0, "max_drift": 0.0, "forget_rank": 0.0, "feature_pull": 0.0,
-                          "saliency": 1.0},
+                          "saliency": 1.0, "rows_steps": 0, "forget_confusion": 0.0},
 }
 """Named NHLE recipes: overrides of the unlearn section (unlearn.fallbacks picks from them; `nhle
 bench unlearning` measures each as an ablation, docs/benchmarks.md)."""
@@ -246,15 +247,18 @@ class UnlearnConfig(Section):
     """Weight of the pull of each forget sample's penultimate features to the prototype (mean
     synthetic feature) of the retained class the original model ranked next for it, so that the
     features stop carrying the class; needs synthetic_per_class > 0; 0: off."""
-    rows_steps: int = setting(0, at_least=0)
-    """After the fine-tuning, the forgotten classes' final-layer rows are learnt afresh (from a
-    new initialisation, Adam at 1e-2) for this many steps on the retained synthetic inputs' features
-    alone, as training without the classes would leave them, before masking removes them; 0: the
-    rows stay as the fine-tuning left them."""
-    forget_confusion: float = setting(0.0, at_least=0.0)
+    rows_steps: int = setting(50, at_least=0)
+    """After the fine-tuning, the forgotten classes' final-layer rows are learnt afresh (a new
+    initialisation, then this many Adam steps at 1e-2, everything else fixed) on the retained
+    synthetic inputs and on the forget samples labelled as the retained class the original model
+    ranked next: the rows a model trained without the classes has, not the fine-tuning's, which
+    still point at them; masking then removes them (with mask off, nothing is learnt afresh).
+    Needs synthetic_per_class > 0; 0: the rows stay as the fine-tuning left them."""
+    forget_confusion: float = setting(10.0, at_least=0.0)
     """Weight of the KL from uniform of the prediction among the forgotten classes on their
-    samples (a request of two or more classes): the unmasked logits stop telling the forgotten
-    classes apart, as a model that never saw them cannot; 0: off."""
+    samples, read through the final layer's rows as they stand and moving the features only (a
+    request of two or more classes): the features stop telling the forgotten classes apart, as
+    a model that never saw them cannot; 0: off."""
     shipped_weight: float = setting(5.0, at_least=0.0)
     """Weight of the forgotten classes' log-probability on the forget samples as the shipped
     weights give it once the mask is taken off (the forgotten rows zero, as masking leaves them):

@@ -198,7 +198,7 @@ def test_forgetting_from_a_graph_model_runs_without_a_retrained_reference_and_sa
     backbone, head = split_at_head(traced(TheirNet().eval()), 10)
     model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)
     classes = validate_forget(model, "3", digits.class_names)
-    quick = UnlearnConfig(max_steps=2, synthetic_per_class=0, feature_pull=0.0, relearn_max_steps=1)
+    quick = UnlearnConfig(max_steps=2, synthetic_per_class=0, rows_steps=0, feature_pull=0.0, relearn_max_steps=1)
     outcome = forget_and_measure(model, {"data_fingerprint": "test"}, classes, config=quick, retrain_baseline=True,
                                  data=digits, device="cpu", progress=False)
     assert outcome.report["reference"]["kind"] == "none" and "traced graph" in outcome.report["reference"]["why"]

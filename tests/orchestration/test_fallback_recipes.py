@@ -20,7 +20,7 @@ NAME = "nhle-classifier"
 # keeps these tests about the fallback, not about that gate's bound.
 PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False,
           "gates": {"min_retain_test_acc": 0.8, "min_relearn_gain": 0.0},
-          "unlearn": {"synthetic_per_class": 0, "holdout_per_class": 0, "feature_pull": 0.0, "relearn_max_steps": 50,
+          "unlearn": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0, "relearn_max_steps": 50,
                       "fallbacks": ["nhle_conservative"]}}
 # No fine-tuning, masking only: the mask-removal attack recovers the class, so the gate
 # unmasked_forget_test_acc fails; the fallback recipe (nhle_conservative) sets max_steps again.
