@@ -42,7 +42,8 @@ THIRD_DEFAULT = {**FINE_TUNED_ROWS, "saliency": 1.0, "forget_batch": 32, "anchor
 """The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
     **RECIPES,  # the named recipes: the default until issue 25 and the fallback
-    "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
+    "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0,
+                  "feature_pull": 0.0},
     "nhle_no_mask": {"mask": False}, "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).

@@ -410,8 +410,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
                     config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
                     "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")
     if config.rows_steps > 0 and config.mask:  # the rows masking removes; without it they are the model's
-        rows_without_the_classes(model, torch.cat([anchors, x]), torch.cat([anchor_targets.to(torch_device), next_best]),
-                                 forget, config.rows_steps)
+        targets = torch.cat([anchor_targets.to(torch_device), next_best])
+        rows_without_the_classes(model, torch.cat([anchors, x]), targets, forget, config.rows_steps)
     model = model.cpu().eval()
     snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
     seconds = time.perf_counter() - start
