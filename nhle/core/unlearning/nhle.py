@@ -20,6 +20,9 @@ renormalised, kept where the original model had it, on these same samples and on
 That term is what holds retained accuracy while the feature extractor moves; without the
 synthetic inputs it sees only the forgotten class, which was not enough on ResNet-18.
 
+For several classes, `forget_confusion` makes the features stop telling them apart. After the
+steps, the forgotten rows are learnt afresh without the classes (`rows_steps`), then masked.
+
 Steps: Adam at `lr`, raised by the pace rule (PaceKeeper) only when the cap would be missed.
 Stop (forgotten_enough) when every forget sample ranks the forgotten classes below a share
 `forget_rank` of the retained ones and their mean probability is below `stop_forget_prob`.
