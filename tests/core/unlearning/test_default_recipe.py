@@ -16,8 +16,9 @@ from nhle.core.unlearning import unlearn, without_mask
 MAX_DROP_PP = 1.0
 MAX_ATTACK = 0.03
 # Relearn share of class 3 on this seed (docs/method.md): measured 0.86 with the shipped weights
-# and 1.12 with the pre-mask rows restored (the retrained model: 73 steps; mask only: 0.30).
-MIN_SHIPPED_SHARE, MIN_RESTORED_SHARE = 0.7, 0.95
+# and 1.77 with the pre-mask rows restored, learnt afresh (the fine-tuning's rows: 1.12; the
+# retrained model: 73 steps; mask only: 0.30).
+MIN_SHIPPED_SHARE, MIN_RESTORED_SHARE = 0.7, 1.4
 
 
 @pytest.fixture(scope="module")
