@@ -232,17 +232,11 @@ def rows_without_the_classes(model: MaskedClassifier, inputs: torch.Tensor, targ
     with torch.no_grad():
         features = model.features(inputs).float()
     head, index = model.head, torch.nonzero(forget).flatten()
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.empty(len(index), head.in_features)
-    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)  # as nn.Linear.reset_parameters
-    weight = weight.to(features).requires_grad_()
-    fresh = [weight]
-    bias = None
-    if head.bias is not None:
-        bound = 1 / math.sqrt(head.in_features)
-        bias = torch.empty(len(index)).uniform_(-bound, bound, generator=generator).to(features).requires_grad_()
-        fresh.append(bias)
-    optimizer = torch.optim.Adam(fresh, lr=lr)
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's random state
+        torch.manual_seed(0)
+        fresh = torch.nn.Linear(head.in_features, len(index), bias=head.bias is not None).to(features)
+    weight, bias = fresh.weight, fresh.bias
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=lr)
     fixed_weight = head.weight.detach().float()
     fixed_bias = None if bias is None else head.bias.detach().float()
     for _ in range(steps):
