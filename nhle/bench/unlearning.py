@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nhle.core.gates import retained_drop_pp
-from nhle.core.config import ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig
+from nhle.core.config import ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, to_dict
 from nhle.core.data import sample_per_class
 from nhle.core.experiment import load_data, retrain_without, train_base_model
 from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
@@ -36,7 +36,9 @@ from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
 from nhle.core.unlearning.baselines import BASELINES, run_baseline
 
-FINE_TUNED_ROWS = {"rows_steps": 0, "forget_confusion": 0.0}
+SIXTH_DEFAULT = {"anchor_weight": 100.0}
+"""The sixth default over the current one: the anchor at 100 (docs/bench/issue25/*, folders without a suffix)."""
+FINE_TUNED_ROWS = {**SIXTH_DEFAULT, "rows_steps": 0, "forget_confusion": 0.0}
 """The fifth default over the current one: the rows as the fine-tuning left them, no confusion term."""
 THIRD_DEFAULT = {**FINE_TUNED_ROWS, "saliency": 1.0, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
 """The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
@@ -48,7 +50,8 @@ ABLATIONS = {
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
     "nhle_no_feature_pull": {"feature_pull": 0.0}, "nhle_no_shipped_term": {"shipped_weight": 0.0},
-    "nhle_anchor_200": {"anchor_weight": 200.0}, "nhle_anchor_300": {"anchor_weight": 300.0},
+    "nhle_anchor_100": SIXTH_DEFAULT, "nhle_anchor_200": {"anchor_weight": 200.0},
+    "nhle_anchor_300": {"anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},
     "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
     "nhle_no_synthetic": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
@@ -284,7 +287,10 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     `out`. With `resume`, the cases out/runs.jsonl already holds for every method are kept and
     not run again (a benchmark of hours survives its process)."""
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_same_settings(out / "grid.json", grid)
     earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
+    (out / "grid.json").write_text(json.dumps(grid_settings(grid), indent=1) + "\n")
     done = frozenset(case_key(r) for r in earlier)
     with open(out / "runs.jsonl", "w") as runs:
         for row in earlier:
@@ -308,6 +314,30 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     (out / "goal.json").write_text(json.dumps(checks, indent=1) + "\n")
     write_report(out, "goal", header, goal)
     return rows
+
+
+def grid_settings(grid: Grid) -> dict:
+    """What a row of the grid depends on besides its method, seed and case (out/grid.json)."""
+    return {"dataset": grid.dataset, "arch": grid.arch, "image_size": grid.image_size, "quick": grid.quick,
+            "train": to_dict(grid.train_config), "unlearn": to_dict(grid.base)}
+
+
+def check_same_settings(path: Path, grid: Grid) -> None:
+    """Refuse to resume rows measured with other settings: the rows would be kept under a header
+    that names the new ones (a changed default turns the folder's `nhle` rows into another recipe)."""
+    if not path.exists():
+        return
+    then, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(grid_settings(grid))))
+    changed = [f"{key}: {then.get(key)!r} then, {value!r} now" for key, value in now.items() if then.get(key) != value]
+    if changed:
+        raise ValueError(f"--resume: {path.parent} was measured with other settings ({'; '.join(changed)}); "
+                         "resume with those settings (--set SECTION.KEY=VALUE, or a named recipe in --methods) or use another --out")
+
+
+def flat(settings: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} as {"train.epochs": 3}."""
+    return {k: v for key, value in settings.items()
+            for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
 
 
 def completed_rows(path: Path, methods) -> list[dict]:

@@ -348,16 +348,17 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         logits = all_logits[:n_forget]
         pull = prototype_pull(features[:n_forget].float(), prototypes, next_best[rows[:n_forget]]) \
             if config.feature_pull > 0 else None
-        with torch.no_grad():
-            judged = logits  # the stopping and pace rules read every forget sample, not the step's draw
-            if config.stop_forget_prob > 0 and n_forget < len(x):
-                with autocast(torch_device, config.amp):
-                    judged = model(x).float()
-            pace.record(steps, forget_log_odds(judged, forget, retained))
-            features_moved = pull is None or pull.item() < config.feature_stop
-            if features_moved and forgotten_enough(judged, forget, retained, config):
-                stopped_early = True
-                break
+        if config.stop_forget_prob > 0:  # else neither the stopping nor the pace rule acts: the whole budget runs
+            with torch.no_grad():
+                judged = logits  # the stopping and pace rules read every forget sample, not the step's draw
+                if config.stop_forget_prob > 0 and n_forget < len(x):
+                    with autocast(torch_device, config.amp):
+                        judged = model(x).float()
+                pace.record(steps, forget_log_odds(judged, forget, retained))
+                features_moved = pull is None or pull.item() < config.feature_stop
+                if features_moved and forgotten_enough(judged, forget, retained, config):
+                    stopped_early = True
+                    break
         if steps == config.max_steps:
             break
         loss = nhle_loss(logits, forget, retained, config.encoding)
