@@ -40,7 +40,9 @@ SIXTH_DEFAULT = {"anchor_weight": 100.0}
 """The sixth default over the current one: the anchor at 100 (docs/bench/issue25/*, folders without a suffix)."""
 FINE_TUNED_ROWS = {**SIXTH_DEFAULT, "rows_steps": 0, "forget_confusion": 0.0}
 """The fifth default over the current one: the rows as the fine-tuning left them, no confusion term."""
-THIRD_DEFAULT = {**FINE_TUNED_ROWS, "saliency": 1.0, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
+FOURTH_DEFAULT = {**FINE_TUNED_ROWS, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
+"""The fourth default over the current one (60 steps of 32 forget samples and every anchor)."""
+THIRD_DEFAULT = {**FOURTH_DEFAULT, "saliency": 1.0}
 """The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
     **RECIPES,  # the named recipes: the default until issue 25 and the fallback
@@ -50,7 +52,7 @@ ABLATIONS = {
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
     "nhle_no_feature_pull": {"feature_pull": 0.0}, "nhle_no_shipped_term": {"shipped_weight": 0.0},
-    "nhle_anchor_100": SIXTH_DEFAULT, "nhle_anchor_200": {"anchor_weight": 200.0},
+    "nhle_anchor_100": SIXTH_DEFAULT, "nhle_anchor_200": {"anchor_weight": 200.0},  # the seventh default
     "nhle_anchor_300": {"anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},
     "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
@@ -66,17 +68,18 @@ ABLATIONS = {
         "nhle_80_steps": {"max_steps": 80}, "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
         "nhle_synthetic_2": {"synthetic_per_class": 2}}.items()},
     # The third default (every entry moves) and the saliency share around the fourth's.
-    "nhle_all_entries": THIRD_DEFAULT, "nhle_saliency_0.2": {"saliency": 0.2}, "nhle_saliency_0.5": {"saliency": 0.5},
+    "nhle_all_entries": THIRD_DEFAULT, **{f"nhle_saliency_{share:g}": {**FOURTH_DEFAULT, "saliency": share}
+                                          for share in (0.2, 0.5)},
     # The fourth default (60 steps of 32 forget samples and every anchor), a quarter of its rows, and
     # twice the steps of a quarter of its rows (the sixth default for an hour: deeper, dearer).
-    "nhle_forget_batch_32": {**FINE_TUNED_ROWS, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60},
+    "nhle_forget_batch_32": FOURTH_DEFAULT,
     "nhle_forget_batch_8": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 60},
     "nhle_120_small_steps": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 120},
-    "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},
+    "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},  # over the current default
     # The fifth default (the forgotten rows as the fine-tuning left them, no confusion term), and
     # each of the sixth's two changes alone.
-    "nhle_fine_tuned_rows": FINE_TUNED_ROWS, "nhle_no_forget_confusion": {"forget_confusion": 0.0},
-    **{f"nhle_forget_confusion_{w:g}": {"forget_confusion": w} for w in (1.0, 3.0)},
+    "nhle_fine_tuned_rows": FINE_TUNED_ROWS, "nhle_no_forget_confusion": {**SIXTH_DEFAULT, "forget_confusion": 0.0},
+    **{f"nhle_forget_confusion_{w:g}": {**SIXTH_DEFAULT, "forget_confusion": w} for w in (1.0, 3.0)},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
     "nhle_anchor_t4": {**RECIPES["nhle_synthetic_anchor"], "anchor_temperature": 4.0},
@@ -288,7 +291,7 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     not run again (a benchmark of hours survives its process)."""
     out.mkdir(parents=True, exist_ok=True)
     if resume:
-        check_same_settings(out / "grid.json", grid)
+        check_same_settings(out, grid)
     earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
     (out / "grid.json").write_text(json.dumps(grid_settings(grid), indent=1) + "\n")
     done = frozenset(case_key(r) for r in earlier)
@@ -322,22 +325,31 @@ def grid_settings(grid: Grid) -> dict:
             "train": to_dict(grid.train_config), "unlearn": to_dict(grid.base)}
 
 
-def check_same_settings(path: Path, grid: Grid) -> None:
-    """Refuse to resume rows measured with other settings: the rows would be kept under a header
-    that names the new ones (a changed default turns the folder's `nhle` rows into another recipe)."""
+def check_same_settings(out: Path, grid: Grid) -> None:
+    """Refuse to resume rows measured with other settings (out/grid.json), or with settings not on
+    record: kept, they would sit under a header naming this run's (a changed default turns the
+    folder's `nhle` rows into another recipe). A setting added since is not compared."""
+    path = out / "grid.json"
     if not path.exists():
+        if (out / "runs.jsonl").exists() and (out / "runs.jsonl").read_text().strip():
+            raise ValueError(f"--resume: {out} holds rows but no grid.json recording the settings they were "
+                             "measured with; write it (bench_unlearning's grid_settings) or use another --out")
         return
     then, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(grid_settings(grid))))
-    changed = [f"{key}: {then.get(key)!r} then, {value!r} now" for key, value in now.items() if then.get(key) != value]
+    changed = [f"{key}: {then[key]!r} then, {value!r} now" for key, value in now.items()
+               if key in then and then[key] != value]
     if changed:
-        raise ValueError(f"--resume: {path.parent} was measured with other settings ({'; '.join(changed)}); "
-                         "resume with those settings (--set SECTION.KEY=VALUE, or a named recipe in --methods) or use another --out")
+        raise ValueError(f"--resume: {out} was measured with other settings ({'; '.join(changed)}); resume with "
+                         "the same --params, --set, --model, --dataset, --epochs, --batch-size and --image-size "
+                         "as then, or use another --out")
 
 
 def flat(settings: dict, prefix: str = "") -> dict:
     """{"train": {"epochs": 3}} as {"train.epochs": 3}."""
-    return {k: v for key, value in settings.items()
-            for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+    items = {}
+    for key, value in settings.items():
+        items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return items
 
 
 def completed_rows(path: Path, methods) -> list[dict]:

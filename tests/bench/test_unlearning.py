@@ -100,8 +100,9 @@ def test_resume_keeps_finished_cases_and_runs_only_the_rest(tmp_path, capsys):
     assert "| nhle | 2 |" in (tmp_path / "goal.md").read_text()
 
 
-def test_resume_refuses_rows_measured_with_other_settings_and_keeps_them(tmp_path, capsys):
-    args = ["bench", "unlearning", "--quick", "--methods", "nhle", "--multi", "none", "--classes", "3", "--out", str(tmp_path)]
+def test_resume_refuses_rows_measured_with_other_or_unrecorded_settings_and_keeps_them(tmp_path, capsys):
+    args = ["bench", "unlearning", "--quick", "--methods", "nhle", "--multi", "none", "--classes", "3",
+            "--out", str(tmp_path)]
     assert main(args) == 0
     first = (tmp_path / "runs.jsonl").read_text(), (tmp_path / "summary.md").read_text()
     capsys.readouterr()
@@ -109,6 +110,10 @@ def test_resume_refuses_rows_measured_with_other_settings_and_keeps_them(tmp_pat
     error = capsys.readouterr().err
     assert "was measured with other settings (unlearn.anchor_weight: 200.0 then, 50.0 now)" in error
     assert ((tmp_path / "runs.jsonl").read_text(), (tmp_path / "summary.md").read_text()) == first
+    (tmp_path / "grid.json").unlink()  # rows whose settings are not on record
+    assert main(args + ["--resume"]) == 2
+    assert "holds rows but no grid.json" in capsys.readouterr().err
+    assert (tmp_path / "runs.jsonl").read_text() == first[0]
 
 
 def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_knob(tmp_path, capsys):

@@ -351,7 +351,7 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         if config.stop_forget_prob > 0:  # else neither the stopping nor the pace rule acts: the whole budget runs
             with torch.no_grad():
                 judged = logits  # the stopping and pace rules read every forget sample, not the step's draw
-                if config.stop_forget_prob > 0 and n_forget < len(x):
+                if n_forget < len(x):
                     with autocast(torch_device, config.amp):
                         judged = model(x).float()
                 pace.record(steps, forget_log_odds(judged, forget, retained))
