@@ -23,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from nhle.core.audit import relearn_sentence
-from nhle.core.config import Params, RegistryConfig, resolve_uri
+from nhle.core.config import Params, RegistryConfig, flatten, resolve_uri
 from nhle.core.gates import GateResult, deleted_but_predicted, retained_drop_pp
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
@@ -203,17 +203,6 @@ def artifact_location(configured: str, tracking_uri: str, project_dir: Path) -> 
     if tracking_uri.startswith(("http://", "https://")):
         return None
     return resolve_uri(configured, project_dir)
-
-
-def flatten(payload: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in payload.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def log_params(params: Params) -> None:

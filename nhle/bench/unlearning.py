@@ -28,7 +28,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from nhle.core.gates import retained_drop_pp
-from nhle.core.config import ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, to_dict
+from nhle.core.config import (ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, flatten,
+                              to_dict)
 from nhle.core.data import sample_per_class
 from nhle.core.experiment import load_data, retrain_without, train_base_model
 from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
@@ -335,21 +336,13 @@ def check_same_settings(out: Path, grid: Grid) -> None:
             raise ValueError(f"--resume: {out} holds rows but no grid.json recording the settings they were "
                              "measured with; write it (bench_unlearning's grid_settings) or use another --out")
         return
-    then, now = flat(json.loads(path.read_text())), flat(json.loads(json.dumps(grid_settings(grid))))
+    then, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(grid_settings(grid))))
     changed = [f"{key}: {then[key]!r} then, {value!r} now" for key, value in now.items()
                if key in then and then[key] != value]
     if changed:
         raise ValueError(f"--resume: {out} was measured with other settings ({'; '.join(changed)}); resume with "
                          "the same --params, --set, --model, --dataset, --epochs, --batch-size and --image-size "
                          "as then, or use another --out")
-
-
-def flat(settings: dict, prefix: str = "") -> dict:
-    """{"train": {"epochs": 3}} as {"train.epochs": 3}."""
-    items = {}
-    for key, value in settings.items():
-        items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return items
 
 
 def completed_rows(path: Path, methods) -> list[dict]:

@@ -288,6 +288,18 @@ def to_dict(config) -> dict:
     return asdict(config)
 
 
+def flatten(payload: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} as {"train.epochs": 3} (MLflow params, a grid's settings)."""
+    flat = {}
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def params_as_dict(params) -> dict:
     """Params as plain JSON types (a flow parameter, a deployment's parameters)."""
     import json

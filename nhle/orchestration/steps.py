@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nhle.core.config import Params
+from nhle.core.config import Params, flatten
 from nhle.core.data import Splits
 from nhle.core.gates import GateResult, evaluate_gates
 from nhle.core.models import MaskedClassifier
@@ -302,7 +302,7 @@ def unlearning_attempts(params: Params) -> list[tuple[str, dict, Params]]:
 def start_attempt(params: Params, run_id: str, number: int, recipe: str, overrides: dict) -> str:
     """The MLflow run of a forget's attempt `number`, nested under the flow's run `run_id`: the
     recipe and every unlearn setting it runs with as params, the recipe's overrides as a tag."""
-    from nhle.adapters.tracking import flatten, start_child_run
+    from nhle.adapters.tracking import start_child_run
 
     tags = {"nhle.attempt": str(number), "nhle.recipe": recipe, "nhle.recipe.overrides": json.dumps(overrides)}
     return start_child_run(run_id, f"attempt-{number}-{recipe}", tags,
