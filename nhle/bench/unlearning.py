@@ -31,6 +31,7 @@ from nhle.core.gates import retained_drop_pp
 from nhle.core.config import (ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, flatten,
                               to_dict)
 from nhle.core.data import sample_per_class
+from nhle.core.files import atomic_write
 from nhle.core.experiment import load_data, retrain_without, train_base_model
 from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
 from nhle.core.training import evaluate, seed_everything, training_spec
@@ -294,11 +295,11 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     if resume:
         check_same_settings(out, grid)
     earlier = completed_rows(out / "runs.jsonl", grid.methods) if resume else []
-    (out / "grid.json").write_text(json.dumps(grid_settings(grid), indent=1) + "\n")
+    atomic_write(out / "grid.json", lambda f: f.write((json.dumps(grid_settings(grid), indent=1) + "\n").encode()))
     done = frozenset(case_key(r) for r in earlier)
-    with open(out / "runs.jsonl", "w") as runs:
-        for row in earlier:
-            runs.write(json.dumps(row) + "\n")
+    # The kept rows replace the file whole before anything runs: a run killed at any point leaves them all.
+    atomic_write(out / "runs.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in earlier).encode()))
+    with open(out / "runs.jsonl", "a") as runs:
         def on_case(new):
             for row in new:
                 runs.write(json.dumps(row) + "\n")

@@ -85,12 +85,20 @@ def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
     assert grid_data(DataConfig(dataset="synthetic2000", seed=2)).train.images.ne(data.train.images).any()
 
 
-def test_resume_keeps_finished_cases_and_runs_only_the_rest(tmp_path, capsys):
+def test_resume_keeps_finished_cases_on_disk_before_anything_runs_and_runs_only_the_rest(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import nhle.bench.unlearning as bench
+
     args = ["bench", "unlearning", "--quick", "--methods", "nhle", "--multi", "none", "--out", str(tmp_path)]
     assert main(args + ["--classes", "3"]) == 0
     first = (tmp_path / "runs.jsonl").read_text()
     capsys.readouterr()
+    on_disk, run_grid = [], bench.run_grid
+    # What a process killed while the new cases run would leave: the kept rows, whole.
+    monkeypatch.setattr(bench, "run_grid", lambda *a, **k: (on_disk.append((tmp_path / "runs.jsonl").read_text()),
+                                                             run_grid(*a, **k))[1])
     assert main(args + ["--classes", "3,4", "--resume"]) == 0
+    assert on_disk == [first]
     printed = capsys.readouterr().out
     assert "classes [3]:" not in printed and "classes [4]:" in printed  # only the new case ran
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
