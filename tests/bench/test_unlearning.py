@@ -138,6 +138,8 @@ def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_k
     assert report([str(tmp_path)]) == 0
     table = (tmp_path / "goal.md").read_text()
     assert "| smallcnn | 97.0 | nhle | 1 |" in table and "| resnet | 97.0 | mask_only | 1 |" in table
+    # Every method a setting ran is a row (an ablation may be the default it was measured as); the reference is not.
+    assert "| resnet | 97.0 | forget_rank_1.0 | 1 |" in table and "| retrain |" not in table
     assert "| 0.00 (mask_only) | 0.60 / 0.50 / 0.20 |" in table  # drop reference; silhouette orig / method / retrain
     assert "missed: mean drop <= mask_only + 0.3 pp," in table  # resnet nhle, 1.1 pp
     assert "| 0.25 / 0.25 | 0.25 / 0.25 | 0.10 | 15.0 / 15.0 / 60.0 |" in table  # relearn shares, mask-only's, steps
