@@ -179,7 +179,8 @@ class UnlearnConfig(Section):
     steps, the forget samples would not reach the stopping bound within max_steps: a model
     saturated on them moves too slowly at lr. False: lr throughout (an ablation)."""
     max_steps: int = setting(60, at_least=0)
-    """Hard cap on fine-tuning steps; the synthesis has its own (synthesis_steps)."""
+    """Cap on the fine-tuning steps a run keeps; steps the drift check takes back (at most
+    drift_retries x check_every) are taken again. The synthesis has its own (synthesis_steps)."""
     stop_forget_prob: float = setting(0.0, at_least=0.0, at_most=1.0)
     """Stop once the forget samples' mean probability of the forgotten classes (no mask) is below
     this bound and forget_rank holds. 0: never; the run takes all max_steps (the default: stopping
