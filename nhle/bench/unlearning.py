@@ -78,6 +78,7 @@ ABLATIONS = {
     "nhle_forget_batch_8": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 60},
     "nhle_120_small_steps": {**FINE_TUNED_ROWS, "forget_batch": 8, "anchor_batch": 1, "max_steps": 120},
     "nhle_synthetic_8x200": {"synthetic_per_class": 8, "synthesis_steps": 200},  # over the current default
+    "nhle_half_rows": {"forget_batch": 8, "anchor_batch": 1},  # the seventh default at half a step's rows (cost)
     # The fifth default (the forgotten rows as the fine-tuning left them, no confusion term), and
     # each of the sixth's two changes alone.
     "nhle_fine_tuned_rows": FINE_TUNED_ROWS, "nhle_no_forget_confusion": {**SIXTH_DEFAULT, "forget_confusion": 0.0},

@@ -26,3 +26,11 @@ run mobilenet_v3_small_anchor_200 --model mobilenet_v3_small --epochs 15 --batch
 # The ResNets, with the seventh default.
 run resnet18_cifar_3ep --model resnet18_cifar --epochs 3 --image-size 32 --seeds 0,1 --methods $M
 run resnet18 --model resnet18 --epochs 10 --image-size 32 --seeds 0,1 --methods $M
+# Half a step's rows (8 forget samples, 1 synthetic input of each retained class), over the seventh
+# default: the cost screen of the ninth round (screen.md), run as nhle_half_rows.
+H=nhle_half_rows,mask_only
+run smallcnn_digits_half_rows --model smallcnn --seeds 0,1,2 --methods $H
+run smallcnn_synthetic20k_half_rows --model smallcnn --dataset synthetic20000 --epochs 5 --seeds 0,1 --methods $H
+run resnet18_half_rows --model resnet18 --epochs 10 --image-size 32 --seeds 0,1 --methods $H
+run resnet18_cifar_3ep_half_rows --model resnet18_cifar --epochs 3 --image-size 32 --seeds 0,1 --methods $H
+run mobilenet_v3_small_half_rows --model mobilenet_v3_small --epochs 15 --batch-size 32 --image-size 32 --seeds 1,0 --methods $H
