@@ -98,7 +98,8 @@ def test_params_yaml_is_the_code_defaults_with_their_docstrings():
     so running from another folder (no params.yaml: the defaults) changes nothing."""
     from nhle.core.config import Params, params_yaml
 
-    assert (REPO / "params.yaml").read_text() == params_yaml(Params()), "regenerate it: nhle params --write params.yaml"
+    regenerate = "regenerate it from the defaults: rm params.yaml; nhle params --write params.yaml"
+    assert (REPO / "params.yaml").read_text() == params_yaml(Params()), regenerate
     assert load_params(REPO / "params.yaml") == Params()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from nhle.core.config import OPTIMIZERS
+from nhle.core.training import fused_adam
 
 
 class NormalizedGradient(torch.optim.Optimizer):
@@ -43,7 +44,8 @@ def make_optimizer(parameters, config) -> tuple[torch.optim.Optimizer, torch.opt
     relative to the weights' norm), and its warm-up schedule (linear over config.warmup_steps)."""
     parameters = [p for p in parameters if p.requires_grad]
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(parameters, lr=config.lr)
+        optimizer = torch.optim.Adam(parameters, lr=config.lr,
+                                     fused=bool(parameters) and fused_adam(parameters[0].device))
     elif config.optimizer == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
     elif config.optimizer == "normalized":
@@ -68,6 +70,6 @@ def saliency_masks(parameters, loss: torch.Tensor, share: float) -> dict[torch.T
             continue
         magnitude = g.abs().flatten()
         mask = torch.zeros_like(magnitude)
-        mask[magnitude.topk(max(1, round(share * magnitude.numel()))).indices] = 1.0  # exactly that share, ties too
+        mask[magnitude.topk(max(1, round(share * magnitude.numel())), sorted=False).indices] = 1.0  # exactly that share, ties too
         masks[p] = mask.reshape(p.shape).to(p.dtype)
     return masks

@@ -11,14 +11,14 @@ from nhle.core.training import evaluate, train_model
 from nhle.core.metrics import relearn_steps
 from nhle.core.unlearning import unlearn, without_mask
 
-# Measured for the default on this seed: drops 0.00 pp (class 3) and 0.00 pp (2, 5, 8), attack
+# Measured for the default on this seed: drops 0.25 pp (class 3) and 0.00 pp (2, 5, 8), attack
 # 0%. The bounds leave room for other CPUs' maths (one test sample is 0.25 pp).
 MAX_DROP_PP = 1.0
 MAX_ATTACK = 0.03
-# Relearn share of class 3 on this seed (docs/method.md): measured 0.73 with the shipped weights
-# and 1.62 with the pre-mask rows restored, learnt afresh (the retrained model: 73 steps; mask
+# Relearn share of class 3 on this seed (docs/method.md): measured 0.66 with the shipped weights
+# and 1.53 with the pre-mask rows restored, learnt afresh (the retrained model: 73 steps; mask
 # only: 0.30).
-MIN_SHIPPED_SHARE, MIN_RESTORED_SHARE = 0.6, 1.3
+MIN_SHIPPED_SHARE, MIN_RESTORED_SHARE = 0.55, 1.3
 
 
 @pytest.fixture(scope="module")
