@@ -264,6 +264,10 @@ class UnlearnConfig(Section):
     samples, read through the final layer's rows as they stand and moving the features only (a
     request of two or more classes): the features stop telling the forgotten classes apart, as
     a model that never saw them cannot; 0: off."""
+    forget_dispersion: float = setting(0.0, at_least=0.0)
+    """Weight of the mean cosine similarity between the features of samples of one forgotten class
+    (Spotter's intra-class dispersion): their features stop forming a cluster; 0: off (an ablation,
+    docs/bench/issue25/screen.md)."""
     shipped_weight: float = setting(5.0, at_least=0.0)
     """Weight of the forgotten classes' log-probability on the forget samples as the shipped
     weights give it once the mask is taken off (the forgotten rows zero, as masking leaves them):

@@ -144,3 +144,13 @@ def prototype_pull(features: torch.Tensor, prototypes: torch.Tensor, target_clas
     prototypes' mean squared norm (so the weight does not depend on the feature scale)."""
     goal = prototypes[target_classes]
     return ((features - goal) ** 2).sum(1).mean() / (goal ** 2).sum(1).mean().clamp(min=1e-12)
+
+
+def forget_dispersion(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of the features of each pair of samples of one forgotten class (the
+    intra-class dispersion of Spotter, Ha et al. 2025): lowered, a class's features stop forming the
+    cluster that a relearn attack finds again from a few samples."""
+    unit = F.normalize(features, dim=1)
+    pairs = labels[:, None] == labels[None, :]
+    pairs.fill_diagonal_(False)
+    return (unit @ unit.T)[pairs].mean() if pairs.any() else features.sum() * 0.0

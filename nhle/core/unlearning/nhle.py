@@ -45,8 +45,8 @@ from nhle.core.data import ImageSet, as_float
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.models import MaskedClassifier
 from nhle.core.training import autocast, grad_scaler, resolve_device
-from nhle.core.unlearning.anchors import (SyntheticInputs, class_prototypes, prototype_pull, synthesis_settings,
-                                          synthetic_inputs, weight_distance)
+from nhle.core.unlearning.anchors import (SyntheticInputs, class_prototypes, forget_dispersion, prototype_pull,
+                                          synthesis_settings, synthetic_inputs, weight_distance)
 from nhle.core.unlearning.masking import MaskSnapshot, apply_class_weight_mask
 from nhle.core.unlearning.steps import make_optimizer, saliency_masks
 
@@ -283,7 +283,8 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     retained = ~forget & ~model.forget_mask
 
     x = as_float(forget_samples.images).to(torch_device)
-    if not forget[forget_samples.labels.to(torch_device)].all():
+    labels = forget_samples.labels.to(torch_device)
+    if not forget[labels].all():
         raise ValueError(f"forget samples must all belong to the forgotten classes {forget_classes}")
     moving = {"head": model.head, "backbone": model.backbone, "all": model}[config.layers].parameters()
     optimizer, warmup = make_optimizer(moving, config)
@@ -306,12 +307,14 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         if config.feature_pull > 0:
             prototypes = class_prototypes(model.features(anchors).float(), anchor_targets.to(torch_device),
                                           model.num_classes)
+        if config.forget_dispersion > 0:  # cosines about the inputs' mean feature: post-ReLU ones all agree
+            centre = model.features(x_all).float().mean(0)
     held = mine.holdout_images.to(torch_device) if mine is not None and len(mine.holdout_images) else None
     if held is not None:
         with torch.no_grad():
             held_logits = model(held).float()
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
-    keep = salient_entries(model, optimizer.param_groups[0]["params"], x, forget_samples.labels.to(torch_device),
+    keep = salient_entries(model, optimizer.param_groups[0]["params"], x, labels,
                            forget_classes, forget, retained, config) if config.saliency < 1.0 else None
 
     log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
@@ -371,6 +374,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             loss = loss + config.weight_anchor * weight_distance(model, reference)
         if pull is not None:
             loss = loss + config.feature_pull * pull
+        if config.forget_dispersion > 0:
+            loss = loss + config.forget_dispersion * forget_dispersion(features[:n_forget].float() - centre,
+                                                                       labels[rows[:n_forget]])
         if config.forget_confusion > 0 and len(forget_classes) > 1:
             # Through the rows as they stand but into the features only: on the rows too, the rows
             # took the confusion and the restored attacker got faster (screen.md, sixth round).

@@ -9,7 +9,7 @@ from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.models import build_model
 from nhle.core.training import evaluate
 from nhle.core.unlearning import unlearn
-from nhle.core.unlearning.anchors import synthesise_inputs, weight_distance
+from nhle.core.unlearning.anchors import forget_dispersion, synthesise_inputs, weight_distance
 
 
 def test_synthetic_inputs_are_images_the_model_gives_their_class(trained):
@@ -53,6 +53,27 @@ def test_feature_pull_forgets_and_moves_the_features_into_a_retained_class(train
     with torch.no_grad():  # the forget class's test features moved away from where they were
         before, after = trained.features(forget_test.float_images()), result.model.features(forget_test.float_images())
     assert (after - before).norm(dim=1).mean() > 0.1 * before.norm(dim=1).mean()
+
+
+def test_forget_dispersion_is_the_mean_cosine_of_pairs_of_one_class_only():
+    features = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    labels = torch.tensor([3, 3, 3, 5])  # pairs of 3: cosines 1, 0, 0 (both ways); 5 has no pair
+    assert forget_dispersion(features, labels).item() == pytest.approx(1 / 3)
+    assert forget_dispersion(features[2:], labels[2:]).item() == 0.0  # no pair of one class
+
+
+def test_forget_dispersion_scatters_the_forget_samples_features(trained, digits):
+    samples = sample_per_class(digits.train, [3], 32, seed=0)
+    config = UnlearnConfig(synthesis_steps=20)
+
+    def cosine(model):  # about the original's mean feature of every class's inputs, as the term reads them
+        with torch.no_grad():
+            centre = trained.features(digits.test.float_images()).mean(0)
+            return forget_dispersion(model.features(samples.float_images()) - centre, samples.labels).item()
+
+    off = unlearn(trained, samples, [3], config, device="cpu").model
+    on = unlearn(trained, samples, [3], replace(config, forget_dispersion=30.0), device="cpu").model
+    assert cosine(on) < cosine(off) - 0.1
 
 
 def test_weight_anchor_keeps_the_weights_closer_to_the_original(trained, digits):
