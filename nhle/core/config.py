@@ -169,8 +169,8 @@ class UnlearnConfig(Section):
     forget_batch: int = setting(8, at_least=0)
     """Forget samples per step, drawn afresh every step from the n_samples of each forgotten class,
     so a step costs the same whatever the number of classes; 0: all of them every step. With
-    anchor_batch, what a request costs (docs/benchmarks.md section 9: 8 and 1 held every figure that
-    16 and 2 held, at 0.6-0.8 of their cost)."""
+    anchor_batch, what a request costs (docs/benchmarks.md section 9: 8 and 1 kept what 16 and 2
+    held on four settings of five, at 0.6-0.8 of their cost)."""
     lr: float = setting(3e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 9."""
