@@ -25,8 +25,11 @@ from nhle.core.unlearning import unlearn
 SEED = int(os.environ.get("SEED", "0"))
 grid = Grid(arch="resnet18_cifar", train_config=TrainConfig(epochs=3), image_size=32, seeds=(SEED,), methods=("nhle",))
 cache = Path(f"/tmp/rcost_base_{SEED}.pt")
-base = torch.load(cache, weights_only=False) if cache.exists() else train_seed(grid, SEED)
-torch.save(base, cache)
+if cache.exists():
+    base = torch.load(cache, weights_only=False)
+else:
+    base = train_seed(grid, SEED)
+    torch.save(base, cache)
 classes = [int(c) for c in sys.argv[1].split("+")]
 data = grid_data(grid.data_config(SEED))
 samples = sample_per_class(data.train, classes, 32, SEED)

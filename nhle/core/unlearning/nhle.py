@@ -301,14 +301,15 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     x_all = torch.cat([x, anchors])
     with torch.no_grad(), autocast(torch_device, config.amp):
         # Under the same precision as the loop, so the anchor starts at zero, not at rounding noise.
-        original_logits = model(x_all).float()
+        original_features = model.features(x_all)
+        original_logits = model.classify(original_features).float()
         # The retained class the original model ranked highest for each forget sample.
         next_best = original_logits[: len(x)].masked_fill(~retained, float("-inf")).argmax(1)
         if config.feature_pull > 0:
             prototypes = class_prototypes(model.features(anchors).float(), anchor_targets.to(torch_device),
                                           model.num_classes)
-        if config.forget_dispersion > 0:  # cosines about the inputs' mean feature: post-ReLU ones all agree
-            centre = model.features(x_all).float().mean(0)
+        # Cosines about the inputs' mean feature: taken about zero, post-ReLU features all agree.
+        centre = original_features.float().mean(0)
     held = mine.holdout_images.to(torch_device) if mine is not None and len(mine.holdout_images) else None
     if held is not None:
         with torch.no_grad():

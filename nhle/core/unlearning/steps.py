@@ -70,6 +70,7 @@ def saliency_masks(parameters, loss: torch.Tensor, share: float) -> dict[torch.T
             continue
         magnitude = g.abs().flatten()
         mask = torch.zeros_like(magnitude)
-        mask[magnitude.topk(max(1, round(share * magnitude.numel())), sorted=False).indices] = 1.0  # exactly that share, ties too
+        top = magnitude.topk(max(1, round(share * magnitude.numel())), sorted=False)  # exactly that share, ties too
+        mask[top.indices] = 1.0
         masks[p] = mask.reshape(p.shape).to(p.dtype)
     return masks
