@@ -58,6 +58,7 @@ ABLATIONS = {
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
     "nhle_no_feature_pull": {"feature_pull": 0.0}, "nhle_no_shipped_term": {"shipped_weight": 0.0},
     **{f"nhle_dispersion_{w:g}": {"forget_dispersion": w} for w in (10.0, 100.0)},  # screen.md, tenth round
+    **{f"nhle_depth_lr_{r:g}": {"lr_depth_ratio": r} for r in (0.3, 3.0)},  # screen.md, eleventh round
     "nhle_anchor_100": SIXTH_DEFAULT, "nhle_anchor_200": SEVENTH_DEFAULT,  # the seventh default
     "nhle_anchor_300": {**SEVENTH_DEFAULT, "anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},

@@ -174,6 +174,10 @@ class UnlearnConfig(Section):
     lr: float = setting(3e-4, above=0.0)
     """Learning rate of the fine-tuning (Adam), before the pace rule (adaptive_lr) raises it; chosen
     by docs/benchmarks.md section 9."""
+    lr_depth_ratio: float = setting(1.0, above=0.0)
+    """Layer-wise learning rates: the first moving tensor's over the last's, geometric in between
+    (10: the input layers at 10 lr, the head at lr). 1: lr everywhere (the default; screen.md,
+    eleventh round)."""
     adaptive_lr: bool = False
     """Raise the learning rate (x3, at most twice) when, at the pace of the last max_steps // 3
     steps, the forget samples would not reach the stopping bound within max_steps: a model

@@ -43,17 +43,28 @@ def make_optimizer(parameters, config) -> tuple[torch.optim.Optimizer, torch.opt
     """The optimiser of `config.optimizer` at `config.lr` (for `normalized`, lr is the step
     relative to the weights' norm), and its warm-up schedule (linear over config.warmup_steps)."""
     parameters = [p for p in parameters if p.requires_grad]
+    groups = layer_groups(parameters, config.lr, config.lr_depth_ratio)
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(parameters, lr=config.lr,
-                                     fused=bool(parameters) and fused_adam(parameters[0].device))
+        optimizer = torch.optim.Adam(groups, lr=config.lr, fused=bool(parameters) and fused_adam(parameters[0].device))
     elif config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
     elif config.optimizer == "normalized":
+        if len(groups) > 1:
+            raise ValueError("unlearn.lr_depth_ratio needs optimizer adam or sgd: normalized steps along the whole gradient")
         optimizer = NormalizedGradient(parameters, config.lr)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     ramp = max(config.warmup_steps, 1)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / ramp))
+
+
+def layer_groups(parameters: list[torch.Tensor], lr: float, depth_ratio: float) -> list[dict]:
+    """One parameter group at lr, or (depth_ratio != 1) one per tensor, in the model's order,
+    from lr * depth_ratio for the first to lr for the last."""
+    if depth_ratio == 1.0 or len(parameters) < 2:
+        return [{"params": parameters}]
+    last = len(parameters) - 1
+    return [{"params": [p], "lr": lr * depth_ratio ** ((last - i) / last)} for i, p in enumerate(parameters)]
 
 
 def saliency_masks(parameters, loss: torch.Tensor, share: float) -> dict[torch.Tensor, torch.Tensor] | None:

@@ -26,6 +26,16 @@ def test_warm_up_ramps_the_learning_rate_linearly():
     assert rates == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
 
 
+def test_layer_wise_rates_run_geometrically_from_the_first_tensor_to_the_last():
+    tensors = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    optimizer, _ = make_optimizer(tensors, UnlearnConfig(lr=1e-4, lr_depth_ratio=4.0, warmup_steps=0))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([4e-4, 2e-4, 1e-4])
+    one, _ = make_optimizer(tensors, UnlearnConfig(lr=1e-4, warmup_steps=0))
+    assert [g["lr"] for g in one.param_groups] == pytest.approx([1e-4])
+    with pytest.raises(ValueError, match="lr_depth_ratio needs optimizer adam or sgd"):
+        make_optimizer(tensors, UnlearnConfig(optimizer="normalized", lr_depth_ratio=4.0))
+
+
 def test_unknown_optimizer_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="unlearn.optimizer must be one of adam, sgd, normalized, got 'lbfgs'"):
         UnlearnConfig(optimizer="lbfgs")
