@@ -291,6 +291,7 @@ class ModelManager:
         self.last_error: dict | None = None        # the last failed load
         self.last_check: dict | None = None        # the last alias check (time, outcome)
         self.fallback: dict | None = None          # set while serving another version than the refused one
+        self.deleted: dict | None = None           # the classes deleted on record at the last check, and whose record
         self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
         self._lock = threading.Lock()              # one check/load at a time
         self._stop = threading.Event()
@@ -321,6 +322,7 @@ class ModelManager:
             source = self.source
             pointer = source.current()
             deleted = source.deleted_classes()
+            self.deleted = {"classes": {str(c): ids for c, ids in sorted(deleted.items())}, "record": source.record}
         except Exception as err:  # registry or ledger down, alias missing, file gone: keep serving
             log.warning("model check (%s) failed: %s", reason, err)
             return {"outcome": "check_failed", "serving_version": serving, "error": f"{type(err).__name__}: {err}"}
@@ -375,6 +377,11 @@ class ModelManager:
                         refused.version, message)
             return {"outcome": "fallback", "serving_version": model.version, "candidate_version": refused.version,
                     "error": message}
+        message = (f"{message}; and no other version that forgets every class deleted on record ({sorted(deleted)}, "
+                   f"from {getattr(source, 'record', 'no record')}) passes every check: nothing is served rather than "
+                   "a model that may predict a deleted class")
+        self.last_error = {**(self.last_error or {}), "message": message}
+        log.error("no model served: %s", message)
         return {"outcome": "failed", "serving_version": None, "candidate_version": refused.version, "error": message}
 
     def _run(self):
@@ -421,6 +428,7 @@ class ModelManager:
         info = {"ready": model is not None, "model_uri": getattr(self._source, "model_uri", self.settings.model),
                 "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
                 "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback,
+                "deleted_on_record": self.deleted,
                 "micro_batching": ({"max_images": self.batcher.max_images, "calls": self.batcher.calls,
                                     "images": self.batcher.images} if self.batcher else None)}
         if model is None:

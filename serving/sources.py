@@ -40,29 +40,6 @@ def resolve_tracking_uri(uri: str, project_dir: Path) -> str:
     return resolve_uri(uri, project_dir)
 
 
-def missing_store(uri: str) -> Path | None:
-    """The file or folder of a local store (sqlite:///..., file:///...) when it does not exist, else
-    None. MLflow and SQLAlchemy create such a store on first connection: a server must not, it
-    only reads one that `nhle run` or `nhle import` made."""
-    if uri.startswith("sqlite"):
-        from sqlalchemy.engine import make_url  # MLflow's own dependency
-
-        try:
-            database = make_url(uri).database
-        except Exception:  # not a URL SQLAlchemy can read: let the store report it
-            return None
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return None
-        path = Path(database)
-    elif uri.startswith("file:"):
-        from urllib.parse import unquote, urlsplit
-
-        path = Path(unquote(urlsplit(uri).path))
-    else:
-        return None
-    return None if path.exists() else path
-
-
 class MissingStore(LookupError):
     """The configured MLflow store does not exist (the server is not in, or pointed at, a project)."""
 
@@ -81,24 +58,18 @@ class RegistrySource:
             raise ValueError(f"model URI {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
         self.model_uri, self.tracking_uri, self.ledger_url = model_uri, tracking_uri, ledger_url
         self.name, self.alias, self.version = match["name"], match["alias"], match["version"]
-        self._client = self._ledger = None
+        self._client = None
+        self.record = "not read yet"
 
     def deleted_classes(self) -> dict[int, list[int]]:
-        """Classes deleted on record by completed forget requests (the ledger): a version that
-        predicts one of them is never served. An unreachable ledger raises, so nothing is
-        swapped in unchecked."""
-        if not self.ledger_url:
-            return {}
-        if self._ledger is None:
-            missing = missing_store(self.ledger_url)
-            if missing is not None and missing.parent.is_dir():
-                # No request on record yet: what a new, empty ledger would answer, without the server
-                # creating its file. A missing folder still fails the check, as an unreachable ledger does.
-                return {}
-            from nhle.adapters.ledger import Ledger  # SQLAlchemy only: no torch
+        """Classes deleted on record (the ledger and the registered model's own record united,
+        nhle.adapters.deletions): a version that predicts one of them is never served. A ledger
+        that is missing and not covered by the model's record, or unreachable, raises, so
+        nothing is swapped in unchecked; `record` says which record answered."""
+        from nhle.adapters.deletions import deleted_on_record  # SQLAlchemy only: no torch
 
-            self._ledger = Ledger(self.ledger_url)
-        return self._ledger.deleted_classes(self.name)
+        deleted, self.record = deleted_on_record(self.client(), self.name, self.ledger_url) if self.ledger_url else ({}, "none")
+        return deleted
 
     def fallbacks(self, exclude: str | None, limit: int = 10) -> list[Pointer]:
         """Versions that passed their gates, newest first (at most `limit`), for a server whose
@@ -115,6 +86,8 @@ class RegistrySource:
 
     def client(self):
         if self._client is None:
+            from nhle.adapters.deletions import missing_store  # SQLAlchemy only: no torch
+
             missing = missing_store(self.tracking_uri)
             if missing is not None:  # looked for at every check: the project may be made meanwhile
                 raise MissingStore(
@@ -185,6 +158,7 @@ class LocalSource:
     No registry stands behind it: no sha256, gate or ledger check applies."""
 
     registered = False
+    record = "none: a local file has no registry or ledger behind it"
 
     def deleted_classes(self) -> dict[int, list[int]]:
         return {}

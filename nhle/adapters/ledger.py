@@ -7,7 +7,8 @@
     ledger.finish(request.id, owner, "done", model_version_after="4")
 
 Life of a request: pending -> processing -> done | failed (or pending again after an error,
-until max_attempts); a request refused at submission is stored as rejected. A done request's
+until max_attempts); a request refused at submission is stored as rejected, and a forgetting
+that no request asked for (`nhle run --forget`) is stored done by the version that made it. A done request's
 classes are *deleted on record* (`deleted_classes()`): no model that predicts them may become or
 stay champion, until an operator reopens the request (`reopen`, done -> reopened), which is
 stored with who, why and when in the events table beside it. Every change is one
@@ -36,6 +37,7 @@ from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_e
                         text, true, update)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import NullPool
 
 from nhle.core.config import is_default_model
 
@@ -166,6 +168,17 @@ class ForgetRequest:
                 for f in fields(self)}
 
 
+def operator_name() -> str:
+    """user@host of this process: who did what the ledger records, unless told otherwise."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
 def new_owner() -> str:
     """host:pid:random - who holds a claim; the host and pid let a run on the same host see that
     the claimant process is gone."""
@@ -242,23 +255,27 @@ class Ledger:
         if not url or "://" not in url:
             raise ValueError(f"the request database must be an SQLAlchemy URL such as sqlite:///requests.db, "
                              f"got {url!r}")
-        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        sqlite = url.startswith("sqlite")
         self.url = url
-        self.engine = create_engine(url, connect_args=connect_args)
+        # SQLite: a connection per session (NullPool), so a ledger file restored or replaced on disk
+        # is what the next read sees, not the inode a pooled connection still holds.
+        self.engine = create_engine(url, **({"connect_args": {"timeout": 30}, "poolclass": NullPool} if sqlite else {}))
         create_tables(self.engine)
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
     def submit(self, classes: list[int], class_names: list[str], requester: str, reason: str, *, model_name: str,
-               status: str = "pending", error: str | None = None,
-               model_version_before: str | None = None) -> ForgetRequest:
+               status: str = "pending", error: str | None = None, model_version_before: str | None = None,
+               model_version_after: str | None = None) -> ForgetRequest:
         """Record a request on the registered model `model_name` (committed before this returns).
-        status is pending or rejected."""
+        status is pending, rejected, or done: a forgetting no request asked for (`nhle run
+        --forget`), put on record by the version `model_version_after` that forgot it."""
         if not str(model_name or "").strip():
             raise ValueError("a forget request names the registered model it is for (model_name)")
-        if status not in ("pending", "rejected"):
-            raise ValueError(f"a new request is pending or rejected, not {status!r}")
+        if status not in ("pending", "rejected", "done") or (status == "done") != (model_version_after is not None):
+            raise ValueError(f"a new request is pending or rejected, or done with the version that forgot its classes, "
+                             f"not {status!r} (model_version_after {model_version_after!r})")
         if not requester.strip() or not reason.strip():
             raise ValueError("a forget request needs a requester and a reason")
         check_length("requester", requester, MAX_REQUESTER)
@@ -266,8 +283,9 @@ class Ledger:
         now = utcnow()
         row = ForgetRequestRow(classes=json.dumps([int(c) for c in classes]), class_names=json.dumps(class_names),
                                requester=requester.strip(), reason=reason.strip(), status=status,
-                               submitted_at=now, finished_at=now if status == "rejected" else None,
-                               error=error, model_version_before=model_version_before, attempts=0,
+                               submitted_at=now, finished_at=now if status != "pending" else None,
+                               error=error, model_version_before=model_version_before,
+                               model_version_after=model_version_after, attempts=0,
                                model_name=model_name.strip())
         with self._session() as session, session.begin():
             session.add(row)
@@ -374,9 +392,12 @@ class Ledger:
                 deleted.setdefault(int(c), []).append(request.id)
         return deleted
 
-    def reopen(self, request_id: int, operator: str, reason: str, detail: dict | None = None) -> LedgerEvent:
+    def reopen(self, request_id: int, operator: str, reason: str, detail: dict | None = None,
+               recorded_elsewhere: bool = False) -> LedgerEvent:
         """An operator takes back a done request: its classes are no longer deleted on record.
-        The status change and the event (who, why, when, detail) are one transaction."""
+        The status change and the event (who, why, when, detail) are one transaction.
+        recorded_elsewhere: the request is known only to the registered model's own record (this
+        ledger was lost and made anew); the event alone is stored."""
         if not operator.strip() or not reason.strip():
             raise ValueError("reopening a forget request needs an operator and a reason, both non-empty")
         check_length("operator", operator, MAX_REQUESTER)
@@ -388,8 +409,8 @@ class Ledger:
             result = session.execute(update(ForgetRequestRow)
                                      .where(ForgetRequestRow.id == int(request_id), ForgetRequestRow.status == "done")
                                      .values(status="reopened"))
-            if result.rowcount != 1:
-                current = session.get(ForgetRequestRow, int(request_id))
+            current = session.get(ForgetRequestRow, int(request_id)) if result.rowcount != 1 else None
+            if result.rowcount != 1 and not (current is None and recorded_elsewhere):
                 raise ValueError(f"forget request {request_id} cannot be reopened: "
                                  + ("it does not exist" if current is None else f"it is {current.status}, not done"))
             session.add(row)
@@ -431,4 +452,5 @@ class LeaseKeeper:
         self._thread.join()
 
 
-__all__ = ["ForgetRequest", "Ledger", "LedgerEvent", "LeaseKeeper", "STATUSES", "new_owner", "owner_is_gone"]
+__all__ = ["ForgetRequest", "Ledger", "LedgerEvent", "LeaseKeeper", "STATUSES", "new_owner", "operator_name",
+           "owner_is_gone"]

@@ -233,39 +233,38 @@ def cmd_import(args) -> int:
     return import_command(resolve_params(args), project_dir=Path(args.project_dir))
 
 
-def default_operator() -> str:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (containers)
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 def cmd_rollback(args) -> int:
-    """Refuses a version that predicts a class deleted on record, unless the operator reopens
-    the requests that deleted it (--reopen ID --reason ...), which the ledger keeps."""
+    """Refuses a version that predicts a class deleted on record (the ledger and the registered
+    model's own record), unless the operator reopens the requests that deleted it (--reopen ID
+    --reason ...), which both records then keep."""
+    from mlflow import MlflowClient
+
+    from nhle.adapters.deletions import reopen_on_registry
+    from nhle.adapters.tracking import configure, rollback
     from nhle.core.audit import terminal_text
     from nhle.orchestration.requests import open_ledger
-    from nhle.adapters.tracking import configure, rollback
+    from nhle.orchestration.steps import deleted_on_record
 
     params = resolve_params(args)
     configure(params, args.project_dir)
+    name = params.registry.model_name
+    deleted, _ = deleted_on_record(params, args.project_dir)
     ledger = open_ledger(params, args.project_dir)
     asked = sorted(set(args.reopen or []))
     if asked and not (args.reason or "").strip():
         raise ValueError("--reopen needs --reason: say on record why the deleted classes may come back")
-    reopened = []
+    reopened, elsewhere = [], set()
 
     for request_id in asked:  # a request of another registered model is not this rollback's to reopen
         try:
             owner = ledger.get(request_id).model_name
         except KeyError as err:
-            raise ValueError(f"{err.args[0]}. Nothing was moved.") from None
-        if owner not in (None, params.registry.model_name):
-            raise ValueError(f"forget request {request_id} is for model {owner!r}, not {params.registry.model_name!r}: "
+            if not any(request_id in ids for ids in deleted.values()):
+                raise ValueError(f"{err.args[0]}. Nothing was moved.") from None
+            elsewhere.add(request_id)  # known to the registered model's record only: the ledger was made anew
+            continue
+        if owner not in (None, name):
+            raise ValueError(f"forget request {request_id} is for model {owner!r}, not {name!r}: "
                              f"reopen it with --name {owner}. Nothing was moved.")
 
     def reopen(needed, before, after):
@@ -274,11 +273,12 @@ def cmd_rollback(args) -> int:
                              f"--reopen names {asked or 'none'}. Nothing was moved.")
         for request_id in asked:
             reopened.append(ledger.reopen(request_id, args.operator, args.reason, {
-                "action": "rollback", "model_version_from": before, "model_version_to": after}))
+                "action": "rollback", "model_version_from": before, "model_version_to": after},
+                recorded_elsewhere=request_id in elsewhere))
+        reopen_on_registry(MlflowClient(), name, asked)
 
-    before, after = rollback(params.registry, ledger.deleted_classes(params.registry.model_name),
-                             reopen if asked else None)
-    print(f"{params.registry.model_name}: {params.registry.champion_alias} moved from version {before} to {after}")
+    before, after = rollback(params.registry, deleted, reopen if asked else None)
+    print(f"{name}: {params.registry.champion_alias} moved from version {before} to {after}")
     for event in reopened:
         print(terminal_text(f"forget request {event.request_id} reopened by {event.operator}: {event.reason}"))
     return 0
@@ -358,6 +358,8 @@ def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nhle.adapters.ledger import operator_name
+
     parser = argparse.ArgumentParser(prog="nhle", description="Make an image classifier forget whole classes, "
                                      "and measure that it did.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="reopen this done forget request on record, so that the version rolled back to may "
                                "predict its classes again (repeat for several)")
     rollback.add_argument("--reason", help="why the requests are reopened (stored in the ledger)")
-    rollback.add_argument("--operator", default=default_operator(), help="who reopens them (default: %(default)s)")
+    rollback.add_argument("--operator", default=operator_name(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
     serve = add_command(commands, "serve", parents=[project_parent(), model_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")

@@ -2,6 +2,7 @@
 
     nhle request submit --classes 3 --requester dpo@example.com --reason "erasure request 1142"
     nhle request list [--status pending]
+    nhle request init                  # a new, empty ledger, made on purpose (never made in place of a lost one)
     nhle request show 7                # the ledger row and its audit report
     nhle request process               # process every pending request now (one Prefect flow run)
     nhle schedule                      # serve the processing flow as a deployment on params.yaml's cron
@@ -24,6 +25,26 @@ def cmd_submit(args, params) -> int:
         print(f"rejected and recorded: {request_line(err.request)}")
         raise ValueError(str(err)) from None
     print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run.")
+    return 0
+
+
+def cmd_init(args, params) -> int:
+    """Create the project's ledger on purpose, where none exists (nhle refuses to make one in
+    place of a ledger it cannot find)."""
+    from nhle.adapters.deletions import ledger_at, missing_store
+    from nhle.core.config import resolve_uri
+
+    url = resolve_uri(params.requests_database(), Path(args.project_dir))
+    missing = missing_store(url)
+    if missing is None and url.startswith("sqlite"):
+        raise ValueError(f"the ledger {url} exists already: nothing created")
+    ledger_at.cache_clear()
+    ledger_at(url)
+    if missing is None:  # a database server: its tables exist now, whatever they already held
+        print(f"the forget-request ledger's tables are ready at {url}")
+        return 0
+    print(f"created an empty forget-request ledger at {missing}. Classes deleted before it stay deleted only "
+          f"where the registered model's own record keeps them (`nhle request list` shows what the ledger holds).")
     return 0
 
 
@@ -185,6 +206,7 @@ def add_commands(commands, project_parent, model_parent, add_command) -> None:
     submit.add_argument("--classes", required=True, help="class(es) to forget: indices or names, comma separated")
     submit.add_argument("--requester", required=True, help="who asks (a name or an address)")
     submit.add_argument("--reason", required=True, help="why (kept in the ledger and the audit report)")
+    action("init", cmd_init, "create the forget-request ledger on purpose, where none exists")
     listing = action("list", cmd_list, "list the requests in the ledger")
     listing.add_argument("--status", choices=STATUSES, help="only requests with this status")
     show = action("show", cmd_show, "a request's ledger row and its audit report")

@@ -30,7 +30,20 @@ class RequestRejected(ValueError):
 
 
 def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
-    return Ledger(resolve_uri(params.requests_database(), Path(project_dir)))
+    """The project's ledger. A ledger file that does not exist is made only where the registered
+    model's own record covers it (or there is no registered model yet): otherwise MissingLedger,
+    never an empty ledger in place of a lost one (`nhle request init` makes one on purpose)."""
+    from nhle.adapters.deletions import deleted_on_record, ledger_at, missing_store
+
+    url = resolve_uri(params.requests_database(), Path(project_dir))
+    if missing_store(url) is not None:
+        from mlflow import MlflowClient
+
+        from nhle.adapters.tracking import configure
+
+        configure(params, Path(project_dir))
+        deleted_on_record(MlflowClient(), params.registry.model_name, url, create=True)
+    return ledger_at(url)
 
 
 def submit(params: Params, project_dir: Path, spec: str, requester: str, reason: str) -> ForgetRequest:

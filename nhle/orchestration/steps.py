@@ -248,9 +248,16 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
             "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
             **(extra_tags or {})}
     example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
-    return log_version(run_id, params.registry.model_name, onnx_path, example,
-                       logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
-                       preprocessing, candidate.data, data_version, parity, report, plots, base_metrics, tags)
+    version = log_version(run_id, params.registry.model_name, onnx_path, example,
+                          logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
+                          preprocessing, candidate.data, data_version, parity, report, plots, base_metrics, tags)
+    if str(version) == "1":  # a new registered model: its own record of deleted classes starts empty
+        from mlflow import MlflowClient
+
+        from nhle.adapters.deletions import write_registry_record
+
+        write_registry_record(MlflowClient(), params.registry.model_name, {})
+    return version
 
 
 def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
@@ -357,19 +364,18 @@ def finish_version(params: Params, project_dir: Path, run_id: str, version: str,
     so a failure anywhere before leaves `champion` alone."""
     from nhle.adapters.tracking import set_run_tags, tag_version, version_tags
     from nhle.core.gates import all_passed, deleted_classes_gate
-    from nhle.orchestration.requests import open_ledger
 
     name = params.registry.model_name
     forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
     # Whatever made this version (training, an import, unlearning), it may not bring back a
-    # class that a completed forget request deleted.
-    gates = [*gates, deleted_classes_gate(forgotten, open_ledger(params, project_dir).deleted_classes(params.registry.model_name))]
+    # class deleted on record (a forget request's, or an earlier promotion's).
+    gates = [*gates, deleted_classes_gate(forgotten, deleted_on_record(params, project_dir)[0])]
     data_after = None
     if data is not None and forgotten and all_passed(gates):
         data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
         tag_version(name, version, data_after.as_tags("data_after."))
         set_run_tags(run_id, data_after.as_tags("data_after."))
-    result = promote(params, run_id, version, gates, parent_version)
+    result = promote(params, project_dir, run_id, version, gates, parent_version)
     result["data_after"] = asdict(data_after) if data_after else None
     return result
 
@@ -401,14 +407,41 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
     return {**result, "version": number, "run_id": version.run_id}
 
 
-def promote(params: Params, run_id: str, version: str, gates: list[GateResult], parent_version: str | None) -> dict:
-    """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out."""
+def deleted_on_record(params: Params, project_dir: Path) -> tuple[dict[int, list[int]], str]:
+    """The classes of the registered model deleted on record (the ledger and the model's own
+    record united; nhle.adapters.deletions), the ledger made when the model's record covers it."""
+    from mlflow import MlflowClient
+
+    from nhle.adapters import deletions
+    from nhle.core.config import resolve_uri
+
+    return deletions.deleted_on_record(MlflowClient(), params.registry.model_name,
+                                       resolve_uri(params.requests_database(), Path(project_dir)), create=True)
+
+
+def promote(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
+            parent_version: str | None) -> dict:
+    """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out. The
+    classes a promoted version forgets go on record (ledger and registered model) before the
+    alias moves, so no later rollback, fallback or hand move can bring them back unrecorded."""
+    from mlflow import MlflowClient
+
+    from nhle.adapters.deletions import record_forgetting
+    from nhle.adapters.ledger import operator_name
     from nhle.adapters.tracking import describe_version, log_outcome, record_promotion, tag_version
     from nhle.core.gates import promotion_decision
+    from nhle.orchestration.requests import open_ledger
 
-    tag_version(params.registry.model_name, version, {"gates": [g.as_dict() for g in gates]})
+    name = params.registry.model_name
+    tag_version(name, version, {"gates": [g.as_dict() for g in gates]})
     current = champion_version(params)
     promoted, reason = promotion_decision(gates, current.version if current else None, parent_version)
+    if promoted:
+        tags = MlflowClient().get_model_version(name, str(version)).tags
+        request_ids = [int(i) for i in (tags.get("nhle.request_ids") or "").split(",") if i]
+        record_forgetting(MlflowClient(), open_ledger(params, project_dir), name, str(version),
+                          json.loads(tags.get("forgotten_classes") or "[]"),
+                          json.loads(tags.get("forgotten_class_names") or "[]"), request_ids, operator_name())
     record_promotion(params.registry, version, promoted, reason)
     describe_version(params.registry.model_name, str(version))
     notified = notify_servers(params.serving.notify, str(version)) if promoted else []

@@ -53,9 +53,10 @@ def new_project(blank_project):
 
 
 @contextlib.contextmanager
-def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), **environ: str):
-    """`nhle serve` of the project as a real process on a free loopback port, once /readyz
-    answers; yields an httpx client on it. `environ`: NHLE_* settings for the server only."""
+def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), ready: bool = True, **environ: str):
+    """`nhle serve` of the project as a real process on a free loopback port, once /readyz (or,
+    ready=False, /healthz) answers; yields an httpx client on it. `environ`: NHLE_* settings for
+    the server only."""
     from nhle.adapters.processes import free_port, stop_process
 
     port = free_port()
@@ -72,7 +73,7 @@ def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), **
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"nhle serve not ready:\n{log_path.read_text(errors='replace')[-4000:]}")
                 with contextlib.suppress(httpx.TransportError):
-                    if client.get("/readyz", timeout=2).status_code == 200:
+                    if client.get("/readyz" if ready else "/healthz", timeout=2).status_code == 200:
                         break
                 time.sleep(0.3)
             yield client

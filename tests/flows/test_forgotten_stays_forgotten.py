@@ -49,7 +49,8 @@ def predictions(http, images) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def project(new_project):
-    """Version 1 (base), 2 (forgot 3, `nhle run`), 3 (forgot 3 and 5 under request 1, done)."""
+    """Version 1 (base), 2 (forgot 3, `nhle run`: on record as ledger row 1), 3 (forgot 3 and 5
+    under request 2, done)."""
     root = new_project("stays-forgotten", PARAMS)
     assert cli(root, "request", "submit", "--classes", "5", "--requester", "dpo@example.com",
                "--reason", "erasure request 1142") == 0
@@ -63,14 +64,14 @@ def test_rollback_and_a_hand_moved_alias_never_serve_a_deleted_class(project, se
     with serve(project) as http:
         wait_for(http, lambda d: d.get("version") == "3", "version 3")
         capsys.readouterr()
-        assert cli(project, "rollback") == 2  # version 2 predicts 5, deleted under request 1
+        assert cli(project, "rollback") == 2  # version 2 predicts 5, deleted under request 2
         err = capsys.readouterr().err
-        assert "predicts class(es) [5], deleted on record by forget request(s) [1]" in err and "--reopen 1" in err
+        assert "predicts class(es) [5], deleted on record by forget request(s) [2]" in err and "--reopen 2" in err
         assert champion_version() == "3"
 
         client().set_registered_model_alias(NAME, "champion", "2")  # by hand, as another tool would
         described = wait_for(http, lambda d: (d.get("refused") or {}).get("version") == "2", "version 2 refused")
-        assert described["version"] == "3" and "deleted on record by forget request(s) [1]" in described["refused"]["reason"]
+        assert described["version"] == "3" and "deleted on record by forget request(s) [2]" in described["refused"]["reason"]
         ready = http.get("/readyz").json()
         assert ready["version"] == "3" and ready["refused_version"] == "2" and "predicts class(es) [5]" in ready["warning"]
         assert not any(5 in top for top in predictions(http, images))
@@ -88,7 +89,7 @@ def test_the_version_page_carries_the_evidence(project):
     run = f"#/experiments/{client().get_run(version.run_id).info.experiment_id}/runs/{version.run_id}"
     # The MLflow 3 UI's routes: /experiments/:experimentId/runs/:runUuid/artifacts/<path> opens the artifact.
     assert f"[run {version.run_id}]({run})" in text and f"[report.json]({run}/artifacts/report.json)" in text
-    assert f"[request 1]({run}/artifacts/audit/request-1.md) (`runs:/{version.run_id}/audit/request-1.md`)" in text
+    assert f"[request 2]({run}/artifacts/audit/request-2.md) (`runs:/{version.run_id}/audit/request-2.md`)" in text
 
 
 def test_an_imported_model_has_the_deleted_classes_masked_and_gated(project, tmp_path, capsys):
@@ -115,7 +116,7 @@ def test_a_server_started_on_an_unusable_champion_serves_the_newest_good_version
         with serve(project) as http:
             described = http.get("/model").json()
             assert described["version"] == "4" and described["fallback"]["refused_version"] == "1"
-            assert "predicts class(es) [5]" in described["fallback"]["because"]
+            assert "predicts class(es) [3, 5]" in described["fallback"]["because"]
             assert described["refused"]["version"] == "1"
     finally:
         client().set_registered_model_alias(NAME, "champion", before)
@@ -129,24 +130,34 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
         assert cli(project, "rollback") == 0  # 4 -> 3: version 3 forgets 5 too
         assert champion_version() == "3"
         assert cli(project, "rollback") == 2  # 3 -> 2 would bring 5 back
-        assert "--reopen 1" in capsys.readouterr().err and champion_version() == "3"
-        assert cli(project, "rollback", "--reopen", "1") == 2  # a reopen needs a reason on record
+        assert "--reopen 2" in capsys.readouterr().err and champion_version() == "3"
+        assert cli(project, "rollback", "--reopen", "2") == 2  # a reopen needs a reason on record
         assert "--reopen needs --reason" in capsys.readouterr().err and champion_version() == "3"
-        assert cli(project, "rollback", "--reopen", "1", "--reason", "erasure withdrawn by the data subject",
+        assert cli(project, "rollback", "--reopen", "2", "--reason", "erasure withdrawn by the data subject",
                    "--operator", "ops@example.com") == 0
         out = capsys.readouterr().out
-        assert "moved from version 3 to 2" in out and "forget request 1 reopened by ops@example.com" in out
+        assert "moved from version 3 to 2" in out and "forget request 2 reopened by ops@example.com" in out
         assert champion_version() == "2"
         wait_for(http, lambda d: d.get("version") == "2" and not d.get("refused"), "version 2 served")
+        # Class 3 was forgotten by `nhle run --forget 3`, with no request: it is on record all the same.
+        assert cli(project, "rollback") == 2
+        err = capsys.readouterr().err
+        assert "version 1 predicts class(es) [3], deleted on record by forget request(s) [1]" in err, err
+        assert champion_version() == "2"
 
     ledger = Ledger(f"sqlite:///{project / 'requests.db'}")
-    assert ledger.get(1).status == "reopened" and ledger.deleted_classes("nhle-classifier") == {}
-    [event] = ledger.events(1)
+    assert ledger.get(2).status == "reopened" and ledger.deleted_classes("nhle-classifier") == {3: [1]}
+    run_row = ledger.get(1)
+    assert (run_row.status, run_row.classes, run_row.model_version_after) == ("done", [3], "2")
+    assert "promoted without a forget request" in run_row.reason
+    assert json.loads(client().get_registered_model(NAME).tags["deleted_classes"]) == {"3": [1]}
+    [event] = ledger.events(2)
     assert (event.kind, event.operator, event.reason) == ("reopened", "ops@example.com",
                                                           "erasure withdrawn by the data subject")
     assert event.detail == {"action": "rollback", "model_version_from": "3", "model_version_to": "2"}
-    assert client().get_model_version(NAME, "2").tags["reopened.request.1"] == "true"
-    assert cli(project, "request", "show", "1", "--no-report") == 0
+    assert client().get_model_version(NAME, "2").tags["reopened.request.2"] == "true"
+    assert cli(project, "request", "show", "2", "--no-report") == 0
+
     shown = capsys.readouterr().out
     assert '"status": "reopened"' in shown and "REOPENED" in shown and "ops@example.com" in shown
     assert cli(project, "request", "list") == 0
@@ -269,3 +280,75 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
         ours = strict(nhle_http.post("/invocations", json={"inputs": images.tolist()}).text)
     assert set(ours) == set(theirs) == {"predictions"} and set(ours["predictions"]) == {"probabilities"}
     np.testing.assert_allclose(np.array(ours["predictions"]["probabilities"]), p, atol=1e-6)
+
+
+def onnx_file_of(version: str) -> Path:
+    """The stored model.onnx of a registered version (its logged model's artifact folder)."""
+    import mlflow
+
+    model_id = client().get_model_version(NAME, version).source.removeprefix("models:/")
+    location = mlflow.get_logged_model(model_id).artifact_location
+    return Path(location.removeprefix("file://"), "model.onnx")
+
+
+def test_a_replaced_champion_file_gets_503_never_an_older_model(project, serve, digits):
+    """The champion's ONNX file replaced on disk, a fresh server: the champion is refused (its
+    sha256 differs) and no other version forgets every class on record (3 by `nhle run`, 7 by
+    request 3), so the server answers 503 with the reason instead of serving one that predicts them."""
+    champion = champion_version()
+    stored = onnx_file_of(champion)
+    saved = stored.read_bytes()
+    stored.write_bytes(onnx_file_of("1").read_bytes())  # version 1: predicts 3 and 7
+    images = digits.test.float_images()[(digits.test.labels == 3).numpy()][:20].numpy()
+    try:
+        with serve(project, ready=False) as http:
+            deadline = time.monotonic() + 30
+            while "no other version" not in (reason := http.get("/readyz").json().get("reason", "")):
+                assert time.monotonic() < deadline, reason
+                time.sleep(0.3)
+            assert f"version {champion}'s ONNX file has sha256" in reason and "[3, 7]" in reason, reason
+            assert http.get("/readyz").status_code == 503
+            answer = http.post("/predict", json={"instances": images.tolist()})
+            assert answer.status_code == 503 and "no other version" in answer.text, answer.text
+            v2 = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+                {"name": "input", "shape": list(images[:1].shape), "datatype": "FP32", "data": images[:1].ravel().tolist()}]})
+            assert v2.status_code == 503, v2.text
+    finally:
+        stored.write_bytes(saved)
+
+
+def test_a_lost_ledger_is_covered_by_the_registered_models_record(project, serve):
+    """The ledger file gone and the alias moved by hand to version 4 (predicts 7, deleted under
+    request 3): a fresh server reads the registered model's own record, refuses version 4, serves
+    the newest version that forgets every class on record, says which record it used, and creates
+    no ledger. Without that record too, nothing is served or promoted until an operator acts."""
+    from nhle.adapters.deletions import RECORD_TAG
+
+    ledger, aside = project / "requests.db", project / "requests.db.aside"
+    champion = champion_version()
+    ledger.rename(aside)
+    client().set_registered_model_alias(NAME, "champion", "4")
+    try:
+        with serve(project) as http:
+            described = http.get("/model").json()
+            assert described["version"] == champion and described["fallback"]["refused_version"] == "4"
+            assert "predicts class(es) [7]" in described["fallback"]["because"]
+            record = described["deleted_on_record"]
+            assert record["classes"] == {"3": [1], "7": [3]}, record
+            assert record["record"].startswith("the registered model's record (the ledger") and not ledger.exists()
+
+        saved = client().get_registered_model(NAME).tags[RECORD_TAG]
+        client().delete_registered_model_tag(NAME, RECORD_TAG)  # a model from before there was a record
+        try:
+            with serve(project, ready=False) as http:
+                deadline = time.monotonic() + 30
+                while "does not exist" not in (reason := http.get("/readyz").json().get("reason", "")):
+                    assert time.monotonic() < deadline, reason
+                    time.sleep(0.3)
+                assert "carries no record of its own" in reason and "nhle request init" in reason, reason
+            assert cli(project, "request", "process") == 2 and not ledger.exists()
+        finally:
+            client().set_registered_model_tag(NAME, RECORD_TAG, saved)
+    finally:
+        aside.rename(ledger)
+        client().set_registered_model_alias(NAME, "champion", champion)

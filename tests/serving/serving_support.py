@@ -108,6 +108,10 @@ class Registry:
                            "onnx_sha256": hashlib.sha256(stored.read_bytes()).hexdigest(),
                            "gates": json.dumps(gates)}.items():
             client.set_model_version_tag(NAME, version, key, value)
+        from nhle.adapters.deletions import RECORD_TAG
+
+        if RECORD_TAG not in (client.get_registered_model(NAME).tags or {}):  # nhle's promotions keep one
+            client.set_registered_model_tag(NAME, RECORD_TAG, "{}")
         if tamper_with is not None:
             stored.write_bytes(Path(tamper_with).read_bytes())
         if champion:

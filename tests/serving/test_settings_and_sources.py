@@ -8,6 +8,7 @@ import pytest
 
 import nhle_serving.models
 import nhle_serving.settings
+from serving_support import preprocessing
 
 
 def test_settings_from_env():
@@ -115,17 +116,34 @@ def test_registry_source_never_creates_a_missing_store_or_ledger(tmp_path, champ
     missing = tmp_path / "mlflow.db"
     ledger = f"sqlite:///{tmp_path / 'r.db'}"
     source = RegistrySource("models:/nhle-classifier@champion", f"sqlite:///{missing}", ledger)
-    with pytest.raises(LookupError, match=f"MLflow store {missing} does not exist"):
-        source.current()
-    with pytest.raises(LookupError, match="does not exist"):
-        source.fallbacks(exclude=None)
-    assert source.deleted_classes() == {}  # no ledger yet: nothing deleted on record, and none created
+    for call in (source.current, lambda: source.fallbacks(exclude=None), source.deleted_classes):
+        with pytest.raises(LookupError, match=f"MLflow store {missing} does not exist"):
+            call()
     assert list(tmp_path.iterdir()) == []
-    unreachable = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri,
-                                 f"sqlite:///{tmp_path / 'no-such-folder' / 'r.db'}")
-    with pytest.raises(Exception, match="unable to open database file"):  # still refused, as before
-        unreachable.deleted_classes()
-    # An existing store is read as before.
-    source = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri, ledger)
-    assert source.current().version == "1" and source.deleted_classes() == {}
+    # The ledger missing, or its folder: the registered model's own record (empty) answers, and says so.
+    for url in (ledger, f"sqlite:///{tmp_path / 'no-such-folder' / 'r.db'}"):
+        source = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri, url)
+        assert source.current().version == "1" and source.deleted_classes() == {}
+        assert source.record.startswith("the registered model's record (the ledger") and "does not exist" in source.record
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(tmp_path, make_registry, onnx_files,
+                                                                                digits):
+    """A registered model without its own record (made before there was one) and no ledger file:
+    what was deleted cannot be known, so the source refuses rather than answer 'nothing'."""
+    from nhle.adapters.deletions import RECORD_TAG, MissingLedger
+    from nhle.adapters.ledger import Ledger
+    from nhle_serving.sources import RegistrySource
+
+    registry = make_registry("no-record")
+    registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
+    registry.client().delete_registered_model_tag("nhle-classifier", RECORD_TAG)
+    url = f"sqlite:///{tmp_path / 'requests.db'}"
+    source = RegistrySource("models:/nhle-classifier@champion", registry.uri, url)
+    with pytest.raises(MissingLedger, match=f"ledger {tmp_path / 'requests.db'} does not exist .* `nhle request init`"):
+        source.deleted_classes()
+    assert list(tmp_path.iterdir()) == []
+    Ledger(url).submit([5], ["5"], "dpo@example.com", "erasure", model_name="nhle-classifier", status="done",
+                       model_version_after="1")
+    assert source.deleted_classes() == {5: [1]} and source.record == "the ledger"
