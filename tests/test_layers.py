@@ -2,7 +2,8 @@
 
     nhle.core  <-  nhle.adapters  <-  nhle.orchestration  <-  nhle_flows  <-  nhle.cli
          ^                                 ^------ nhle.bench ------^
-         '---- nhle_serving (nhle.core.config, nhle.core.gates and the ledger only: no torch)
+         '---- nhle_serving (nhle.core.config, nhle.core.gates, the ledger, the record of deletions
+                            and the signatures only: no torch)
 
 Every import statement of every module is read (function-local ones too), so a late import
 cannot hide a wrong dependency."""
@@ -24,8 +25,10 @@ ALLOWED = {
     "nhle.bench": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench"),
     "nhle_flows": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle_flows"),
     "nhle.cli": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle.cli", "nhle_flows"),
-    # The server reads the ledger (classes deleted on record) and nhle's pure config and gates.
-    "nhle_serving": ("nhle.core.config", "nhle.core.gates", "nhle.adapters.ledger", "nhle_serving"),
+    # The server reads the classes deleted on record (the ledger and the registered model's record),
+    # verifies signatures, and uses nhle's pure config and gates.
+    "nhle_serving": ("nhle.core.config", "nhle.core.gates", "nhle.adapters.ledger", "nhle.adapters.deletions",
+                     "nhle.adapters.signing", "nhle_serving"),
 }
 # What the layers that must run on a bare GPU image (torch, torchvision, numpy, scikit-learn,
 # onnx, onnxruntime) or in a serving image may never import.

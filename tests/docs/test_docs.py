@@ -222,7 +222,7 @@ CASES = [
     Case("docs/own-model.md", "nhle run --forget cat", subs=(Sub("--port 8000", "--port {serve_port}", FREE_PORT),),
          expect=("promoted",), check=own_model_serves_the_forgotten_cat),
 
-    Case("docs/requests.md", "nhle request submit --classes 5", expect=("request 1: done",)),
+    Case("docs/requests.md", "nhle request submit --classes 5", expect=("request 2: done",)),
     Case("docs/requests.md", "dvc gc --workspace"),
 
     Case("docs/serving.md", "nhle serve --host", subs=(

@@ -123,8 +123,16 @@ def test_sequential_forgetting_then_rollback(project):
     assert str(new.version) == str(result["version"]) and json.loads(new.tags["forgotten_classes"]) == [3, 5]
     report = json.loads(Path(client().download_artifacts(new.run_id, "report.json")).read_text())
     assert report["n_forget_samples"] == 16 and report["previously_forgotten"] == [3]
-    assert main(["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]) == 0
+    cli = ["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]
+    assert main(cli) == 2  # class 5 went on record when the flow promoted it: rolling back needs it reopened
+    assert str(champion().version) == str(new.version)
+    from nhle.adapters.ledger import Ledger
+
+    row = Ledger(f"sqlite:///{project / 'requests.db'}").list("done")[-1]
+    assert row.classes == [5] and row.model_version_after == str(new.version)
+    assert main([*cli, "--reopen", str(row.id), "--reason", "the test takes the forgetting back"]) == 0
     assert str(champion().version) == "2"
+
     assert client().get_model_version(NAME, new.version).tags["rolled_back"] == "true"
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serving_support import ADMIN_TOKEN, preprocessing
+from serving_support import ADMIN_TOKEN, NAME, preprocessing
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -163,9 +163,14 @@ def test_a_server_with_no_champion_yet_says_what_to_run(make_registry, start_ser
 
 def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_interval(make_registry, onnx_files,
                                                                                     digits, start_server):
+    from nhle.adapters.deletions import RECORD_TAG
+    from nhle.adapters.ledger import Ledger
+
     registry = make_registry("ledger-later")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
-    ledger_dir = registry.root / "ledger"  # missing: SQLite cannot open the ledger, so no check can pass
+    # No record of its own (a model from before there was one) and no ledger yet: no check can pass.
+    registry.client().delete_registered_model_tag(NAME, RECORD_TAG)
+    ledger_dir = registry.root / "ledger"
     server = start_server(registry.root, ready=False, poll_seconds=3600,
                           requests_database=f"sqlite:///{ledger_dir / 'requests.db'}")
     deadline = time.monotonic() + 30
@@ -174,5 +179,7 @@ def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_inter
         time.sleep(0.3)
     assert server.http.get("/readyz").status_code == 503
     ledger_dir.mkdir()
+    Ledger(f"sqlite:///{ledger_dir / 'requests.db'}")  # made on purpose, as `nhle request init` does
     server.wait("/readyz", timeout=30)  # long before the hour of poll_seconds
+
     assert server.http.get("/model").json()["version"] == "1"
