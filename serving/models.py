@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import glob
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -173,7 +174,7 @@ def _int_list(value, what: str) -> list[int]:
 
 def check_registration(pointer: Pointer, digest: str) -> None:
     """A registry version is served only as registered: the file nhle exported (sha256 tag) and
-    only after every gate held (gates tag)."""
+    only after every gate held (gates tag); then its signature decides (signed_metadata)."""
     tagged = pointer.tags.get("onnx_sha256")
     if not tagged:
         raise ValueError(f"version {pointer.version} has no onnx_sha256 tag: it was not registered by nhle")
@@ -182,6 +183,16 @@ def check_registration(pointer: Pointer, digest: str) -> None:
                          f"with {tagged[:16]}...: the file changed after registration")
     if not gates_passed(pointer.tags):
         raise ValueError(f"version {pointer.version} is not tagged as having passed its gates")
+
+
+def signed_metadata(source, pointer: Pointer, onnx_path: Path, workdir: Path) -> dict:
+    """The version's preprocessing metadata and forgotten classes as its signed evidence gives them
+    (nhle.adapters.signing), once the signature verifies: from here on the evidence is believed,
+    not the tags or the MLmodel file, which anyone who can write to the registry can write."""
+    evidence = source.verified_evidence(pointer, onnx_path, workdir)
+    if not gates_passed({"gates": json.dumps(evidence.get("gates") or [])}):
+        raise ValueError(f"version {pointer.version}'s signed evidence does not show every gate passed")
+    return {**evidence["preprocessing"], "signed_forgotten_classes": evidence["forgotten_classes"]}
 
 
 def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]],
@@ -194,6 +205,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
         if source.registered:
             check_registration(pointer, digest)
+            metadata = signed_metadata(source, pointer, onnx_path, Path(tmp))
         # Created while the download exists: ONNX Runtime reads any external weights now.
         session = open_session(onnx_path, settings, choose_providers(settings.device))
     if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -229,7 +241,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
     output_name = next((n for n in ("probabilities", "logits") if n in names), names[0])
 
     forgotten = set(_int_list(metadata.get("forgotten_classes", []), "forgotten_classes"))
-    forgotten |= set(_int_list(metadata.get("tagged_forgotten_classes", []), "the version's forgotten_classes tag"))
+    forgotten |= set(_int_list(metadata.get("signed_forgotten_classes", []), "the signed forgotten_classes"))
 
     # Smoke test: three different images in one batch (so the batch dimension must be dynamic).
     rng = np.random.default_rng(0)

@@ -52,11 +52,13 @@ class RegistrySource:
 
     registered = True  # its versions carry onnx_sha256 and gates tags that load_model checks
 
-    def __init__(self, model_uri: str, tracking_uri: str, ledger_url: str | None = None):
+    def __init__(self, model_uri: str, tracking_uri: str, ledger_url: str | None = None,
+                 verify_key: Path | None = None):
         match = MODELS_URI.match(model_uri)
         if not match:
             raise ValueError(f"model URI {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
         self.model_uri, self.tracking_uri, self.ledger_url = model_uri, tracking_uri, ledger_url
+        self.verify_key = verify_key
         self.name, self.alias, self.version = match["name"], match["alias"], match["version"]
         self._client = None
         self.record = "not read yet"
@@ -138,10 +140,31 @@ class RegistrySource:
                 path = mlflow.artifacts.download_artifacts(run_id=pointer.run_id, artifact_path="preprocessing.json",
                                                            dst_path=str(workdir / "run"))
                 metadata = {**json.loads(Path(path).read_text()), **metadata}
-        tagged = pointer.tags.get("forgotten_classes")
-        if tagged:
-            metadata["tagged_forgotten_classes"] = json.loads(tagged)
         return local / flavor.get("data", "model.onnx"), metadata
+
+    def verified_evidence(self, pointer: Pointer, onnx_path: Path, workdir: Path) -> dict:
+        """The version's signed evidence (nhle.adapters.signing), once its signature over the ONNX
+        file and the evidence verifies with the public key; ValueError (the version is refused)
+        when it is unsigned, signed by another key, or anything signed changed."""
+        import mlflow
+
+        from nhle.adapters.signing import ARTIFACT_DIR, EVIDENCE, SIGNATURE, verify_version
+
+        if self.verify_key is None:
+            raise ValueError("no public key configured to verify versions with (serving.verify_key, NHLE_VERIFY_KEY)")
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=pointer.run_id, artifact_path=ARTIFACT_DIR,
+                                                              dst_path=str(workdir / "signature")))
+            evidence_bytes, signature = (folder / EVIDENCE).read_bytes(), (folder / SIGNATURE).read_bytes()
+        except Exception:  # not there: a version nhle did not sign
+            raise ValueError(f"version {pointer.version} is not signed (no {ARTIFACT_DIR}/{EVIDENCE} and "
+                             f"{SIGNATURE} in its run {pointer.run_id}): it was not judged by nhle's pipeline") from None
+        evidence = verify_version(onnx_path, evidence_bytes, signature, self.verify_key)
+        signed_for = (evidence.get("registered_model"), evidence.get("version"))
+        if signed_for != (self.name, str(pointer.version)):
+            raise ValueError(f"version {pointer.version}'s signature is for {signed_for[0]} version {signed_for[1]}: "
+                             "signed evidence copied from another version")
+        return evidence
 
 
 def gates_passed(tags: dict) -> bool:
@@ -206,8 +229,10 @@ def make_source(settings: Settings):
         params = load_params(params_path)
         uri = uri or params.registry.champion_uri()
         project_dir = settings.project_dir.resolve()
+        verify_key = Path(settings.verify_key)
         return RegistrySource(uri, resolve_tracking_uri(params.tracking_uri(), project_dir),
-                              resolve_tracking_uri(params.requests_database(), project_dir))
+                              resolve_tracking_uri(params.requests_database(), project_dir),
+                              verify_key if verify_key.is_absolute() else project_dir / verify_key)
     path = Path(uri)
     if not path.is_absolute():
         path = settings.project_dir / path

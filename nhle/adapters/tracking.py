@@ -173,6 +173,35 @@ def log_run_files(run_id: str, files: dict[str, dict | str]) -> None:
             client.log_text(run_id, content, path)
 
 
+def sign_version(name: str, version: str, gates: list[dict], private_key: Path) -> None:
+    """Sign the registered version's ONNX file, as the registry stores it, with its evidence (its
+    preprocessing metadata, forgotten classes and `gates`; nhle.adapters.signing), log both to the
+    version's run under signature/ and tag the version with where they are."""
+    import hashlib
+
+    import yaml
+
+    from nhle.adapters import signing
+
+    mv = MlflowClient().get_model_version(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="nhle-sign-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text()) or {}
+        onnx_file = local / mlmodel["flavors"]["onnx"].get("data", "model.onnx")
+        doc = signing.evidence(name, str(version), hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+                               dict(mlmodel.get("metadata") or {}), json.loads(mv.tags.get("forgotten_classes") or "[]"),
+                               gates)
+        evidence_bytes, signature = signing.sign_version(onnx_file, doc, private_key)
+    log_run_files(mv.run_id, {f"{signing.ARTIFACT_DIR}/{signing.EVIDENCE}": evidence_bytes.decode(),
+                              f"{signing.ARTIFACT_DIR}/{signing.SIGNATURE}": signature.decode()})
+    tag_version(name, str(version), {"signature": f"runs:/{mv.run_id}/{signing.ARTIFACT_DIR}"})
+
+
+def signed_versions(name: str) -> list[str]:
+    """The versions of `name` that carry a signature."""
+    return [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'") if "signature" in v.tags]
+
+
 def fail_runs(run_ids: list[str]) -> None:
     """Runs that died before registering anything: tagged nhle.abandoned and marked FAILED."""
     client = MlflowClient()

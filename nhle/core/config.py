@@ -447,6 +447,11 @@ class RegistryConfig(Section):
     """Alias that serving follows; moved only when every gate holds."""
     previous_alias: str = "previous"
     """Alias kept on the former champion, for rollback."""
+    signing_key: str = "keys/nhle-signing.key"
+    """Private key (PEM, EC P-256; relative to the project directory, kept out of git) that every
+    judged version's ONNX file and evidence are signed with (nhle.adapters.signing). Made with its
+    public key beside it (.pub) by the first promotion of a new registered model, or by `nhle keys
+    create`; a missing key of a model whose versions were signed is an error, never replaced."""
 
     def champion_uri(self) -> str:
         """models:/NAME@ALIAS of the champion: what serving follows."""
@@ -510,6 +515,10 @@ class ServingConfig(Section):
     """Most images one gathered ONNX Runtime call takes (micro_batching)."""
     micro_batch_wait_ms: float = setting(2.0, at_least=0.0)
     """Longest a request waits for others to join its call (micro_batching); a full batch goes at once."""
+    verify_key: str = "keys/nhle-signing.pub"
+    """Public key (PEM; relative to the project directory) the server checks every registry
+    version's signature with before loading it: an unsigned version, or one whose ONNX file or
+    evidence changed, is refused like a tampered one. Only this key is needed where it serves."""
     notify: tuple[str, ...] = ()
     """Base URLs of running nhle servers (http://host:8000) that a flow tells to reload right after
     it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),

@@ -419,6 +419,31 @@ def deleted_on_record(params: Params, project_dir: Path) -> tuple[dict[int, list
                                        resolve_uri(params.requests_database(), Path(project_dir)), create=True)
 
 
+def signing_key(params: Params, project_dir: Path) -> Path:
+    """The private key versions are signed with (registry.signing_key). A new registered model,
+    none of whose versions is signed yet, gets a new pair (the public one at serving.verify_key);
+    a missing key of a model whose versions were signed is an error: a new key would not be theirs."""
+    import logging
+
+    from nhle.adapters.signing import create_key_pair
+    from nhle.adapters.tracking import signed_versions
+
+    key, public = (project_path(Path(project_dir), params.registry.signing_key),
+                   project_path(Path(project_dir), params.serving.verify_key))
+    if key.exists():
+        return key
+    signed = signed_versions(params.registry.model_name)
+    if signed or public.exists():
+        raise FileNotFoundError(f"the signing key {key} is missing, but {params.registry.model_name} has signed versions "
+                                f"{signed} (or a public key at {public}): restore the key (a new one would not verify "
+                                "them), or set registry.signing_key to where it is")
+    create_key_pair(key, public)
+    logging.getLogger(__name__).warning("created the signing key pair %s and %s for %s: keep the private key out of "
+                                        "git and safe; servers need only the public one", key, public,
+                                        params.registry.model_name)
+    return key
+
+
 def promote(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
             parent_version: str | None) -> dict:
     """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out. The
@@ -428,12 +453,13 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
 
     from nhle.adapters.deletions import record_forgetting
     from nhle.adapters.ledger import operator_name
-    from nhle.adapters.tracking import describe_version, log_outcome, record_promotion, tag_version
+    from nhle.adapters.tracking import describe_version, log_outcome, record_promotion, sign_version, tag_version
     from nhle.core.gates import promotion_decision
     from nhle.orchestration.requests import open_ledger
 
     name = params.registry.model_name
     tag_version(name, version, {"gates": [g.as_dict() for g in gates]})
+    sign_version(name, str(version), [g.as_dict() for g in gates], signing_key(params, project_dir))
     current = champion_version(params)
     promoted, reason = promotion_decision(gates, current.version if current else None, parent_version)
     if promoted:

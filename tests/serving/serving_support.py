@@ -54,6 +54,11 @@ class Registry:
         shutil.copy(template, root / "mlflow.db")
         (root / "params.yaml").write_text("tracking:\n  tracking_uri: sqlite:///mlflow.db\n")
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        from nhle.adapters.signing import create_key_pair
+
+        # The project's key pair, where nhle makes it: the server finds the public one by default.
+        self.signing_key = root / "keys" / "nhle-signing.key"
+        create_key_pair(self.signing_key, root / "keys" / "nhle-signing.pub")
         with self.current():
             self.experiment_id = mlflow.create_experiment("nhle", artifact_location=str(root / "mlartifacts"))
 
@@ -81,12 +86,13 @@ class Registry:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def register(self, onnx_model, metadata: dict, champion: bool = True, corrupt: bool = False,
-                 gates_passed: bool = True, tamper_with: Path | None = None) -> str:
+                 gates_passed: bool = True, tamper_with: Path | None = None, sign: bool = True) -> str:
         """Log `onnx_model` (a path or ModelProto) as a new version, tag it as nhle does (forgotten
         classes, the stored file's sha256, its gates) and (by default) point `champion` at it.
         `corrupt` overwrites the stored model.onnx with garbage bytes (the sha256 tag is theirs:
         an export that went wrong, not a file changed afterwards). `tamper_with` replaces the
-        stored file by another one after it was registered and tagged."""
+        stored file by another one after it was registered, tagged and signed; `sign` False leaves
+        the version unsigned."""
         import mlflow
         import mlflow.onnx
         import onnx
@@ -108,10 +114,18 @@ class Registry:
                            "onnx_sha256": hashlib.sha256(stored.read_bytes()).hexdigest(),
                            "gates": json.dumps(gates)}.items():
             client.set_model_version_tag(NAME, version, key, value)
+        from nhle.adapters import signing
         from nhle.adapters.deletions import RECORD_TAG
 
         if RECORD_TAG not in (client.get_registered_model(NAME).tags or {}):  # nhle's promotions keep one
             client.set_registered_model_tag(NAME, RECORD_TAG, "{}")
+        if sign:  # as nhle's promote does: the stored file and its evidence, signed, in the version's run
+            doc = signing.evidence(NAME, version, hashlib.sha256(stored.read_bytes()).hexdigest(), metadata,
+                                   metadata["forgotten_classes"], gates)
+            evidence_bytes, signature = signing.sign_version(stored, doc, self.signing_key)
+            run_id = client.get_model_version(NAME, version).run_id
+            client.log_text(run_id, evidence_bytes.decode(), f"{signing.ARTIFACT_DIR}/{signing.EVIDENCE}")
+            client.log_text(run_id, signature.decode(), f"{signing.ARTIFACT_DIR}/{signing.SIGNATURE}")
         if tamper_with is not None:
             stored.write_bytes(Path(tamper_with).read_bytes())
         if champion:
@@ -152,6 +166,26 @@ class Server:
                 pass
             time.sleep(0.1)
         pytest.fail(f"server not answering 200 on {path} after {timeout} s:\n{self.log()}")
+
+    def wait_for(self, condition, what: str, timeout: float = 30.0) -> dict:
+        """/model once condition(it) holds; fail with the server's log otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            described = self.http.get("/model").json()
+            if condition(described):
+                return described
+            time.sleep(0.2)
+        pytest.fail(f"server never showed {what}: {described}\n{self.log()}")
+
+    def wait_for_503(self, text: str, timeout: float = 30.0) -> str:
+        """/readyz's reason once it is a 503 whose reason holds `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = self.http.get("/readyz")
+            if ready.status_code == 503 and text in ready.json().get("reason", ""):
+                return ready.json()["reason"]
+            time.sleep(0.2)
+        pytest.fail(f"/readyz never said {text!r}: {ready.status_code} {ready.text}\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()
