@@ -221,6 +221,23 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """The project's signing key pair (registry.signing_key, serving.verify_key), made on purpose;
+    refused where either file exists."""
+    from nhle.adapters.signing import create_key_pair
+    from nhle.orchestration.steps import project_path
+
+    params = resolve_params(args)
+    key, public = (project_path(Path(args.project_dir), params.registry.signing_key),
+                   project_path(Path(args.project_dir), params.serving.verify_key))
+    try:
+        create_key_pair(key, public)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    print(f"wrote {key} (private: keep it out of git, where the pipeline runs) and {public} (public: where servers run)")
+    return 0
+
+
 def cmd_run(args) -> int:
     from nhle.cli.jobs import run_command
 
@@ -405,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "format); --write FILE writes it")
     settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
     settings.set_defaults(func=cmd_params)
+
+    keys = add_command(commands, "keys", help="the signing key pair every version is signed and verified with")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    add_command(key_actions, "create", parents=[project_parent()],
+                help="write registry.signing_key and serving.verify_key (the first promotion of a new registered "
+                     "model makes them too)").set_defaults(func=cmd_keys)
 
     run = add_command(commands, "run", parents=[project_parent(), model_parent()], help="the main job: train a base model if there is no champion, "
                               "run one forget flow, print the registry state")
