@@ -28,6 +28,15 @@ def trained(digits):
     return model
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """mlflow.set_tracking_uri (every `configure`) also sets MLFLOW_TRACKING_URI, which
+    params.tracking_uri() takes as the user's own choice: left behind, it would send the next
+    test's project to this test's store. MLflow keeps the URI set in-process all the same."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (its start-up costs ~20 s on 2 cores)."""

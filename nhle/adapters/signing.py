@@ -88,7 +88,7 @@ def verify_version(onnx_path: Path, evidence_bytes: bytes, signature: bytes, pub
 
     if not public_key.exists():
         raise ValueError(f"no public key at {public_key} to verify the version's signature with: copy the "
-                         "project's keys/nhle-signing.pub there, or set NHLE_VERIFY_KEY (registry.verify_key)")
+                         "project's keys/nhle-signing.pub there, or set NHLE_VERIFY_KEY (serving.verify_key)")
     with tempfile.TemporaryDirectory(prefix="nhle-verify-") as tmp:
         folder = signed_folder(onnx_path, evidence_bytes, Path(tmp))
         (Path(tmp) / SIGNATURE).write_bytes(signature)

@@ -291,7 +291,17 @@ def onnx_file_of(version: str) -> Path:
     return Path(location.removeprefix("file://"), "model.onnx")
 
 
+def unready_because(http, text: str, timeout: float = 30.0) -> str:
+    """/readyz's reason once it holds `text` (a server that serves nothing says why)."""
+    deadline = time.monotonic() + timeout
+    while text not in (reason := http.get("/readyz").json().get("reason", "")):
+        assert time.monotonic() < deadline, reason
+        time.sleep(0.3)
+    return reason
+
+
 def test_a_replaced_champion_file_gets_503_never_an_older_model(project, serve, digits):
+
     """The champion's ONNX file replaced on disk, a fresh server: the champion is refused (its
     sha256 differs) and no other version forgets every class on record (3 by `nhle run`, 7 by
     request 3), so the server answers 503 with the reason instead of serving one that predicts them."""
@@ -302,10 +312,7 @@ def test_a_replaced_champion_file_gets_503_never_an_older_model(project, serve, 
     images = digits.test.float_images()[(digits.test.labels == 3).numpy()][:20].numpy()
     try:
         with serve(project, ready=False) as http:
-            deadline = time.monotonic() + 30
-            while "no other version" not in (reason := http.get("/readyz").json().get("reason", "")):
-                assert time.monotonic() < deadline, reason
-                time.sleep(0.3)
+            reason = unready_because(http, "no other version")
             assert f"version {champion}'s ONNX file has sha256" in reason and "[3, 7]" in reason, reason
             assert http.get("/readyz").status_code == 503
             answer = http.post("/predict", json={"instances": images.tolist()})
@@ -341,10 +348,7 @@ def test_a_lost_ledger_is_covered_by_the_registered_models_record(project, serve
         client().delete_registered_model_tag(NAME, RECORD_TAG)  # a model from before there was a record
         try:
             with serve(project, ready=False) as http:
-                deadline = time.monotonic() + 30
-                while "does not exist" not in (reason := http.get("/readyz").json().get("reason", "")):
-                    assert time.monotonic() < deadline, reason
-                    time.sleep(0.3)
+                reason = unready_because(http, "does not exist")
                 assert "carries no record of its own" in reason and "nhle request init" in reason, reason
             assert cli(project, "request", "process") == 2 and not ledger.exists()
         finally:

@@ -3,7 +3,6 @@ plain functions on real MLflow (SQLite), DVC and the request ledger in a temp fo
 is built up test by test: a base champion, then forgets with a recipe made to fail."""
 import json
 import logging
-import os
 import shutil
 
 import mlflow
@@ -42,7 +41,6 @@ def project(tmp_path_factory, mlflow_template):
     shutil.copy(mlflow_template, root / "mlflow.db")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     params = params_of()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # left by another project's configure: it would win
     configure(params, root)
     assert pipeline.train_base(params, root)["promoted"]
     return root
@@ -50,8 +48,7 @@ def project(tmp_path_factory, mlflow_template):
 
 @pytest.fixture
 def tracked(project):
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # other test modules point MLflow elsewhere
-    configure(params_of(), project)
+    configure(params_of(), project)  # other test modules point MLflow elsewhere
     return project
 
 

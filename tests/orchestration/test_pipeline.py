@@ -1,7 +1,6 @@
 """nhle.orchestration without Prefect: the flows' functions run with the plain engine (`call`, or
 any `run(step, *args)`), on real MLflow (SQLite), DVC and the request ledger in a temp folder."""
 import logging
-import os
 import shutil
 
 import yaml
@@ -16,7 +15,6 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": 4}, "retrain_baseline": False,
                                                           "gates": {"min_retain_test_acc": 0.8}}))
     params = load_params(tmp_path / "params.yaml")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # left by another project's configure: it would win
     configure(params, tmp_path)
     ran = []
 
@@ -52,7 +50,6 @@ def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later
         # within its cap, so a gain of 1000 cannot be met): both requests start from version 1.
         "gates": {"min_relearn_gain": 1000.0}}))
     params = load_params(tmp_path / "params.yaml")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # left by another project's configure: it would win
     configure(params, tmp_path)
     base = pipeline.train_base(params, tmp_path)
 
