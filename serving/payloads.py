@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from nhle_serving.models import LoadedModel
 from nhle_serving.settings import ApiError, Settings, bad, error_body
@@ -211,9 +211,9 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
             spend_pixels(img.width * img.height, where)
             with DECODE_SLOTS:
                 return decoded(img, c, h, w)
-    except ApiError:
+    except (ApiError, MemoryError):
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:  # whatever a decoder raises on hostile bytes (EXIF: TypeError, struct.error) is a 400
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(err))  # no addresses
         raise bad("bad_image", f"{where} could not be decoded as an image: {message}", 400) from None
 

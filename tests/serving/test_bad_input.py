@@ -196,3 +196,43 @@ def test_admin_reload_disabled_without_token_and_not_ready_without_model(tmp_pat
             assert r.status_code == 503 and "no model loaded" in r.json()["detail"]
 
     asyncio.run(calls())
+
+
+def jpeg_with_exif() -> tuple[bytes, int, int]:
+    """An 8 x 8 JPEG with an EXIF segment (orientation and a few tags), and where that segment's
+    bytes lie in it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate on decoding (ImageOps.exif_transpose reads it)
+    exif[0x010F] = "nhle"
+    exif[0x0132] = "2026:12:07 12:00:00"
+    buffer = io.BytesIO()
+    Image.effect_noise((8, 8), 64).save(buffer, format="JPEG", exif=exif.tobytes())
+    data = buffer.getvalue()
+    start = data.index(b"Exif\x00\x00")
+    return data, start + 6, start + 6 + len(exif.tobytes())
+
+
+def test_images_with_mutated_exif_get_a_4xx_never_a_5xx(server):
+    """1,000 JPEGs with a few random bytes of their EXIF segment changed (fixed seed): the
+    decoder's errors on them (TypeError, struct.error, ...) are the input's fault: 200 or 400."""
+    import random
+
+    data, start, end = jpeg_with_exif()
+    rng = random.Random(0)
+    statuses = {}
+    for i in range(1000):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(start, end)] = rng.randrange(256)
+        response = server.http.post("/predict", json={"instances": [base64.b64encode(bytes(mutated)).decode()]})
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (i, response.status_code, response.text)
+    assert set(statuses) <= {200, 400} and statuses.get(200, 0) > 0, statuses
+
+
+def test_an_inference_header_length_of_5000_digits_is_a_400(server):
+    from serving_support import NAME
+
+    response = server.http.post(f"/v2/models/{NAME}/infer", content=b"{}",
+                                headers={"Inference-Header-Content-Length": "9" * 5000})
+    assert response.status_code == 400 and "Inference-Header-Content-Length" in response.text, response.text
