@@ -57,7 +57,9 @@ class Settings(ServingConfig):
             if raw is None or not raw.strip() or f.name == "notify":
                 continue
             # text as a YAML scalar, as params.yaml would give it: "10" -> 10, "0.5" -> 0.5
-            value = raw.strip().lower() if isinstance(getattr(settings, f.name), str) else yaml.safe_load(raw)
+            # (a choice, such as NHLE_DEVICE, in any case; a path, such as NHLE_VERIFY_KEY, as given)
+            text = raw.strip().lower() if "choices" in f.metadata else raw.strip()
+            value = text if isinstance(getattr(settings, f.name), str) else yaml.safe_load(raw)
             try:
                 settings = replace(settings, **{f.name: value})
             except ValueError as err:
