@@ -38,6 +38,7 @@ import hmac
 import json
 import logging
 import sys
+import time
 
 import numpy as np
 from fastapi import Request
@@ -255,20 +256,54 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
 
     add_open_inference_routes(app, manager, settings)
 
+    attempts = FailedAttempts()
+
     @app.post("/admin/reload")
     async def admin_reload(request: Request):
         """Check the alias now and swap if it moved; retries a version that failed before."""
         if not settings.admin_token:
             raise ApiError(403, "disabled", "admin reload is disabled: start the server with NHLE_ADMIN_TOKEN set")
+        client = request.client.host if request.client else "unknown"
+        attempts.check(client)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
+            attempts.failed(client)
             raise ApiError(401, "unauthorized", "missing bearer token: send Authorization: Bearer <NHLE_ADMIN_TOKEN>")
         if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+            attempts.failed(client)
             raise ApiError(401, "unauthorized", "wrong bearer token")
         outcome = await run_in_threadpool(manager.refresh, True, "admin reload")
         return {**outcome, "model": manager.describe()}
 
     return app
+
+
+class FailedAttempts:
+    """Failed admin attempts per client address: after `limit` of them within `window` seconds,
+    every attempt from that address gets 429 until the oldest leaves the window, so a token
+    cannot be guessed by trying; each failure is logged with the address."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self.failures: dict[str, list[float]] = {}
+
+    def recent(self, client: str) -> list[float]:
+        now = time.monotonic()
+        kept = [t for t in self.failures.get(client, []) if now - t < self.window]
+        self.failures[client] = kept
+        return kept
+
+    def check(self, client: str) -> None:
+        recent = self.recent(client)
+        if len(recent) >= self.limit:
+            wait = max(1, int(self.window - (time.monotonic() - recent[0])) + 1)
+            raise ApiError(429, "too_many_attempts", f"{len(recent)} failed admin attempts from {client} in the last "
+                                                     f"{self.window:.0f} s: try again in {wait} s")
+
+    def failed(self, client: str) -> None:
+        self.recent(client).append(time.monotonic())
+        log.warning("admin reload: missing or wrong token from %s (%d failed in the last %.0f s)", client,
+                    len(self.failures[client]), self.window)
 
 
 def add_open_inference_routes(app, manager: ModelManager, settings: Settings):

@@ -22,6 +22,10 @@ OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # keys: OR
 DEVICES = SERVING_DEVICES
 
 
+MIN_ADMIN_TOKEN = 32
+"""Fewest characters an admin token may have: the server refuses to start with a shorter one."""
+
+
 @dataclass(frozen=True)
 class Settings(ServingConfig):
     """What the server runs with: params.yaml's `serving:` section (nhle.core.config.ServingConfig:
@@ -42,6 +46,10 @@ class Settings(ServingConfig):
         super().check()
         for name in ("params_path", "project_dir"):  # str is fine too
             object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"NHLE_ADMIN_TOKEN is {len(self.admin_token)} characters long; at least {MIN_ADMIN_TOKEN} are "
+                             "needed, so that it cannot be guessed (make one: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))')")
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":

@@ -42,7 +42,7 @@ import yaml
 from nhle.adapters.processes import free_port, stop_process
 from nhle.core.config import load_params, params_as_dict, with_assignments
 
-ADMIN_TOKEN = "nhle-bench-serve"
+ADMIN_TOKEN = "nhle-bench-serve-admin-token-32-characters"
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 # (variant, server, path, body format): what each round sends, in this order.
 VARIANTS = [("nhle /predict (JSON)", "nhle", "/predict", "predict"),

@@ -189,7 +189,7 @@ def normalisation_flags() -> str:
     return found.group(1)
 
 
-ADMIN_TOKEN = (("NHLE_ADMIN_TOKEN", "doctest-admin-token"),)  # serving/README.md's operator has set it
+ADMIN_TOKEN = (("NHLE_ADMIN_TOKEN", "doctest-admin-token-of-at-least-32-characters"),)  # serving/README.md's operator has set it
 
 OWN_FORM_1 = (Sub("--image-size 224", "--image-size 32", SMALL),)
 OWN_FORM_2 = (Sub("http://mlflow.internal:5000", "{their_store_uri}",

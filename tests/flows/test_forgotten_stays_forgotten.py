@@ -169,7 +169,7 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, capsys, m
     `nhle request process` returns: the flow called its /admin/reload right after the alias move."""
     import yaml
 
-    token = "notify-test-token"
+    token = "notify-test-token-of-at-least-32-characters"
     with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
         before = http.get("/model").json()["version"]
         params = yaml.safe_load((project / "params.yaml").read_text())

@@ -236,3 +236,24 @@ def test_an_inference_header_length_of_5000_digits_is_a_400(server):
     response = server.http.post(f"/v2/models/{NAME}/infer", content=b"{}",
                                 headers={"Inference-Header-Content-Length": "9" * 5000})
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.text, response.text
+
+
+def test_a_short_admin_token_is_refused_at_start():
+    from nhle_serving.settings import Settings
+
+    with pytest.raises(ValueError, match="NHLE_ADMIN_TOKEN is 1 characters long; at least 32"):
+        Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml", "NHLE_ADMIN_TOKEN": "x"})
+
+
+def test_failed_admin_attempts_are_limited_and_logged(champion_registry, start_server):
+    """Five wrong tokens from one address within a minute: the sixth attempt, even with the right
+    token, gets 429 with when to try again; every failure is logged with the address."""
+    from serving_support import ADMIN_TOKEN
+
+    server = start_server(champion_registry.root)
+    for token in ["wrong"] * 5:
+        assert server.http.post("/admin/reload", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    for token in ("wrong", ADMIN_TOKEN):
+        refused = server.http.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
+        assert refused.status_code == 429 and "try again in" in refused.json()["detail"], refused.text
+    assert server.log().count("missing or wrong token from 127.0.0.1") == 5

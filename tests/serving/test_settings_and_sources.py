@@ -13,12 +13,12 @@ from serving_support import preprocessing
 
 def test_settings_from_env():
     s = nhle_serving.settings.Settings.from_env({
-        "NHLE_PARAMS": "p.yaml", "NHLE_PROJECT_DIR": "/srv", "NHLE_MODEL": "models:/m@prod", "NHLE_ADMIN_TOKEN": "t",
+        "NHLE_PARAMS": "p.yaml", "NHLE_PROJECT_DIR": "/srv", "NHLE_MODEL": "models:/m@prod", "NHLE_ADMIN_TOKEN": "t" * 32,
         "NHLE_POLL_SECONDS": "0.5", "NHLE_MAX_INSTANCES": "10", "NHLE_MAX_BODY_BYTES": "2048",
         "NHLE_ORT_THREADS": "2", "NHLE_ORT_OPT_LEVEL": "Basic", "NHLE_DEVICE": "cpu",
         "NHLE_VERIFY_KEY": "/etc/Keys/Nhle.pub"})
     assert s.verify_key == "/etc/Keys/Nhle.pub"  # a path as given; choices in any case (Basic)
-    assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == ("p.yaml", "/srv", "models:/m@prod", "t")
+    assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == ("p.yaml", "/srv", "models:/m@prod", "t" * 32)
     assert (s.poll_seconds, s.max_instances, s.max_body_bytes, s.ort_threads) == (0.5, 10, 2048, 2)
     assert (s.ort_opt_level, s.device) == ("basic", "cpu")
     default = nhle_serving.settings.Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml"})
