@@ -116,8 +116,9 @@ def parse_input(tensor, model: LoadedModel, binary: bytes, settings: Settings) -
     c, h, w = model.input_shape
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise bad("bad_shape", f"inputs[0].shape must be a list of whole numbers, got {shape!r}", 400)
-    if len(shape) != 4 or shape[1:] != [c, h, w] or shape[0] < 0:
-        raise bad("bad_shape", f"inputs[0].shape is {shape}; this model takes [N, {c}, {h}, {w}]", 400)
+    if len(shape) != 4 or shape[1:] != [c, h, w] or shape[0] < 1:
+        raise bad("bad_shape", f"inputs[0].shape is {shape}; this model takes [N, {c}, {h}, {w}] with N >= 1 images",
+                  400)
     check_count(shape[0], settings, "inputs[0] images")
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):

@@ -213,6 +213,8 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
                 return decoded(img, c, h, w)
     except (ApiError, MemoryError):
         raise
+    except Image.DecompressionBombError as err:  # Pillow's own pixel limit, met before ours could be
+        raise bad("image_too_large", f"{where} is too large to decode: {err}", 413) from None
     except Exception as err:  # whatever a decoder raises on hostile bytes (EXIF: TypeError, struct.error) is a 400
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(err))  # no addresses
         raise bad("bad_image", f"{where} could not be decoded as an image: {message}", 400) from None

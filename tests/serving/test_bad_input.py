@@ -257,3 +257,25 @@ def test_failed_admin_attempts_are_limited_and_logged(champion_registry, start_s
         refused = server.http.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
         assert refused.status_code == 429 and "try again in" in refused.json()["detail"], refused.text
     assert server.log().count("missing or wrong token from 127.0.0.1") == 5
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels and holds none (what a bomb sends first)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_pixel_limit_is_a_413_and_zero_v2_images_a_400(server):
+    from serving_support import NAME
+
+    bomb = base64.b64encode(png_header_only(50_000, 50_000)).decode()  # 2.5 billion pixels, by its header
+    response = server.http.post("/predict", json={"instances": [bomb]})
+    assert response.status_code == 413 and "too large" in response.json()["detail"], response.text
+    empty = server.http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+        {"name": "images", "shape": [0, 1, 8, 8], "datatype": "FP32", "data": []}]})
+    assert empty.status_code == 400 and "N >= 1" in empty.json()["error"], empty.text
