@@ -1,13 +1,14 @@
 """The nhle model server: ONNX Runtime behind FastAPI, following an MLflow registry alias.
 
-    uvicorn nhle_serving.server:create_app --factory --host 127.0.0.1 --port 8000
+    uvicorn nhle_serving.server:create_app --factory --http nhle_serving.http:GuardedProtocol \
+        --host 127.0.0.1 --port 8000
     nhle serve --host 127.0.0.1 --port 8000          # the same through the CLI
 
 Settings come from params.yaml's `serving:` section, each overridden by an environment variable
 (see `Settings.from_env` and serving/README.md):
 NHLE_PARAMS, NHLE_PROJECT_DIR, NHLE_MODEL, NHLE_ADMIN_TOKEN, NHLE_POLL_SECONDS,
 NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_REQUEST_PIXELS,
-NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_MICRO_BATCHING, NHLE_MICRO_BATCH_MAX_IMAGES,
+NHLE_MAX_HEADER_BYTES, NHLE_HEADER_TIMEOUT_SECONDS, NHLE_KEEP_ALIVE_SECONDS, NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_MICRO_BATCHING, NHLE_MICRO_BATCH_MAX_IMAGES,
 NHLE_MICRO_BATCH_WAIT_MS, NHLE_DEVICE.
 
 Model input: float32 pixels in [0, 1], shape (C, H, W) per image, exactly what the exported

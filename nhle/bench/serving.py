@@ -132,7 +132,7 @@ def nhle_server(project_dir: Path, log_path: Path, port: int | None = None, **se
     env = {"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(project_dir / "params.yaml"),
            "NHLE_ADMIN_TOKEN": ADMIN_TOKEN, **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()}}
     return ServerProcess([sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-                          "--host", "127.0.0.1", "--port", "{port}", "--no-access-log", "--log-level", "warning"],
+                          "--http", "nhle_serving.http:GuardedProtocol", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log", "--log-level", "warning"],
                          env, log_path, port, cwd=project_dir)
 
 

@@ -315,7 +315,8 @@ def cmd_serve(args) -> int:
     os.environ["NHLE_PROJECT_DIR"] = str(Path(args.project_dir).resolve())
     if args.model or args.name:
         os.environ["NHLE_MODEL"] = args.model or params.registry.champion_uri()
-    uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port)
+    uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port,
+                http="nhle_serving.http:GuardedProtocol")
     return 0
 
 

@@ -496,6 +496,15 @@ class ServingConfig(Section):
     """Largest request body accepted (413 above it)."""
     body_timeout_seconds: float = setting(30.0, above=0.0)
     """A request body must arrive whole within this many seconds (else 408, connection closed)."""
+    max_header_bytes: int = setting(64 * 1024, at_least=1024)
+    """Largest request head (request line and headers) accepted; above it the answer is 431 and
+    the connection is closed, before the rest is read."""
+    header_timeout_seconds: float = setting(10.0, above=0.0)
+    """A request head must arrive whole within this many seconds of its first byte (else 408,
+    connection closed): a client that trickles headers cannot hold a connection."""
+    keep_alive_seconds: float = setting(5.0, above=0.0)
+    """A connection with no request under way is closed after this many idle seconds, a new one
+    that sends nothing included."""
     max_request_pixels: int = setting(64 * 1024 * 1024, at_least=1)
     """Most image pixels (width x height from each header, before decoding) one request may have
     decoded, summed over its images (413 above it): bounds one request's decoding work."""

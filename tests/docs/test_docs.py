@@ -231,8 +231,8 @@ CASES = [
         expect=('"predictions"',)),
     Case("serving/README.md", "nhle serve --host", activated=True, env=ADMIN_TOKEN, subs=(
         Sub("--port 8000", "--port {serve_port}", FREE_PORT),
-        Sub("NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory",
-            "NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory --port {serve_port}",
+        Sub("NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory --http nhle_serving.http:GuardedProtocol",
+            "NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory --http nhle_serving.http:GuardedProtocol --port {serve_port}",
             FREE_PORT + " (uvicorn's default)"))),
     Case("serving/README.md", "curl -s localhost:8000/predict", env=ADMIN_TOKEN, subs=(
         Sub("localhost:8000", "localhost:{serve_port}", FREE_PORT),),

@@ -140,18 +140,25 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.env = env = self.environment(project_dir, **settings)
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
+             "--http", "nhle_serving.http:GuardedProtocol",
+             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    @staticmethod
+    def environment(project_dir: Path, **settings) -> dict:
+        """This process's environment without NHLE_* and MLflow's URI, plus the project's and
+        `settings` as NHLE_* variables (max_body_bytes=1024 -> NHLE_MAX_BODY_BYTES=1024)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
         env.update(QUIET_ENV)
         env.update({"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(Path(project_dir) / "params.yaml"),
                     "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
         env.update({f"NHLE_{k.upper()}": str(v) for k, v in settings.items()})
-        self.env = env
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        return env
 
     def wait(self, path: str = "/readyz", timeout: float = 60.0):
         """Wait until `path` answers 200; fail with the server's log otherwise."""
