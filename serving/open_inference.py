@@ -77,6 +77,10 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise bad("bad_encoding", f"the body is not valid {encoding} data: {err}", 400) from None
     if len(out) > limit:
         raise bad("payload_too_large", f"the body decompresses to more than {limit} bytes (NHLE_MAX_BODY_BYTES)", 413)
+    if not inflater.eof:  # a gzip member without its CRC and length trailer, or deflate cut short
+        raise bad("bad_encoding", f"the body is not complete {encoding} data: it ends before its end marker", 400)
+    if inflater.unused_data:
+        raise bad("bad_encoding", f"the body has {len(inflater.unused_data)} bytes after its {encoding} data", 400)
     return out
 
 

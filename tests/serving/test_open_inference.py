@@ -166,6 +166,22 @@ def test_gzip_bodies_are_read_and_bombs_refused(server, all_digits):
     assert r.status_code == 413 and "decompresses to more than" in r.json()["error"]
 
 
+def test_a_compressed_body_cut_short_or_with_bytes_after_it_is_a_400(server):
+    import gzip
+    import zlib
+
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                   "data": [0.5] * 64}]}).encode()
+    url = f"/v2/models/{NAME}/infer"
+    whole = gzip.compress(body)
+    assert server.http.post(url, content=whole, headers={"Content-Encoding": "gzip"}).status_code == 200
+    for encoding, sent, words in [("gzip", whole[:-8], "ends before its end marker"),  # no CRC and length
+                                  ("deflate", zlib.compress(body)[:-4], "ends before its end marker"),
+                                  ("gzip", whole + b"junk", "4 bytes after its gzip data")]:
+        r = server.http.post(url, content=sent, headers={"Content-Encoding": encoding})
+        assert r.status_code == 400 and words in r.json()["error"], (encoding, r.status_code, r.text)
+
+
 @pytest.mark.parametrize("micro_batching", [False, True])
 def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_files, digits, start_server, all_digits,
                                                          micro_batching):
