@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from nhle.adapters.processes import free_port, stop_process
@@ -243,12 +242,19 @@ def summary(phases: list[dict], images_per_request: int, requested: int, concurr
                               if done and all(p["server_cpu"] is not None for p in phases) else None)}
 
 
+def torch_version() -> str:
+    import torch  # here, not at the top: `nhle serve` builds its parser from this module
+
+    return torch.__version__
+
+
 def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: int, deadline: float,
                      round_seconds: float = 0.5) -> dict:
     """Images/s of an in-process ONNX Runtime session and of PyTorch eager on the same batches,
     interleaved round by round; both on the CPU, each with its default thread count. Each round
     passes over the batches often enough to take about `round_seconds` per runtime."""
     import onnxruntime
+    import torch
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -403,7 +409,7 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
             result["swap"] = swap_time(scratch[0], work)
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
               "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-                          "python": platform.python_version(), "torch": torch.__version__,
+                          "python": platform.python_version(), "torch": torch_version(),
                           "onnxruntime": onnxruntime.__version__},
               "model": {"source": origin, "uri": model_uri, "dataset": params.data.dataset,
                         "forgotten_classes": model.forgotten_classes},

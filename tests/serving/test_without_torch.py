@@ -53,3 +53,57 @@ def test_the_server_serves_the_champion_where_torch_cannot_be_imported(champion_
     assert returned and not returned & set(described["forgotten_classes"])
     refused = (tmp_path / "refused").read_text().split() if (tmp_path / "refused").exists() else []
     assert not {name.split(".")[0] for name in refused} & {"torch", "torchvision", "sklearn"}, refused
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def nhle_serve(project_dir: Path, log_path: Path):
+    """`nhle serve` of the project as a child process, once it answers /readyz."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from nhle.adapters.processes import free_port
+    from serving_support import Server
+
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("nhle")), "serve", "--port", str(port)],
+                            env=Server.environment(project_dir), stdout=log, stderr=subprocess.STDOUT, cwd=project_dir)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(log_path.read_text())
+        time.sleep(0.2)
+
+
+def test_nhle_serve_never_loads_torch_where_it_is_installed(champion_registry, tmp_path):
+    """After `nhle serve` loaded, verified and served the champion, no torch library is mapped
+    in its process, and its resident memory is under 400 MiB on the embedded model."""
+    import httpx
+    from nhle.adapters.processes import stop_process
+
+    proc, url = nhle_serve(champion_registry.root, tmp_path / "serve.log")
+    try:
+        for _ in range(20):
+            response = httpx.post(url + "/predict", json={"instances": [[[0.5] * 8] * 8] * 16, "top_k": 3})
+            assert response.status_code == 200, response.text
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        torch_libraries = sorted({line.split()[-1] for line in maps.splitlines() if "/torch/" in line})
+        resident = resident_mib(proc.pid)
+    finally:
+        stop_process(proc)
+    assert not torch_libraries, torch_libraries[:5]
+    assert resident < 400, resident
