@@ -20,7 +20,7 @@ from nhle.core.audit import relearn_sentence
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
-from nhle.core.training import evaluate, recipe_of, train_model, training_spec
+from nhle.core.training import check_training, evaluate, recipe_of, train_model, training_spec
 from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
 
 
@@ -34,15 +34,25 @@ def train_base_model(data_config: DataConfig, train_config: TrainConfig, data: S
                progress: bool = True, model_config: ModelConfig = ModelConfig()) -> tuple[MaskedClassifier, dict]:
     """Train the base model (model_config.arch from random initialisation); returns it and the
     checkpoint metadata to save with it."""
-    if model_config.weights != "none" or model_config.from_mlflow:
-        raise ValueError("model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
-                         "(training starts from random initialisation, so it would ignore them)")
     data = data or load_data(data_config)
     model, seconds = train_model(data, train_config, seed=data_config.seed, progress=progress,
-                                 spec=training_spec(model_config, data))
+                                 spec=base_spec(model_config, data))
     meta = base_meta(data_config, model_config, train_config, data)
     meta["metrics"] = {**base_metrics(model, data), "train_seconds": seconds}
     return model, meta
+
+
+def base_spec(model_config: ModelConfig, data: Splits) -> ModelSpec:
+    """The network a base model of `data` is trained as, refusing settings that ask for another."""
+    if model_config.weights != "none" or model_config.from_mlflow:
+        raise ValueError("model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
+                         "(training starts from random initialisation, so it would ignore them)")
+    return training_spec(model_config, data)
+
+
+def check_base_training(model_config: ModelConfig, train_config: TrainConfig, data: Splits) -> None:
+    """Refuses at once the settings that train_base_model would refuse midway."""
+    check_training(base_spec(model_config, data), train_config)
 
 
 def base_meta(data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig, data: Splits) -> dict:

@@ -136,20 +136,29 @@ def training_spec(model: ModelConfig, data: Splits) -> ModelSpec:
                      height if height == width else None, model.head)
 
 
+def check_training(spec: ModelSpec, config: TrainConfig) -> MaskedClassifier:
+    """A fresh `spec` network, untrained, once the settings are known to allow training it: what
+    training would refuse midway (a device that is not there, an architecture unknown or not
+    buildable for the data) is refused here, in well under a second, before any run is logged."""
+    resolve_device(config.device)
+    if spec.arch == GRAPH:
+        raise ValueError("a model imported as a traced graph cannot be trained from scratch (its architecture is "
+                         "not known by name): import it with --arch and --weights, or set retrain_baseline: false")
+    return build_from_spec(spec)
+
+
 def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True,
                 spec: ModelSpec | None = None) -> tuple[MaskedClassifier, float]:
     """Train a fresh model (`spec`, default: the default ModelConfig's for `data`) on the train
     split less the `exclude` classes (not masked here).
 
     Returns the model (on the CPU, eval mode) and the wall-clock seconds of training."""
-    device = resolve_device(config.device)
-    seed_everything(seed)
-    train = split_by_classes(data.train, exclude)[1] if exclude else data.train
     spec = spec or training_spec(ModelConfig(), data)
-    if spec.arch == GRAPH:
-        raise ValueError("a model imported as a traced graph cannot be trained from scratch (its architecture is "
-                         "not known by name): import it with --arch and --weights, or set retrain_baseline: false")
-    model = build_from_spec(spec).to(device)
+    seed_everything(seed)  # before the network's initialisation
+    model = check_training(spec, config)
+    device = resolve_device(config.device)
+    train = split_by_classes(data.train, exclude)[1] if exclude else data.train
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=fused_adam(device))
     steps = config.epochs * -(-len(train) // config.batch_size)

@@ -79,6 +79,7 @@ def tracked(params: Params, run_name: str, tags: dict, body, logger=log) -> dict
 def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
     data = run(steps.training_data, params, root)
+    run(steps.check_settings, params, data)
     data_version = run(steps.version_data, params, root, data)
 
     def body(run_id):
@@ -126,6 +127,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
     model, checkpoint, parent = champion
     parent_version = str(parent.version)
     indices = validate_forget(model, classes, checkpoint["class_names"])  # before any log
+    run(steps.check_settings, params)
     data = run(steps.data_of_version, params, root, parent, checkpoint)
     data_version = run(steps.version_data, params, root, data)
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}

@@ -116,6 +116,17 @@ def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) ->
     return drop_classes(data, [data.class_names.index(n) for n in names if n in data.class_names])
 
 
+def check_settings(params: Params, data: Splits | None = None) -> None:
+    """What a flow would refuse midway, refused before its MLflow run starts (so a typo leaves
+    no FAILED run): the device and, given the training data, the base model to train on it."""
+    from nhle.core.experiment import check_base_training
+    from nhle.core.training import resolve_device
+
+    resolve_device(params.train.device)
+    if data is not None:
+        check_base_training(params.model, params.train, data)
+
+
 def train_candidate(params: Params, data: Splits) -> Candidate:
     """Train a base model; classes without training samples (deleted by forget requests) are
     masked, so the model can never predict them."""

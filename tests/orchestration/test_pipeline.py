@@ -3,6 +3,8 @@ any `run(step, *args)`), on real MLflow (SQLite), DVC and the request ledger in 
 import logging
 import shutil
 
+import pytest
+import torch
 import yaml
 
 from nhle.adapters.tracking import configure
@@ -26,7 +28,7 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
         return pipeline.forget(params, root, classes, run=engine, **options)
 
     base = pipeline.train_base(params, tmp_path, engine)
-    assert base["promoted"] and ran[:3] == ["training_data", "version_data", "train_candidate"]
+    assert base["promoted"] and ran[:4] == ["training_data", "check_settings", "version_data", "train_candidate"]
     submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
     result = requests.process_requests(params, tmp_path, engine, forget, logging.getLogger("test"))
 
@@ -62,3 +64,22 @@ def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later
     assert first["report"]["synthetic_inputs"] == "synthesised" and first["report"]["seconds"]["synthesis"] > 0
     assert "checkpoint/synthetic.pt" in kept  # beside version 1's checkpoint
     assert second["report"]["synthetic_inputs"] == "reused" and second["report"]["seconds"]["synthesis"] == 0.0
+
+
+@pytest.mark.parametrize("setting, error", [
+    ({"model": {"arch": "resnet19"}}, "unknown model 'resnet19'"),
+    ({"model": {"weights": "weights.pt"}}, "`nhle import` registers your model"),
+    ({"train": {"device": "cuda:0"}}, "no CUDA GPU is available")])
+def test_a_bad_setting_is_refused_before_any_mlflow_run_starts(tmp_path, mlflow_template, setting, error):
+    from mlflow import MlflowClient
+
+    if "device" in setting.get("train", {}) and torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda:0 is a good setting here")
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(setting))
+    params = load_params(tmp_path / "params.yaml")
+    configure(params, tmp_path)
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        pipeline.train_base(params, tmp_path)
+    experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
+    assert MlflowClient().search_runs(experiments) == []
