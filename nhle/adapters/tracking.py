@@ -2,7 +2,7 @@
 
     from nhle.adapters.tracking import configure, record_promotion, rollback
     configure(params)                               # tracking URI + experiment with artifact location
-    version = log_onnx_model("model.onnx", ...)     # a registered model version per run
+    version = log_version(run_id, name, "model.onnx", ...)   # a registered model version per run
     record_promotion(params.registry, version, *promotion_decision(gates, champion, parent))
 
 The only module of nhle (with nhle.adapters.mlflow_models) that imports mlflow. Alias moves
@@ -122,8 +122,10 @@ def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarr
                 report: dict | None, plots: dict, base_metrics: dict | None, tags: dict) -> str:
     """Everything a new version carries, logged to its run (dataset input, checkpoint,
     preprocessing, parity, report and plots or a base model's accuracy), then the ONNX model
-    registered as a new version of `model_name`, tagged with `tags` (and `relearn`, the report's
-    relearn shares, for the version page). Returns the version."""
+    registered as a new version of `model_name`, born with `tags` (and `relearn`, the report's
+    relearn shares, for the version page): a process killed right after the registration leaves
+    a version the next run can find by its tags (nhle.batch) and judge from its logged evidence.
+    A new registered model is born with an empty record of deleted classes. Returns the version."""
     with logging_to(run_id):
         mlflow.set_tags(data_version.as_tags())
         log_dataset(data, data_version)
@@ -136,10 +138,26 @@ def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarr
             mlflow.log_artifact(str(path), "plots")
         if base_metrics is not None:
             mlflow.log_metrics(base_metrics)
-        version = log_onnx_model(onnx_path, example, model_name, preprocessing, name=logged_name)
+        model_uri = log_onnx_model(onnx_path, example, preprocessing, name=logged_name)
     relearn = (report or {}).get("relearn")
-    tag_version(model_name, version.version, {**tags, **({"relearn": relearn} if relearn else {})})
-    return version.version
+    tags = {**tags, **({"relearn": relearn} if relearn else {})}
+    ensure_registered_model(model_name)
+    version = mlflow.register_model(model_uri, model_name, tags={k: as_tag(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def ensure_registered_model(name: str) -> None:
+    """Makes the registered model `name` when there is none, born with its own (empty) record of
+    deleted classes (nhle.adapters.deletions), so no version of it exists without that record."""
+    from nhle.adapters.deletions import RECORD_TAG, encode
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, tags={RECORD_TAG: encode({})})
 
 
 def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: str, version: str,
@@ -287,10 +305,9 @@ def log_dataset(data, data_version, context: str = "training") -> None:
     mlflow.log_input(dataset, context=context, tags=tags)
 
 
-def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, metadata: dict,
-                   name: str) -> ModelVersion:
+def log_onnx_model(onnx_path: Path, example: np.ndarray, metadata: dict, name: str) -> str:
     """Log the ONNX model as logged model `name` with a signature (its named output) and an input
-    example, and register a new version of it."""
+    example; returns its URI (registered by the caller, with its tags)."""
     import onnx
     from mlflow.models import infer_signature
 
@@ -298,17 +315,22 @@ def log_onnx_model(onnx_path: Path, example: np.ndarray, registered_name: str, m
 
     session = make_session(onnx_path)
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: example})))
-    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, registered_model_name=registered_name,
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name,
                                  signature=infer_signature(example, outputs), input_example=example,
                                  pip_requirements=ONNX_REQUIREMENTS, save_as_external_data=False,
                                  metadata=metadata, onnx_execution_providers=["CPUExecutionProvider"])
-    return MlflowClient().get_model_version(registered_name, str(info.registered_model_version))
+    return info.model_uri
+
+
+def as_tag(value) -> str:
+    """A tag's text: a str as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def tag_version(name: str, version: str, tags: dict) -> None:
     client = MlflowClient()
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value if isinstance(value, str) else json.dumps(value))
+        client.set_model_version_tag(name, version, key, as_tag(value))
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:

@@ -59,13 +59,7 @@ def tracked(params: Params, run_name: str, tags: dict, body, logger=log) -> dict
     the run ends FINISHED, or FAILED when body raises."""
     from nhle.adapters.tracking import finish_run, start_run
 
-    left = steps.clean_up_after_dead_runs(params)
-    for dead in left["runs"]:
-        logger.warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s", dead["run_id"],
-                       dead["owner"], f"; version(s) {dead['abandoned_versions']} it registered before judging their "
-                       "gates marked abandoned" if dead["abandoned_versions"] else "")
-    if left["work_dirs"]:
-        logger.warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
+    steps.clean_up_after_dead_runs(params, logger)
     run_id = start_run(params, run_name, tags)
     try:
         result = body(run_id)

@@ -167,6 +167,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
     close each request with its audit report. `run(step, *args)` runs each step. Returns the
     requests as they ended, the versions that settled them and the forget's unlearning attempts."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
+    from nhle.orchestration.steps import clean_up_after_dead_runs
 
     attempts = []
 
@@ -176,6 +177,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
         return result
 
     ledger = open_ledger(params, root)
+    clean_up_after_dead_runs(params, logger)  # a recovery below may need no forget, and so no tracked run
     owner = new_owner()
     claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
     logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)

@@ -262,12 +262,6 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
     version = log_version(run_id, params.registry.model_name, onnx_path, example,
                           logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
                           preprocessing, candidate.data, data_version, parity, report, plots, base_metrics, tags)
-    if str(version) == "1":  # a new registered model: its own record of deleted classes starts empty
-        from mlflow import MlflowClient
-
-        from nhle.adapters.deletions import write_registry_record
-
-        write_registry_record(MlflowClient(), params.registry.model_name, {})
     return version
 
 
@@ -542,13 +536,21 @@ def sweep_work_dirs() -> list[Path]:
     return swept
 
 
-def clean_up_after_dead_runs(params: Params) -> dict:
-    """What runs killed on this host left (at the start of every flow's run): their MLflow runs
-    still RUNNING are marked KILLED, a version one registered before judging its gates is marked
-    abandoned, and their scratch folders are removed."""
+def clean_up_after_dead_runs(params: Params, logger) -> dict:
+    """What runs killed on this host left (at the start of every flow's run and of every
+    request processing): their MLflow runs still RUNNING are marked KILLED, a version one
+    registered before judging its gates is marked abandoned, and their scratch folders are
+    removed; each is logged as a warning."""
     from nhle.adapters.tracking import reap_dead_runs
 
-    return {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
+    left = {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
+    for dead in left["runs"]:
+        logger.warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s", dead["run_id"],
+                       dead["owner"], f"; version(s) {dead['abandoned_versions']} it registered before judging their "
+                       "gates marked abandoned" if dead["abandoned_versions"] else "")
+    if left["work_dirs"]:
+        logger.warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
+    return left
 
 
 def discard_work_dir(candidate: Candidate) -> None:

@@ -77,7 +77,9 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
 
 
-def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, dead_owner):
+def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, dead_owner, caplog):
+    import logging
+
     from mlflow import MlflowClient
 
     from nhle.core.config import load_params
@@ -94,8 +96,9 @@ def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, d
     versions = {what: client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id).version
                 for what, run_id in runs.items()}
 
-    left = clean_up_after_dead_runs(load_params(root / "params.yaml"))
+    left = clean_up_after_dead_runs(load_params(root / "params.yaml"), logging.getLogger("test"))
     assert [r["run_id"] for r in left["runs"]] == [runs["dead"]]
+    assert f"MLflow run {runs['dead']} was left RUNNING" in caplog.text
     assert left["runs"][0]["abandoned_versions"] == [str(versions["dead"])]
     abandoned = client.get_model_version(NAME, versions["dead"])
     assert abandoned.tags["nhle.abandoned"] == "true"

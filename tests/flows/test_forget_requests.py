@@ -185,38 +185,56 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     assert [run.info.status for run in killed] == ["FAILED"]  # the dead run's MLflow run is closed
 
 
-def test_a_version_registered_by_a_dead_run_is_promoted_not_made_again(project, dead_owner):
-    """A run that died after registering its version: the next run settles that version (gates,
-    data deletion, promotion) instead of unlearning again."""
-    from nhle.adapters.tracking import start_run
-    from nhle.core.config import load_params
-    from nhle.orchestration import steps
+# `nhle request process` killed with SIGKILL the moment MLflow has created its version
+KILLED_AFTER_REGISTRATION = """
+import os, signal, sys
+import mlflow
+registered = mlflow.register_model
+def register_then_die(*args, **kwargs):
+    version = registered(*args, **kwargs)
+    print(f"registered version {version.version}: SIGKILL", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+mlflow.register_model = register_then_die
+from nhle.cli.commands import main
+sys.exit(main(sys.argv[1:]))
+"""
 
-    params = load_params(project / "params.yaml")
-    assert submit(project, "4", reason="registered then died") == 0
-    book = ledger(project)
-    request = book.list("pending")[0]
-    owner = dead_owner
-    book.claim(owner, 3600)
-    book.record(request.id, owner, batch=owner)
-    # what the dead run did before it died: unlearn, export, log and register (not settled)
-    model, checkpoint, parent = steps.load_champion(params)
-    data = steps.data_of_version(params, project, parent, checkpoint)
-    candidate = steps.forget_candidate(params, model, checkpoint, [4], str(parent.version), data)
-    onnx_path, parity = steps.export_and_check(params, candidate)
-    run_id = start_run(params, "died-after-register", {"nhle.batch": owner})
-    registered = steps.register_candidate(run_id, params, candidate, onnx_path, parity,
-                                          steps.version_data(params, project, data),
-                                          {"nhle.batch": owner, "nhle.request_ids": str(request.id)})
+
+def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project):
+    """SIGKILL right after "Created version N": the version is born with its tags (the batch,
+    the request ids), so the next run finds it and settles it from its logged evidence (gates,
+    data deletion, promotion) instead of unlearning again, and removes the dead run's scratch."""
+    import tempfile
+
+    import prefect.settings
+
+    assert submit(project, "4", reason="registered then killed") == 0
+    request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
-    assert str(champion.version) == str(parent.version)
-    assert book.get(request.id).status == "processing"  # a long lease, but its process is gone,
-    assert cli(project, "request", "process") == 0  # so this run (same host) takes it over
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_REGISTRATION, "request", "process", "--params",
+                             str(project / "params.yaml"), "--project-dir", str(project)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL and "registered version" in killed.stdout, killed.stdout + killed.stderr
+    registered = str(versions[-1] + 1)
+    after_kill, champion_after_kill = registry_state(project)
+    assert after_kill == versions + [int(registered)] and champion_after_kill.version == champion.version
+    from mlflow import MlflowClient
+
+    born_with = MlflowClient().get_model_version(NAME, registered).tags
+    held = ledger(project).get(request.id)
+    assert held.status == "processing" and born_with["nhle.batch"] == held.batch
+    assert born_with["nhle.request_ids"] == str(request.id) and "gates" not in born_with
+    pid = held.claimed_by.split(":")[1]
+    assert list(Path(tempfile.gettempdir()).glob(f"nhle-*-{pid}-*")), "the killed run left no scratch to test"
+
+    assert cli(project, "request", "process") == 0  # same host: the claimant's process is gone
     done = ledger(project).get(request.id)
-    assert done.status == "done" and done.model_version_after == str(registered)
+    assert done.status == "done" and done.model_version_after == registered
     after_versions, after_champion = registry_state(project)
-    assert after_versions == versions and str(after_champion.version) == str(registered)  # no second version
+    assert after_versions == after_kill and str(after_champion.version) == registered  # no second version
     assert "data_after.md5" in after_champion.tags
+    assert not list(Path(tempfile.gettempdir()).glob(f"nhle-*-{pid}-*"))
 
 
 def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
