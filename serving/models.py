@@ -304,6 +304,8 @@ class ModelManager:
         self.last_check: dict | None = None        # the last alias check (time, outcome)
         self.fallback: dict | None = None          # set while serving another version than the refused one
         self.deleted: dict | None = None           # the classes deleted on record at the last check, and whose record
+        self.verification: dict | None = None      # the last re-verification of the served version's files
+        self._verified_at = time.monotonic()
         self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
         self._lock = threading.Lock()              # one check/load at a time
         self._stop = threading.Event()
@@ -368,6 +370,45 @@ class ModelManager:
                  model.version, model.sha256[:12], ",".join(model.providers), model.load_seconds, serving)
         return {"outcome": "swapped", "serving_version": model.version, "previous_version": serving}
 
+    def reverify(self) -> dict | None:
+        """Fetch the served registry version's files again and check them as at load: the ONNX
+        file's sha256 against the one loaded, the registration tags and the signature. The outcome
+        (ok, or the mismatch) is kept for /readyz and /model; a registry that cannot be reached
+        changes nothing (the next poll tries again)."""
+        model, source = self.current, self.source
+        self._verified_at = time.monotonic()
+        if model is None or not source.registered:
+            return None
+        with tempfile.TemporaryDirectory(prefix="nhle-reverify-") as tmp:
+            try:
+                pointer = source.pointer_of(model.version)
+                onnx_path, _ = source.fetch(pointer, Path(tmp))
+            except Exception as err:
+                log.warning("re-verifying version %s: its files could not be fetched: %s", model.version, err)
+                return None
+            try:
+                digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+                if digest != model.sha256:
+                    raise ValueError(f"the registry's ONNX file of version {model.version} has sha256 {digest[:16]}..., "
+                                     f"not the {model.sha256[:16]}... verified and loaded")
+                check_registration(pointer, digest)
+                signed_metadata(source, pointer, onnx_path, Path(tmp))
+                outcome = {"time": now_iso(), "version": model.version, "ok": True}
+            except Exception as err:
+                outcome = {"time": now_iso(), "version": model.version, "ok": False,
+                           "message": f"{type(err).__name__}: {err}"}
+                log.error("the served version %s no longer verifies: %s", model.version, outcome["message"])
+        if self.current is model:
+            self.verification = outcome
+        return outcome
+
+    def mismatch(self) -> str | None:
+        """Why the served version's files no longer verify, when its last re-verification failed."""
+        check, model = self.verification, self.current
+        if check and not check["ok"] and model is not None and check["version"] == model.version:
+            return check["message"]
+        return None
+
     def _fall_back(self, source, refused: Pointer, message: str, deleted: dict[int, list[int]]) -> dict:
         """Nothing is served and the source's model was refused: serve the newest version that
         passes every check (gates, sha256, the classes deleted on record) instead, and say so."""
@@ -401,6 +442,8 @@ class ModelManager:
         while not self._stop.is_set():
             try:
                 self.refresh(reason="startup" if self.current is None and self.last_check is None else "poll")
+                if time.monotonic() - self._verified_at >= self.settings.verify_seconds:
+                    self.reverify()
             except Exception:  # never let the poller die
                 log.exception("model poller error")
             # Nothing served yet (registry or ledger unreachable, or every version refused): look
@@ -440,7 +483,8 @@ class ModelManager:
         info = {"ready": model is not None, "model_uri": getattr(self._source, "model_uri", self.settings.model),
                 "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
                 "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback,
-                "deleted_on_record": self.deleted,
+                "deleted_on_record": self.deleted, "verification": self.verification,
+                "verify_seconds": self.settings.verify_seconds,
                 "micro_batching": ({"max_images": self.batcher.max_images, "calls": self.batcher.calls,
                                     "images": self.batcher.images} if self.batcher else None)}
         if model is None:

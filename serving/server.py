@@ -7,9 +7,10 @@
 Settings come from params.yaml's `serving:` section, each overridden by an environment variable
 (see `Settings.from_env` and serving/README.md):
 NHLE_PARAMS, NHLE_PROJECT_DIR, NHLE_MODEL, NHLE_ADMIN_TOKEN, NHLE_POLL_SECONDS,
-NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_REQUEST_PIXELS,
-NHLE_MAX_HEADER_BYTES, NHLE_HEADER_TIMEOUT_SECONDS, NHLE_KEEP_ALIVE_SECONDS, NHLE_ORT_THREADS, NHLE_ORT_OPT_LEVEL, NHLE_MICRO_BATCHING, NHLE_MICRO_BATCH_MAX_IMAGES,
-NHLE_MICRO_BATCH_WAIT_MS, NHLE_DEVICE.
+NHLE_MAX_INSTANCES, NHLE_MAX_BODY_BYTES, NHLE_BODY_TIMEOUT_SECONDS, NHLE_MAX_HEADER_BYTES,
+NHLE_HEADER_TIMEOUT_SECONDS, NHLE_KEEP_ALIVE_SECONDS, NHLE_MAX_REQUEST_PIXELS, NHLE_ORT_THREADS,
+NHLE_ORT_OPT_LEVEL, NHLE_MICRO_BATCHING, NHLE_MICRO_BATCH_MAX_IMAGES, NHLE_MICRO_BATCH_WAIT_MS,
+NHLE_DEVICE, NHLE_VERIFY_SECONDS, NHLE_VERIFY_KEY.
 
 Model input: float32 pixels in [0, 1], shape (C, H, W) per image, exactly what the exported
 ONNX graph takes (normalisation and the forgotten-class mask are inside the graph). /predict
@@ -196,6 +197,10 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             error = manager.last_error["message"] if manager.last_error else check.get("error")
             reason = f"model not loaded yet: {error}" if error else "model not loaded yet"
             return JSONResponse({"ready": False, "reason": reason}, 503)
+        mismatch = manager.mismatch()
+        if mismatch:  # what is served was verified at load, but the registry no longer proves it
+            return JSONResponse({"ready": False, "version": model.version,
+                                 "reason": f"the served version's files no longer verify: {mismatch}"}, 503)
         refused = manager.refused()
         if refused:  # still ready: what is served passed every check; the alias's target did not
             return {"ready": True, "version": model.version, "refused_version": refused["version"],

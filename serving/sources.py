@@ -122,6 +122,10 @@ class RegistrySource:
                               f"`nhle import` for your own model) first ({err.message})") from None
         return self._pointer(mv)
 
+    def pointer_of(self, version: str) -> Pointer:
+        """Version `version` as the registry has it now (its tags read again)."""
+        return self._pointer(self.client().get_model_version(self.name, str(version)))
+
     def fetch(self, pointer: Pointer, workdir: Path) -> tuple[Path, dict]:
         """Download the version into workdir; returns (model.onnx path, preprocessing metadata)."""
         import mlflow

@@ -528,6 +528,10 @@ class ServingConfig(Section):
     """Public key (PEM; relative to the project directory) the server checks every registry
     version's signature with before loading it: an unsigned version, or one whose ONNX file or
     evidence changed, is refused like a tampered one. Only this key is needed where it serves."""
+    verify_seconds: float = setting(300.0, above=0.0)
+    """How often a running server fetches the served registry version's files again and checks
+    them as at load (sha256 against what it loaded, registration tags, signature): a mismatch makes
+    /readyz answer 503 and shows under "verification" on /model."""
     notify: tuple[str, ...] = ()
     """Base URLs of running nhle servers (http://host:8000) that a flow tells to reload right after
     it moves the champion (POST /admin/reload with the NHLE_ADMIN_TOKEN of the flow's environment),

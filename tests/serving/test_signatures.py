@@ -70,3 +70,30 @@ def test_a_server_with_another_public_key_serves_nothing(make_registry, onnx_fil
     assert str(tmp_path / "other.pub") in reason
     missing = start_server(registry.root, ready=False, verify_key=str(tmp_path / "none.pub"))
     assert "no public key at" in missing.wait_for_503("no public key")
+
+
+def test_a_running_server_notices_when_its_versions_files_change_in_the_registry(make_registry, onnx_files, digits,
+                                                                                start_server):
+    """The served version's ONNX file replaced in the artifact store while the server runs: its
+    periodic re-verification reports the mismatch on /readyz (503) and /model; put back, it is ready again."""
+    from pathlib import Path
+
+    registry = make_registry("reverified")
+    version = registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
+    server = start_server(registry.root, poll_seconds=0.3, verify_seconds=0.5)
+    checked = server.wait_for(lambda d: (d.get("verification") or {}).get("ok") is True, "a passed re-verification")
+    assert checked["verification"]["version"] == version and server.http.get("/readyz").status_code == 200
+    client = registry.client()
+    location = client.get_model_version_download_uri(NAME, version)
+    stored = Path(location.removeprefix("file://"), "model.onnx")
+    genuine = stored.read_bytes()
+    stored.write_bytes(onnx_files[(3, 5)].read_bytes())
+    try:
+        reason = server.wait_for_503("no longer verify")
+        assert f"the registry's ONNX file of version {version} has sha256" in reason, reason
+        described = server.http.get("/model").json()
+        assert described["verification"]["ok"] is False and described["version"] == version
+    finally:
+        stored.write_bytes(genuine)
+    server.wait_for(lambda d: (d.get("verification") or {}).get("ok") is True, "verification passing again")
+    assert server.http.get("/readyz").status_code == 200
