@@ -7,7 +7,6 @@ for models:/ URIs. Never imports torch.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -127,7 +126,9 @@ class RegistrySource:
         return self._pointer(self.client().get_model_version(self.name, str(version)))
 
     def fetch(self, pointer: Pointer, workdir: Path) -> tuple[Path, dict]:
-        """Download the version into workdir; returns (model.onnx path, preprocessing metadata)."""
+        """Download the version into workdir; returns (model.onnx path, {}): a registry version's
+        preprocessing metadata is taken from its signed evidence (verified_evidence), never from
+        the MLmodel file, which anyone who can write to the registry can change."""
         import mlflow
         import yaml
 
@@ -137,14 +138,7 @@ class RegistrySource:
         flavor = (mlmodel.get("flavors") or {}).get("onnx")
         if not flavor:
             raise ValueError(f"{pointer.model_uri} has no onnx flavour (flavours: {sorted(mlmodel.get('flavors') or {})})")
-        metadata = dict(mlmodel.get("metadata") or {})
-        if "class_names" not in metadata and pointer.run_id:
-            # Older versions may carry the preprocessing only as the run's artifact.
-            with contextlib.suppress(Exception):
-                path = mlflow.artifacts.download_artifacts(run_id=pointer.run_id, artifact_path="preprocessing.json",
-                                                           dst_path=str(workdir / "run"))
-                metadata = {**json.loads(Path(path).read_text()), **metadata}
-        return local / flavor.get("data", "model.onnx"), metadata
+        return local / flavor.get("data", "model.onnx"), {}
 
     def verified_evidence(self, pointer: Pointer, onnx_path: Path, workdir: Path) -> dict:
         """The version's signed evidence (nhle.adapters.signing), once its signature over the ONNX

@@ -145,7 +145,7 @@ def record_forgetting(client, ledger: Ledger, name: str, version: str, forgotten
 def reopen_on_registry(client, name: str, request_ids: list[int]) -> None:
     """Take reopened requests out of the registered model's own record (the ledger's reopen is
     recorded first, so a failure between the two leaves the class deleted, never the reverse)."""
-    exists, own = registry_record(client, name)
+    _, own = registry_record(client, name)
     if own is None:
         return
     kept = {c: [i for i in ids if i not in request_ids] for c, ids in own.items()}

@@ -9,8 +9,9 @@ under `signature/`; the server rebuilds the folder from the downloaded model and
 verifies it, and from then on believes the evidence, not the tags.
 
     nhle keys create                      # keys/nhle-signing.key (private, 0600) and .pub
-    sign_version(folder, key_path)        # folder: model.onnx + evidence.json -> signature bytes
-    verify_version(folder, signature, public_key_path)   # raises ValueError on any mismatch
+    doc = evidence(name, version, onnx_sha256, preprocessing, forgotten_classes, gates)
+    evidence_bytes, signature = sign_version(onnx_path, doc, private_key_path)
+    verify_version(onnx_path, evidence_bytes, signature, public_key_path)   # -> doc; ValueError on any mismatch
 
 No torch; model_signing is imported only when a signature is made or checked.
 """
@@ -61,7 +62,10 @@ def signed_folder(onnx_path: Path, evidence_doc: dict | bytes, into: Path) -> Pa
     """into/model/ holding exactly model.onnx and evidence.json: the folder that is signed."""
     folder = into / "model"
     folder.mkdir(parents=True)
-    shutil.copyfile(onnx_path, folder / "model.onnx")
+    try:  # a large model is not copied where a link will do
+        os.link(onnx_path, folder / "model.onnx")
+    except OSError:
+        shutil.copyfile(onnx_path, folder / "model.onnx")
     text = evidence_doc if isinstance(evidence_doc, bytes) else json.dumps(evidence_doc, indent=1).encode()
     (folder / EVIDENCE).write_bytes(text)
     return folder

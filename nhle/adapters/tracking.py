@@ -191,7 +191,7 @@ def log_run_files(run_id: str, files: dict[str, dict | str]) -> None:
             client.log_text(run_id, content, path)
 
 
-def sign_version(name: str, version: str, gates: list[dict], private_key: Path) -> None:
+def sign_registered_version(name: str, version: str, gates: list[dict], private_key: Path) -> None:
     """Sign the registered version's ONNX file, as the registry stores it, with its evidence (its
     preprocessing metadata, forgotten classes and `gates`; nhle.adapters.signing), log both to the
     version's run under signature/ and tag the version with where they are."""

@@ -39,10 +39,8 @@ def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
     if missing_store(url) is not None:
         from mlflow import MlflowClient
 
-        from nhle.adapters.tracking import configure
-
-        configure(params, Path(project_dir))
-        deleted_on_record(MlflowClient(), params.registry.model_name, url, create=True)
+        uri = resolve_uri(params.tracking_uri(), Path(project_dir))
+        deleted_on_record(MlflowClient(tracking_uri=uri, registry_uri=uri), params.registry.model_name, url, create=True)
     return ledger_at(url)
 
 

@@ -458,13 +458,14 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
 
     from nhle.adapters.deletions import record_forgetting
     from nhle.adapters.ledger import operator_name
-    from nhle.adapters.tracking import describe_version, log_outcome, record_promotion, sign_version, tag_version
+    from nhle.adapters.tracking import (describe_version, log_outcome, record_promotion, sign_registered_version,
+                                        tag_version)
     from nhle.core.gates import promotion_decision
     from nhle.orchestration.requests import open_ledger
 
     name = params.registry.model_name
     tag_version(name, version, {"gates": [g.as_dict() for g in gates]})
-    sign_version(name, str(version), [g.as_dict() for g in gates], signing_key(params, project_dir))
+    sign_registered_version(name, str(version), [g.as_dict() for g in gates], signing_key(params, project_dir))
     current = champion_version(params)
     promoted, reason = promotion_decision(gates, current.version if current else None, parent_version)
     if promoted:
