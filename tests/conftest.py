@@ -30,9 +30,8 @@ def trained(digits):
 
 @pytest.fixture(autouse=True)
 def no_tracking_uri_left_behind():
-    """mlflow.set_tracking_uri (every `configure`) also sets MLFLOW_TRACKING_URI, which
-    params.tracking_uri() takes as the user's own choice: left behind, it would send the next
-    test's project to this test's store. MLflow keeps the URI set in-process all the same."""
+    """A test that sets MLFLOW_TRACKING_URI itself (mlflow.set_tracking_uri does) must not send
+    the next test's project to its store (`configure` leaves the environment as it found it)."""
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -38,3 +38,26 @@ def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt(
     assert ("**Recipe:** nhle_conservative (attempt 2; every attempt and why it failed: "
             "[attempts.json](#/experiments/0/runs/run1/artifacts/attempts.json)).") in text
     assert "Recipe" not in version_description({}, "run1", "0")
+
+
+def test_configuring_one_project_does_not_send_the_next_to_its_store(tmp_path, monkeypatch):
+    """MLflow exports the URI it is given to the environment; configure puts the environment back,
+    so a second project configured in the same process (a flow worker) uses its own store."""
+    import os
+
+    import mlflow
+
+    from nhle.adapters.tracking import configure
+    from nhle.core.config import Params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root in (first, second):
+        root.mkdir()
+        uri = configure(Params(), root)
+        assert uri == f"sqlite:///{root / 'mlflow.db'}" and mlflow.get_tracking_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'chosen.db'}")  # the user's choice wins
+    assert configure(Params(), first) == f"sqlite:///{tmp_path / 'chosen.db'}"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'chosen.db'}"
