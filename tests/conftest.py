@@ -34,6 +34,7 @@ def no_tracking_uri_left_behind():
     the next test's project to its store (`configure` leaves the environment as it found it)."""
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.fixture(scope="session")

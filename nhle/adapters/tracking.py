@@ -36,17 +36,17 @@ def configure(params: Params, project_dir: str | Path = ".") -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     project_dir = Path(project_dir)
     uri = resolve_uri(params.tracking_uri(), project_dir)
-    # MLflow also exports both URIs to the environment, where params.tracking_uri() takes them for
-    # the user's own choice: another project configured later in this process (a flow worker
-    # running several projects' flows) would use this one's store. The environment is put back.
-    exported = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    # MLflow also exports the URI to the environment, where params.tracking_uri() takes it for the
+    # user's own choice: another project configured later in this process (a flow worker running
+    # several projects' flows) would use this one's store. That variable is put back as it was;
+    # MLFLOW_REGISTRY_URI stays exported, so child processes use this project's registry.
+    chosen = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    for key, value in exported.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if chosen is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = chosen
     name = params.tracking.experiment
     if mlflow.get_experiment_by_name(name) is None:
         location = artifact_location(params.tracking.artifact_location, uri, project_dir)

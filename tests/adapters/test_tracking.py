@@ -41,8 +41,8 @@ def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt(
 
 
 def test_configuring_one_project_does_not_send_the_next_to_its_store(tmp_path, monkeypatch):
-    """MLflow exports the URI it is given to the environment; configure puts the environment back,
-    so a second project configured in the same process (a flow worker) uses its own store."""
+    """MLflow exports the URI it is given to the environment; configure puts MLFLOW_TRACKING_URI
+    back, so a second project configured in the same process (a flow worker) uses its own store."""
     import os
 
     import mlflow
@@ -57,7 +57,7 @@ def test_configuring_one_project_does_not_send_the_next_to_its_store(tmp_path, m
         root.mkdir()
         uri = configure(Params(), root)
         assert uri == f"sqlite:///{root / 'mlflow.db'}" and mlflow.get_tracking_uri() == uri
-    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ and os.environ["MLFLOW_REGISTRY_URI"] == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'chosen.db'}")  # the user's choice wins
     assert configure(Params(), first) == f"sqlite:///{tmp_path / 'chosen.db'}"
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'chosen.db'}"
