@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,12 @@ class LoadedModel:
     metadata: dict
     batcher: MicroBatcher | None = None  # the server's, when serving.micro_batching is on
     seconds_per_image: float = 0.0  # one warm ONNX Runtime call at batch 64, per image
+    suppressed: tuple[int, ...] = ()  # accepted for deletion, not yet forgotten by this version
+
+    @property
+    def withheld(self) -> tuple[int, ...]:
+        """The classes never answered: forgotten by the version, or suppressed pending deletion."""
+        return tuple(sorted({*self.forgotten, *self.suppressed}))
 
     @property
     def name(self) -> str:
@@ -155,6 +162,9 @@ class LoadedModel:
         # The graph already gives them exactly 0 (checked before the swap); setting it again
         # keeps the promise even for a class declared forgotten only in the metadata.
         p[:, list(self.forgotten)] = 0.0
+        if self.suppressed:  # as if masked: the probability the rest had, renormalised over them
+            p[:, list(self.suppressed)] = 0.0
+            p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
         if not np.isfinite(p).all():
             raise RuntimeError(f"model version {self.version} produced non-finite probabilities")
         return p
@@ -305,6 +315,8 @@ class ModelManager:
         self.fallback: dict | None = None          # set while serving another version than the refused one
         self.deleted: dict | None = None           # the classes deleted on record at the last check, and whose record
         self.verification: dict | None = None      # the last re-verification of the served version's files
+        self.suppressed: dict[int, list[int]] = {}  # accepted for deletion, not yet deleted: class -> request ids
+        self.suppressed_since: dict[int, str] = {}  # when this server began suppressing each
         self._verified_at = time.monotonic()
         self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
         self._lock = threading.Lock()              # one check/load at a time
@@ -326,6 +338,9 @@ class ModelManager:
         broken champion is not downloaded again every poll interval."""
         with self._lock:
             outcome = self._refresh(force, reason)
+            if self.current is not None:  # whatever else happened, the ledger's accepted requests hold
+                self.current = self.suppressing(self.current)
+                outcome["suppressed_classes"] = list(self.current.suppressed)
             self.last_check = {"time": now_iso(), "reason": reason, **outcome}
             return outcome
 
@@ -334,6 +349,8 @@ class ModelManager:
         serving = current.version if current else None
         try:
             source = self.source
+            suppressed = source.suppressed_classes()
+            self._note_suppressed(suppressed)
             pointer = source.current()
             deleted = source.deleted_classes()
             self.deleted = {"classes": {str(c): ids for c, ids in sorted(deleted.items())}, "record": source.record}
@@ -364,11 +381,30 @@ class ModelManager:
                     "error": message}
         self._failed.pop(failure_key, None)
         self.fallback = None
+        model = self.suppressing(model)
         self.current = model  # the swap: one reference assignment
         self.last_swap_time = now_iso()
         log.info("serving model %s version %s (sha256 %s, %s, loaded in %.2f s; was %s)", pointer.name,
                  model.version, model.sha256[:12], ",".join(model.providers), model.load_seconds, serving)
         return {"outcome": "swapped", "serving_version": model.version, "previous_version": serving}
+
+    def _note_suppressed(self, suppressed: dict[int, list[int]]) -> None:
+        """The ledger's classes accepted for deletion, with when this server began suppressing each."""
+        now = now_iso()
+        self.suppressed_since = {c: self.suppressed_since.get(c, now) for c in suppressed}
+        lifted = sorted(set(self.suppressed) - set(suppressed))
+        added = sorted(set(suppressed) - set(self.suppressed))
+        if added:
+            log.info("suppressing class(es) %s pending deletion (requests %s)", added,
+                     sorted({i for c in added for i in suppressed[c]}))
+        if lifted:
+            log.info("class(es) %s no longer suppressed (their requests ended)", lifted)
+        self.suppressed = suppressed
+
+    def suppressing(self, model: LoadedModel) -> LoadedModel:
+        """`model` withholding every class accepted for deletion that it does not forget itself."""
+        wanted = tuple(sorted(c for c in self.suppressed if c not in model.forgotten and 0 <= c < len(model.class_names)))
+        return model if wanted == model.suppressed else dataclasses.replace(model, suppressed=wanted)
 
     def reverify(self) -> dict | None:
         """Fetch the served registry version's files again and check them as at load: the ONNX
@@ -423,7 +459,7 @@ class ModelManager:
             except Exception as err:
                 log.warning("fallback version %s refused too: %s", pointer.version, err)
                 continue
-            self.current, self.last_swap_time = model, now_iso()
+            self.current, self.last_swap_time = self.suppressing(model), now_iso()
             self.fallback = {"serving_version": model.version, "refused_version": refused.version,
                              "because": message}
             log.warning("serving fallback version %s because version %s was refused: %s", model.version,
@@ -484,6 +520,8 @@ class ModelManager:
                 "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
                 "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback,
                 "deleted_on_record": self.deleted, "verification": self.verification,
+                "suppressed_pending_deletion": {str(c): {"requests": ids, "since": self.suppressed_since.get(c)}
+                                                for c, ids in sorted(self.suppressed.items())},
                 "verify_seconds": self.settings.verify_seconds,
                 "micro_batching": ({"max_images": self.batcher.max_images, "calls": self.batcher.calls,
                                     "images": self.batcher.images} if self.batcher else None)}
@@ -493,7 +531,8 @@ class ModelManager:
         return {**info, "name": model.pointer.name, "version": model.version, "aliases": list(self.aliases),
                 "resolved_uri": model.pointer.model_uri, "run_id": model.pointer.run_id, "sha256": model.sha256,
                 "tagged_onnx_sha256": tags.get("onnx_sha256"), "class_names": list(model.class_names),
-                "forgotten_classes": list(model.forgotten), "input_name": model.input_name,
+                "forgotten_classes": list(model.forgotten), "suppressed_classes": list(model.suppressed),
+                "input_name": model.input_name,
                 "input_shape": list(model.input_shape), "input_scale": "float32 in [0, 1]",
                 "normalisation": model.metadata.get("normalisation"), "arch": model.metadata.get("arch"),
                 "providers": list(model.providers), "loaded_at": model.loaded_at,

@@ -49,7 +49,8 @@ def model_metadata(model: LoadedModel) -> dict:
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.class_names)]}],
             "parameters": {"input_datatypes": list(DATATYPES), "input_scale": "FP32 in [0, 1]; UINT8 / "
                            f"{model.uint8_divisor:g}", "class_names": list(model.class_names),
-                           "forgotten_classes": list(model.forgotten)}}
+                           "forgotten_classes": list(model.forgotten),
+                           "suppressed_classes": list(model.suppressed)}}
 
 
 def check_model(model: LoadedModel, name: str, version: str | None) -> None:

@@ -259,9 +259,9 @@ def parse_top_k(value, from_text: bool = False) -> int:
 
 
 def top_k_rows(p: np.ndarray, model: LoadedModel, k: int) -> list[dict]:
-    forgotten = set(model.forgotten)
-    retained = np.array([i for i in range(p.shape[1]) if i not in forgotten])
-    k = min(k, len(retained))  # forgotten classes are never listed, whatever top_k asks
+    withheld = set(model.withheld)
+    retained = np.array([i for i in range(p.shape[1]) if i not in withheld])
+    k = min(k, len(retained))  # forgotten and suppressed classes are never listed, whatever top_k asks
     rows = []
     for probs in p[:, retained]:
         order = np.argsort(-probs, kind="stable")[:k]

@@ -72,6 +72,13 @@ class RegistrySource:
         deleted, self.record = deleted_on_record(self.client(), self.name, self.ledger_url) if self.ledger_url else ({}, "none")
         return deleted
 
+    def suppressed_classes(self) -> dict[int, list[int]]:
+        """Classes accepted for deletion and not yet deleted ({class: [request ids]}): answered by
+        no version until their request is done or withdrawn."""
+        from nhle.adapters.deletions import suppressed_on_record  # SQLAlchemy only: no torch
+
+        return suppressed_on_record(self.name, self.ledger_url) if self.ledger_url else {}
+
     def fallbacks(self, exclude: str | None, limit: int = 10) -> list[Pointer]:
         """Versions that passed their gates, newest first (at most `limit`), for a server whose
         champion cannot be served."""
@@ -182,6 +189,9 @@ class LocalSource:
     record = "none: a local file has no registry or ledger behind it"
 
     def deleted_classes(self) -> dict[int, list[int]]:
+        return {}
+
+    def suppressed_classes(self) -> dict[int, list[int]]:
         return {}
 
     def fallbacks(self, exclude: str | None) -> list[Pointer]:

@@ -93,6 +93,14 @@ def ledger_at(url: str) -> Ledger:
     return Ledger(url)
 
 
+def suppressed_on_record(name: str, ledger_url: str) -> dict[int, list[int]]:
+    """Classes of `name` accepted for deletion and not yet deleted (Ledger.suppressed_classes);
+    none where there is no ledger file (no request can have been accepted into it)."""
+    if missing_store(ledger_url) is not None:
+        return {}
+    return ledger_at(ledger_url).suppressed_classes(name)
+
+
 def deleted_on_record(client, name: str, ledger_url: str, create: bool = False) -> tuple[dict[int, list[int]], str]:
     """(class -> ids of the requests that deleted it, which record(s) said so) for the registered
     model `name`. create: make the ledger when it is missing but covered (the flows do; a server
@@ -153,4 +161,5 @@ def reopen_on_registry(client, name: str, request_ids: list[int]) -> None:
 
 
 __all__ = ["MissingLedger", "RECORD_TAG", "decode", "deleted_on_record", "encode", "missing_store",
-           "record_forgetting", "registry_record", "reopen_on_registry", "united", "write_registry_record"]
+           "record_forgetting", "registry_record", "reopen_on_registry", "suppressed_on_record", "united",
+           "write_registry_record"]

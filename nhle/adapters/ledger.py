@@ -41,7 +41,10 @@ from sqlalchemy.pool import NullPool
 
 from nhle.core.config import is_default_model
 
-STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened")
+STATUSES = ("pending", "processing", "done", "rejected", "failed", "reopened", "withdrawn")
+SUPPRESSING = ("pending", "processing", "failed")
+"""Statuses of an accepted request whose classes the servers suppress: until it is done (the new
+version forgets them in its weights) or an operator withdraws it; a failed one stays suppressed."""
 
 
 MAX_REQUESTER = 200   # the column's size: SQLite would store more, PostgreSQL would refuse it
@@ -104,7 +107,8 @@ class ForgetRequestRow(Base):
 
 
 class LedgerEventRow(Base):
-    """What happened to a request after it ended (today: an operator reopened it)."""
+    """What happened to a request besides its status: an operator reopened or withdrew it, the
+    servers were told to suppress its classes."""
 
     __tablename__ = "forget_request_events"
 
@@ -392,27 +396,57 @@ class Ledger:
                 deleted.setdefault(int(c), []).append(request.id)
         return deleted
 
+    def suppressed_classes(self, model_name: str | None) -> dict[int, list[int]]:
+        """Classes of `model_name` accepted for deletion and not deleted yet: {class: [ids of the
+        pending, processing or failed requests that name it]}; servers never answer them."""
+        suppressed: dict[int, list[int]] = {}
+        for status in SUPPRESSING:
+            for request in self.list(status, model_name):
+                for c in request.classes:
+                    suppressed.setdefault(int(c), []).append(request.id)
+        return suppressed
+
     def reopen(self, request_id: int, operator: str, reason: str, detail: dict | None = None,
                recorded_elsewhere: bool = False) -> LedgerEvent:
         """An operator takes back a done request: its classes are no longer deleted on record.
         The status change and the event (who, why, when, detail) are one transaction.
         recorded_elsewhere: the request is known only to the registered model's own record (this
         ledger was lost and made anew); the event alone is stored."""
+        return self._operator_change(request_id, "reopened", ("done",), operator, reason, detail, recorded_elsewhere)
+
+    def withdraw(self, request_id: int, operator: str, reason: str) -> LedgerEvent:
+        """An operator takes back an accepted request not being processed (pending, or failed):
+        it is withdrawn and its classes are no longer suppressed. One transaction with the event."""
+        return self._operator_change(request_id, "withdrawn", ("pending", "failed"), operator, reason)
+
+    def _operator_change(self, request_id: int, status: str, allowed: tuple[str, ...], operator: str, reason: str,
+                         detail: dict | None = None, recorded_elsewhere: bool = False) -> LedgerEvent:
+        verb = {"reopened": "reopening", "withdrawn": "withdrawing"}[status]
         if not operator.strip() or not reason.strip():
-            raise ValueError("reopening a forget request needs an operator and a reason, both non-empty")
+            raise ValueError(f"{verb} a forget request needs an operator and a reason, both non-empty")
         check_length("operator", operator, MAX_REQUESTER)
         check_length("reason", reason, MAX_REASON)
-        now = utcnow()
-        row = LedgerEventRow(request_id=int(request_id), kind="reopened", operator=operator.strip(),
-                             reason=reason.strip(), at=now, detail=json.dumps(detail or {}))
+        row = LedgerEventRow(request_id=int(request_id), kind=status, operator=operator.strip(),
+                             reason=reason.strip(), at=utcnow(), detail=json.dumps(detail or {}))
         with self._session() as session, session.begin():
             result = session.execute(update(ForgetRequestRow)
-                                     .where(ForgetRequestRow.id == int(request_id), ForgetRequestRow.status == "done")
-                                     .values(status="reopened"))
+                                     .where(ForgetRequestRow.id == int(request_id),
+                                            ForgetRequestRow.status.in_(allowed))
+                                     .values(status=status))
             current = session.get(ForgetRequestRow, int(request_id)) if result.rowcount != 1 else None
             if result.rowcount != 1 and not (current is None and recorded_elsewhere):
-                raise ValueError(f"forget request {request_id} cannot be reopened: "
-                                 + ("it does not exist" if current is None else f"it is {current.status}, not done"))
+                raise ValueError(f"forget request {request_id} cannot be {status}: "
+                                 + ("it does not exist" if current is None
+                                    else f"it is {current.status}, not {' or '.join(allowed)}"))
+            session.add(row)
+        return self._event(row)
+
+    def note(self, request_id: int, kind: str, operator: str, reason: str, detail: dict) -> LedgerEvent:
+        """An event of a request that changes nothing (kind "suppressed": which servers stopped
+        answering its classes, and when)."""
+        row = LedgerEventRow(request_id=int(request_id), kind=kind, operator=operator.strip()[:MAX_REQUESTER],
+                             reason=reason.strip()[:MAX_REASON], at=utcnow(), detail=json.dumps(detail))
+        with self._session() as session, session.begin():
             session.add(row)
         return self._event(row)
 
