@@ -317,6 +317,7 @@ class ModelManager:
         self.verification: dict | None = None      # the last re-verification of the served version's files
         self.suppressed: dict[int, list[int]] = {}  # accepted for deletion, not yet deleted: class -> request ids
         self.suppressed_since: dict[int, str] = {}  # when this server began suppressing each
+        self.deleted_now: set[int] = set()          # the classes deleted on record at the last check
         self._verified_at = time.monotonic()
         self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
         self._lock = threading.Lock()              # one check/load at a time
@@ -353,6 +354,7 @@ class ModelManager:
             self._note_suppressed(suppressed)
             pointer = source.current()
             deleted = source.deleted_classes()
+            self.deleted_now = set(deleted)
             self.deleted = {"classes": {str(c): ids for c, ids in sorted(deleted.items())}, "record": source.record}
         except Exception as err:  # registry or ledger down, alias missing, file gone: keep serving
             log.warning("model check (%s) failed: %s", reason, err)
@@ -402,8 +404,11 @@ class ModelManager:
         self.suppressed = suppressed
 
     def suppressing(self, model: LoadedModel) -> LoadedModel:
-        """`model` withholding every class accepted for deletion that it does not forget itself."""
-        wanted = tuple(sorted(c for c in self.suppressed if c not in model.forgotten and 0 <= c < len(model.class_names)))
+        """`model` withholding every class accepted for deletion, or deleted on record (a request
+        done while this server still serves the version before it), that it does not forget itself."""
+        pending_or_deleted = set(self.suppressed) | self.deleted_now
+        wanted = tuple(sorted(c for c in pending_or_deleted if c not in model.forgotten
+                              and 0 <= c < len(model.class_names)))
         return model if wanted == model.suppressed else dataclasses.replace(model, suppressed=wanted)
 
     def reverify(self) -> dict | None:

@@ -13,19 +13,44 @@ import json
 import os
 from pathlib import Path
 
-from nhle.adapters.ledger import STATUSES
+from nhle.adapters.ledger import STATUSES, operator_name
 
 
 def cmd_submit(args, params) -> int:
-    from nhle.orchestration.requests import RequestRejected, request_line, submit
+    from nhle.orchestration.requests import RequestRejected, open_ledger, request_line, submit
 
     try:
         request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
     except RequestRejected as err:
         print(f"rejected and recorded: {request_line(err.request)}")
         raise ValueError(str(err)) from None
-    print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run.")
+    print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run; "
+          "until then the servers answer none of its classes.")
+    print_servers_told(open_ledger(params, args.project_dir).events(request.id))
     return 0
+
+
+def cmd_withdraw(args, params) -> int:
+    from nhle.orchestration.requests import open_ledger, request_line, withdraw
+
+    try:
+        event = withdraw(params, Path(args.project_dir), args.id, args.operator, args.reason)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    ledger = open_ledger(params, args.project_dir)
+    print(f"withdrawn by {event.operator}: {request_line(ledger.get(args.id))}")
+    print_servers_told(ledger.events(args.id))
+    return 0
+
+
+def print_servers_told(events) -> None:
+    """What the servers of serving.notify answered when they were told of the request's last change."""
+    told = [e for e in events if e.kind in ("suppressed", "lifted")]
+    for server in (told[-1].detail["servers"] if told else []):
+        if server["outcome"] == "not_told":
+            print(f"  {server['url']}: not told ({server['error']}); it reads the ledger at its next poll")
+        else:
+            print(f"  {server['url']}: suppressing {server['suppressed_classes']} ({server['seconds']} s)")
 
 
 def cmd_init(args, params) -> int:
@@ -194,7 +219,7 @@ def cmd_deploy(args, params) -> int:
 
 
 def add_commands(commands, project_parent, model_parent, add_command) -> None:
-    request = add_command(commands, "request", help="forget requests: submit, list, show, process")
+    request = add_command(commands, "request", help="forget requests: submit, withdraw, list, show, process")
     actions = request.add_subparsers(dest="action", required=True)
 
     def action(name, func, help_text):
@@ -206,6 +231,11 @@ def add_commands(commands, project_parent, model_parent, add_command) -> None:
     submit.add_argument("--classes", required=True, help="class(es) to forget: indices or names, comma separated")
     submit.add_argument("--requester", required=True, help="who asks (a name or an address)")
     submit.add_argument("--reason", required=True, help="why (kept in the ledger and the audit report)")
+    withdrawing = action("withdraw", cmd_withdraw, "take back a pending or failed request on record: its classes are "
+                         "answered again")
+    withdrawing.add_argument("id", type=int, help="request id")
+    withdrawing.add_argument("--reason", required=True, help="why (kept in the ledger)")
+    withdrawing.add_argument("--operator", default=operator_name(), help="who withdraws it (default: %(default)s)")
     action("init", cmd_init, "create the forget-request ledger on purpose, where none exists")
     listing = action("list", cmd_list, "list the requests in the ledger")
     listing.add_argument("--status", choices=STATUSES, help="only requests with this status")

@@ -176,9 +176,39 @@ def audit_markdown(audit: dict) -> str:
         lines.append(f"| {gate['name']} | {_fmt(gate.get('value'))} | {gate.get('rule')} {_fmt(gate.get('bound'))} | "
                      f"{'pass' if gate['passed'] else 'FAIL'} |")
     lines += attempts_text(audit.get("unlearning_attempts"))
+    lines += timeline_text(audit.get("timeline"))
     lines += ["", f"_generated {audit['generated_at']}_", ""]
     return "\n".join(lines)
 
+
+
+def with_timeline(audit: dict, events: list[dict], notified: list | None) -> dict:
+    """`audit` with the request's timeline: when it was accepted, when each server of
+    serving.notify began suppressing its classes (the ledger's "suppressed" events), and when
+    each was serving the new version (the promotion's notified_servers.json)."""
+    suppressed = [{"url": s["url"], "at": s.get("at"), "outcome": s.get("outcome"),
+                   "suppressed_classes": s.get("suppressed_classes"), "error": s.get("error")}
+                  for event in events if event["kind"] == "suppressed" for s in event["detail"].get("servers", [])]
+    served = [{"url": s["url"], "at": s.get("at"), "serving_new_version": s.get("serving_new_version"),
+               "error": s.get("error")} for s in notified or []]
+    return {**audit, "timeline": {"accepted_at": audit["request"].get("submitted_at"), "suppressed": suppressed,
+                                  "new_version_served": served}}
+
+
+def timeline_text(timeline: dict | None) -> list[str]:
+    """The audit's timeline section; nothing for an audit written before timelines."""
+    if not timeline:
+        return []
+    lines = ["", "## Timeline", "", f"- accepted: {_fmt(timeline['accepted_at'])}"]
+    for s in timeline["suppressed"]:
+        lines.append(f"- suppressed on {s['url']}: " + (f"{s['at']} (classes {s['suppressed_classes']})"
+                                                         if s["outcome"] != "not_told" else f"not told ({s['error']})"))
+    for s in timeline["new_version_served"]:
+        lines.append(f"- new version served by {s['url']}: "
+                     + (f"{s['at']}" if s["serving_new_version"] else f"not yet ({s.get('error') or 'see its log'})"))
+    if not timeline["suppressed"] and not timeline["new_version_served"]:
+        lines.append("- no server listed in serving.notify: each found the change at its next poll")
+    return lines
 
 
 def with_attempts(audit: dict, attempts: list | None) -> dict:

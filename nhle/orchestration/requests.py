@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nhle.core.config import Params, resolve_uri
 from nhle.core.gates import classes_left
-from nhle.adapters.ledger import ForgetRequest, Ledger
+from nhle.adapters.ledger import ForgetRequest, Ledger, LedgerEvent
 
 
 class RequestRejected(ValueError):
@@ -82,8 +82,36 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
         return _reject(ledger, params, classes, [class_names[c] for c in classes], requester, reason,
                        str(version.version),
                        f"together with the pending requests for {sorted(pending)} this would leave no class")
-    return ledger.submit(classes, [class_names[c] for c in classes], requester, reason, model_name=model_name,
-                         model_version_before=str(version.version))
+    request = ledger.submit(classes, [class_names[c] for c in classes], requester, reason, model_name=model_name,
+                            model_version_before=str(version.version))
+    tell_servers(params, ledger, request, "suppressed", f"request {request.id} accepted: its classes are not answered "
+                 "until it is done or withdrawn")
+    return request
+
+
+def withdraw(params: Params, project_dir: Path, request_id: int, operator: str, reason: str) -> LedgerEvent:
+    """An operator takes back an accepted request that is not being processed, on record (who,
+    why, when); the servers of serving.notify answer its classes again at once."""
+    ledger = open_ledger(params, project_dir)
+    event = ledger.withdraw(request_id, operator, reason)
+    tell_servers(params, ledger, ledger.get(request_id), "lifted", f"request {request_id} withdrawn: its classes are "
+                 "answered again")
+    return event
+
+
+def tell_servers(params: Params, ledger: Ledger, request: ForgetRequest, kind: str, reason: str) -> list[dict]:
+    """Tell the servers of serving.notify to read the ledger now, so that the request's classes
+    are suppressed (kind "suppressed") or answered again ("lifted") within a second rather than
+    at their next poll; what each answered, and when, is kept as an event of the request (the
+    audit report's timeline)."""
+    from nhle.adapters.ledger import operator_name
+    from nhle.orchestration.steps import notify_servers
+
+    if not params.serving.notify:
+        return []
+    told = notify_servers(params.serving.notify)
+    ledger.note(request.id, kind, operator_name(), reason, {"classes": request.classes, "servers": told})
+    return told
 
 
 def _reject(ledger: Ledger, params: Params, classes, names, requester, reason, version, error) -> ForgetRequest:
@@ -114,17 +142,19 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
     """Write each request's audit report (JSON + Markdown, logged to the version's run and linked
     from the version) and end it done (version promoted) or failed (it was not)."""
     from nhle.adapters.tracking import describe_version, log_run_files, run_json, tag_version, version_tags
-    from nhle.core.audit import audit_markdown, build_audit, with_attempts
+    from nhle.core.audit import audit_markdown, build_audit, with_attempts, with_timeline
 
     name = params.registry.model_name
     tags, run_id = version_tags(name, str(version))
     report, parity, gates, attempts = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json",
                                                                      "attempts.json"))
+    notified = run_json(run_id, "notified_servers.json")
     promoted = tags.get("promoted") == "true"
     closed = []
     for request in requests:
         audit = with_attempts(build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id,
                                           report, parity, gates, note), attempts)
+        audit = with_timeline(audit, [e.as_dict() for e in ledger.events(request.id)], notified)
         base = f"audit/request-{request.id}"
         log_run_files(run_id, {f"{base}.json": audit, f"{base}.md": audit_markdown(audit)})
         uri = f"runs:/{run_id}/{base}.md"

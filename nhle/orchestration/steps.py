@@ -482,12 +482,15 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
             "gates": [g.as_dict() for g in gates], "notified": notified}
 
 
-def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
-    """Tell each running server that the champion moved (POST /admin/reload); returns, per
-    server, its outcome and the seconds from the alias move to it serving `version`. A server
-    that cannot be told is reported, never an error: it still finds the version at its poll."""
+def notify_servers(urls, version: str | None = None, timeout: float = 120.0) -> list[dict]:
+    """Tell each running server to read the registry and the ledger now (POST /admin/reload):
+    the champion moved to `version`, or a forget request was accepted or withdrawn (None).
+    Returns, per server, its outcome, what it serves and suppresses, when it answered (`at`, UTC)
+    and the seconds it took. A server that cannot be told is reported, never an error: it still
+    finds the change at its poll."""
     import os
     import time
+    from datetime import datetime, timezone
 
     import httpx
 
@@ -505,10 +508,15 @@ def notify_servers(urls, version: str, timeout: float = 120.0) -> list[dict]:
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
             entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
-                         serving_new_version=str(body.get("serving_version")) == version)
+                         suppressed_classes=body.get("suppressed_classes"))
+            if version is not None:
+                entry["serving_new_version"] = str(body.get("serving_version")) == version
         except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
-            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}", serving_new_version=False)
+            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}")
+            if version is not None:
+                entry["serving_new_version"] = False
         entry["seconds"] = round(time.perf_counter() - started, 3)
+        entry["at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         results.append(entry)
     return results
 

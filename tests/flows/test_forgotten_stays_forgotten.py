@@ -164,21 +164,48 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
     assert "reopened" in capsys.readouterr().out
 
 
-def test_a_promotion_tells_the_running_servers_at_once(project, serve, capsys, monkeypatch):
-    """A server that polls only every 10 minutes answers with the new version as soon as
-    `nhle request process` returns: the flow called its /admin/reload right after the alias move."""
+def top_classes(http, images: np.ndarray) -> np.ndarray:
+    """The argmax class of each image over the V2 protocol, binary and JSON (250 images a request)."""
+    found = []
+    for start in range(0, len(images), 250):
+        batch = images[start:start + 250]
+        header = json.dumps({"inputs": [{"name": "images", "shape": list(batch.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": batch.nbytes}}]}).encode()
+        binary = http.post(f"/v2/models/{NAME}/infer", content=header + batch.tobytes(),
+                           headers={"Inference-Header-Content-Length": str(len(header))})
+        as_json = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+            {"name": "images", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]})
+        assert binary.status_code == 200 and as_json.status_code == 200, (binary.text, as_json.text)
+        p = np.asarray(as_json.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(batch), -1)
+        assert np.array_equal(p.argmax(1), np.asarray(binary.json()["outputs"][0]["data"]).reshape(len(batch), -1).argmax(1))
+        found.append(p.argmax(1))
+    return np.concatenate(found)
+
+
+def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, capsys, monkeypatch):
+    """A server that polls only every 10 minutes stops answering class 7 as soon as `nhle request
+    submit` returns (it was told to read the ledger), and answers with the new version as soon as
+    `nhle request process` returns: the flow called its /admin/reload right after the alias move.
+    The audit report's timeline has both times."""
     import yaml
 
     token = "notify-test-token-of-at-least-32-characters"
+    images = np.concatenate([digits.train.float_images().numpy(), digits.test.float_images().numpy()])[:1000]
     with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
         before = http.get("/model").json()["version"]
+        assert (top_classes(http, images) == 7).sum() > 50
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["serving"]["notify"] = [str(http.base_url).rstrip("/"), "http://127.0.0.1:9"]  # the second is down
         (project / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
+        capsys.readouterr()
         assert cli(project, "request", "submit", "--classes", "7", "--requester", "dpo@example.com",
                    "--reason", "erasure request 1143") == 0
+        assert f"{http.base_url}".rstrip("/") + ": suppressing [7]" in capsys.readouterr().out
+        assert not (top_classes(http, images) == 7).any()  # no poll happened: it was told
+        assert http.get("/model").json()["suppressed_pending_deletion"]["7"]["requests"] == [3]
         assert cli(project, "request", "process") == 0
+        assert not (top_classes(http, images) == 7).any()
         new = champion_version()
         assert new != before and http.get("/model").json()["version"] == new  # no poll happened in between
         digits_7 = http.post("/predict", json={"instances": [[[0.0] * 8] * 8], "top_k": 9}).json()
@@ -190,6 +217,39 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, capsys, m
     assert told["outcome"] == "swapped" and told["serving_version"] == new and told["serving_new_version"]
     assert 0 < told["seconds"] < 60
     assert down["outcome"] == "not_told" and "ConnectError" in down["error"]
+    audit = mlflow.artifacts.load_dict(f"runs:/{run_id}/audit/request-3.json")
+    timeline = audit["timeline"]
+    assert timeline["accepted_at"] < timeline["suppressed"][0]["at"] < timeline["new_version_served"][0]["at"]
+    assert timeline["suppressed"][0]["suppressed_classes"] == [7] and timeline["suppressed"][1]["outcome"] == "not_told"
+    assert "## Timeline" in mlflow.artifacts.load_text(f"runs:/{run_id}/audit/request-3.md")
+
+
+def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_suppresses_nothing(project, serve,
+                                                                                             capsys, monkeypatch):
+    token = "notify-test-token-of-at-least-32-characters"
+    with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
+        import yaml
+
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["serving"]["notify"] = [str(http.base_url).rstrip("/")]
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
+        assert cli(project, "request", "submit", "--classes", "3", "--requester", "dpo@example.com",
+                   "--reason", "again") == 2  # rejected: already forgotten
+        assert "rejected and recorded" in capsys.readouterr().out
+        assert http.get("/model").json()["suppressed_classes"] == []
+        assert cli(project, "request", "submit", "--classes", "9", "--requester", "dpo@example.com",
+                   "--reason", "erasure request 1144") == 0
+        request_id = int(capsys.readouterr().out.split("accepted: ")[1].split()[0])
+        assert http.get("/model").json()["suppressed_classes"] == [9]
+        assert cli(project, "request", "withdraw", str(request_id), "--reason", "sent in error",
+                   "--operator", "ops@example.com") == 0
+        assert http.get("/model").json()["suppressed_classes"] == []
+    from nhle.adapters.ledger import Ledger
+
+    events = Ledger(f"sqlite:///{project / 'requests.db'}").events(request_id)
+    assert [e.kind for e in events] == ["suppressed", "withdrawn", "lifted"]
+    assert events[1].operator == "ops@example.com" and events[1].reason == "sent in error"
 
 
 def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
