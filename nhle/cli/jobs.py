@@ -103,6 +103,8 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
         compute = result["compute_seconds"]
         print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
               + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
+        if result.get("step_seconds"):
+            print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result["step_seconds"]))
     print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
           f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
     mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not

@@ -127,6 +127,8 @@ def cmd_process(args, params) -> int:
 
     for line in attempt_lines(result.get("attempts", [])):
         print(f"  {line}")
+    if result.get("step_seconds"):
+        print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result["step_seconds"]))
 
     for line in sorted({line for r in result["requests"] if r["status"] == "failed" for line in
                         advice_for_reason(r["error"] or "")}):

@@ -18,6 +18,7 @@ attempts.json, the version the tag nhle.recipe.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 def call(step, *args):
     """The plain engine: the step, now."""
     return step(*args)
+
+
+class StepClock:
+    """The engine `run`, timed: each step's wall seconds, in the order they ran (the flow's time
+    breakdown, logged to its MLflow run as step_seconds.json and printed by the commands)."""
+
+    def __init__(self, run):
+        self.run, self.seconds = run, []
+
+    def __call__(self, step, *args):
+        started = time.perf_counter()
+        try:
+            return self.run(step, *args)
+        finally:
+            self.seconds.append([step.__name__, round(time.perf_counter() - started, 3)])
 
 
 def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
@@ -54,24 +70,32 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
     return result
 
 
-def tracked(params: Params, run_name: str, tags: dict, body, logger=log) -> dict:
+def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock, logger=log) -> dict:
     """body(run_id) inside a new MLflow run, after marking what dead runs of this host left;
-    the run ends FINISHED, or FAILED when body raises."""
-    from nhle.adapters.tracking import finish_run, start_run
+    the run ends FINISHED, or FAILED when body raises, with the clock's step times logged."""
+    from nhle.adapters.tracking import finish_run, log_run_files, start_run
 
+    started = time.perf_counter()
+    clock.seconds.append(["clean_up_after_dead_runs", None])
     steps.clean_up_after_dead_runs(params, logger)
     run_id = start_run(params, run_name, tags)
+    clock.seconds[-1][1] = round(time.perf_counter() - started, 3)  # with the run's start
+    status = "FAILED"
     try:
         result = body(run_id)
-    except BaseException:
-        finish_run(run_id, "FAILED")
-        raise
-    finish_run(run_id, "FINISHED")
-    return result
+        status = "FINISHED"
+    finally:
+        try:
+            log_run_files(run_id, {"step_seconds.json": {"steps": clock.seconds}})
+        except Exception as err:  # the breakdown is a measurement: never what fails a flow
+            logger.warning("step times not logged: %s", err)
+        finish_run(run_id, status)
+    return {**result, "step_seconds": clock.seconds}
 
 
 def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
+    run = StepClock(run)
     data = run(steps.training_data, params, root)
     run(steps.check_settings, params, data)
     data_version = run(steps.version_data, params, root, data)
@@ -82,12 +106,13 @@ def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
         return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
                 "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
-    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, logger)
+    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, run, logger)
 
 
 def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
     """Register your model (params.model: from_mlflow, else arch + weights) as a base version,
     champion if its gates hold, like a trained base model."""
+    run = StepClock(run)
     data = run(steps.training_data, params, root)
     candidate = run(steps.import_candidate, params, root, data)  # refused before anything is versioned or logged
     data_version = run(steps.version_data, params, root, data)
@@ -101,7 +126,7 @@ def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
                 "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
 
     return tracked(params, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
-                                                                          "nhle.source": source["kind"]}, body, logger)
+                                                                          "nhle.source": source["kind"]}, body, run, logger)
 
 
 def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,
@@ -114,6 +139,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
 
     overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
     params = replace(params, unlearn=replace(params.unlearn, **overrides))
+    run = StepClock(run)
     champion = run(steps.load_champion, params)
     if champion is None:
         raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias} to forget from: "
@@ -142,7 +168,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
 
     return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
                    {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
-                    **batch_tags}, body, logger)
+                    **batch_tags}, body, run, logger)
 
 
 def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: list[int], parent_version: str,

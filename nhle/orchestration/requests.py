@@ -193,15 +193,20 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
     """Take every pending (and abandoned) forget request, unlearn their classes together with one
     call of `forget` (nhle.orchestration.pipeline.forget's signature) on top of the champion, and
     close each request with its audit report. `run(step, *args)` runs each step. Returns the
-    requests as they ended, the versions that settled them and the forget's unlearning attempts."""
+    requests as they ended, the versions that settled them, the forget's unlearning attempts and
+    the time breakdown (this run's steps, the forget's as forget.<step>)."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
+    from nhle.orchestration.pipeline import StepClock
     from nhle.orchestration.steps import clean_up_after_dead_runs
 
     attempts = []
+    run = StepClock(run)
 
     def forget_recording_attempts(*args, **options):
+        started = len(run.seconds)
         result = forget(*args, **options)
         attempts.extend(result.get("attempts", []))
+        run.seconds[started:started] = [[f"forget.{step}", s] for step, s in result.get("step_seconds", [])]
         return result
 
     ledger = open_ledger(params, root)
@@ -226,7 +231,8 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
                 ledger.release(request.id, owner, f"{type(err).__name__}: {err}", params.requests.max_attempts)
             raise
     closed = [ledger.get(r.id) for r in claimed]
-    return {"requests": [r.as_dict() for r in closed], "versions": versions, "attempts": attempts}
+    return {"requests": [r.as_dict() for r in closed], "versions": versions, "attempts": attempts,
+            "step_seconds": run.seconds}
 
 
 def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, run, forget) -> list[str]:

@@ -29,8 +29,20 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
 
     base = pipeline.train_base(params, tmp_path, engine)
     assert base["promoted"] and ran[:4] == ["training_data", "check_settings", "version_data", "train_candidate"]
+    # the time breakdown: every step the engine ran, in order, with its seconds, also in the run
+    timed = [step for step, _ in base["step_seconds"]]
+    assert timed == ["training_data", "check_settings", "version_data", "clean_up_after_dead_runs", *ran[3:]]
+    assert all(seconds >= 0 for _, seconds in base["step_seconds"])
+    from mlflow import MlflowClient
+
+    run_id = MlflowClient().get_model_version(params.registry.model_name, base["version"]).run_id
+    from nhle.adapters.tracking import run_json
+
+    assert run_json(run_id, "step_seconds.json")["steps"] == base["step_seconds"]
     submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
     result = requests.process_requests(params, tmp_path, engine, forget, logging.getLogger("test"))
+    timed = [step for step, _ in result["step_seconds"]]
+    assert timed[0] == "claim_requests" and "forget.forget_candidate" in timed and timed[-1] == "close_requests"
 
     done = requests.open_ledger(params, tmp_path).get(submitted.id)
     assert done.status == "done" and done.model_version_after == result["versions"][0] and done.report_uri
