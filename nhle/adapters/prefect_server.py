@@ -84,30 +84,44 @@ def drain_to_server() -> None:
 def temporary_prefect_server():
     """Run the body with PREFECT_API_URL pointing at a server that cannot outlive this process
     (none is started when a Prefect API is configured already)."""
+    with prefect_server_starting() as ready:
+        yield ready()
+
+
+@contextlib.contextmanager
+def prefect_server_starting():
+    """temporary_prefect_server, started at once and waited for only when the body calls the
+    `ready` it yields (before its first flow): the server's few seconds of start-up overlap the
+    body's own work. ready() returns the API URL (None: a configured one is used)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield None
+        yield lambda: None
         return
     timeout = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    for _ in range(3):  # another process may take the free port before the server binds it
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/api"
-        process = start_server(port)
+    server = {"port": free_port()}
+    server["process"] = start_server(server["port"])
+
+    with contextlib.ExitStack() as stack:
+        def ready() -> str:
+            if "url" in server:
+                return server["url"]
+            for _ in range(3):  # another process may take the free port before the server binds it
+                url = f"http://127.0.0.1:{server['port']}/api"
+                if wait_healthy(server["process"], url, timeout):
+                    break
+                server["port"] = free_port()
+                server["process"] = start_server(server["port"])
+            else:
+                raise RuntimeError("the temporary Prefect server found no free port three times")
+            log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, server["process"].pid)
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+            stack.callback(drain_to_server)  # runs first at exit, while the setting still holds
+            server["url"] = url
+            return url
+
         try:
-            if wait_healthy(process, url, timeout):
-                break
-        except BaseException:
-            stop_process(process)
-            raise
-    else:
-        raise RuntimeError("the temporary Prefect server found no free port three times")
-    log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, process.pid)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            try:
-                yield url
-            finally:
-                drain_to_server()
-    finally:
-        stop_process(process)
+            yield ready
+        finally:
+            stack.close()
+            stop_process(server["process"])

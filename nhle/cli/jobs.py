@@ -32,35 +32,37 @@ def load_flow(name: str):
 
 def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     """`nhle run`: base model if no champion, one forget flow, then the registry state. The
-    request is checked (against the champion, else the dataset's classes) before any Prefect
-    server starts, so a typo costs no flow run."""
+    request is checked (against the champion, else the dataset's classes) before any flow runs,
+    so a typo costs no flow run."""
     import time
 
-    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.adapters.prefect_server import prefect_server_starting
     from nhle.adapters.tracking import configure
     from nhle.core.data import parse_classes
     from nhle.core.experiment import load_data, validate_forget
 
     started = time.perf_counter()
-    project_dir = project_dir.resolve()
-    uri = configure(params, project_dir)
-    forget_spec = forget_spec or params.forget
-    name = params.registry.model_name
-    champion = load_champion(params)
-    if champion is None:
-        parse_classes(forget_spec, load_data(params.data).class_names)
-    elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
-        validate_forget(champion[0], forget_spec, champion[1]["class_names"])
-    results = []
-    with temporary_prefect_server():
+    with prefect_server_starting() as ready:  # its start-up overlaps the checks below
+        project_dir = project_dir.resolve()
+        uri = configure(params, project_dir)
+        forget_spec = forget_spec or params.forget
+        name = params.registry.model_name
+        champion = load_champion(params)
         if champion is None:
-            results.append(timed(load_flow("train_base"), params=params_as_dict(params), project_dir=str(project_dir)))
+            parse_classes(forget_spec, load_data(params.data).class_names)
+        elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
+            validate_forget(champion[0], forget_spec, champion[1]["class_names"])
+        results = []
+        flows = {flow: load_flow(flow) for flow in ("train_base", "forget")}  # imports, while the server starts
+        ready()
+        if champion is None:
+            results.append(timed(flows["train_base"], params=params_as_dict(params), project_dir=str(project_dir)))
             champion = load_champion(params)
         if champion and already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
             print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
                   f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
         else:
-            results.append(timed(load_flow("forget"), classes=forget_spec, params=params_as_dict(params),
+            results.append(timed(flows["forget"], classes=forget_spec, params=params_as_dict(params),
                                  project_dir=str(project_dir)))
     print_results(params, results, started, uri, "run")
     return 0 if not results or results[-1]["promoted"] else 1

@@ -148,8 +148,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
     parent_version = str(parent.version)
     indices = validate_forget(model, classes, checkpoint["class_names"])  # before any log
     run(steps.check_settings, params)
-    data = run(steps.data_of_version, params, root, parent, checkpoint)
-    data_version = run(steps.version_data, params, root, data)
+    data, data_version = run(steps.data_of_version, params, root, parent, checkpoint)
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
 
     def body(run_id):

@@ -1,7 +1,7 @@
 """The pipeline's steps, each a plain function over nhle.core and nhle.adapters: one step is
 one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A forget:
 
-    load_champion -> data_of_version -> version_data -> per attempt (unlearning_attempts: the
+    load_champion -> data_of_version (its DVC version) -> per attempt (unlearning_attempts: the
     configured recipe, then the fallbacks): start_attempt -> forget_candidate (NHLE + masking,
     evaluated) -> export_and_check (ONNX, parity) -> gates_of -> end_attempt -> record_attempts,
     until a candidate holds every gate or none is left -> register_candidate (MLflow) ->
@@ -71,18 +71,31 @@ def version_data(params: Params, project_dir: Path, data: Splits, message: str |
     return version_dataset(data, repo, remote, dataset_path=dataset_folder(params, data), message=message)
 
 
-def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> Splits:
-    """The data a forget flow starts from: the DVC version the forget that made `version` left
-    behind (its forgotten classes' samples deleted), else the DVC version `version` was made
-    from, else (a model registered without one) the data its checkpoint was trained on."""
-    from nhle.core.experiment import data_for_checkpoint
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
+def recorded_data_version(params: Params, version):
+    """The DVC version a forget from `version` starts from, as the registry recorded it: the one
+    the forget that made `version` left behind (its forgotten classes' samples deleted), else the
+    one `version` was made from; None for a model registered without one."""
+    from nhle.adapters.versioning import DataVersion
 
     for prefix in ("data_after.", "data."):
         recorded = DataVersion.from_tags(version.tags, params.versioning.remote, prefix=prefix)
         if recorded is not None:
-            return open_dataset_version(recorded)
-    return data_for_checkpoint(checkpoint)
+            return recorded
+    return None
+
+
+def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict) -> tuple[Splits, object]:
+    """(the data a forget flow starts from, its DataVersion): the recorded DVC version
+    (recorded_data_version), or (a model registered without one) the data its checkpoint was
+    trained on, versioned now."""
+    from nhle.core.experiment import data_for_checkpoint
+    from nhle.adapters.versioning import open_dataset_version
+
+    recorded = recorded_data_version(params, version)
+    if recorded is not None:  # already versioned: versioning the same bytes again would change nothing
+        return open_dataset_version(recorded), recorded
+    data = data_for_checkpoint(checkpoint)
+    return data, version_data(params, project_dir, data)
 
 
 def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
