@@ -110,12 +110,13 @@ def cmd_show(args, params) -> int:
 
 
 def cmd_process(args, params) -> int:
-    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.adapters.prefect_server import prefect_server_starting
     from nhle.cli.jobs import load_flow
     from nhle.core.config import params_as_dict
 
-    flow = load_flow("process_requests")
-    with temporary_prefect_server():
+    with prefect_server_starting() as ready:
+        flow = load_flow("process_requests")  # its imports overlap the server's start-up
+        ready()
         result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
     for request in result["requests"]:
         print(f"request {request['id']}: {request['status']}"
