@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -302,10 +303,15 @@ def in_process(onnx_path: Path, model, batches: dict[str, list[np.ndarray]], rou
 # Swap time: `nhle request process` starting -> the running server answering with the new version
 
 
-def swap_time(root: Path, work: Path, timeout: float = 900.0) -> dict:
+def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0) -> dict:
+    """`requests` forget requests, one after another, each timed three ways: accepted -> the
+    running server suppresses its class (the ledger's "suppressed" event, written when the server
+    answered the notification), `nhle request process` started -> the server answers with the new
+    version, and -> the process ended with the evidence complete. Returns each request's row and
+    the min / median / max of each time."""
     import httpx
 
-    from nhle.orchestration.requests import submit
+    from nhle.orchestration.requests import open_ledger, submit
 
     port = free_port()
     settings = yaml.safe_load((root / "params.yaml").read_text())
@@ -313,41 +319,68 @@ def swap_time(root: Path, work: Path, timeout: float = 900.0) -> dict:
     (root / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     params = load_params(root / "params.yaml")
     server = nhle_server(root, work / "swap-server.log", port).wait_ready("/readyz")
+    rows, token = [], os.environ.get("NHLE_ADMIN_TOKEN")
+    os.environ["NHLE_ADMIN_TOKEN"] = ADMIN_TOKEN  # submit tells the server with the server's token
     try:
-        before = httpx.get(server.url + "/model").json()
-        names = before["class_names"]
-        spec = next((c.strip() for c in params.forget.split(",") if c.strip() in names and names.index(c.strip())
-                     not in before["forgotten_classes"]), None)
-        if spec is None:
-            raise ValueError(f"forget={params.forget!r} names no class the champion still predicts "
-                             f"({names}, forgotten {before['forgotten_classes']}): set --set forget=<class>")
-        request = submit(params, root, spec, "bench@nhle", "nhle bench serve: time to serve a forget request")
-        started = time.monotonic()
-        command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
-        with open(work / "request-process.log", "wb") as log:
-            proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **QUIET, "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
-            answered = None
-            while time.monotonic() - started < timeout:
-                version = httpx.post(server.url + "/invocations", json={"inputs": [np.zeros(before["input_shape"]).tolist()]}
-                                     ).headers.get("x-model-version")
-                if version != before["version"]:
-                    answered = time.monotonic() - started
-                    break
-                if proc.poll() is not None and proc.returncode != 0:
-                    break
-                time.sleep(0.05)
-            rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
-            finished = time.monotonic() - started
-        if answered is None:
-            raise RuntimeError(f"the server never answered with a new version (nhle request process exit {rc}):\n"
-                               f"{(work / 'request-process.log').read_text(errors='replace')[-3000:]}")
-        return {"request_id": request.id, "classes": spec, "from_version": before["version"], "to_version": version,
-                "seconds_to_new_version": round(answered, 2), "process_seconds": round(finished, 2),
-                "process_exit": rc, "retrain_baseline": params.retrain_baseline,
-                "server_told_by": "serving.notify (POST /admin/reload)", "poll_seconds": params.serving.poll_seconds}
+        for _ in range(requests):
+            before = httpx.get(server.url + "/model").json()
+            names, gone = before["class_names"], set(before["forgotten_classes"])
+            wanted = [c.strip() for c in params.forget.split(",")] + names
+            spec = next((c for c in wanted if c in names and names.index(c) not in gone), None)
+            if spec is None or len(gone) + 2 > len(names):
+                raise ValueError(f"no class left to forget for a timed request ({names}, forgotten {sorted(gone)})")
+            request = submit(params, root, spec, "bench@nhle", "nhle bench serve: time to serve a forget request")
+            told = [e for e in open_ledger(params, root).events(request.id) if e.kind == "suppressed"]
+            suppressed_at = told[0].detail["servers"][0]["at"] if told else None
+            rows.append({"request_id": request.id, "classes": spec, "from_version": before["version"],
+                         "accepted_to_suppressed_seconds": (round(
+                             (datetime.fromisoformat(suppressed_at) - request.submitted_at).total_seconds(), 3)
+                             if suppressed_at else None),
+                         **process_until_served(root, work, server.url, before, timeout)})
     finally:
         server.stop()
+        if token is None:
+            os.environ.pop("NHLE_ADMIN_TOKEN", None)
+        else:
+            os.environ["NHLE_ADMIN_TOKEN"] = token
+    times = ("accepted_to_suppressed_seconds", "seconds_to_new_version", "process_seconds")
+    return {"requests": rows, "retrain_baseline": params.retrain_baseline, "poll_seconds": params.serving.poll_seconds,
+            "server_told_by": "serving.notify (POST /admin/reload)",
+            "seconds": {key: spread([row[key] for row in rows if row[key] is not None]) for key in times}}
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"min": ordered[0], "median": round(float(np.median(ordered)), 3), "max": ordered[-1]} if ordered else {}
+
+
+def process_until_served(root: Path, work: Path, url: str, before: dict, timeout: float) -> dict:
+    """`nhle request process` of the pending request, timed from its start to the server at `url`
+    answering with a new version, and to its end."""
+    import httpx
+
+    started = time.monotonic()
+    command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
+    with open(work / "request-process.log", "ab") as log:
+        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **QUIET, "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
+        answered = version = None
+        while time.monotonic() - started < timeout:
+            version = httpx.post(url + "/invocations", json={"inputs": [np.zeros(before["input_shape"]).tolist()]}
+                                 ).headers.get("x-model-version")
+            if version != before["version"]:
+                answered = time.monotonic() - started
+                break
+            if proc.poll() is not None and proc.returncode != 0:
+                break
+            time.sleep(0.05)
+        rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        finished = time.monotonic() - started
+    if answered is None:
+        raise RuntimeError(f"the server never answered with a new version (nhle request process exit {rc}):\n"
+                           f"{(work / 'request-process.log').read_text(errors='replace')[-3000:]}")
+    return {"to_version": version, "seconds_to_new_version": round(answered, 2), "process_seconds": round(finished, 2),
+            "process_exit": rc}
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +390,7 @@ def swap_time(root: Path, work: Path, timeout: float = 900.0) -> dict:
 def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = None, out: Path = Path("bench/serve"),
                 rounds: int = 3, single_requests: int = 300, batch_requests: int = 60, batch_size: int = 64,
                 concurrency: int = 4, seconds: float = 900.0, round_seconds: float = 0.5, swap: bool = True,
-                assignments: tuple[str, ...] = ()) -> dict:
+                assignments: tuple[str, ...] = (), swap_requests: int = 3) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
     Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
     import mlflow.artifacts
@@ -406,7 +439,7 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
         if swap:
             if scratch is None:
                 scratch = scratch_project(params, work / "project")
-            result["swap"] = swap_time(scratch[0], work)
+            result["swap"] = swap_time(scratch[0], work, swap_requests)
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
               "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), "torch": torch_version(),
@@ -487,10 +520,17 @@ def markdown(result: dict, batch_size: int) -> str:
         f"(ratio {r['ort_over_torch']})" for p, r in runtimes.items()) + "."]
     if "swap" in result:
         s = result["swap"]
-        lines += ["", f"Forget request {s['request_id']} (classes {s['classes']}): `nhle request process` started -> the "
-                      f"running server answered with version {s['to_version']} (was {s['from_version']}) after "
-                      f"**{s['seconds_to_new_version']} s**; the process ended after {s['process_seconds']} s "
-                      f"(retrain_baseline {s['retrain_baseline']}; the server was told by {s['server_told_by']})."]
+        lines += ["", f"{len(s['requests'])} forget requests, one after another (retrain_baseline {s['retrain_baseline']}; "
+                      f"the server was told by {s['server_told_by']}), min / median / max:", "",
+                  "| time | min | median | max |", "|---|---|---|---|"]
+        for key, what in (("accepted_to_suppressed_seconds", "accepted -> the server suppresses the class"),
+                          ("seconds_to_new_version", "`nhle request process` started -> the server answers with the new version"),
+                          ("process_seconds", "`nhle request process` started -> it ended, the evidence complete")):
+            spread_of = s["seconds"][key]
+            lines.append(f"| {what} | " + " | ".join(f"{spread_of[k]} s" if spread_of else "-"
+                                                   for k in ("min", "median", "max")) + " |")
+        lines += [""] + [f"- request {r['request_id']} (class {r['classes']}): version {r['from_version']} -> "
+                         f"{r['to_version']}" for r in s["requests"]]
     return "\n".join(lines)
 
 
@@ -503,14 +543,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4, help="connections sending at once")
     parser.add_argument("--seconds", type=float, default=900.0, help="cap on the load phases and the in-process runs")
-    parser.add_argument("--no-swap", action="store_true", help="skip timing a forget request to the new version served")
+    parser.add_argument("--no-swap", action="store_true", help="skip timing forget requests to the new version served")
+    parser.add_argument("--swap-requests", type=int, default=3, help="forget requests timed one after another")
 
 
 def run(args) -> int:
     result = bench_serve(args.project_dir, args.params, Path(args.out), rounds=args.rounds,
                          single_requests=args.single_requests, batch_requests=args.batch_requests,
                          batch_size=args.batch_size, concurrency=args.concurrency, seconds=args.seconds,
-                         swap=not args.no_swap, assignments=tuple(args.set) + (
+                         swap=not args.no_swap, swap_requests=args.swap_requests, assignments=tuple(args.set) + (
                              (f"registry.model_name={args.name}",) if getattr(args, "name", None) else ()))
     print((Path(args.out) / "serve.md").read_text())
     return 0 if not any(row["errors"] for rows in result["http"].values() for row in rows.values()) else 1
