@@ -108,12 +108,14 @@ def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int,
 def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
                        config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
                        data: Splits | None = None, device: str = "auto", progress: bool = True,
-                       retrained=None, synthetic=None) -> ForgetOutcome:
+                       retrained=None, synthetic=None, defer_reference: bool = False) -> ForgetOutcome:
     """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
     masking, and measure the result against the original (and, if asked, a model retrained
     without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
     one retrain between several methods. `synthetic`: the model's synthetic inputs kept from an
-    earlier request (anchors.SyntheticInputs), reused when they match the recipe."""
+    earlier request (anchors.SyntheticInputs), reused when they match the recipe.
+    defer_reference: the retrained reference is left "pending", for complete_reference to add
+    later (no gate reads it: the pipeline promotes first)."""
     data = data or data_for_checkpoint(checkpoint)
     earlier = model.forgotten_classes
     # Classes forgotten before are neither forget nor retained classes now: the model no longer
@@ -134,14 +136,12 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
     if retrain_baseline and retrained is None and model.arch == GRAPH:
         reference = {"kind": "none", "why": "the model is a traced graph (imported from MLflow): it has no "
                      "architecture to retrain from scratch; import it with --arch and --weights to get one"}
+    elif defer_reference and retrained is None:
+        reference = {"kind": "pending", "why": "the model retrained without the classes is computed after promotion "
+                     "(no gate reads it); the report is completed then"}
     elif retrain_baseline or retrained is not None:
-        model_config, train_config = recipe_of(checkpoint)
-        reference = {"kind": "retrained", "arch": model.arch, "recipe": to_dict(train_config)}
-        reference_spec = training_spec(replace_known(model_config, arch=model.arch), data)
-        retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier,
-                                                 spec=reference_spec)
-        metrics["retrained"] = measure(retrained[0], without_mask(retrained[0], retrained[1]))
-        seconds["retrain"] = retrained[2]
+        reference, metrics["retrained"], seconds["retrain"], retrained = retrained_reference(
+            model.arch, checkpoint, data, classes, seed, earlier, measure, progress, retrained)
     report = {"dataset": data.name, "model": model.arch, "forget_classes": classes, "reference": reference,
               "forget_class_names": [data.class_names[c] for c in classes], "seed": seed,
               "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
@@ -151,9 +151,42 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
               "synthetic_inputs": "none" if result.synthetic is None else
               "synthesised" if result.synthesis_seconds else "reused",
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
-              "previously_forgotten": earlier,
+              "previously_forgotten": earlier, "relearn_target_acc": target_acc,
               "num_classes": len(data.class_names)}
     return ForgetOutcome(report, result, retrained if reference["kind"] == "retrained" else None)
+
+
+def retrained_reference(arch: str, checkpoint: dict, data: Splits, classes: list[int], seed: int, earlier,
+                        measure, progress: bool = True, retrained=None) -> tuple[dict, dict, float, tuple]:
+    """(reference description, its metrics, retrain seconds, (model, snapshot, seconds)) of the
+    model's recipe retrained on `data` without `classes` and the `earlier` forgotten ones;
+    `measure(model, attack_model)` gives a model's metrics."""
+    model_config, train_config = recipe_of(checkpoint)
+    reference = {"kind": "retrained", "arch": arch, "recipe": to_dict(train_config)}
+    spec = training_spec(replace_known(model_config, arch=arch), data)
+    retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier, spec=spec)
+    return reference, measure(retrained[0], without_mask(retrained[0], retrained[1])), retrained[2], retrained
+
+
+def complete_reference(report: dict, checkpoint: dict, data: Splits, progress: bool = False) -> dict:
+    """`report` (a forget_and_measure report whose reference is "pending") with the retrained
+    reference added, as forget_and_measure would have measured it: `data` is the data the forget
+    started from (before its classes' samples were deleted), `checkpoint` any checkpoint of the
+    lineage (it carries the training recipe)."""
+    classes, seed, earlier = report["forget_classes"], report["seed"], report["previously_forgotten"]
+    config = report["unlearn_config"]
+    data = drop_classes(data, earlier)
+    samples = sample_per_class(data.train, classes, config["n_samples"], seed)
+
+    def measure(candidate, attack):
+        return evaluate_forgetting(candidate, data, classes, samples, attack, config["relearn_max_steps"],
+                                   config["relearn_lr"], seed, relearn_target_acc=report["relearn_target_acc"])
+
+    reference, retrained, seconds, _ = retrained_reference(report["model"], checkpoint, data, classes, seed, earlier,
+                                                           measure, progress)
+    metrics = {**report["metrics"], "retrained": retrained}
+    return {**report, "reference": reference, "metrics": metrics, "relearn": relearn_shares(metrics),
+            "seconds": {**report["seconds"], "retrain": seconds}}
 
 
 def lineage(checkpoint: dict) -> dict:
@@ -192,5 +225,5 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
+__all__ = ["ForgetOutcome", "complete_reference", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
            "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]
