@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -266,6 +267,27 @@ def log_params(params: Params) -> None:
 
 
 def log_report(report: dict) -> None:
+    """report.json, and its metrics (report_metrics) on the active run."""
+    mlflow.log_metrics(report_metrics(report))
+    mlflow.log_dict(report, "report.json")
+
+
+def complete_report(name: str, version: str, report: dict) -> None:
+    """The version's report.json replaced by `report` (its retrained reference added after
+    promotion) and its metrics logged, whatever its run's state; the version's relearn tag and
+    description follow, and its tag `evidence` becomes complete."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in report_metrics(report).items()])
+    client.log_dict(run_id, report, "report.json")
+    tag_version(name, version, {"relearn": report["relearn"], "evidence": "complete"})
+    describe_version(name, version)
+
+
+def report_metrics(report: dict) -> dict:
     """Every metric block of report.json as `<block>/<metric>`, plus seconds, the drop and the
     relearn shares (their raw steps are the blocks' relearn_steps_*)."""
     metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
@@ -274,8 +296,7 @@ def log_report(report: dict) -> None:
     metrics["unlearned/retained_drop_pp"] = retained_drop_pp(report["metrics"]["original"]["retain_test_acc"],
                                                              report["metrics"]["unlearned"]["retain_test_acc"])
     metrics.update(relearn_metrics(report.get("relearn")))
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(report, "report.json")
+    return metrics
 
 
 def relearn_metrics(relearn: dict | None) -> dict:

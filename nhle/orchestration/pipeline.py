@@ -70,14 +70,16 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
     return result
 
 
-def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock, logger=log) -> dict:
-    """body(run_id) inside a new MLflow run, after marking what dead runs of this host left;
-    the run ends FINISHED, or FAILED when body raises, with the clock's step times logged."""
+def tracked(params: Params, root: Path, run_name: str, tags: dict, body, clock: StepClock, logger=log) -> dict:
+    """body(run_id) inside a new MLflow run, after marking what dead runs of this host left and
+    completing the evidence they left pending; the run ends FINISHED, or FAILED when body raises,
+    with the clock's step times logged."""
     from nhle.adapters.tracking import finish_run, log_run_files, start_run
 
     started = time.perf_counter()
     clock.seconds.append(["clean_up_after_dead_runs", None])
     steps.clean_up_after_dead_runs(params, logger)
+    steps.complete_pending_evidence(params, root, logger)
     run_id = start_run(params, run_name, tags)
     clock.seconds[-1][1] = round(time.perf_counter() - started, 3)  # with the run's start
     status = "FAILED"
@@ -106,7 +108,7 @@ def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
         return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
                 "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
-    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, run, logger)
+    return tracked(params, root, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, run, logger)
 
 
 def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
@@ -125,7 +127,7 @@ def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
                 "class_names": data.class_names,
                 "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
 
-    return tracked(params, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
+    return tracked(params, root, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
                                                                           "nhle.source": source["kind"]}, body, run, logger)
 
 
@@ -159,13 +161,15 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
                          run, logger, checked)
         attempts[-1].update(version=result["version"], promoted=result["promoted"], promotion_reason=result["reason"])
         run(steps.record_attempts, run_id, attempts)
-        names = candidate.report["forget_class_names"]
+        # After the promotion and the servers' notification: what no gate reads.
+        report = run(steps.complete_evidence, tried, root, result["version"]) or candidate.report
+        names = report["forget_class_names"]
         return {**result, "summary": f"forgot {names} from version {parent_version}"
                 + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
-                "forgotten": names, "data_version": data_version.md5, "report": candidate.report,
-                "compute_seconds": candidate.report["seconds"], "attempts": attempts}
+                "forgotten": names, "data_version": data_version.md5, "report": report,
+                "compute_seconds": report["seconds"], "attempts": attempts}
 
-    return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+    return tracked(params, root, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
                    {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
                     **batch_tags}, body, run, logger)
 

@@ -170,13 +170,15 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
 
 def recover_batch(params: Params, root: Path, batch: str):
     """A crashed run's batch: settle the version it registered, or fail its orphaned runs."""
-    from nhle.orchestration.steps import resume_version
+    from nhle.orchestration.steps import complete_evidence, resume_version
 
     version = batch_version(params, batch)
     if version is None:
         fail_orphan_runs(batch)
         return None
-    return resume_version(params, root, version)
+    result = resume_version(params, root, version)
+    complete_evidence(params, root, result["version"])  # before the audit reports read it
+    return result
 
 
 def claim_requests(ledger: Ledger, owner: str, lease_seconds: float, model_name: str) -> list[ForgetRequest]:
@@ -197,7 +199,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
     the time breakdown (this run's steps, the forget's as forget.<step>)."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
     from nhle.orchestration.pipeline import StepClock
-    from nhle.orchestration.steps import clean_up_after_dead_runs
+    from nhle.orchestration.steps import clean_up_after_dead_runs, complete_pending_evidence
 
     attempts = []
     run = StepClock(run)
@@ -211,6 +213,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
 
     ledger = open_ledger(params, root)
     clean_up_after_dead_runs(params, logger)  # a recovery below may need no forget, and so no tracked run
+    complete_pending_evidence(params, root, logger)
     owner = new_owner()
     claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
     logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)

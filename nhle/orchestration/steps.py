@@ -71,6 +71,47 @@ def version_data(params: Params, project_dir: Path, data: Splits, message: str |
     return version_dataset(data, repo, remote, dataset_path=dataset_folder(params, data), message=message)
 
 
+def complete_evidence(params: Params, project_dir: Path, version: str) -> dict | None:
+    """The version's report with its retrained reference: measured now (on the data the forget
+    started from, DVC version `data.*`) when it is pending, and written back to the version's run
+    (nhle.adapters.tracking.complete_report); as it is otherwise."""
+    from mlflow import MlflowClient
+
+    from nhle.adapters.tracking import complete_report, download_checkpoint, run_json
+    from nhle.adapters.versioning import DataVersion, open_dataset_version
+    from nhle.core.experiment import complete_reference
+    from nhle.core.training import load_checkpoint
+
+    name = params.registry.model_name
+    mv = MlflowClient().get_model_version(name, str(version))
+    report = run_json(mv.run_id, "report.json")
+    if report is None or report.get("reference", {}).get("kind") != "pending":
+        return report
+    before = DataVersion.from_tags(mv.tags, params.versioning.remote, prefix="data.")
+    with tempfile.TemporaryDirectory(prefix="nhle-evidence-") as folder:
+        _, checkpoint = load_checkpoint(download_checkpoint(mv, folder))
+    completed = complete_reference(report, checkpoint, open_dataset_version(before))
+    complete_report(name, str(version), completed)
+    return completed
+
+
+def complete_pending_evidence(params: Params, project_dir: Path, logger) -> list[str]:
+    """Complete the evidence of every version whose run ended (a crash between its promotion and
+    its evidence) with its retrained reference still pending; returns those versions."""
+    from mlflow import MlflowClient
+
+    from nhle.adapters.tracking import versions_tagged
+
+    client, done = MlflowClient(), []
+    for mv in versions_tagged(params.registry.model_name, "evidence", "pending"):
+        if client.get_run(mv.run_id).info.status == "RUNNING":  # its flow is still at it
+            continue
+        logger.warning("version %s was left with its retrained reference pending: completing it", mv.version)
+        complete_evidence(params, project_dir, str(mv.version))
+        done.append(str(mv.version))
+    return done
+
+
 def recorded_data_version(params: Params, version):
     """The DVC version a forget from `version` starts from, as the registry recorded it: the one
     the forget that made `version` left behind (its forgotten classes' samples deleted), else the
@@ -209,9 +250,10 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
 
     work_dir = new_work_dir("forget")
     cached = synthetic_inputs_of(params, parent_version, work_dir)
+    # The retrained reference waits until after promotion (complete_evidence): no gate reads it.
     outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
                                  retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
-                                 synthetic=cached, retrained=retrained)
+                                 synthetic=cached, retrained=retrained, defer_reference=params.retrain_baseline)
     if outcome.report["synthetic_inputs"] == "synthesised":
         keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)
@@ -270,6 +312,7 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
             "parent_version": candidate.parent_version or "", **data_version.as_tags(),
             "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
             "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
+            **({"evidence": "pending"} if (report or {}).get("reference", {}).get("kind") == "pending" else {}),
             **(extra_tags or {})}
     example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
     version = log_version(run_id, params.registry.model_name, onnx_path, example,

@@ -292,3 +292,50 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
         server.wait(timeout=60)
     request = ledger(project).list()[-1]
     assert request.class_names == ["6"] and request.status == "done"
+
+
+KILLED_AFTER_PROMOTION = """
+import os, signal, sys
+from nhle.orchestration import steps
+def die(*args):
+    print("promoted: SIGKILL before the evidence", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+steps.complete_evidence = die
+from nhle.cli.commands import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_run_completes(new_project):
+    """The retrained reference is measured after the promotion (no gate reads it). SIGKILL right
+    after the promotion: the new version is champion with its evidence pending; the next run
+    completes it (the retrained model's metrics in report.json, the version's tag and the audit
+    report) before it closes the request. A project of its own: the shared one has few classes left."""
+    import mlflow
+    import prefect.settings
+    from mlflow import MlflowClient
+
+    project = new_project("evidence-project", PARAMS)
+    assert submit(project, "9", reason="killed before the evidence") == 0
+    request = ledger(project).list("pending")[0]
+    versions, _ = registry_state(project)
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_PROMOTION, "request", "process", "--params",
+                             str(project / "params.yaml"), "--project-dir", str(project)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL and "promoted: SIGKILL" in killed.stdout, killed.stdout + killed.stderr
+    after_kill, champion = registry_state(project)
+    assert after_kill == versions + [versions[-1] + 1] and str(champion.version) == str(after_kill[-1])  # served
+    assert champion.tags["evidence"] == "pending" and ledger(project).get(request.id).status == "processing"
+    pending = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
+    assert pending["reference"]["kind"] == "pending" and "retrained" not in pending["metrics"]
+
+    assert cli(project, "request", "process") == 0
+    done = ledger(project).get(request.id)
+    assert done.status == "done" and done.model_version_after == str(champion.version)
+    assert MlflowClient().get_model_version(NAME, champion.version).tags["evidence"] == "complete"
+    report = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
+    assert report["reference"]["kind"] == "retrained" and "retrained" in report["metrics"]
+    audit = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/audit/request-{request.id}.json")
+    assert audit["reference"]["kind"] == "retrained" and "retrained" in audit["metrics"]
+    assert registry_state(project)[0] == after_kill  # nothing made again
