@@ -455,6 +455,9 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
                   for g in gates]
     lines += relearn_description(tags.get("relearn"))
+    if tags.get("evidence") == "pending":
+        lines += ["", "**Retrained reference: pending.** It is measured after the promotion (no gate reads it); "
+                      "report.json, the relearn shares and this description are completed then."]
     if "nhle.recipe" in tags:
         lines += ["", f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
                       f"and why it failed: {artifact('attempts.json')})."]
