@@ -29,12 +29,11 @@ step = task(cache_policy=NO_CACHE)
 retried = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)  # idempotent I/O only
 TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, steps.version_data,
                                 requests.claim_requests) else step)(fn)
-         for fn in (steps.load_champion, steps.training_data, steps.check_settings, steps.data_of_version, steps.version_data,
-                    steps.train_candidate, steps.import_candidate, steps.forget_candidate, steps.export_and_check,
-                    steps.register_candidate, steps.gates_of, steps.finish_version, steps.complete_evidence,
-                    steps.start_attempt,
-                    steps.end_attempt, steps.record_attempts, requests.claim_requests, requests.recover_batch,
-                    requests.close_requests)}
+         for fn in (steps.load_champion, steps.training_data, steps.check_settings, steps.data_of_version,
+                    steps.version_data, steps.train_candidate, steps.import_candidate, steps.forget_candidate,
+                    steps.export_and_check, steps.register_candidate, steps.gates_of, steps.finish_version,
+                    steps.complete_evidence, steps.start_attempt, steps.end_attempt, steps.record_attempts,
+                    requests.claim_requests, requests.recover_batch, requests.close_requests)}
 
 
 def as_task(fn, *args):

@@ -430,8 +430,8 @@ class ModelManager:
             try:
                 digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
                 if digest != model.sha256:
-                    raise ValueError(f"the registry's ONNX file of version {model.version} has sha256 {digest[:16]}..., "
-                                     f"not the {model.sha256[:16]}... verified and loaded")
+                    raise ValueError(f"the registry's ONNX file of version {model.version} has sha256 "
+                                     f"{digest[:16]}..., not the {model.sha256[:16]}... verified and loaded")
                 check_registration(pointer, digest)
                 signed_metadata(source, pointer, onnx_path, Path(tmp))
                 outcome = {"time": now_iso(), "version": model.version, "ok": True}

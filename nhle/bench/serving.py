@@ -132,7 +132,8 @@ def nhle_server(project_dir: Path, log_path: Path, port: int | None = None, **se
     env = {"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(project_dir / "params.yaml"),
            "NHLE_ADMIN_TOKEN": ADMIN_TOKEN, **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()}}
     return ServerProcess([sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-                          "--http", "nhle_serving.http:GuardedProtocol", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log", "--log-level", "warning"],
+                          "--http", "nhle_serving.http:GuardedProtocol", "--host", "127.0.0.1", "--port", "{port}",
+                          "--no-access-log", "--log-level", "warning"],
                          env, log_path, port, cwd=project_dir)
 
 
@@ -520,11 +521,13 @@ def markdown(result: dict, batch_size: int) -> str:
         f"(ratio {r['ort_over_torch']})" for p, r in runtimes.items()) + "."]
     if "swap" in result:
         s = result["swap"]
-        lines += ["", f"{len(s['requests'])} forget requests, one after another (retrain_baseline {s['retrain_baseline']}; "
-                      f"the server was told by {s['server_told_by']}), min / median / max:", "",
+        lines += ["", f"{len(s['requests'])} forget requests, one after another (retrain_baseline "
+                      f"{s['retrain_baseline']}; the server was told by {s['server_told_by']}), "
+                      "min / median / max:", "",
                   "| time | min | median | max |", "|---|---|---|---|"]
         for key, what in (("accepted_to_suppressed_seconds", "accepted -> the server suppresses the class"),
-                          ("seconds_to_new_version", "`nhle request process` started -> the server answers with the new version"),
+                          ("seconds_to_new_version",
+                           "`nhle request process` started -> the server answers with the new version"),
                           ("process_seconds", "`nhle request process` started -> it ended, the evidence complete")):
             spread_of = s["seconds"][key]
             lines.append(f"| {what} | " + " | ".join(f"{spread_of[k]} s" if spread_of else "-"

@@ -225,5 +225,5 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "complete_reference", "data_for_checkpoint", "forget_and_measure", "load_data", "retrain_without",
-           "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]
+__all__ = ["ForgetOutcome", "complete_reference", "data_for_checkpoint", "forget_and_measure", "load_data",
+           "retrain_without", "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]

@@ -127,8 +127,8 @@ def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
                 "class_names": data.class_names,
                 "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
 
-    return tracked(params, root, f"import-{candidate.model.arch}-{data.name}", {"nhle.flow": "import",
-                                                                          "nhle.source": source["kind"]}, body, run, logger)
+    return tracked(params, root, f"import-{candidate.model.arch}-{data.name}",
+                   {"nhle.flow": "import", "nhle.source": source["kind"]}, body, run, logger)
 
 
 def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,

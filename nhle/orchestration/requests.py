@@ -40,7 +40,8 @@ def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
         from mlflow import MlflowClient
 
         uri = resolve_uri(params.tracking_uri(), Path(project_dir))
-        deleted_on_record(MlflowClient(tracking_uri=uri, registry_uri=uri), params.registry.model_name, url, create=True)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        deleted_on_record(client, params.registry.model_name, url, create=True)
     return ledger_at(url)
 
 

@@ -185,9 +185,8 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     assert [run.info.status for run in killed] == ["FAILED"]  # the dead run's MLflow run is closed
 
 
-# `nhle request process` killed with SIGKILL the moment MLflow has created its version
+# Prepended to the CLI in the killed process: the point where it SIGKILLs itself.
 KILLED_AFTER_REGISTRATION = """
-import os, signal, sys
 import mlflow
 registered = mlflow.register_model
 def register_then_die(*args, **kwargs):
@@ -195,9 +194,26 @@ def register_then_die(*args, **kwargs):
     print(f"registered version {version.version}: SIGKILL", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 mlflow.register_model = register_then_die
-from nhle.cli.commands import main
-sys.exit(main(sys.argv[1:]))
 """
+KILLED_AFTER_PROMOTION = """
+from nhle.orchestration import steps
+def die(*args):
+    print("promoted: SIGKILL before the evidence", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+steps.complete_evidence = die
+"""
+
+
+def process_killed(project: Path, killing: str, says: str) -> None:
+    """`nhle request process` in a real process that SIGKILLs itself where `killing` says."""
+    import prefect.settings
+
+    script = f"import os, signal, sys\n{killing}\nfrom nhle.cli.commands import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    killed = subprocess.run([sys.executable, "-c", script, "request", "process", "--params",
+                             str(project / "params.yaml"), "--project-dir", str(project)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL and says in killed.stdout, killed.stdout + killed.stderr
 
 
 def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project):
@@ -206,16 +222,10 @@ def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project
     data deletion, promotion) instead of unlearning again, and removes the dead run's scratch."""
     import tempfile
 
-    import prefect.settings
-
     assert submit(project, "4", reason="registered then killed") == 0
     request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
-    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_REGISTRATION, "request", "process", "--params",
-                             str(project / "params.yaml"), "--project-dir", str(project)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL and "registered version" in killed.stdout, killed.stdout + killed.stderr
+    process_killed(project, KILLED_AFTER_REGISTRATION, "registered version")
     registered = str(versions[-1] + 1)
     after_kill, champion_after_kill = registry_state(project)
     assert after_kill == versions + [int(registered)] and champion_after_kill.version == champion.version
@@ -294,36 +304,19 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     assert request.class_names == ["6"] and request.status == "done"
 
 
-KILLED_AFTER_PROMOTION = """
-import os, signal, sys
-from nhle.orchestration import steps
-def die(*args):
-    print("promoted: SIGKILL before the evidence", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-steps.complete_evidence = die
-from nhle.cli.commands import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_run_completes(new_project):
     """The retrained reference is measured after the promotion (no gate reads it). SIGKILL right
     after the promotion: the new version is champion with its evidence pending; the next run
     completes it (the retrained model's metrics in report.json, the version's tag and the audit
     report) before it closes the request. A project of its own: the shared one has few classes left."""
     import mlflow
-    import prefect.settings
     from mlflow import MlflowClient
 
     project = new_project("evidence-project", PARAMS)
     assert submit(project, "9", reason="killed before the evidence") == 0
     request = ledger(project).list("pending")[0]
     versions, _ = registry_state(project)
-    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_PROMOTION, "request", "process", "--params",
-                             str(project / "params.yaml"), "--project-dir", str(project)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL and "promoted: SIGKILL" in killed.stdout, killed.stdout + killed.stderr
+    process_killed(project, KILLED_AFTER_PROMOTION, "promoted: SIGKILL")
     after_kill, champion = registry_state(project)
     assert after_kill == versions + [versions[-1] + 1] and str(champion.version) == str(after_kill[-1])  # served
     assert champion.tags["evidence"] == "pending" and ledger(project).get(request.id).status == "processing"

@@ -177,7 +177,8 @@ def top_classes(http, images: np.ndarray) -> np.ndarray:
             {"name": "images", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]})
         assert binary.status_code == 200 and as_json.status_code == 200, (binary.text, as_json.text)
         p = np.asarray(as_json.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(batch), -1)
-        assert np.array_equal(p.argmax(1), np.asarray(binary.json()["outputs"][0]["data"]).reshape(len(batch), -1).argmax(1))
+        from_binary = np.asarray(binary.json()["outputs"][0]["data"]).reshape(len(batch), -1)
+        assert np.array_equal(p.argmax(1), from_binary.argmax(1))
         found.append(p.argmax(1))
     return np.concatenate(found)
 
