@@ -242,15 +242,15 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
 def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, run, forget) -> list[str]:
     """Requests no earlier run got to: already forgotten by the champion -> done; the rest are
     unlearned together in one forget."""
-    from nhle.orchestration.steps import load_champion
+    from nhle.orchestration.steps import champion_version
 
     if not requests:
         return []
-    champion = run(load_champion, params)
-    if champion is None:
+    # The registry's record of what the champion forgets: its checkpoint is downloaded once, by the forget.
+    version = champion_version(params)
+    if version is None:
         raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias}: run train_base first")
-    model, checkpoint, version = champion
-    masked = set(model.forgotten_classes)
+    masked = set(json.loads(version.tags.get("forgotten_classes") or "[]"))
     satisfied = [r for r in requests if set(r.classes) <= masked]
     if satisfied:
         run(close_requests, ledger, owner, params, satisfied, str(version.version),
