@@ -1,10 +1,12 @@
-"""nhle's Prefect flows: `train-base`, `import`, `forget` and `process-forget-requests`. Each
-flow is nhle.orchestration.pipeline's function of the same name with every step a Prefect task.
+"""nhle's Prefect flows: `train-base`, `import`, `forget`, `complete-evidence` (a forget's
+follow-up, after its promotion) and `process-forget-requests`. Each flow is
+nhle.orchestration.pipeline's function of the same name with every step a Prefect task.
 
     python -m nhle_flows.pipeline forget --classes 3     # one run now (ephemeral Prefect, no server)
     python -m nhle_flows.pipeline train_base
     python -m nhle_flows.pipeline import_model           # = `nhle import`: your model, as params.yaml's model section names it
     python -m nhle_flows.pipeline process_requests       # = `nhle request process`; `nhle schedule` serves it
+    python -m nhle_flows.pipeline complete_evidence --version 2   # what a forget completes after promoting
     prefect deploy flows/pipeline.py:forget -n forget -p <work-pool>      # from the checkout
 
 The flows read params.yaml of `project_dir` unless given `params` (a dict in the shape of
@@ -32,12 +34,18 @@ TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, step
          for fn in (steps.load_champion, steps.training_data, steps.check_settings, steps.data_of_version,
                     steps.version_data, steps.train_candidate, steps.import_candidate, steps.forget_candidate,
                     steps.export_and_check, steps.register_candidate, steps.gates_of, steps.finish_version,
-                    steps.complete_evidence, steps.start_attempt, steps.end_attempt, steps.record_attempts,
+                    steps.start_attempt, steps.end_attempt, steps.record_attempts, steps.clean_up_after_dead_runs,
+                    steps.versions_with_pending_evidence, steps.evidence_work, steps.measure_reference,
+                    steps.draw_evidence_plots, steps.delete_forgotten_samples, steps.record_evidence,
                     requests.claim_requests, requests.recover_batch, requests.close_requests)}
 
 
 def as_task(fn, *args):
-    """nhle.orchestration's engine interface: the step as its Prefect task, in this flow run."""
+    """nhle.orchestration's engine interface: the step as its Prefect task, in this flow run;
+    pipeline.complete_evidence as the complete-evidence flow, a run of its own under this one."""
+    if fn is pipeline.complete_evidence:
+        params, root, version = args[:3]  # the engine and logger it is given are the flow's own
+        return complete_evidence(version=version, params=params_as_dict(params), project_dir=str(root))
     return TASKS[fn](*args)
 
 
@@ -133,6 +141,15 @@ def forget(classes: str, params: dict | None = None, project_dir: str = ".", see
     return result
 
 
+@flow(name="complete-evidence", flow_run_name="complete-evidence-v{version}")
+def complete_evidence(version: str, params: dict | None = None, project_dir: str = ".") -> dict:
+    """After a forget's promotion, what no gate reads: the retrained reference, the plots and the
+    deletion of the forgotten classes' samples from the dataset; the version's report, metrics
+    and description are completed then (nothing to do when its evidence is complete)."""
+    resolved, root = resolve(params, project_dir)
+    return pipeline.complete_evidence(resolved, root, str(version), as_task, get_run_logger())
+
+
 def forget_subflow(params: Params, root: Path, classes: str, **options) -> dict:
     """The request loop's forget: the `forget` flow, as a subflow of the loop's flow run."""
     return forget(classes=classes, params=params_as_dict(params), project_dir=str(root), **options)
@@ -148,8 +165,10 @@ def process_requests(params: dict | None = None, project_dir: str = ".") -> dict
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
-    cli.add_argument("flow", choices=("train_base", "import_model", "forget", "process_requests"), help="which flow")
+    cli.add_argument("flow", choices=("train_base", "import_model", "forget", "process_requests", "complete_evidence"),
+                     help="which flow")
     cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
+    cli.add_argument("--version", help="complete_evidence: the registered version whose evidence is pending")
     cli.add_argument("--project-dir", default=".", help="folder with params.yaml")
     args = cli.parse_args()
     from nhle.adapters.prefect_server import temporary_prefect_server
@@ -159,6 +178,8 @@ if __name__ == "__main__":
             print(forget(classes=args.classes, project_dir=args.project_dir))
         elif args.flow == "process_requests":
             print(process_requests(project_dir=args.project_dir))
+        elif args.flow == "complete_evidence":
+            print(complete_evidence(version=args.version, project_dir=args.project_dir))
         elif args.flow == "import_model":
             print(import_model(project_dir=args.project_dir))
         else:

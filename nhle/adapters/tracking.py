@@ -129,9 +129,9 @@ def logging_to(run_id: str):
 
 def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarray, logged_name: str,
                 checkpoint_path: Path, preprocessing: dict, data, data_version, parity: dict,
-                report: dict | None, plots: dict, base_metrics: dict | None, tags: dict) -> str:
+                report: dict | None, base_metrics: dict | None, tags: dict) -> str:
     """Everything a new version carries, logged to its run (dataset input, checkpoint,
-    preprocessing, parity, report and plots or a base model's accuracy), then the ONNX model
+    preprocessing, parity, report or a base model's accuracy), then the ONNX model
     registered as a new version of `model_name`, born with `tags` (and `relearn`, the report's
     relearn shares, for the version page): a process killed right after the registration leaves
     a version the next run can find by its tags (nhle.batch) and judge from its logged evidence.
@@ -144,8 +144,6 @@ def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarr
         log_parity(parity)
         if report is not None:
             log_report(report)
-        for path in plots.values():
-            mlflow.log_artifact(str(path), "plots")
         if base_metrics is not None:
             mlflow.log_metrics(base_metrics)
         model_uri = log_onnx_model(onnx_path, example, preprocessing, name=logged_name)
@@ -181,8 +179,17 @@ def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: st
 
 
 def set_run_tags(run_id: str, tags: dict) -> None:
-    with logging_to(run_id):
-        mlflow.set_tags(tags)
+    """Tags on run `run_id`, whatever its state (its status stays as it is)."""
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def log_artifacts_to(run_id: str, paths: list[Path], folder: str) -> None:
+    """Files logged to run `run_id` under `folder`, whatever its state."""
+    client = MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), folder)
 
 
 def version_tags(name: str, version: str) -> tuple[dict, str]:
@@ -456,8 +463,9 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
                   for g in gates]
     lines += relearn_description(tags.get("relearn"))
     if tags.get("evidence") == "pending":
-        lines += ["", "**Retrained reference: pending.** It is measured after the promotion (no gate reads it); "
-                      "report.json, the relearn shares and this description are completed then."]
+        lines += ["", "**Evidence: pending.** The retrained reference, the plots and the deletion of the forgotten "
+                      "classes' samples from the dataset come after the promotion (no gate reads them); report.json, "
+                      "the relearn shares and this description are completed then."]
     if "nhle.recipe" in tags:
         lines += ["", f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
                       f"and why it failed: {artifact('attempts.json')})."]

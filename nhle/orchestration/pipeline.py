@@ -7,7 +7,9 @@ here (`tracked`), so a flow that fails leaves its run FAILED and the champion wh
     pipeline.train_base(params, project_dir)                    # data version -> train -> publish
     pipeline.forget(params, project_dir, "3")                   # champion -> NHLE + masking -> publish
 
-publish: export -> parity -> log + register -> gates -> delete the forgotten data -> promote.
+publish: export -> parity -> log + register -> gates -> promote -> tell the servers; then, in a
+flow run of its own, complete_evidence: the retrained reference, the plots and the deletion of
+the forgotten classes' samples from the dataset (what no gate reads).
 
 A forget tries recipes (try_recipes): the configured unlearn section, then each of
 unlearn.fallbacks, each attempt in an MLflow run nested under the flow's; the first candidate
@@ -48,18 +50,22 @@ class StepClock:
             self.seconds.append([step.__name__, round(time.perf_counter() - started, 3)])
 
 
+def engine_of(run):
+    """The engine under a StepClock: a pipeline function run as one step (complete_evidence) runs
+    its own steps through the same engine."""
+    return run.run if isinstance(run, StepClock) else run
+
+
 def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
             run=call, logger=log, checked: tuple | None = None) -> dict:
-    """export -> parity -> log + register -> gates -> delete forgotten data -> promote.
+    """export -> parity -> log + register -> gates -> promote.
     `checked`: (onnx path, parity, gates) of a candidate already exported and judged (a forget's
     attempt), which is then registered and settled without doing those again."""
     try:
         onnx_path, parity = checked[:2] if checked else run(steps.export_and_check, params, candidate)
         version = run(steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version, extra_tags)
         gates = checked[2] if checked else run(steps.gates_of, params, candidate, parity)
-        forgot = candidate.report is not None
-        result = run(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version,
-                     candidate.data if forgot else None)
+        result = run(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version)
     finally:  # everything in it is in MLflow, or the step failed and the flow run says why
         steps.discard_work_dir(candidate)
     logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
@@ -70,18 +76,12 @@ def publish(params: Params, root: Path, run_id: str, candidate, data_version, ex
     return result
 
 
-def tracked(params: Params, root: Path, run_name: str, tags: dict, body, clock: StepClock, logger=log) -> dict:
-    """body(run_id) inside a new MLflow run, after marking what dead runs of this host left and
-    completing the evidence they left pending; the run ends FINISHED, or FAILED when body raises,
+def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -> dict:
+    """body(run_id) inside a new MLflow run; the run ends FINISHED, or FAILED when body raises,
     with the clock's step times logged."""
     from nhle.adapters.tracking import finish_run, log_run_files, start_run
 
-    started = time.perf_counter()
-    clock.seconds.append(["clean_up_after_dead_runs", None])
-    steps.clean_up_after_dead_runs(params, logger)
-    steps.complete_pending_evidence(params, root, logger)
     run_id = start_run(params, run_name, tags)
-    clock.seconds[-1][1] = round(time.perf_counter() - started, 3)  # with the run's start
     status = "FAILED"
     try:
         result = body(run_id)
@@ -90,14 +90,46 @@ def tracked(params: Params, root: Path, run_name: str, tags: dict, body, clock: 
         try:
             log_run_files(run_id, {"step_seconds.json": {"steps": clock.seconds}})
         except Exception as err:  # the breakdown is a measurement: never what fails a flow
-            logger.warning("step times not logged: %s", err)
+            log.warning("step times not logged: %s", err)
         finish_run(run_id, status)
     return {**result, "step_seconds": clock.seconds}
+
+
+def settle_earlier_runs(params: Params, root: Path, run=call, logger=log) -> None:
+    """What earlier runs left, settled before anything reads the registry or the data: dead
+    runs of this host marked and their scratch removed (steps.clean_up_after_dead_runs), and the
+    evidence a crash left pending completed (a complete-evidence run per version), so that the
+    data deleted after a promotion is deleted before the next flow reads the dataset."""
+    run(steps.clean_up_after_dead_runs, params, logger)
+    for version in run(steps.versions_with_pending_evidence, params):
+        logger.warning("version %s was left with its evidence pending: completing it", version)
+        run(complete_evidence, params, root, version, engine_of(run), logger)
+
+
+def complete_evidence(params: Params, root: Path, version: str, run=call, logger=log) -> dict:
+    """After the promotion, what no gate reads, for registered `version` (flows/pipeline.py runs
+    it as its own flow run, `complete-evidence`): the retrained reference, the before/after plots
+    and, when promoted, the deletion of the forgotten classes' samples from the dataset; then
+    report.json, the metrics, the relearn tag and the description are completed and the tag
+    `evidence` becomes complete. A version with nothing pending is left as it is. Everything is
+    read from the registry, so a run killed before it leaves a version the next flow completes.
+    Returns {"report": the report (None: none pending), "step_seconds": its steps' times}."""
+    run = StepClock(run)
+    work = run(steps.evidence_work, params, version)
+    if work is None:
+        return {"report": None, "step_seconds": run.seconds}
+    report = run(steps.measure_reference, work)
+    plots = run(steps.draw_evidence_plots, work)
+    run(steps.delete_forgotten_samples, params, root, work)
+    run(steps.record_evidence, params, work, report, plots)
+    logger.info("version %s: evidence complete", version)
+    return {"report": report, "step_seconds": run.seconds}
 
 
 def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
     run = StepClock(run)
+    settle_earlier_runs(params, root, run, logger)
     data = run(steps.training_data, params, root)
     run(steps.check_settings, params, data)
     data_version = run(steps.version_data, params, root, data)
@@ -108,13 +140,14 @@ def train_base(params: Params, root: Path, run=call, logger=log) -> dict:
         return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
                 "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
 
-    return tracked(params, root, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, run, logger)
+    return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, run)
 
 
 def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
     """Register your model (params.model: from_mlflow, else arch + weights) as a base version,
     champion if its gates hold, like a trained base model."""
     run = StepClock(run)
+    settle_earlier_runs(params, root, run, logger)
     data = run(steps.training_data, params, root)
     candidate = run(steps.import_candidate, params, root, data)  # refused before anything is versioned or logged
     data_version = run(steps.version_data, params, root, data)
@@ -127,8 +160,8 @@ def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
                 "class_names": data.class_names,
                 "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
 
-    return tracked(params, root, f"import-{candidate.model.arch}-{data.name}",
-                   {"nhle.flow": "import", "nhle.source": source["kind"]}, body, run, logger)
+    return tracked(params, f"import-{candidate.model.arch}-{data.name}",
+                   {"nhle.flow": "import", "nhle.source": source["kind"]}, body, run)
 
 
 def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,
@@ -142,6 +175,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
     overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
     params = replace(params, unlearn=replace(params.unlearn, **overrides))
     run = StepClock(run)
+    settle_earlier_runs(params, root, run, logger)
     champion = run(steps.load_champion, params)
     if champion is None:
         raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias} to forget from: "
@@ -162,16 +196,19 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
         attempts[-1].update(version=result["version"], promoted=result["promoted"], promotion_reason=result["reason"])
         run(steps.record_attempts, run_id, attempts)
         # After the promotion and the servers' notification: what no gate reads.
-        report = run(steps.complete_evidence, tried, root, result["version"]) or candidate.report
+        started = len(run.seconds)
+        evidence = run(complete_evidence, tried, root, result["version"], engine_of(run), logger)
+        run.seconds[started:started] = [[f"complete_evidence.{step}", s] for step, s in evidence["step_seconds"]]
+        report = evidence["report"] or candidate.report
         names = report["forget_class_names"]
         return {**result, "summary": f"forgot {names} from version {parent_version}"
                 + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
                 "forgotten": names, "data_version": data_version.md5, "report": report,
                 "compute_seconds": report["seconds"], "attempts": attempts}
 
-    return tracked(params, root, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+    return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
                    {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
-                    **batch_tags}, body, run, logger)
+                    **batch_tags}, body, run)
 
 
 def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: list[int], parent_version: str,
@@ -183,14 +220,12 @@ def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: l
     left; the last one is kept whatever its gates, so that its failure is registered on record.
     Returns (candidate, attempt records, (onnx path, parity, gates), the params it ran with)."""
     tries = steps.unlearning_attempts(params)
-    attempts, retrained = [], None
+    attempts = []
     for number, (recipe, overrides, tried) in enumerate(tries, 1):
         attempt_run = run(steps.start_attempt, tried, run_id, number, recipe, overrides)
         candidate = None
         try:
-            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed,
-                            retrained)
-            retrained = candidate.retrained  # one retrain per request, whatever the recipes
+            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed)
             onnx_path, parity = run(steps.export_and_check, tried, candidate)
             gates = run(steps.gates_of, tried, candidate, parity)
             attempt = run(steps.end_attempt, attempt_run, number, recipe, overrides, candidate, parity, gates,

@@ -170,16 +170,15 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
 
 
 def recover_batch(params: Params, root: Path, batch: str):
-    """A crashed run's batch: settle the version it registered, or fail its orphaned runs."""
-    from nhle.orchestration.steps import complete_evidence, resume_version
+    """A crashed run's batch: settle the version it registered (judged and promoted from its
+    logged evidence; the caller completes the rest of its evidence), or fail its orphaned runs."""
+    from nhle.orchestration.steps import resume_version
 
     version = batch_version(params, batch)
     if version is None:
         fail_orphan_runs(batch)
         return None
-    result = resume_version(params, root, version)
-    complete_evidence(params, root, result["version"])  # before the audit reports read it
-    return result
+    return resume_version(params, root, version)
 
 
 def claim_requests(ledger: Ledger, owner: str, lease_seconds: float, model_name: str) -> list[ForgetRequest]:
@@ -199,8 +198,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
     requests as they ended, the versions that settled them, the forget's unlearning attempts and
     the time breakdown (this run's steps, the forget's as forget.<step>)."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
-    from nhle.orchestration.pipeline import StepClock
-    from nhle.orchestration.steps import clean_up_after_dead_runs, complete_pending_evidence
+    from nhle.orchestration.pipeline import StepClock, complete_evidence, engine_of, settle_earlier_runs
 
     attempts = []
     run = StepClock(run)
@@ -213,8 +211,7 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
         return result
 
     ledger = open_ledger(params, root)
-    clean_up_after_dead_runs(params, logger)  # a recovery below may need no forget, and so no tracked run
-    complete_pending_evidence(params, root, logger)
+    settle_earlier_runs(params, root, run, logger)  # a recovery below may need no forget to do it
     owner = new_owner()
     claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
     logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)
@@ -224,6 +221,8 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
             for batch in sorted({r.batch for r in claimed if r.batch}):
                 result = run(recover_batch, params, root, batch)
                 if result is not None:
+                    # before the audit reports read it
+                    run(complete_evidence, params, root, result["version"], engine_of(run), logger)
                     group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
                     run(close_requests, ledger, owner, params, group, result["version"],
                         f"version registered by an earlier run of batch {batch} that stopped")

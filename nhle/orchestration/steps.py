@@ -5,7 +5,9 @@ one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A f
     configured recipe, then the fallbacks): start_attempt -> forget_candidate (NHLE + masking,
     evaluated) -> export_and_check (ONNX, parity) -> gates_of -> end_attempt -> record_attempts,
     until a candidate holds every gate or none is left -> register_candidate (MLflow) ->
-    finish_version (the deleted-classes gate, the data deletion as a new DVC version, then promote)
+    finish_version (the deleted-classes gate, then promote); after it, the complete-evidence flow:
+    evidence_work -> measure_reference (the retrain) -> draw_evidence_plots ->
+    delete_forgotten_samples (a new DVC version) -> record_evidence
 
 Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
 in `promote`, the last step, and only when every gate held.
@@ -38,10 +40,6 @@ class Candidate:
     data: Splits
     work_dir: Path
     parent_version: str | None = None
-    original: MaskedClassifier | None = None
-    """The model before unlearning, for the before/after plots."""
-    retrained: tuple | None = None
-    """The retrained reference (model, snapshot, seconds): the same for every recipe a request tries."""
 
 
 def project_path(params_dir: Path, value: str) -> Path:
@@ -71,45 +69,106 @@ def version_data(params: Params, project_dir: Path, data: Splits, message: str |
     return version_dataset(data, repo, remote, dataset_path=dataset_folder(params, data), message=message)
 
 
-def complete_evidence(params: Params, project_dir: Path, version: str) -> dict | None:
-    """The version's report with its retrained reference: measured now (on the data the forget
-    started from, DVC version `data.*`) when it is pending, and written back to the version's run
-    (nhle.adapters.tracking.complete_report); as it is otherwise."""
+@dataclass
+class EvidenceWork:
+    """What a registered version's evidence is completed from, after its promotion (the
+    complete-evidence flow: nhle.orchestration.pipeline.complete_evidence)."""
+
+    version: object
+    """The registered ModelVersion (its tags say what is pending)."""
+    report: dict
+    model: MaskedClassifier
+    checkpoint: dict
+    original: MaskedClassifier
+    """Its parent version's model: the "before" of the plots."""
+    data: Splits
+    """The data its forget started from (DVC version `data.*`), before any deletion."""
+    work_dir: Path
+
+
+def evidence_work(params: Params, version: str) -> EvidenceWork | None:
+    """What the evidence of registered `version` is completed from, downloaded from the registry
+    (its checkpoint, its parent's, its report and its DVC data), or None when it has no evidence
+    pending (tag `evidence`: a base or imported model, or completed already)."""
     from mlflow import MlflowClient
 
-    from nhle.adapters.tracking import complete_report, download_checkpoint, run_json
+    from nhle.adapters.tracking import download_checkpoint, run_json
     from nhle.adapters.versioning import DataVersion, open_dataset_version
-    from nhle.core.experiment import complete_reference
     from nhle.core.training import load_checkpoint
 
-    name = params.registry.model_name
-    mv = MlflowClient().get_model_version(name, str(version))
+    client, name = MlflowClient(), params.registry.model_name
+    mv = client.get_model_version(name, str(version))
     report = run_json(mv.run_id, "report.json")
-    if report is None or report.get("reference", {}).get("kind") != "pending":
-        return report
-    before = DataVersion.from_tags(mv.tags, params.versioning.remote, prefix="data.")
-    with tempfile.TemporaryDirectory(prefix="nhle-evidence-") as folder:
-        _, checkpoint = load_checkpoint(download_checkpoint(mv, folder))
-    completed = complete_reference(report, checkpoint, open_dataset_version(before))
-    complete_report(name, str(version), completed)
-    return completed
+    if mv.tags.get("evidence") != "pending" or report is None:
+        return None
+    work_dir = new_work_dir("evidence")
+    model, checkpoint = load_checkpoint(download_checkpoint(mv, work_dir / "model"))
+    parent = client.get_model_version(name, mv.tags["parent_version"])
+    original, _ = load_checkpoint(download_checkpoint(parent, work_dir / "parent"))
+    data = open_dataset_version(DataVersion.from_tags(mv.tags, params.versioning.remote, prefix="data."))
+    return EvidenceWork(mv, report, model, checkpoint, original, data, work_dir)
 
 
-def complete_pending_evidence(params: Params, project_dir: Path, logger) -> list[str]:
-    """Complete the evidence of every version whose run ended (a crash between its promotion and
-    its evidence) with its retrained reference still pending; returns those versions."""
+def measure_reference(work: EvidenceWork) -> dict:
+    """The version's report with its retrained reference, when that is pending (the retrain:
+    nhle.core.experiment.complete_reference); as it is otherwise."""
+    from nhle.core.experiment import complete_reference
+
+    if work.report.get("reference", {}).get("kind") != "pending":
+        return work.report
+    return complete_reference(work.report, work.checkpoint, work.data)
+
+
+def draw_evidence_plots(work: EvidenceWork) -> dict[str, Path]:
+    """The before/after plots of the version (nhle.core.plots.write_evidence_plots)."""
+    from nhle.core.plots import write_evidence_plots
+
+    return write_evidence_plots(work.original, work.model, work.data, work.report["forget_classes"],
+                                work.work_dir / "plots")
+
+
+def delete_forgotten_samples(params: Params, project_dir: Path, work: EvidenceWork):
+    """When the version was promoted and forgets classes, its forget's data without their
+    samples as a new DVC version, tagged `data_after.*` on the version and its run; returns that
+    DataVersion (None: not promoted, or deleted already by a run that died after it)."""
+    from nhle.adapters.tracking import set_run_tags, tag_version
+
+    tags, name = work.version.tags, params.registry.model_name
+    forgotten = json.loads(tags.get("forgotten_classes") or "[]")
+    if tags.get("promoted") != "true" or not forgotten or "data_after.md5" in tags:
+        return None
+    data_after = delete_forgotten_data(params, project_dir, work.data, forgotten,
+                                       f"{name} version {work.version.version}")
+    tag_version(name, str(work.version.version), data_after.as_tags("data_after."))
+    set_run_tags(work.version.run_id, data_after.as_tags("data_after."))
+    return data_after
+
+
+def record_evidence(params: Params, work: EvidenceWork, report: dict, plots: dict[str, Path]) -> dict:
+    """The plots logged to the version's run, its report.json and metrics completed, its tag
+    `evidence` made complete and its description rewritten (tracking.complete_report); the work
+    folder removed. Returns the report."""
+    import shutil
+
+    from nhle.adapters.tracking import complete_report, log_artifacts_to
+
+    try:
+        log_artifacts_to(work.version.run_id, list(plots.values()), "plots")
+        complete_report(params.registry.model_name, str(work.version.version), report)
+    finally:
+        shutil.rmtree(work.work_dir, ignore_errors=True)
+    return report
+
+
+def versions_with_pending_evidence(params: Params) -> list[str]:
+    """Versions whose flow ended (a crash between promotion and evidence) with evidence pending."""
     from mlflow import MlflowClient
 
     from nhle.adapters.tracking import versions_tagged
 
-    client, done = MlflowClient(), []
-    for mv in versions_tagged(params.registry.model_name, "evidence", "pending"):
-        if client.get_run(mv.run_id).info.status == "RUNNING":  # its flow is still at it
-            continue
-        logger.warning("version %s was left with its retrained reference pending: completing it", mv.version)
-        complete_evidence(params, project_dir, str(mv.version))
-        done.append(str(mv.version))
-    return done
+    client = MlflowClient()
+    return [str(mv.version) for mv in versions_tagged(params.registry.model_name, "evidence", "pending")
+            if client.get_run(mv.run_id).info.status != "RUNNING"]  # RUNNING: its flow is still at it
 
 
 def recorded_data_version(params: Params, version):
@@ -243,7 +302,7 @@ def load_champion(params: Params):
 
 
 def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int], parent_version: str,
-                     data: Splits, seed: int = 0, retrained: tuple | None = None) -> Candidate:
+                     data: Splits, seed: int = 0) -> Candidate:
     """NHLE + masking of `classes` (indices, validated where the request came in), with the report
     that measures it against the original and the retrained reference."""
     from nhle.core.experiment import forget_and_measure, lineage
@@ -253,14 +312,13 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
     # The retrained reference waits until after promotion (complete_evidence): no gate reads it.
     outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
                                  retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
-                                 synthetic=cached, retrained=retrained, defer_reference=params.retrain_baseline)
+                                 synthetic=cached, defer_reference=params.retrain_baseline)
     if outcome.report["synthetic_inputs"] == "synthesised":
         keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)
     meta["unlearn"] = outcome.report["unlearn_config"]
     meta["parent_version"] = parent_version
-    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version, original=model,
-                     retrained=outcome.retrained)
+    return Candidate(outcome.result.model, meta, outcome.report, data, work_dir, parent_version)
 
 
 def synthetic_inputs_of(params: Params, version: str, folder: Path):
@@ -292,10 +350,11 @@ def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
 
 def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
                        data_version, extra_tags: dict | None = None) -> str:
-    """Log report, plots, checkpoint, parity and the ONNX model; returns the new registered version."""
+    """Log report, checkpoint, parity and the ONNX model; returns the new registered version. A
+    forget's version is born with the tag evidence=pending: its plots, its retrained reference
+    and its data deletion come after the promotion (pipeline.complete_evidence)."""
     from nhle.adapters.tracking import log_version
     from nhle.core.export import preprocessing as input_preprocessing
-    from nhle.core.plots import write_evidence_plots
     from nhle.core.training import save_checkpoint
 
     checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
@@ -304,20 +363,18 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
     preprocessing = input_preprocessing(candidate.model, candidate.data.image_shape, class_names)
     forgotten = preprocessing["forgotten_classes"]
     report = candidate.report
-    plots = write_evidence_plots(candidate.original, candidate.model, candidate.data, report["forget_classes"],
-                                 candidate.work_dir / "plots") if report is not None else {}
     base_metrics = None if report is not None else {k: candidate.checkpoint_meta["metrics"][k]
                                                     for k in ("test_acc", "train_acc")}
     tags = {"forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
             "parent_version": candidate.parent_version or "", **data_version.as_tags(),
             "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
             "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
-            **({"evidence": "pending"} if (report or {}).get("reference", {}).get("kind") == "pending" else {}),
+            **({"evidence": "pending"} if report is not None else {}),
             **(extra_tags or {})}
     example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
     version = log_version(run_id, params.registry.model_name, onnx_path, example,
                           logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
-                          preprocessing, candidate.data, data_version, parity, report, plots, base_metrics, tags)
+                          preprocessing, candidate.data, data_version, parity, report, base_metrics, tags)
     return version
 
 
@@ -418,35 +475,27 @@ def record_attempts(run_id: str, attempts: list[dict]) -> None:
 
 
 def finish_version(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
-                   parent_version: str | None, data: Splits | None) -> dict:
-    """The end of every flow: the gates plus one on the classes deleted on record (the ledger);
-    when they held and the version forgot classes, first delete their samples from the dataset
-    (a new DVC version, tagged `data_after.*` on the version), then promote. The alias moves last,
-    so a failure anywhere before leaves `champion` alone."""
-    from nhle.adapters.tracking import set_run_tags, tag_version, version_tags
-    from nhle.core.gates import all_passed, deleted_classes_gate
+                   parent_version: str | None) -> dict:
+    """The end of every flow's critical path: the gates plus one on the classes deleted on record
+    (the ledger), then promote. The alias moves last, so a failure anywhere before leaves
+    `champion` alone. The forgotten classes' samples are deleted from the dataset after it, with
+    the rest of the evidence (nhle.orchestration.pipeline.complete_evidence)."""
+    from nhle.adapters.tracking import version_tags
+    from nhle.core.gates import deleted_classes_gate
 
     name = params.registry.model_name
     forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
     # Whatever made this version (training, an import, unlearning), it may not bring back a
     # class deleted on record (a forget request's, or an earlier promotion's).
     gates = [*gates, deleted_classes_gate(forgotten, deleted_on_record(params, project_dir)[0])]
-    data_after = None
-    if data is not None and forgotten and all_passed(gates):
-        data_after = delete_forgotten_data(params, project_dir, data, forgotten, f"{name} version {version}")
-        tag_version(name, version, data_after.as_tags("data_after."))
-        set_run_tags(run_id, data_after.as_tags("data_after."))
-    result = promote(params, project_dir, run_id, version, gates, parent_version)
-    result["data_after"] = asdict(data_after) if data_after else None
-    return result
+    return promote(params, project_dir, run_id, version, gates, parent_version)
 
 
 def resume_version(params: Params, project_dir: Path, version) -> dict:
     """Finish a registered version whose flow died before settling it (a crashed forget-request
-    run): judge it from its logged report and parity, delete the data and promote, without
+    run): judge it from its logged report and parity and promote, without
     unlearning or registering anything again. A version already settled is left as it is."""
     from nhle.adapters.tracking import finish_run, run_json
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
 
     name, number = params.registry.model_name, str(version.version)
     champion = champion_version(params)
@@ -460,10 +509,8 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
             raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
                                f"{version.run_id}: it cannot be judged; register a new one")
         gates = evaluate_gates(report, parity, params.gates)
-        before = DataVersion.from_tags(version.tags, params.versioning.remote)
-        data = open_dataset_version(before) if before is not None else None
         result = finish_version(params, project_dir, version.run_id, number, gates,
-                                version.tags.get("parent_version") or None, data)
+                                version.tags.get("parent_version") or None)
     finish_run(version.run_id, "FINISHED")
     return {**result, "version": number, "run_id": version.run_id}
 
@@ -577,7 +624,7 @@ def notify_servers(urls, version: str | None = None, timeout: float = 120.0) -> 
     return results
 
 
-WORK_DIR = re.compile(r"^nhle-(?:train|import|forget)-(?P<pid>\d+)-")
+WORK_DIR = re.compile(r"^nhle-(?:train|import|forget|evidence)-(?P<pid>\d+)-")
 
 
 def new_work_dir(kind: str) -> Path:

@@ -29,8 +29,8 @@ def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_
     assert ("**Relearn share** (the relearn attack's steps over the mask-only model's 6; 1 = no harder than the "
             "mask alone): shipped 8 (48 steps), restored 5 (30 steps), mask-only 1 (6 steps).") in text
     assert "Relearn share" not in version_description({}, "run1", "0")
-    assert "Retrained reference: pending" in version_description({"evidence": "pending"}, "run1", "0")
-    assert "Retrained reference: pending" not in version_description({"evidence": "complete"}, "run1", "0")
+    assert "Evidence: pending" in version_description({"evidence": "pending"}, "run1", "0")
+    assert "Evidence: pending" not in version_description({"evidence": "complete"}, "run1", "0")
 
 
 def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt():

@@ -200,7 +200,7 @@ from nhle.orchestration import steps
 def die(*args):
     print("promoted: SIGKILL before the evidence", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-steps.complete_evidence = die
+steps.evidence_work = die
 """
 
 
@@ -305,10 +305,11 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
 
 
 def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_run_completes(new_project):
-    """The retrained reference is measured after the promotion (no gate reads it). SIGKILL right
-    after the promotion: the new version is champion with its evidence pending; the next run
-    completes it (the retrained model's metrics in report.json, the version's tag and the audit
-    report) before it closes the request. A project of its own: the shared one has few classes left."""
+    """The retrained reference, the plots and the data deletion come after the promotion (no gate
+    reads them). SIGKILL right after the promotion: the new version is champion with its evidence
+    pending; the next run completes it (the retrained model's metrics in report.json, the plots,
+    the DVC version without the class, the version's tag and the audit report) before it closes
+    the request. A project of its own: the shared one has few classes left."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -322,11 +323,17 @@ def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_r
     assert champion.tags["evidence"] == "pending" and ledger(project).get(request.id).status == "processing"
     pending = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
     assert pending["reference"]["kind"] == "pending" and "retrained" not in pending["metrics"]
+    assert "data_after.md5" not in champion.tags
+    assert not MlflowClient().list_artifacts(champion.run_id, "plots")
 
     assert cli(project, "request", "process") == 0
     done = ledger(project).get(request.id)
     assert done.status == "done" and done.model_version_after == str(champion.version)
-    assert MlflowClient().get_model_version(NAME, champion.version).tags["evidence"] == "complete"
+    completed = MlflowClient().get_model_version(NAME, champion.version).tags
+    assert completed["evidence"] == "complete" and "data_after.md5" in completed
+    assert done.data_version_after["md5"] == completed["data_after.md5"]
+    assert {Path(f.path).name for f in MlflowClient().list_artifacts(champion.run_id, "plots")} == {
+        "per_class_accuracy.png", "confusion_matrix.png", "feature_projection.png"}
     report = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
     assert report["reference"]["kind"] == "retrained" and "retrained" in report["metrics"]
     audit = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/audit/request-{request.id}.json")

@@ -28,10 +28,10 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
         return pipeline.forget(params, root, classes, run=engine, **options)
 
     base = pipeline.train_base(params, tmp_path, engine)
-    assert base["promoted"] and ran[:4] == ["training_data", "check_settings", "version_data", "train_candidate"]
+    assert base["promoted"] and ran[:6] == ["clean_up_after_dead_runs", "versions_with_pending_evidence",
+                                            "training_data", "check_settings", "version_data", "train_candidate"]
     # the time breakdown: every step the engine ran, in order, with its seconds, also in the run
-    timed = [step for step, _ in base["step_seconds"]]
-    assert timed == ["training_data", "check_settings", "version_data", "clean_up_after_dead_runs", *ran[3:]]
+    assert [step for step, _ in base["step_seconds"]] == ran
     assert all(seconds >= 0 for _, seconds in base["step_seconds"])
     from mlflow import MlflowClient
 
@@ -42,13 +42,20 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
     submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
     result = requests.process_requests(params, tmp_path, engine, forget, logging.getLogger("test"))
     timed = [step for step, _ in result["step_seconds"]]
-    assert timed[0] == "claim_requests" and "forget.forget_candidate" in timed and timed[-1] == "close_requests"
+    assert timed[:3] == ["clean_up_after_dead_runs", "versions_with_pending_evidence", "claim_requests"]
+    assert "forget.forget_candidate" in timed and timed[-1] == "close_requests"
+    # after the promotion, the evidence: the retrain, the plots, the data deletion
+    assert [step for step in timed if step.startswith("forget.complete_evidence.")] == [
+        f"forget.complete_evidence.{step}" for step in ("evidence_work", "measure_reference", "draw_evidence_plots",
+                                                         "delete_forgotten_samples", "record_evidence")]
+    assert timed.index("forget.finish_version") < timed.index("forget.complete_evidence")
 
     done = requests.open_ledger(params, tmp_path).get(submitted.id)
     assert done.status == "done" and done.model_version_after == result["versions"][0] and done.report_uri
     model, checkpoint, version = steps.load_champion(params)
     assert model.forgotten_classes == [3] and str(version.version) == done.model_version_after
     assert "**Outcome: done**" in requests.read_report(done.report_uri)
+    assert version.tags["evidence"] == "complete" and done.data_version_after["md5"] == version.tags["data_after.md5"]
     assert {"claim_requests", "load_champion", "forget_candidate", "register_candidate", "gates_of",
             "finish_version", "close_requests"} <= set(ran)
 
