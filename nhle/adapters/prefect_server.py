@@ -93,7 +93,8 @@ def prefect_server_starting():
     """temporary_prefect_server, started at once and waited for only when the body calls the
     `ready` it yields (before its first flow): the server's few seconds of start-up overlap the
     body's own work. ready() returns the API URL (None: a configured one is used)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings)
 
     if PREFECT_API_URL.value():
         yield lambda: None
@@ -115,7 +116,9 @@ def prefect_server_starting():
             else:
                 raise RuntimeError("the temporary Prefect server found no free port three times")
             log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, server["process"].pid)
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+            # No flow-run heartbeats: they tell a server that outlives a crashed run, and this one
+            # dies with the run (each flow's end otherwise waits up to 1 s for the heartbeat thread).
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
             stack.callback(drain_to_server)  # runs first at exit, while the setting still holds
             server["url"] = url
             return url

@@ -197,7 +197,7 @@ def cmd_export(args) -> int:
     model, checkpoint = load_checkpoint(args.checkpoint)
     data = data_for_checkpoint(checkpoint)
     out = Path(args.out)
-    path = export_onnx(model, out / "model.onnx", data.image_shape)
+    path = export_onnx(model, out / "model.onnx", data.image_shape, params.export.exporter)
     parity = check_parity(model, path, data.test, params.export.parity_batch_sizes, params.export.parity_tolerance)
     write_json(out / "parity.json", parity)
     print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "

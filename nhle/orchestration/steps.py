@@ -342,7 +342,8 @@ def keep_synthetic_inputs(params: Params, version: str, synthetic, folder: Path)
 def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
     from nhle.core.export import check_parity, export_onnx
 
-    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape)
+    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape,
+                       params.export.exporter)
     parity = check_parity(candidate.model, path, candidate.data.test, params.export.parity_batch_sizes,
                           params.export.parity_tolerance)
     return path, parity

@@ -27,9 +27,10 @@ def masked(trained):
     return model
 
 
-@pytest.fixture(scope="module")
-def onnx_path(masked, digits, tmp_path_factory):
-    return export_onnx(masked, tmp_path_factory.mktemp("onnx") / "masked.onnx", digits.image_shape)
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def onnx_path(masked, digits, tmp_path_factory, request):
+    """The masked model exported by each exporter: every test below holds for both graphs."""
+    return export_onnx(masked, tmp_path_factory.mktemp("onnx") / "masked.onnx", digits.image_shape, request.param)
 
 
 def test_export_is_valid_with_symbolic_batch(onnx_path, digits):
@@ -171,3 +172,24 @@ def test_resnet18_exports_and_matches(tmp_path):
     report = check_parity(model, path, torch.rand(2, 3, 32, 32), batch_sizes=(2,), tolerance=1e-4)
     assert_parity(report)
     print(f"resnet18 max abs prob diff {report['max_abs_prob_diff']:.3g}")
+
+
+class Spectrum(torch.nn.Module):
+    """A forward the TorchScript exporter cannot export (aten::fft_rfft) and torch.export can."""
+
+    def forward(self, x):
+        return torch.fft.rfft(x.flatten(1), dim=1).abs()[:, :10]
+
+
+def test_what_the_torchscript_exporter_refuses_is_exported_by_torch_export(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="nhle.core.export"):
+        path = export_onnx(Spectrum(), tmp_path / "spectrum.onnx", (1, 8, 8))
+    assert "exporting with torch.export" in caplog.text and "fft_rfft" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["spectrum.onnx"]
+    x = torch.rand(5, 1, 8, 8)
+    expected = torch.softmax(Spectrum()(x), dim=1).numpy()
+    assert np.abs(make_session(path).run(None, {"images": x.numpy()})[0] - expected).max() < 1e-6
+    with pytest.raises(ValueError, match="unknown ONNX exporter 'jit'"):
+        export_onnx(Spectrum(), tmp_path / "other.onnx", (1, 8, 8), "jit")
