@@ -5,13 +5,17 @@ gates and the commands that open the MLflow UI and serve the champion.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 from pathlib import Path
 
 from nhle.core.config import Params, params_as_dict
 from nhle.core.gates import GateResult, advice
 from nhle.core.models import MaskedClassifier
 from nhle.orchestration.steps import load_champion
+
+log = logging.getLogger(__name__)
 
 
 def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
@@ -30,6 +34,26 @@ def load_flow(name: str):
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
+def warming_up() -> threading.Thread:
+    """Start, in a daemon thread, what the first flow would otherwise wait for: torch._dynamo,
+    which every torch optimizer imports when it is first made (1-2 s on 2 cores), and MLflow's
+    map of installed packages, which logging the first model builds (about 1 s). Called while
+    the temporary Prefect server starts, it runs while this process waits for that server."""
+
+    def warm():
+        try:
+            import torch._dynamo  # noqa: F401
+            from mlflow.utils import requirements_utils
+
+            requirements_utils._init_packages_to_modules_map()
+        except Exception as err:  # noqa: BLE001 - a cache not warmed is only slower
+            log.debug("warming up: %s", err)
+
+    thread = threading.Thread(target=warm, name="nhle-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
     """`nhle run`: base model if no champion, one forget flow, then the registry state. The
     request is checked (against the champion, else the dataset's classes) before any flow runs,
@@ -43,6 +67,7 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> i
 
     started = time.perf_counter()
     with prefect_server_starting() as ready:  # its start-up overlaps the checks below
+        warming_up()
         project_dir = project_dir.resolve()
         uri = configure(params, project_dir)
         forget_spec = forget_spec or params.forget
