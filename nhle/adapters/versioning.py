@@ -110,6 +110,20 @@ def _commit(repo: Path, paths: list[str], message: str) -> bool:
     return True
 
 
+def _default_remote_is(repo: Path, name: str, url: str) -> bool:
+    """Whether the repo's .dvc/config already makes `name` at `url` the default remote (read as
+    `dvc remote add -d` writes it; anything else reads as no, and the command sets it)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    try:
+        config.read(repo / ".dvc" / "config")
+        return (config.get("core", "remote", fallback=None) == name
+                and config.get(f"'remote \"{name}\"'", "url", fallback=None) == url)
+    except configparser.Error:
+        return False
+
+
 def ensure_data_repo(repo_dir: str | Path, remote_url: str | Path, remote_name: str = "local") -> Path:
     """Make repo_dir a git repo with DVC initialised and remote_url as the default remote.
 
@@ -123,7 +137,8 @@ def ensure_data_repo(repo_dir: str | Path, remote_url: str | Path, remote_name: 
             _git(repo, "config", "--local", key, value)
     if not (repo / ".dvc").is_dir():
         _dvc(repo, "init")
-    _dvc(repo, "remote", "add", "-d", "-f", remote_name, _resolve_remote(remote_url))
+    if not _default_remote_is(repo, remote_name, _resolve_remote(remote_url)):  # each dvc call starts Python
+        _dvc(repo, "remote", "add", "-d", "-f", remote_name, _resolve_remote(remote_url))
     scaffolding = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore") if (repo / p).exists()]
     _commit(repo, scaffolding, "Initialise DVC data repo")
     return repo

@@ -92,6 +92,19 @@ def test_ensure_data_repo_is_idempotent(versions):
     assert commit_count(repo) == before
 
 
+def test_a_data_repo_moved_to_another_remote_gets_it_as_default(tmp_path):
+    """The remote is set only when .dvc/config does not name it already (each dvc call costs a
+    Python start), so a changed remote must still be written, and committed."""
+    from nhle.adapters.versioning import dvc_executable
+
+    repo = ensure_data_repo(tmp_path / "repo", tmp_path / "first")
+    before = commit_count(repo)
+    ensure_data_repo(repo, tmp_path / "second")
+    listed = subprocess.run([dvc_executable(), "remote", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert str(tmp_path / "second") in listed and str(tmp_path / "first") not in listed
+    assert commit_count(repo) == before + 1
+
+
 def test_save_load_round_trip_and_deterministic_bytes(digits, tmp_path):
     first = save_splits(digits, tmp_path / "a")
     second = save_splits(digits, tmp_path / "b")
