@@ -30,8 +30,13 @@ def start_server(port: int) -> subprocess.Popen:
     import prefect
     from prefect.settings import get_current_settings
 
+    # No task-run recorder: it writes each task's events to the database, where no UI of this
+    # server reads them, and holds SQLite's write lock long enough that a subflow started right
+    # after tasks (a request's forget, its evidence) waited about 2 s to be created. Flow runs,
+    # their states and logs are recorded as before; a Prefect server (PREFECT_API_URL) keeps all.
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false"}
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),

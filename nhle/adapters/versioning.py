@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,11 +198,35 @@ def dvc_dir_md5(folder: str | Path) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def _copy_from_cache(repo: Path, dir_md5: str, out: Path) -> bool:
+    """Copy the folder `dir_md5` names out of the repo's own DVC cache (DVC 3's layout,
+    .dvc/cache/files/md5/ab/cdef...), without starting dvc; False when any of it is not there
+    (a cache elsewhere, or purged), for `dvc get` to fetch. The caller checks the bytes' md5."""
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+
+    def cached(md5: str) -> Path:
+        return cache / md5[:2] / md5[2:]
+
+    try:
+        listing = json.loads(cached(dir_md5).read_text())
+        sources = [(cached(entry["md5"]), entry["relpath"]) for entry in listing]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not all(source.is_file() for source, _ in sources):
+        return False
+    for source, relpath in sources:
+        target = out / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return True
+
+
 def open_dataset_version(version: DataVersion) -> Splits:
     """The exact Splits of that version: `dvc get` from the repo at its git rev.
 
-    Data missing from the repo's cache comes from the remote recorded in that revision's DVC
-    config. Raises RuntimeError if the bytes do not hash to version.md5."""
+    Read from the repo's DVC cache when it holds the version; data missing from it comes from
+    the remote recorded in that revision's DVC config (`dvc get`). Raises RuntimeError if the
+    bytes do not hash to version.md5."""
     repo = Path(version.repo)
     if not re.fullmatch(r"[0-9a-f]{4,40}", version.git_rev):
         raise ValueError(f"not a git revision: {version.git_rev!r}")
@@ -212,8 +237,10 @@ def open_dataset_version(version: DataVersion) -> Splits:
                            f"not the version's {version.md5}")
     with tempfile.TemporaryDirectory(prefix="nhle-data-") as tmp:
         out = Path(tmp) / "data"
-        _run([dvc_executable(), "get", str(repo), version.path, "--rev", version.git_rev, "-o", str(out)],
-             cwd=Path(tmp))
+        if not _copy_from_cache(repo, version.md5, out):
+            shutil.rmtree(out, ignore_errors=True)
+            _run([dvc_executable(), "get", str(repo), version.path, "--rev", version.git_rev, "-o", str(out)],
+                 cwd=Path(tmp))
         got = dvc_dir_md5(out)
         if got != version.md5:
             raise RuntimeError(f"dvc get of {version.path}@{version.git_rev} gave data hashing to {got}, "

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 from nhle.core.config import Params, params_as_dict
 from nhle.core.gates import GateResult, advice
-from nhle.core.models import MaskedClassifier
-from nhle.orchestration.steps import load_champion
+
+if TYPE_CHECKING:  # torch stays unimported until the temporary Prefect server is starting
+    from nhle.core.models import MaskedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +36,21 @@ def load_flow(name: str):
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
-def warming_up() -> threading.Thread:
-    """Start, in a daemon thread, what the first flow would otherwise wait for: torch._dynamo,
-    which every torch optimizer imports when it is first made (1-2 s on 2 cores), and MLflow's
-    map of installed packages, which logging the first model builds (about 1 s). Called while
-    the temporary Prefect server starts, it runs while this process waits for that server."""
+def warm_up() -> None:
+    """Import what the first flow would otherwise stop for: torch._dynamo, which every torch
+    optimizer imports when it is first made (1-2 s on 2 cores), scikit-learn's SVC (the
+    membership inference attack, 0.8 s) and MLflow's map of installed packages, which logging
+    the first model builds (about 1 s). Called just before waiting for the temporary Prefect
+    server, it runs while that server starts. In this thread, never a thread of its own:
+    imports racing the main thread's can see half-initialised modules."""
+    try:
+        import sklearn.svm  # noqa: F401
+        import torch._dynamo  # noqa: F401
+        from mlflow.utils import requirements_utils
 
-    def warm():
-        try:
-            import torch._dynamo  # noqa: F401
-            from mlflow.utils import requirements_utils
-
-            requirements_utils._init_packages_to_modules_map()
-        except Exception as err:  # noqa: BLE001 - a cache not warmed is only slower
-            log.debug("warming up: %s", err)
-
-    thread = threading.Thread(target=warm, name="nhle-warm-up", daemon=True)
-    thread.start()
-    return thread
+        requirements_utils._init_packages_to_modules_map()
+    except Exception as err:  # noqa: BLE001 - a cache not warmed is only slower
+        log.debug("warming up: %s", err)
 
 
 def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
@@ -61,13 +60,14 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> i
     import time
 
     from nhle.adapters.prefect_server import prefect_server_starting
-    from nhle.adapters.tracking import configure
-    from nhle.core.data import parse_classes
-    from nhle.core.experiment import load_data, validate_forget
 
     started = time.perf_counter()
-    with prefect_server_starting() as ready:  # its start-up overlaps the checks below
-        warming_up()
+    with prefect_server_starting() as ready:  # its start-up overlaps the imports and checks below
+        from nhle.adapters.tracking import configure
+        from nhle.core.data import parse_classes
+        from nhle.core.experiment import load_data, validate_forget
+        from nhle.orchestration.steps import load_champion
+
         project_dir = project_dir.resolve()
         uri = configure(params, project_dir)
         forget_spec = forget_spec or params.forget
@@ -79,6 +79,7 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> i
             validate_forget(champion[0], forget_spec, champion[1]["class_names"])
         results = []
         flows = {flow: load_flow(flow) for flow in ("train_base", "forget")}  # imports, while the server starts
+        warm_up()
         ready()
         if champion is None:
             results.append(timed(flows["train_base"], params=params_as_dict(params), project_dir=str(project_dir)))

@@ -111,12 +111,13 @@ def cmd_show(args, params) -> int:
 
 def cmd_process(args, params) -> int:
     from nhle.adapters.prefect_server import prefect_server_starting
-    from nhle.cli.jobs import load_flow, warming_up
     from nhle.core.config import params_as_dict
 
-    with prefect_server_starting() as ready:
-        warming_up()
-        flow = load_flow("process_requests")  # its imports overlap the server's start-up
+    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
+        from nhle.cli.jobs import load_flow, warm_up
+
+        flow = load_flow("process_requests")
+        warm_up()
         ready()
         result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
     for request in result["requests"]:

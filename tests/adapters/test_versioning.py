@@ -1,5 +1,6 @@
 """Dataset versioning with DVC, all in temp folders: a temp git repo as the data repo and a temp
 folder as the local DVC remote. Each dvc command costs about 1 s, so the versions are made once."""
+import json
 import re
 import shutil
 import subprocess
@@ -66,6 +67,24 @@ def test_changed_data_gives_new_version(versions):
     assert v2.path == v1.path
     assert v2.md5 != v1.md5 and v2.git_rev != v1.git_rev
     assert versions["commits"][2] == versions["commits"][1] + 1
+
+
+def test_a_version_in_the_repos_cache_is_read_without_starting_dvc_and_checked(digits, tmp_path, monkeypatch):
+    """The repo's DVC cache holds the version: its files are copied out of it (no dvc process,
+    whose start costs a Python start), and their md5 is still checked."""
+    import nhle.adapters.versioning as versioning
+
+    version = version_dataset(digits, tmp_path / "repo", tmp_path / "remote")
+    monkeypatch.setattr(versioning, "dvc_executable", lambda: str(tmp_path / "no-dvc-here"))
+    assert open_dataset_version(version).fingerprint() == digits.fingerprint()
+    cache = tmp_path / "repo" / ".dvc" / "cache" / "files" / "md5"
+    listing = json.loads((cache / version.md5[:2] / version.md5[2:]).read_text())
+    train = next(e["md5"] for e in listing if e["relpath"] == "train.npz")
+    cached = cache / train[:2] / train[2:]
+    cached.chmod(0o644)
+    cached.write_bytes(cached.read_bytes()[:-1] + b"x")  # a cache file changed behind DVC's back
+    with pytest.raises(RuntimeError, match="hashing to"):
+        open_dataset_version(version)
 
 
 def test_old_version_comes_back_from_remote_after_cache_is_cleared(versions, digits):
