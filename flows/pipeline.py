@@ -35,7 +35,7 @@ TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, step
                     steps.version_data, steps.train_candidate, steps.import_candidate, steps.forget_candidate,
                     steps.export_and_check, steps.register_candidate, steps.gates_of, steps.finish_version,
                     steps.start_attempt, steps.end_attempt, steps.record_attempts, steps.clean_up_after_dead_runs,
-                    steps.versions_with_pending_evidence, steps.evidence_work, steps.measure_reference,
+                    steps.versions_with_pending_evidence, steps.evidence_work, steps.measure_evidence,
                     steps.draw_evidence_plots, steps.delete_forgotten_samples, steps.record_evidence,
                     requests.claim_requests, requests.recover_batch, requests.close_requests)}
 

@@ -38,13 +38,11 @@ def load_flow(name: str):
 
 def warm_up() -> None:
     """Import what the first flow would otherwise stop for: torch._dynamo, which every torch
-    optimizer imports when it is first made (1-2 s on 2 cores), scikit-learn's SVC (the
-    membership inference attack, 0.8 s) and MLflow's map of installed packages, which logging
-    the first model builds (about 1 s). Called just before waiting for the temporary Prefect
-    server, it runs while that server starts. In this thread, never a thread of its own:
-    imports racing the main thread's can see half-initialised modules."""
+    optimizer imports when it is first made (1-2 s on 2 cores), and MLflow's map of installed
+    packages, which logging the first model builds (about 1 s). Called just before waiting for
+    the temporary Prefect server, it runs while that server starts. In this thread, never a
+    thread of its own: imports racing the main thread's can see half-initialised modules."""
     try:
-        import sklearn.svm  # noqa: F401
         import torch._dynamo  # noqa: F401
         from mlflow.utils import requirements_utils
 

@@ -18,7 +18,8 @@ from nhle.core.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
 from nhle.core.audit import relearn_sentence
 from nhle.core.gates import check_a_class_is_left
-from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
+from nhle.core.metrics import (METRICS, evaluate_forgetting, evidence_metrics, forget_metrics, relearn_shares,
+                               relearn_target_accuracy)
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
 from nhle.core.training import check_training, evaluate, recipe_of, train_model, training_spec
 from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
@@ -108,14 +109,15 @@ def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int,
 def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
                        config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
                        data: Splits | None = None, device: str = "auto", progress: bool = True,
-                       retrained=None, synthetic=None, defer_reference: bool = False) -> ForgetOutcome:
+                       retrained=None, synthetic=None, defer_evidence: bool = False) -> ForgetOutcome:
     """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
     masking, and measure the result against the original (and, if asked, a model retrained
     without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
     one retrain between several methods. `synthetic`: the model's synthetic inputs kept from an
     earlier request (anchors.SyntheticInputs), reused when they match the recipe.
-    defer_reference: the retrained reference is left "pending", for complete_reference to add
-    later (no gate reads it: the pipeline promotes first)."""
+    defer_evidence: what no gate reads is left for completed_report to add later (the pipeline
+    promotes first): the evidence metrics of the original and unlearned models
+    (metrics.evidence_metrics) and the retrained reference; report["pending"] names them."""
     data = data or data_for_checkpoint(checkpoint)
     earlier = model.forgotten_classes
     # Classes forgotten before are neither forget nor retained classes now: the model no longer
@@ -129,14 +131,20 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
         return evaluate_forgetting(candidate, data, classes, samples, attack, config.relearn_max_steps,
                                    config.relearn_lr, seed, relearn_target_acc=target_acc)
 
+    def measure_now(candidate, attack):  # the pre-mask rows (`attack`) exist only now: never deferred
+        if not defer_evidence:
+            return measure(candidate, attack)
+        return forget_metrics(candidate, data, classes, samples, attack, config.relearn_max_steps, config.relearn_lr,
+                              relearn_target_acc=target_acc)
+
     attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
-    metrics = {"original": measure(model, None), "unlearned": measure(result.model, attacked)}
+    metrics = {"original": measure_now(model, None), "unlearned": measure_now(result.model, attacked)}
     seconds = {"unlearn": result.seconds, "synthesis": result.synthesis_seconds}
     reference = {"kind": "none", "why": "retrain_baseline is false"}
     if retrain_baseline and retrained is None and model.arch == GRAPH:
         reference = {"kind": "none", "why": "the model is a traced graph (imported from MLflow): it has no "
                      "architecture to retrain from scratch; import it with --arch and --weights to get one"}
-    elif defer_reference and retrained is None:
+    elif defer_evidence and retrain_baseline and retrained is None:
         reference = {"kind": "pending", "why": "the model retrained without the classes is computed after promotion "
                      "(no gate reads it); the report is completed then"}
     elif retrain_baseline or retrained is not None:
@@ -152,7 +160,9 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
               "synthesised" if result.synthesis_seconds else "reused",
               "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
               "previously_forgotten": earlier, "relearn_target_acc": target_acc,
-              "num_classes": len(data.class_names)}
+              "num_classes": len(data.class_names),
+              "pending": (["evidence_metrics"] + (["reference"] if reference["kind"] == "pending" else []))
+              if defer_evidence else []}
     return ForgetOutcome(report, result, retrained if reference["kind"] == "retrained" else None)
 
 
@@ -168,25 +178,33 @@ def retrained_reference(arch: str, checkpoint: dict, data: Splits, classes: list
     return reference, measure(retrained[0], without_mask(retrained[0], retrained[1])), retrained[2], retrained
 
 
-def complete_reference(report: dict, checkpoint: dict, data: Splits, progress: bool = False) -> dict:
-    """`report` (a forget_and_measure report whose reference is "pending") with the retrained
-    reference added, as forget_and_measure would have measured it: `data` is the data the forget
+def completed_report(report: dict, checkpoint: dict, original: MaskedClassifier, unlearned: MaskedClassifier,
+                     data: Splits, progress: bool = False) -> dict:
+    """`report` (forget_and_measure's, with defer_evidence) with what it left pending added, as
+    forget_and_measure would have measured it at once: the evidence metrics of `original` and
+    `unlearned` (the shipped model) and the retrained reference. `data` is the data the forget
     started from (before its classes' samples were deleted), `checkpoint` any checkpoint of the
     lineage (it carries the training recipe)."""
+    pending = report.get("pending", ["reference"] if report["reference"]["kind"] == "pending" else [])
     classes, seed, earlier = report["forget_classes"], report["seed"], report["previously_forgotten"]
     config = report["unlearn_config"]
     data = drop_classes(data, earlier)
-    samples = sample_per_class(data.train, classes, config["n_samples"], seed)
+    metrics, seconds, reference = dict(report["metrics"]), dict(report["seconds"]), report["reference"]
+    if "evidence_metrics" in pending:
+        for name, model in (("original", original), ("unlearned", unlearned)):
+            measured = {**metrics[name], **evidence_metrics(model, data, classes, seed)}
+            metrics[name] = {key: measured[key] for key in METRICS}
+    if "reference" in pending:
+        samples = sample_per_class(data.train, classes, config["n_samples"], seed)
 
-    def measure(candidate, attack):
-        return evaluate_forgetting(candidate, data, classes, samples, attack, config["relearn_max_steps"],
-                                   config["relearn_lr"], seed, relearn_target_acc=report["relearn_target_acc"])
+        def measure(candidate, attack):
+            return evaluate_forgetting(candidate, data, classes, samples, attack, config["relearn_max_steps"],
+                                       config["relearn_lr"], seed, relearn_target_acc=report["relearn_target_acc"])
 
-    reference, retrained, seconds, _ = retrained_reference(report["model"], checkpoint, data, classes, seed, earlier,
-                                                           measure, progress)
-    metrics = {**report["metrics"], "retrained": retrained}
+        reference, metrics["retrained"], seconds["retrain"], _ = retrained_reference(
+            report["model"], checkpoint, data, classes, seed, earlier, measure, progress)
     return {**report, "reference": reference, "metrics": metrics, "relearn": relearn_shares(metrics),
-            "seconds": {**report["seconds"], "retrain": seconds}}
+            "seconds": seconds, "pending": []}
 
 
 def lineage(checkpoint: dict) -> dict:
@@ -225,5 +243,5 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "complete_reference", "data_for_checkpoint", "forget_and_measure", "load_data",
+__all__ = ["ForgetOutcome", "completed_report", "data_for_checkpoint", "forget_and_measure", "load_data",
            "retrain_without", "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]

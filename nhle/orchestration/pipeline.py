@@ -8,7 +8,7 @@ here (`tracked`), so a flow that fails leaves its run FAILED and the champion wh
     pipeline.forget(params, project_dir, "3")                   # champion -> NHLE + masking -> publish
 
 publish: export -> parity -> log + register -> gates -> promote -> tell the servers; then, in a
-flow run of its own, complete_evidence: the retrained reference, the plots and the deletion of
+flow run of its own, complete_evidence: the evidence metrics, the retrained reference, the plots and the deletion of
 the forgotten classes' samples from the dataset (what no gate reads).
 
 A forget tries recipes (try_recipes): the configured unlearn section, then each of
@@ -108,7 +108,8 @@ def settle_earlier_runs(params: Params, root: Path, run=call, logger=log) -> Non
 
 def complete_evidence(params: Params, root: Path, version: str, run=call, logger=log) -> dict:
     """After the promotion, what no gate reads, for registered `version` (flows/pipeline.py runs
-    it as its own flow run, `complete-evidence`): the retrained reference, the before/after plots
+    it as its own flow run, `complete-evidence`): the evidence metrics (membership inference,
+    linear probe, silhouette, train accuracies), the retrained reference, the before/after plots
     and, when promoted, the deletion of the forgotten classes' samples from the dataset; then
     report.json, the metrics, the relearn tag and the description are completed and the tag
     `evidence` becomes complete. A version with nothing pending is left as it is. Everything is
@@ -118,7 +119,7 @@ def complete_evidence(params: Params, root: Path, version: str, run=call, logger
     work = run(steps.evidence_work, params, version)
     if work is None:
         return {"report": None, "step_seconds": run.seconds}
-    report = run(steps.measure_reference, work)
+    report = run(steps.measure_evidence, work)
     plots = run(steps.draw_evidence_plots, work)
     run(steps.delete_forgotten_samples, params, root, work)
     run(steps.record_evidence, params, work, report, plots)

@@ -6,7 +6,7 @@ one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A f
     evaluated) -> export_and_check (ONNX, parity) -> gates_of -> end_attempt -> record_attempts,
     until a candidate holds every gate or none is left -> register_candidate (MLflow) ->
     finish_version (the deleted-classes gate, then promote); after it, the complete-evidence flow:
-    evidence_work -> measure_reference (the retrain) -> draw_evidence_plots ->
+    evidence_work -> measure_evidence (the retrain) -> draw_evidence_plots ->
     delete_forgotten_samples (a new DVC version) -> record_evidence
 
 Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
@@ -109,14 +109,15 @@ def evidence_work(params: Params, version: str) -> EvidenceWork | None:
     return EvidenceWork(mv, report, model, checkpoint, original, data, work_dir)
 
 
-def measure_reference(work: EvidenceWork) -> dict:
-    """The version's report with its retrained reference, when that is pending (the retrain:
-    nhle.core.experiment.complete_reference); as it is otherwise."""
-    from nhle.core.experiment import complete_reference
+def measure_evidence(work: EvidenceWork) -> dict:
+    """The version's report with what it left pending measured now (the evidence metrics of the
+    original and the unlearned model, the retrained reference: the retrain;
+    nhle.core.experiment.completed_report); as it is when nothing is pending."""
+    from nhle.core.experiment import completed_report
 
-    if work.report.get("reference", {}).get("kind") != "pending":
+    if not work.report.get("pending") and work.report.get("reference", {}).get("kind") != "pending":
         return work.report
-    return complete_reference(work.report, work.checkpoint, work.data)
+    return completed_report(work.report, work.checkpoint, work.original, work.model, work.data)
 
 
 def draw_evidence_plots(work: EvidenceWork) -> dict[str, Path]:
@@ -309,10 +310,11 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
 
     work_dir = new_work_dir("forget")
     cached = synthetic_inputs_of(params, parent_version, work_dir)
-    # The retrained reference waits until after promotion (complete_evidence): no gate reads it.
+    # What no gate reads (the retrained reference, the evidence metrics) waits until after the
+    # promotion: pipeline.complete_evidence.
     outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
                                  retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
-                                 synthetic=cached, defer_reference=params.retrain_baseline)
+                                 synthetic=cached, defer_evidence=True)
     if outcome.report["synthetic_inputs"] == "synthesised":
         keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)

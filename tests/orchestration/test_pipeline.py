@@ -46,7 +46,7 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
     assert "forget.forget_candidate" in timed and timed[-1] == "close_requests"
     # after the promotion, the evidence: the retrain, the plots, the data deletion
     assert [step for step in timed if step.startswith("forget.complete_evidence.")] == [
-        f"forget.complete_evidence.{step}" for step in ("evidence_work", "measure_reference", "draw_evidence_plots",
+        f"forget.complete_evidence.{step}" for step in ("evidence_work", "measure_evidence", "draw_evidence_plots",
                                                          "delete_forgotten_samples", "record_evidence")]
     assert timed.index("forget.finish_version") < timed.index("forget.complete_evidence")
 
