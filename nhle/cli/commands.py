@@ -241,13 +241,14 @@ def cmd_keys(args) -> int:
 def cmd_run(args) -> int:
     from nhle.cli.jobs import run_command
 
-    return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir))
+    return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir),
+                       started=args.started)
 
 
 def cmd_import(args) -> int:
     from nhle.cli.jobs import import_command
 
-    return import_command(resolve_params(args), project_dir=Path(args.project_dir))
+    return import_command(resolve_params(args), project_dir=Path(args.project_dir), started=args.started)
 
 
 def cmd_rollback(args) -> int:
@@ -529,13 +530,16 @@ QUIET_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "D
 def main(argv=None) -> int:
     import logging
     import os
+    import time
 
+    started = time.perf_counter()  # the "in all" time the flow commands print counts from here
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # nhle's own INFO lines (e.g. unlearning progress) go through Prefect's handlers inside flows.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nhle")
     logging.getLogger("nhle").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    args.started = started
     try:
         if hasattr(args, "params"):
             if args.params is not None and not Path(args.params).is_file():

@@ -51,15 +51,16 @@ def warm_up() -> None:
         log.debug("warming up: %s", err)
 
 
-def run_command(params: Params, forget_spec: str | None, project_dir: Path) -> int:
+def run_command(params: Params, forget_spec: str | None, project_dir: Path, started: float | None = None) -> int:
     """`nhle run`: base model if no champion, one forget flow, then the registry state. The
     request is checked (against the champion, else the dataset's classes) before any flow runs,
-    so a typo costs no flow run."""
+    so a typo costs no flow run. `started`: the command's start (time.perf_counter()), for the
+    time in all it prints."""
     import time
 
     from nhle.adapters.prefect_server import prefect_server_starting
 
-    started = time.perf_counter()
+    started = started or time.perf_counter()
     with prefect_server_starting() as ready:  # its start-up overlaps the imports and checks below
         from nhle.adapters.tracking import configure
         from nhle.core.data import parse_classes
@@ -148,19 +149,23 @@ def attempt_lines(attempts: list[dict]) -> list[str]:
             for a in attempts if not a["passed"]]
 
 
-def import_command(params: Params, project_dir: Path) -> int:
+def import_command(params: Params, project_dir: Path, started: float | None = None) -> int:
     """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
     the registry state. Exit 0 when the imported version became champion."""
     import time
 
-    from nhle.adapters.prefect_server import temporary_prefect_server
-    from nhle.adapters.tracking import configure, name_flag
+    from nhle.adapters.prefect_server import prefect_server_starting
 
-    started = time.perf_counter()
-    project_dir = project_dir.resolve()
-    uri = configure(params, project_dir)
-    with temporary_prefect_server():
-        result = timed(load_flow("import_model"), params=params_as_dict(params), project_dir=str(project_dir))
+    started = started or time.perf_counter()
+    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
+        from nhle.adapters.tracking import configure, name_flag
+
+        project_dir = project_dir.resolve()
+        uri = configure(params, project_dir)
+        flow = load_flow("import_model")
+        warm_up()
+        ready()
+        result = timed(flow, params=params_as_dict(params), project_dir=str(project_dir))
     print_results(params, [result], started, uri, "import")
     if result["promoted"]:
         flag = name_flag(params.registry.model_name)

@@ -74,8 +74,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
     """Write `model` (in eval mode, on the CPU) to `path` as one self-contained ONNX file.
 
     exporter "torchscript" is torch.onnx's TorchScript exporter (5 to 20 times faster on the
-    models here; PyTorch deprecates it) and falls back to "dynamo" (torch.export) where it fails
-    or is gone; "dynamo" is torch.export only. Either graph is checked for parity by the caller.
+    models here; PyTorch deprecates it) and falls back to "dynamo" (torch.export) where it fails,
+    is gone, or gives a graph that does not answer like the model at batch sizes 1 and 3;
+    "dynamo" is torch.export only. Either graph is checked for parity by the caller.
     The file appears at `path` only once it is complete and has passed onnx.checker; an export
     that fails leaves whatever was at `path` before untouched and no temporary file behind.
     """
@@ -92,7 +93,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
         if exporter == "torchscript":
             try:
                 _torchscript_export(model, example, tmp)
-            except Exception as err:  # noqa: BLE001 - an op or module it cannot script: torch.export can
+                _check_answers(model, tmp, image_shape)
+            except Exception as err:  # noqa: BLE001 - an op it cannot export, a shape it fixed: torch.export can
                 log.info("TorchScript ONNX export failed (%s: %s); exporting with torch.export", type(err).__name__, err)
                 Path(tmp).unlink(missing_ok=True)
                 exporter = "dynamo"
@@ -113,6 +115,19 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
             Path(leftover).unlink(missing_ok=True)
         raise
     return path
+
+
+def _check_answers(model: torch.nn.Module, path: str, image_shape) -> None:
+    """Raise unless ONNX Runtime answers like `model` at batch sizes 1 and 3: a traced graph can
+    fix a shape the example fed it (a model imported as a torch.export program does)."""
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        x = torch.rand(n, *image_shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+        if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4):
+            raise ValueError(f"its graph does not answer like the model at batch size {n}")
 
 
 def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, path: str) -> None:
