@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -18,7 +19,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +205,22 @@ def signed_metadata(source, pointer: Pointer, onnx_path: Path, workdir: Path) ->
     return {**evidence["preprocessing"], "signed_forgotten_classes": evidence["forgotten_classes"]}
 
 
+def verified(source, pointer: Pointer, onnx_path: Path, metadata: dict, folder: Path,
+             loaded_sha256: str | None = None) -> tuple[dict, str]:
+    """(metadata, sha256) of a fetched version once it verifies: the file's sha256 against the one
+    loaded (a re-verification) and, for a registered source, against its registration tags,
+    and the signature, whose signed metadata is the one returned; raises on any mismatch.
+    What a load checks, and a re-verification again."""
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if loaded_sha256 is not None and digest != loaded_sha256:
+        raise ValueError(f"the registry's ONNX file of version {pointer.version} has sha256 {digest[:16]}..., "
+                         f"not the {loaded_sha256[:16]}... verified and loaded")
+    if source.registered:
+        check_registration(pointer, digest)
+        metadata = signed_metadata(source, pointer, onnx_path, folder)
+    return metadata, digest
+
+
 def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]],
                batcher: MicroBatcher | None = None) -> LoadedModel:
     """Download, open and smoke-test one model; raises on anything that should block a swap.
@@ -212,10 +228,7 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nhle-serve-") as tmp:
         onnx_path, metadata = source.fetch(pointer, Path(tmp))
-        digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-        if source.registered:
-            check_registration(pointer, digest)
-            metadata = signed_metadata(source, pointer, onnx_path, Path(tmp))
+        metadata, digest = verified(source, pointer, onnx_path, metadata, Path(tmp))
         # Created while the download exists: ONNX Runtime reads any external weights now.
         session = open_session(onnx_path, settings, choose_providers(settings.device))
     if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -423,17 +436,12 @@ class ModelManager:
         with tempfile.TemporaryDirectory(prefix="nhle-reverify-") as tmp:
             try:
                 pointer = source.pointer_of(model.version)
-                onnx_path, _ = source.fetch(pointer, Path(tmp))
+                onnx_path, metadata = source.fetch(pointer, Path(tmp))
             except Exception as err:
                 log.warning("re-verifying version %s: its files could not be fetched: %s", model.version, err)
                 return None
             try:
-                digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-                if digest != model.sha256:
-                    raise ValueError(f"the registry's ONNX file of version {model.version} has sha256 "
-                                     f"{digest[:16]}..., not the {model.sha256[:16]}... verified and loaded")
-                check_registration(pointer, digest)
-                signed_metadata(source, pointer, onnx_path, Path(tmp))
+                verified(source, pointer, onnx_path, metadata, Path(tmp), loaded_sha256=model.sha256)
                 outcome = {"time": now_iso(), "version": model.version, "ok": True}
             except Exception as err:
                 outcome = {"time": now_iso(), "version": model.version, "ok": False,

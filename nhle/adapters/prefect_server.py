@@ -123,7 +123,8 @@ def prefect_server_starting():
             log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, server["process"].pid)
             # No flow-run heartbeats: they tell a server that outlives a crashed run, and this one
             # dies with the run (each flow's end otherwise waits up to 1 s for the heartbeat thread).
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url,
+                                                            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
             stack.callback(drain_to_server)  # runs first at exit, while the setting still holds
             server["url"] = url
             return url

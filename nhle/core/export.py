@@ -95,7 +95,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
                 _torchscript_export(model, example, tmp)
                 _check_answers(model, tmp, image_shape)
             except Exception as err:  # noqa: BLE001 - an op it cannot export, a shape it fixed: torch.export can
-                log.info("TorchScript ONNX export failed (%s: %s); exporting with torch.export", type(err).__name__, err)
+                log.info("TorchScript ONNX export failed (%s: %s); exporting with torch.export",
+                         type(err).__name__, err)
                 Path(tmp).unlink(missing_ok=True)
                 exporter = "dynamo"
         if exporter == "dynamo":

@@ -615,12 +615,10 @@ def notify_servers(urls, version: str | None = None, timeout: float = 120.0) -> 
                 raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
             entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
                          suppressed_classes=body.get("suppressed_classes"))
-            if version is not None:
-                entry["serving_new_version"] = str(body.get("serving_version")) == version
         except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
             entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}")
-            if version is not None:
-                entry["serving_new_version"] = False
+        if version is not None:
+            entry["serving_new_version"] = str(entry.get("serving_version")) == version
         entry["seconds"] = round(time.perf_counter() - started, 3)
         entry["at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         results.append(entry)
