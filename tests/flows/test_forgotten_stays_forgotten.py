@@ -183,11 +183,40 @@ def top_classes(http, images: np.ndarray) -> np.ndarray:
     return np.concatenate(found)
 
 
+def answered_while(http, images: np.ndarray, action) -> dict:
+    """What the server answered (version, top class of every image, over V2 binary and JSON),
+    round after round from another connection, for as long as `action()` ran."""
+    import threading
+
+    import httpx
+
+    seen, stop = {"rounds": [], "errors": []}, threading.Event()
+
+    def watch():
+        with httpx.Client(base_url=http.base_url, timeout=60) as own:
+            while not stop.is_set():
+                try:
+                    version = own.get("/model").json()["version"]
+                    seen["rounds"].append((version, top_classes(own, images)))
+                except Exception as err:  # noqa: BLE001 - reported by the test
+                    seen["errors"].append(repr(err))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        seen["outcome"] = action()
+    finally:
+        stop.set()
+        watcher.join(timeout=120)
+    return seen
+
+
 def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, capsys, monkeypatch):
     """A server that polls only every 10 minutes stops answering class 7 as soon as `nhle request
-    submit` returns (it was told to read the ledger), and answers with the new version as soon as
-    `nhle request process` returns: the flow called its /admin/reload right after the alias move.
-    The audit report's timeline has both times."""
+    submit` returns (it was told to read the ledger), never answers it while `nhle request
+    process` runs (1,000 digits, round after round, from another connection), and answers with
+    the new version as soon as it returns: the flow called its /admin/reload right after the
+    alias move. The audit report's timeline has both times."""
     import yaml
 
     token = "notify-test-token-of-at-least-32-characters"
@@ -205,7 +234,9 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
         assert f"{http.base_url}".rstrip("/") + ": suppressing [7]" in capsys.readouterr().out
         assert not (top_classes(http, images) == 7).any()  # no poll happened: it was told
         assert http.get("/model").json()["suppressed_pending_deletion"]["7"]["requests"] == [3]
-        assert cli(project, "request", "process") == 0
+        seen = answered_while(http, images, lambda: cli(project, "request", "process"))
+        assert seen["outcome"] == 0 and not seen["errors"], seen["errors"]
+        assert len(seen["rounds"]) >= 2 and not any((classes == 7).any() for _, classes in seen["rounds"])
         assert not (top_classes(http, images) == 7).any()
         new = champion_version()
         assert new != before and http.get("/model").json()["version"] == new  # no poll happened in between
