@@ -87,11 +87,47 @@ def test_each_layer_imports_only_the_layers_below_it(layer):
     assert not wrong, "\n".join(wrong)
 
 
+def import_cycles() -> list[list[str]]:
+    """Every set of modules that import each other, directly or around a circle (function-local
+    imports included), as strongly connected components of the import graph (Tarjan)."""
+    found = dict(modules())
+    graph = {m: {n for n in imports(p) if n in found and n != m and not m.startswith(n + ".")}
+             for m, p in found.items()}
+    index, low, stack, cycles = {}, {}, [], []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_modules_import_each_other():
+    """A circle of imports (a <-> b, or a -> b -> c -> a) means neither can be read, tested or
+    moved alone; the shared piece belongs in a module of its own or a layer below."""
+    assert not import_cycles(), import_cycles()
+
+
 def test_the_core_and_the_benchmarks_run_without_tracking_orchestration_or_versioning():
     """Imported for real, not only read: a GPU image has torch, numpy, scikit-learn, onnx and
     onnxruntime, and nothing of MLflow, Prefect or DVC."""
     names = [m for m, _ in modules() if layer_of(m) == "nhle.core"] + ["nhle.bench.unlearning", "nhle.bench.scaling",
-                                                                        "nhle.bench.gpu", "nhle.bench.report"]
+                                                                        "nhle.bench.gpu", "nhle.bench.report",
+                                                                        "nhle.bench.synthetic"]
     code = (f"import importlib, sys\nfor name in {names!r}: importlib.import_module(name)\n"
             f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({SYSTEMS!r})); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,8 +10,8 @@ union; a reopen takes its ids out of both.
 
 A ledger file that does not exist is not an empty ledger: it is accepted only where the
 registered model's own record covers it (or there is no registered model yet, a new project),
-and refused otherwise. No torch and no mlflow import here: the server reads it too, with its own
-MLflow client.
+and refused otherwise (open_ledger, for the flows and the CLI). No torch, and no mlflow import
+at the top: the server reads it too, with its own MLflow client.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from nhle.adapters.ledger import Ledger
+from nhle.core.config import Params, resolve_uri
 
 RECORD_TAG = "deleted_classes"
 """The registered model's tag with its own record: JSON {class: [ledger row ids]}."""
@@ -160,6 +161,20 @@ def reopen_on_registry(client, name: str, request_ids: list[int]) -> None:
     write_registry_record(client, name, {c: ids for c, ids in kept.items() if ids})
 
 
-__all__ = ["MissingLedger", "RECORD_TAG", "decode", "deleted_on_record", "encode", "missing_store",
+def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
+    """The project's ledger. A ledger file that does not exist is made only where the registered
+    model's own record covers it (or there is no registered model yet): otherwise MissingLedger,
+    never an empty ledger in place of a lost one (`nhle request init` makes one on purpose)."""
+    url = resolve_uri(params.requests_database(), Path(project_dir))
+    if missing_store(url) is not None:
+        from mlflow import MlflowClient
+
+        uri = resolve_uri(params.tracking_uri(), Path(project_dir))
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        deleted_on_record(client, params.registry.model_name, url, create=True)
+    return ledger_at(url)
+
+
+__all__ = ["MissingLedger", "RECORD_TAG", "decode", "deleted_on_record", "encode", "missing_store", "open_ledger",
            "record_forgetting", "registry_record", "reopen_on_registry", "suppressed_on_record", "united",
            "write_registry_record"]

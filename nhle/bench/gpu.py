@@ -8,7 +8,7 @@ ONNX export, ONNX Runtime parity on every provider) with its timings, to run on 
 
 Data: real CIFAR-10 (torchvision's files under --cifar-root, never downloaded), or without it a
 synthetic stand-in of the same shape (3x32x32, 10 classes, uint8) with real class structure
-(nhle.bench.scaling.synthetic_splits). One class is forgotten with the configured NHLE + class
+(nhle.bench.synthetic.synthetic_splits). One class is forgotten with the configured NHLE + class
 weight masking from 32 of its samples. The model is exported to ONNX and checked against PyTorch
 (nhle.core.export.check_parity, the pipeline's tolerance) on the CPU provider and, with a GPU, on the
 CUDA provider in strict fp32 (use_tf32=0); the CUDA provider with its default options (TF32
@@ -40,7 +40,7 @@ import torch
 
 from nhle.core.gates import retained_drop_pp
 from nhle.bench.unlearning import measured_on
-from nhle.bench.scaling import synthetic_splits
+from nhle.bench.synthetic import synthetic_splits
 from nhle.core.config import AMP_MODES, ExportConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.core.data import ImageSet, Splits, load_dataset, sample_per_class, split_by_classes
 from nhle.core.export import CUDA_STRICT_FP32, check_parity, export_onnx, make_session, preload_cuda_libraries

@@ -3,7 +3,7 @@
     nhle bench scaling --sizes 2000,20000,200000 --out bench/scaling     # ~10 min on 2 CPU cores
     nhle bench scaling --quick --out /tmp/scaling                         # CI: 2 small sizes
 
-The data is synthetic but has real class structure: each class is a random smooth 16x16 pattern
+The data (nhle.bench.synthetic) is synthetic but has real class structure: each class is a random smooth 16x16 pattern
 (a few Gaussian blobs), and each sample is its class pattern shifted by up to 2 pixels, scaled in
 contrast, plus pixel noise, so a CNN must learn shift-tolerant shape features; classes overlap
 enough that accuracy is below 100%. For every size the same recipe trains a base model; then
@@ -16,52 +16,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from nhle.bench.synthetic import synthetic_splits
 from nhle.bench.unlearning import measured_on, write_report
 from nhle.core.config import TrainConfig, UnlearnConfig
-from nhle.core.data import ImageSet, Splits, sample_per_class, split_by_classes
+from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.training import evaluate, train_model
 from nhle.core.unlearning import unlearn
-
-
-def synthetic_patterns(num_classes: int = 10, size: int = 16, blobs: int = 4, seed: int = 0) -> torch.Tensor:
-    """(num_classes, size, size) class prototypes in [0, 1], each a sum of a few Gaussian blobs
-    (their width grows with the size, so a 32x32 pattern looks like a 16x16 one scaled up)."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="ij"), -1).astype(np.float32)
-    patterns = np.zeros((num_classes, size, size), np.float32)
-    for c in range(num_classes):
-        for _ in range(blobs):
-            centre, width = rng.uniform(3, size - 3, 2), rng.uniform(1.2, 2.8) * size / 16
-            patterns[c] += np.exp(-((grid - centre) ** 2).sum(-1) / (2 * width ** 2))
-        patterns[c] /= patterns[c].max()
-    return torch.from_numpy(patterns)
-
-
-def synthetic_splits(train_size: int, test_size: int = 2000, num_classes: int = 10, seed: int = 0,
-                     size: int = 16, channels: int = 1) -> Splits:
-    """Shifted, contrast-scaled, noisy copies of the class patterns, balanced, as uint8 images
-    (N, channels, size, size). Each channel of a class has its own pattern; shifts go up to size/8
-    pixels. The defaults give exactly the data the scaling benchmark was measured on;
-    size=32, channels=3 is a CIFAR-shaped stand-in (nhle.bench.gpu)."""
-    patterns = synthetic_patterns(num_classes * channels, size, seed=seed).reshape(num_classes, channels, size, size)
-    generator = torch.Generator().manual_seed(seed + 1)
-    shift = size // 8
-
-    def make(n: int) -> ImageSet:
-        labels = torch.arange(n) % num_classes
-        labels = labels[torch.randperm(n, generator=generator)]
-        images = patterns[labels]
-        shifts = torch.randint(-shift, shift + 1, (n, 2), generator=generator)
-        images = torch.stack([torch.roll(img, (int(dy), int(dx)), (1, 2)) for img, (dy, dx) in zip(images, shifts)])
-        contrast = 0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
-        noisy = images * contrast + 0.25 * torch.randn(images.shape, generator=generator)
-        return ImageSet((noisy.clamp(0, 1) * 255).round().to(torch.uint8), labels)
-
-    name = f"synthetic{train_size}" if (size, channels) == (16, 1) else f"synthetic{train_size}_{channels}x{size}x{size}"
-    return Splits(name, make(train_size), make(test_size), [str(c) for c in range(num_classes)])
 
 
 def bench_scaling(sizes=(2000, 20000, 200000), out: Path = Path("bench/scaling"), epochs: int = 5, seed: int = 0,
@@ -124,4 +84,4 @@ def scaling_plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["bench_scaling", "synthetic_patterns", "synthetic_splits"]
+__all__ = ["bench_scaling"]

@@ -312,7 +312,8 @@ def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0)
     the min / median / max of each time."""
     import httpx
 
-    from nhle.orchestration.requests import open_ledger, submit
+    from nhle.adapters.deletions import open_ledger
+    from nhle.orchestration.requests import submit
 
     port = free_port()
     settings = yaml.safe_load((root / "params.yaml").read_text())

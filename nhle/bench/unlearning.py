@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from nhle.bench.synthetic import synthetic_splits
 from nhle.core.gates import retained_drop_pp
 from nhle.core.config import (ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, flatten,
                               to_dict)
@@ -187,8 +188,6 @@ def grid_data(data_config: DataConfig):
     `nhle bench scaling` (a different set per seed)."""
     synthetic = re.fullmatch(r"synthetic(\d+)", data_config.dataset)
     if synthetic:
-        from nhle.bench.scaling import synthetic_splits  # it imports this module
-
         return synthetic_splits(int(synthetic[1]), seed=data_config.seed)
     return load_data(data_config)
 

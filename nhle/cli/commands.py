@@ -260,7 +260,7 @@ def cmd_rollback(args) -> int:
     from nhle.adapters.deletions import reopen_on_registry
     from nhle.adapters.tracking import configure, rollback
     from nhle.core.audit import terminal_text
-    from nhle.orchestration.requests import open_ledger
+    from nhle.adapters.deletions import open_ledger
     from nhle.orchestration.steps import deleted_on_record
 
     params = resolve_params(args)

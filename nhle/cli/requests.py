@@ -17,7 +17,8 @@ from nhle.adapters.ledger import STATUSES, operator_name
 
 
 def cmd_submit(args, params) -> int:
-    from nhle.orchestration.requests import RequestRejected, open_ledger, request_line, submit
+    from nhle.adapters.deletions import open_ledger
+    from nhle.orchestration.requests import RequestRejected, request_line, submit
 
     try:
         request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
@@ -31,7 +32,8 @@ def cmd_submit(args, params) -> int:
 
 
 def cmd_withdraw(args, params) -> int:
-    from nhle.orchestration.requests import open_ledger, request_line, withdraw
+    from nhle.adapters.deletions import open_ledger
+    from nhle.orchestration.requests import request_line, withdraw
 
     try:
         event = withdraw(params, Path(args.project_dir), args.id, args.operator, args.reason)
@@ -74,7 +76,8 @@ def cmd_init(args, params) -> int:
 
 
 def cmd_list(args, params) -> int:
-    from nhle.orchestration.requests import request_line, open_ledger
+    from nhle.adapters.deletions import open_ledger
+    from nhle.orchestration.requests import request_line
 
     from nhle.orchestration.requests import REQUEST_HEADER
 
@@ -90,7 +93,8 @@ def cmd_list(args, params) -> int:
 
 def cmd_show(args, params) -> int:
     from nhle.core.audit import terminal_text
-    from nhle.orchestration.requests import as_json, open_ledger, read_report
+    from nhle.adapters.deletions import open_ledger
+    from nhle.orchestration.requests import as_json, read_report
     from nhle.adapters.tracking import configure
 
     ledger = open_ledger(params, args.project_dir)

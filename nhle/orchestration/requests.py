@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nhle.core.config import Params, resolve_uri
 from nhle.core.gates import classes_left
+from nhle.adapters.deletions import open_ledger
 from nhle.adapters.ledger import ForgetRequest, Ledger, LedgerEvent
 
 
@@ -27,22 +28,6 @@ class RequestRejected(ValueError):
     def __init__(self, request: ForgetRequest):
         super().__init__(f"forget request {request.id} rejected: {request.error}")
         self.request = request
-
-
-def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
-    """The project's ledger. A ledger file that does not exist is made only where the registered
-    model's own record covers it (or there is no registered model yet): otherwise MissingLedger,
-    never an empty ledger in place of a lost one (`nhle request init` makes one on purpose)."""
-    from nhle.adapters.deletions import deleted_on_record, ledger_at, missing_store
-
-    url = resolve_uri(params.requests_database(), Path(project_dir))
-    if missing_store(url) is not None:
-        from mlflow import MlflowClient
-
-        uri = resolve_uri(params.tracking_uri(), Path(project_dir))
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        deleted_on_record(client, params.registry.model_name, url, create=True)
-    return ledger_at(url)
 
 
 def submit(params: Params, project_dir: Path, spec: str, requester: str, reason: str) -> ForgetRequest:
@@ -291,5 +276,5 @@ def as_json(request: ForgetRequest) -> str:
     return json.dumps(request.as_dict(), indent=2)
 
 
-__all__ = ["RequestRejected", "as_json", "batch_version", "claim_requests", "close_requests", "describe",
-           "fail_orphan_runs", "held", "open_ledger", "process_requests", "read_report", "recover_batch", "submit"]
+__all__ = ["RequestRejected", "as_json", "batch_version", "claim_requests", "close_requests",
+           "fail_orphan_runs", "held", "process_requests", "read_report", "recover_batch", "submit"]

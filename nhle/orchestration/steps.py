@@ -567,7 +567,7 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
     from nhle.adapters.tracking import (describe_version, log_outcome, record_promotion, sign_registered_version,
                                         tag_version)
     from nhle.core.gates import promotion_decision
-    from nhle.orchestration.requests import open_ledger
+    from nhle.adapters.deletions import open_ledger
 
     name = params.registry.model_name
     tag_version(name, version, {"gates": [g.as_dict() for g in gates]})

@@ -132,7 +132,7 @@ def test_bench_inference_quick_compares_runtimes_for_both_models(tmp_path):
 
 
 def test_synthetic_data_has_class_structure():
-    from nhle.bench.scaling import synthetic_splits
+    from nhle.bench.synthetic import synthetic_splits
 
     data = synthetic_splits(500, test_size=100)
     assert data.train.images.shape == (500, 1, 16, 16) and data.train.images.dtype.is_floating_point is False

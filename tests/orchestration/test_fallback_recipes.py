@@ -10,6 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from nhle.adapters.deletions import open_ledger
 from nhle.adapters.tracking import configure, run_json
 from nhle.cli.jobs import attempt_lines
 from nhle.core.config import RECIPES, params_from_dict
@@ -137,7 +138,7 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert_nothing_registered_by(children)
     assert run_json(children[0].info.run_id, "report.json")["unlearn_steps"] == 0
 
-    done = requests.open_ledger(params, root).get(submitted.id)
+    done = open_ledger(params, root).get(submitted.id)
     assert done.status == "done" and done.model_version_after == result["version"]
     audit = requests.read_report(done.report_uri)
     assert "## Unlearning attempts" in audit and "not registered: the next recipe was tried" in audit

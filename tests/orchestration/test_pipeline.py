@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from nhle.adapters.deletions import open_ledger
 from nhle.adapters.tracking import configure
 from nhle.core.config import load_params
 from nhle.orchestration import pipeline, requests, steps
@@ -50,7 +51,7 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
                                                          "delete_forgotten_samples", "record_evidence")]
     assert timed.index("forget.finish_version") < timed.index("forget.complete_evidence")
 
-    done = requests.open_ledger(params, tmp_path).get(submitted.id)
+    done = open_ledger(params, tmp_path).get(submitted.id)
     assert done.status == "done" and done.model_version_after == result["versions"][0] and done.report_uri
     model, checkpoint, version = steps.load_champion(params)
     assert model.forgotten_classes == [3] and str(version.version) == done.model_version_after
