@@ -98,6 +98,13 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
     return results
 
 
+def base_gates(test_acc: float, parity: dict | None, config: GateConfig) -> list[GateResult]:
+    """A base model's gates (trained or imported: nothing forgotten, so no report): the accuracy
+    floor and, when required, parity."""
+    return [at_least("test_acc", test_acc, config.min_retain_test_acc)] + (
+        parity_gates(parity) if config.require_parity else [])
+
+
 def relearn_gate(original: dict, unlearned: dict, bound: float, cap: int | None = None) -> list[GateResult]:
     """The relearn attack on the shipped weights must take more than `bound` times its steps on
     the mask-only model (the original's shipped weights): else the fine-tuning bought nothing

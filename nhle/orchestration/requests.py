@@ -91,7 +91,7 @@ def tell_servers(params: Params, ledger: Ledger, request: ForgetRequest, kind: s
     at their next poll; what each answered, and when, is kept as an event of the request (the
     audit report's timeline)."""
     from nhle.adapters.ledger import operator_name
-    from nhle.orchestration.steps import notify_servers
+    from nhle.adapters.servers import notify_servers
 
     if not params.serving.notify:
         return []

@@ -395,14 +395,12 @@ def sha256(path: Path) -> str:
 
 
 def gates_of(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
-    """The gates a candidate must pass (nhle.core.gates): a base model has only parity and the
-    accuracy floor; an unlearned one every gate of its report."""
-    if candidate.report is None:  # a base model: only parity and the accuracy floor apply
-        from nhle.core.gates import at_least, parity_gates
+    """The gates a candidate must pass (nhle.core.gates): a base model's, or every gate of an
+    unlearned one's report."""
+    from nhle.core.gates import base_gates
 
-        gates = [at_least("test_acc", candidate.checkpoint_meta["metrics"]["test_acc"],
-                           params.gates.min_retain_test_acc)]
-        return gates + (parity_gates(parity) if params.gates.require_parity else [])
+    if candidate.report is None:
+        return base_gates(candidate.checkpoint_meta["metrics"]["test_acc"], parity, params.gates)
     return evaluate_gates(candidate.report, parity, params.gates)
 
 
@@ -562,12 +560,12 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
     alias moves, so no later rollback, fallback or hand move can bring them back unrecorded."""
     from mlflow import MlflowClient
 
-    from nhle.adapters.deletions import record_forgetting
+    from nhle.adapters.deletions import open_ledger, record_forgetting
     from nhle.adapters.ledger import operator_name
+    from nhle.adapters.servers import notify_servers
     from nhle.adapters.tracking import (describe_version, log_outcome, record_promotion, sign_registered_version,
                                         tag_version)
     from nhle.core.gates import promotion_decision
-    from nhle.adapters.deletions import open_ledger
 
     name = params.registry.model_name
     tag_version(name, version, {"gates": [g.as_dict() for g in gates]})
@@ -586,43 +584,6 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
     log_outcome(run_id, gates, promoted, reason, version, notified)
     return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
             "gates": [g.as_dict() for g in gates], "notified": notified}
-
-
-def notify_servers(urls, version: str | None = None, timeout: float = 120.0) -> list[dict]:
-    """Tell each running server to read the registry and the ledger now (POST /admin/reload):
-    the champion moved to `version`, or a forget request was accepted or withdrawn (None).
-    Returns, per server, its outcome, what it serves and suppresses, when it answered (`at`, UTC)
-    and the seconds it took. A server that cannot be told is reported, never an error: it still
-    finds the change at its poll."""
-    import os
-    import time
-    from datetime import datetime, timezone
-
-    import httpx
-
-    token = os.environ.get("NHLE_ADMIN_TOKEN")
-    results = []
-    for url in urls:
-        started = time.perf_counter()
-        entry = {"url": url}
-        try:
-            if not token:
-                raise RuntimeError("NHLE_ADMIN_TOKEN is not set in the flow's environment")
-            response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers={"Authorization": f"Bearer {token}"},
-                                  timeout=timeout)
-            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {body.get('detail', response.text[:200])}")
-            entry.update(outcome=body.get("outcome"), serving_version=body.get("serving_version"),
-                         suppressed_classes=body.get("suppressed_classes"))
-        except Exception as err:  # noqa: BLE001 - any failure to tell a server is only reported
-            entry.update(outcome="not_told", error=f"{type(err).__name__}: {err}")
-        if version is not None:
-            entry["serving_new_version"] = str(entry.get("serving_version")) == version
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        entry["at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        results.append(entry)
-    return results
 
 
 WORK_DIR = re.compile(r"^nhle-(?:train|import|forget|evidence)-(?P<pid>\d+)-")
