@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from nhle.core.audit import relearn_sentence
 from nhle.core.config import Params, RegistryConfig, flatten, resolve_uri
+from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
 from nhle.core.gates import GateResult, deleted_but_predicted, retained_drop_pp
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
@@ -108,7 +109,7 @@ def log_attempt(run_id: str, report: dict, parity: dict, gates: list[GateResult]
 def log_attempts(run_id: str, attempts: list[dict], tags: dict) -> None:
     """A flow run's unlearning attempts as attempts.json, and `tags`, on the run."""
     with logging_to(run_id):
-        mlflow.log_dict(attempts, "attempts.json")
+        mlflow.log_dict(attempts, ATTEMPTS)
         mlflow.set_tags(tags)
 
 
@@ -175,7 +176,7 @@ def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: st
         log_gates(gates)
         mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": str(version)})
         if notified:
-            mlflow.log_dict(notified, "notified_servers.json")
+            mlflow.log_dict(notified, NOTIFIED)
 
 
 def set_run_tags(run_id: str, tags: dict) -> None:
@@ -276,7 +277,7 @@ def log_params(params: Params) -> None:
 def log_report(report: dict) -> None:
     """report.json, and its metrics (report_metrics) on the active run."""
     mlflow.log_metrics(report_metrics(report))
-    mlflow.log_dict(report, "report.json")
+    mlflow.log_dict(report, REPORT)
 
 
 def complete_report(name: str, version: str, report: dict) -> None:
@@ -289,7 +290,7 @@ def complete_report(name: str, version: str, report: dict) -> None:
     run_id = client.get_model_version(name, version).run_id
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in report_metrics(report).items()])
-    client.log_dict(run_id, report, "report.json")
+    client.log_dict(run_id, report, REPORT)
     tag_version(name, version, {"relearn": report["relearn"], "evidence": "complete"})
     describe_version(name, version)
 
@@ -318,11 +319,11 @@ def relearn_metrics(relearn: dict | None) -> dict:
 def log_parity(parity: dict) -> None:
     mlflow.log_metrics({"parity/argmax_agreement": parity["argmax_agreement"],
                         "parity/max_abs_prob_diff": parity["max_abs_prob_diff"]})
-    mlflow.log_dict(parity, "parity.json")
+    mlflow.log_dict(parity, PARITY)
 
 
 def log_gates(gates: list[GateResult]) -> None:
-    mlflow.log_dict([g.as_dict() for g in gates], "gates.json")
+    mlflow.log_dict([g.as_dict() for g in gates], GATES)
     mlflow.log_metrics({f"gate/{g.name}": float(g.passed) for g in gates})
 
 
@@ -468,10 +469,10 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
                       "the relearn shares and this description are completed then."]
     if "nhle.recipe" in tags:
         lines += ["", f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
-                      f"and why it failed: {artifact('attempts.json')})."]
+                      f"and why it failed: {artifact(ATTEMPTS)})."]
 
-    lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact('report.json')} (every metric against the "
-              f"original and the retrained reference), {artifact('gates.json')}, {artifact('parity.json')}, "
+    lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact(REPORT)} (every metric against the "
+              f"original and the retrained reference), {artifact(GATES)}, {artifact(PARITY)}, "
               f"{artifact('plots')}, {artifact('preprocessing.json')}, {artifact('checkpoint/model.pt')}."]
     audits = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items() if k.startswith("audit.request."))
     if audits:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nhle.core.config import Params, TrainConfig, load_params, with_assignments
-from nhle.core.files import write_json
+from nhle.core.files import GATES, PARITY, REPORT, write_json
 
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
 # its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
@@ -161,7 +161,7 @@ def cmd_unlearn(args) -> int:
                                  retrain_baseline=args.retrain_baseline, device=params.train.device)
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
-    print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / 'report.json'}")
+    print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / REPORT}")
     return 0
 
 
@@ -174,11 +174,11 @@ def cmd_evaluate(args) -> int:
     params = resolve_params(args)
     original, checkpoint = load_checkpoint(args.original)
     unlearned, _ = load_checkpoint(Path(args.unlearned) / "model.pt")
-    report = json.loads((Path(args.unlearned) / "report.json").read_text())
+    report = json.loads((Path(args.unlearned) / REPORT).read_text())
     out = Path(args.out)
     write_evidence_plots(original, unlearned, data_for_checkpoint(checkpoint), report["forget_classes"], out / "plots")
     gates = evaluate_gates(report, None, replace(params.gates, require_parity=False))
-    write_json(out / "gates.json", [g.as_dict() for g in gates])
+    write_json(out / GATES, [g.as_dict() for g in gates])
     flat = {f"{block}.{key}": value for block, values in report["metrics"].items() for key, value in values.items()}
     write_json(out / "metrics.json", {**flat, **{f"seconds.{k}": v for k, v in report["seconds"].items()}})
     for gate in gates:
@@ -199,7 +199,7 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     path = export_onnx(model, out / "model.onnx", data.image_shape, params.export.exporter)
     parity = check_parity(model, path, data.test, params.export.parity_batch_sizes, params.export.parity_tolerance)
-    write_json(out / "parity.json", parity)
+    write_json(out / PARITY, parity)
     print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
           f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}")
     return 0 if parity["passed"] else 1

@@ -215,13 +215,13 @@ def lineage(checkpoint: dict) -> dict:
 
 def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
     """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
-    from nhle.core.files import write_json
+    from nhle.core.files import REPORT, write_json
     from nhle.core.training import save_checkpoint
 
     folder = Path(folder)
     save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
                     unlearn=outcome.report["unlearn_config"], **lineage(checkpoint))
-    write_json(folder / "report.json", outcome.report)
+    write_json(folder / REPORT, outcome.report)
     return folder
 
 

@@ -10,6 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 
+# The evidence files' names: in the CLI's output folders and in each version's MLflow run alike.
+REPORT = "report.json"
+"""A forget's report (nhle.core.experiment.forget_and_measure): every metric, the relearn shares."""
+PARITY = "parity.json"
+"""ONNX Runtime against PyTorch (nhle.core.export.check_parity)."""
+GATES = "gates.json"
+"""Each gate with its value, bound and result (nhle.core.gates)."""
+ATTEMPTS = "attempts.json"
+"""A forget's unlearning attempts, one per recipe tried."""
+NOTIFIED = "notified_servers.json"
+"""What each server answered when told of a promotion."""
+STEP_SECONDS = "step_seconds.json"
+"""A flow's time breakdown, step by step."""
+
 
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file beside path, then rename it over path."""

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nhle.core.config import Params
+from nhle.core.files import STEP_SECONDS
 from nhle.orchestration import steps
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -
         status = "FINISHED"
     finally:
         try:
-            log_run_files(run_id, {"step_seconds.json": {"steps": clock.seconds}})
+            log_run_files(run_id, {STEP_SECONDS: {"steps": clock.seconds}})
         except Exception as err:  # the breakdown is a measurement: never what fails a flow
             log.warning("step times not logged: %s", err)
         finish_run(run_id, status)

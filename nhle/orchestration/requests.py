@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from nhle.core.config import Params, resolve_uri
+from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
 from nhle.core.gates import classes_left
 from nhle.adapters.deletions import open_ledger
 from nhle.adapters.ledger import ForgetRequest, Ledger, LedgerEvent
@@ -132,9 +133,8 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
 
     name = params.registry.model_name
     tags, run_id = version_tags(name, str(version))
-    report, parity, gates, attempts = (run_json(run_id, f) for f in ("report.json", "parity.json", "gates.json",
-                                                                     "attempts.json"))
-    notified = run_json(run_id, "notified_servers.json")
+    report, parity, gates, attempts, notified = (run_json(run_id, f) for f in (REPORT, PARITY, GATES, ATTEMPTS,
+                                                                                 NOTIFIED))
     promoted = tags.get("promoted") == "true"
     closed = []
     for request in requests:

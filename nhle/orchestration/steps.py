@@ -26,6 +26,7 @@ import numpy as np
 
 from nhle.core.config import Params, flatten
 from nhle.core.data import Splits
+from nhle.core.files import PARITY, REPORT
 from nhle.core.gates import GateResult, evaluate_gates
 from nhle.core.models import MaskedClassifier
 
@@ -98,7 +99,7 @@ def evidence_work(params: Params, version: str) -> EvidenceWork | None:
 
     client, name = MlflowClient(), params.registry.model_name
     mv = client.get_model_version(name, str(version))
-    report = run_json(mv.run_id, "report.json")
+    report = run_json(mv.run_id, REPORT)
     if mv.tags.get("evidence") != "pending" or report is None:
         return None
     work_dir = new_work_dir("evidence")
@@ -505,7 +506,7 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
     elif version.tags.get("promoted") == "false":
         result = {"promoted": False, "reason": version.tags.get("rejection_reason", "")}
     else:
-        report, parity = run_json(version.run_id, "report.json"), run_json(version.run_id, "parity.json")
+        report, parity = run_json(version.run_id, REPORT), run_json(version.run_id, PARITY)
         if report is None or parity is None:
             raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
                                f"{version.run_id}: it cannot be judged; register a new one")
