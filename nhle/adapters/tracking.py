@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from nhle.core.audit import relearn_sentence
 from nhle.core.config import Params, RegistryConfig, flatten, resolve_uri
 from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
-from nhle.core.gates import GateResult, deleted_but_predicted, retained_drop_pp
+from nhle.core.gates import GateResult, deleted_but_predicted, report_retained_drop_pp
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
 
@@ -301,8 +301,7 @@ def report_metrics(report: dict) -> dict:
     metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
                for key, value in values.items()}
     metrics.update({f"seconds/{key}": float(value) for key, value in report["seconds"].items()})
-    metrics["unlearned/retained_drop_pp"] = retained_drop_pp(report["metrics"]["original"]["retain_test_acc"],
-                                                             report["metrics"]["unlearned"]["retain_test_acc"])
+    metrics["unlearned/retained_drop_pp"] = report_retained_drop_pp(report)
     metrics.update(relearn_metrics(report.get("relearn")))
     return metrics
 

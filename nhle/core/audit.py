@@ -15,7 +15,7 @@ import re
 import unicodedata
 from datetime import datetime, timezone
 
-from nhle.core.gates import retained_drop_pp
+from nhle.core.gates import report_retained_drop_pp
 
 EVIDENCE = (
     ("forget_test_acc", "accuracy on the forgotten classes' test samples", "0 = never predicted"),
@@ -52,9 +52,7 @@ def build_audit(request: dict, model_name: str, version: str, version_tags: dict
             evidence.append({"metric": key, "meaning": meaning, "expected": expected,
                              **{which: metrics[which].get(key) for which in ("original", "unlearned", "retrained")
                                 if which in metrics}})
-    drop = None
-    if "original" in metrics and "unlearned" in metrics:
-        drop = retained_drop_pp(metrics["original"]["retain_test_acc"], metrics["unlearned"]["retain_test_acc"])
+    drop = report_retained_drop_pp(report) if "original" in metrics and "unlearned" in metrics else None
     return {
         "request": request,
         "outcome": {"status": "done" if promoted else "failed", "promoted": promoted,

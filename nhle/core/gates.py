@@ -61,6 +61,12 @@ def retained_drop_pp(original_acc: float, acc: float) -> float:
     return 100 * (original_acc - acc)
 
 
+def report_retained_drop_pp(report: dict) -> float:
+    """A forget report's retained drop: its unlearned model against its original."""
+    metrics = report["metrics"]
+    return retained_drop_pp(metrics["original"]["retain_test_acc"], metrics["unlearned"]["retain_test_acc"])
+
+
 def classes_left(num_classes: int, forgotten_before, forgetting) -> int:
     """How many classes a model still predicts once `forgetting` is forgotten on top of
     `forgotten_before` (the one "would this leave a class?" count)."""
@@ -77,7 +83,7 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
     """One result per gate. `parity` is nhle.core.export.check_parity's report (None = not run)."""
     unlearned = report["metrics"]["unlearned"]
     original = report["metrics"]["original"]
-    drop_pp = retained_drop_pp(original["retain_test_acc"], unlearned["retain_test_acc"])
+    drop_pp = report_retained_drop_pp(report)
     results = [
         at_most("forget_test_acc", unlearned["forget_test_acc"], config.max_forget_test_acc),
         at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"],
