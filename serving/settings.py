@@ -26,6 +26,10 @@ MIN_ADMIN_TOKEN = 32
 """Fewest characters an admin token may have: the server refuses to start with a shorter one."""
 
 
+FLOWS_ONLY = ("notify",)
+"""ServingConfig fields for the flows (the servers they tell), not read by the server."""
+
+
 @dataclass(frozen=True)
 class Settings(ServingConfig):
     """What the server runs with: params.yaml's `serving:` section (nhle.core.config.ServingConfig:
@@ -56,13 +60,14 @@ class Settings(ServingConfig):
         """params.yaml's `serving:` section, each field overridden by its NHLE_<FIELD> variable
         (NHLE_POLL_SECONDS, NHLE_MAX_INSTANCES, ...); a bad value is refused naming the variable."""
         env = os.environ if environ is None else environ
-        params_path = Path(env.get("NHLE_PARAMS") or "params.yaml")
+        params_path = Path(env.get(SOURCE_VARIABLES["params_path"]) or "params.yaml")
         settings = cls(**{**asdict(load_params(params_path).serving), "params_path": params_path,
-                          "project_dir": Path(env.get("NHLE_PROJECT_DIR") or "."),
-                          "model": env.get("NHLE_MODEL") or None, "admin_token": env.get("NHLE_ADMIN_TOKEN") or None})
+                          "project_dir": Path(env.get(SOURCE_VARIABLES["project_dir"]) or "."),
+                          "model": env.get(SOURCE_VARIABLES["model"]) or None,
+                          "admin_token": env.get(SOURCE_VARIABLES["admin_token"]) or None})
         for f in fields(ServingConfig):
             raw = env.get(f"NHLE_{f.name.upper()}")
-            if raw is None or not raw.strip() or f.name == "notify":
+            if raw is None or not raw.strip() or f.name in FLOWS_ONLY:
                 continue
             # text as a YAML scalar, as params.yaml would give it: "10" -> 10, "0.5" -> 0.5
             # (a choice, such as NHLE_DEVICE, in any case; a path, such as NHLE_VERIFY_KEY, as given)
@@ -73,6 +78,19 @@ class Settings(ServingConfig):
             except ValueError as err:
                 raise ValueError(f"NHLE_{f.name.upper()}={raw!r}: {err}") from None
         return settings
+
+
+SOURCE_VARIABLES = {"params_path": "NHLE_PARAMS", "project_dir": "NHLE_PROJECT_DIR", "model": "NHLE_MODEL",
+                    "admin_token": "NHLE_ADMIN_TOKEN"}
+"""The variables of where the model and its project come from (Settings' own fields)."""
+
+
+def environment_variables() -> dict[str, object]:
+    """Every NHLE_* variable the server reads, with its default: the one list (from_env reads
+    these; serving/README.md's table and server.py's docstring are checked against it)."""
+    defaults = Settings()
+    return {**{name: getattr(defaults, field) for field, name in SOURCE_VARIABLES.items()},
+            **{f"NHLE_{f.name.upper()}": f.default for f in fields(ServingConfig) if f.name not in FLOWS_ONLY}}
 
 
 def now_iso() -> str:

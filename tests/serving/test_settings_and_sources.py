@@ -149,3 +149,26 @@ def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(
     Ledger(url).submit([5], ["5"], "dpo@example.com", "erasure", model_name="nhle-classifier", status="done",
                        model_version_after="1")
     assert source.deleted_classes() == {5: [1]} and source.record == "the ledger"
+
+
+def test_every_nhle_variable_the_server_reads_is_in_the_readme_table_and_the_server_docstring_with_its_default():
+    """serving/README.md's table of NHLE_* variables and serving/server.py's list are written by
+    hand: each must name exactly the variables the server reads, the table with their defaults."""
+    import re
+    from pathlib import Path
+
+    import nhle_serving.server
+
+    read = nhle_serving.settings.environment_variables()
+    readme = (Path(nhle_serving.server.__file__).parent / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(NHLE_[A-Z_]+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))
+    assert set(table) == set(read), set(table) ^ set(read)
+    for name, default in read.items():
+        shown = table[name].strip().strip("`").split()[0].strip("`")
+        if default is None or name in ("NHLE_PARAMS", "NHLE_PROJECT_DIR"):
+            continue  # unset / where the server runs: said in words
+        expected = str(default).lower() if isinstance(default, bool) else f"{default:g}" if isinstance(
+            default, float) else str(default)
+        assert shown == expected, f"serving/README.md gives {name} the default {shown!r}; the server's is {expected!r}"
+    listed = set(re.findall(r"NHLE_[A-Z_]+", nhle_serving.server.__doc__.split("Hot swap")[0]))
+    assert listed == set(read), listed ^ set(read)
