@@ -131,3 +131,40 @@ def test_the_core_and_the_benchmarks_run_without_tracking_orchestration_or_versi
     code = (f"import importlib, sys\nfor name in {names!r}: importlib.import_module(name)\n"
             f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({SYSTEMS!r})); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_dvc_stage_depends_on_the_code_its_command_imports():
+    """dvc.yaml's deps, held to the imports: every nhle.core module a stage's `nhle <command>`
+    reaches (function-local imports of its cmd_ function, then every import from there) must sit
+    under one of the stage's deps, so a change of, say, the exported forward pass reruns the export."""
+    import yaml
+
+    found = dict(modules())
+    cli = ast.parse((REPO / "nhle" / "cli" / "commands.py").read_text())
+    commands = {node.name: node for node in cli.body if isinstance(node, ast.FunctionDef)}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for stage, spec in stages.items():
+        command = spec["cmd"].split()[1]  # ${nhle} <command> ...
+        reached, todo = set(), [n for n in imports_in(commands[f"cmd_{command}"]) if n in found]
+        while todo:
+            module = todo.pop()
+            if module not in reached:
+                reached.add(module)
+                todo += [n for n in imports(found[module]) if n in found]
+        for module in sorted(m for m in reached if m.startswith("nhle.core")):
+            path = found[module].relative_to(REPO).as_posix()
+            if not any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in spec["deps"]):
+                missing.append(f"stage {stage} runs {path} but does not depend on it")
+    assert not missing, "\n".join(missing)
+
+
+def imports_in(function: ast.FunctionDef) -> set[str]:
+    """What one function imports (the CLI's commands import lazily, in their bodies)."""
+    found = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return found

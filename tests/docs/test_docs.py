@@ -150,8 +150,9 @@ def own_model_serves_the_forgotten_cat(project):
 
 def dvc_chain_ran_and_the_experiment_left_params_yaml(project):
     """usage.md's DVC lines, as written: `dvc repro` ran every stage of dvc.yaml through the nhle
-    CLI (with .venv/bin not on PATH); a second repro does nothing and a change of the gate code
-    reruns `evaluate` only (each stage lists the code it runs); `dvc exp run --temp -S` made an
+    CLI (with .venv/bin not on PATH); a second repro does nothing, nor does a change of the
+    server, while a change of the forward pass leaves every stage out of date, the export
+    included (each stage depends on the code it runs); `dvc exp run --temp -S` made an
     experiment with the setting while params.yaml, which `nhle run` reads too, stayed as it was."""
     import subprocess
 
@@ -175,10 +176,13 @@ def dvc_chain_ran_and_the_experiment_left_params_yaml(project):
     experiments = [rev for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]]
     assert [e["data"]["params"]["params.yaml"]["data"]["unlearn"]["n_samples"] for e in experiments] == [16]
     assert "Running stage" not in run(".venv/bin/dvc", "repro")
-    gates = project.root / "nhle" / "core" / "gates.py"
-    gates.write_text(gates.read_text() + "\n# a change of the gate code\n")
-    again = run(".venv/bin/dvc", "repro")
-    assert "Running stage 'evaluate'" in again and "Running stage 'train'" not in again
+    served = project.root / "serving" / "server.py"
+    served.write_text(served.read_text() + "\n# a change of the server, which no stage runs\n")
+    assert "Running stage" not in run(".venv/bin/dvc", "repro")
+    model = project.root / "nhle" / "core" / "models.py"
+    model.write_text(model.read_text() + "\n# a change of the forward pass every stage runs, export included\n")
+    changed = run(".venv/bin/dvc", "status")
+    assert all(f"{stage}:" in changed for stage in ("prepare", "train", "unlearn", "evaluate", "export")), changed
 
 
 def normalisation_flags() -> str:
