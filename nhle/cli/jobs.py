@@ -70,7 +70,6 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
         project_dir = project_dir.resolve()
         uri = configure(params, project_dir)
         forget_spec = forget_spec or params.forget
-        name = params.registry.model_name
         champion = load_champion(params)
         if champion is None:
             parse_classes(forget_spec, load_data(params.data).class_names)
@@ -84,7 +83,7 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
             results.append(timed(flows["train_base"], params=params_as_dict(params), project_dir=str(project_dir)))
             champion = load_champion(params)
         if champion and already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
-            print(f"{name}@{params.registry.champion_alias} (version {champion[2].version}) has already forgotten "
+            print(f"{params.registry.champion_name()} (version {champion[2].version}) has already forgotten "
                   f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
         else:
             results.append(timed(flows["forget"], classes=forget_spec, params=params_as_dict(params),
@@ -138,7 +137,7 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
     print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     flag = name_flag(name)
     print(f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
-          f"(ONNX Runtime, follows {name}@{params.registry.champion_alias})")
+          f"(ONNX Runtime, follows {params.registry.champion_name()})")
 
 
 def attempt_lines(attempts: list[dict]) -> list[str]:

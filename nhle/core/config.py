@@ -457,9 +457,17 @@ class RegistryConfig(Section):
     public key beside it (.pub) by the first promotion of a new registered model, or by `nhle keys
     create`; a missing key of a model whose versions were signed is an error, never replaced."""
 
+    def champion_name(self) -> str:
+        """NAME@ALIAS: the champion as every message names it."""
+        return f"{self.model_name}@{self.champion_alias}"
+
     def champion_uri(self) -> str:
         """models:/NAME@ALIAS of the champion: what serving follows."""
-        return f"models:/{self.model_name}@{self.champion_alias}"
+        return f"models:/{self.champion_name()}"
+
+    def no_champion(self) -> str:
+        """The one answer of every flow and command that needs the champion and finds none."""
+        return f"there is no {self.champion_name()} to forget from: run `nhle run` (or the train_base flow) first"
 
 
 def is_default_model(name: str) -> bool:

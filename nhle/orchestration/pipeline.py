@@ -180,8 +180,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
     settle_earlier_runs(params, root, run, logger)
     champion = run(steps.load_champion, params)
     if champion is None:
-        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias} to forget from: "
-                         "run the train_base flow (or `nhle run`) first")
+        raise ValueError(params.registry.no_champion())
     model, checkpoint, parent = champion
     parent_version = str(parent.version)
     indices = validate_forget(model, classes, checkpoint["class_names"])  # before any log

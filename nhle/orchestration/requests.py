@@ -47,10 +47,8 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
     ledger = open_ledger(params, project_dir)
     configure(params, project_dir)
     champion = load_champion(params)
-    name = f"{params.registry.model_name}@{params.registry.champion_alias}"
     if champion is None:
-        return _reject(ledger, params, [], [str(spec)], requester, reason, None,
-                       f"there is no {name} to forget from: run `nhle run` (or the train_base flow) first")
+        return _reject(ledger, params, [], [str(spec)], requester, reason, None, params.registry.no_champion())
     model, checkpoint, version = champion
     class_names = checkpoint["class_names"]
     try:
@@ -61,7 +59,7 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
         except ValueError:
             classes = []
         return _reject(ledger, params, classes, [class_names[c] for c in classes] or [str(spec)], requester, reason,
-                       str(version.version), f"{err} ({name} is version {version.version})")
+                       str(version.version), f"{err} ({params.registry.champion_name()} is version {version.version})")
     model_name = params.registry.model_name
     pending = {c for status in ("pending", "processing") for request in ledger.list(status, model_name)
                for c in request.classes}
@@ -233,7 +231,7 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     # The registry's record of what the champion forgets: its checkpoint is downloaded once, by the forget.
     version = champion_version(params)
     if version is None:
-        raise ValueError(f"no {params.registry.model_name}@{params.registry.champion_alias}: run train_base first")
+        raise ValueError(params.registry.no_champion())
     masked = set(json.loads(version.tags.get("forgotten_classes") or "[]"))
     satisfied = [r for r in requests if set(r.classes) <= masked]
     if satisfied:
