@@ -6,7 +6,8 @@ The package is layered; each folder imports only from the folders listed before 
                          masking, metrics, ONNX export, plots, gates, audit, the typed config
                          (torch, torchvision, numpy, scikit-learn, onnx, onnxruntime only)
     nhle/adapters/       the outside systems: MLflow (tracking, registry), DVC (data versions),
-                         the SQL request ledger, Prefect's server process, OS processes
+                         the SQL request ledger and the record of deletions, signatures,
+                         Prefect's server process, the running servers, OS processes
     nhle/orchestration/  the pipeline's steps and the forget-request loop, as plain functions
                          that take the engine running each step as an argument
     nhle/bench/          `nhle bench ...`: benchmarks that write their results to files
@@ -14,6 +15,7 @@ The package is layered; each folder imports only from the folders listed before 
 
 Beside the package: flows/ (installed as nhle_flows: the Prefect flows, decorators over
 nhle.orchestration) and serving/ (installed as nhle_serving: the ONNX Runtime server, which
-imports nhle.core.config and nhle.core.gates only, never torch). tests/test_layers.py holds the
-rule.
+imports nhle.core.config, nhle.core.gates, and the ledger, the record of deletions and the
+signatures of nhle.adapters, never torch). No two modules import each other. tests/test_layers.py
+holds these rules.
 """
