@@ -11,6 +11,7 @@ Plain library code: no tracking, orchestration or data-versioning imports.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 
@@ -86,33 +87,44 @@ def validate_forget(model: MaskedClassifier, spec, class_names: list[str]) -> li
     return classes
 
 
+class Retrained(NamedTuple):
+    """The model retrained without the classes (the reference of a forget)."""
+
+    model: MaskedClassifier
+    """Masked on the classes, as shipped."""
+    snapshot: object
+    """Its rows of the classes as trained, before masking (masking.MaskSnapshot): the attack's."""
+    seconds: float
+
+
 @dataclass
 class ForgetOutcome:
     report: dict
     result: UnlearnResult
-    retrained: tuple | None
-    """(model, snapshot, seconds) of the retrained reference, for another recipe on the same request."""
+    retrained: Retrained | None
+    """The retrained reference, for another recipe on the same request."""
 
 
 def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
-                    masked=(), spec: ModelSpec | None = None):
+                    masked=(), spec: ModelSpec | None = None) -> Retrained:
     """The gold standard: the same recipe (architecture `spec`, default smallcnn) from scratch
     without `classes` (and without the already-forgotten `masked` classes, which are masked too),
-    then masked. Returns (model, snapshot of the `classes` rows as trained, seconds)."""
+    then masked."""
     model, seconds = train_model(data, train_config, seed=seed, exclude=sorted({*classes, *masked}),
                                  progress=progress, spec=spec)
     if masked:
         apply_class_weight_mask(model, masked)
-    return model, apply_class_weight_mask(model, classes), seconds
+    return Retrained(model, apply_class_weight_mask(model, classes), seconds)
 
 
 def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
                        config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
                        data: Splits | None = None, device: str = "auto", progress: bool = True,
-                       retrained=None, synthetic=None, defer_evidence: bool = False) -> ForgetOutcome:
+                       retrained: Retrained | None = None, synthetic=None,
+                       defer_evidence: bool = False) -> ForgetOutcome:
     """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
     masking, and measure the result against the original (and, if asked, a model retrained
-    without them). `retrained` may pass a (model, snapshot, seconds) computed before, to share
+    without them). `retrained` may pass a Retrained computed before, to share
     one retrain between several methods. `synthetic`: the model's synthetic inputs kept from an
     earlier request (anchors.SyntheticInputs), reused when they match the recipe.
     defer_evidence: what no gate reads is left for completed_report to add later (the pipeline
@@ -167,15 +179,17 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
 
 
 def retrained_reference(arch: str, checkpoint: dict, data: Splits, classes: list[int], seed: int, earlier,
-                        measure, progress: bool = True, retrained=None) -> tuple[dict, dict, float, tuple]:
-    """(reference description, its metrics, retrain seconds, (model, snapshot, seconds)) of the
+                        measure, progress: bool = True, retrained: Retrained | None = None
+                        ) -> tuple[dict, dict, float, Retrained]:
+    """(reference description, its metrics, retrain seconds, the Retrained) of the
     model's recipe retrained on `data` without `classes` and the `earlier` forgotten ones;
     `measure(model, attack_model)` gives a model's metrics."""
     model_config, train_config = recipe_of(checkpoint)
     reference = {"kind": "retrained", "arch": arch, "recipe": to_dict(train_config)}
     spec = training_spec(replace_known(model_config, arch=arch), data)
     retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier, spec=spec)
-    return reference, measure(retrained[0], without_mask(retrained[0], retrained[1])), retrained[2], retrained
+    return reference, measure(retrained.model, without_mask(retrained.model, retrained.snapshot)), retrained.seconds, \
+        retrained
 
 
 def completed_report(report: dict, checkpoint: dict, original: MaskedClassifier, unlearned: MaskedClassifier,
@@ -243,5 +257,5 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "completed_report", "data_for_checkpoint", "forget_and_measure", "load_data",
+__all__ = ["ForgetOutcome", "Retrained", "completed_report", "data_for_checkpoint", "forget_and_measure", "load_data",
            "retrain_without", "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]
