@@ -130,13 +130,11 @@ def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
 
 
 @flow(name="forget", flow_run_name="forget-classes-{classes}")
-def forget(classes: str, params: dict | None = None, project_dir: str = ".", seed: int = 0,
-           n_samples: int | None = None, encoding: str | None = None, batch: str | None = None,
+def forget(classes: str, params: dict | None = None, project_dir: str = ".", batch: str | None = None,
            request_ids: list[int] | None = None) -> dict:
     """Forget `classes` (indices or names, comma separated) from the current champion."""
     resolved, root = resolve(params, project_dir)
-    result = pipeline.forget(resolved, root, classes, seed, n_samples, encoding, batch, request_ids, as_task,
-                             get_run_logger())
+    result = pipeline.forget(resolved, root, classes, batch, request_ids, as_task, get_run_logger())
     publish_artifacts(resolved, result)
     return result
 

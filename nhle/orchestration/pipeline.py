@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from nhle.core.config import Params
@@ -166,16 +165,14 @@ def import_model(params: Params, root: Path, run=call, logger=log) -> dict:
                    {"nhle.flow": "import", "nhle.source": source["kind"]}, body, run)
 
 
-def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: int | None = None,
-           encoding: str | None = None, batch: str | None = None, request_ids: list[int] | None = None,
+def forget(params: Params, root: Path, classes: str, batch: str | None = None, request_ids: list[int] | None = None,
            run=call, logger=log) -> dict:
     """Forget `classes` (indices or names, comma separated: parsed and checked here, once) from
-    the current champion. `batch` and `request_ids` (set by the request loop) tag the MLflow run
-    and the model version, so a later run can find the version a crashed run registered."""
+    the current champion, as `params` say (its unlearn section: --set unlearn.n_samples=16, ...).
+    `batch` and `request_ids` (set by the request loop) tag the MLflow run and the model version,
+    so a later run can find the version a crashed run registered."""
     from nhle.core.experiment import validate_forget
 
-    overrides = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
-    params = replace(params, unlearn=replace(params.unlearn, **overrides))
     run = StepClock(run)
     settle_earlier_runs(params, root, run, logger)
     champion = run(steps.load_champion, params)
@@ -190,7 +187,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
 
     def body(run_id):
         candidate, attempts, checked, tried = try_recipes(params, run_id, model, checkpoint, indices, parent_version,
-                                                          data, seed, run, logger)
+                                                          data, run, logger)
         result = publish(tried, root, run_id, candidate, data_version,
                          {**batch_tags, "nhle.recipe": attempts[-1]["recipe"], "nhle.attempt": str(len(attempts))},
                          run, logger, checked)
@@ -213,7 +210,7 @@ def forget(params: Params, root: Path, classes: str, seed: int = 0, n_samples: i
 
 
 def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: list[int], parent_version: str,
-                data, seed: int, run=call, logger=log) -> tuple:
+                data, run=call, logger=log) -> tuple:
     """A forget's attempts (steps.unlearning_attempts: the configured unlearn section, then each
     recipe of unlearn.fallbacks), each in its own MLflow run nested under `run_id`: unlearn,
     export, parity, gates. The first candidate that holds every gate ends it; a failing one is
@@ -226,7 +223,7 @@ def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: l
         attempt_run = run(steps.start_attempt, tried, run_id, number, recipe, overrides)
         candidate = None
         try:
-            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data, seed)
+            candidate = run(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data)
             onnx_path, parity = run(steps.export_and_check, tried, candidate)
             gates = run(steps.gates_of, tried, candidate, parity)
             attempt = run(steps.end_attempt, attempt_run, number, recipe, overrides, candidate, parity, gates,
