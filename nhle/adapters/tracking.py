@@ -2,7 +2,7 @@
 
     from nhle.adapters.tracking import configure, record_promotion, rollback
     configure(params)                               # tracking URI + experiment with artifact location
-    version = log_version(run_id, name, "model.onnx", ...)   # a registered model version per run
+    version = log_version(run_id, name, VersionEvidence(...))   # a registered model version per run
     record_promotion(params.registry, version, *promotion_decision(gates, champion, parent))
 
 The only module of nhle (with nhle.adapters.mlflow_models) that imports mlflow. Alias moves
@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -128,28 +128,51 @@ def logging_to(run_id: str):
             mlflow.end_run(status="RUNNING")
 
 
-def log_version(run_id: str, model_name: str, onnx_path: Path, example: np.ndarray, logged_name: str,
-                checkpoint_path: Path, preprocessing: dict, data, data_version, parity: dict,
-                report: dict | None, base_metrics: dict | None, tags: dict) -> str:
+@dataclass(frozen=True)
+class VersionEvidence:
+    """What a new model version carries into MLflow (log_version)."""
+
+    onnx_path: Path
+    example: np.ndarray
+    """A few input images (float32 N, C, H, W): the logged model's input example and signature."""
+    logged_name: str
+    """The logged model's name (what it is: smallcnn-digits-forgets-3)."""
+    checkpoint_path: Path
+    preprocessing: dict
+    data: object
+    """The training data (Splits), logged as the run's dataset input."""
+    data_version: object
+    """Its DVC version (nhle.adapters.versioning.DataVersion)."""
+    parity: dict
+    report: dict | None
+    """A forget's report; None for a base model."""
+    base_metrics: dict | None
+    """A base model's accuracies; None for a forget."""
+    tags: dict
+    """The version's tags, set at registration."""
+
+
+def log_version(run_id: str, model_name: str, evidence: VersionEvidence) -> str:
     """Everything a new version carries, logged to its run (dataset input, checkpoint,
     preprocessing, parity, report or a base model's accuracy), then the ONNX model
-    registered as a new version of `model_name`, born with `tags` (and `relearn`, the report's
+    registered as a new version of `model_name`, born with its tags (and `relearn`, the report's
     relearn shares, for the version page): a process killed right after the registration leaves
     a version the next run can find by its tags (nhle.batch) and judge from its logged evidence.
     A new registered model is born with an empty record of deleted classes. Returns the version."""
+    e = evidence
     with logging_to(run_id):
-        mlflow.set_tags(data_version.as_tags())
-        log_dataset(data, data_version)
-        mlflow.log_artifact(str(checkpoint_path), "checkpoint")
-        mlflow.log_dict(preprocessing, "preprocessing.json")
-        log_parity(parity)
-        if report is not None:
-            log_report(report)
-        if base_metrics is not None:
-            mlflow.log_metrics(base_metrics)
-        model_uri = log_onnx_model(onnx_path, example, preprocessing, name=logged_name)
-    relearn = (report or {}).get("relearn")
-    tags = {**tags, **({"relearn": relearn} if relearn else {})}
+        mlflow.set_tags(e.data_version.as_tags())
+        log_dataset(e.data, e.data_version)
+        mlflow.log_artifact(str(e.checkpoint_path), "checkpoint")
+        mlflow.log_dict(e.preprocessing, "preprocessing.json")
+        log_parity(e.parity)
+        if e.report is not None:
+            log_report(e.report)
+        if e.base_metrics is not None:
+            mlflow.log_metrics(e.base_metrics)
+        model_uri = log_onnx_model(e.onnx_path, e.example, e.preprocessing, name=e.logged_name)
+    relearn = (e.report or {}).get("relearn")
+    tags = {**e.tags, **({"relearn": relearn} if relearn else {})}
     ensure_registered_model(model_name)
     version = mlflow.register_model(model_uri, model_name, tags={k: as_tag(v) for k, v in tags.items()})
     return str(version.version)

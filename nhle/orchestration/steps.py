@@ -357,7 +357,7 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
     """Log report, checkpoint, parity and the ONNX model; returns the new registered version. A
     forget's version is born with the tag evidence=pending: its plots, its retrained reference
     and its data deletion come after the promotion (pipeline.complete_evidence)."""
-    from nhle.adapters.tracking import log_version
+    from nhle.adapters.tracking import VersionEvidence, log_version
     from nhle.core.export import preprocessing as input_preprocessing
     from nhle.core.training import save_checkpoint
 
@@ -376,9 +376,11 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
             **({"evidence": "pending"} if report is not None else {}),
             **(extra_tags or {})}
     example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
-    version = log_version(run_id, params.registry.model_name, onnx_path, example,
-                          logged_model_name(candidate.model.arch, candidate.data.name, forgotten), checkpoint_path,
-                          preprocessing, candidate.data, data_version, parity, report, base_metrics, tags)
+    evidence = VersionEvidence(onnx_path, example, logged_model_name(candidate.model.arch, candidate.data.name,
+                                                                     forgotten),
+                               checkpoint_path, preprocessing, candidate.data, data_version, parity, report,
+                               base_metrics, tags)
+    version = log_version(run_id, params.registry.model_name, evidence)
     return version
 
 
