@@ -50,7 +50,7 @@ def synthetic_splits(train_size: int, test_size: int = 2000, num_classes: int = 
         noisy = images * contrast + 0.25 * torch.randn(images.shape, generator=generator)
         return ImageSet((noisy.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
-    name = f"synthetic{train_size}" if (size, channels) == (16, 1) else f"synthetic{train_size}_{channels}x{size}x{size}"
+    name = f"synthetic{train_size}" + ("" if (size, channels) == (16, 1) else f"_{channels}x{size}x{size}")
     return Splits(name, make(train_size), make(test_size), [str(c) for c in range(num_classes)])
 
 
