@@ -53,30 +53,29 @@ def warm_up() -> None:
 
 def run_command(params: Params, forget_spec: str | None, project_dir: Path, started: float | None = None) -> int:
     """`nhle run`: base model if no champion, one forget flow, then the registry state. The
-    request is checked (against the champion, else the dataset's classes) before any flow runs,
-    so a typo costs no flow run. `started`: the command's start (time.perf_counter()), for the
-    time in all it prints."""
+    request is checked (against the champion, else the dataset's classes) before anything
+    starts, so a typo costs no flow run and no Prefect server. `started`: the command's start
+    (time.perf_counter()), for the time in all it prints."""
     import time
 
     from nhle.adapters.prefect_server import prefect_server_starting
+    from nhle.adapters.tracking import configure
+    from nhle.core.data import parse_classes
+    from nhle.core.experiment import load_data, validate_forget
+    from nhle.orchestration.steps import load_champion
 
     started = started or time.perf_counter()
-    with prefect_server_starting() as ready:  # its start-up overlaps the imports and checks below
-        from nhle.adapters.tracking import configure
-        from nhle.core.data import parse_classes
-        from nhle.core.experiment import load_data, validate_forget
-        from nhle.orchestration.steps import load_champion
-
-        project_dir = project_dir.resolve()
-        uri = configure(params, project_dir)
-        forget_spec = forget_spec or params.forget
-        champion = load_champion(params)
-        if champion is None:
-            parse_classes(forget_spec, load_data(params.data).class_names)
-        elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
-            validate_forget(champion[0], forget_spec, champion[1]["class_names"])
-        results = []
-        flows = {flow: load_flow(flow) for flow in ("train_base", "forget")}  # imports, while the server starts
+    project_dir = project_dir.resolve()
+    uri = configure(params, project_dir)
+    forget_spec = forget_spec or params.forget
+    champion = load_champion(params)
+    if champion is None:
+        parse_classes(forget_spec, load_data(params.data).class_names)
+    elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
+        validate_forget(champion[0], forget_spec, champion[1]["class_names"])
+    results = []
+    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
+        flows = {flow: load_flow(flow) for flow in ("train_base", "forget")}
         warm_up()
         ready()
         if champion is None:
