@@ -8,7 +8,7 @@
 The ledger (nhle.adapters.ledger) is the record of truth: a request is committed there before anything
 else happens, and it ends done or failed only once its model version is settled and its audit
 report is logged. Everything here is a plain function; process_requests takes the engine that
-runs each step (`run`) and the forget it calls, which flows/pipeline.py makes Prefect tasks and
+runs each step (`engine`) and the forget it calls, which flows/pipeline.py makes Prefect tasks and
 the `forget` flow (a subflow).
 """
 from __future__ import annotations
@@ -174,43 +174,43 @@ def held(ledger: Ledger, owner: str, requests) -> list[ForgetRequest]:
     return [r for r in requests if r.id in still]
 
 
-def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
+def process_requests(params: Params, root: Path, engine, forget, logger) -> dict:
     """Take every pending (and abandoned) forget request, unlearn their classes together with one
     call of `forget` (nhle.orchestration.pipeline.forget's signature) on top of the champion, and
-    close each request with its audit report. `run(step, *args)` runs each step. Returns the
+    close each request with its audit report. `engine(step, *args)` runs each step. Returns the
     requests as they ended, the versions that settled them, the forget's unlearning attempts and
     the time breakdown (this run's steps, the forget's as forget.<step>)."""
     from nhle.adapters.ledger import LeaseKeeper, new_owner
     from nhle.orchestration.pipeline import StepClock, complete_evidence, engine_of, settle_earlier_runs
 
     attempts = []
-    run = StepClock(run)
+    engine = StepClock(engine)
 
     def forget_recording_attempts(*args, **options):
-        started = len(run.seconds)
+        started = len(engine.seconds)
         result = forget(*args, **options)
         attempts.extend(result.get("attempts", []))
-        run.seconds[started:started] = [[f"forget.{step}", s] for step, s in result.get("step_seconds", [])]
+        engine.seconds[started:started] = [[f"forget.{step}", s] for step, s in result.get("step_seconds", [])]
         return result
 
     ledger = open_ledger(params, root)
-    settle_earlier_runs(params, root, run, logger)  # a recovery below may need no forget to do it
+    settle_earlier_runs(params, root, engine, logger)  # a recovery below may need no forget to do it
     owner = new_owner()
-    claimed = run(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
+    claimed = engine(claim_requests, ledger, owner, params.requests.lease_seconds, params.registry.model_name)
     logger.info("claimed forget requests %s as %s", [r.id for r in claimed], owner)
     versions = []
     with LeaseKeeper(ledger, owner, params.requests.lease_seconds):
         try:
             for batch in sorted({r.batch for r in claimed if r.batch}):
-                result = run(recover_batch, params, root, batch)
+                result = engine(recover_batch, params, root, batch)
                 if result is not None:
                     # before the audit reports read it
-                    run(complete_evidence, params, root, result["version"], engine_of(run), logger)
+                    engine(complete_evidence, params, root, result["version"], engine_of(engine), logger)
                     group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
-                    run(close_requests, ledger, owner, params, group, result["version"],
+                    engine(close_requests, ledger, owner, params, group, result["version"],
                         f"version registered by an earlier run of batch {batch} that stopped")
                     versions.append(result["version"])
-            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), run,
+            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), engine,
                                       forget_recording_attempts)
         except Exception as err:
             for request in held(ledger, owner, claimed):
@@ -218,10 +218,10 @@ def process_requests(params: Params, root: Path, run, forget, logger) -> dict:
             raise
     closed = [ledger.get(r.id) for r in claimed]
     return {"requests": [r.as_dict() for r in closed], "versions": versions, "attempts": attempts,
-            "step_seconds": run.seconds}
+            "step_seconds": engine.seconds}
 
 
-def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, run, forget) -> list[str]:
+def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, engine, forget) -> list[str]:
     """Requests no earlier run got to: already forgotten by the champion -> done; the rest are
     unlearned together in one forget."""
     from nhle.orchestration.steps import champion_version
@@ -235,7 +235,7 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     masked = set(json.loads(version.tags.get("forgotten_classes") or "[]"))
     satisfied = [r for r in requests if set(r.classes) <= masked]
     if satisfied:
-        run(close_requests, ledger, owner, params, satisfied, str(version.version),
+        engine(close_requests, ledger, owner, params, satisfied, str(version.version),
             f"already forgotten by version {version.version}")
     todo = [r for r in requests if r not in satisfied]
     if not todo:
@@ -244,7 +244,7 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     for request in todo:
         ledger.record(request.id, owner, batch=owner, model_version_before=str(version.version))
     result = forget(params, root, classes, batch=owner, request_ids=[r.id for r in todo])
-    run(close_requests, ledger, owner, params, held(ledger, owner, todo), result["version"])
+    engine(close_requests, ledger, owner, params, held(ledger, owner, todo), result["version"])
     return [result["version"]]
 
 

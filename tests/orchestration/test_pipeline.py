@@ -26,7 +26,7 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
         return step(*args)
 
     def forget(params, root, classes, **options):
-        return pipeline.forget(params, root, classes, run=engine, **options)
+        return pipeline.forget(params, root, classes, engine=engine, **options)
 
     base = pipeline.train_base(params, tmp_path, engine)
     assert base["promoted"] and ran[:6] == ["clean_up_after_dead_runs", "versions_with_pending_evidence",
