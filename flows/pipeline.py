@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -131,9 +132,16 @@ def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
 
 @flow(name="forget", flow_run_name="forget-classes-{classes}")
 def forget(classes: str, params: dict | None = None, project_dir: str = ".", batch: str | None = None,
-           request_ids: list[int] | None = None) -> dict:
-    """Forget `classes` (indices or names, comma separated) from the current champion."""
+           request_ids: list[int] | None = None, n_samples: int | None = None, encoding: str | None = None) -> dict:
+    """Forget `classes` (indices or names, comma separated) from the current champion.
+    `n_samples` and `encoding` are deprecated: set unlearn.n_samples and unlearn.encoding in
+    `params` (or params.yaml) instead; given, they still override those settings."""
     resolved, root = resolve(params, project_dir)
+    deprecated = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
+    if deprecated:
+        get_run_logger().warning("the forget flow's %s parameter(s) are deprecated: set %s in params instead",
+                                 ", ".join(deprecated), ", ".join(f"unlearn.{k}" for k in deprecated))
+        resolved = replace(resolved, unlearn=replace(resolved.unlearn, **deprecated))
     result = pipeline.forget(resolved, root, classes, batch, request_ids, as_task, get_run_logger())
     publish_artifacts(resolved, result)
     return result

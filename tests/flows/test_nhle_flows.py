@@ -116,8 +116,10 @@ def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, 
     assert len(client().search_model_versions(f"name='{NAME}'")) == before
 
 
-def test_sequential_forgetting_then_rollback(project):
+def test_sequential_forgetting_then_rollback(project, caplog):
+    # n_samples as a flow parameter is deprecated (unlearn.n_samples in params says it) and still honoured
     result = flow("forget")(classes="5", params=PARAMS, project_dir=str(project), n_samples=16)
+    assert "parameter(s) are deprecated: set unlearn.n_samples in params instead" in caplog.text
     assert result["promoted"] is True
     new = champion()
     assert str(new.version) == str(result["version"]) and json.loads(new.tags["forgotten_classes"]) == [3, 5]
