@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from nhle.core.config import Params, params_as_dict
 from nhle.core.gates import GateResult, advice
 
-if TYPE_CHECKING:  # torch stays unimported until the temporary Prefect server is starting
+if TYPE_CHECKING:  # torch is imported by the commands that run a model, not by building the CLI
     from nhle.core.models import MaskedClassifier
 
 log = logging.getLogger(__name__)
