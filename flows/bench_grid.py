@@ -10,6 +10,7 @@ cluster the workers need nhle installed; the flow itself (and the files) stay on
 Times are still ratios to a retrain, but measured on whichever worker ran each unit: compare
 them only on a cluster of identical workers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,12 @@ from nhle.bench.unlearning import Grid, bench_unlearning, run_unit, train_seed
 from nhle.core.config import DaskConfig
 
 TASKS = {
-    train_seed: task(train_seed, name="train-base-model", task_run_name="base-model-seed-{seed}",
-                     cache_policy=NO_CACHE),
-    run_unit: task(run_unit, name="unlearning-run", task_run_name="{method}-seed-{seed}-classes-{classes}",
-                   cache_policy=NO_CACHE),
+    train_seed: task(
+        train_seed, name="train-base-model", task_run_name="base-model-seed-{seed}", cache_policy=NO_CACHE
+    ),
+    run_unit: task(
+        run_unit, name="unlearning-run", task_run_name="{method}-seed-{seed}-classes-{classes}", cache_policy=NO_CACHE
+    ),
 }
 
 
@@ -43,9 +46,14 @@ def dask_runner(config: DaskConfig, address: str = "") -> DaskTaskRunner:
     """A runner on the cluster at `address`, or on a local cluster of worker processes."""
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": config.n_workers,
-                                          "threads_per_worker": config.threads_per_worker,
-                                          "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": config.n_workers,
+            "threads_per_worker": config.threads_per_worker,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
 
 
 def run_on_dask(grid: Grid, out: Path, config: DaskConfig, address: str = "") -> list[dict]:

@@ -4,7 +4,7 @@ nhle.orchestration.pipeline's function of the same name with every step a Prefec
 
     python -m nhle_flows.pipeline forget --classes 3     # one run now (ephemeral Prefect, no server)
     python -m nhle_flows.pipeline train_base
-    python -m nhle_flows.pipeline import_model           # = `nhle import`: your model, as params.yaml's model section names it
+    python -m nhle_flows.pipeline import_model           # = `nhle import`: the model params.yaml names
     python -m nhle_flows.pipeline process_requests       # = `nhle request process`; `nhle schedule` serves it
     python -m nhle_flows.pipeline complete_evidence --version 2   # what a forget completes after promoting
     prefect deploy flows/pipeline.py:forget -n forget -p <work-pool>      # from the checkout
@@ -12,6 +12,7 @@ nhle.orchestration.pipeline's function of the same name with every step a Prefec
 The flows read params.yaml of `project_dir` unless given `params` (a dict in the shape of
 nhle.core.config.Params). What each flow does, step by step: nhle.orchestration.pipeline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,40 @@ from nhle.orchestration import pipeline, requests, steps
 # Models and tensors pass between tasks in memory: nothing to hash, nothing to cache.
 step = task(cache_policy=NO_CACHE)
 retried = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)  # idempotent I/O only
-TASKS = {fn: (retried if fn in (steps.load_champion, steps.data_of_version, steps.version_data,
-                                requests.claim_requests) else step)(fn)
-         for fn in (steps.load_champion, steps.training_data, steps.check_settings, steps.data_of_version,
-                    steps.version_data, steps.train_candidate, steps.import_candidate, steps.forget_candidate,
-                    steps.export_and_check, steps.register_candidate, steps.gates_of, steps.finish_version,
-                    steps.start_attempt, steps.end_attempt, steps.record_attempts, steps.clean_up_after_dead_runs,
-                    steps.versions_with_pending_evidence, steps.evidence_work, steps.measure_evidence,
-                    steps.draw_evidence_plots, steps.delete_forgotten_samples, steps.record_evidence,
-                    requests.claim_requests, requests.recover_batch, requests.close_requests)}
+TASKS = {
+    fn: (
+        retried
+        if fn in (steps.load_champion, steps.data_of_version, steps.version_data, requests.claim_requests)
+        else step
+    )(fn)
+    for fn in (
+        steps.load_champion,
+        steps.training_data,
+        steps.check_settings,
+        steps.data_of_version,
+        steps.version_data,
+        steps.train_candidate,
+        steps.import_candidate,
+        steps.forget_candidate,
+        steps.export_and_check,
+        steps.register_candidate,
+        steps.gates_of,
+        steps.finish_version,
+        steps.start_attempt,
+        steps.end_attempt,
+        steps.record_attempts,
+        steps.clean_up_after_dead_runs,
+        steps.versions_with_pending_evidence,
+        steps.evidence_work,
+        steps.measure_evidence,
+        steps.draw_evidence_plots,
+        steps.delete_forgotten_samples,
+        steps.record_evidence,
+        requests.claim_requests,
+        requests.recover_batch,
+        requests.close_requests,
+    )
+}
 
 
 def as_task(fn, *args):
@@ -82,8 +108,11 @@ def mlflow_ui_links(tracking_uri: str, default_ui: str, environ=None) -> tuple[s
         command += f" --host {host}"
     if port and port != 5000:
         command += f" --port {port}"
-    source = ("from MLFLOW_UI_URL" if configured
-              else "the default address of `mlflow ui`; set MLFLOW_UI_URL if yours runs elsewhere")
+    source = (
+        "from MLFLOW_UI_URL"
+        if configured
+        else "the default address of `mlflow ui`; set MLFLOW_UI_URL if yours runs elsewhere"
+    )
     return base, f" (links: {base}, {source}; open it with `{command}`)"
 
 
@@ -99,16 +128,23 @@ def publish_artifacts(params: Params, result: dict) -> None:
     verdict = "promoted" if result["promoted"] else "not promoted"
     ui, where = mlflow_ui_links(mlflow.get_tracking_uri(), default_ui)  # the resolved (absolute) store URI
     description = description.replace("](#/", f"]({ui}/#/")  # the description's links are relative to the UI
-    create_markdown_artifact(key=key, markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
-                             f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",
-                             description=f"{name} version {version}: {verdict} ({result['reason']})")
-    create_table_artifact(key=f"{key}-gates", table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")}
-                                                      for g in result["gates"]],
-                          description=f"gates of {name} version {version}")
+    create_markdown_artifact(
+        key=key,
+        markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
+        f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",
+        description=f"{name} version {version}: {verdict} ({result['reason']})",
+    )
+    create_table_artifact(
+        key=f"{key}-gates",
+        table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")} for g in result["gates"]],
+        description=f"gates of {name} version {version}",
+    )
     if len(result.get("attempts", [])) > 1:  # a forget that fell back: why each recipe before it was dropped
-        create_table_artifact(key=f"{key}-attempts", table=[{k: a[k] for k in ("attempt", "recipe", "outcome", "reason",
-                                                                               "run_id")} for a in result["attempts"]],
-                              description=f"unlearning attempts behind {name} version {version}")
+        create_table_artifact(
+            key=f"{key}-attempts",
+            table=[{k: a[k] for k in ("attempt", "recipe", "outcome", "reason", "run_id")} for a in result["attempts"]],
+            description=f"unlearning attempts behind {name} version {version}",
+        )
 
 
 @flow(name="train-base", flow_run_name="train-base")
@@ -131,16 +167,26 @@ def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
 
 
 @flow(name="forget", flow_run_name="forget-classes-{classes}")
-def forget(classes: str, params: dict | None = None, project_dir: str = ".", batch: str | None = None,
-           request_ids: list[int] | None = None, n_samples: int | None = None, encoding: str | None = None) -> dict:
+def forget(
+    classes: str,
+    params: dict | None = None,
+    project_dir: str = ".",
+    batch: str | None = None,
+    request_ids: list[int] | None = None,
+    n_samples: int | None = None,
+    encoding: str | None = None,
+) -> dict:
     """Forget `classes` (indices or names, comma separated) from the current champion.
     `n_samples` and `encoding` are deprecated: set unlearn.n_samples and unlearn.encoding in
     `params` (or params.yaml) instead; given, they still override those settings."""
     resolved, root = resolve(params, project_dir)
     deprecated = {k: v for k, v in (("n_samples", n_samples), ("encoding", encoding)) if v is not None}
     if deprecated:
-        get_run_logger().warning("the forget flow's %s parameter(s) are deprecated: set %s in params instead",
-                                 ", ".join(deprecated), ", ".join(f"unlearn.{k}" for k in deprecated))
+        get_run_logger().warning(
+            "the forget flow's %s parameter(s) are deprecated: set %s in params instead",
+            ", ".join(deprecated),
+            ", ".join(f"unlearn.{k}" for k in deprecated),
+        )
         resolved = replace(resolved, unlearn=replace(resolved.unlearn, **deprecated))
     result = pipeline.forget(resolved, root, classes, batch, request_ids, as_task, get_run_logger())
     publish_artifacts(resolved, result)
@@ -171,8 +217,11 @@ def process_requests(params: dict | None = None, project_dir: str = ".") -> dict
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description="Run one nhle flow now, with ephemeral Prefect.")
-    cli.add_argument("flow", choices=("train_base", "import_model", "forget", "process_requests", "complete_evidence"),
-                     help="which flow")
+    cli.add_argument(
+        "flow",
+        choices=("train_base", "import_model", "forget", "process_requests", "complete_evidence"),
+        help="which flow",
+    )
     cli.add_argument("--classes", help="forget: class(es) to forget, e.g. 3 or 2,7")
     cli.add_argument("--version", help="complete_evidence: the registered version whose evidence is pending")
     cli.add_argument("--project-dir", default=".", help="folder with params.yaml")

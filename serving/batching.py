@@ -9,6 +9,7 @@ call for each model present and hands every request its own rows. Larger request
 
 Never imports torch.
 """
+
 from __future__ import annotations
 
 import queue
@@ -72,5 +73,5 @@ class MicroBatcher:
                 self.images += len(p)
                 start = 0
                 for x, done in mine:
-                    done.set_result(p[start:start + len(x)])
+                    done.set_result(p[start : start + len(x)])
                     start += len(x)

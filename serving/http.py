@@ -12,6 +12,7 @@ serving settings (NHLE_* in the environment win, as for the app):
 - a connection with no request under way is closed after keep_alive_seconds, a new one included.
 Bodies are bounded by the app (nhle_serving.payloads.BodyLimit: 413 and 408).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.awaiting_head and not self.head_fits(data):
-            return self.refuse(431, "Request Header Fields Too Large",
-                               f"the request line and headers exceed {self.max_header_bytes} bytes")
+            return self.refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"the request line and headers exceed {self.max_header_bytes} bytes",
+            )
         if self.awaiting_head and self.head_deadline is None:
             self.head_deadline = self.loop.call_later(self.header_timeout, self.head_too_slow)
         super().data_received(data)
@@ -89,17 +93,19 @@ class GuardedProtocol(HttpToolsProtocol):
     def head_too_slow(self) -> None:
         self.head_deadline = None
         if self.awaiting_head:
-            self.refuse(408, "Request Timeout",
-                        f"the request line and headers did not arrive within {self.header_timeout:g} s")
+            self.refuse(
+                408, "Request Timeout", f"the request line and headers did not arrive within {self.header_timeout:g} s"
+            )
 
     def refuse(self, status: int, reason: str, message: str) -> None:
         """Answers `status` with `message` as text and closes the connection."""
-        client = "%s:%d" % self.client if self.client else "unknown client"
+        client = "{}:{}".format(*self.client) if self.client else "unknown client"
         log.warning("%s: %d, %s", client, status, message)
         body = message.encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, reason.encode(), len(body), body))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+        )
         self.transport.close()
 
 
@@ -111,6 +117,9 @@ def __getattr__(name: str):
         raise AttributeError(name)
     from uvicorn_worker import UvicornWorker
 
-    globals()["Worker"] = type("Worker", (UvicornWorker,), {
-        "__doc__": __getattr__.__doc__, "CONFIG_KWARGS": {"loop": "auto", "http": GuardedProtocol}})
+    globals()["Worker"] = type(
+        "Worker",
+        (UvicornWorker,),
+        {"__doc__": __getattr__.__doc__, "CONFIG_KWARGS": {"loop": "auto", "http": GuardedProtocol}},
+    )
     return globals()["Worker"]

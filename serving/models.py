@@ -4,6 +4,7 @@ that polls the source and swaps the serving model with one reference assignment.
 
 Never imports torch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ from nhle_serving.sources import Pointer, gates_passed, make_source
 
 log = logging.getLogger("nhle_serving.server")
 INLINE_CALL_SECONDS = 0.001
-FIRST_RETRY_SECONDS = 0.5   # while nothing is served, checks repeat after 0.5, 1, 2 ... s, up to poll_seconds
+FIRST_RETRY_SECONDS = 0.5  # while nothing is served, checks repeat after 0.5, 1, 2 ... s, up to poll_seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,8 +63,10 @@ def choose_providers(device: str) -> list[str]:
     if device == "cuda" and not cuda:
         raise ValueError("NHLE_DEVICE=cuda but this onnxruntime build has no CUDAExecutionProvider")
     if device == "cuda" and not gpu_present():
-        raise ValueError("NHLE_DEVICE=cuda but no GPU is visible to this process (no /dev/nvidia*, or "
-                         "CUDA_VISIBLE_DEVICES hides it); use NHLE_DEVICE=auto or cpu")
+        raise ValueError(
+            "NHLE_DEVICE=cuda but no GPU is visible to this process (no /dev/nvidia*, or "
+            "CUDA_VISIBLE_DEVICES hides it); use NHLE_DEVICE=auto or cpu"
+        )
     if device == "cuda" or (device == "auto" and cuda and gpu_present()):
         if hasattr(ort, "preload_dlls"):  # the CUDA/cuDNN libraries of the nvidia-* wheels
             with contextlib.suppress(Exception):
@@ -189,8 +192,10 @@ def check_registration(pointer: Pointer, digest: str) -> None:
     if not tagged:
         raise ValueError(f"version {pointer.version} has no onnx_sha256 tag: it was not registered by nhle")
     if tagged != digest:
-        raise ValueError(f"version {pointer.version}'s ONNX file has sha256 {digest[:16]}... but was registered "
-                         f"with {tagged[:16]}...: the file changed after registration")
+        raise ValueError(
+            f"version {pointer.version}'s ONNX file has sha256 {digest[:16]}... but was registered "
+            f"with {tagged[:16]}...: the file changed after registration"
+        )
     if not gates_passed(pointer.tags):
         raise ValueError(f"version {pointer.version} is not tagged as having passed its gates")
 
@@ -205,24 +210,28 @@ def signed_metadata(source, pointer: Pointer, onnx_path: Path, workdir: Path) ->
     return {**evidence["preprocessing"], "signed_forgotten_classes": evidence["forgotten_classes"]}
 
 
-def verified(source, pointer: Pointer, onnx_path: Path, metadata: dict, folder: Path,
-             loaded_sha256: str | None = None) -> tuple[dict, str]:
+def verified(
+    source, pointer: Pointer, onnx_path: Path, metadata: dict, folder: Path, loaded_sha256: str | None = None
+) -> tuple[dict, str]:
     """(metadata, sha256) of a fetched version once it verifies: the file's sha256 against the one
     loaded (a re-verification) and, for a registered source, against its registration tags,
     and the signature, whose signed metadata is the one returned; raises on any mismatch.
     What a load checks, and a re-verification again."""
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if loaded_sha256 is not None and digest != loaded_sha256:
-        raise ValueError(f"the registry's ONNX file of version {pointer.version} has sha256 {digest[:16]}..., "
-                         f"not the {loaded_sha256[:16]}... verified and loaded")
+        raise ValueError(
+            f"the registry's ONNX file of version {pointer.version} has sha256 {digest[:16]}..., "
+            f"not the {loaded_sha256[:16]}... verified and loaded"
+        )
     if source.registered:
         check_registration(pointer, digest)
         metadata = signed_metadata(source, pointer, onnx_path, folder)
     return metadata, digest
 
 
-def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]],
-               batcher: MicroBatcher | None = None) -> LoadedModel:
+def load_model(
+    source, pointer: Pointer, settings: Settings, deleted: dict[int, list[int]], batcher: MicroBatcher | None = None
+) -> LoadedModel:
     """Download, open and smoke-test one model; raises on anything that should block a swap.
     `deleted` is the source's classes deleted on record (class -> done request ids)."""
     started = time.perf_counter()
@@ -232,9 +241,11 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         # Created while the download exists: ONNX Runtime reads any external weights now.
         session = open_session(onnx_path, settings, choose_providers(settings.device))
     if settings.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise ValueError("NHLE_DEVICE=cuda but ONNX Runtime could not start its CUDA provider (CUDA 13 or "
-                         "cuDNN 9 libraries missing? see docs/gpu.md); the session fell back to "
-                         f"{session.get_providers()}")
+        raise ValueError(
+            "NHLE_DEVICE=cuda but ONNX Runtime could not start its CUDA provider (CUDA 13 or "
+            "cuDNN 9 libraries missing? see docs/gpu.md); the session fell back to "
+            f"{session.get_providers()}"
+        )
 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
@@ -279,25 +290,33 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
     if forgotten and (max(forgotten) >= n_classes or min(forgotten) < 0):
         raise ValueError(f"forgotten classes {sorted(forgotten)} are out of range 0..{n_classes - 1}")
     # -inf logits mark masked classes; a probability of 0 may also be a confident model's underflow.
-    masked_in_graph = set() if output_name == "probabilities" else {int(k) for k in np.flatnonzero(np.isneginf(y).all(axis=0))}
+    masked_in_graph = (
+        set() if output_name == "probabilities" else {int(k) for k in np.flatnonzero(np.isneginf(y).all(axis=0))}
+    )
     if masked_in_graph - forgotten:
-        log.warning("classes %s have -inf logits but are not declared forgotten; treating them as forgotten",
-                    sorted(masked_in_graph - forgotten))
+        log.warning(
+            "classes %s have -inf logits but are not declared forgotten; treating them as forgotten",
+            sorted(masked_in_graph - forgotten),
+        )
         forgotten |= masked_in_graph
     if len(forgotten) >= n_classes:
         raise ValueError("every class is forgotten: nothing left to predict")
     missing, requests = deleted_but_predicted(forgotten, deleted)
     if missing:
-        raise ValueError(f"version {pointer.version} predicts class(es) {missing}, deleted on record by forget "
-                         f"request(s) {requests}: a forgotten class is never served again (reopening the request "
-                         "on record is the only way: nhle rollback --reopen)")
+        raise ValueError(
+            f"version {pointer.version} predicts class(es) {missing}, deleted on record by forget "
+            f"request(s) {requests}: a forgotten class is never served again (reopening the request "
+            "on record is the only way: nhle rollback --reopen)"
+        )
     with np.errstate(all="ignore"):
         p = as_probabilities(y, output_name)
     if not np.isfinite(p).all():
         raise ValueError("smoke test: the model gives non-finite probabilities")
     leaked = {k: float(p[:, k].max()) for k in sorted(forgotten) if p[:, k].max() != 0.0}
     if leaked:
-        raise ValueError(f"smoke test: forgotten classes get non-zero probability {leaked}; the graph does not mask them")
+        raise ValueError(
+            f"smoke test: forgotten classes get non-zero probability {leaked}; the graph does not mask them"
+        )
     if np.abs(p.sum(axis=1) - 1).max() > 1e-4:
         raise ValueError("smoke test: probabilities do not sum to 1")
     # Warm-up at the batch sizes requests use, so the first real request pays no allocation;
@@ -307,11 +326,22 @@ def load_model(source, pointer: Pointer, settings: Settings, deleted: dict[int, 
         session.run([output_name], {input_name: batch})
     seconds_per_image = min(timed(session.run, [output_name], {input_name: batch}) for _ in range(3)) / len(batch)
 
-    return LoadedModel(session=session, input_name=input_name, output_name=output_name, input_shape=shape,
-                       class_names=tuple(str(c) for c in class_names), forgotten=tuple(sorted(forgotten)),
-                       pointer=pointer, sha256=digest, providers=tuple(session.get_providers()),
-                       loaded_at=now_iso(), load_seconds=round(time.perf_counter() - started, 3), metadata=metadata,
-                       batcher=batcher, seconds_per_image=seconds_per_image)
+    return LoadedModel(
+        session=session,
+        input_name=input_name,
+        output_name=output_name,
+        input_shape=shape,
+        class_names=tuple(str(c) for c in class_names),
+        forgotten=tuple(sorted(forgotten)),
+        pointer=pointer,
+        sha256=digest,
+        providers=tuple(session.get_providers()),
+        loaded_at=now_iso(),
+        load_seconds=round(time.perf_counter() - started, 3),
+        metadata=metadata,
+        batcher=batcher,
+        seconds_per_image=seconds_per_image,
+    )
 
 
 class ModelManager:
@@ -320,24 +350,27 @@ class ModelManager:
     def __init__(self, settings: Settings, source=None):
         self.settings = settings
         self._source = source
-        self.current: LoadedModel | None = None   # read once per request; replaced atomically
+        self.current: LoadedModel | None = None  # read once per request; replaced atomically
         self.aliases: tuple[str, ...] = ()
         self.last_swap_time: str | None = None
-        self.last_error: dict | None = None        # the last failed load
-        self.last_check: dict | None = None        # the last alias check (time, outcome)
-        self.fallback: dict | None = None          # set while serving another version than the refused one
-        self.deleted: dict | None = None           # the classes deleted on record at the last check, and whose record
-        self.verification: dict | None = None      # the last re-verification of the served version's files
+        self.last_error: dict | None = None  # the last failed load
+        self.last_check: dict | None = None  # the last alias check (time, outcome)
+        self.fallback: dict | None = None  # set while serving another version than the refused one
+        self.deleted: dict | None = None  # the classes deleted on record at the last check, and whose record
+        self.verification: dict | None = None  # the last re-verification of the served version's files
         self.suppressed: dict[int, list[int]] = {}  # accepted for deletion, not yet deleted: class -> request ids
         self.suppressed_since: dict[int, str] = {}  # when this server began suppressing each
-        self.deleted_now: set[int] = set()          # the classes deleted on record at the last check
+        self.deleted_now: set[int] = set()  # the classes deleted on record at the last check
         self._verified_at = time.monotonic()
-        self._failed: dict[str, str] = {}          # key -> message: not retried by the poller
-        self._lock = threading.Lock()              # one check/load at a time
+        self._failed: dict[str, str] = {}  # key -> message: not retried by the poller
+        self._lock = threading.Lock()  # one check/load at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.batcher = (MicroBatcher(settings.micro_batch_max_images, settings.micro_batch_wait_ms)
-                        if settings.micro_batching else None)
+        self.batcher = (
+            MicroBatcher(settings.micro_batch_max_images, settings.micro_batch_wait_ms)
+            if settings.micro_batching
+            else None
+        )
 
     @property
     def source(self):
@@ -378,29 +411,53 @@ class ModelManager:
         # A refusal holds for this version under this record: reopening a request may lift it.
         failure_key = f"{pointer.key}|deleted={sorted(deleted)}"
         if not force and failure_key in self._failed:
-            return {"outcome": "skipped", "serving_version": serving, "candidate_version": pointer.version,
-                    "error": self._failed[failure_key]}
+            return {
+                "outcome": "skipped",
+                "serving_version": serving,
+                "candidate_version": pointer.version,
+                "error": self._failed[failure_key],
+            }
         log.info("loading model %s (version %s, %s)", pointer.model_uri, pointer.version, reason)
         try:
             model = load_model(source, pointer, self.settings, deleted, self.batcher)
         except Exception as err:  # any failure of a candidate blocks its swap, nothing more
             message = f"{type(err).__name__}: {err}"
             self._failed[failure_key] = message
-            self.last_error = {"time": now_iso(), "model_uri": pointer.model_uri, "version": pointer.version,
-                               "message": message}
-            log.error("model %s (version %s) not swapped in, still serving %s: %s",
-                      pointer.model_uri, pointer.version, serving, message)
+            self.last_error = {
+                "time": now_iso(),
+                "model_uri": pointer.model_uri,
+                "version": pointer.version,
+                "message": message,
+            }
+            log.error(
+                "model %s (version %s) not swapped in, still serving %s: %s",
+                pointer.model_uri,
+                pointer.version,
+                serving,
+                message,
+            )
             if current is None:
                 return self._fall_back(source, pointer, message, deleted)
-            return {"outcome": "failed", "serving_version": serving, "candidate_version": pointer.version,
-                    "error": message}
+            return {
+                "outcome": "failed",
+                "serving_version": serving,
+                "candidate_version": pointer.version,
+                "error": message,
+            }
         self._failed.pop(failure_key, None)
         self.fallback = None
         model = self.suppressing(model)
         self.current = model  # the swap: one reference assignment
         self.last_swap_time = now_iso()
-        log.info("serving model %s version %s (sha256 %s, %s, loaded in %.2f s; was %s)", pointer.name,
-                 model.version, model.sha256[:12], ",".join(model.providers), model.load_seconds, serving)
+        log.info(
+            "serving model %s version %s (sha256 %s, %s, loaded in %.2f s; was %s)",
+            pointer.name,
+            model.version,
+            model.sha256[:12],
+            ",".join(model.providers),
+            model.load_seconds,
+            serving,
+        )
         return {"outcome": "swapped", "serving_version": model.version, "previous_version": serving}
 
     def _note_suppressed(self, suppressed: dict[int, list[int]]) -> None:
@@ -410,8 +467,11 @@ class ModelManager:
         lifted = sorted(set(self.suppressed) - set(suppressed))
         added = sorted(set(suppressed) - set(self.suppressed))
         if added:
-            log.info("suppressing class(es) %s pending deletion (requests %s)", added,
-                     sorted({i for c in added for i in suppressed[c]}))
+            log.info(
+                "suppressing class(es) %s pending deletion (requests %s)",
+                added,
+                sorted({i for c in added for i in suppressed[c]}),
+            )
         if lifted:
             log.info("class(es) %s no longer suppressed (their requests ended)", lifted)
         self.suppressed = suppressed
@@ -420,8 +480,9 @@ class ModelManager:
         """`model` withholding every class accepted for deletion, or deleted on record (a request
         done while this server still serves the version before it), that it does not forget itself."""
         pending_or_deleted = set(self.suppressed) | self.deleted_now
-        wanted = tuple(sorted(c for c in pending_or_deleted if c not in model.forgotten
-                              and 0 <= c < len(model.class_names)))
+        wanted = tuple(
+            sorted(c for c in pending_or_deleted if c not in model.forgotten and 0 <= c < len(model.class_names))
+        )
         return model if wanted == model.suppressed else dataclasses.replace(model, suppressed=wanted)
 
     def reverify(self) -> dict | None:
@@ -444,8 +505,12 @@ class ModelManager:
                 verified(source, pointer, onnx_path, metadata, Path(tmp), loaded_sha256=model.sha256)
                 outcome = {"time": now_iso(), "version": model.version, "ok": True}
             except Exception as err:
-                outcome = {"time": now_iso(), "version": model.version, "ok": False,
-                           "message": f"{type(err).__name__}: {err}"}
+                outcome = {
+                    "time": now_iso(),
+                    "version": model.version,
+                    "ok": False,
+                    "message": f"{type(err).__name__}: {err}",
+                }
                 log.error("the served version %s no longer verifies: %s", model.version, outcome["message"])
         if self.current is model:
             self.verification = outcome
@@ -473,15 +538,24 @@ class ModelManager:
                 log.warning("fallback version %s refused too: %s", pointer.version, err)
                 continue
             self.current, self.last_swap_time = self.suppressing(model), now_iso()
-            self.fallback = {"serving_version": model.version, "refused_version": refused.version,
-                             "because": message}
-            log.warning("serving fallback version %s because version %s was refused: %s", model.version,
-                        refused.version, message)
-            return {"outcome": "fallback", "serving_version": model.version, "candidate_version": refused.version,
-                    "error": message}
-        message = (f"{message}; and no other version that forgets every class deleted on record ({sorted(deleted)}, "
-                   f"from {getattr(source, 'record', 'no record')}) passes every check: nothing is served rather than "
-                   "a model that may predict a deleted class")
+            self.fallback = {"serving_version": model.version, "refused_version": refused.version, "because": message}
+            log.warning(
+                "serving fallback version %s because version %s was refused: %s",
+                model.version,
+                refused.version,
+                message,
+            )
+            return {
+                "outcome": "fallback",
+                "serving_version": model.version,
+                "candidate_version": refused.version,
+                "error": message,
+            }
+        message = (
+            f"{message}; and no other version that forgets every class deleted on record ({sorted(deleted)}, "
+            f"from {getattr(source, 'record', 'no record')}) passes every check: nothing is served rather than "
+            "a model that may predict a deleted class"
+        )
         self.last_error = {**(self.last_error or {}), "message": message}
         log.error("no model served: %s", message)
         return {"outcome": "failed", "serving_version": None, "candidate_version": refused.version, "error": message}
@@ -529,24 +603,49 @@ class ModelManager:
 
     def describe(self) -> dict:
         model = self.current
-        info = {"ready": model is not None, "model_uri": getattr(self._source, "model_uri", self.settings.model),
-                "last_swap_time": self.last_swap_time, "last_error": self.last_error, "last_check": self.last_check,
-                "poll_seconds": self.settings.poll_seconds, "refused": self.refused(), "fallback": self.fallback,
-                "deleted_on_record": self.deleted, "verification": self.verification,
-                "suppressed_pending_deletion": {str(c): {"requests": ids, "since": self.suppressed_since.get(c)}
-                                                for c, ids in sorted(self.suppressed.items())},
-                "verify_seconds": self.settings.verify_seconds,
-                "micro_batching": ({"max_images": self.batcher.max_images, "calls": self.batcher.calls,
-                                    "images": self.batcher.images} if self.batcher else None)}
+        info = {
+            "ready": model is not None,
+            "model_uri": getattr(self._source, "model_uri", self.settings.model),
+            "last_swap_time": self.last_swap_time,
+            "last_error": self.last_error,
+            "last_check": self.last_check,
+            "poll_seconds": self.settings.poll_seconds,
+            "refused": self.refused(),
+            "fallback": self.fallback,
+            "deleted_on_record": self.deleted,
+            "verification": self.verification,
+            "suppressed_pending_deletion": {
+                str(c): {"requests": ids, "since": self.suppressed_since.get(c)}
+                for c, ids in sorted(self.suppressed.items())
+            },
+            "verify_seconds": self.settings.verify_seconds,
+            "micro_batching": (
+                {"max_images": self.batcher.max_images, "calls": self.batcher.calls, "images": self.batcher.images}
+                if self.batcher
+                else None
+            ),
+        }
         if model is None:
             return info
         tags = model.pointer.tags
-        return {**info, "name": model.pointer.name, "version": model.version, "aliases": list(self.aliases),
-                "resolved_uri": model.pointer.model_uri, "run_id": model.pointer.run_id, "sha256": model.sha256,
-                "tagged_onnx_sha256": tags.get("onnx_sha256"), "class_names": list(model.class_names),
-                "forgotten_classes": list(model.forgotten), "suppressed_classes": list(model.suppressed),
-                "input_name": model.input_name,
-                "input_shape": list(model.input_shape), "input_scale": "float32 in [0, 1]",
-                "normalisation": model.metadata.get("normalisation"), "arch": model.metadata.get("arch"),
-                "providers": list(model.providers), "loaded_at": model.loaded_at,
-                "load_seconds": model.load_seconds}
+        return {
+            **info,
+            "name": model.pointer.name,
+            "version": model.version,
+            "aliases": list(self.aliases),
+            "resolved_uri": model.pointer.model_uri,
+            "run_id": model.pointer.run_id,
+            "sha256": model.sha256,
+            "tagged_onnx_sha256": tags.get("onnx_sha256"),
+            "class_names": list(model.class_names),
+            "forgotten_classes": list(model.forgotten),
+            "suppressed_classes": list(model.suppressed),
+            "input_name": model.input_name,
+            "input_shape": list(model.input_shape),
+            "input_scale": "float32 in [0, 1]",
+            "normalisation": model.metadata.get("normalisation"),
+            "arch": model.metadata.get("arch"),
+            "providers": list(model.providers),
+            "loaded_at": model.loaded_at,
+            "load_seconds": model.load_seconds,
+        }

@@ -4,6 +4,7 @@ images (base64 or uploaded) -> float32 (N, C, H, W) in [0, 1], the /predict, /in
 
 Never imports torch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,9 +58,15 @@ def spend_pixels(n: int, where: str) -> None:
     if left is None:
         return
     if n > left[0]:
-        raise bad("request_too_large", f"{where} would take this request's decoded images past "
-                                       "NHLE_MAX_REQUEST_PIXELS pixels in all: send fewer or smaller images", 413)
+        raise bad(
+            "request_too_large",
+            f"{where} would take this request's decoded images past "
+            "NHLE_MAX_REQUEST_PIXELS pixels in all: send fewer or smaller images",
+            413,
+        )
     left[0] -= n
+
+
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
@@ -87,10 +94,13 @@ def parse_json(body: bytes) -> Any:
 
 def require_content_type(request: Request, wanted: str):
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    ok = media == wanted or (wanted == "application/json" and media.startswith("application/") and media.endswith("+json"))
+    ok = media == wanted or (
+        wanted == "application/json" and media.startswith("application/") and media.endswith("+json")
+    )
     if not ok:
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type {media or '(none)'} is not supported here: send {wanted}")
+        raise ApiError(
+            415, "unsupported_media_type", f"Content-Type {media or '(none)'} is not supported here: send {wanted}"
+        )
 
 
 def _type_names(types) -> str:
@@ -138,9 +148,11 @@ def to_array(value, where: str) -> np.ndarray:
 
 # What to do with 0..255 pixels sent where [0, 1] is expected: /predict has a "scale" field, the
 # MLflow scoring protocol of /invocations has none.
-BYTE_HINT = {"predict": '; 0..255 pixels need "scale": "byte"',
-             "invocations": "; divide 0..255 pixels by 255 (the MLflow protocol carries the model's [0, 1] "
-                            'input; /predict also takes "scale": "byte")'}
+BYTE_HINT = {
+    "predict": '; 0..255 pixels need "scale": "byte"',
+    "invocations": "; divide 0..255 pixels by 255 (the MLflow protocol carries the model's [0, 1] "
+    'input; /predict also takes "scale": "byte")',
+}
 
 
 def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str, divisor: float | None = None) -> np.ndarray:
@@ -148,8 +160,10 @@ def to_unit(x: np.ndarray, scale: str, where: str, endpoint: str, divisor: float
     top = 1.0 if scale == "unit" else 255.0
     if x.size and (x.min() < 0 or x.max() > top):
         hint = BYTE_HINT[endpoint] if scale == "unit" else ""
-        raise bad("out_of_range", f"{where} has values in [{x.min():g}, {x.max():g}], outside [0, {top:g}] "
-                                  f"of scale {scale!r}{hint}")
+        raise bad(
+            "out_of_range",
+            f"{where} has values in [{x.min():g}, {x.max():g}], outside [0, {top:g}] of scale {scale!r}{hint}",
+        )
     return (x / divisor if scale == "byte" else x).astype(np.float32)
 
 
@@ -163,7 +177,7 @@ def instance_tensor(value, model: LoadedModel, scale: str, where: str, endpoint:
         return decode_base64_image(value, model, where)
     if isinstance(value, dict) and set(value) == {"b64"}:  # TF Serving / KServe V1 binary convention
         if not isinstance(value["b64"], str):
-            raise bad("bad_type", f'{where}.b64 must be a base64 string, got {type(value["b64"]).__name__}')
+            raise bad("bad_type", f"{where}.b64 must be a base64 string, got {type(value['b64']).__name__}")
         return decode_base64_image(value["b64"], model, f"{where}.b64")
     if isinstance(value, dict) and set(value) == {model.input_name}:  # MLflow's named-tensor form
         value = value[model.input_name]
@@ -171,8 +185,10 @@ def instance_tensor(value, model: LoadedModel, scale: str, where: str, endpoint:
     c, h, w = model.input_shape
     if x.shape != (c, h, w) and not (c == 1 and x.shape == (h, w)):
         extra = f" (or {h} x {w})" if c == 1 else ""
-        raise bad("bad_shape", f"{where} has shape {shape_text(x.shape) or 'scalar'}; "
-                               f"this model takes {shape_text((c, h, w))}{extra}")
+        raise bad(
+            "bad_shape",
+            f"{where} has shape {shape_text(x.shape) or 'scalar'}; this model takes {shape_text((c, h, w))}{extra}",
+        )
     x = x.reshape(c, h, w)
     return to_unit(x, scale, where, endpoint, model.uint8_divisor)
 
@@ -202,12 +218,18 @@ def image_tensor(raw: bytes, model: LoadedModel, where: str) -> np.ndarray:
             # From the header, before any pixel is decoded: a 16,000,000 x 1 PNG is 16 KB on the
             # wire but a quarter of a gigabyte while it decodes.
             if img.width * img.height > MAX_IMAGE_PIXELS or max(img.size) > MAX_IMAGE_SIDE:
-                raise bad("image_too_large", f"{where} is {img.width} x {img.height} pixels; at most "
-                                             f"{MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} on a side are decoded",
-                          413)
+                raise bad(
+                    "image_too_large",
+                    f"{where} is {img.width} x {img.height} pixels; at most "
+                    f"{MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} on a side are decoded",
+                    413,
+                )
             if max(img.size) > MAX_IMAGE_ASPECT * max(1, min(img.size)):
-                raise bad("bad_image", f"{where} is {img.width} x {img.height} pixels; sides may differ at most "
-                                       f"{MAX_IMAGE_ASPECT} times", 400)
+                raise bad(
+                    "bad_image",
+                    f"{where} is {img.width} x {img.height} pixels; sides may differ at most {MAX_IMAGE_ASPECT} times",
+                    400,
+                )
             spend_pixels(img.width * img.height, where)
             with DECODE_SLOTS:
                 return decoded(img, c, h, w)
@@ -243,8 +265,11 @@ def check_count(n: int, settings: Settings, what: str = "instances"):
     if n == 0:
         raise bad("empty", f"{what} is empty: send at least one image")
     if n > settings.max_instances:
-        raise bad("too_many_instances", f"{n} {what} in one request; the limit is {settings.max_instances} "
-                                        "(NHLE_MAX_INSTANCES): split the batch", 413)
+        raise bad(
+            "too_many_instances",
+            f"{n} {what} in one request; the limit is {settings.max_instances} (NHLE_MAX_INSTANCES): split the batch",
+            413,
+        )
 
 
 def parse_top_k(value, from_text: bool = False) -> int:
@@ -265,8 +290,14 @@ def top_k_rows(p: np.ndarray, model: LoadedModel, k: int) -> list[dict]:
     rows = []
     for probs in p[:, retained]:
         order = np.argsort(-probs, kind="stable")[:k]
-        rows.append({"top_k": [{"index": int(retained[j]), "class": model.class_names[retained[j]],
-                                "probability": float(probs[j])} for j in order]})
+        rows.append(
+            {
+                "top_k": [
+                    {"index": int(retained[j]), "class": model.class_names[retained[j]], "probability": float(probs[j])}
+                    for j in order
+                ]
+            }
+        )
     return rows
 
 
@@ -299,8 +330,10 @@ def batch_tensor(value, model: LoadedModel, where: str, settings: Settings) -> n
     """MLflow "inputs": (N, C, H, W), or (N, H, W) for a one-channel model, in [0, 1]."""
     if isinstance(value, dict):  # {"images": tensor}
         if set(value) != {model.input_name}:
-            raise bad("unknown_field", f"{where} as an object must have exactly the key {model.input_name!r}, "
-                                       f"got {sorted(value)}")
+            raise bad(
+                "unknown_field",
+                f"{where} as an object must have exactly the key {model.input_name!r}, got {sorted(value)}",
+            )
         value = value[model.input_name]
     if not isinstance(value, list):
         raise bad("bad_type", f"{where} must be an array (N, C, H, W), got {type(value).__name__}")
@@ -308,8 +341,11 @@ def batch_tensor(value, model: LoadedModel, where: str, settings: Settings) -> n
     x = to_array(value, where)
     c, h, w = model.input_shape
     if x.shape[1:] != (c, h, w) and not (c == 1 and x.shape[1:] == (h, w)):
-        raise bad("bad_shape", f"{where} has shape {shape_text(x.shape)}; this model takes "
-                               f"N x {shape_text((c, h, w))}" + (f" (or N x {h} x {w})" if c == 1 else ""))
+        raise bad(
+            "bad_shape",
+            f"{where} has shape {shape_text(x.shape)}; this model takes "
+            f"N x {shape_text((c, h, w))}" + (f" (or N x {h} x {w})" if c == 1 else ""),
+        )
     return to_unit(x.reshape(-1, c, h, w), "unit", where, "invocations")
 
 
@@ -329,16 +365,26 @@ def dataframe_tensor(frame, model: LoadedModel, settings: Settings) -> np.ndarra
     n_pixels = c * h * w
     columns = frame.get("columns")
     if columns is not None and (not isinstance(columns, list) or len(columns) not in (1, n_pixels)):
-        raise bad("bad_shape", f'"dataframe_split.columns" must list {n_pixels} pixel columns (C*H*W = '
-                               f"{shape_text((c, h, w))}) or one tensor column, got "
-                               f"{len(columns) if isinstance(columns, list) else type(columns).__name__}")
+        raise bad(
+            "bad_shape",
+            f'"dataframe_split.columns" must list {n_pixels} pixel columns (C*H*W = '
+            f"{shape_text((c, h, w))}) or one tensor column, got "
+            f"{len(columns) if isinstance(columns, list) else type(columns).__name__}",
+        )
     if rows and all(isinstance(r, list) and len(r) == 1 and isinstance(r[0], list) for r in rows):
-        return np.stack([instance_tensor(r[0], model, "unit", f"dataframe_split.data[{i}][0]", "invocations")
-                         for i, r in enumerate(rows)])
+        return np.stack(
+            [
+                instance_tensor(r[0], model, "unit", f"dataframe_split.data[{i}][0]", "invocations")
+                for i, r in enumerate(rows)
+            ]
+        )
     x = to_array(rows, "dataframe_split.data")
     if x.ndim != 2 or x.shape[1] != n_pixels:
-        raise bad("bad_shape", f"dataframe_split.data has shape {shape_text(x.shape)}; each row must hold "
-                               f"{n_pixels} pixels (C*H*W = {shape_text((c, h, w))})")
+        raise bad(
+            "bad_shape",
+            f"dataframe_split.data has shape {shape_text(x.shape)}; each row must hold "
+            f"{n_pixels} pixels (C*H*W = {shape_text((c, h, w))})",
+        )
     return to_unit(x.reshape(-1, c, h, w), "unit", "dataframe_split.data", "invocations")
 
 
@@ -366,8 +412,9 @@ def handle_invocations(body: bytes, model: LoadedModel, settings: Settings) -> d
             raise bad("bad_type", f'"instances" must be a list, got {type(instances).__name__}')
         check_count(len(instances), settings)
         with pixel_budget(settings):
-            x = np.stack([instance_tensor(v, model, "unit", f"instances[{i}]", "invocations")
-                          for i, v in enumerate(instances)])
+            x = np.stack(
+                [instance_tensor(v, model, "unit", f"instances[{i}]", "invocations") for i, v in enumerate(instances)]
+            )
     else:
         with pixel_budget(settings):
             x = dataframe_tensor(payload["dataframe_split"], model, settings)
@@ -378,9 +425,12 @@ def handle_invocations(body: bytes, model: LoadedModel, settings: Settings) -> d
 def handle_images(files: list[tuple[str, bytes]], top_k: int, model: LoadedModel, settings: Settings) -> dict:
     with pixel_budget(settings):
         x = np.stack([image_tensor(raw, model, f"file {name!r}") for name, raw in files])
-    return {"predictions": [{"filename": name, **row} for (name, _), row in
-                            zip(files, top_k_rows(model.probabilities(x), model, top_k))],
-            "model_version": model.version}
+    return {
+        "predictions": [
+            {"filename": name, **row} for (name, _), row in zip(files, top_k_rows(model.probabilities(x), model, top_k))
+        ],
+        "model_version": model.version,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,8 +445,9 @@ class BodyLimit:
     async def refuse(self, scope, receive, send, status: int, message: str):
         code = {413: "payload_too_large", 408: "body_timeout"}.get(status, "bad_request")
         # Connection: close, since the rest of the refused body is never read.
-        await JSONResponse(error_body(scope["path"], code, message), status,
-                           headers={"Connection": "close"})(scope, receive, send)
+        await JSONResponse(error_body(scope["path"], code, message), status, headers={"Connection": "close"})(
+            scope, receive, send
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -408,23 +459,39 @@ class BodyLimit:
             except ValueError:
                 return await self.refuse(scope, receive, send, 400, f"invalid Content-Length {declared!r}")
             if size > self.max_bytes:
-                return await self.refuse(scope, receive, send, 413, f"the body is {size} bytes; the limit is {self.max_bytes} "
-                                                    "(NHLE_MAX_BODY_BYTES)")
+                return await self.refuse(
+                    scope,
+                    receive,
+                    send,
+                    413,
+                    f"the body is {size} bytes; the limit is {self.max_bytes} (NHLE_MAX_BODY_BYTES)",
+                )
         chunks, size = [], 0
         deadline = time.monotonic() + self.timeout_seconds
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return await self.refuse(scope, receive, send, 408, f"the body did not arrive whole within "
-                                         f"{self.timeout_seconds:g} s ({size} bytes came; NHLE_BODY_TIMEOUT_SECONDS)")
+            except TimeoutError:
+                return await self.refuse(
+                    scope,
+                    receive,
+                    send,
+                    408,
+                    f"the body did not arrive whole within "
+                    f"{self.timeout_seconds:g} s ({size} bytes came; NHLE_BODY_TIMEOUT_SECONDS)",
+                )
             if message["type"] != "http.request":  # the client went away
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self.refuse(scope, receive, send, 413, f"the body exceeds the limit of {self.max_bytes} bytes "
-                                                    "(NHLE_MAX_BODY_BYTES)")
+                return await self.refuse(
+                    scope,
+                    receive,
+                    send,
+                    413,
+                    f"the body exceeds the limit of {self.max_bytes} bytes (NHLE_MAX_BODY_BYTES)",
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

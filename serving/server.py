@@ -33,6 +33,7 @@ nhle_serving.open_inference (the /v2 protocol).
 None of them may import torch (a serving image need not ship it): they use numpy,
 onnxruntime, Pillow, nhle.core.config (pure dataclasses) and, for models:/ URIs, mlflow.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,15 +52,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nhle_serving import open_inference as v2
 from nhle_serving.models import (
-    LoadedModel, ModelManager,
+    LoadedModel,
+    ModelManager,
 )
 from nhle_serving.payloads import (
-    DEFAULT_TOP_K, BodyLimit, check_count, handle_images, handle_invocations, handle_predict,
-    parse_top_k, require_content_type, shape_text,
+    DEFAULT_TOP_K,
+    BodyLimit,
+    check_count,
+    handle_images,
+    handle_invocations,
+    handle_predict,
+    parse_top_k,
+    require_content_type,
+    shape_text,
 )
 from nhle_serving.settings import ApiError, Settings, bad, error_body
-from nhle_serving import open_inference as v2
 
 log = logging.getLogger("nhle_serving.server")
 # A V2 body up to this size is parsed on the event loop, a larger one in a worker thread so that
@@ -72,20 +81,66 @@ INLINE_BODY_BYTES = {"binary": 1024 * 1024, "json": 16 * 1024}
 # The app
 
 
-PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": {"type": "object", "required": ["instances"], "additionalProperties": False, "properties": {
-        "instances": {"type": "array", "description": "images: C x H x W (or H x W) nested arrays, "
-                      'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}', "items": {}},
-        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-        "scale": {"type": "string", "enum": ["unit", "byte"], "default": "unit",
-                  "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255"}}}}}}}
-INVOCATIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "description": 'MLflow scoring protocol: one of "inputs" (N x C x H x W), '
-    '"instances" (list of C x H x W), "dataframe_split" (rows of C*H*W pixels), all in [0, 1]'}}}}}
-IMAGES_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}}}}}}
+PREDICT_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "description": "images: C x H x W (or H x W) nested arrays, "
+                            'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}',
+                            "items": {},
+                        },
+                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+                        "scale": {
+                            "type": "string",
+                            "enum": ["unit", "byte"],
+                            "default": "unit",
+                            "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+INVOCATIONS_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": 'MLflow scoring protocol: one of "inputs" (N x C x H x W), '
+                    '"instances" (list of C x H x W), "dataframe_split" (rows of C*H*W pixels), all in [0, 1]',
+                }
+            }
+        },
+    }
+}
+IMAGES_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def example_image(shape) -> list:
@@ -99,23 +154,34 @@ def add_v2_infer_paths(paths: dict, model: LoadedModel | None) -> dict:
     """`paths` with the Open Inference Protocol's infer routes described after the other /v2
     ones: they are plain Starlette routes (for speed), which FastAPI leaves out of the schema."""
     items = list(paths.items())
-    at = max((i + 1 for i, (path, _) in enumerate(items) if path == "/v2" or path.startswith("/v2/")),
-             default=len(items))
+    at = max(
+        (i + 1 for i, (path, _) in enumerate(items) if path == "/v2" or path.startswith("/v2/")), default=len(items)
+    )
     return dict(items[:at] + list(v2.infer_openapi(model).items()) + items[at:])
 
 
 def v2_example(model: LoadedModel, image: list) -> dict:
     """A JSON-tensor V2 infer request of one image."""
-    return {"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [1, *model.input_shape],
-                        "data": np.asarray(image).ravel().tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": model.input_name,
+                "datatype": "FP32",
+                "shape": [1, *model.input_shape],
+                "data": np.asarray(image).ravel().tolist(),
+            }
+        ]
+    }
 
 
 def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> dict:
     """Request examples shaped for the served model, with the responses it really gives them
     (computed now), so "Try it out" in /docs reproduces the documented answer."""
     image = example_image(model.input_shape)
-    cases = {"/predict": ({"instances": [image], "top_k": 3}, handle_predict),
-             "/invocations": ({"inputs": [image]}, handle_invocations)}
+    cases = {
+        "/predict": ({"instances": [image], "top_k": 3}, handle_predict),
+        "/invocations": ({"inputs": [image]}, handle_invocations),
+    }
     for path, (request, handler) in cases.items():
         operation = schema["paths"][path]["post"]
         response = handler(json.dumps(request).encode(), model, settings)
@@ -127,8 +193,9 @@ def add_live_examples(schema: dict, model: LoadedModel, settings: Settings) -> d
         operation = schema["paths"][path]["post"]
         operation["requestBody"]["content"]["application/json"]["example"] = request
         operation["responses"]["200"]["content"]["application/json"]["example"] = response
-    schema["info"]["description"] += (f" The examples are version {model.version}'s real answers to a "
-                                      f"{shape_text(model.input_shape)} gradient image.")
+    schema["info"]["description"] += (
+        f" The examples are version {model.version}'s real answers to a {shape_text(model.input_shape)} gradient image."
+    )
     return schema
 
 
@@ -157,8 +224,12 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             manager.stop()
 
     # FastAPIOffline: /docs and /redoc load their JavaScript and CSS from this server, not a CDN.
-    app = FastAPIOffline(title="nhle model server", version="1", lifespan=lifespan,
-                         description="Image classification with an unlearned model: forgotten classes are never returned.")
+    app = FastAPIOffline(
+        title="nhle model server",
+        version="1",
+        lifespan=lifespan,
+        description="Image classification with an unlearned model: forgotten classes are never returned.",
+    )
 
     def openapi() -> dict:
         # Not cached like FastAPI's: the examples follow the model being served.
@@ -199,12 +270,22 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
             return JSONResponse({"ready": False, "reason": reason}, 503)
         mismatch = manager.mismatch()
         if mismatch:  # what is served was verified at load, but the registry no longer proves it
-            return JSONResponse({"ready": False, "version": model.version,
-                                 "reason": f"the served version's files no longer verify: {mismatch}"}, 503)
+            return JSONResponse(
+                {
+                    "ready": False,
+                    "version": model.version,
+                    "reason": f"the served version's files no longer verify: {mismatch}",
+                },
+                503,
+            )
         refused = manager.refused()
         if refused:  # still ready: what is served passed every check; the alias's target did not
-            return {"ready": True, "version": model.version, "refused_version": refused["version"],
-                    "warning": f"not serving version {refused['version']}: {refused['reason']}"}
+            return {
+                "ready": True,
+                "version": model.version,
+                "refused_version": refused["version"],
+                "warning": f"not serving version {refused['version']}: {refused['reason']}",
+            }
         return {"ready": True, "version": model.version}
 
     @app.get("/model")
@@ -303,13 +384,21 @@ class FailedAttempts:
         recent = self.recent(client)
         if len(recent) >= self.limit:
             wait = max(1, int(self.window - (time.monotonic() - recent[0])) + 1)
-            raise ApiError(429, "too_many_attempts", f"{len(recent)} failed admin attempts from {client} in the last "
-                                                     f"{self.window:.0f} s: try again in {wait} s")
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                f"{len(recent)} failed admin attempts from {client} in the last "
+                f"{self.window:.0f} s: try again in {wait} s",
+            )
 
     def failed(self, client: str) -> None:
         self.recent(client).append(time.monotonic())
-        log.warning("admin reload: missing or wrong token from %s (%d failed in the last %.0f s)", client,
-                    len(self.failures[client]), self.window)
+        log.warning(
+            "admin reload: missing or wrong token from %s (%d failed in the last %.0f s)",
+            client,
+            len(self.failures[client]),
+            self.window,
+        )
 
 
 def add_open_inference_routes(app, manager: ModelManager, settings: Settings):

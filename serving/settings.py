@@ -2,11 +2,12 @@
 and the ApiError that every refused request raises. Shared by the other server modules. Never
 imports torch: nhle.core.config is pure Python.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import onnxruntime as ort
@@ -15,10 +16,12 @@ import yaml
 from nhle.core.config import SERVING_DEVICES, ServingConfig, load_params  # pure: no torch
 
 MIB = 1024 * 1024
-OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # keys: ORT_OPT_LEVELS of nhle.core.config
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,  # keys: ORT_OPT_LEVELS of nhle.core.config
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 DEVICES = SERVING_DEVICES
 
 
@@ -51,20 +54,27 @@ class Settings(ServingConfig):
         for name in ("params_path", "project_dir"):  # str is fine too
             object.__setattr__(self, name, Path(getattr(self, name)))
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
-            raise ValueError(f"NHLE_ADMIN_TOKEN is {len(self.admin_token)} characters long; at least {MIN_ADMIN_TOKEN} are "
-                             "needed, so that it cannot be guessed (make one: python -c 'import secrets; "
-                             "print(secrets.token_urlsafe(32))')")
+            raise ValueError(
+                f"NHLE_ADMIN_TOKEN is {len(self.admin_token)} characters long; at least {MIN_ADMIN_TOKEN} are "
+                "needed, so that it cannot be guessed (make one: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))')"
+            )
 
     @classmethod
-    def from_env(cls, environ=None) -> "Settings":
+    def from_env(cls, environ=None) -> Settings:
         """params.yaml's `serving:` section, each field overridden by its NHLE_<FIELD> variable
         (NHLE_POLL_SECONDS, NHLE_MAX_INSTANCES, ...); a bad value is refused naming the variable."""
         env = os.environ if environ is None else environ
         params_path = Path(env.get(SOURCE_VARIABLES["params_path"]) or "params.yaml")
-        settings = cls(**{**asdict(load_params(params_path).serving), "params_path": params_path,
-                          "project_dir": Path(env.get(SOURCE_VARIABLES["project_dir"]) or "."),
-                          "model": env.get(SOURCE_VARIABLES["model"]) or None,
-                          "admin_token": env.get(SOURCE_VARIABLES["admin_token"]) or None})
+        settings = cls(
+            **{
+                **asdict(load_params(params_path).serving),
+                "params_path": params_path,
+                "project_dir": Path(env.get(SOURCE_VARIABLES["project_dir"]) or "."),
+                "model": env.get(SOURCE_VARIABLES["model"]) or None,
+                "admin_token": env.get(SOURCE_VARIABLES["admin_token"]) or None,
+            }
+        )
         for f in fields(ServingConfig):
             raw = env.get(f"NHLE_{f.name.upper()}")
             if raw is None or not raw.strip() or f.name in FLOWS_ONLY:
@@ -80,8 +90,12 @@ class Settings(ServingConfig):
         return settings
 
 
-SOURCE_VARIABLES = {"params_path": "NHLE_PARAMS", "project_dir": "NHLE_PROJECT_DIR", "model": "NHLE_MODEL",
-                    "admin_token": "NHLE_ADMIN_TOKEN"}
+SOURCE_VARIABLES = {
+    "params_path": "NHLE_PARAMS",
+    "project_dir": "NHLE_PROJECT_DIR",
+    "model": "NHLE_MODEL",
+    "admin_token": "NHLE_ADMIN_TOKEN",
+}
 """The variables of where the model and its project come from (Settings' own fields)."""
 
 
@@ -89,12 +103,14 @@ def environment_variables() -> dict[str, object]:
     """Every NHLE_* variable the server reads, with its default: the one list (from_env reads
     these; serving/README.md's table and server.py's docstring are checked against it)."""
     defaults = Settings()
-    return {**{name: getattr(defaults, field) for field, name in SOURCE_VARIABLES.items()},
-            **{f"NHLE_{f.name.upper()}": f.default for f in fields(ServingConfig) if f.name not in FLOWS_ONLY}}
+    return {
+        **{name: getattr(defaults, field) for field, name in SOURCE_VARIABLES.items()},
+        **{f"NHLE_{f.name.upper()}": f.default for f in fields(ServingConfig) if f.name not in FLOWS_ONLY},
+    }
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # --------------------------------------------------------------------------------------------

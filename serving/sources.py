@@ -5,6 +5,7 @@ Each source answers `current()` (a Pointer whose key changes exactly when the mo
 `fetch()` (the ONNX file and its metadata, copied into a work folder). mlflow is imported only
 for models:/ URIs. Never imports torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ class RegistrySource:
 
     registered = True  # its versions carry onnx_sha256 and gates tags that load_model checks
 
-    def __init__(self, model_uri: str, tracking_uri: str, ledger_url: str | None = None,
-                 verify_key: Path | None = None):
+    def __init__(
+        self, model_uri: str, tracking_uri: str, ledger_url: str | None = None, verify_key: Path | None = None
+    ):
         match = MODELS_URI.match(model_uri)
         if not match:
             raise ValueError(f"model URI {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -69,7 +71,9 @@ class RegistrySource:
         nothing is swapped in unchecked; `record` says which record answered."""
         from nhle.adapters.deletions import deleted_on_record  # SQLAlchemy only: no torch
 
-        deleted, self.record = deleted_on_record(self.client(), self.name, self.ledger_url) if self.ledger_url else ({}, "none")
+        deleted, self.record = (
+            deleted_on_record(self.client(), self.name, self.ledger_url) if self.ledger_url else ({}, "none")
+        )
         return deleted
 
     def suppressed_classes(self) -> dict[int, list[int]]:
@@ -88,9 +92,15 @@ class RegistrySource:
         return pointers[:limit]
 
     def _pointer(self, mv) -> Pointer:
-        return Pointer(key=f"{self.name}/{mv.version}", model_uri=f"models:/{self.name}/{mv.version}",
-                       name=self.name, version=str(mv.version), aliases=tuple(mv.aliases or ()),
-                       run_id=mv.run_id, tags=dict(mv.tags or {}))
+        return Pointer(
+            key=f"{self.name}/{mv.version}",
+            model_uri=f"models:/{self.name}/{mv.version}",
+            name=self.name,
+            version=str(mv.version),
+            aliases=tuple(mv.aliases or ()),
+            run_id=mv.run_id,
+            tags=dict(mv.tags or {}),
+        )
 
     def client(self):
         if self._client is None:
@@ -102,7 +112,8 @@ class RegistrySource:
                     f"the MLflow store {missing} does not exist, so there is no {self.model_uri} to serve (and the "
                     f"server does not create the store): run `nhle run` (or `nhle import` for your own model) in the "
                     f"project first, or point the server at the project with --project-dir (NHLE_PROJECT_DIR) or "
-                    f"--params (NHLE_PARAMS)")
+                    f"--params (NHLE_PARAMS)"
+                )
             import mlflow  # only here: a local .onnx needs no MLflow at all
             from mlflow import MlflowClient
 
@@ -124,8 +135,10 @@ class RegistrySource:
         except MlflowException as err:
             if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-            raise LookupError(f"{self.model_uri} does not exist yet in {self.tracking_uri}: run `nhle run` (or "
-                              f"`nhle import` for your own model) first ({err.message})") from None
+            raise LookupError(
+                f"{self.model_uri} does not exist yet in {self.tracking_uri}: run `nhle run` (or "
+                f"`nhle import` for your own model) first ({err.message})"
+            ) from None
         return self._pointer(mv)
 
     def pointer_of(self, version: str) -> Pointer:
@@ -144,7 +157,9 @@ class RegistrySource:
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) or {}
         flavor = (mlmodel.get("flavors") or {}).get("onnx")
         if not flavor:
-            raise ValueError(f"{pointer.model_uri} has no onnx flavour (flavours: {sorted(mlmodel.get('flavors') or {})})")
+            raise ValueError(
+                f"{pointer.model_uri} has no onnx flavour (flavours: {sorted(mlmodel.get('flavors') or {})})"
+            )
         return local / flavor.get("data", "model.onnx"), {}
 
     def verified_evidence(self, pointer: Pointer, onnx_path: Path, workdir: Path) -> dict:
@@ -158,17 +173,24 @@ class RegistrySource:
         if self.verify_key is None:
             raise ValueError("no public key configured to verify versions with (serving.verify_key, NHLE_VERIFY_KEY)")
         try:
-            folder = Path(mlflow.artifacts.download_artifacts(run_id=pointer.run_id, artifact_path=ARTIFACT_DIR,
-                                                              dst_path=str(workdir / "signature")))
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=pointer.run_id, artifact_path=ARTIFACT_DIR, dst_path=str(workdir / "signature")
+                )
+            )
             evidence_bytes, signature = (folder / EVIDENCE).read_bytes(), (folder / SIGNATURE).read_bytes()
         except Exception:  # not there: a version nhle did not sign
-            raise ValueError(f"version {pointer.version} is not signed (no {ARTIFACT_DIR}/{EVIDENCE} and "
-                             f"{SIGNATURE} in its run {pointer.run_id}): it was not judged by nhle's pipeline") from None
+            raise ValueError(
+                f"version {pointer.version} is not signed (no {ARTIFACT_DIR}/{EVIDENCE} and "
+                f"{SIGNATURE} in its run {pointer.run_id}): it was not judged by nhle's pipeline"
+            ) from None
         evidence = verify_version(onnx_path, evidence_bytes, signature, self.verify_key)
         signed_for = (evidence.get("registered_model"), evidence.get("version"))
         if signed_for != (self.name, str(pointer.version)):
-            raise ValueError(f"version {pointer.version}'s signature is for {signed_for[0]} version {signed_for[1]}: "
-                             "signed evidence copied from another version")
+            raise ValueError(
+                f"version {pointer.version}'s signature is for {signed_for[0]} version {signed_for[1]}: "
+                "signed evidence copied from another version"
+            )
         return evidence
 
 
@@ -202,9 +224,11 @@ class LocalSource:
         self.model_uri = str(self.path)
 
     def metadata_path(self) -> Path | None:
-        for candidate in (self.path.with_suffix(".preprocessing.json"),
-                          self.path.with_name(self.path.name + ".preprocessing.json"),
-                          self.path.with_name("preprocessing.json")):
+        for candidate in (
+            self.path.with_suffix(".preprocessing.json"),
+            self.path.with_name(self.path.name + ".preprocessing.json"),
+            self.path.with_name("preprocessing.json"),
+        ):
             if candidate.exists():
                 return candidate
         return None
@@ -213,8 +237,12 @@ class LocalSource:
         parts = [self.path, self.metadata_path()]
         # mtime, size and inode: an in-place rewrite and an atomic rename both change the key.
         stamp = [f"{p.stat().st_mtime_ns}:{p.stat().st_size}:{p.stat().st_ino}" for p in parts if p is not None]
-        return Pointer(key="|".join([str(self.path), *stamp]), model_uri=self.model_uri, name=self.path.stem,
-                       version=f"file:{stamp[0]}")
+        return Pointer(
+            key="|".join([str(self.path), *stamp]),
+            model_uri=self.model_uri,
+            name=self.path.stem,
+            version=f"file:{stamp[0]}",
+        )
 
     def fetch(self, pointer: Pointer, workdir: Path) -> tuple[Path, dict]:
         # Copied first, so a file replaced while we read it cannot mix two models.
@@ -238,9 +266,12 @@ def make_source(settings: Settings):
         uri = uri or params.registry.champion_uri()
         project_dir = settings.project_dir.resolve()
         verify_key = Path(settings.verify_key)
-        return RegistrySource(uri, resolve_tracking_uri(params.tracking_uri(), project_dir),
-                              resolve_tracking_uri(params.requests_database(), project_dir),
-                              verify_key if verify_key.is_absolute() else project_dir / verify_key)
+        return RegistrySource(
+            uri,
+            resolve_tracking_uri(params.tracking_uri(), project_dir),
+            resolve_tracking_uri(params.requests_database(), project_dir),
+            verify_key if verify_key.is_absolute() else project_dir / verify_key,
+        )
     path = Path(uri)
     if not path.is_absolute():
         path = settings.project_dir / path

@@ -101,13 +101,17 @@ def postgres_server():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    made = subprocess.run([initdb, "-D", str(data), "-U", "nhle", "--auth=trust", "--no-sync"], user=user,
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        [initdb, "-D", str(data), "-U", "nhle", "--auth=trust", "--no-sync"], user=user, capture_output=True, text=True
+    )
     if made.returncode != 0:  # the machine cannot host a server (e.g. no postgres user): not nhle's failure
         pytest.skip(f"initdb could not create a PostgreSQL cluster here: {made.stderr.strip()[-500:]}")
-    server = subprocess.Popen([postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder),
-                               "-c", "fsync=off"], user=user, stdout=subprocess.DEVNULL,
-                              stderr=open(folder / "server.log", "wb"))  # a pipe nobody reads could fill up
+    server = subprocess.Popen(
+        [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder), "-c", "fsync=off"],
+        user=user,
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "server.log", "wb"),
+    )  # a pipe nobody reads could fill up
     import psycopg
 
     deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@
 
 Every import statement of every module is read (function-local ones too), so a late import
 cannot hide a wrong dependency."""
+
 import ast
 import subprocess
 import sys
@@ -27,8 +28,14 @@ ALLOWED = {
     "nhle.cli": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle.cli", "nhle_flows"),
     # The server reads the classes deleted on record (the ledger and the registered model's record),
     # verifies signatures, and uses nhle's pure config and gates.
-    "nhle_serving": ("nhle.core.config", "nhle.core.gates", "nhle.adapters.ledger", "nhle.adapters.deletions",
-                     "nhle.adapters.signing", "nhle_serving"),
+    "nhle_serving": (
+        "nhle.core.config",
+        "nhle.core.gates",
+        "nhle.adapters.ledger",
+        "nhle.adapters.deletions",
+        "nhle.adapters.signing",
+        "nhle_serving",
+    ),
 }
 # What the layers that must run on a bare GPU image (torch, torchvision, numpy, scikit-learn,
 # onnx, onnxruntime) or in a serving image may never import.
@@ -56,8 +63,14 @@ def imports(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> str:
-    return next((layer for layer in sorted(ALLOWED, key=len, reverse=True)
-                 if module == layer or module.startswith(layer + ".")), "nhle")
+    return next(
+        (
+            layer
+            for layer in sorted(ALLOWED, key=len, reverse=True)
+            if module == layer or module.startswith(layer + ".")
+        ),
+        "nhle",
+    )
 
 
 def own(name: str) -> bool:
@@ -91,8 +104,9 @@ def import_cycles() -> list[list[str]]:
     """Every set of modules that import each other, directly or around a circle (function-local
     imports included), as strongly connected components of the import graph (Tarjan)."""
     found = dict(modules())
-    graph = {m: {n for n in imports(p) if n in found and n != m and not m.startswith(n + ".")}
-             for m, p in found.items()}
+    graph = {
+        m: {n for n in imports(p) if n in found and n != m and not m.startswith(n + ".")} for m, p in found.items()
+    }
     index, low, stack, cycles = {}, {}, [], []
 
     def visit(module):
@@ -105,8 +119,8 @@ def import_cycles() -> list[list[str]]:
             elif other in stack:
                 low[module] = min(low[module], index[other])
         if low[module] == index[module]:
-            component = stack[stack.index(module):]
-            del stack[stack.index(module):]
+            component = stack[stack.index(module) :]
+            del stack[stack.index(module) :]
             if len(component) > 1:
                 cycles.append(sorted(component))
 
@@ -125,11 +139,17 @@ def test_no_modules_import_each_other():
 def test_the_core_and_the_benchmarks_run_without_tracking_orchestration_or_versioning():
     """Imported for real, not only read: a GPU image has torch, numpy, scikit-learn, onnx and
     onnxruntime, and nothing of MLflow, Prefect or DVC."""
-    names = [m for m, _ in modules() if layer_of(m) == "nhle.core"] + ["nhle.bench.unlearning", "nhle.bench.scaling",
-                                                                        "nhle.bench.gpu", "nhle.bench.report",
-                                                                        "nhle.bench.synthetic"]
-    code = (f"import importlib, sys\nfor name in {names!r}: importlib.import_module(name)\n"
-            f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({SYSTEMS!r})); assert not bad, bad")
+    names = [m for m, _ in modules() if layer_of(m) == "nhle.core"] + [
+        "nhle.bench.unlearning",
+        "nhle.bench.scaling",
+        "nhle.bench.gpu",
+        "nhle.bench.report",
+        "nhle.bench.synthetic",
+    ]
+    code = (
+        f"import importlib, sys\nfor name in {names!r}: importlib.import_module(name)\n"
+        f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({SYSTEMS!r})); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -13,6 +13,7 @@ registered model's own record covers it (or there is no registered model yet, a 
 and refused otherwise (open_ledger, for the flows and the CLI). No torch, and no mlflow import
 at the top: the server reads it too, with its own MLflow client.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,9 @@ def missing_store(uri: str) -> Path | None:
 def decode(text: str | None) -> dict[int, list[int]]:
     """A record tag's JSON as {class: sorted request ids}; refuses anything else."""
     value = json.loads(text or "{}")
-    if not isinstance(value, dict) or not all(isinstance(v, list) and all(type(i) is int for i in v)
-                                              for v in value.values()):
+    if not isinstance(value, dict) or not all(
+        isinstance(v, list) and all(type(i) is int for i in v) for v in value.values()
+    ):
         raise ValueError(f"the {RECORD_TAG} tag must be a JSON object of class -> request ids, got {text!r}")
     return {int(k): sorted(set(v)) for k, v in value.items()}
 
@@ -110,26 +112,39 @@ def deleted_on_record(client, name: str, ledger_url: str, create: bool = False) 
     missing = missing_store(ledger_url)
     if missing is None:
         return united(ledger_at(ledger_url).deleted_classes(name), own or {}), (
-            "the ledger and the registered model's record" if own is not None else "the ledger")
+            "the ledger and the registered model's record" if own is not None else "the ledger"
+        )
     if own is None and exists:
         raise MissingLedger(
             f"the forget-request ledger {missing} does not exist and registered model {name!r} carries no record of "
             f"its own ({RECORD_TAG} tag): what was deleted from it cannot be known, so nothing is served or promoted. "
             "Point NHLE_REQUESTS_DATABASE (requests_database in params.yaml) at the project's ledger, restore it, or "
-            "create an empty one on purpose with `nhle request init`")
+            "create an empty one on purpose with `nhle request init`"
+        )
     if create:  # a new file: tables made afresh, not assumed from a Ledger of a file since gone
         ledger_at.cache_clear()
         ledger_at(ledger_url)
-    return dict(own or {}), (f"the registered model's record (the ledger {missing} does not exist)" if exists
-                             else "none yet (a new registered model)")
+    return dict(own or {}), (
+        f"the registered model's record (the ledger {missing} does not exist)"
+        if exists
+        else "none yet (a new registered model)"
+    )
 
 
 def write_registry_record(client, name: str, deleted: dict[int, list[int]]) -> None:
     client.set_registered_model_tag(name, RECORD_TAG, encode(deleted))
 
 
-def record_forgetting(client, ledger: Ledger, name: str, version: str, forgotten: list[int],
-                      forgotten_names: list[str], request_ids: list[int], requester: str) -> dict[int, list[int]]:
+def record_forgetting(
+    client,
+    ledger: Ledger,
+    name: str,
+    version: str,
+    forgotten: list[int],
+    forgotten_names: list[str],
+    request_ids: list[int],
+    requester: str,
+) -> dict[int, list[int]]:
     """Put every class version `version` forgets on both records, before it is promoted: those
     its forget requests (`request_ids`, done once it is promoted) cover under their ids, any
     other class not yet deleted on record under a done ledger row of its own. Returns the union."""
@@ -142,9 +157,15 @@ def record_forgetting(client, ledger: Ledger, name: str, version: str, forgotten
     new = [int(c) for c in forgotten if int(c) not in on_record and int(c) not in covered]
     if new:
         names = dict(zip((int(c) for c in forgotten), forgotten_names))
-        row = ledger.submit(new, [names.get(c, str(c)) for c in new], requester,
-                            f"forgotten by {name} version {version}, promoted without a forget request", model_name=name,
-                            status="done", model_version_after=str(version))
+        row = ledger.submit(
+            new,
+            [names.get(c, str(c)) for c in new],
+            requester,
+            f"forgotten by {name} version {version}, promoted without a forget request",
+            model_name=name,
+            status="done",
+            model_version_after=str(version),
+        )
         covered.update({c: [row.id] for c in new})
     record = united(on_record, {c: ids for c, ids in covered.items() if c in forgotten})
     write_registry_record(client, name, record)
@@ -175,6 +196,18 @@ def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
     return ledger_at(url)
 
 
-__all__ = ["MissingLedger", "RECORD_TAG", "decode", "deleted_on_record", "encode", "missing_store", "open_ledger",
-           "record_forgetting", "registry_record", "reopen_on_registry", "suppressed_on_record", "united",
-           "write_registry_record"]
+__all__ = [
+    "MissingLedger",
+    "RECORD_TAG",
+    "decode",
+    "deleted_on_record",
+    "encode",
+    "missing_store",
+    "open_ledger",
+    "record_forgetting",
+    "registry_record",
+    "reopen_on_registry",
+    "suppressed_on_record",
+    "united",
+    "write_registry_record",
+]

@@ -22,6 +22,7 @@ One ledger serves every registered model of a project: each request names its mo
 Rows written before requests named a model (no model_name) count as deleted for every model,
 so that no class they deleted can come back through the change.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,23 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import (DateTime, Integer, String, Text, TypeDecorator, create_engine, func, inspect, or_, select,
-                        text, true, update)
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
@@ -47,7 +61,7 @@ SUPPRESSING = ("pending", "processing", "failed")
 version forgets them in its weights) or an operator withdraws it; a failed one stays suppressed."""
 
 
-MAX_REQUESTER = 200   # the column's size: SQLite would store more, PostgreSQL would refuse it
+MAX_REQUESTER = 200  # the column's size: SQLite would store more, PostgreSQL would refuse it
 MAX_REASON = 2000
 
 
@@ -57,7 +71,7 @@ def check_length(field: str, value: str, limit: int) -> None:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -70,11 +84,11 @@ class UTCDateTime(TypeDecorator):
         if value is not None:
             if value.tzinfo is None:
                 raise ValueError("ledger times must be timezone-aware")
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(UTC).replace(tzinfo=None)
         return value
 
     def process_result_value(self, value, dialect):
-        return value.replace(tzinfo=timezone.utc) if value is not None else None
+        return value.replace(tzinfo=UTC) if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -85,8 +99,8 @@ class ForgetRequestRow(Base):
     __tablename__ = "forget_requests"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    classes: Mapped[str] = mapped_column(Text)             # JSON list of class indices
-    class_names: Mapped[str] = mapped_column(Text)         # JSON list of their names
+    classes: Mapped[str] = mapped_column(Text)  # JSON list of class indices
+    class_names: Mapped[str] = mapped_column(Text)  # JSON list of their names
     requester: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -118,7 +132,7 @@ class LedgerEventRow(Base):
     operator: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
-    detail: Mapped[str] = mapped_column(Text)              # JSON
+    detail: Mapped[str] = mapped_column(Text)  # JSON
 
 
 @dataclass(frozen=True)
@@ -161,15 +175,16 @@ class ForgetRequest:
     model_name: str | None
 
     @classmethod
-    def from_row(cls, row: ForgetRequestRow) -> "ForgetRequest":
+    def from_row(cls, row: ForgetRequestRow) -> ForgetRequest:
         values = {f.name: getattr(row, f.name) for f in fields(cls)}
         for key in ("classes", "class_names", "data_version_before", "data_version_after"):
             values[key] = json.loads(values[key]) if values[key] is not None else None
         return cls(**values)
 
     def as_dict(self) -> dict:
-        return {f.name: (v.isoformat() if isinstance(v := getattr(self, f.name), datetime) else v)
-                for f in fields(self)}
+        return {
+            f.name: (v.isoformat() if isinstance(v := getattr(self, f.name), datetime) else v) for f in fields(self)
+        }
 
 
 def operator_name() -> str:
@@ -239,7 +254,9 @@ def add_missing_columns(engine) -> None:
             kind = column.type.compile(dialect=engine.dialect)
             try:
                 with engine.begin() as connection:
-                    connection.execute(text(f"ALTER TABLE {ForgetRequestRow.__tablename__} ADD COLUMN {column.name} {kind}"))
+                    connection.execute(
+                        text(f"ALTER TABLE {ForgetRequestRow.__tablename__} ADD COLUMN {column.name} {kind}")
+                    )
             except DBAPIError:  # another process added it in the meantime
                 if column.name not in {c["name"] for c in inspect(engine).get_columns(ForgetRequestRow.__tablename__)}:
                     raise
@@ -257,8 +274,9 @@ def of_model(model_name: str | None, legacy: bool = True):
 class Ledger:
     def __init__(self, url: str):
         if not url or "://" not in url:
-            raise ValueError(f"the request database must be an SQLAlchemy URL such as sqlite:///requests.db, "
-                             f"got {url!r}")
+            raise ValueError(
+                f"the request database must be an SQLAlchemy URL such as sqlite:///requests.db, got {url!r}"
+            )
         sqlite = url.startswith("sqlite")
         self.url = url
         # SQLite: a connection per session (NullPool), so a ledger file restored or replaced on disk
@@ -269,28 +287,48 @@ class Ledger:
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-    def submit(self, classes: list[int], class_names: list[str], requester: str, reason: str, *, model_name: str,
-               status: str = "pending", error: str | None = None, model_version_before: str | None = None,
-               model_version_after: str | None = None) -> ForgetRequest:
+    def submit(
+        self,
+        classes: list[int],
+        class_names: list[str],
+        requester: str,
+        reason: str,
+        *,
+        model_name: str,
+        status: str = "pending",
+        error: str | None = None,
+        model_version_before: str | None = None,
+        model_version_after: str | None = None,
+    ) -> ForgetRequest:
         """Record a request on the registered model `model_name` (committed before this returns).
         status is pending, rejected, or done: a forgetting no request asked for (`nhle run
         --forget`), put on record by the version `model_version_after` that forgot it."""
         if not str(model_name or "").strip():
             raise ValueError("a forget request names the registered model it is for (model_name)")
         if status not in ("pending", "rejected", "done") or (status == "done") != (model_version_after is not None):
-            raise ValueError(f"a new request is pending or rejected, or done with the version that forgot its classes, "
-                             f"not {status!r} (model_version_after {model_version_after!r})")
+            raise ValueError(
+                f"a new request is pending or rejected, or done with the version that forgot its classes, "
+                f"not {status!r} (model_version_after {model_version_after!r})"
+            )
         if not requester.strip() or not reason.strip():
             raise ValueError("a forget request needs a requester and a reason")
         check_length("requester", requester, MAX_REQUESTER)
         check_length("reason", reason, MAX_REASON)
         now = utcnow()
-        row = ForgetRequestRow(classes=json.dumps([int(c) for c in classes]), class_names=json.dumps(class_names),
-                               requester=requester.strip(), reason=reason.strip(), status=status,
-                               submitted_at=now, finished_at=now if status != "pending" else None,
-                               error=error, model_version_before=model_version_before,
-                               model_version_after=model_version_after, attempts=0,
-                               model_name=model_name.strip())
+        row = ForgetRequestRow(
+            classes=json.dumps([int(c) for c in classes]),
+            class_names=json.dumps(class_names),
+            requester=requester.strip(),
+            reason=reason.strip(),
+            status=status,
+            submitted_at=now,
+            finished_at=now if status != "pending" else None,
+            error=error,
+            model_version_before=model_version_before,
+            model_version_after=model_version_after,
+            attempts=0,
+            model_name=model_name.strip(),
+        )
         with self._session() as session, session.begin():
             session.add(row)
         return ForgetRequest.from_row(row)
@@ -321,9 +359,15 @@ class Ledger:
         for the model version that batch may already have registered."""
         now = utcnow()
         with self._session() as session:
-            candidates = [(row.id, row.status, row.claimed_by, row.lease_until) for row in session.scalars(
-                select(ForgetRequestRow).where(ForgetRequestRow.status.in_(("pending", "processing")),
-                                               of_model(model_name, legacy=is_default_model(model_name))))]
+            candidates = [
+                (row.id, row.status, row.claimed_by, row.lease_until)
+                for row in session.scalars(
+                    select(ForgetRequestRow).where(
+                        ForgetRequestRow.status.in_(("pending", "processing")),
+                        of_model(model_name, legacy=is_default_model(model_name)),
+                    )
+                )
+            ]
         taken = []
         for request_id, status, claimant, lease_until in candidates:
             if status == "processing" and not (lease_until is None or lease_until < now or owner_is_gone(claimant)):
@@ -331,11 +375,20 @@ class Ledger:
             with self._session() as session, session.begin():
                 result = session.execute(
                     update(ForgetRequestRow)
-                    .where(ForgetRequestRow.id == request_id, ForgetRequestRow.status == status,
-                           (ForgetRequestRow.claimed_by == claimant) if claimant is not None
-                           else ForgetRequestRow.claimed_by.is_(None))
-                    .values(status="processing", claimed_by=owner, lease_until=now + timedelta(seconds=lease_seconds),
-                            started_at=func.coalesce(ForgetRequestRow.started_at, now)))
+                    .where(
+                        ForgetRequestRow.id == request_id,
+                        ForgetRequestRow.status == status,
+                        (ForgetRequestRow.claimed_by == claimant)
+                        if claimant is not None
+                        else ForgetRequestRow.claimed_by.is_(None),
+                    )
+                    .values(
+                        status="processing",
+                        claimed_by=owner,
+                        lease_until=now + timedelta(seconds=lease_seconds),
+                        started_at=func.coalesce(ForgetRequestRow.started_at, now),
+                    )
+                )
             if result.rowcount == 1:
                 taken.append(request_id)
         return [self.get(i) for i in taken]
@@ -346,14 +399,20 @@ class Ledger:
             return session.execute(
                 update(ForgetRequestRow)
                 .where(ForgetRequestRow.claimed_by == owner, ForgetRequestRow.status == "processing")
-                .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount
+                .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+            ).rowcount
 
     def _update_held(self, request_id: int, owner: str, **values) -> ForgetRequest:
         with self._session() as session, session.begin():
             result = session.execute(
                 update(ForgetRequestRow)
-                .where(ForgetRequestRow.id == request_id, ForgetRequestRow.claimed_by == owner,
-                       ForgetRequestRow.status == "processing").values(**values))
+                .where(
+                    ForgetRequestRow.id == request_id,
+                    ForgetRequestRow.claimed_by == owner,
+                    ForgetRequestRow.status == "processing",
+                )
+                .values(**values)
+            )
         if result.rowcount != 1:
             raise RuntimeError(f"forget request {request_id} is no longer held by {owner}: another run took it over")
         return self.get(request_id)
@@ -367,25 +426,48 @@ class Ledger:
             values["data_version_before"] = _json(values["data_version_before"])
         return self._update_held(request_id, owner, **values)
 
-    def finish(self, request_id: int, owner: str, status: str, *, model_version_after: str | None = None,
-               data_version_after: dict | None = None, report_uri: str | None = None,
-               error: str | None = None) -> ForgetRequest:
+    def finish(
+        self,
+        request_id: int,
+        owner: str,
+        status: str,
+        *,
+        model_version_after: str | None = None,
+        data_version_after: dict | None = None,
+        report_uri: str | None = None,
+        error: str | None = None,
+    ) -> ForgetRequest:
         """Close a held request as done or failed."""
         if status not in ("done", "failed"):
             raise ValueError(f"a processed request ends done or failed, not {status!r}")
-        return self._update_held(request_id, owner, status=status, finished_at=utcnow(),
-                                 model_version_after=model_version_after,
-                                 data_version_after=_json(data_version_after), report_uri=report_uri,
-                                 error=error, claimed_by=None, lease_until=None)
+        return self._update_held(
+            request_id,
+            owner,
+            status=status,
+            finished_at=utcnow(),
+            model_version_after=model_version_after,
+            data_version_after=_json(data_version_after),
+            report_uri=report_uri,
+            error=error,
+            claimed_by=None,
+            lease_until=None,
+        )
 
     def release(self, request_id: int, owner: str, error: str, max_attempts: int) -> ForgetRequest:
         """An error stopped the run: back to pending for the next run, or failed after max_attempts."""
         current = self.get(request_id)
         attempts = current.attempts + 1
         status = "failed" if attempts >= max_attempts else "pending"
-        return self._update_held(request_id, owner, status=status, attempts=attempts, error=error,
-                                 claimed_by=None, lease_until=None,
-                                 finished_at=utcnow() if status == "failed" else None)
+        return self._update_held(
+            request_id,
+            owner,
+            status=status,
+            attempts=attempts,
+            error=error,
+            claimed_by=None,
+            lease_until=None,
+            finished_at=utcnow() if status == "failed" else None,
+        )
 
     def deleted_classes(self, model_name: str | None) -> dict[int, list[int]]:
         """Classes of `model_name` deleted on record: {class: [ids of the done requests that
@@ -406,8 +488,9 @@ class Ledger:
                     suppressed.setdefault(int(c), []).append(request.id)
         return suppressed
 
-    def reopen(self, request_id: int, operator: str, reason: str, detail: dict | None = None,
-               recorded_elsewhere: bool = False) -> LedgerEvent:
+    def reopen(
+        self, request_id: int, operator: str, reason: str, detail: dict | None = None, recorded_elsewhere: bool = False
+    ) -> LedgerEvent:
         """An operator takes back a done request: its classes are no longer deleted on record.
         The status change and the event (who, why, when, detail) are one transaction.
         recorded_elsewhere: the request is known only to the registered model's own record (this
@@ -419,33 +502,59 @@ class Ledger:
         it is withdrawn and its classes are no longer suppressed. One transaction with the event."""
         return self._operator_change(request_id, "withdrawn", ("pending", "failed"), operator, reason)
 
-    def _operator_change(self, request_id: int, status: str, allowed: tuple[str, ...], operator: str, reason: str,
-                         detail: dict | None = None, recorded_elsewhere: bool = False) -> LedgerEvent:
+    def _operator_change(
+        self,
+        request_id: int,
+        status: str,
+        allowed: tuple[str, ...],
+        operator: str,
+        reason: str,
+        detail: dict | None = None,
+        recorded_elsewhere: bool = False,
+    ) -> LedgerEvent:
         verb = {"reopened": "reopening", "withdrawn": "withdrawing"}[status]
         if not operator.strip() or not reason.strip():
             raise ValueError(f"{verb} a forget request needs an operator and a reason, both non-empty")
         check_length("operator", operator, MAX_REQUESTER)
         check_length("reason", reason, MAX_REASON)
-        row = LedgerEventRow(request_id=int(request_id), kind=status, operator=operator.strip(),
-                             reason=reason.strip(), at=utcnow(), detail=json.dumps(detail or {}))
+        row = LedgerEventRow(
+            request_id=int(request_id),
+            kind=status,
+            operator=operator.strip(),
+            reason=reason.strip(),
+            at=utcnow(),
+            detail=json.dumps(detail or {}),
+        )
         with self._session() as session, session.begin():
-            result = session.execute(update(ForgetRequestRow)
-                                     .where(ForgetRequestRow.id == int(request_id),
-                                            ForgetRequestRow.status.in_(allowed))
-                                     .values(status=status))
+            result = session.execute(
+                update(ForgetRequestRow)
+                .where(ForgetRequestRow.id == int(request_id), ForgetRequestRow.status.in_(allowed))
+                .values(status=status)
+            )
             current = session.get(ForgetRequestRow, int(request_id)) if result.rowcount != 1 else None
             if result.rowcount != 1 and not (current is None and recorded_elsewhere):
-                raise ValueError(f"forget request {request_id} cannot be {status}: "
-                                 + ("it does not exist" if current is None
-                                    else f"it is {current.status}, not {' or '.join(allowed)}"))
+                raise ValueError(
+                    f"forget request {request_id} cannot be {status}: "
+                    + (
+                        "it does not exist"
+                        if current is None
+                        else f"it is {current.status}, not {' or '.join(allowed)}"
+                    )
+                )
             session.add(row)
         return self._event(row)
 
     def note(self, request_id: int, kind: str, operator: str, reason: str, detail: dict) -> LedgerEvent:
         """An event of a request that changes nothing (kind "suppressed": which servers stopped
         answering its classes, and when)."""
-        row = LedgerEventRow(request_id=int(request_id), kind=kind, operator=operator.strip()[:MAX_REQUESTER],
-                             reason=reason.strip()[:MAX_REASON], at=utcnow(), detail=json.dumps(detail))
+        row = LedgerEventRow(
+            request_id=int(request_id),
+            kind=kind,
+            operator=operator.strip()[:MAX_REQUESTER],
+            reason=reason.strip()[:MAX_REASON],
+            at=utcnow(),
+            detail=json.dumps(detail),
+        )
         with self._session() as session, session.begin():
             session.add(row)
         return self._event(row)
@@ -486,5 +595,13 @@ class LeaseKeeper:
         self._thread.join()
 
 
-__all__ = ["ForgetRequest", "Ledger", "LedgerEvent", "LeaseKeeper", "STATUSES", "new_owner", "operator_name",
-           "owner_is_gone"]
+__all__ = [
+    "ForgetRequest",
+    "Ledger",
+    "LedgerEvent",
+    "LeaseKeeper",
+    "STATUSES",
+    "new_owner",
+    "operator_name",
+    "owner_is_gone",
+]

@@ -9,6 +9,7 @@ program logged with a one-image input_example is specialised to batch 1: it is c
 any batch (nhle.core.graphs.any_batch, checked image by image; the source then says
 "batch_one_converted": true) or refused with a ValueError saying how to log it again.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -65,8 +66,10 @@ def from_mlflow(config: ModelConfig, data: Splits, tracking_uri: str) -> tuple[M
     if is_graph(loaded):  # MLflow 3's default: a torch.export program
         traced = input_shape(loaded)
         if traced is not None and traced[1:] != (size, size):
-            raise ValueError(f"{config.from_mlflow} was traced for {'x'.join(map(str, traced))} images but the data is "
-                             f"{'x'.join(map(str, data.image_shape))}: give --image-size {traced[1]}")
+            raise ValueError(
+                f"{config.from_mlflow} was traced for {'x'.join(map(str, traced))} images but the data is "
+                f"{'x'.join(map(str, data.image_shape))}: give --image-size {traced[1]}"
+            )
         net_channels = traced[0] if traced else channels
         batch = traced_batch(loaded)
         if batch is not None:  # specialised to one batch size, e.g. logged with a one-image input_example
@@ -80,37 +83,48 @@ def from_mlflow(config: ModelConfig, data: Splits, tracking_uri: str) -> tuple[M
         try:
             path = find_head(net, example, config.head or None)
         except RuntimeError as err:
-            raise ValueError(f"{config.from_mlflow} cannot take the data's {'x'.join(map(str, data.image_shape))} "
-                             f"images: {str(err).splitlines()[0]}") from err
+            raise ValueError(
+                f"{config.from_mlflow} cannot take the data's {'x'.join(map(str, data.image_shape))} "
+                f"images: {str(err).splitlines()[0]}"
+            ) from err
         head = net.get_submodule(path)
         if head.out_features != data.num_classes:
-            raise ValueError(f"the model's head {path!r} has {head.out_features} outputs but the {data.name} data has "
-                             f"{data.num_classes} classes: the model's outputs must be the dataset's classes")
+            raise ValueError(
+                f"the model's head {path!r} has {head.out_features} outputs but the {data.name} data has "
+                f"{data.num_classes} classes: the model's outputs must be the dataset's classes"
+            )
         net.set_submodule(path, nn.Identity())
         backbone = export_graph(net, example)
         form = "pickle"
     mean, std = default_normalisation(config, backbone, data)
-    model = MaskedClassifier(backbone, head, channels, mean, std, arch=GRAPH, image_size=size,
-                             network_channels=net_channels)
+    model = MaskedClassifier(
+        backbone, head, channels, mean, std, arch=GRAPH, image_size=size, network_channels=net_channels
+    )
     source = {"kind": "mlflow", "uri": config.from_mlflow, "tracking_uri": tracking_uri, "format": form}
     if form == "pt2" and batch is not None:
         source["batch_one_converted"] = True
     return model, source
 
 
-RELOG = ("log it again with an input_example of 2 or more images (MLflow then exports a dynamic batch), or with "
-         "serialization_format=\"pickle\"")
+RELOG = (
+    "log it again with an input_example of 2 or more images (MLflow then exports a dynamic batch), or with "
+    'serialization_format="pickle"'
+)
 
 
 def fixed_batch_to_any(graph: nn.Module, batch: int, uri: str) -> nn.Module:
     """A torch.export program specialised to a batch of one, made to take any batch
     (nhle.core.graphs.any_batch); any other fixed batch size, or a failed conversion, is refused."""
     if batch != 1:
-        raise ValueError(f"{uri} was exported by torch.export for batches of exactly {batch} images only (its "
-                         f"input signature fixes the batch size): nhle needs any batch size; {RELOG}")
+        raise ValueError(
+            f"{uri} was exported by torch.export for batches of exactly {batch} images only (its "
+            f"input signature fixes the batch size): nhle needs any batch size; {RELOG}"
+        )
     try:
         return any_batch(graph)
     except ValueError as err:
-        raise ValueError(f"{uri} was exported by torch.export for a batch of exactly one image (MLflow's default pt2 "
-                         f"format fixes the batch size when the input_example is one image) and nhle could not make "
-                         f"it take other batch sizes ({err}): {RELOG}") from err
+        raise ValueError(
+            f"{uri} was exported by torch.export for a batch of exactly one image (MLflow's default pt2 "
+            f"format fixes the batch size when the input_example is one image) and nhle could not make "
+            f"it take other batch sizes ({err}): {RELOG}"
+        ) from err

@@ -11,6 +11,7 @@ database), started with PR_SET_PDEATHSIG: the kernel sends it SIGTERM when the p
 started it dies, however it dies. It runs in its own session, so a Ctrl-C of the command reaches
 the flow first and the server stays up while the flow records its failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,14 +35,36 @@ def start_server(port: int) -> subprocess.Popen:
     # server reads them, and holds SQLite's write lock long enough that a subflow started right
     # after tasks (a request's forget, its evidence) waited about 2 s to be created. Flow runs,
     # their states and logs are recorded as before; a Prefect server (PREFECT_API_URL) keeps all.
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false"}
+    env = {
+        **os.environ,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        env=env, preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(prefect.__module_path__.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
+        env=env,
+        preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None,
+        start_new_session=True,
+    )
 
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
@@ -59,8 +82,10 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return True
         time.sleep(0.2)
-    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:g} s "
-                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server")
+    raise RuntimeError(
+        f"the temporary Prefect server did not answer within {timeout:g} s "
+        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL to a running server"
+    )
 
 
 def drain_to_server() -> None:
@@ -98,8 +123,12 @@ def prefect_server_starting():
     """temporary_prefect_server, started at once and waited for only when the body calls the
     `ready` it yields (before its first flow): the server's few seconds of start-up overlap the
     body's own work. ready() returns the API URL (None: a configured one is used)."""
-    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     if PREFECT_API_URL.value():
         yield lambda: None
@@ -109,6 +138,7 @@ def prefect_server_starting():
     server["process"] = start_server(server["port"])
 
     with contextlib.ExitStack() as stack:
+
         def ready() -> str:
             if "url" in server:
                 return server["url"]
@@ -123,8 +153,9 @@ def prefect_server_starting():
             log.info("temporary Prefect server on %s (pid %d, stops with this process)", url, server["process"].pid)
             # No flow-run heartbeats: they tell a server that outlives a crashed run, and this one
             # dies with the run (each flow's end otherwise waits up to 1 s for the heartbeat thread).
-            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url,
-                                                            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+            stack.enter_context(
+                temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+            )
             stack.callback(drain_to_server)  # runs first at exit, while the setting still holds
             server["url"] = url
             return url

@@ -5,6 +5,7 @@ port, a stop that cannot hang, and a child that dies with its parent.
     proc = subprocess.Popen([...], preexec_fn=die_with(os.getpid()))   # Linux: SIGTERM when we die
     stop_process(proc)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,9 +38,11 @@ def stop_process(proc: subprocess.Popen) -> None:
 def die_with(parent: int):
     """A preexec_fn (it runs in the child between fork and exec, Linux only): the kernel sends the
     child SIGTERM when `parent` dies, however it dies (PR_SET_PDEATHSIG)."""
+
     def arm():
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the signal was armed
             os._exit(1)
+
     return arm

@@ -15,6 +15,7 @@ verifies it, and from then on believes the evidence, not the tags.
 
 No torch; model_signing is imported only when a signature is made or checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,25 +38,37 @@ def create_key_pair(private_path: Path, public_path: Path) -> None:
 
     for path in (private_path, public_path):
         if path.exists():
-            raise FileExistsError(f"{path} exists already: nothing written (a new key pair would make every version "
-                                  "signed with the old one unverifiable; move it away first if you mean to)")
+            raise FileExistsError(
+                f"{path} exists already: nothing written (a new key pair would make every version "
+                "signed with the old one unverifiable; move it away first if you mean to)"
+            )
     key = ec.generate_private_key(ec.SECP256R1())
     private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    public_path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
-def evidence(name: str, version: str, onnx_sha256: str, preprocessing: dict, forgotten_classes: list[int],
-             gates: list[dict]) -> dict:
+def evidence(
+    name: str, version: str, onnx_sha256: str, preprocessing: dict, forgotten_classes: list[int], gates: list[dict]
+) -> dict:
     """What the signature vouches for, besides the ONNX file itself."""
-    return {"registered_model": name, "version": str(version), "onnx_sha256": onnx_sha256,
-            "forgotten_classes": sorted(int(c) for c in forgotten_classes), "gates": gates,
-            "preprocessing": preprocessing}
+    return {
+        "registered_model": name,
+        "version": str(version),
+        "onnx_sha256": onnx_sha256,
+        "forgotten_classes": sorted(int(c) for c in forgotten_classes),
+        "gates": gates,
+        "preprocessing": preprocessing,
+    }
 
 
 def signed_folder(onnx_path: Path, evidence_doc: dict | bytes, into: Path) -> Path:
@@ -76,9 +89,11 @@ def sign_version(onnx_path: Path, evidence_doc: dict, private_key: Path) -> tupl
     from model_signing import signing
 
     if not private_key.exists():
-        raise FileNotFoundError(f"no signing key at {private_key}: create the project's key pair with `nhle keys "
-                                "create` (or set registry.signing_key to yours); every version is signed before it "
-                                "may be served")
+        raise FileNotFoundError(
+            f"no signing key at {private_key}: create the project's key pair with `nhle keys "
+            "create` (or set registry.signing_key to yours); every version is signed before it "
+            "may be served"
+        )
     with tempfile.TemporaryDirectory(prefix="nhle-sign-") as tmp:
         folder = signed_folder(onnx_path, evidence_doc, Path(tmp))
         signing.Config().use_elliptic_key_signer(private_key=private_key).sign(folder, Path(tmp) / SIGNATURE)
@@ -91,8 +106,10 @@ def verify_version(onnx_path: Path, evidence_bytes: bytes, signature: bytes, pub
     from model_signing import verifying
 
     if not public_key.exists():
-        raise ValueError(f"no public key at {public_key} to verify the version's signature with: copy the "
-                         "project's keys/nhle-signing.pub there, or set NHLE_VERIFY_KEY (serving.verify_key)")
+        raise ValueError(
+            f"no public key at {public_key} to verify the version's signature with: copy the "
+            "project's keys/nhle-signing.pub there, or set NHLE_VERIFY_KEY (serving.verify_key)"
+        )
     with tempfile.TemporaryDirectory(prefix="nhle-verify-") as tmp:
         folder = signed_folder(onnx_path, evidence_bytes, Path(tmp))
         (Path(tmp) / SIGNATURE).write_bytes(signature)
@@ -103,5 +120,13 @@ def verify_version(onnx_path: Path, evidence_bytes: bytes, signature: bytes, pub
     return json.loads(evidence_bytes)
 
 
-__all__ = ["ARTIFACT_DIR", "EVIDENCE", "SIGNATURE", "create_key_pair", "evidence", "sign_version", "signed_folder",
-           "verify_version"]
+__all__ = [
+    "ARTIFACT_DIR",
+    "EVIDENCE",
+    "SIGNATURE",
+    "create_key_pair",
+    "evidence",
+    "sign_version",
+    "signed_folder",
+    "verify_version",
+]

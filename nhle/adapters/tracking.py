@@ -8,6 +8,7 @@
 The only module of nhle (with nhle.adapters.mlflow_models) that imports mlflow. Alias moves
 happen last and only after every gate held, so a failed step never moves `champion`.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,11 @@ def start_child_run(parent_run_id: str, run_name: str, tags: dict, params: dict)
 
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: run_name,
-                                  "nhle.owner": new_owner()})
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: run_name, "nhle.owner": new_owner()},
+    )
     with logging_to(run.info.run_id):
         mlflow.log_params({k: str(v) for k, v in params.items()})
     return run.info.run_id
@@ -192,8 +195,9 @@ def ensure_registered_model(name: str) -> None:
         client.create_registered_model(name, tags={RECORD_TAG: encode({})})
 
 
-def log_outcome(run_id: str, gates: list[GateResult], promoted: bool, reason: str, version: str,
-                notified: list[dict]) -> None:
+def log_outcome(
+    run_id: str, gates: list[GateResult], promoted: bool, reason: str, version: str, notified: list[dict]
+) -> None:
     """The gates (gates.json, gate/* metrics) and the promotion on the run."""
     with logging_to(run_id):
         log_gates(gates)
@@ -247,12 +251,22 @@ def sign_registered_version(name: str, version: str, gates: list[dict], private_
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) or {}
         onnx_file = local / mlmodel["flavors"]["onnx"].get("data", "model.onnx")
-        doc = signing.evidence(name, str(version), hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
-                               dict(mlmodel.get("metadata") or {}), json.loads(mv.tags.get("forgotten_classes") or "[]"),
-                               gates)
+        doc = signing.evidence(
+            name,
+            str(version),
+            hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+            dict(mlmodel.get("metadata") or {}),
+            json.loads(mv.tags.get("forgotten_classes") or "[]"),
+            gates,
+        )
         evidence_bytes, signature = signing.sign_version(onnx_file, doc, private_key)
-    log_run_files(mv.run_id, {f"{signing.ARTIFACT_DIR}/{signing.EVIDENCE}": evidence_bytes.decode(),
-                              f"{signing.ARTIFACT_DIR}/{signing.SIGNATURE}": signature.decode()})
+    log_run_files(
+        mv.run_id,
+        {
+            f"{signing.ARTIFACT_DIR}/{signing.EVIDENCE}": evidence_bytes.decode(),
+            f"{signing.ARTIFACT_DIR}/{signing.SIGNATURE}": signature.decode(),
+        },
+    )
     tag_version(name, str(version), {"signature": f"runs:/{mv.run_id}/{signing.ARTIFACT_DIR}"})
 
 
@@ -321,8 +335,9 @@ def complete_report(name: str, version: str, report: dict) -> None:
 def report_metrics(report: dict) -> dict:
     """Every metric block of report.json as `<block>/<metric>`, plus seconds, the drop and the
     relearn shares (their raw steps are the blocks' relearn_steps_*)."""
-    metrics = {f"{block}/{key}": float(value) for block, values in report["metrics"].items()
-               for key, value in values.items()}
+    metrics = {
+        f"{block}/{key}": float(value) for block, values in report["metrics"].items() for key, value in values.items()
+    }
     metrics.update({f"seconds/{key}": float(value) for key, value in report["seconds"].items()})
     metrics["unlearned/retained_drop_pp"] = report_retained_drop_pp(report)
     metrics.update(relearn_metrics(report.get("relearn")))
@@ -334,13 +349,16 @@ def relearn_metrics(relearn: dict | None) -> dict:
     nothing for a report written before them."""
     if not relearn:
         return {}
-    return {**{f"relearn/share_{who}": float(relearn[who]) for who in ("shipped", "restored", "mask_only")},
-            "relearn/reference_steps": float(relearn["reference_steps"])}
+    return {
+        **{f"relearn/share_{who}": float(relearn[who]) for who in ("shipped", "restored", "mask_only")},
+        "relearn/reference_steps": float(relearn["reference_steps"]),
+    }
 
 
 def log_parity(parity: dict) -> None:
-    mlflow.log_metrics({"parity/argmax_agreement": parity["argmax_agreement"],
-                        "parity/max_abs_prob_diff": parity["max_abs_prob_diff"]})
+    mlflow.log_metrics(
+        {"parity/argmax_agreement": parity["argmax_agreement"], "parity/max_abs_prob_diff": parity["max_abs_prob_diff"]}
+    )
     mlflow.log_dict(parity, PARITY)
 
 
@@ -357,10 +375,13 @@ def log_dataset(data, data_version, context: str = "training") -> None:
     source = str(Path(data_version.repo) / data_version.path)
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_numpy(data.train.images.numpy(), targets=data.train.labels.numpy(),
-                                         source=source,
-                                         name=f"{data.name}@{data_version.git_rev[:8]}",
-                                         digest=data_version.md5.removesuffix(".dir")[:36])
+        dataset = mlflow.data.from_numpy(
+            data.train.images.numpy(),
+            targets=data.train.labels.numpy(),
+            source=source,
+            name=f"{data.name}@{data_version.git_rev[:8]}",
+            digest=data_version.md5.removesuffix(".dir")[:36],
+        )
     tags = {**data_version.as_tags("dvc."), "dvc.remote": data_version.remote}
     mlflow.log_input(dataset, context=context, tags=tags)
 
@@ -374,11 +395,19 @@ def log_onnx_model(onnx_path: Path, example: np.ndarray, metadata: dict, name: s
     from nhle.core.export import make_session
 
     session = make_session(onnx_path)
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: example})))
-    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name,
-                                 signature=infer_signature(example, outputs), input_example=example,
-                                 pip_requirements=ONNX_REQUIREMENTS, save_as_external_data=False,
-                                 metadata=metadata, onnx_execution_providers=["CPUExecutionProvider"])
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: example}))
+    )
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)),
+        name=name,
+        signature=infer_signature(example, outputs),
+        input_example=example,
+        pip_requirements=ONNX_REQUIREMENTS,
+        save_as_external_data=False,
+        metadata=metadata,
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
     return info.model_uri
 
 
@@ -444,8 +473,9 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
             raise ValueError(
                 f"version {previous.version} predicts class(es) {missing}, deleted on record by forget request(s) "
                 f"{requests}: rolling back would bring them back. Nothing was moved. To do it anyway, reopen "
-                f"those requests on record: nhle rollback{name_flag(name)} --reopen {' --reopen '.join(map(str, requests))} "
-                "--reason '...'")
+                f"those requests on record: nhle rollback{name_flag(name)} "
+                f"--reopen {' --reopen '.join(map(str, requests))} --reason '...'"
+            )
         reopen(requests, before, after)
         tag_version(name, after, {f"reopened.request.{r}": "true" for r in requests})
     client.set_registered_model_alias(name, registry.champion_alias, after)
@@ -471,8 +501,12 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
 
     forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
     parent = tags.get("parent_version")
-    lines = [f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
-             + (f" (made from version {parent})" if parent else "") + ".", ""]
+    lines = [
+        f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
+        + (f" (made from version {parent})" if parent else "")
+        + ".",
+        "",
+    ]
     if tags.get("nhle.abandoned") == "true":
         lines.append(f"**Abandoned:** {tags.get('nhle.abandoned_reason', 'the run that made it died')}")
     if tags.get("promoted") == "true":
@@ -482,24 +516,40 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
     gates = json.loads(tags.get("gates") or "[]")
     if gates:
         lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
-        lines += [f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
-                  for g in gates]
+        lines += [
+            f"| {g['name']} | {g['value']:.4g} | {g['rule']} {g['bound']:.4g} | {'pass' if g['passed'] else 'FAIL'} |"
+            for g in gates
+        ]
     lines += relearn_description(tags.get("relearn"))
     if tags.get("evidence") == "pending":
-        lines += ["", "**Evidence: pending.** The retrained reference, the plots and the deletion of the forgotten "
-                      "classes' samples from the dataset come after the promotion (no gate reads them); report.json, "
-                      "the relearn shares and this description are completed then."]
+        lines += [
+            "",
+            "**Evidence: pending.** The retrained reference, the plots and the deletion of the forgotten "
+            "classes' samples from the dataset come after the promotion (no gate reads them); report.json, "
+            "the relearn shares and this description are completed then.",
+        ]
     if "nhle.recipe" in tags:
-        lines += ["", f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
-                      f"and why it failed: {artifact(ATTEMPTS)})."]
+        lines += [
+            "",
+            f"**Recipe:** {tags['nhle.recipe']} (attempt {tags.get('nhle.attempt', '1')}; every attempt "
+            f"and why it failed: {artifact(ATTEMPTS)}).",
+        ]
 
-    lines += ["", f"**Evidence** ([run {run_id}]({run})): {artifact(REPORT)} (every metric against the "
-              f"original and the retrained reference), {artifact(GATES)}, {artifact(PARITY)}, "
-              f"{artifact('plots')}, {artifact('preprocessing.json')}, {artifact('checkpoint/model.pt')}."]
+    lines += [
+        "",
+        f"**Evidence** ([run {run_id}]({run})): {artifact(REPORT)} (every metric against the "
+        f"original and the retrained reference), {artifact(GATES)}, {artifact(PARITY)}, "
+        f"{artifact('plots')}, {artifact('preprocessing.json')}, {artifact('checkpoint/model.pt')}.",
+    ]
     audits = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items() if k.startswith("audit.request."))
     if audits:
-        lines += ["", "**Audit reports:** " + ", ".join(
-            artifact(uri.removeprefix(f"runs:/{run_id}/"), f"request {i}") + f" (`{uri}`)" for i, uri in audits)]
+        lines += [
+            "",
+            "**Audit reports:** "
+            + ", ".join(
+                artifact(uri.removeprefix(f"runs:/{run_id}/"), f"request {i}") + f" (`{uri}`)" for i, uri in audits
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -519,8 +569,11 @@ def describe_version(name: str, version: str) -> None:
 def download_checkpoint(version: ModelVersion, folder: str | Path | None = None) -> Path:
     """The PyTorch checkpoint logged beside a registered version (artifact checkpoint/model.pt)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="nhle-champion-"))
-    return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="checkpoint/model.pt",
-                                                    dst_path=str(folder)))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path="checkpoint/model.pt", dst_path=str(folder)
+        )
+    )
 
 
 SYNTHETIC_ARTIFACT = "checkpoint/synthetic.pt"
@@ -531,8 +584,9 @@ def download_synthetic_inputs(name: str, version: str, folder: str | Path) -> Pa
     """The synthetic inputs kept beside registered version `version`, or None when it has none yet."""
     run_id = MlflowClient().get_model_version(name, version).run_id
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SYNTHETIC_ARTIFACT,
-                                                        dst_path=str(folder)))
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SYNTHETIC_ARTIFACT, dst_path=str(folder))
+        )
     except (MlflowException, OSError):
         return None
 
@@ -572,12 +626,21 @@ def reap_dead_runs(name: str) -> list[dict]:
             continue
         reason = f"its process ({tags['nhle.owner']}) died while the run was RUNNING"
         # Promotion comes after the gates tag: a version without one never was promoted.
-        abandoned = [str(mv.version) for mv in client.search_model_versions(
-            f"name = '{name}' and run_id = '{run.info.run_id}'") if "gates" not in mv.tags]
+        abandoned = [
+            str(mv.version)
+            for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+            if "gates" not in mv.tags
+        ]
         for version in abandoned:
-            tag_version(name, version, {"nhle.abandoned": "true", "nhle.abandoned_reason":
-                        f"run {run.info.run_id} registered it and died before its gates were judged ({reason}); "
-                        "never promoted, never served."})
+            tag_version(
+                name,
+                version,
+                {
+                    "nhle.abandoned": "true",
+                    "nhle.abandoned_reason": f"run {run.info.run_id} registered it and died before its gates "
+                    f"were judged ({reason}); never promoted, never served.",
+                },
+            )
             describe_version(name, version)
         client.set_tag(run.info.run_id, "nhle.abandoned", reason)
         client.set_terminated(run.info.run_id, "KILLED")

@@ -20,6 +20,7 @@ The `git` and `dvc` command lines run as subprocesses (the `dvc` beside this Pyt
 one on PATH), exactly as a user would type them, with DVC_NO_ANALYTICS=1; DVC_SITE_CACHE_DIR is
 passed through. A failed command raises RuntimeError with the command and its stderr.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,22 +44,27 @@ SPLIT_FILES = ("train.npz", "test.npz", "classes.json")
 class DataVersion:
     """One version of a dataset folder in a DVC data repo."""
 
-    path: str      # the folder, relative to the repo, e.g. 'datasets/digits'
-    md5: str       # DVC's hash of the folder, from its .dvc file, e.g. '3f...e1.dir'
-    git_rev: str   # the commit that holds that .dvc file
-    repo: str      # absolute path of the data repo
-    remote: str    # the DVC remote the data was pushed to
+    path: str  # the folder, relative to the repo, e.g. 'datasets/digits'
+    md5: str  # DVC's hash of the folder, from its .dvc file, e.g. '3f...e1.dir'
+    git_rev: str  # the commit that holds that .dvc file
+    repo: str  # absolute path of the data repo
+    remote: str  # the DVC remote the data was pushed to
 
     def as_tags(self, prefix: str = "data.") -> dict[str, str]:
-        return {f"{prefix}path": self.path, f"{prefix}md5": self.md5, f"{prefix}git_rev": self.git_rev,
-                f"{prefix}repo": self.repo}
+        return {
+            f"{prefix}path": self.path,
+            f"{prefix}md5": self.md5,
+            f"{prefix}git_rev": self.git_rev,
+            f"{prefix}repo": self.repo,
+        }
 
     @classmethod
-    def from_tags(cls, tags: dict, remote: str, prefix: str = "data.") -> "DataVersion | None":
+    def from_tags(cls, tags: dict, remote: str, prefix: str = "data.") -> DataVersion | None:
         """The version as_tags(prefix) wrote, or None when the tags do not hold one."""
         try:
-            return cls(tags[f"{prefix}path"], tags[f"{prefix}md5"], tags[f"{prefix}git_rev"], tags[f"{prefix}repo"],
-                       remote)
+            return cls(
+                tags[f"{prefix}path"], tags[f"{prefix}md5"], tags[f"{prefix}git_rev"], tags[f"{prefix}repo"], remote
+            )
         except KeyError:
             return None
 
@@ -81,7 +87,7 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
     except FileNotFoundError as err:
         raise RuntimeError(f"`{' '.join(args)}` could not start: {err}") from err
     if check and result.returncode != 0:
-        output = (result.stderr.strip() or result.stdout.strip() or "(no output)")
+        output = result.stderr.strip() or result.stdout.strip() or "(no output)"
         raise RuntimeError(f"`{' '.join(args)}` failed with exit code {result.returncode} in {cwd}:\n{output}")
     return result
 
@@ -119,8 +125,10 @@ def _default_remote_is(repo: Path, name: str, url: str) -> bool:
     config = configparser.ConfigParser()
     try:
         config.read(repo / ".dvc" / "config")
-        return (config.get("core", "remote", fallback=None) == name
-                and config.get(f"'remote \"{name}\"'", "url", fallback=None) == url)
+        return (
+            config.get("core", "remote", fallback=None) == name
+            and config.get(f"'remote \"{name}\"'", "url", fallback=None) == url
+        )
     except configparser.Error:
         return False
 
@@ -145,8 +153,13 @@ def ensure_data_repo(repo_dir: str | Path, remote_url: str | Path, remote_name: 
     return repo
 
 
-def version_dataset(splits: Splits, repo_dir: str | Path, remote_url: str | Path,
-                    dataset_path: str | Path | None = None, message: str | None = None) -> DataVersion:
+def version_dataset(
+    splits: Splits,
+    repo_dir: str | Path,
+    remote_url: str | Path,
+    dataset_path: str | Path | None = None,
+    message: str | None = None,
+) -> DataVersion:
     """Save splits into the data repo, `dvc add` + commit + `dvc push` them; their DataVersion.
 
     dataset_path (relative to the repo, or absolute inside it) defaults to datasets/<name>.
@@ -233,20 +246,30 @@ def open_dataset_version(version: DataVersion) -> Splits:
     recorded = _git(repo, "show", f"{version.git_rev}:{version.path}.dvc").stdout
     recorded_md5 = _dvc_file_md5(recorded, f"{version.path}.dvc at {version.git_rev}")
     if recorded_md5 != version.md5:
-        raise RuntimeError(f"{version.path}.dvc at {version.git_rev} records {recorded_md5}, "
-                           f"not the version's {version.md5}")
+        raise RuntimeError(
+            f"{version.path}.dvc at {version.git_rev} records {recorded_md5}, not the version's {version.md5}"
+        )
     with tempfile.TemporaryDirectory(prefix="nhle-data-") as tmp:
         out = Path(tmp) / "data"
         if not _copy_from_cache(repo, version.md5, out):
             shutil.rmtree(out, ignore_errors=True)
-            _run([dvc_executable(), "get", str(repo), version.path, "--rev", version.git_rev, "-o", str(out)],
-                 cwd=Path(tmp))
+            _run(
+                [dvc_executable(), "get", str(repo), version.path, "--rev", version.git_rev, "-o", str(out)],
+                cwd=Path(tmp),
+            )
         got = dvc_dir_md5(out)
         if got != version.md5:
-            raise RuntimeError(f"dvc get of {version.path}@{version.git_rev} gave data hashing to {got}, "
-                               f"not {version.md5}")
+            raise RuntimeError(
+                f"dvc get of {version.path}@{version.git_rev} gave data hashing to {got}, not {version.md5}"
+            )
         return load_splits(out)
 
 
-__all__ = ["DataVersion", "dvc_executable", "dvc_dir_md5", "ensure_data_repo", "open_dataset_version",
-           "version_dataset"]
+__all__ = [
+    "DataVersion",
+    "dvc_executable",
+    "dvc_dir_md5",
+    "ensure_data_repo",
+    "open_dataset_version",
+    "version_dataset",
+]

@@ -21,6 +21,7 @@ could not give a session its CUDA provider.
 Imports only torch, torchvision, numpy, scikit-learn, onnx, onnxruntime and nhle's core modules
 (no MLflow, Prefect, DVC, FastAPI or matplotlib), so it runs from the bare environment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,12 @@ import numpy as np
 import onnxruntime
 import torch
 
-from nhle.core.gates import retained_drop_pp
-from nhle.bench.unlearning import measured_on
 from nhle.bench.synthetic import synthetic_splits
+from nhle.bench.unlearning import measured_on
 from nhle.core.config import AMP_MODES, ExportConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.core.data import ImageSet, Splits, load_dataset, sample_per_class, split_by_classes
 from nhle.core.export import CUDA_STRICT_FP32, check_parity, export_onnx, make_session, preload_cuda_libraries
+from nhle.core.gates import retained_drop_pp
 from nhle.core.training import evaluate, resolve_device, train_model, training_spec
 from nhle.core.unlearning import unlearn
 
@@ -51,11 +52,25 @@ CPU = ["CPUExecutionProvider"]
 CUDA_FP32 = [CUDA_STRICT_FP32, "CPUExecutionProvider"]  # what the pipeline's parity check uses on a GPU
 CUDA_DEFAULT = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 # Sizes: a GPU run, and --quick (a smoke test that finishes in well under a minute on 2 CPU cores).
-FULL = {"train_size": 50000, "test_size": 2000, "epochs": 3, "batch_size": 128, "max_steps": 300, "repeats": 20,
-        "synthesis_steps": UnlearnConfig().synthesis_steps}
+FULL = {
+    "train_size": 50000,
+    "test_size": 2000,
+    "epochs": 3,
+    "batch_size": 128,
+    "max_steps": 300,
+    "repeats": 20,
+    "synthesis_steps": UnlearnConfig().synthesis_steps,
+}
 # The default's input synthesis (36 images x 100 steps of ResNet-18) alone took minutes on 2 cores.
-QUICK = {"train_size": 256, "test_size": 200, "epochs": 1, "batch_size": 32, "max_steps": 5, "repeats": 3,
-         "synthesis_steps": 5}
+QUICK = {
+    "train_size": 256,
+    "test_size": 200,
+    "epochs": 1,
+    "batch_size": 32,
+    "max_steps": 5,
+    "repeats": 3,
+    "synthesis_steps": 5,
+}
 NOT_IMPORTED = ("mlflow", "prefect", "dvc", "fastapi", "matplotlib")
 
 
@@ -118,40 +133,52 @@ def failures_of(parity: dict, gpu: bool, forgotten_predictions: int, forget_clas
     for name in ("cpu", "cuda"):
         report = parity[name]
         if report is not None and not report["passed"]:
-            failures.append(f"parity on the {name} provider failed: argmax agreement {report['argmax_agreement']:.4%}, "
-                            f"max abs probability difference {report['max_abs_prob_diff']:.3g} "
-                            f"(tolerance {report['tolerance']:g}), providers {report['providers']}")
+            failures.append(
+                f"parity on the {name} provider failed: argmax agreement {report['argmax_agreement']:.4%}, "
+                f"max abs probability difference {report['max_abs_prob_diff']:.3g} "
+                f"(tolerance {report['tolerance']:g}), providers {report['providers']}"
+            )
     if gpu and parity["cuda"]["providers"][0] != "CUDAExecutionProvider":
-        failures.append(f"a GPU is present but ONNX Runtime gave the session only {parity['cuda']['providers']}: "
-                        "check that onnxruntime-gpu (not onnxruntime) is installed and that CUDA 13 / cuDNN 9 "
-                        "libraries load (see docs/gpu.md)")
+        failures.append(
+            f"a GPU is present but ONNX Runtime gave the session only {parity['cuda']['providers']}: "
+            "check that onnxruntime-gpu (not onnxruntime) is installed and that CUDA 13 / cuDNN 9 "
+            "libraries load (see docs/gpu.md)"
+        )
     if forgotten_predictions:
-        failures.append(f"the ONNX model predicted the forgotten class {forget_class} for "
-                        f"{forgotten_predictions} test images")
+        failures.append(
+            f"the ONNX model predicted the forgotten class {forget_class} for {forgotten_predictions} test images"
+        )
     return failures
 
 
 def run(args) -> dict:
     """Everything the module docstring lists; returns the report that goes to gpu_check.json."""
-    sizes = {k: getattr(args, k) if getattr(args, k, None) is not None else v
-             for k, v in (QUICK if args.quick else FULL).items()}
+    sizes = {
+        k: getattr(args, k) if getattr(args, k, None) is not None else v
+        for k, v in (QUICK if args.quick else FULL).items()
+    }
     device = resolve_device(args.device)
     gpu = torch.cuda.is_available()
     if gpu:
         preload_cuda_libraries()
     export_config = ExportConfig()
     data = gpu_check_data(args.cifar_root, sizes["train_size"], sizes["test_size"], args.seed)
-    print(f"gpu_check: {data.name}, {len(data.train)} train / {len(data.test)} test images "
-          f"{'x'.join(map(str, data.image_shape))}, ResNet-18 on {device}, amp {args.amp}", flush=True)
+    print(
+        f"gpu_check: {data.name}, {len(data.train)} train / {len(data.test)} test images "
+        f"{'x'.join(map(str, data.image_shape))}, ResNet-18 on {device}, amp {args.amp}",
+        flush=True,
+    )
 
-    train_config = replace(TrainConfig(), epochs=sizes["epochs"], batch_size=sizes["batch_size"],
-                           device=str(device), amp=args.amp)
+    train_config = replace(
+        TrainConfig(), epochs=sizes["epochs"], batch_size=sizes["batch_size"], device=str(device), amp=args.amp
+    )
     spec = training_spec(ModelConfig(arch="resnet18_cifar"), data)
     model, train_seconds = train_model(data, train_config, seed=args.seed, progress=False, spec=spec)
     train_steps = sizes["epochs"] * -(-len(data.train) // sizes["batch_size"])
 
-    unlearn_config = replace(UnlearnConfig(), max_steps=sizes["max_steps"], synthesis_steps=sizes["synthesis_steps"],
-                             amp=args.amp)
+    unlearn_config = replace(
+        UnlearnConfig(), max_steps=sizes["max_steps"], synthesis_steps=sizes["synthesis_steps"], amp=args.amp
+    )
     samples = sample_per_class(data.train, [args.forget_class], unlearn_config.n_samples, args.seed)
     result = unlearn(model, samples, [args.forget_class], unlearn_config, device=str(device))
     forget_test, retain_test = split_by_classes(data.test, [args.forget_class])
@@ -162,11 +189,20 @@ def run(args) -> dict:
         onnx_path = export_onnx(result.model, Path(folder) / "model.onnx", data.image_shape)
 
         def parity(providers):
-            return check_parity(result.model, onnx_path, data.test, batch_sizes=export_config.parity_batch_sizes,
-                                tolerance=export_config.parity_tolerance, providers=providers)
+            return check_parity(
+                result.model,
+                onnx_path,
+                data.test,
+                batch_sizes=export_config.parity_batch_sizes,
+                tolerance=export_config.parity_tolerance,
+                providers=providers,
+            )
 
-        parity_reports = {"cpu": parity(CPU), "cuda": parity(CUDA_FP32) if gpu else None,
-                          "cuda_default_options": parity(CUDA_DEFAULT) if gpu else None}
+        parity_reports = {
+            "cpu": parity(CPU),
+            "cuda": parity(CUDA_FP32) if gpu else None,
+            "cuda_default_options": parity(CUDA_DEFAULT) if gpu else None,
+        }
         forgotten_predictions = onnx_predictions_of(onnx_path, data.test, args.forget_class)
         batch = data.test.float_images()[torch.arange(sizes["batch_size"]) % len(data.test)]
         inference = inference_ms(result.model, onnx_path, batch, device, gpu, sizes["repeats"])
@@ -176,27 +212,54 @@ def run(args) -> dict:
     original_retain, retain_after = evaluate(original, retain_test, device), evaluate(unlearned, retain_test, device)
     return {
         "measured_on": measured_on(),
-        "machine": {"device": str(device), "gpu": torch.cuda.get_device_name() if gpu else None,
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads()},
-        "settings": {"data": data.name, "image_shape": list(data.image_shape), "train_size": len(data.train),
-                     "test_size": len(data.test), "epochs": sizes["epochs"], "batch_size": sizes["batch_size"],
-                     "amp": args.amp, "max_steps": sizes["max_steps"],
-                     "synthesis_steps": sizes["synthesis_steps"], "n_samples": unlearn_config.n_samples,
-                     "forget_class": args.forget_class, "seed": args.seed, "quick": bool(args.quick)},
-        "train": {"seconds": train_seconds, "steps": train_steps, "seconds_per_step": train_seconds / train_steps,
-                  "images_per_s": sizes["epochs"] * len(data.train) / train_seconds},
-        "unlearn": {"seconds": result.seconds, "steps": result.steps, "stopped_early": result.stopped_early,
-                    "seconds_per_step": result.seconds / max(result.steps, 1)},
-        "retrain_free": {"retrain_seconds_estimate": retrain_estimate,
-                         "speedup_vs_retrain": retrain_estimate / result.seconds,
-                         "note": "retraining not run: estimated as the training time scaled to the retained share "
-                                 "of the training set (same recipe, same machine)"},
-        "accuracy": {"original_forget_test_acc": evaluate(original, forget_test, device),
-                     "original_retain_test_acc": original_retain,
-                     "forget_test_acc": evaluate(unlearned, forget_test, device),
-                     "retain_test_acc": retain_after,
-                     "retained_drop_pp": retained_drop_pp(original_retain, retain_after)},
+        "machine": {
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name() if gpu else None,
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "data": data.name,
+            "image_shape": list(data.image_shape),
+            "train_size": len(data.train),
+            "test_size": len(data.test),
+            "epochs": sizes["epochs"],
+            "batch_size": sizes["batch_size"],
+            "amp": args.amp,
+            "max_steps": sizes["max_steps"],
+            "synthesis_steps": sizes["synthesis_steps"],
+            "n_samples": unlearn_config.n_samples,
+            "forget_class": args.forget_class,
+            "seed": args.seed,
+            "quick": bool(args.quick),
+        },
+        "train": {
+            "seconds": train_seconds,
+            "steps": train_steps,
+            "seconds_per_step": train_seconds / train_steps,
+            "images_per_s": sizes["epochs"] * len(data.train) / train_seconds,
+        },
+        "unlearn": {
+            "seconds": result.seconds,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "seconds_per_step": result.seconds / max(result.steps, 1),
+        },
+        "retrain_free": {
+            "retrain_seconds_estimate": retrain_estimate,
+            "speedup_vs_retrain": retrain_estimate / result.seconds,
+            "note": "retraining not run: estimated as the training time scaled to the retained share "
+            "of the training set (same recipe, same machine)",
+        },
+        "accuracy": {
+            "original_forget_test_acc": evaluate(original, forget_test, device),
+            "original_retain_test_acc": original_retain,
+            "forget_test_acc": evaluate(unlearned, forget_test, device),
+            "retain_test_acc": retain_after,
+            "retained_drop_pp": retained_drop_pp(original_retain, retain_after),
+        },
         "onnx": {"forgotten_class_predictions": forgotten_predictions, "test_images": len(data.test)},
         "parity": parity_reports,
         "inference_ms_per_batch": {"batch_size": sizes["batch_size"], **inference},
@@ -212,36 +275,73 @@ def markdown(report: dict) -> str:
     m, inference = report["machine"], report["inference_ms_per_batch"]
     stop = "stopped early" if u["stopped_early"] else "step cap reached"
     figures = [
-        ("training", (f"{t['seconds']:.1f} s, {t['steps']} steps: {t['seconds_per_step']:.3f} s/step, "
-                      f"{t['images_per_s']:.0f} images/s")),
+        (
+            "training",
+            (
+                f"{t['seconds']:.1f} s, {t['steps']} steps: {t['seconds_per_step']:.3f} s/step, "
+                f"{t['images_per_s']:.0f} images/s"
+            ),
+        ),
         ("NHLE + masking", f"{u['seconds']:.2f} s, {u['steps']} steps ({u['seconds_per_step']:.3f} s/step, {stop})"),
-        ("retraining (estimated, not run)", f"{r['retrain_seconds_estimate']:.1f} s: NHLE is " + (
-            f"{r['speedup_vs_retrain']:.1f}x faster" if r["speedup_vs_retrain"] >= 1
-            else f"{1 / r['speedup_vs_retrain']:.1f}x slower (a small training set is cheap to retrain)")),
-        ("forget / retain test accuracy, original",
-         f"{100 * a['original_forget_test_acc']:.1f}% / {100 * a['original_retain_test_acc']:.1f}%"),
-        ("forget / retain test accuracy, after NHLE",
-         (f"{100 * a['forget_test_acc']:.1f}% / {100 * a['retain_test_acc']:.1f}% "
-          f"(drop {a['retained_drop_pp']:.2f} pp)")),
-        ("ONNX predictions of the forgotten class",
-         f"{report['onnx']['forgotten_class_predictions']} of {report['onnx']['test_images']}"),
-        *[(f"inference, {k.replace('_', ' ')}", f"{v:.2f} ms per batch of {inference['batch_size']}")
-          for k, v in inference.items() if k != "batch_size"],
+        (
+            "retraining (estimated, not run)",
+            f"{r['retrain_seconds_estimate']:.1f} s: NHLE is "
+            + (
+                f"{r['speedup_vs_retrain']:.1f}x faster"
+                if r["speedup_vs_retrain"] >= 1
+                else f"{1 / r['speedup_vs_retrain']:.1f}x slower (a small training set is cheap to retrain)"
+            ),
+        ),
+        (
+            "forget / retain test accuracy, original",
+            f"{100 * a['original_forget_test_acc']:.1f}% / {100 * a['original_retain_test_acc']:.1f}%",
+        ),
+        (
+            "forget / retain test accuracy, after NHLE",
+            (
+                f"{100 * a['forget_test_acc']:.1f}% / {100 * a['retain_test_acc']:.1f}% "
+                f"(drop {a['retained_drop_pp']:.2f} pp)"
+            ),
+        ),
+        (
+            "ONNX predictions of the forgotten class",
+            f"{report['onnx']['forgotten_class_predictions']} of {report['onnx']['test_images']}",
+        ),
+        *[
+            (f"inference, {k.replace('_', ' ')}", f"{v:.2f} ms per batch of {inference['batch_size']}")
+            for k, v in inference.items()
+            if k != "batch_size"
+        ],
     ]
-    checks = [("CPU", report["parity"]["cpu"]), ("CUDA, strict fp32 (gates)", report["parity"]["cuda"]),
-              ("CUDA, default options (TF32; reported only)", report["parity"]["cuda_default_options"])]
+    checks = [
+        ("CPU", report["parity"]["cpu"]),
+        ("CUDA, strict fp32 (gates)", report["parity"]["cuda"]),
+        ("CUDA, default options (TF32; reported only)", report["parity"]["cuda_default_options"]),
+    ]
     gpu = f" ({m['gpu']})" if m["gpu"] else " (no GPU)"
     lines = [
-        f"# GPU check: {'passed' if report['passed'] else 'FAILED'}", "",
+        f"# GPU check: {'passed' if report['passed'] else 'FAILED'}",
+        "",
         f"{report['measured_on']}; device {m['device']}{gpu}; torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
-        (f"ResNet-18 (CIFAR stem) on {s['data']} ({s['train_size']} train / {s['test_size']} test images), "
-         f"{s['epochs']} epoch(s) at batch {s['batch_size']}, amp {s['amp']}; NHLE + masking forgets class "
-         f"{s['forget_class']} from {s['n_samples']} samples (at most {s['max_steps']} steps)."), "",
-        "| figure | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in figures], "",
-        "| parity check | providers the session got | max abs prob diff | result |", "|---|---|---|---|",
-        *[f"| {name} | not run (no GPU) | | |" if rep is None else
-          f"| {name} | {', '.join(rep['providers'])} | {rep['max_abs_prob_diff']:.2g} | "
-          f"{'passed' if rep['passed'] else 'FAILED'} |" for name, rep in checks],
+        (
+            f"ResNet-18 (CIFAR stem) on {s['data']} ({s['train_size']} train / {s['test_size']} test images), "
+            f"{s['epochs']} epoch(s) at batch {s['batch_size']}, amp {s['amp']}; NHLE + masking forgets class "
+            f"{s['forget_class']} from {s['n_samples']} samples (at most {s['max_steps']} steps)."
+        ),
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *[f"| {name} | {value} |" for name, value in figures],
+        "",
+        "| parity check | providers the session got | max abs prob diff | result |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | not run (no GPU) | | |"
+            if rep is None
+            else f"| {name} | {', '.join(rep['providers'])} | {rep['max_abs_prob_diff']:.2g} | "
+            f"{'passed' if rep['passed'] else 'FAILED'} |"
+            for name, rep in checks
+        ],
     ]
     if report["failures"]:
         lines += ["", "Failures:", *[f"- {f}" for f in report["failures"]]]
@@ -251,15 +351,22 @@ def markdown(report: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sizes = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items() if k != "repeats")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--amp", default="off", choices=AMP_MODES,
-                        help="mixed precision of training and unlearning (weights and the ONNX model stay fp32)")
-    parser.add_argument("--cifar-root", help="folder with torchvision's CIFAR-10 files (cifar-10-batches-py); "
-                        "without it, synthetic CIFAR-shaped data")
+    parser.add_argument(
+        "--amp",
+        default="off",
+        choices=AMP_MODES,
+        help="mixed precision of training and unlearning (weights and the ONNX model stay fp32)",
+    )
+    parser.add_argument(
+        "--cifar-root",
+        help="folder with torchvision's CIFAR-10 files (cifar-10-batches-py); without it, synthetic CIFAR-shaped data",
+    )
     parser.add_argument("--train-size", type=int, help=f"training images (default {FULL['train_size']})")
     parser.add_argument("--test-size", type=int, help=f"test images, also the parity set (default {FULL['test_size']})")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {FULL['epochs']})")
-    parser.add_argument("--batch-size", type=int, help="training batch, also the timed inference batch "
-                        f"(default {FULL['batch_size']})")
+    parser.add_argument(
+        "--batch-size", type=int, help=f"training batch, also the timed inference batch (default {FULL['batch_size']})"
+    )
     parser.add_argument("--max-steps", type=int, help=f"cap on NHLE fine-tuning steps (default {FULL['max_steps']})")
     parser.add_argument("--forget-class", type=int, default=0, help="the class to forget (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, training and forget samples")
@@ -269,8 +376,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m nhle.bench.gpu", description=__doc__.split("\n\n")[0],
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_arguments(
+        argparse.ArgumentParser(
+            prog="python -m nhle.bench.gpu",
+            description=__doc__.split("\n\n")[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
     try:
         report = run(args)

@@ -11,6 +11,7 @@ torch.utils.flop_counter (a multiply-add counts 2); achieved GFLOP/s = FLOPs x i
 reference is the fastest fp32 2048x2048 matmul among torch.mm, numpy and ONNX Runtime on the
 same threads (torch.mm alone understates AMD CPUs: MKL takes slow paths there).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nhle.bench.serving import compare_runtimes
 from nhle.core.export import export_onnx
 from nhle.core.models import build_model
-from nhle.bench.serving import compare_runtimes
 
 MODELS = {"smallcnn": (1, 8), "resnet18_cifar": (3, 32)}  # channels, image size
 
@@ -61,18 +62,26 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    runs = {"torch": lambda: torch.mm(ta, tb), "numpy": lambda: a @ b,
-            "onnxruntime": lambda: session.run(None, {"A": a, "B": b})}
-    rates = {k: round(2 * n ** 3 / _best_seconds(run, repeats) / 1e9, 1) for k, run in runs.items()}
+    runs = {
+        "torch": lambda: torch.mm(ta, tb),
+        "numpy": lambda: a @ b,
+        "onnxruntime": lambda: session.run(None, {"A": a, "B": b}),
+    }
+    rates = {k: round(2 * n**3 / _best_seconds(run, repeats) / 1e9, 1) for k, run in runs.items()}
     return {**rates, "best": max(rates.values()), "n": n}
 
 
-def bench_inference(out: Path = Path("bench/inference"), batch_size: int = 64, rounds: int = 5,
-                    seconds_per_model: float = 40.0) -> dict:
+def bench_inference(
+    out: Path = Path("bench/inference"), batch_size: int = 64, rounds: int = 5, seconds_per_model: float = 40.0
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": f"{platform.node() or 'this machine'} ({platform.machine()})",
-              "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(),
-              "matmul_fp32_gflops": matmul_gflops(), "models": {}}
+    result = {
+        "machine": f"{platform.node() or 'this machine'} ({platform.machine()})",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch_threads": torch.get_num_threads(),
+        "matmul_fp32_gflops": matmul_gflops(),
+        "models": {},
+    }
     rng = np.random.default_rng(0)
     for arch, (channels, size) in MODELS.items():
         model = build_model(arch, channels, 10).eval()
@@ -82,9 +91,14 @@ def bench_inference(out: Path = Path("bench/inference"), batch_size: int = 64, r
             batches = [rng.random((batch_size, *shape), dtype=np.float32) for _ in range(2)]
             runtimes = compare_runtimes(model, onnx_path, batches, rounds, time.monotonic() + seconds_per_model)
         flops = flops_per_image(model, shape)
-        runtimes.update({"input": list(shape), "mflops_per_image": round(flops / 1e6, 2),
-                         "ort_gflops": round(flops * runtimes["ort_images_per_s"] / 1e9, 1),
-                         "torch_gflops": round(flops * runtimes["torch_images_per_s"] / 1e9, 1)})
+        runtimes.update(
+            {
+                "input": list(shape),
+                "mflops_per_image": round(flops / 1e6, 2),
+                "ort_gflops": round(flops * runtimes["ort_images_per_s"] / 1e9, 1),
+                "torch_gflops": round(flops * runtimes["torch_images_per_s"] / 1e9, 1),
+            }
+        )
         runtimes["ort_share_of_matmul"] = round(runtimes["ort_gflops"] / result["matmul_fp32_gflops"]["best"], 3)
         runtimes["torch_share_of_matmul"] = round(runtimes["torch_gflops"] / result["matmul_fp32_gflops"]["best"], 3)
         result["models"][arch] = runtimes
@@ -97,16 +111,22 @@ def bench_inference(out: Path = Path("bench/inference"), batch_size: int = 64, r
 
 def markdown(result: dict) -> str:
     mm = result["matmul_fp32_gflops"]
-    lines = [f"Inference on {result['machine']}, {result['date']}, {result['torch_threads']} torch threads, CPU. "
-             f"fp32 {mm['n']}x{mm['n']} matmul, GFLOP/s: ONNX Runtime (MLAS) {mm['onnxruntime']}, numpy (OpenBLAS) "
-             f"{mm['numpy']}, torch.mm {mm['torch']}; the machine's rate is taken as {mm['best']}.", "",
-             "| model | input | MFLOP / image | batch | ONNX Runtime img/s | PyTorch eager img/s | ORT / eager "
-             "| ORT GFLOP/s (share of matmul rate) | eager GFLOP/s (share) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Inference on {result['machine']}, {result['date']}, {result['torch_threads']} torch threads, CPU. "
+        f"fp32 {mm['n']}x{mm['n']} matmul, GFLOP/s: ONNX Runtime (MLAS) {mm['onnxruntime']}, numpy (OpenBLAS) "
+        f"{mm['numpy']}, torch.mm {mm['torch']}; the machine's rate is taken as {mm['best']}.",
+        "",
+        "| model | input | MFLOP / image | batch | ONNX Runtime img/s | PyTorch eager img/s | ORT / eager "
+        "| ORT GFLOP/s (share of matmul rate) | eager GFLOP/s (share) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for arch, r in result["models"].items():
-        lines.append(f"| {arch} | {'x'.join(map(str, r['input']))} | {r['mflops_per_image']} | {r['batch_size']} | "
-                     f"{r['ort_images_per_s']:,.0f} | {r['torch_images_per_s']:,.0f} | {r['ort_over_torch']} | "
-                     f"{r['ort_gflops']} ({100 * r['ort_share_of_matmul']:.0f}%) | {r['torch_gflops']} "
-                     f"({100 * r['torch_share_of_matmul']:.0f}%) |")
+        lines.append(
+            f"| {arch} | {'x'.join(map(str, r['input']))} | {r['mflops_per_image']} | {r['batch_size']} | "
+            f"{r['ort_images_per_s']:,.0f} | {r['torch_images_per_s']:,.0f} | {r['ort_over_torch']} | "
+            f"{r['ort_gflops']} ({100 * r['ort_share_of_matmul']:.0f}%) | {r['torch_gflops']} "
+            f"({100 * r['torch_share_of_matmul']:.0f}%) |"
+        )
     return "\n".join(lines)
 
 

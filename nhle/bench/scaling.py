@@ -10,6 +10,7 @@ enough that accuracy is below 100%. For every size the same recipe trains a base
 class 0 is forgotten by NHLE (32 samples, as always) and by retraining from scratch without it.
 Writes scaling.json, scaling.md and scaling.png (seconds against training-set size, log-log).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ from nhle.core.training import evaluate, train_model
 from nhle.core.unlearning import unlearn
 
 
-def bench_scaling(sizes=(2000, 20000, 200000), out: Path = Path("bench/scaling"), epochs: int = 5, seed: int = 0,
-                  forget_class: int = 0, config: UnlearnConfig = UnlearnConfig(), device: str = "auto") -> list[dict]:
+def bench_scaling(
+    sizes=(2000, 20000, 200000),
+    out: Path = Path("bench/scaling"),
+    epochs: int = 5,
+    seed: int = 0,
+    forget_class: int = 0,
+    config: UnlearnConfig = UnlearnConfig(),
+    device: str = "auto",
+) -> list[dict]:
     """Train, unlearn with NHLE and retrain at each size; one row per size, written as it goes."""
     out.mkdir(parents=True, exist_ok=True)
     train_config = replace(TrainConfig(), epochs=epochs, device=device)
@@ -37,30 +45,45 @@ def bench_scaling(sizes=(2000, 20000, 200000), out: Path = Path("bench/scaling")
         result = unlearn(model, samples, [forget_class], config, device=device)
         retrained, retrain_seconds = train_model(data, train_config, seed=seed, exclude=[forget_class], progress=False)
         forget_test, retain_test = split_by_classes(data.test, [forget_class])
-        rows.append({"train_size": size, "epochs": epochs, "train_seconds": train_seconds,
-                     "nhle_seconds": result.seconds, "nhle_steps": result.steps, "retrain_seconds": retrain_seconds,
-                     "ratio": result.seconds / retrain_seconds,
-                     "original_retain_test_acc": evaluate(model, retain_test),
-                     "nhle_forget_test_acc": evaluate(result.model, forget_test),
-                     "nhle_retain_test_acc": evaluate(result.model, retain_test),
-                     "retrain_retain_test_acc": evaluate(retrained, retain_test)})
+        rows.append(
+            {
+                "train_size": size,
+                "epochs": epochs,
+                "train_seconds": train_seconds,
+                "nhle_seconds": result.seconds,
+                "nhle_steps": result.steps,
+                "retrain_seconds": retrain_seconds,
+                "ratio": result.seconds / retrain_seconds,
+                "original_retain_test_acc": evaluate(model, retain_test),
+                "nhle_forget_test_acc": evaluate(result.model, forget_test),
+                "nhle_retain_test_acc": evaluate(result.model, retain_test),
+                "retrain_retain_test_acc": evaluate(retrained, retain_test),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
-    header = (f"NHLE vs retraining as the training set grows: synthetic 16x16 data, 10 classes, small CNN, "
-              f"{epochs} epochs, forget class {forget_class}; {measured_on()}")
+    header = (
+        f"NHLE vs retraining as the training set grows: synthetic 16x16 data, 10 classes, small CNN, "
+        f"{epochs} epochs, forget class {forget_class}; {measured_on()}"
+    )
     scaling_plot(rows, out / "scaling.png")
     write_report(out, "scaling", header, scaling_table(rows))
     return rows
 
 
 def scaling_table(rows: list[dict]) -> str:
-    lines = ["| train samples | NHLE s (steps) | retrain s | NHLE / retrain | retain acc: original / NHLE / retrain "
-             "| forget acc after NHLE |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| train samples | NHLE s (steps) | retrain s | NHLE / retrain | retain acc: original / NHLE / retrain "
+        "| forget acc after NHLE |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['train_size']:,} | {r['nhle_seconds']:.2f} ({r['nhle_steps']}) | {r['retrain_seconds']:.1f} "
-                     f"| {r['ratio']:.4f} | {100 * r['original_retain_test_acc']:.1f}% / "
-                     f"{100 * r['nhle_retain_test_acc']:.1f}% / {100 * r['retrain_retain_test_acc']:.1f}% "
-                     f"| {100 * r['nhle_forget_test_acc']:.1f}% |")
+        lines.append(
+            f"| {r['train_size']:,} | {r['nhle_seconds']:.2f} ({r['nhle_steps']}) | {r['retrain_seconds']:.1f} "
+            f"| {r['ratio']:.4f} | {100 * r['original_retain_test_acc']:.1f}% / "
+            f"{100 * r['nhle_retain_test_acc']:.1f}% / {100 * r['retrain_retain_test_acc']:.1f}% "
+            f"| {100 * r['nhle_forget_test_acc']:.1f}% |"
+        )
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ Last, in a scratch project with its own server: a forget request is submitted an
 is measured (the flow tells the server to reload through serving.notify).
 Writes OUT/serve.json and OUT/serve.md; each phase stops at its count or at the `seconds` cap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,15 @@ from nhle.core.config import load_params, params_as_dict, with_assignments
 ADMIN_TOKEN = "nhle-bench-serve-admin-token-32-characters"
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 # (variant, server, path, body format): what each round sends, in this order.
-VARIANTS = [("nhle /predict (JSON)", "nhle", "/predict", "predict"),
-            ("nhle /invocations (JSON)", "nhle", "/invocations", "invocations"),
-            ("nhle V2 JSON", "nhle", "/v2/models/{name}/infer", "v2_json"),
-            ("nhle V2 binary", "nhle", "/v2/models/{name}/infer", "v2_binary"),
-            ("nhle V2 binary, micro-batching", "nhle_batching", "/v2/models/{name}/infer", "v2_binary"),
-            ("nhle V2 binary, ort_threads 0", "nhle_ort_all_cores", "/v2/models/{name}/infer", "v2_binary"),
-            ("mlflow models serve /invocations (JSON)", "mlflow", "/invocations", "invocations")]
+VARIANTS = [
+    ("nhle /predict (JSON)", "nhle", "/predict", "predict"),
+    ("nhle /invocations (JSON)", "nhle", "/invocations", "invocations"),
+    ("nhle V2 JSON", "nhle", "/v2/models/{name}/infer", "v2_json"),
+    ("nhle V2 binary", "nhle", "/v2/models/{name}/infer", "v2_binary"),
+    ("nhle V2 binary, micro-batching", "nhle_batching", "/v2/models/{name}/infer", "v2_binary"),
+    ("nhle V2 binary, ort_threads 0", "nhle_ort_all_cores", "/v2/models/{name}/infer", "v2_binary"),
+    ("mlflow models serve /invocations (JSON)", "mlflow", "/invocations", "invocations"),
+]
 # Settings (NHLE_<FIELD>) of each nhle server beyond the project's params.yaml.
 NHLE_SERVERS = {"nhle": {}, "nhle_batching": {"micro_batching": "true"}, "nhle_ort_all_cores": {"ort_threads": 0}}
 BASELINE = "mlflow models serve /invocations (JSON)"
@@ -88,7 +91,7 @@ def champion_of(params, project_dir: Path):
     from nhle.core.config import resolve_uri
 
     uri = resolve_uri(params.tracking_uri(), project_dir)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return None
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -105,8 +108,13 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in command], cwd=cwd,
-                                     env={**os.environ, **QUIET, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [c.replace("{port}", str(self.port)) for c in command],
+            cwd=cwd,
+            env={**os.environ, **QUIET, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, path: str, timeout: float = 120.0):
         import httpx
@@ -120,8 +128,9 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self._log.flush()
-        raise RuntimeError(f"{self.log_path.stem} did not become ready on {path}:\n"
-                           f"{self.log_path.read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(
+            f"{self.log_path.stem} did not become ready on {path}:\n{self.log_path.read_text(errors='replace')[-3000:]}"
+        )
 
     def stop(self):
         stop_process(self.proc)
@@ -129,20 +138,58 @@ class ServerProcess:
 
 
 def nhle_server(project_dir: Path, log_path: Path, port: int | None = None, **settings) -> ServerProcess:
-    env = {"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(project_dir / "params.yaml"),
-           "NHLE_ADMIN_TOKEN": ADMIN_TOKEN, **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()}}
-    return ServerProcess([sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-                          "--http", "nhle_serving.http:GuardedProtocol", "--host", "127.0.0.1", "--port", "{port}",
-                          "--no-access-log", "--log-level", "warning"],
-                         env, log_path, port, cwd=project_dir)
+    env = {
+        "NHLE_PROJECT_DIR": str(project_dir),
+        "NHLE_PARAMS": str(project_dir / "params.yaml"),
+        "NHLE_ADMIN_TOKEN": ADMIN_TOKEN,
+        **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    return ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "nhle_serving.server:create_app",
+            "--factory",
+            "--http",
+            "nhle_serving.http:GuardedProtocol",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env,
+        log_path,
+        port,
+        cwd=project_dir,
+    )
 
 
 def mlflow_server(model_uri: str, tracking_uri: str, log_path: Path) -> ServerProcess:
     # `mlflow models serve --env-manager local` runs uvicorn from PATH: put this interpreter's first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return ServerProcess([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                          "--host", "127.0.0.1", "--port", "{port}"],
-                         {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}, log_path)
+    return ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+        ],
+        {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": path},
+        log_path,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,8 +207,12 @@ def request_body(fmt: str, images: np.ndarray) -> tuple[bytes, dict]:
         body = {"inputs": [{**tensor, "data": images.ravel().tolist()}]}
         return json.dumps(body).encode(), {"Content-Type": "application/json"}
     raw = images.astype("<f4").tobytes()
-    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
-                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
@@ -183,8 +234,15 @@ def process_tree_cpu(pid: int | None) -> float | None:
     return sum(stats[p][1] for p in tree if p in stats)
 
 
-def load_phase(url: str, path: str, bodies: list[tuple[bytes, dict]], requests: int, concurrency: int,
-               deadline: float, server_pid: int | None = None) -> dict:
+def load_phase(
+    url: str,
+    path: str,
+    bodies: list[tuple[bytes, dict]],
+    requests: int,
+    concurrency: int,
+    deadline: float,
+    server_pid: int | None = None,
+) -> dict:
     """`requests` POSTs, `concurrency` keep-alive connections at a time; latency of each, and the
     CPU seconds the client (this process) and the server process tree spent meanwhile."""
     host, port = url.removeprefix("http://").split(":")
@@ -222,26 +280,40 @@ def load_phase(url: str, path: str, bodies: list[tuple[bytes, dict]], requests: 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     server_after = process_tree_cpu(server_pid)
-    return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-            "seconds": time.perf_counter() - started, "latencies": latencies,
-            "client_cpu": time.process_time() - client_cpu,
-            "server_cpu": None if server_cpu is None else server_after - server_cpu}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "client_cpu": time.process_time() - client_cpu,
+        "server_cpu": None if server_cpu is None else server_after - server_cpu,
+    }
 
 
 def summary(phases: list[dict], images_per_request: int, requested: int, concurrency: int) -> dict:
     latencies = np.array([t for p in phases for t in p["latencies"]]) * 1000
     done, seconds = len(latencies), sum(p["seconds"] for p in phases)
-    return {"requests": done, "errors": sum(p["errors"] for p in phases),
-            "first_errors": [e for p in phases for e in p["first_errors"]][:3], "capped": done < requested,
-            "concurrency": concurrency, "images_per_request": images_per_request, "seconds": round(seconds, 3),
-            "requests_per_s": round(done / seconds, 1) if seconds else 0.0,
-            "images_per_s": round(done * images_per_request / seconds, 1) if seconds else 0.0,
-            "p50_ms": round(float(np.percentile(latencies, 50)), 2) if done else None,
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2) if done else None,
-            # CPU per answered request: where the cores went (client and servers share them)
-            "client_cpu_ms": round(sum(p["client_cpu"] for p in phases) * 1000 / done, 3) if done else None,
-            "server_cpu_ms": (round(sum(p["server_cpu"] for p in phases) * 1000 / done, 3)
-                              if done and all(p["server_cpu"] is not None for p in phases) else None)}
+    return {
+        "requests": done,
+        "errors": sum(p["errors"] for p in phases),
+        "first_errors": [e for p in phases for e in p["first_errors"]][:3],
+        "capped": done < requested,
+        "concurrency": concurrency,
+        "images_per_request": images_per_request,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(done / seconds, 1) if seconds else 0.0,
+        "images_per_s": round(done * images_per_request / seconds, 1) if seconds else 0.0,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2) if done else None,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 2) if done else None,
+        # CPU per answered request: where the cores went (client and servers share them)
+        "client_cpu_ms": round(sum(p["client_cpu"] for p in phases) * 1000 / done, 3) if done else None,
+        "server_cpu_ms": (
+            round(sum(p["server_cpu"] for p in phases) * 1000 / done, 3)
+            if done and all(p["server_cpu"] is not None for p in phases)
+            else None
+        ),
+    }
 
 
 def torch_version() -> str:
@@ -250,8 +322,9 @@ def torch_version() -> str:
     return torch.__version__
 
 
-def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: int, deadline: float,
-                     round_seconds: float = 0.5) -> dict:
+def compare_runtimes(
+    model, onnx_path: Path, batches: list[np.ndarray], rounds: int, deadline: float, round_seconds: float = 0.5
+) -> dict:
     """Images/s of an in-process ONNX Runtime session and of PyTorch eager on the same batches,
     interleaved round by round; both on the CPU, each with its default thread count. Each round
     passes over the batches often enough to take about `round_seconds` per runtime."""
@@ -262,8 +335,10 @@ def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: 
     name = session.get_inputs()[0].name
     model = model.cpu().eval()
     tensors = [torch.from_numpy(b) for b in batches]
-    runners = {"onnxruntime": lambda: [session.run(None, {name: b}) for b in batches],
-               "pytorch": lambda: [model(t) for t in tensors]}
+    runners = {
+        "onnxruntime": lambda: [session.run(None, {name: b}) for b in batches],
+        "pytorch": lambda: [model(t) for t in tensors],
+    }
     seconds = dict.fromkeys(runners, 0.0)
     images = dict.fromkeys(runners, 0)
     per_pass = sum(len(b) for b in batches)
@@ -286,18 +361,28 @@ def compare_runtimes(model, onnx_path: Path, batches: list[np.ndarray], rounds: 
                 images[key] += repeats[key] * per_pass
             done += 1
     rate = {k: images[k] / seconds[k] if seconds[k] else 0.0 for k in runners}
-    return {"device": "cpu", "batch_size": int(batches[0].shape[0]), "rounds": done, "capped": done < rounds,
-            "images": images, "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "torch_threads": torch.get_num_threads(),
-            "ort_images_per_s": round(rate["onnxruntime"], 1), "torch_images_per_s": round(rate["pytorch"], 1),
-            "ort_over_torch": round(rate["onnxruntime"] / rate["pytorch"], 2) if rate["pytorch"] else None}
+    return {
+        "device": "cpu",
+        "batch_size": int(batches[0].shape[0]),
+        "rounds": done,
+        "capped": done < rounds,
+        "images": images,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "torch_threads": torch.get_num_threads(),
+        "ort_images_per_s": round(rate["onnxruntime"], 1),
+        "torch_images_per_s": round(rate["pytorch"], 1),
+        "ort_over_torch": round(rate["onnxruntime"] / rate["pytorch"], 2) if rate["pytorch"] else None,
+    }
 
 
-def in_process(onnx_path: Path, model, batches: dict[str, list[np.ndarray]], rounds: int, deadline: float,
-               round_seconds: float) -> dict:
+def in_process(
+    onnx_path: Path, model, batches: dict[str, list[np.ndarray]], rounds: int, deadline: float, round_seconds: float
+) -> dict:
     """compare_runtimes for each payload (single images, batches)."""
-    return {payload: compare_runtimes(model, onnx_path, arrays, rounds, deadline, round_seconds)
-            for payload, arrays in batches.items()}
+    return {
+        payload: compare_runtimes(model, onnx_path, arrays, rounds, deadline, round_seconds)
+        for payload, arrays in batches.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,11 +419,19 @@ def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0)
             request = submit(params, root, spec, "bench@nhle", "nhle bench serve: time to serve a forget request")
             told = [e for e in open_ledger(params, root).events(request.id) if e.kind == "suppressed"]
             suppressed_at = told[0].detail["servers"][0]["at"] if told else None
-            rows.append({"request_id": request.id, "classes": spec, "from_version": before["version"],
-                         "accepted_to_suppressed_seconds": (round(
-                             (datetime.fromisoformat(suppressed_at) - request.submitted_at).total_seconds(), 3)
-                             if suppressed_at else None),
-                         **process_until_served(root, work, server.url, before, timeout)})
+            rows.append(
+                {
+                    "request_id": request.id,
+                    "classes": spec,
+                    "from_version": before["version"],
+                    "accepted_to_suppressed_seconds": (
+                        round((datetime.fromisoformat(suppressed_at) - request.submitted_at).total_seconds(), 3)
+                        if suppressed_at
+                        else None
+                    ),
+                    **process_until_served(root, work, server.url, before, timeout),
+                }
+            )
     finally:
         server.stop()
         if token is None:
@@ -346,9 +439,13 @@ def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0)
         else:
             os.environ["NHLE_ADMIN_TOKEN"] = token
     times = ("accepted_to_suppressed_seconds", "seconds_to_new_version", "process_seconds")
-    return {"requests": rows, "retrain_baseline": params.retrain_baseline, "poll_seconds": params.serving.poll_seconds,
-            "server_told_by": "serving.notify (POST /admin/reload)",
-            "seconds": {key: spread([row[key] for row in rows if row[key] is not None]) for key in times}}
+    return {
+        "requests": rows,
+        "retrain_baseline": params.retrain_baseline,
+        "poll_seconds": params.serving.poll_seconds,
+        "server_told_by": "serving.notify (POST /admin/reload)",
+        "seconds": {key: spread([row[key] for row in rows if row[key] is not None]) for key in times},
+    }
 
 
 def spread(values: list[float]) -> dict:
@@ -364,12 +461,18 @@ def process_until_served(root: Path, work: Path, url: str, before: dict, timeout
     started = time.monotonic()
     command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
     with open(work / "request-process.log", "ab") as log:
-        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **QUIET, "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
+        proc = subprocess.Popen(
+            command,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET, "NHLE_ADMIN_TOKEN": ADMIN_TOKEN},
+        )
         answered = version = None
         while time.monotonic() - started < timeout:
-            version = httpx.post(url + "/invocations", json={"inputs": [np.zeros(before["input_shape"]).tolist()]}
-                                 ).headers.get("x-model-version")
+            version = httpx.post(
+                url + "/invocations", json={"inputs": [np.zeros(before["input_shape"]).tolist()]}
+            ).headers.get("x-model-version")
             if version != before["version"]:
                 answered = time.monotonic() - started
                 break
@@ -379,20 +482,37 @@ def process_until_served(root: Path, work: Path, url: str, before: dict, timeout
         rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
         finished = time.monotonic() - started
     if answered is None:
-        raise RuntimeError(f"the server never answered with a new version (nhle request process exit {rc}):\n"
-                           f"{(work / 'request-process.log').read_text(errors='replace')[-3000:]}")
-    return {"to_version": version, "seconds_to_new_version": round(answered, 2), "process_seconds": round(finished, 2),
-            "process_exit": rc}
+        raise RuntimeError(
+            f"the server never answered with a new version (nhle request process exit {rc}):\n"
+            f"{(work / 'request-process.log').read_text(errors='replace')[-3000:]}"
+        )
+    return {
+        "to_version": version,
+        "seconds_to_new_version": round(answered, 2),
+        "process_seconds": round(finished, 2),
+        "process_exit": rc,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = None, out: Path = Path("bench/serve"),
-                rounds: int = 3, single_requests: int = 300, batch_requests: int = 60, batch_size: int = 64,
-                concurrency: int = 4, seconds: float = 900.0, round_seconds: float = 0.5, swap: bool = True,
-                assignments: tuple[str, ...] = (), swap_requests: int = 3) -> dict:
+def bench_serve(
+    project_dir: str | Path = ".",
+    params_path: str | Path | None = None,
+    out: Path = Path("bench/serve"),
+    rounds: int = 3,
+    single_requests: int = 300,
+    batch_requests: int = 60,
+    batch_size: int = 64,
+    concurrency: int = 4,
+    seconds: float = 900.0,
+    round_seconds: float = 0.5,
+    swap: bool = True,
+    assignments: tuple[str, ...] = (),
+    swap_requests: int = 3,
+) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
     Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
     import mlflow.artifacts
@@ -404,8 +524,9 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
     started = time.monotonic()
     deadline = started + seconds
     project_dir = Path(project_dir).resolve()
-    params = with_assignments(load_params(Path(params_path) if params_path else project_dir / "params.yaml"),
-                              list(assignments))
+    params = with_assignments(
+        load_params(Path(params_path) if params_path else project_dir / "params.yaml"), list(assignments)
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     servers, result = [], {}
@@ -426,13 +547,34 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
         try:
             max_instances = str(max(256, batch_size))
             for key, extra in NHLE_SERVERS.items():
-                servers.append((key, nhle_server(root, work / f"{key}.log", model=model_uri, poll_seconds=3600,
-                                                 max_instances=max_instances, **extra)))
+                servers.append(
+                    (
+                        key,
+                        nhle_server(
+                            root,
+                            work / f"{key}.log",
+                            model=model_uri,
+                            poll_seconds=3600,
+                            max_instances=max_instances,
+                            **extra,
+                        ),
+                    )
+                )
             servers.append(("mlflow", mlflow_server(model_uri, tracking_uri, work / "mlflow.log")))
             urls = {key: server.wait_ready("/ping" if key == "mlflow" else "/readyz").url for key, server in servers}
             pids = {key: server.proc.pid for key, server in servers}
-            result["http"] = http_rounds(urls, pids, version.name, params, rounds, single_requests, batch_requests, batch_size,
-                                         concurrency, deadline)
+            result["http"] = http_rounds(
+                urls,
+                pids,
+                version.name,
+                params,
+                rounds,
+                single_requests,
+                batch_requests,
+                batch_size,
+                concurrency,
+                deadline,
+            )
         finally:
             for _, server in servers:
                 server.stop()
@@ -442,23 +584,47 @@ def bench_serve(project_dir: str | Path = ".", params_path: str | Path | None = 
             if scratch is None:
                 scratch = scratch_project(params, work / "project")
             result["swap"] = swap_time(scratch[0], work, swap_requests)
-    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-              "machine": {"node": platform.node(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-                          "python": platform.python_version(), "torch": torch_version(),
-                          "onnxruntime": onnxruntime.__version__},
-              "model": {"source": origin, "uri": model_uri, "dataset": params.data.dataset,
-                        "forgotten_classes": model.forgotten_classes},
-              "client": f"one process, {concurrency} keep-alive HTTP/1.1 connections (http.client threads) on "
-                        "127.0.0.1; variants interleaved in rounds",
-              **result, "in_process": runtimes, "ratios": ratios(result["http"], runtimes, batch_size),
-              "seconds_cap": seconds, "total_seconds": round(time.monotonic() - started, 1)}
+    result = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {
+            "node": platform.node(),
+            "processor": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch_version(),
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "model": {
+            "source": origin,
+            "uri": model_uri,
+            "dataset": params.data.dataset,
+            "forgotten_classes": model.forgotten_classes,
+        },
+        "client": f"one process, {concurrency} keep-alive HTTP/1.1 connections (http.client threads) on "
+        "127.0.0.1; variants interleaved in rounds",
+        **result,
+        "in_process": runtimes,
+        "ratios": ratios(result["http"], runtimes, batch_size),
+        "seconds_cap": seconds,
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "serve.md").write_text(markdown(result, batch_size) + "\n")
     return result
 
 
-def http_rounds(urls: dict, pids: dict, name: str, params, rounds: int, single_requests: int, batch_requests: int,
-                batch_size: int, concurrency: int, deadline: float) -> dict:
+def http_rounds(
+    urls: dict,
+    pids: dict,
+    name: str,
+    params,
+    rounds: int,
+    single_requests: int,
+    batch_requests: int,
+    batch_size: int,
+    concurrency: int,
+    deadline: float,
+) -> dict:
     """Every variant at single images and at batch_size, a 1/rounds share of the requests each
     time, in turn; the figures summed over the rounds."""
     from nhle.core.experiment import load_data
@@ -466,20 +632,35 @@ def http_rounds(urls: dict, pids: dict, name: str, params, rounds: int, single_r
     test = load_data(params.data).test.float_images().numpy()
     rng = np.random.default_rng(0)
     payloads = {"single": (1, single_requests), f"batch_{batch_size}": (batch_size, batch_requests)}
-    arrays = {p: [test[rng.integers(0, len(test), n)] for _ in range(8 if n > 1 else 64)]
-              for p, (n, _) in payloads.items()}
+    arrays = {
+        p: [test[rng.integers(0, len(test), n)] for _ in range(8 if n > 1 else 64)] for p, (n, _) in payloads.items()
+    }
     bodies = {(p, fmt): [request_body(fmt, a) for a in arrays[p]] for p in payloads for *_, fmt in VARIANTS}
     phases = {(label, p): [] for label, *_ in VARIANTS for p in payloads}
-    for label, server, path, fmt in VARIANTS:  # warm-up, not reported
+    for _label, server, path, fmt in VARIANTS:  # warm-up, not reported
         load_phase(urls[server], path.format(name=name), bodies[("single", fmt)], 20, concurrency, deadline)
     for _ in range(rounds):
-        for p, (n, total) in payloads.items():
+        for p, (_n, total) in payloads.items():
             for label, server, path, fmt in VARIANTS:
                 share = max(1, total // rounds)
-                phases[(label, p)].append(load_phase(urls[server], path.format(name=name), bodies[(p, fmt)], share,
-                                                     concurrency, deadline, pids[server]))
-    table = {p: {label: summary(phases[(label, p)], n, max(1, total // rounds) * rounds, concurrency)
-                 for label, *_ in VARIANTS} for p, (n, total) in payloads.items()}
+                phases[(label, p)].append(
+                    load_phase(
+                        urls[server],
+                        path.format(name=name),
+                        bodies[(p, fmt)],
+                        share,
+                        concurrency,
+                        deadline,
+                        pids[server],
+                    )
+                )
+    table = {
+        p: {
+            label: summary(phases[(label, p)], n, max(1, total // rounds) * rounds, concurrency)
+            for label, *_ in VARIANTS
+        }
+        for p, (n, total) in payloads.items()
+    }
     return {**table, "_batches": {p: arrays[p][:8] for p in payloads}}
 
 
@@ -490,51 +671,80 @@ def ratios(http: dict, runtimes: dict, batch_size: int) -> dict:
     for payload, rows in http.items():
         base = rows[BASELINE]["requests_per_s"]
         ort_rate = runtimes[payload]["ort_images_per_s"]
-        out[payload] = {label: {"over_mlflow": round(row["requests_per_s"] / base, 2) if base else None,
-                                "share_of_onnxruntime": round(row["images_per_s"] / ort_rate, 3) if ort_rate else None}
-                        for label, row in rows.items()}
+        out[payload] = {
+            label: {
+                "over_mlflow": round(row["requests_per_s"] / base, 2) if base else None,
+                "share_of_onnxruntime": round(row["images_per_s"] / ort_rate, 3) if ort_rate else None,
+            }
+            for label, row in rows.items()
+        }
     return out
 
 
 def markdown(result: dict, batch_size: int) -> str:
     machine = result["machine"]
-    lines = [f"Serving benchmark, measured {result['measured_at']} on {machine['node']} ({machine['processor']}, "
-             f"{machine['cpu_count']} CPUs; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}). "
-             f"Model: {result['model']['source']}, {result['model']['uri']}, forgotten classes "
-             f"{result['model']['forgotten_classes']}. Client: {result['client']}.", ""]
+    lines = [
+        f"Serving benchmark, measured {result['measured_at']} on {machine['node']} ({machine['processor']}, "
+        f"{machine['cpu_count']} CPUs; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}). "
+        f"Model: {result['model']['source']}, {result['model']['uri']}, forgotten classes "
+        f"{result['model']['forgotten_classes']}. Client: {result['client']}.",
+        "",
+    ]
     for payload, rows in result["http"].items():
         n = rows[BASELINE]["images_per_request"]
         ort_rate = result["in_process"][payload]["ort_images_per_s"]
-        lines += [f"**{'single image' if n == 1 else f'batch of {n}'}** (in-process ONNX Runtime on the same "
-                  f"batches: {ort_rate:,.0f} images/s)", "",
-                  "| variant | requests | requests/s | images/s | p50 ms | p99 ms | errors | x mlflow | share of ORT "
-                  "| CPU ms/request: server, client |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{'single image' if n == 1 else f'batch of {n}'}** (in-process ONNX Runtime on the same "
+            f"batches: {ort_rate:,.0f} images/s)",
+            "",
+            "| variant | requests | requests/s | images/s | p50 ms | p99 ms | errors | x mlflow | share of ORT "
+            "| CPU ms/request: server, client |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, row in rows.items():
             ratio = result["ratios"][payload][label]
-            lines.append(f"| {label} | {row['requests']} | {row['requests_per_s']:,} | {row['images_per_s']:,} | "
-                         f"{row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {ratio['over_mlflow']} | "
-                         f"{ratio['share_of_onnxruntime']:.1%} | {row['server_cpu_ms']}, {row['client_cpu_ms']} |")
+            lines.append(
+                f"| {label} | {row['requests']} | {row['requests_per_s']:,} | {row['images_per_s']:,} | "
+                f"{row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {ratio['over_mlflow']} | "
+                f"{ratio['share_of_onnxruntime']:.1%} | {row['server_cpu_ms']}, {row['client_cpu_ms']} |"
+            )
         lines.append("")
     runtimes = result["in_process"]
-    lines += ["In process, the same batches (CPU, default threads): " + "; ".join(
-        f"{p}: ONNX Runtime {r['ort_images_per_s']:,.0f} images/s, PyTorch eager {r['torch_images_per_s']:,.0f} "
-        f"(ratio {r['ort_over_torch']})" for p, r in runtimes.items()) + "."]
+    lines += [
+        "In process, the same batches (CPU, default threads): "
+        + "; ".join(
+            f"{p}: ONNX Runtime {r['ort_images_per_s']:,.0f} images/s, PyTorch eager {r['torch_images_per_s']:,.0f} "
+            f"(ratio {r['ort_over_torch']})"
+            for p, r in runtimes.items()
+        )
+        + "."
+    ]
     if "swap" in result:
         s = result["swap"]
-        lines += ["", f"{len(s['requests'])} forget requests, one after another (retrain_baseline "
-                      f"{s['retrain_baseline']}; the server was told by {s['server_told_by']}), "
-                      "min / median / max:", "",
-                  "| time | min | median | max |", "|---|---|---|---|"]
-        for key, what in (("accepted_to_suppressed_seconds", "accepted -> the server suppresses the class"),
-                          ("seconds_to_new_version",
-                           "`nhle request process` started -> the server answers with the new version"),
-                          ("process_seconds", "`nhle request process` started -> it ended, the evidence complete")):
+        lines += [
+            "",
+            f"{len(s['requests'])} forget requests, one after another (retrain_baseline "
+            f"{s['retrain_baseline']}; the server was told by {s['server_told_by']}), "
+            "min / median / max:",
+            "",
+            "| time | min | median | max |",
+            "|---|---|---|---|",
+        ]
+        for key, what in (
+            ("accepted_to_suppressed_seconds", "accepted -> the server suppresses the class"),
+            ("seconds_to_new_version", "`nhle request process` started -> the server answers with the new version"),
+            ("process_seconds", "`nhle request process` started -> it ended, the evidence complete"),
+        ):
             spread_of = s["seconds"][key]
-            lines.append(f"| {what} | " + " | ".join(f"{spread_of[k]} s" if spread_of else "-"
-                                                   for k in ("min", "median", "max")) + " |")
-        lines += [""] + [f"- request {r['request_id']} (class {r['classes']}): version {r['from_version']} -> "
-                         f"{r['to_version']}" for r in s["requests"]]
+            lines.append(
+                f"| {what} | "
+                + " | ".join(f"{spread_of[k]} s" if spread_of else "-" for k in ("min", "median", "max"))
+                + " |"
+            )
+        lines += [""] + [
+            f"- request {r['request_id']} (class {r['classes']}): version {r['from_version']} -> {r['to_version']}"
+            for r in s["requests"]
+        ]
     return "\n".join(lines)
 
 
@@ -552,11 +762,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    result = bench_serve(args.project_dir, args.params, Path(args.out), rounds=args.rounds,
-                         single_requests=args.single_requests, batch_requests=args.batch_requests,
-                         batch_size=args.batch_size, concurrency=args.concurrency, seconds=args.seconds,
-                         swap=not args.no_swap, swap_requests=args.swap_requests, assignments=tuple(args.set) + (
-                             (f"registry.model_name={args.name}",) if getattr(args, "name", None) else ()))
+    result = bench_serve(
+        args.project_dir,
+        args.params,
+        Path(args.out),
+        rounds=args.rounds,
+        single_requests=args.single_requests,
+        batch_requests=args.batch_requests,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        seconds=args.seconds,
+        swap=not args.no_swap,
+        swap_requests=args.swap_requests,
+        assignments=tuple(args.set) + ((f"registry.model_name={args.name}",) if getattr(args, "name", None) else ()),
+    )
     print((Path(args.out) / "serve.md").read_text())
     return 0 if not any(row["errors"] for rows in result["http"].values() for row in rows.values()) else 1
 
@@ -565,8 +784,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nhle.bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--project-dir", default=".", help="the project whose champion is served (else one is trained)")
     parser.add_argument("--params", help="params.yaml (default: PROJECT_DIR/params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting of params.yaml (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting of params.yaml (repeatable)",
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

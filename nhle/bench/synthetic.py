@@ -8,6 +8,7 @@ Each class is a random smooth pattern (a few Gaussian blobs), and each sample is
 pattern shifted by up to size/8 pixels, scaled in contrast, plus pixel noise, so a CNN must
 learn shift-tolerant shape features; classes overlap enough that accuracy is below 100%.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,13 +26,14 @@ def synthetic_patterns(num_classes: int = 10, size: int = 16, blobs: int = 4, se
     for c in range(num_classes):
         for _ in range(blobs):
             centre, width = rng.uniform(3, size - 3, 2), rng.uniform(1.2, 2.8) * size / 16
-            patterns[c] += np.exp(-((grid - centre) ** 2).sum(-1) / (2 * width ** 2))
+            patterns[c] += np.exp(-((grid - centre) ** 2).sum(-1) / (2 * width**2))
         patterns[c] /= patterns[c].max()
     return torch.from_numpy(patterns)
 
 
-def synthetic_splits(train_size: int, test_size: int = 2000, num_classes: int = 10, seed: int = 0,
-                     size: int = 16, channels: int = 1) -> Splits:
+def synthetic_splits(
+    train_size: int, test_size: int = 2000, num_classes: int = 10, seed: int = 0, size: int = 16, channels: int = 1
+) -> Splits:
     """Shifted, contrast-scaled, noisy copies of the class patterns, balanced, as uint8 images
     (N, channels, size, size). Each channel of a class has its own pattern; shifts go up to size/8
     pixels. The defaults give exactly the data the scaling benchmark was measured on;

@@ -14,6 +14,7 @@ machine; times are ratios to that retrain. Methods: `nhle` (the configured NHLE 
 runs.jsonl (one line per run), summary.json, summary.md (mean ± std over runs) and tradeoff.png
 (retained drop against the linear probe, point size = time).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,12 +29,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from nhle.bench.synthetic import synthetic_splits
-from nhle.core.gates import retained_drop_pp
-from nhle.core.config import (ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, flatten,
-                              to_dict)
+from nhle.core.config import ENCODINGS, RECIPES, DataConfig, ModelConfig, TrainConfig, UnlearnConfig, flatten, to_dict
 from nhle.core.data import sample_per_class
-from nhle.core.files import atomic_write
 from nhle.core.experiment import load_data, retrain_without, train_base_model
+from nhle.core.files import atomic_write
+from nhle.core.gates import retained_drop_pp
 from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
 from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
@@ -52,32 +52,60 @@ THIRD_DEFAULT = {**FOURTH_DEFAULT, "saliency": 1.0}
 """The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
     **RECIPES,  # the named recipes: the default until issue 25 and the fallback
-    "mask_only": {"max_steps": 0, "synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0,
-                  "feature_pull": 0.0},
-    "nhle_no_mask": {"mask": False}, "nhle_no_anchor": {"anchor_weight": 0.0}, "nhle_head_only": {"layers": "head"},
+    "mask_only": {
+        "max_steps": 0,
+        "synthetic_per_class": 0,
+        "rows_steps": 0,
+        "holdout_per_class": 0,
+        "feature_pull": 0.0,
+    },
+    "nhle_no_mask": {"mask": False},
+    "nhle_no_anchor": {"anchor_weight": 0.0},
+    "nhle_head_only": {"layers": "head"},
     "nhle_backbone_only": {"layers": "backbone"},
     # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
-    "nhle_no_feature_pull": {"feature_pull": 0.0}, "nhle_no_shipped_term": {"shipped_weight": 0.0},
+    "nhle_no_feature_pull": {"feature_pull": 0.0},
+    "nhle_no_shipped_term": {"shipped_weight": 0.0},
     **{f"nhle_dispersion_{w:g}": {"forget_dispersion": w} for w in (10.0, 100.0)},  # screen.md, tenth round
     **{f"nhle_depth_lr_{r:g}": {"lr_depth_ratio": r} for r in (0.3, 3.0)},  # screen.md, eleventh round
-    "nhle_anchor_100": SIXTH_DEFAULT, "nhle_anchor_200": SEVENTH_DEFAULT,  # the seventh default
+    "nhle_anchor_100": SIXTH_DEFAULT,
+    "nhle_anchor_200": SEVENTH_DEFAULT,  # the seventh default
     "nhle_anchor_300": {**SEVENTH_DEFAULT, "anchor_weight": 300.0},
     "nhle_early_stop": {"stop_forget_prob": 0.05},
-    "nhle_no_drift_check": {"max_drift": 0.0}, "nhle_lr_1e-4": {"lr": 1e-4}, "nhle_lr_2e-4": {"lr": 2e-4},
+    "nhle_no_drift_check": {"max_drift": 0.0},
+    "nhle_lr_1e-4": {"lr": 1e-4},
+    "nhle_lr_2e-4": {"lr": 2e-4},
     "nhle_no_synthetic": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
     # The second default (issue 25's first): shipped term at weight 1 to p 1e-4, KL at temperature 1,
     # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it, over the third.
-    "nhle_shipped_weight_1": {**FINE_TUNED_ROWS, "shipped_weight": 1.0, "shipped_floor": 1e-4, "anchor_temperature": 1.0,
-                              "forget_batch": 0, "anchor_batch": 0, "lr": 1.5e-4, "max_steps": 80, "saliency": 1.0},
-    **{name: {**THIRD_DEFAULT, **change} for name, change in {
-        "nhle_anchor_t1": {"anchor_temperature": 1.0}, "nhle_anchor_t2": {"anchor_temperature": 2.0},
-        "nhle_shipped_weight_3": {"shipped_weight": 3.0}, "nhle_shipped_weight_10": {"shipped_weight": 10.0},
-        "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4}, "nhle_full_batch": {"forget_batch": 0},
-        "nhle_80_steps": {"max_steps": 80}, "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
-        "nhle_synthetic_2": {"synthetic_per_class": 2}}.items()},
+    "nhle_shipped_weight_1": {
+        **FINE_TUNED_ROWS,
+        "shipped_weight": 1.0,
+        "shipped_floor": 1e-4,
+        "anchor_temperature": 1.0,
+        "forget_batch": 0,
+        "anchor_batch": 0,
+        "lr": 1.5e-4,
+        "max_steps": 80,
+        "saliency": 1.0,
+    },
+    **{
+        name: {**THIRD_DEFAULT, **change}
+        for name, change in {
+            "nhle_anchor_t1": {"anchor_temperature": 1.0},
+            "nhle_anchor_t2": {"anchor_temperature": 2.0},
+            "nhle_shipped_weight_3": {"shipped_weight": 3.0},
+            "nhle_shipped_weight_10": {"shipped_weight": 10.0},
+            "nhle_shipped_floor_1e-4": {"shipped_floor": 1e-4},
+            "nhle_full_batch": {"forget_batch": 0},
+            "nhle_80_steps": {"max_steps": 80},
+            "nhle_45_steps_4e-4": {"max_steps": 45, "lr": 4e-4},
+            "nhle_synthetic_2": {"synthetic_per_class": 2},
+        }.items()
+    },
     # The third default (every entry moves) and the saliency share around the fourth's.
-    "nhle_all_entries": THIRD_DEFAULT, **{f"nhle_saliency_{share:g}": {**FOURTH_DEFAULT, "saliency": share}
-                                          for share in (0.2, 0.5)},
+    "nhle_all_entries": THIRD_DEFAULT,
+    **{f"nhle_saliency_{share:g}": {**FOURTH_DEFAULT, "saliency": share} for share in (0.2, 0.5)},
     # The fourth default (60 steps of 32 forget samples and every anchor), a quarter of its rows, and
     # twice the steps of a quarter of its rows (the sixth default for an hour: deeper, dearer).
     "nhle_forget_batch_32": FOURTH_DEFAULT,
@@ -87,7 +115,8 @@ ABLATIONS = {
     "nhle_half_rows": {"forget_batch": 8, "anchor_batch": 1},  # the eighth default: the seventh at half a step's rows
     # The fifth default (the forgotten rows as the fine-tuning left them, no confusion term), and
     # each of the sixth's two changes alone.
-    "nhle_fine_tuned_rows": FINE_TUNED_ROWS, "nhle_no_forget_confusion": {**SIXTH_DEFAULT, "forget_confusion": 0.0},
+    "nhle_fine_tuned_rows": FINE_TUNED_ROWS,
+    "nhle_no_forget_confusion": {**SIXTH_DEFAULT, "forget_confusion": 0.0},
     **{f"nhle_forget_confusion_{w:g}": {**SIXTH_DEFAULT, "forget_confusion": w} for w in (1.0, 3.0)},
     # What issue 14 measured on the way to its default (section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
@@ -96,11 +125,26 @@ ABLATIONS = {
     "nhle_normalized_1e-2": {"optimizer": "normalized", "lr": 1e-2},
     "nhle_l2sp": {"weight_anchor": 1e6},
     **{f"forget_rank_{r}": {**RECIPES["nhle_synthetic_anchor"], "forget_rank": r} for r in (0.25, 0.5, 0.75, 1.0)},
-    **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS}}
+    **{f"encoding_{e}": {"encoding": e} for e in ENCODINGS},
+}
 METHODS = ("nhle", "retrain", *BASELINES, *ABLATIONS)
-SUMMARY_KEYS = ("forget_test_acc", "retain_test_acc", "retained_drop_pp", "unmasked_forget_test_acc", "mia_efficacy",
-                "probe_forget_acc", "forget_silhouette", "relearn_steps_shipped", "relearn_steps_restored",
-                "relearn_share_shipped", "relearn_share_restored", "seconds", "seconds_vs_retrain", "seconds_cached_vs_retrain", "steps")
+SUMMARY_KEYS = (
+    "forget_test_acc",
+    "retain_test_acc",
+    "retained_drop_pp",
+    "unmasked_forget_test_acc",
+    "mia_efficacy",
+    "probe_forget_acc",
+    "forget_silhouette",
+    "relearn_steps_shipped",
+    "relearn_steps_restored",
+    "relearn_share_shipped",
+    "relearn_share_restored",
+    "seconds",
+    "seconds_vs_retrain",
+    "seconds_cached_vs_retrain",
+    "steps",
+)
 RELEARN_SHARES = ("shipped", "restored", "mask_only")
 """The relearn shares of a row (relearn_share_<attacker>): its steps over the same case's retrained model's,
 rows as trained; mask_only is the original's shipped steps, the floor (nhle.core.metrics.relearn_shares)."""
@@ -110,8 +154,10 @@ def measured_on() -> str:
     """'measured <date> on <host> (<arch>, torch threads: N)': the stamp every benchmark table carries."""
     import torch
 
-    return (f"measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
-            f"({platform.machine()}, torch threads: {torch.get_num_threads()})")
+    return (
+        f"measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
+        f"({platform.machine()}, torch threads: {torch.get_num_threads()})"
+    )
 
 
 def write_report(out: Path, name: str, header: str, table: str) -> None:
@@ -143,6 +189,7 @@ def cases(num_classes: int, classes: str, multi: str) -> list[list[int]]:
 class Grid:
     """One benchmark. Every (seed, case, method) unit depends only on the seed's base model, so the
     units can run in any order, on any worker: `run_grid` gives the same rows either way."""
+
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     classes: str = "all"
@@ -178,8 +225,12 @@ class Grid:
 
     def units(self, num_classes: int) -> list[tuple[int, list[int], str]]:
         """(seed, classes, method) of every run; 'original' measures the base model itself."""
-        return [(seed, case, method) for seed in self.seeds for case in self.cases(num_classes)
-                for method in ("original", *self.methods)]
+        return [
+            (seed, case, method)
+            for seed in self.seeds
+            for case in self.cases(num_classes)
+            for method in ("original", *self.methods)
+        ]
 
 
 @functools.lru_cache(maxsize=4)
@@ -195,8 +246,13 @@ def grid_data(data_config: DataConfig):
 def train_seed(grid: Grid, seed: int):
     """The base model every unit of `seed` starts from."""
     data_config = grid.data_config(seed)
-    return train_base_model(data_config, grid.train_config, data=grid_data(data_config), progress=False,
-                      model_config=ModelConfig(arch=grid.arch))[0]
+    return train_base_model(
+        data_config,
+        grid.train_config,
+        data=grid_data(data_config),
+        progress=False,
+        model_config=ModelConfig(arch=grid.arch),
+    )[0]
 
 
 def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> dict:
@@ -209,15 +265,30 @@ def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> d
     target_acc = relearn_target_accuracy(model, data, classes, base.relearn_target)  # the seed's base model
 
     def measure(candidate, attack=None):
-        return evaluate_forgetting(candidate, data, classes, samples, attack, base.relearn_max_steps, base.relearn_lr,
-                                   seed, relearn_target_acc=target_acc)
+        return evaluate_forgetting(
+            candidate,
+            data,
+            classes,
+            samples,
+            attack,
+            base.relearn_max_steps,
+            base.relearn_lr,
+            seed,
+            relearn_target_acc=target_acc,
+        )
 
     synthesis = 0.0
     if method == "original":
         metrics, seconds, steps = {**measure(model), "test_acc": evaluate(model, data.test)}, 0.0, None
     elif method == "retrain":
-        retrained, snapshot, seconds = retrain_without(data, grid.train_config, classes, seed, progress=False,
-                                                       spec=training_spec(ModelConfig(arch=grid.arch), data))
+        retrained, snapshot, seconds = retrain_without(
+            data,
+            grid.train_config,
+            classes,
+            seed,
+            progress=False,
+            spec=training_spec(ModelConfig(arch=grid.arch), data),
+        )
         metrics, steps = measure(retrained, without_mask(retrained, snapshot)), None
     elif method in BASELINES:
         result = run_baseline(method, model, data, classes, seed, grid.device)
@@ -227,8 +298,15 @@ def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> d
         attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
         metrics, seconds, steps = measure(result.model, attacked), result.seconds, result.steps
         synthesis = result.synthesis_seconds  # a request on a version that kept its inputs skips it
-    return {"method": method, "seed": seed, "forget_classes": list(classes), "metrics": metrics,
-            "seconds": seconds, "synthesis_seconds": synthesis, "steps": steps}
+    return {
+        "method": method,
+        "seed": seed,
+        "forget_classes": list(classes),
+        "metrics": metrics,
+        "seconds": seconds,
+        "synthesis_seconds": synthesis,
+        "steps": steps,
+    }
 
 
 def inline(fn, *args):
@@ -266,14 +344,24 @@ def case_rows(results: list[dict]) -> list[dict]:
     by_method = {r["method"]: r for r in results}
     original, retrain_seconds = by_method["original"]["metrics"], by_method["retrain"]["seconds"]
     retrained = by_method["retrain"]["metrics"]
-    return [{"method": r["method"], "seed": r["seed"], "forget_classes": r["forget_classes"],
-             "case": case_kind(r["forget_classes"]), **r["metrics"], "original": original,
-             **shares_of(original, r["metrics"], retrained),
-             "retained_drop_pp": retained_drop_pp(original["retain_test_acc"], r["metrics"]["retain_test_acc"]),
-             "seconds": r["seconds"], "seconds_vs_retrain": r["seconds"] / retrain_seconds,
-             "seconds_cached_vs_retrain": (r["seconds"] - r.get("synthesis_seconds", 0.0)) / retrain_seconds,
-             "steps": r["steps"]}
-            for r in results if r["method"] != "original"]
+    return [
+        {
+            "method": r["method"],
+            "seed": r["seed"],
+            "forget_classes": r["forget_classes"],
+            "case": case_kind(r["forget_classes"]),
+            **r["metrics"],
+            "original": original,
+            **shares_of(original, r["metrics"], retrained),
+            "retained_drop_pp": retained_drop_pp(original["retain_test_acc"], r["metrics"]["retain_test_acc"]),
+            "seconds": r["seconds"],
+            "seconds_vs_retrain": r["seconds"] / retrain_seconds,
+            "seconds_cached_vs_retrain": (r["seconds"] - r.get("synthesis_seconds", 0.0)) / retrain_seconds,
+            "steps": r["steps"],
+        }
+        for r in results
+        if r["method"] != "original"
+    ]
 
 
 def shares_of(original: dict, metrics: dict, retrained: dict) -> dict:
@@ -291,8 +379,13 @@ def case_key(row: dict) -> tuple:
     return row.get("seed"), tuple(row.get("forget_classes", ()))
 
 
-def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), submit=inline,
-                     engine: str = "sequential", resume: bool = False) -> list[dict]:
+def bench_unlearning(
+    grid: Grid = Grid(),
+    out: Path = Path("bench/unlearning"),
+    submit=inline,
+    engine: str = "sequential",
+    resume: bool = False,
+) -> list[dict]:
     """Run the grid and write runs.jsonl, summary.json, summary.md, goal.md and tradeoff.png to
     `out`. With `resume`, the cases out/runs.jsonl already holds for every method are kept and
     not run again (a benchmark of hours survives its process)."""
@@ -305,19 +398,27 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
     # The kept rows replace the file whole before anything runs: a run killed at any point leaves them all.
     atomic_write(out / "runs.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in earlier).encode()))
     with open(out / "runs.jsonl", "a") as runs:
+
         def on_case(new):
             for row in new:
                 runs.write(json.dumps(row) + "\n")
             runs.flush()
-            print(f"seed {new[0]['seed']} classes {new[0]['forget_classes']}: " + ", ".join(
-                f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new),
-                flush=True)
+            print(
+                f"seed {new[0]['seed']} classes {new[0]['forget_classes']}: "
+                + ", ".join(
+                    f"{r['method']} {100 * r['forget_test_acc']:.0f}%/{r['retained_drop_pp']:.1f}pp" for r in new
+                ),
+                flush=True,
+            )
 
         rows = earlier + run_grid(grid, submit, on_case, done)
     summary = summarise(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    header = (f"Unlearning benchmark: {grid.dataset}, {grid.arch} ({grid.train_config.epochs} epochs, batch {grid.train_config.batch_size}), "
-              f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}")
+    header = (
+        f"Unlearning benchmark: {grid.dataset}, {grid.arch} "
+        f"({grid.train_config.epochs} epochs, batch {grid.train_config.batch_size}), "
+        f"seeds {list(grid.seeds)}, {measured_on()}, engine: {engine}; NHLE: {grid.base}"
+    )
     tradeoff_plot(summary, out / "tradeoff.png")
     write_report(out, "summary", header, markdown_table(summary))
     goal, checks = goal_table(rows)
@@ -328,8 +429,14 @@ def bench_unlearning(grid: Grid = Grid(), out: Path = Path("bench/unlearning"), 
 
 def grid_settings(grid: Grid) -> dict:
     """What a row of the grid depends on besides its method, seed and case (out/grid.json)."""
-    return {"dataset": grid.dataset, "arch": grid.arch, "image_size": grid.image_size, "quick": grid.quick,
-            "train": to_dict(grid.train_config), "unlearn": to_dict(grid.base)}
+    return {
+        "dataset": grid.dataset,
+        "arch": grid.arch,
+        "image_size": grid.image_size,
+        "quick": grid.quick,
+        "train": to_dict(grid.train_config),
+        "unlearn": to_dict(grid.base),
+    }
 
 
 def check_same_settings(out: Path, grid: Grid) -> None:
@@ -339,16 +446,21 @@ def check_same_settings(out: Path, grid: Grid) -> None:
     path = out / "grid.json"
     if not path.exists():
         if (out / "runs.jsonl").exists() and (out / "runs.jsonl").read_text().strip():
-            raise ValueError(f"--resume: {out} holds rows but no grid.json recording the settings they were "
-                             "measured with; write it (bench_unlearning's grid_settings) or use another --out")
+            raise ValueError(
+                f"--resume: {out} holds rows but no grid.json recording the settings they were "
+                "measured with; write it (bench_unlearning's grid_settings) or use another --out"
+            )
         return
     then, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(grid_settings(grid))))
-    changed = [f"{key}: {then[key]!r} then, {value!r} now" for key, value in now.items()
-               if key in then and then[key] != value]
+    changed = [
+        f"{key}: {then[key]!r} then, {value!r} now" for key, value in now.items() if key in then and then[key] != value
+    ]
     if changed:
-        raise ValueError(f"--resume: {out} was measured with other settings ({'; '.join(changed)}); resume with "
-                         "the same --params, --set, --model, --dataset, --epochs, --batch-size and --image-size "
-                         "as then, or use another --out")
+        raise ValueError(
+            f"--resume: {out} was measured with other settings ({'; '.join(changed)}); resume with "
+            "the same --params, --set, --model, --dataset, --epochs, --batch-size and --image-size "
+            "as then, or use another --out"
+        )
 
 
 def completed_rows(path: Path, methods) -> list[dict]:
@@ -363,8 +475,13 @@ def completed_rows(path: Path, methods) -> list[dict]:
     return [r for r in rows if set(methods) <= found[case_key(r)] and r["method"] in methods]
 
 
-GOALS = ("forget acc 0", "attack <= 3% in every run", "mean drop <= {reference} + 0.3 pp", "worst drop <= 2 pp",
-         "relearn share >= 0.8 mean and >= 0.5 every run, shipped and restored")
+GOALS = (
+    "forget acc 0",
+    "attack <= 3% in every run",
+    "mean drop <= {reference} + 0.3 pp",
+    "worst drop <= 2 pp",
+    "relearn share >= 0.8 mean and >= 0.5 every run, shipped and restored",
+)
 """Issue 25's goal for one setting: the method's runs against the references of the same cases. The
 mean drop's reference is mask_only where the grid ran it on those cases (what deleting the rows alone
 costs), else retrain."""
@@ -380,28 +497,46 @@ def goal_checks(rows: list[dict], method: str) -> dict:
         return np.array([r.get(key, np.nan) for r in rows if r["method"] == who], dtype=float)
 
     drop, reference = values(method, "retained_drop_pp"), drop_reference(rows, ran)
-    silhouette = [float(np.mean([r["original"]["forget_silhouette"] for r in rows if r["method"] == method])),
-                  float(values(method, "forget_silhouette").mean()), float(values("retrain", "forget_silhouette").mean())]
+    silhouette = [
+        float(np.mean([r["original"]["forget_silhouette"] for r in rows if r["method"] == method])),
+        float(values(method, "forget_silhouette").mean()),
+        float(values("retrain", "forget_silhouette").mean()),
+    ]
     shares = {who: values(method, f"relearn_share_{who}") for who in RELEARN_SHARES}
-    figures = {"runs": len(drop), "forget_acc_max": float(values(method, "forget_test_acc").max()),
-               "attack_mean": float(values(method, "unmasked_forget_test_acc").mean()),
-               "attack_max": float(values(method, "unmasked_forget_test_acc").max()),
-               "drop_mean": float(drop.mean()), "drop_std": float(drop.std()), "drop_worst": float(drop.max()),
-               "retrain_drop_mean": float(values("retrain", "retained_drop_pp").mean()),
-               "drop_reference": reference, "reference_drop_mean": float(values(reference, "retained_drop_pp").mean()),
-               "silhouette_original_method_retrain": silhouette,
-               **{f"relearn_share_{who}_mean_min": [float(shares[who].mean()), float(shares[who].min())]
-                  for who in RELEARN_SHARES},
-               "relearn_steps_shipped_restored_retrain": [float(values(method, "relearn_steps_shipped").mean()),
-                                                          float(values(method, "relearn_steps_restored").mean()),
-                                                          float(values("retrain", "relearn_steps_restored").mean())],
-               "time_vs_retrain": float(values(method, "seconds_vs_retrain").mean()),
-               "time_cached_vs_retrain": float(values(method, "seconds_cached_vs_retrain").mean()),
-               "steps_mean_max": [float(values(method, "steps").mean()), float(values(method, "steps").max())]
-               if method != "retrain" else None}
-    met = [figures["forget_acc_max"] == 0, figures["attack_max"] <= 0.03,
-           figures["drop_mean"] <= figures["reference_drop_mean"] + 0.3, figures["drop_worst"] <= 2.0,
-           all(shares[who].mean() >= 0.8 and shares[who].min() >= 0.5 for who in ("shipped", "restored"))]
+    figures = {
+        "runs": len(drop),
+        "forget_acc_max": float(values(method, "forget_test_acc").max()),
+        "attack_mean": float(values(method, "unmasked_forget_test_acc").mean()),
+        "attack_max": float(values(method, "unmasked_forget_test_acc").max()),
+        "drop_mean": float(drop.mean()),
+        "drop_std": float(drop.std()),
+        "drop_worst": float(drop.max()),
+        "retrain_drop_mean": float(values("retrain", "retained_drop_pp").mean()),
+        "drop_reference": reference,
+        "reference_drop_mean": float(values(reference, "retained_drop_pp").mean()),
+        "silhouette_original_method_retrain": silhouette,
+        **{
+            f"relearn_share_{who}_mean_min": [float(shares[who].mean()), float(shares[who].min())]
+            for who in RELEARN_SHARES
+        },
+        "relearn_steps_shipped_restored_retrain": [
+            float(values(method, "relearn_steps_shipped").mean()),
+            float(values(method, "relearn_steps_restored").mean()),
+            float(values("retrain", "relearn_steps_restored").mean()),
+        ],
+        "time_vs_retrain": float(values(method, "seconds_vs_retrain").mean()),
+        "time_cached_vs_retrain": float(values(method, "seconds_cached_vs_retrain").mean()),
+        "steps_mean_max": [float(values(method, "steps").mean()), float(values(method, "steps").max())]
+        if method != "retrain"
+        else None,
+    }
+    met = [
+        figures["forget_acc_max"] == 0,
+        figures["attack_max"] <= 0.03,
+        figures["drop_mean"] <= figures["reference_drop_mean"] + 0.3,
+        figures["drop_worst"] <= 2.0,
+        all(shares[who].mean() >= 0.8 and shares[who].min() >= 0.5 for who in ("shipped", "restored")),
+    ]
     return {**figures, "missed": [goal.format(reference=reference) for goal, ok in zip(GOALS, met) if not ok]}
 
 
@@ -414,18 +549,24 @@ def goal_table(rows: list[dict]) -> tuple[str, dict]:
     """Issue 25's goal, checked for every unlearning method of the grid (markdown, {method: checks})."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain" and m not in BASELINES]
     checks = {m: goal_checks(rows, m) for m in methods}
-    lines = ["| method | runs | forget acc max % | attack mean / max % | drop mean ± std pp | worst pp "
-             "| reference drop mean pp | silhouette original / method / retrain | relearn share shipped mean / min "
-             "| relearn share restored mean / min | mask-only share | relearn steps shipped / restored / retrain "
-             "| time / retrain: first request / inputs kept | steps mean / max | goal |", "|---" * 15 + "|"]
+    lines = [
+        "| method | runs | forget acc max % | attack mean / max % | drop mean ± std pp | worst pp "
+        "| reference drop mean pp | silhouette original / method / retrain | relearn share shipped mean / min "
+        "| relearn share restored mean / min | mask-only share | relearn steps shipped / restored / retrain "
+        "| time / retrain: first request / inputs kept | steps mean / max | goal |",
+        "|---" * 15 + "|",
+    ]
     for method, c in checks.items():
         sil, steps = c["silhouette_original_method_retrain"], c["steps_mean_max"]
-        lines.append(f"| {method} | {c['runs']} | {100 * c['forget_acc_max']:.1f} | {100 * c['attack_mean']:.1f} / "
-                     f"{100 * c['attack_max']:.1f} | {c['drop_mean']:.2f} ± {c['drop_std']:.2f} | "
-                     f"{c['drop_worst']:.2f} | {c['reference_drop_mean']:.2f} ({c['drop_reference']}) | "
-                     f"{sil[0]:.2f} / {sil[1]:.2f} / {sil[2]:.2f} | "
-                     f"{relearn_cells(c)} | {c['time_vs_retrain']:.3f} / {c['time_cached_vs_retrain']:.3f} | {steps[0]:.0f} / {steps[1]:.0f} | "
-                     f"{'met' if not c['missed'] else 'missed: ' + ', '.join(c['missed'])} |")
+        lines.append(
+            f"| {method} | {c['runs']} | {100 * c['forget_acc_max']:.1f} | {100 * c['attack_mean']:.1f} / "
+            f"{100 * c['attack_max']:.1f} | {c['drop_mean']:.2f} ± {c['drop_std']:.2f} | "
+            f"{c['drop_worst']:.2f} | {c['reference_drop_mean']:.2f} ({c['drop_reference']}) | "
+            f"{sil[0]:.2f} / {sil[1]:.2f} / {sil[2]:.2f} | "
+            f"{relearn_cells(c)} | {c['time_vs_retrain']:.3f} / {c['time_cached_vs_retrain']:.3f} | "
+            f"{steps[0]:.0f} / {steps[1]:.0f} | "
+            f"{'met' if not c['missed'] else 'missed: ' + ', '.join(c['missed'])} |"
+        )
     return "\n".join(lines), checks
 
 
@@ -433,8 +574,10 @@ def relearn_cells(checks: dict) -> str:
     """The goal table's relearn cells: each attacker's share (mean / min), mask-only's, and the raw steps."""
     shipped, restored = checks["relearn_share_shipped_mean_min"], checks["relearn_share_restored_mean_min"]
     steps = checks["relearn_steps_shipped_restored_retrain"]
-    return (f"{shipped[0]:.2f} / {shipped[1]:.2f} | {restored[0]:.2f} / {restored[1]:.2f} | "
-            f"{checks['relearn_share_mask_only_mean_min'][0]:.2f} | {steps[0]:.1f} / {steps[1]:.1f} / {steps[2]:.1f}")
+    return (
+        f"{shipped[0]:.2f} / {shipped[1]:.2f} | {restored[0]:.2f} / {restored[1]:.2f} | "
+        f"{checks['relearn_share_mask_only_mean_min'][0]:.2f} | {steps[0]:.1f} / {steps[1]:.1f} / {steps[2]:.1f}"
+    )
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -447,15 +590,26 @@ def summarise(rows: list[dict]) -> dict:
             entry = {"runs": len(mine)}
             for key in SUMMARY_KEYS:
                 values = np.array([r[key] for r in mine if r.get(key) is not None], dtype=float)  # retrain has no steps
-                entry[key] = {"mean": float(values.mean()), "std": float(values.std()),
-                              "max": float(values.max())} if len(values) else None
+                entry[key] = (
+                    {"mean": float(values.mean()), "std": float(values.std()), "max": float(values.max())}
+                    if len(values)
+                    else None
+                )
             summary[kind][method] = entry
         retrains = [r for r in rows if r["case"] == kind and r["method"] == "retrain"]
         summary[kind]["original"] = {
-            **{key: float(np.mean([r["original"][key] for r in retrains]))
-               for key in ("retain_test_acc", "probe_forget_acc", "forget_silhouette", "mia_efficacy",
-                           "relearn_steps_shipped")},
-            "relearn_share_mask_only": float(np.mean([r["relearn_share_mask_only"] for r in retrains]))}
+            **{
+                key: float(np.mean([r["original"][key] for r in retrains]))
+                for key in (
+                    "retain_test_acc",
+                    "probe_forget_acc",
+                    "forget_silhouette",
+                    "mia_efficacy",
+                    "relearn_steps_shipped",
+                )
+            },
+            "relearn_share_mask_only": float(np.mean([r["relearn_share_mask_only"] for r in retrains])),
+        }
     return summary
 
 
@@ -472,27 +626,36 @@ def markdown_table(summary: dict) -> str:
     lines = []
     for kind, methods in summary.items():
         original = methods["original"]
-        lines += [f"### {kind}", "",
-                  "| method | runs | forget test acc % | retain test acc % | retained drop pp | worst drop pp "
-                  "| mask-removal attack % | MIA efficacy | probe forget acc % | silhouette "
-                  "| relearn share shipped (steps) | relearn share restored (steps) "
-                  "| seconds | time / retrain | steps mean / max |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {kind}",
+            "",
+            "| method | runs | forget test acc % | retain test acc % | retained drop pp | worst drop pp "
+            "| mask-removal attack % | MIA efficacy | probe forget acc % | silhouette "
+            "| relearn share shipped (steps) | relearn share restored (steps) "
+            "| seconds | time / retrain | steps mean / max |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for method, entry in methods.items():
             if method == "original":
                 continue
-            lines.append(f"| {method} | {entry['runs']} | {pm(entry, 'forget_test_acc', 100, 1)} | "
-                         f"{pm(entry, 'retain_test_acc', 100, 1)} | {pm(entry, 'retained_drop_pp')} | "
-                         f"{entry['retained_drop_pp']['max']:.2f} | {pm(entry, 'unmasked_forget_test_acc', 100, 1)} | "
-                         f"{pm(entry, 'mia_efficacy')} | {pm(entry, 'probe_forget_acc', 100, 1)} | "
-                         f"{pm(entry, 'forget_silhouette')} | {share(entry, 'shipped')} | {share(entry, 'restored')} | "
-                         f"{pm(entry, 'seconds', 1, 2)} | {pm(entry, 'seconds_vs_retrain', 1, 3)} | {steps(entry)} |")
-        lines += ["", f"Original model: retain test acc {100 * original['retain_test_acc']:.1f}%, probe forget acc "
-                      f"{100 * original['probe_forget_acc']:.1f}%, silhouette {original['forget_silhouette']:.2f}, "
-                      f"MIA efficacy {original['mia_efficacy']:.2f}; the mask-only model's relearn share "
-                      f"{original['relearn_share_mask_only']:.2f} ({original['relearn_steps_shipped']:.1f} steps). "
-                      "Relearn share: steps over the same case's retrained model's (rows as trained). For methods "
-                      "without a mask the mask-removal attack (and the restored attacker) is the model itself.", ""]
+            lines.append(
+                f"| {method} | {entry['runs']} | {pm(entry, 'forget_test_acc', 100, 1)} | "
+                f"{pm(entry, 'retain_test_acc', 100, 1)} | {pm(entry, 'retained_drop_pp')} | "
+                f"{entry['retained_drop_pp']['max']:.2f} | {pm(entry, 'unmasked_forget_test_acc', 100, 1)} | "
+                f"{pm(entry, 'mia_efficacy')} | {pm(entry, 'probe_forget_acc', 100, 1)} | "
+                f"{pm(entry, 'forget_silhouette')} | {share(entry, 'shipped')} | {share(entry, 'restored')} | "
+                f"{pm(entry, 'seconds', 1, 2)} | {pm(entry, 'seconds_vs_retrain', 1, 3)} | {steps(entry)} |"
+            )
+        lines += [
+            "",
+            f"Original model: retain test acc {100 * original['retain_test_acc']:.1f}%, probe forget acc "
+            f"{100 * original['probe_forget_acc']:.1f}%, silhouette {original['forget_silhouette']:.2f}, "
+            f"MIA efficacy {original['mia_efficacy']:.2f}; the mask-only model's relearn share "
+            f"{original['relearn_share_mask_only']:.2f} ({original['relearn_steps_shipped']:.1f} steps). "
+            "Relearn share: steps over the same case's retrained model's (rows as trained). For methods "
+            "without a mask the mask-removal attack (and the restored attacker) is the model itself.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -518,8 +681,11 @@ def tradeoff_plot(summary: dict, path: Path) -> Path | None:
             axis.scatter(x, y, s=size, alpha=0.6, color=color if forgot else "none", edgecolors=color, linewidths=1.5)
             axis.annotate(method, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
         axis.axhline(100 * summary[kind]["original"]["probe_forget_acc"], color="grey", lw=0.8, ls="--")
-        axis.set(title=f"{kind}: area ~ time / retrain; hollow = forget acc > 5%", xlabel="retained accuracy drop (pp)",
-                 ylabel="linear probe on forgotten classes (%)")
+        axis.set(
+            title=f"{kind}: area ~ time / retrain; hollow = forget acc > 5%",
+            xlabel="retained accuracy drop (pp)",
+            ylabel="linear probe on forgotten classes (%)",
+        )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -12,6 +12,7 @@ overrides its field.
     nhle serve --host 127.0.0.1 --port 8000      # ONNX Runtime server of the champion, hot-swapped
     nhle prepare | evaluate | export              # the dvc.yaml stages
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,25 +27,45 @@ from nhle.core.files import GATES, PARITY, REPORT, write_json
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
 # its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
 # that params.yaml supplies the value.
-FLAG_FIELDS = {"dataset": ("data", "dataset"), "data_root": ("data", "root"), "download": ("data", "download"),
-               "image_size": ("data", "image_size"), "class_names": ("data", "class_names"), "split_seed": ("data", "seed"),
-               "arch": ("model", "arch"), "weights": ("model", "weights"), "weights_key": ("model", "weights_key"),
-               "from_mlflow": ("model", "from_mlflow"), "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
-               "head": ("model", "head"), "mean": ("model", "mean"), "std": ("model", "std"),
-               "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-               "device": ("train", "device"), "encoding": ("unlearn", "encoding"), "n_samples": ("unlearn", "n_samples"),
-               "unlearn_lr": ("unlearn", "lr"), "max_steps": ("unlearn", "max_steps"),
-               "anchor_weight": ("unlearn", "anchor_weight"), "layers": ("unlearn", "layers"),
-               "forget_rank": ("unlearn", "forget_rank"), "name": ("registry", "model_name")}
+FLAG_FIELDS = {
+    "dataset": ("data", "dataset"),
+    "data_root": ("data", "root"),
+    "download": ("data", "download"),
+    "image_size": ("data", "image_size"),
+    "class_names": ("data", "class_names"),
+    "split_seed": ("data", "seed"),
+    "arch": ("model", "arch"),
+    "weights": ("model", "weights"),
+    "weights_key": ("model", "weights_key"),
+    "from_mlflow": ("model", "from_mlflow"),
+    "mlflow_tracking_uri": ("model", "mlflow_tracking_uri"),
+    "head": ("model", "head"),
+    "mean": ("model", "mean"),
+    "std": ("model", "std"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "device": ("train", "device"),
+    "encoding": ("unlearn", "encoding"),
+    "n_samples": ("unlearn", "n_samples"),
+    "unlearn_lr": ("unlearn", "lr"),
+    "max_steps": ("unlearn", "max_steps"),
+    "anchor_weight": ("unlearn", "anchor_weight"),
+    "layers": ("unlearn", "layers"),
+    "forget_rank": ("unlearn", "forget_rank"),
+    "name": ("registry", "model_name"),
+}
 
 
 def resolve_params(args) -> Params:
     """params.yaml (or defaults when it does not exist) with every flag that was given and every
     --set (they win) applied together and checked once."""
     params = load_params(args.params)
-    assignments = [f"{section}.{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
-                   for flag, (section, name) in FLAG_FIELDS.items()
-                   if (value := getattr(args, flag, None)) is not None]
+    assignments = [
+        f"{section}.{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+        for flag, (section, name) in FLAG_FIELDS.items()
+        if (value := getattr(args, flag, None)) is not None
+    ]
     if getattr(args, "no_mask", False):
         assignments.append("unlearn.mask=false")
     return with_assignments(params, assignments + list(getattr(args, "set", None) or []))
@@ -53,19 +74,31 @@ def resolve_params(args) -> Params:
 def params_parent() -> argparse.ArgumentParser:
     """--params and --set: the parent of every command that reads the settings."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--params", help="the params file to read (default: params.yaml, or the built-in defaults "
-                        "when there is none; a file named here must exist)")
-    parent.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting, e.g. --set unlearn.lr=3e-5 or --set forget=5 (repeatable; "
-                        "`nhle params` lists every key with its meaning)")
+    parent.add_argument(
+        "--params",
+        help="the params file to read (default: params.yaml, or the built-in defaults "
+        "when there is none; a file named here must exist)",
+    )
+    parent.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set unlearn.lr=3e-5 or --set forget=5 (repeatable; "
+        "`nhle params` lists every key with its meaning)",
+    )
     return parent
 
 
 def project_parent() -> argparse.ArgumentParser:
     """--params, --set and --project-dir: the parent of every command that works on a project."""
     parent = argparse.ArgumentParser(add_help=False, parents=[params_parent()])
-    parent.add_argument("--project-dir", default=".", help="the project folder: the relative paths of params.yaml "
-                        "(MLflow store, data repository, request ledger) are taken in it")
+    parent.add_argument(
+        "--project-dir",
+        default=".",
+        help="the project folder: the relative paths of params.yaml "
+        "(MLflow store, data repository, request ledger) are taken in it",
+    )
     return parent
 
 
@@ -123,8 +156,12 @@ def add_train_flags(parser):
 
 
 def add_unlearn_flags(parser):
-    add_field_flags(parser, "encoding", "n_samples", "unlearn_lr", "max_steps", "anchor_weight", "layers", "forget_rank")
-    parser.add_argument("--no-mask", action="store_true", help="skip class weight masking (ablation only; unlearn.mask)")
+    add_field_flags(
+        parser, "encoding", "n_samples", "unlearn_lr", "max_steps", "anchor_weight", "layers", "forget_rank"
+    )
+    parser.add_argument(
+        "--no-mask", action="store_true", help="skip class weight masking (ablation only; unlearn.mask)"
+    )
 
 
 def cmd_train(args) -> int:
@@ -157,8 +194,15 @@ def cmd_unlearn(args) -> int:
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
     classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"])
-    outcome = forget_and_measure(model, checkpoint, classes, seed=args.sample_seed, config=params.unlearn,
-                                 retrain_baseline=args.retrain_baseline, device=params.train.device)
+    outcome = forget_and_measure(
+        model,
+        checkpoint,
+        classes,
+        seed=args.sample_seed,
+        config=params.unlearn,
+        retrain_baseline=args.retrain_baseline,
+        device=params.train.device,
+    )
     save_unlearned(args.out, outcome, checkpoint, parent=str(args.checkpoint))
     print("\n".join(summary_lines(outcome.report)))
     print(f"wrote {Path(args.out) / 'model.pt'} and {Path(args.out) / REPORT}")
@@ -200,8 +244,10 @@ def cmd_export(args) -> int:
     path = export_onnx(model, out / "model.onnx", data.image_shape, params.export.exporter)
     parity = check_parity(model, path, data.test, params.export.parity_batch_sizes, params.export.parity_tolerance)
     write_json(out / PARITY, parity)
-    print(f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
-          f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}")
+    print(
+        f"wrote {path}; parity {'passed' if parity['passed'] else 'FAILED'}: argmax agreement "
+        f"{parity['argmax_agreement']:.4f}, max |dp| {parity['max_abs_prob_diff']:.2e}"
+    )
     return 0 if parity["passed"] else 1
 
 
@@ -228,21 +274,26 @@ def cmd_keys(args) -> int:
     from nhle.orchestration.steps import project_path
 
     params = resolve_params(args)
-    key, public = (project_path(Path(args.project_dir), params.registry.signing_key),
-                   project_path(Path(args.project_dir), params.serving.verify_key))
+    key, public = (
+        project_path(Path(args.project_dir), params.registry.signing_key),
+        project_path(Path(args.project_dir), params.serving.verify_key),
+    )
     try:
         create_key_pair(key, public)
     except FileExistsError as err:
         raise ValueError(str(err)) from None
-    print(f"wrote {key} (private: keep it out of git, where the pipeline runs) and {public} (public: where servers run)")
+    print(
+        f"wrote {key} (private: keep it out of git, where the pipeline runs) and {public} (public: where servers run)"
+    )
     return 0
 
 
 def cmd_run(args) -> int:
     from nhle.cli.jobs import run_command
 
-    return run_command(resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir),
-                       started=args.started)
+    return run_command(
+        resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir), started=args.started
+    )
 
 
 def cmd_import(args) -> int:
@@ -257,10 +308,9 @@ def cmd_rollback(args) -> int:
     --reason ...), which both records then keep."""
     from mlflow import MlflowClient
 
-    from nhle.adapters.deletions import reopen_on_registry
+    from nhle.adapters.deletions import open_ledger, reopen_on_registry
     from nhle.adapters.tracking import configure, rollback
     from nhle.core.audit import terminal_text
-    from nhle.adapters.deletions import open_ledger
     from nhle.orchestration.steps import deleted_on_record
 
     params = resolve_params(args)
@@ -282,17 +332,27 @@ def cmd_rollback(args) -> int:
             elsewhere.add(request_id)  # known to the registered model's record only: the ledger was made anew
             continue
         if owner not in (None, name):
-            raise ValueError(f"forget request {request_id} is for model {owner!r}, not {name!r}: "
-                             f"reopen it with --name {owner}. Nothing was moved.")
+            raise ValueError(
+                f"forget request {request_id} is for model {owner!r}, not {name!r}: "
+                f"reopen it with --name {owner}. Nothing was moved."
+            )
 
     def reopen(needed, before, after):
         if set(needed) - set(asked):
-            raise ValueError(f"rolling back to version {after} needs forget request(s) {needed} reopened, but "
-                             f"--reopen names {asked or 'none'}. Nothing was moved.")
+            raise ValueError(
+                f"rolling back to version {after} needs forget request(s) {needed} reopened, but "
+                f"--reopen names {asked or 'none'}. Nothing was moved."
+            )
         for request_id in asked:
-            reopened.append(ledger.reopen(request_id, args.operator, args.reason, {
-                "action": "rollback", "model_version_from": before, "model_version_to": after},
-                recorded_elsewhere=request_id in elsewhere))
+            reopened.append(
+                ledger.reopen(
+                    request_id,
+                    args.operator,
+                    args.reason,
+                    {"action": "rollback", "model_version_from": before, "model_version_to": after},
+                    recorded_elsewhere=request_id in elsewhere,
+                )
+            )
         reopen_on_registry(MlflowClient(), name, asked)
 
     before, after = rollback(params.registry, deleted, reopen if asked else None)
@@ -310,14 +370,20 @@ def cmd_serve(args) -> int:
 
     params = resolve_params(args)
     if args.model and args.name:
-        raise ValueError("--model (a model URI or .onnx file) and --name (a registered model) both name what to "
-                         "serve: give one")
+        raise ValueError(
+            "--model (a model URI or .onnx file) and --name (a registered model) both name what to serve: give one"
+        )
     os.environ["NHLE_PARAMS"] = str(Path(args.params).resolve())
     os.environ["NHLE_PROJECT_DIR"] = str(Path(args.project_dir).resolve())
     if args.model or args.name:
         os.environ["NHLE_MODEL"] = args.model or params.registry.champion_uri()
-    uvicorn.run("nhle_serving.server:create_app", factory=True, host=args.host, port=args.port,
-                http="nhle_serving.http:GuardedProtocol")
+    uvicorn.run(
+        "nhle_serving.server:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        http="nhle_serving.http:GuardedProtocol",
+    )
     return 0
 
 
@@ -332,10 +398,20 @@ def cmd_bench_unlearning(args) -> int:
 
     recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
     train_config = replace(TrainConfig(), **recipe)
-    grid = Grid(dataset=args.dataset, seeds=tuple(int(s) for s in args.seeds.split(",")), classes=args.classes,
-                multi=args.multi, methods=args.methods, base=with_assignments(load_params(args.params), args.set).unlearn,
-                arch=args.model, train_config=train_config, image_size=args.image_size, device=args.device, root=args.data_root,
-                quick=args.quick)
+    grid = Grid(
+        dataset=args.dataset,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        classes=args.classes,
+        multi=args.multi,
+        methods=args.methods,
+        base=with_assignments(load_params(args.params), args.set).unlearn,
+        arch=args.model,
+        train_config=train_config,
+        image_size=args.image_size,
+        device=args.device,
+        root=args.data_root,
+        quick=args.quick,
+    )
     if args.engine == "sequential":
         bench_unlearning(grid, Path(args.out), resume=args.resume)
         return 0
@@ -379,8 +455,9 @@ def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     from nhle.adapters.ledger import operator_name
 
-    parser = argparse.ArgumentParser(prog="nhle", description="Make an image classifier forget whole classes, "
-                                     "and measure that it did.")
+    parser = argparse.ArgumentParser(
+        prog="nhle", description="Make an image classifier forget whole classes, and measure that it did."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = add_command(commands, "train", parents=[params_parent()], help="train a base model and write DIR/model.pt")
@@ -390,68 +467,124 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder (model.pt, metrics.json)")
     train.set_defaults(func=cmd_train)
 
-    prepare = add_command(commands, "prepare", parents=[params_parent()], help="materialise the dataset as files (train.npz, test.npz, classes.json)")
+    prepare = add_command(
+        commands,
+        "prepare",
+        parents=[params_parent()],
+        help="materialise the dataset as files (train.npz, test.npz, classes.json)",
+    )
     add_data_flags(prepare)
     add_field_flags(prepare, "split_seed")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.set_defaults(func=cmd_prepare)
 
-    unlearn = add_command(commands, "unlearn", parents=[params_parent()], help="forget classes of a checkpoint; write OUT/model.pt and report.json")
+    unlearn = add_command(
+        commands,
+        "unlearn",
+        parents=[params_parent()],
+        help="forget classes of a checkpoint; write OUT/model.pt and report.json",
+    )
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
-    unlearn.add_argument("--forget", help="class(es) to forget: an index or name, or a comma list "
-                         "(default: `forget` in params.yaml)")
-    unlearn.add_argument("--sample-seed", type=int, default=0, help="seed of the forget-sample draw and of the "
-                         "retrained reference (the split's seed is data.seed, --split-seed of `nhle train`)")
+    unlearn.add_argument(
+        "--forget", help="class(es) to forget: an index or name, or a comma list (default: `forget` in params.yaml)"
+    )
+    unlearn.add_argument(
+        "--sample-seed",
+        type=int,
+        default=0,
+        help="seed of the forget-sample draw and of the "
+        "retrained reference (the split's seed is data.seed, --split-seed of `nhle train`)",
+    )
     unlearn.add_argument("--out", required=True, help="output folder")
-    unlearn.add_argument("--retrain-baseline", action="store_true",
-                         help="also retrain from scratch without the classes and report it")
+    unlearn.add_argument(
+        "--retrain-baseline", action="store_true", help="also retrain from scratch without the classes and report it"
+    )
     add_field_flags(unlearn, "device")
     add_unlearn_flags(unlearn)
     unlearn.set_defaults(func=cmd_unlearn)
 
-    evaluate = add_command(commands, "evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning")
+    evaluate = add_command(
+        commands, "evaluate", parents=[params_parent()], help="plots, flat metrics and gate verdicts of an unlearning"
+    )
     evaluate.add_argument("--original", required=True, help="the original model.pt")
     evaluate.add_argument("--unlearned", required=True, help="folder written by `nhle unlearn`")
     evaluate.add_argument("--out", required=True, help="output folder (plots, metrics.json, gates.json)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = add_command(commands, "export", parents=[params_parent()], help="export a checkpoint to ONNX and check parity with ONNX Runtime")
+    export = add_command(
+        commands,
+        "export",
+        parents=[params_parent()],
+        help="export a checkpoint to ONNX and check parity with ONNX Runtime",
+    )
     export.add_argument("--checkpoint", required=True, help="model.pt to export")
     export.add_argument("--out", required=True, help="output folder (model.onnx, parity.json)")
     export.set_defaults(func=cmd_export)
 
-    settings = add_command(commands, "params", parents=[params_parent()], help="print every setting with its value and meaning (params.yaml's "
-                                   "format); --write FILE writes it")
+    settings = add_command(
+        commands,
+        "params",
+        parents=[params_parent()],
+        help="print every setting with its value and meaning (params.yaml's format); --write FILE writes it",
+    )
     settings.add_argument("--write", metavar="FILE", help="write it to FILE instead of printing it")
     settings.set_defaults(func=cmd_params)
 
     keys = add_command(commands, "keys", help="the signing key pair every version is signed and verified with")
     key_actions = keys.add_subparsers(dest="action", required=True)
-    add_command(key_actions, "create", parents=[project_parent()],
-                help="write registry.signing_key and serving.verify_key (the first promotion of a new registered "
-                     "model makes them too)").set_defaults(func=cmd_keys)
+    add_command(
+        key_actions,
+        "create",
+        parents=[project_parent()],
+        help="write registry.signing_key and serving.verify_key (the first promotion of a new registered "
+        "model makes them too)",
+    ).set_defaults(func=cmd_keys)
 
-    run = add_command(commands, "run", parents=[project_parent(), model_parent()], help="the main job: train a base model if there is no champion, "
-                              "run one forget flow, print the registry state")
+    run = add_command(
+        commands,
+        "run",
+        parents=[project_parent(), model_parent()],
+        help="the main job: train a base model if there is no champion, run one forget flow, print the registry state",
+    )
     run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
     run.set_defaults(func=cmd_run)
 
-    imports = add_command(commands, "import", parents=[project_parent(), model_parent()], help="register your own model (torchvision / timm weights, or a PyTorch "
-                                  "model in MLflow) as a base version, after the same evaluation, export and gates")
+    imports = add_command(
+        commands,
+        "import",
+        parents=[project_parent(), model_parent()],
+        help="register your own model (torchvision / timm weights, or a PyTorch "
+        "model in MLflow) as a base version, after the same evaluation, export and gates",
+    )
     add_data_flags(imports)
     add_arch_flags(imports)
     add_field_flags(imports, "weights", "weights_key", "from_mlflow", "mlflow_tracking_uri")
     imports.set_defaults(func=cmd_import)
 
-    rollback = add_command(commands, "rollback", parents=[project_parent(), model_parent()], help="move the champion alias back to the previous version")
-    rollback.add_argument("--reopen", type=int, action="append", metavar="REQUEST_ID",
-                          help="reopen this done forget request on record, so that the version rolled back to may "
-                               "predict its classes again (repeat for several)")
+    rollback = add_command(
+        commands,
+        "rollback",
+        parents=[project_parent(), model_parent()],
+        help="move the champion alias back to the previous version",
+    )
+    rollback.add_argument(
+        "--reopen",
+        type=int,
+        action="append",
+        metavar="REQUEST_ID",
+        help="reopen this done forget request on record, so that the version rolled back to may "
+        "predict its classes again (repeat for several)",
+    )
     rollback.add_argument("--reason", help="why the requests are reopened (stored in the ledger)")
     rollback.add_argument("--operator", default=operator_name(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
-    serve = add_command(commands, "serve", parents=[project_parent(), model_parent()], help="serve the champion with ONNX Runtime (FastAPI + uvicorn)")
+    serve = add_command(
+        commands,
+        "serve",
+        parents=[project_parent(), model_parent()],
+        help="serve the champion with ONNX Runtime (FastAPI + uvicorn)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
@@ -463,30 +596,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add_command(commands, "bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
-    unlearning = add_command(benches, "unlearning", parents=[project_parent()], help="NHLE vs retrain, baselines and ablations: every class x "
-                                    "seeds, plus a multi-class case")
+    unlearning = add_command(
+        benches,
+        "unlearning",
+        parents=[project_parent()],
+        help="NHLE vs retrain, baselines and ablations: every class x seeds, plus a multi-class case",
+    )
     unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
     unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
-    unlearning.add_argument("--model", default="smallcnn", help="the architecture: smallcnn, resnet18_cifar, any "
-                            "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME")
+    unlearning.add_argument(
+        "--model",
+        default="smallcnn",
+        help="the architecture: smallcnn, resnet18_cifar, any "
+        "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME",
+    )
     unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
     unlearning.add_argument("--batch-size", type=int, help="training batch size of the base and retrained models")
     unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for ResNet-18 on digits")
     unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")
     unlearning.add_argument("--multi", default="2,5,8", help="classes forgotten together as one more case, or none")
-    unlearning.add_argument("--methods", default="all", help="'all' or a comma list: nhle, retrain, the baselines "
-                            "(finetune, neggrad, random_label, boundary_shrink, ssd, scrub, salun) and ablations "
-                            "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)")
+    unlearning.add_argument(
+        "--methods",
+        default="all",
+        help="'all' or a comma list: nhle, retrain, the baselines "
+        "(finetune, neggrad, random_label, boundary_shrink, ssd, scrub, salun) and ablations "
+        "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)",
+    )
     unlearning.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    unlearning.add_argument("--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png")
-    unlearning.add_argument("--resume", action="store_true", help="keep the cases OUT/runs.jsonl already holds for "
-                            "every method and run only the rest (sequential engine)")
-    unlearning.add_argument("--quick", action="store_true", help="a reduced grid for CI: 1 seed, 2 classes and the "
-                            "multi-class case, 3 epochs, short unlearning, synthesis and relearn (Grid.quick)")
-    unlearning.add_argument("--engine", choices=("sequential", "dask"), default="sequential",
-                            help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
-                            "(params.yaml dask.address, else a local cluster of dask.n_workers processes)")
+    unlearning.add_argument(
+        "--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png"
+    )
+    unlearning.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cases OUT/runs.jsonl already holds for every method and run only the rest (sequential engine)",
+    )
+    unlearning.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced grid for CI: 1 seed, 2 classes and the "
+        "multi-class case, 3 epochs, short unlearning, synthesis and relearn (Grid.quick)",
+    )
+    unlearning.add_argument(
+        "--engine",
+        choices=("sequential", "dask"),
+        default="sequential",
+        help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
+        "(params.yaml dask.address, else a local cluster of dask.n_workers processes)",
+    )
     unlearning.set_defaults(func=cmd_bench_unlearning)
     scaling = add_command(benches, "scaling", help="NHLE vs retrain time as a synthetic training set grows")
     scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
@@ -495,14 +653,22 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
     scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
     scaling.set_defaults(func=cmd_bench_scaling)
-    inference = add_command(benches, "inference", help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 "
-                                   "GFLOP/s against this machine's fp32 matmul rate")
+    inference = add_command(
+        benches,
+        "inference",
+        help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 GFLOP/s against this machine's fp32 matmul rate",
+    )
     inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
     inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
     inference.set_defaults(func=cmd_bench_inference)
-    serving = add_command(benches, "serve", parents=[project_parent(), model_parent()], help="nhle serve (JSON, Open Inference "
-                                 "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
-                                 "ONNX Runtime; time from a forget request to the new version served")
+    serving = add_command(
+        benches,
+        "serve",
+        parents=[project_parent(), model_parent()],
+        help="nhle serve (JSON, Open Inference "
+        "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
+        "ONNX Runtime; time from a forget request to the new version served",
+    )
     from nhle.bench.serving import add_arguments as add_serve_arguments
 
     add_serve_arguments(serving)
@@ -510,9 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
     # flags live in one place and building this parser does not import torch. prefix_chars="+"
     # keeps this subparser from taking --quick etc. as options of its own.
-    gpu = add_command(benches, "gpu", add_help=False, prefix_chars="+",
-                             help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.bench.gpu; "
-                             "see `nhle bench gpu --help`)")
+    gpu = add_command(
+        benches,
+        "gpu",
+        add_help=False,
+        prefix_chars="+",
+        help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.bench.gpu; "
+        "see `nhle bench gpu --help`)",
+    )
     gpu.add_argument("gpu_check_args", nargs=argparse.REMAINDER, help="the flags of python -m nhle.bench.gpu")
     gpu.set_defaults(func=cmd_bench_gpu)
     return parser
@@ -522,9 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
 # leaves the machine (and no "Failed to send telemetry" error on one without internet), nhle's
 # log lines outside a flow run stay local without a warning, and the first temporary Prefect
 # server gets time to start on a small machine.
-QUIET_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+QUIET_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 
 def main(argv=None) -> int:
@@ -543,8 +719,10 @@ def main(argv=None) -> int:
     try:
         if hasattr(args, "params"):
             if args.params is not None and not Path(args.params).is_file():
-                raise FileNotFoundError(f"--params {args.params}: no such file (leave --params out to use "
-                                        "params.yaml, or the built-in defaults when there is none)")
+                raise FileNotFoundError(
+                    f"--params {args.params}: no such file (leave --params out to use "
+                    "params.yaml, or the built-in defaults when there is none)"
+                )
             args.params = args.params or "params.yaml"
         if args.command in ("request", "schedule", "deploy"):
             return args.func(args, resolve_params(args))

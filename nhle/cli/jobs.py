@@ -3,12 +3,12 @@
 them on a temporary Prefect server that dies with this process, and prints each version, its
 gates and the commands that open the MLflow UI and serve the champion.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from nhle.core.config import Params, params_as_dict
@@ -24,8 +24,10 @@ def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
     """flows/<name> of the nhle checkout at project_dir: the entrypoint a deployment names."""
     path = Path(project_dir).resolve() / "flows" / name
     if not path.exists():
-        raise FileNotFoundError(f"no flows/{name} under {Path(project_dir).resolve()}: run nhle from the "
-                                "nhle checkout or pass --project-dir")
+        raise FileNotFoundError(
+            f"no flows/{name} under {Path(project_dir).resolve()}: run nhle from the "
+            "nhle checkout or pass --project-dir"
+        )
     return path
 
 
@@ -82,11 +84,14 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
             results.append(timed(flows["train_base"], params=params_as_dict(params), project_dir=str(project_dir)))
             champion = load_champion(params)
         if champion and already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
-            print(f"{params.registry.champion_name()} (version {champion[2].version}) has already forgotten "
-                  f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`.")
+            print(
+                f"{params.registry.champion_name()} (version {champion[2].version}) has already forgotten "
+                f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`."
+            )
         else:
-            results.append(timed(flows["forget"], classes=forget_spec, params=params_as_dict(params),
-                                 project_dir=str(project_dir)))
+            results.append(
+                timed(flows["forget"], classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir))
+            )
     print_results(params, results, started, uri, "run")
     return 0 if not results or results[-1]["promoted"] else 1
 
@@ -112,8 +117,10 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
     for result in results:
         if result.get("report"):
             print("\n" + "\n".join(summary_lines(result["report"])))
-        print(f"\n{name} version {result['version']} ({result['summary']}): "
-              f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}")
+        print(
+            f"\n{name} version {result['version']} ({result['summary']}): "
+            f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}"
+        )
         for line in attempt_lines(result.get("attempts", [])):
             print(f"  {line}")
         gates = [GateResult(**gate) for gate in result["gates"]]
@@ -123,28 +130,41 @@ def print_results(params: Params, results: list[dict], started: float, uri: str,
             print(f"  what to try - {line}")
         print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
         for told in result.get("notified", []):
-            print(f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
-                  f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else ""))
+            print(
+                f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
+                f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else "")
+            )
         compute = result["compute_seconds"]
-        print(f"  flow {result['flow_seconds']:.1f} s, of which " + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
-              + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s")
+        print(
+            f"  flow {result['flow_seconds']:.1f} s, of which "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
+            + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s"
+        )
         if result.get("step_seconds"):
             print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result["step_seconds"]))
-    print(f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
-          f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)")
+    print(
+        f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
+        f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)"
+    )
     mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
     print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     flag = name_flag(name)
-    print(f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
-          f"(ONNX Runtime, follows {params.registry.champion_name()})")
+    print(
+        f"Serve it:    .venv/bin/nhle serve{flag} --host 127.0.0.1 --port 8000   "
+        f"(ONNX Runtime, follows {params.registry.champion_name()})"
+    )
 
 
 def attempt_lines(attempts: list[dict]) -> list[str]:
     """One line per unlearning attempt whose candidate failed a gate: its recipe, what became of
     it and the failed gates with their values and bounds."""
-    return [f"attempt {a['attempt']} ({a['recipe']}): {a['outcome']}"
-            + (f" as version {a['version']}" if a.get("version") else "") + f" - {a['reason']}"
-            for a in attempts if not a["passed"]]
+    return [
+        f"attempt {a['attempt']} ({a['recipe']}): {a['outcome']}"
+        + (f" as version {a['version']}" if a.get("version") else "")
+        + f" - {a['reason']}"
+        for a in attempts
+        if not a["passed"]
+    ]
 
 
 def import_command(params: Params, project_dir: Path, started: float | None = None) -> int:
@@ -167,8 +187,10 @@ def import_command(params: Params, project_dir: Path, started: float | None = No
     print_results(params, [result], started, uri, "import")
     if result["promoted"]:
         flag = name_flag(params.registry.model_name)
-        print(f"Forget:      .venv/bin/nhle run{flag} --forget {result['class_names'][0]}   (or `nhle request submit"
-              f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})")
+        print(
+            f"Forget:      .venv/bin/nhle run{flag} --forget {result['class_names'][0]}   (or `nhle request submit"
+            f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})"
+        )
     return 0 if result["promoted"] else 1
 
 

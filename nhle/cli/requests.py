@@ -1,12 +1,13 @@
 """`nhle request ...` and `nhle schedule`: forget requests from the command line.
 
-    nhle request submit --classes 3 --requester dpo@example.com --reason "erasure request 1142"
-    nhle request list [--status pending]
-    nhle request init                  # a new, empty ledger, made on purpose (never made in place of a lost one)
-    nhle request show 7                # the ledger row and its audit report
-    nhle request process               # process every pending request now (one Prefect flow run)
-    nhle schedule                      # serve the processing flow as a deployment on params.yaml's cron
+nhle request submit --classes 3 --requester dpo@example.com --reason "erasure request 1142"
+nhle request list [--status pending]
+nhle request init                  # a new, empty ledger, made on purpose (never made in place of a lost one)
+nhle request show 7                # the ledger row and its audit report
+nhle request process               # process every pending request now (one Prefect flow run)
+nhle schedule                      # serve the processing flow as a deployment on params.yaml's cron
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def cmd_submit(args, params) -> int:
     except RequestRejected as err:
         print(f"rejected and recorded: {request_line(err.request)}")
         raise ValueError(str(err)) from None
-    print(f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run; "
-          "until then the servers answer none of its classes.")
+    print(
+        f"accepted: {request_line(request)}\nIt is processed by the next `nhle request process` or scheduled run; "
+        "until then the servers answer none of its classes."
+    )
     print_servers_told(open_ledger(params, args.project_dir).events(request.id))
     return 0
 
@@ -48,7 +51,7 @@ def cmd_withdraw(args, params) -> int:
 def print_servers_told(events) -> None:
     """What the servers of serving.notify answered when they were told of the request's last change."""
     told = [e for e in events if e.kind in ("suppressed", "lifted")]
-    for server in (told[-1].detail["servers"] if told else []):
+    for server in told[-1].detail["servers"] if told else []:
         if server["outcome"] == "not_told":
             print(f"  {server['url']}: not told ({server['error']}); it reads the ledger at its next poll")
         else:
@@ -70,20 +73,23 @@ def cmd_init(args, params) -> int:
     if missing is None:  # a database server: its tables exist now, whatever they already held
         print(f"the forget-request ledger's tables are ready at {url}")
         return 0
-    print(f"created an empty forget-request ledger at {missing}. Classes deleted before it stay deleted only "
-          f"where the registered model's own record keeps them (`nhle request list` shows what the ledger holds).")
+    print(
+        f"created an empty forget-request ledger at {missing}. Classes deleted before it stay deleted only "
+        f"where the registered model's own record keeps them (`nhle request list` shows what the ledger holds)."
+    )
     return 0
 
 
 def cmd_list(args, params) -> int:
     from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import request_line
-
-    from nhle.orchestration.requests import REQUEST_HEADER
+    from nhle.orchestration.requests import REQUEST_HEADER, request_line
 
     requests = open_ledger(params, args.project_dir).list(args.status, params.registry.model_name)
     if not requests:
-        print(f"no forget requests for {params.registry.model_name}" + (f" with status {args.status}" if args.status else ""))
+        print(
+            f"no forget requests for {params.registry.model_name}"
+            + (f" with status {args.status}" if args.status else "")
+        )
         return 0
     print(f"forget requests for {params.registry.model_name}:\n{REQUEST_HEADER}")
     for request in requests:
@@ -92,10 +98,10 @@ def cmd_list(args, params) -> int:
 
 
 def cmd_show(args, params) -> int:
-    from nhle.core.audit import terminal_text
     from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import as_json, read_report
     from nhle.adapters.tracking import configure
+    from nhle.core.audit import terminal_text
+    from nhle.orchestration.requests import as_json, read_report
 
     ledger = open_ledger(params, args.project_dir)
     try:
@@ -108,8 +114,13 @@ def cmd_show(args, params) -> int:
         print(f"\naudit report ({request.report_uri}):\n")
         print(read_report(request.report_uri))
     for event in ledger.events(request.id):  # after the report: what happened to it since
-        print("\n" + terminal_text(f"{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: "
-                                   f"{event.reason} {json.dumps(event.detail)}"))
+        print(
+            "\n"
+            + terminal_text(
+                f"{event.kind.upper()} {event.at:%Y-%m-%d %H:%M:%S}Z by {event.operator}: "
+                f"{event.reason} {json.dumps(event.detail)}"
+            )
+        )
     return 0
 
 
@@ -125,10 +136,12 @@ def cmd_process(args, params) -> int:
         ready()
         result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
     for request in result["requests"]:
-        print(f"request {request['id']}: {request['status']}"
-              + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
-              + (f" ({request['error']})" if request["error"] else "")
-              + (f"; audit {request['report_uri']}" if request["report_uri"] else ""))
+        print(
+            f"request {request['id']}: {request['status']}"
+            + (f" -> version {request['model_version_after']}" if request["model_version_after"] else "")
+            + (f" ({request['error']})" if request["error"] else "")
+            + (f"; audit {request['report_uri']}" if request["report_uri"] else "")
+        )
     from nhle.cli.jobs import attempt_lines
     from nhle.core.gates import advice_for_reason
 
@@ -137,8 +150,9 @@ def cmd_process(args, params) -> int:
     if result.get("step_seconds"):
         print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result["step_seconds"]))
 
-    for line in sorted({line for r in result["requests"] if r["status"] == "failed" for line in
-                        advice_for_reason(r["error"] or "")}):
+    for line in sorted(
+        {line for r in result["requests"] if r["status"] == "failed" for line in advice_for_reason(r["error"] or "")}
+    ):
         print(f"  what to try - {line}")
     if not result["requests"]:
         print("no pending forget requests")
@@ -160,9 +174,11 @@ def requests_schedule(params) -> tuple[dict, object]:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
-    options = {"schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
-               "tags": ["nhle", "forget-requests"],
-               "description": "Process every pending forget request of the nhle ledger"}
+    options = {
+        "schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
+        "tags": ["nhle", "forget-requests"],
+        "description": "Process every pending forget request of the nhle ledger",
+    }
     return options, ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
@@ -175,8 +191,7 @@ def cmd_schedule(args, params) -> int:
     flow = load_flow("process_requests")
     os.chdir(project_dir)  # the deployment's working directory
     name = deployment_name(params.requests.deployment, params)
-    print(f"serving {flow.name}/{name} on cron {params.requests.cron!r} "
-          f"({params.requests.timezone}); Ctrl-C stops it")
+    print(f"serving {flow.name}/{name} on cron {params.requests.cron!r} ({params.requests.timezone}); Ctrl-C stops it")
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
     options, limit = requests_schedule(params)
@@ -196,8 +211,10 @@ def cmd_deploy(args, params) -> int:
     from nhle.core.config import params_as_dict
 
     if not get_current_settings().api.url:
-        raise RuntimeError("nhle deploy registers deployments with a Prefect server: set PREFECT_API_URL "
-                           "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
+        raise RuntimeError(
+            "nhle deploy registers deployments with a Prefect server: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api after `prefect server start`)"
+        )
     project_dir = Path(args.project_dir).resolve()
     entry = flows_file(project_dir).relative_to(project_dir)
     from nhle.core.config import load_params
@@ -208,20 +225,38 @@ def cmd_deploy(args, params) -> int:
     parameters = {"project_dir": str(project_dir), **({} if own_params else {"params": params_as_dict(params)})}
     request_options, request_limit = requests_schedule(params)
     deployments = [  # (flow function, deployment name, options, concurrency limit)
-        ("train_base", "train-base", {"tags": ["nhle"], "description": "Train, export and register a base model; "
-                                      "promoted if its gates hold"}, None),
-        ("forget", "forget", {"tags": ["nhle"], "description": "Forget the given classes from the champion "
-                              "(NHLE + masking), with evidence"}, None),
+        (
+            "train_base",
+            "train-base",
+            {"tags": ["nhle"], "description": "Train, export and register a base model; promoted if its gates hold"},
+            None,
+        ),
+        (
+            "forget",
+            "forget",
+            {
+                "tags": ["nhle"],
+                "description": "Forget the given classes from the champion (NHLE + masking), with evidence",
+            },
+            None,
+        ),
         ("process_requests", params.requests.deployment, request_options, request_limit),
     ]
-    deployments = [(function, deployment_name(name, params), options, limit)
-                   for function, name, options, limit in deployments
+    deployments = [
+        (function, deployment_name(name, params), options, limit) for function, name, options, limit in deployments
     ]
     for function, name, options, limit in deployments:
         flow = Flow.from_source(source=str(project_dir), entrypoint=f"{entry}:{function}")
-        deployment_id = flow.deploy(name=name, work_pool_name=args.pool, parameters=parameters,
-                                    concurrency_limit=limit, build=False, push=False, print_next_steps=False,
-                                    **options)
+        deployment_id = flow.deploy(
+            name=name,
+            work_pool_name=args.pool,
+            parameters=parameters,
+            concurrency_limit=limit,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            **options,
+        )
         print(f"deployed {flow.name}/{name} to work pool {args.pool!r} ({deployment_id})")
     print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
@@ -240,8 +275,9 @@ def add_commands(commands, project_parent, model_parent, add_command) -> None:
     submit.add_argument("--classes", required=True, help="class(es) to forget: indices or names, comma separated")
     submit.add_argument("--requester", required=True, help="who asks (a name or an address)")
     submit.add_argument("--reason", required=True, help="why (kept in the ledger and the audit report)")
-    withdrawing = action("withdraw", cmd_withdraw, "take back a pending or failed request on record: its classes are "
-                         "answered again")
+    withdrawing = action(
+        "withdraw", cmd_withdraw, "take back a pending or failed request on record: its classes are answered again"
+    )
     withdrawing.add_argument("id", type=int, help="request id")
     withdrawing.add_argument("--reason", required=True, help="why (kept in the ledger)")
     withdrawing.add_argument("--operator", default=operator_name(), help="who withdraws it (default: %(default)s)")
@@ -253,11 +289,20 @@ def add_commands(commands, project_parent, model_parent, add_command) -> None:
     show.add_argument("--no-report", action="store_true", help="only the ledger row")
     action("process", cmd_process, "process every pending request now, in one Prefect flow run")
 
-    schedule = add_command(commands, "schedule", parents=[project_parent(), model_parent()], help="serve the request-processing flow as a Prefect deployment "
-                                   "on params.yaml's requests.cron (a long-running process)")
+    schedule = add_command(
+        commands,
+        "schedule",
+        parents=[project_parent(), model_parent()],
+        help="serve the request-processing flow as a Prefect deployment "
+        "on params.yaml's requests.cron (a long-running process)",
+    )
     schedule.set_defaults(func=cmd_schedule)
 
-    deploy = add_command(commands, "deploy", parents=[project_parent(), model_parent()], help="register the flows with the Prefect server (PREFECT_API_URL) for "
-                                 "the workers of a process work pool")
+    deploy = add_command(
+        commands,
+        "deploy",
+        parents=[project_parent(), model_parent()],
+        help="register the flows with the Prefect server (PREFECT_API_URL) for the workers of a process work pool",
+    )
     deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
     deploy.set_defaults(func=cmd_deploy)

@@ -6,11 +6,12 @@
 Every field has a default that works on the embedded digits dataset on a CPU; params.yaml only
 needs what differs. Unknown keys are errors that name the key and the known ones.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
@@ -23,18 +24,43 @@ EXPORTERS = ("torchscript", "dynamo")
 OPTIMIZERS = ("adam", "sgd", "normalized")
 RECIPES = {
     # The default until issue 25: synthetic anchor, early stop at mean p_F < 0.05, slow pace.
-    "nhle_synthetic_anchor": {"shipped_weight": 0.0, "anchor_weight": 100.0, "anchor_temperature": 1.0,
-                              "forget_batch": 0, "anchor_batch": 0, "lr": 3e-5, "adaptive_lr": True,
-                              "max_steps": 300, "stop_forget_prob": 0.05, "feature_pull": 0.0,
-                              "holdout_per_class": 0, "max_drift": 0.0, "saliency": 1.0, "rows_steps": 0,
-                              "forget_confusion": 0.0},
+    "nhle_synthetic_anchor": {
+        "shipped_weight": 0.0,
+        "anchor_weight": 100.0,
+        "anchor_temperature": 1.0,
+        "forget_batch": 0,
+        "anchor_batch": 0,
+        "lr": 3e-5,
+        "adaptive_lr": True,
+        "max_steps": 300,
+        "stop_forget_prob": 0.05,
+        "feature_pull": 0.0,
+        "holdout_per_class": 0,
+        "max_drift": 0.0,
+        "saliency": 1.0,
+        "rows_steps": 0,
+        "forget_confusion": 0.0,
+    },
     # The fallback: the recipe of sections 1-6 of docs/benchmarks.md, which held every run of
     # every setting measured (no synthetic inputs, stop as soon as the samples are misclassified).
-    "nhle_conservative": {"shipped_weight": 0.0, "anchor_weight": 100.0, "anchor_temperature": 1.0,
-                          "forget_batch": 0, "lr": 1e-4, "adaptive_lr": False, "max_steps": 300,
-                          "stop_forget_prob": 0.05, "synthetic_per_class": 0, "holdout_per_class": 0,
-                          "max_drift": 0.0, "forget_rank": 0.0, "feature_pull": 0.0, "saliency": 1.0,
-                          "rows_steps": 0, "forget_confusion": 0.0},
+    "nhle_conservative": {
+        "shipped_weight": 0.0,
+        "anchor_weight": 100.0,
+        "anchor_temperature": 1.0,
+        "forget_batch": 0,
+        "lr": 1e-4,
+        "adaptive_lr": False,
+        "max_steps": 300,
+        "stop_forget_prob": 0.05,
+        "synthetic_per_class": 0,
+        "holdout_per_class": 0,
+        "max_drift": 0.0,
+        "forget_rank": 0.0,
+        "feature_pull": 0.0,
+        "saliency": 1.0,
+        "rows_steps": 0,
+        "forget_confusion": 0.0,
+    },
 }
 """Named NHLE recipes: overrides of the unlearn section (unlearn.fallbacks picks from them; `nhle
 bench unlearning` measures each as an ablation, docs/benchmarks.md)."""
@@ -42,13 +68,30 @@ TORCHVISION_DATASETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
 DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "prepared")
 
 
-def setting(default, *, choices: tuple[str, ...] | None = None, also: str | None = None, at_least: float | None = None,
-            above: float | None = None, at_most: float | None = None, default_factory=None):
+def setting(
+    default,
+    *,
+    choices: tuple[str, ...] | None = None,
+    also: str | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    default_factory=None,
+):
     """A config field with its allowed values on it: one of `choices` (or a text matching the
     regular expression `also`), or a number within the bounds. checked_value enforces them when a
     section is built; the CLI takes its `choices` from here."""
-    rules = {k: v for k, v in (("choices", choices), ("also", also), ("at_least", at_least), ("above", above),
-                               ("at_most", at_most)) if v is not None}
+    rules = {
+        k: v
+        for k, v in (
+            ("choices", choices),
+            ("also", also),
+            ("at_least", at_least),
+            ("above", above),
+            ("at_most", at_most),
+        )
+        if v is not None
+    }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -127,8 +170,11 @@ class ModelConfig(Section):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = (value,)
             if value is not None:
-                if not isinstance(value, (tuple, list)) or not all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or not value:
+                if (
+                    not isinstance(value, (tuple, list))
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                    or not value
+                ):
                     raise ValueError(f"ModelConfig.{name} must be a number or a list of numbers, got {value!r}")
                 object.__setattr__(self, name, tuple(float(v) for v in value))
         if (self.mean is None) != (self.std is None):
@@ -287,11 +333,15 @@ class UnlearnConfig(Section):
 
     def check(self):
         if self.feature_pull > 0 and self.synthetic_per_class < 1:
-            raise ValueError("unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
-                             "synthetic inputs' features)")
+            raise ValueError(
+                "unlearn.feature_pull needs unlearn.synthetic_per_class >= 1 (its prototypes are the "
+                "synthetic inputs' features)"
+            )
         if self.rows_steps > 0 and self.synthetic_per_class < 1:
-            raise ValueError("unlearn.rows_steps needs unlearn.synthetic_per_class >= 1 (the rows are learnt on the "
-                             "synthetic inputs); set unlearn.rows_steps to 0 without them")
+            raise ValueError(
+                "unlearn.rows_steps needs unlearn.synthetic_per_class >= 1 (the rows are learnt on the "
+                "synthetic inputs); set unlearn.rows_steps to 0 without them"
+            )
 
 
 def to_dict(config) -> dict:
@@ -391,8 +441,9 @@ def check_fields(config) -> None:
     hints = typing.get_type_hints(type(config))
     owner = section_name(type(config))
     for f in fields(config):
-        object.__setattr__(config, f.name, checked_value(owner, f.name, hints[f.name], getattr(config, f.name),
-                                                         dict(f.metadata)))
+        object.__setattr__(
+            config, f.name, checked_value(owner, f.name, hints[f.name], getattr(config, f.name), dict(f.metadata))
+        )
 
 
 def replace_known(config, **overrides):
@@ -617,16 +668,26 @@ class Params:
 def resolve_uri(uri: str, project_dir: Path) -> str:
     """sqlite:///relative.db and bare relative paths are taken relative to the project dir."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(Path(project_dir) / uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{(Path(project_dir) / uri[len('sqlite:///') :]).resolve()}"
     if "://" not in uri:
         return (Path(project_dir) / uri).resolve().as_uri()
     return uri
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "unlearn": UnlearnConfig, "export": ExportConfig,
-            "gates": GateConfig, "registry": RegistryConfig, "tracking": TrackingConfig,
-            "versioning": VersioningConfig, "serving": ServingConfig, "requests": RequestsConfig,
-            "dask": DaskConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "unlearn": UnlearnConfig,
+    "export": ExportConfig,
+    "gates": GateConfig,
+    "registry": RegistryConfig,
+    "tracking": TrackingConfig,
+    "versioning": VersioningConfig,
+    "serving": ServingConfig,
+    "requests": RequestsConfig,
+    "dask": DaskConfig,
+}
 TOP_LEVEL = {"forget": str, "retrain_baseline": bool}
 
 
@@ -636,19 +697,25 @@ def params_from_dict(raw: dict | None, source: str = "params") -> Params:
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted([*SECTIONS, *TOP_LEVEL])}")
     if isinstance(raw.get("data"), dict) and "classes" in raw["data"]:
-        raise ValueError(f"{source}: data.classes is now data.class_names (the file of class names; `--classes` "
-                         "names the classes to forget)")
+        raise ValueError(
+            f"{source}: data.classes is now data.class_names (the file of class names; `--classes` "
+            "names the classes to forget)"
+        )
     if isinstance(raw.get("train"), dict) and "model" in raw["train"]:
-        raise ValueError(f"{source}: train.model is now model.arch (a section of its own, which also names the "
-                         "weights of a model you import); note that resnet18 now means torchvision's ResNet-18 and "
-                         "the CIFAR-stem one is resnet18_cifar")
+        raise ValueError(
+            f"{source}: train.model is now model.arch (a section of its own, which also names the "
+            "weights of a model you import); note that resnet18 now means torchvision's ResNet-18 and "
+            "the CIFAR-stem one is resnet18_cifar"
+        )
     values = {}
     for name, cls in SECTIONS.items():
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping, got {section!r}")
         try:
-            values[name] = replace_known(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+            values[name] = replace_known(
+                cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+            )
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
     for name, kind in TOP_LEVEL.items():
@@ -680,14 +747,18 @@ def with_assignments(params: Params, assignments) -> Params:
             value = text
         if not section:
             if key not in TOP_LEVEL:
-                raise ValueError(f"--set {item}: unknown setting {key!r}; top-level ones are {', '.join(TOP_LEVEL)}, "
-                                 "the rest are SECTION.KEY")
+                raise ValueError(
+                    f"--set {item}: unknown setting {key!r}; top-level ones are {', '.join(TOP_LEVEL)}, "
+                    "the rest are SECTION.KEY"
+                )
             raw[key] = value
         elif section not in SECTIONS:
             raise ValueError(f"--set {item}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
         elif key not in raw[section]:
-            raise ValueError(f"--set {item}: unknown {SECTIONS[section].__name__} field {key!r}; known: "
-                             f"{', '.join(sorted(raw[section]))}")
+            raise ValueError(
+                f"--set {item}: unknown {SECTIONS[section].__name__} field {key!r}; known: "
+                f"{', '.join(sorted(raw[section]))}"
+            )
         else:
             raw[section][key] = value
         given.append(item)
@@ -732,8 +803,13 @@ def field_docs(cls) -> dict[str, str]:
     for klass in reversed([k for k in cls.__mro__ if k not in (object, Section)]):
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, following in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
-                    and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
@@ -754,9 +830,11 @@ def params_yaml(params: Params | None = None) -> str:
     def comment(text: str, indent: str) -> list[str]:
         return textwrap.wrap(text, 100 - len(indent) - 2, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
 
-    lines = ["# nhle's settings: every field of nhle.core.config.Params with its default value and its meaning.",
-             "# Written by `nhle params`; a CLI flag or `--set section.key=value` overrides a field, and so do",
-             "# MLFLOW_TRACKING_URI, NHLE_REQUESTS_DATABASE, DASK_ADDRESS and the server's NHLE_* variables."]
+    lines = [
+        "# nhle's settings: every field of nhle.core.config.Params with its default value and its meaning.",
+        "# Written by `nhle params`; a CLI flag or `--set section.key=value` overrides a field, and so do",
+        "# MLFLOW_TRACKING_URI, NHLE_REQUESTS_DATABASE, DASK_ADDRESS and the server's NHLE_* variables.",
+    ]
     top_docs = field_docs(Params)
     for f in fields(Params):
         value = getattr(params, f.name)

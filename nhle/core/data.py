@@ -10,6 +10,7 @@ Every dataset becomes a `Splits`: a train and a test `ImageSet` of images scaled
 (stored as uint8 where the source is 8-bit, to keep CIFAR-sized data small), the class names and
 a fingerprint of the exact bytes, which checkpoints carry so a model can be traced to its data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index) -> "ImageSet":
+    def subset(self, index) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
         return ImageSet(self.images[index], self.labels[index])
 
@@ -81,9 +82,16 @@ class Splits:
         return digest.hexdigest()
 
 
-def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_fraction: float = 0.25,
-                 download: bool = False, image_size: int | None = None, class_names: str | Path | None = None,
-                 skip_bad_images: bool = False) -> Splits:
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    download: bool = False,
+    image_size: int | None = None,
+    class_names: str | Path | None = None,
+    skip_bad_images: bool = False,
+) -> Splits:
     """Load a dataset by name; see the module docstring. `image_size` resizes (square);
     `class_names` (a file, one name per line) renumbers the labels to a model's output order."""
     name = name.lower()
@@ -91,8 +99,9 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
         splits = load_digits(seed=seed, test_fraction=test_fraction)
     elif name in TORCHVISION_DATASETS:
         if root is None:
-            raise ValueError(f"dataset {name!r} needs a root folder (--data-root); "
-                             "add download=True (--download) to fetch it there")
+            raise ValueError(
+                f"dataset {name!r} needs a root folder (--data-root); add download=True (--download) to fetch it there"
+            )
         splits = load_torchvision(name, root, download=download)
     elif name == "prepared":
         if root is None:
@@ -101,8 +110,9 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, test_
     elif name == "imagefolder":
         if root is None:
             raise ValueError("dataset 'imagefolder' needs a root folder with one sub-folder per class")
-        splits = load_image_folder(root, seed=seed, test_fraction=test_fraction, image_size=image_size or 32,
-                                   skip_bad_images=skip_bad_images)
+        splits = load_image_folder(
+            root, seed=seed, test_fraction=test_fraction, image_size=image_size or 32, skip_bad_images=skip_bad_images
+        )
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and splits.image_shape[1:] != (image_size, image_size):
@@ -127,14 +137,18 @@ def in_class_order(splits: Splits, names: list[str]) -> Splits:
     """The splits with label k meaning names[k] (a model's output order). A dataset whose classes
     are bare indices ('0', '1', ...) takes the names in order; one with names is renumbered."""
     if len(names) != splits.num_classes:
-        raise ValueError(f"the classes file lists {len(names)} classes but the {splits.name} data has "
-                         f"{splits.num_classes}: {splits.class_names}")
+        raise ValueError(
+            f"the classes file lists {len(names)} classes but the {splits.name} data has "
+            f"{splits.num_classes}: {splits.class_names}"
+        )
     if splits.class_names == [str(k) for k in range(splits.num_classes)] and set(names) != set(splits.class_names):
         return Splits(splits.name, splits.train, splits.test, list(names), splits.removed_classes)
     missing = [n for n in names if n not in splits.class_names]
     if missing:
-        raise ValueError(f"the classes file names {missing}, which the {splits.name} data does not have "
-                         f"(its classes: {splits.class_names})")
+        raise ValueError(
+            f"the classes file names {missing}, which the {splits.name} data does not have "
+            f"(its classes: {splits.class_names})"
+        )
     new_index = torch.tensor([names.index(n) for n in splits.class_names])
 
     def relabel(part: ImageSet) -> ImageSet:
@@ -152,11 +166,13 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:
     bunch = sk_load_digits()
     images = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
     labels = torch.tensor(bunch.target, dtype=torch.long)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           random_state=seed, stratify=bunch.target)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=bunch.target
+    )
     data = ImageSet(images, labels)
-    return Splits("digits", data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx)),
-                  [str(k) for k in range(10)])
+    return Splits(
+        "digits", data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx)), [str(k) for k in range(10)]
+    )
 
 
 def load_torchvision(name: str, root: str | Path, download: bool = False) -> Splits:
@@ -168,8 +184,12 @@ def load_torchvision(name: str, root: str | Path, download: bool = False) -> Spl
         parts = [datasets.SVHN(root, split=s, download=download) for s in ("train", "test")]
         sets = [ImageSet(torch.from_numpy(p.data), torch.from_numpy(p.labels.astype(np.int64))) for p in parts]
         return Splits(name, sets[0], sets[1], [str(k) for k in range(10)])
-    cls = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST,
-           "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    cls = {
+        "mnist": datasets.MNIST,
+        "fashionmnist": datasets.FashionMNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }[name]
     try:
         parts = [cls(root, train=t, download=download) for t in (True, False)]
     except RuntimeError as err:
@@ -182,8 +202,9 @@ def load_torchvision(name: str, root: str | Path, download: bool = False) -> Spl
     return Splits(name, sets[0], sets[1], list(parts[0].classes))
 
 
-def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.25,
-                      image_size: int = 32, skip_bad_images: bool = False) -> Splits:
+def load_image_folder(
+    root: str | Path, seed: int = 0, test_fraction: float = 0.25, image_size: int = 32, skip_bad_images: bool = False
+) -> Splits:
     """A user's images, one sub-folder per class, resized to image_size and split per seed.
 
     Grey if every image is single-channel, else RGB. Each file is opened, decoded and closed
@@ -210,12 +231,14 @@ def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             bad.append(f"{path}: {err}")
     if bad and not skip_bad_images:
-        raise ValueError(f"{len(bad)} of {len(folder)} files under {root} could not be read as images (set "
-                         "data.skip_bad_images: true to leave them out): " + "; ".join(bad[:5])
-                         + ("; ..." if len(bad) > 5 else ""))
+        raise ValueError(
+            f"{len(bad)} of {len(folder)} files under {root} could not be read as images (set "
+            "data.skip_bad_images: true to leave them out): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        )
     if bad:
-        logging.getLogger(__name__).warning("left out %d unreadable image(s) under %s: %s", len(bad), root,
-                                            "; ".join(bad))
+        logging.getLogger(__name__).warning(
+            "left out %d unreadable image(s) under %s: %s", len(bad), root, "; ".join(bad)
+        )
     if not samples:
         raise ValueError(f"none of the {len(folder)} files under {root} could be read as an image")
     stacked = np.stack(arrays)
@@ -224,11 +247,11 @@ def load_image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.
     labels = np.array([label for _, label in samples])
     counts = np.bincount(labels)
     stratify = labels if counts.min() >= 2 else None
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           random_state=seed, stratify=stratify)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=stratify
+    )
     data = ImageSet(images.contiguous(), torch.from_numpy(labels))
-    return Splits("imagefolder", data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx)),
-                  list(folder.classes))
+    return Splits("imagefolder", data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx)), list(folder.classes))
 
 
 def resize(splits: Splits, size: int) -> Splits:
@@ -255,8 +278,9 @@ def parse_classes(spec: str | list, class_names: list[str]) -> list[int]:
                 raise ValueError(f"class {index} is out of range: this model has classes 0..{len(class_names) - 1}")
             classes.append(index)
         else:
-            raise ValueError(f"unknown class {item!r}: give an index 0..{len(class_names) - 1} "
-                             f"or a name from {class_names}")
+            raise ValueError(
+                f"unknown class {item!r}: give an index 0..{len(class_names) - 1} or a name from {class_names}"
+            )
     if not classes:
         raise ValueError("no class given to forget")
     return sorted(set(classes))
@@ -274,8 +298,13 @@ def drop_classes(splits: Splits, classes) -> Splits:
     classes = sorted({int(c) for c in classes})
     if not classes:
         return splits
-    return Splits(splits.name, split_by_classes(splits.train, classes)[1], split_by_classes(splits.test, classes)[1],
-                  list(splits.class_names), sorted({*splits.removed_classes, *classes}))
+    return Splits(
+        splits.name,
+        split_by_classes(splits.train, classes)[1],
+        split_by_classes(splits.test, classes)[1],
+        list(splits.class_names),
+        sorted({*splits.removed_classes, *classes}),
+    )
 
 
 def sample_per_class(data: ImageSet, classes, n: int, seed: int) -> ImageSet:
@@ -301,8 +330,7 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
     from nhle.core.files import atomic_write, write_json
 
     def write_npz(part: ImageSet):
-        arrays = {"images": part.images.contiguous().numpy(),
-                  "labels": part.labels.numpy().astype(np.int64)}
+        arrays = {"images": part.images.contiguous().numpy(), "labels": part.labels.numpy().astype(np.int64)}
 
         def write(f):
             # np.savez's layout, but with a fixed entry timestamp: the stamp ZipFile.open('w')
@@ -313,6 +341,7 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
                     info.external_attr = 0o644 << 16
                     with archive.open(info, "w", force_zip64=True) as entry:
                         np.lib.format.write_array(entry, value, allow_pickle=False)
+
         return write
 
     folder = Path(folder)
@@ -333,8 +362,7 @@ def load_splits(folder: str | Path) -> Splits:
     folder = Path(folder)
     for name in ("train.npz", "test.npz", "classes.json"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} does not exist: {folder} is not a folder "
-                                    "written by save_splits")
+            raise FileNotFoundError(f"{folder / name} does not exist: {folder} is not a folder written by save_splits")
 
     def read_npz(path: Path) -> ImageSet:
         with np.load(path, allow_pickle=False) as arrays:
@@ -344,5 +372,10 @@ def load_splits(folder: str | Path) -> Splits:
             return ImageSet(torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy()))
 
     meta = json.loads((folder / "classes.json").read_text())
-    return Splits(meta["name"], read_npz(folder / "train.npz"), read_npz(folder / "test.npz"),
-                  [str(c) for c in meta["class_names"]], [int(c) for c in meta.get("removed_classes", [])])
+    return Splits(
+        meta["name"],
+        read_npz(folder / "train.npz"),
+        read_npz(folder / "test.npz"),
+        [str(c) for c in meta["class_names"]],
+        [int(c) for c in meta.get("removed_classes", [])],
+    )

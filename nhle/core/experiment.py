@@ -8,37 +8,56 @@
 
 Plain library code: no tracking, orchestration or data-versioning imports.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
-
+from nhle.core.audit import relearn_sentence
 from nhle.core.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig, replace_known, to_dict
 from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
-from nhle.core.audit import relearn_sentence
 from nhle.core.gates import check_a_class_is_left
-from nhle.core.metrics import (METRICS, evaluate_forgetting, evidence_metrics, forget_metrics, relearn_shares,
-                               relearn_target_accuracy)
+from nhle.core.metrics import (
+    METRICS,
+    evaluate_forgetting,
+    evidence_metrics,
+    forget_metrics,
+    relearn_shares,
+    relearn_target_accuracy,
+)
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
 from nhle.core.training import check_training, evaluate, recipe_of, train_model, training_spec
 from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
 
 
 def load_data(config: DataConfig) -> Splits:
-    return load_dataset(config.dataset, root=config.root, seed=config.seed, test_fraction=config.test_fraction,
-                        download=config.download, image_size=config.image_size, class_names=config.class_names,
-                        skip_bad_images=config.skip_bad_images)
+    return load_dataset(
+        config.dataset,
+        root=config.root,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        download=config.download,
+        image_size=config.image_size,
+        class_names=config.class_names,
+        skip_bad_images=config.skip_bad_images,
+    )
 
 
-def train_base_model(data_config: DataConfig, train_config: TrainConfig, data: Splits | None = None,
-               progress: bool = True, model_config: ModelConfig = ModelConfig()) -> tuple[MaskedClassifier, dict]:
+def train_base_model(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    data: Splits | None = None,
+    progress: bool = True,
+    model_config: ModelConfig = ModelConfig(),
+) -> tuple[MaskedClassifier, dict]:
     """Train the base model (model_config.arch from random initialisation); returns it and the
     checkpoint metadata to save with it."""
     data = data or load_data(data_config)
-    model, seconds = train_model(data, train_config, seed=data_config.seed, progress=progress,
-                                 spec=base_spec(model_config, data))
+    model, seconds = train_model(
+        data, train_config, seed=data_config.seed, progress=progress, spec=base_spec(model_config, data)
+    )
     meta = base_meta(data_config, model_config, train_config, data)
     meta["metrics"] = {**base_metrics(model, data), "train_seconds": seconds}
     return model, meta
@@ -47,8 +66,10 @@ def train_base_model(data_config: DataConfig, train_config: TrainConfig, data: S
 def base_spec(model_config: ModelConfig, data: Splits) -> ModelSpec:
     """The network a base model of `data` is trained as, refusing settings that ask for another."""
     if model_config.weights != "none" or model_config.from_mlflow:
-        raise ValueError("model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
-                         "(training starts from random initialisation, so it would ignore them)")
+        raise ValueError(
+            "model.weights / model.from_mlflow are set: `nhle import` registers your model as it is "
+            "(training starts from random initialisation, so it would ignore them)"
+        )
     return training_spec(model_config, data)
 
 
@@ -60,8 +81,12 @@ def check_base_training(model_config: ModelConfig, train_config: TrainConfig, da
 def base_meta(data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig, data: Splits) -> dict:
     """What a base model's checkpoint records besides its weights: the settings (train is the
     recipe of its retrained reference) and the exact data."""
-    return {"config": {"data": to_dict(data_config), "model": to_dict(model_config), "train": to_dict(train_config)},
-            "dataset": data.name, "class_names": data.class_names, "data_fingerprint": data.fingerprint()}
+    return {
+        "config": {"data": to_dict(data_config), "model": to_dict(model_config), "train": to_dict(train_config)},
+        "dataset": data.name,
+        "class_names": data.class_names,
+        "data_fingerprint": data.fingerprint(),
+    }
 
 
 def base_metrics(model: MaskedClassifier, data: Splits) -> dict:
@@ -72,8 +97,10 @@ def data_for_checkpoint(checkpoint: dict) -> Splits:
     """Reload the exact data a checkpoint was trained on, or fail saying what differs."""
     data = load_data(replace_known(DataConfig(), **checkpoint["config"]["data"]))
     if data.fingerprint() != checkpoint["data_fingerprint"]:
-        raise ValueError(f"the {data.name} data found now differs from the data this model was trained on "
-                         f"(fingerprint {data.fingerprint()[:12]} != {checkpoint['data_fingerprint'][:12]})")
+        raise ValueError(
+            f"the {data.name} data found now differs from the data this model was trained on "
+            f"(fingerprint {data.fingerprint()[:12]} != {checkpoint['data_fingerprint'][:12]})"
+        )
     return data
 
 
@@ -105,23 +132,40 @@ class ForgetOutcome:
     """The retrained reference, for another recipe on the same request."""
 
 
-def retrain_without(data: Splits, train_config: TrainConfig, classes, seed: int, progress: bool = True,
-                    masked=(), spec: ModelSpec | None = None) -> Retrained:
+def retrain_without(
+    data: Splits,
+    train_config: TrainConfig,
+    classes,
+    seed: int,
+    progress: bool = True,
+    masked=(),
+    spec: ModelSpec | None = None,
+) -> Retrained:
     """The gold standard: the same recipe (architecture `spec`, default smallcnn) from scratch
     without `classes` (and without the already-forgotten `masked` classes, which are masked too),
     then masked."""
-    model, seconds = train_model(data, train_config, seed=seed, exclude=sorted({*classes, *masked}),
-                                 progress=progress, spec=spec)
+    model, seconds = train_model(
+        data, train_config, seed=seed, exclude=sorted({*classes, *masked}), progress=progress, spec=spec
+    )
     if masked:
         apply_class_weight_mask(model, masked)
     return Retrained(model, apply_class_weight_mask(model, classes), seconds)
 
 
-def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[int], seed: int = 0,
-                       config: UnlearnConfig = UnlearnConfig(), retrain_baseline: bool = False,
-                       data: Splits | None = None, device: str = "auto", progress: bool = True,
-                       retrained: Retrained | None = None, synthetic=None,
-                       defer_evidence: bool = False) -> ForgetOutcome:
+def forget_and_measure(
+    model: MaskedClassifier,
+    checkpoint: dict,
+    classes: list[int],
+    seed: int = 0,
+    config: UnlearnConfig = UnlearnConfig(),
+    retrain_baseline: bool = False,
+    data: Splits | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    retrained: Retrained | None = None,
+    synthetic=None,
+    defer_evidence: bool = False,
+) -> ForgetOutcome:
     """Unlearn `classes` (indices, as validate_forget returns them) from `model` with NHLE +
     masking, and measure the result against the original (and, if asked, a model retrained
     without them). `retrained` may pass a Retrained computed before, to share
@@ -140,47 +184,96 @@ def forget_and_measure(model: MaskedClassifier, checkpoint: dict, classes: list[
     target_acc = relearn_target_accuracy(model, data, classes, config.relearn_target)
 
     def measure(candidate, attack):
-        return evaluate_forgetting(candidate, data, classes, samples, attack, config.relearn_max_steps,
-                                   config.relearn_lr, seed, relearn_target_acc=target_acc)
+        return evaluate_forgetting(
+            candidate,
+            data,
+            classes,
+            samples,
+            attack,
+            config.relearn_max_steps,
+            config.relearn_lr,
+            seed,
+            relearn_target_acc=target_acc,
+        )
 
     def measure_now(candidate, attack):  # the pre-mask rows (`attack`) exist only now: never deferred
         if not defer_evidence:
             return measure(candidate, attack)
-        return forget_metrics(candidate, data, classes, samples, attack, config.relearn_max_steps, config.relearn_lr,
-                              relearn_target_acc=target_acc)
+        return forget_metrics(
+            candidate,
+            data,
+            classes,
+            samples,
+            attack,
+            config.relearn_max_steps,
+            config.relearn_lr,
+            relearn_target_acc=target_acc,
+        )
 
     attacked = without_mask(result.model, result.snapshot) if result.snapshot else None
     metrics = {"original": measure_now(model, None), "unlearned": measure_now(result.model, attacked)}
     seconds = {"unlearn": result.seconds, "synthesis": result.synthesis_seconds}
     reference = {"kind": "none", "why": "retrain_baseline is false"}
     if retrain_baseline and retrained is None and model.arch == GRAPH:
-        reference = {"kind": "none", "why": "the model is a traced graph (imported from MLflow): it has no "
-                     "architecture to retrain from scratch; import it with --arch and --weights to get one"}
+        reference = {
+            "kind": "none",
+            "why": "the model is a traced graph (imported from MLflow): it has no "
+            "architecture to retrain from scratch; import it with --arch and --weights to get one",
+        }
     elif defer_evidence and retrain_baseline and retrained is None:
-        reference = {"kind": "pending", "why": "the model retrained without the classes is computed after promotion "
-                     "(no gate reads it); the report is completed then"}
+        reference = {
+            "kind": "pending",
+            "why": "the model retrained without the classes is computed after promotion "
+            "(no gate reads it); the report is completed then",
+        }
     elif retrain_baseline or retrained is not None:
         reference, metrics["retrained"], seconds["retrain"], retrained = retrained_reference(
-            model.arch, checkpoint, data, classes, seed, earlier, measure, progress, retrained)
-    report = {"dataset": data.name, "model": model.arch, "forget_classes": classes, "reference": reference,
-              "forget_class_names": [data.class_names[c] for c in classes], "seed": seed,
-              "n_forget_samples": len(samples), "encoding": config.encoding, "metrics": metrics,
-              "relearn": relearn_shares(metrics),
-              "seconds": seconds, "unlearn_steps": result.steps, "stopped_early": result.stopped_early,
-              "stepped_back": result.stepped_back, "drift": result.drift,
-              "synthetic_inputs": "none" if result.synthetic is None else
-              "synthesised" if result.synthesis_seconds else "reused",
-              "unlearn_config": to_dict(config), "data_fingerprint": checkpoint["data_fingerprint"],
-              "previously_forgotten": earlier, "relearn_target_acc": target_acc,
-              "num_classes": len(data.class_names),
-              "pending": (["evidence_metrics"] + (["reference"] if reference["kind"] == "pending" else []))
-              if defer_evidence else []}
+            model.arch, checkpoint, data, classes, seed, earlier, measure, progress, retrained
+        )
+    report = {
+        "dataset": data.name,
+        "model": model.arch,
+        "forget_classes": classes,
+        "reference": reference,
+        "forget_class_names": [data.class_names[c] for c in classes],
+        "seed": seed,
+        "n_forget_samples": len(samples),
+        "encoding": config.encoding,
+        "metrics": metrics,
+        "relearn": relearn_shares(metrics),
+        "seconds": seconds,
+        "unlearn_steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "stepped_back": result.stepped_back,
+        "drift": result.drift,
+        "synthetic_inputs": "none"
+        if result.synthetic is None
+        else "synthesised"
+        if result.synthesis_seconds
+        else "reused",
+        "unlearn_config": to_dict(config),
+        "data_fingerprint": checkpoint["data_fingerprint"],
+        "previously_forgotten": earlier,
+        "relearn_target_acc": target_acc,
+        "num_classes": len(data.class_names),
+        "pending": (["evidence_metrics"] + (["reference"] if reference["kind"] == "pending" else []))
+        if defer_evidence
+        else [],
+    }
     return ForgetOutcome(report, result, retrained if reference["kind"] == "retrained" else None)
 
 
-def retrained_reference(arch: str, checkpoint: dict, data: Splits, classes: list[int], seed: int, earlier,
-                        measure, progress: bool = True, retrained: Retrained | None = None
-                        ) -> tuple[dict, dict, float, Retrained]:
+def retrained_reference(
+    arch: str,
+    checkpoint: dict,
+    data: Splits,
+    classes: list[int],
+    seed: int,
+    earlier,
+    measure,
+    progress: bool = True,
+    retrained: Retrained | None = None,
+) -> tuple[dict, dict, float, Retrained]:
     """(reference description, its metrics, retrain seconds, the Retrained) of the
     model's recipe retrained on `data` without `classes` and the `earlier` forgotten ones;
     `measure(model, attack_model)` gives a model's metrics."""
@@ -188,12 +281,22 @@ def retrained_reference(arch: str, checkpoint: dict, data: Splits, classes: list
     reference = {"kind": "retrained", "arch": arch, "recipe": to_dict(train_config)}
     spec = training_spec(replace_known(model_config, arch=arch), data)
     retrained = retrained or retrain_without(data, train_config, classes, seed, progress, masked=earlier, spec=spec)
-    return reference, measure(retrained.model, without_mask(retrained.model, retrained.snapshot)), retrained.seconds, \
-        retrained
+    return (
+        reference,
+        measure(retrained.model, without_mask(retrained.model, retrained.snapshot)),
+        retrained.seconds,
+        retrained,
+    )
 
 
-def completed_report(report: dict, checkpoint: dict, original: MaskedClassifier, unlearned: MaskedClassifier,
-                     data: Splits, progress: bool = False) -> dict:
+def completed_report(
+    report: dict,
+    checkpoint: dict,
+    original: MaskedClassifier,
+    unlearned: MaskedClassifier,
+    data: Splits,
+    progress: bool = False,
+) -> dict:
     """`report` (forget_and_measure's, with defer_evidence) with what it left pending added, as
     forget_and_measure would have measured it at once: the evidence metrics of `original` and
     `unlearned` (the shipped model) and the retrained reference. `data` is the data the forget
@@ -212,19 +315,36 @@ def completed_report(report: dict, checkpoint: dict, original: MaskedClassifier,
         samples = sample_per_class(data.train, classes, config["n_samples"], seed)
 
         def measure(candidate, attack):
-            return evaluate_forgetting(candidate, data, classes, samples, attack, config["relearn_max_steps"],
-                                       config["relearn_lr"], seed, relearn_target_acc=report["relearn_target_acc"])
+            return evaluate_forgetting(
+                candidate,
+                data,
+                classes,
+                samples,
+                attack,
+                config["relearn_max_steps"],
+                config["relearn_lr"],
+                seed,
+                relearn_target_acc=report["relearn_target_acc"],
+            )
 
         reference, metrics["retrained"], seconds["retrain"], _ = retrained_reference(
-            report["model"], checkpoint, data, classes, seed, earlier, measure, progress)
-    return {**report, "reference": reference, "metrics": metrics, "relearn": relearn_shares(metrics),
-            "seconds": seconds, "pending": []}
+            report["model"], checkpoint, data, classes, seed, earlier, measure, progress
+        )
+    return {
+        **report,
+        "reference": reference,
+        "metrics": metrics,
+        "relearn": relearn_shares(metrics),
+        "seconds": seconds,
+        "pending": [],
+    }
 
 
 def lineage(checkpoint: dict) -> dict:
     """What every model made from `checkpoint` inherits: settings, data and where it came from."""
-    return {k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint", "source")
-            if k in checkpoint}
+    return {
+        k: checkpoint[k] for k in ("config", "dataset", "class_names", "data_fingerprint", "source") if k in checkpoint
+    }
 
 
 def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
@@ -233,8 +353,13 @@ def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str
     from nhle.core.training import save_checkpoint
 
     folder = Path(folder)
-    save_checkpoint(folder / "model.pt", outcome.result.model, parent=parent,
-                    unlearn=outcome.report["unlearn_config"], **lineage(checkpoint))
+    save_checkpoint(
+        folder / "model.pt",
+        outcome.result.model,
+        parent=parent,
+        unlearn=outcome.report["unlearn_config"],
+        **lineage(checkpoint),
+    )
     write_json(folder / REPORT, outcome.report)
     return folder
 
@@ -243,9 +368,11 @@ def summary_lines(report: dict) -> list[str]:
     """The report as a small table for the terminal."""
     metrics = report["metrics"]
     columns = [c for c in ("original", "unlearned", "retrained") if c in metrics]
-    lines = [f"forget {report['forget_class_names']} from {report['model']} on {report['dataset']} "
-             f"(seed {report['seed']}, {report['n_forget_samples']} samples, encoding {report['encoding']})",
-             f"{'metric':<26}" + "".join(f"{c:>12}" for c in columns)]
+    lines = [
+        f"forget {report['forget_class_names']} from {report['model']} on {report['dataset']} "
+        f"(seed {report['seed']}, {report['n_forget_samples']} samples, encoding {report['encoding']})",
+        f"{'metric':<26}" + "".join(f"{c:>12}" for c in columns),
+    ]
     for key in metrics["original"]:
         lines.append(f"{key:<26}" + "".join(f"{metrics[c][key]:>12.4g}" for c in columns))
     if "relearn" in report:
@@ -257,5 +384,17 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [line]
 
 
-__all__ = ["ForgetOutcome", "Retrained", "completed_report", "data_for_checkpoint", "forget_and_measure", "load_data",
-           "retrain_without", "save_unlearned", "split_by_classes", "summary_lines", "train_base_model", "validate_forget"]
+__all__ = [
+    "ForgetOutcome",
+    "Retrained",
+    "completed_report",
+    "data_for_checkpoint",
+    "forget_and_measure",
+    "load_data",
+    "retrain_without",
+    "save_unlearned",
+    "split_by_classes",
+    "summary_lines",
+    "train_base_model",
+    "validate_forget",
+]

@@ -14,6 +14,7 @@ class has a -inf logit, hence probability exactly 0, in ONNX Runtime as well. Pr
 rather than logits leave the graph so that every consumer, `mlflow models serve` included, gets
 finite numbers (a -inf logit is `-Infinity` in JSON, which strict parsers refuse).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +32,9 @@ import onnxruntime
 import torch
 
 from nhle.core.config import EXPORTERS
+from nhle.core.data import ImageSet, as_float
 
 log = logging.getLogger(__name__)
-
-from nhle.core.data import ImageSet, as_float
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -95,17 +95,23 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
                 _torchscript_export(model, example, tmp)
                 _check_answers(model, tmp, image_shape)
             except Exception as err:  # noqa: BLE001 - an op it cannot export, a shape it fixed: torch.export can
-                log.info("TorchScript ONNX export failed (%s: %s); exporting with torch.export",
-                         type(err).__name__, err)
+                log.info(
+                    "TorchScript ONNX export failed (%s: %s); exporting with torch.export", type(err).__name__, err
+                )
                 Path(tmp).unlink(missing_ok=True)
                 exporter = "dynamo"
         if exporter == "dynamo":
             torch.onnx.export(
-                model, (example,), tmp, dynamo=True,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model,
+                (example,),
+                tmp,
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position, whatever forward calls it
                 # The dynamo exporter otherwise puts the weights in a side file next to `tmp`.
-                external_data=False, verbose=False,
+                external_data=False,
+                verbose=False,
             )
         onnx.checker.check_model(tmp, full_check=True)
         with open(tmp, "rb") as f:
@@ -136,9 +142,17 @@ def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, path: str
 
     with warnings.catch_warnings():  # its deprecation notice, on every call: the fallback above is the answer
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=18,
-                          verbose=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=18,
+            verbose=False,
+        )
 
 
 @functools.cache
@@ -185,12 +199,12 @@ def make_session(path_or_bytes, providers=None, intra_op_threads: int | None = N
         options.intra_op_num_threads = int(intra_op_threads)
     if isinstance(path_or_bytes, Path):
         path_or_bytes = str(path_or_bytes)
-    return onnxruntime.InferenceSession(path_or_bytes, options,
-                                        providers=list(providers or session_providers()))
+    return onnxruntime.InferenceSession(path_or_bytes, options, providers=list(providers or session_providers()))
 
 
-def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 257),
-                 tolerance: float = 1e-5, providers=None) -> dict:
+def check_parity(
+    model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 257), tolerance: float = 1e-5, providers=None
+) -> dict:
     """Compare PyTorch's softmax probabilities on all of `images` with ONNX Runtime's, the latter
     run in chunks of each batch size; see the module docstring for the report's use.
 
@@ -243,13 +257,21 @@ def check_parity(model: torch.nn.Module, onnx_path, images, batch_sizes=(1, 64, 
 def preprocessing(model, image_shape, class_names) -> dict:
     """What a server needs to feed the exported graph (logged beside every ONNX model): the
     input tensor, the normalisation the graph applies itself, the classes and the masked ones."""
-    return {"input_name": INPUT_NAME, "input_shape": [int(d) for d in image_shape],
-            "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
-            "uint8_divisor": 255,  # 8-bit pixels (the servers' UINT8 / "byte" inputs) / this = the input
-            "normalisation": {"inside_graph": True, "mean": model.input_mean.flatten().tolist(),
-                              "std": model.input_std.flatten().tolist(), "grey_to_rgb": bool(model.grey_to_rgb)},
-            "arch": model.arch, "class_names": list(class_names),
-            "forgotten_classes": model.forgotten_classes}
+    return {
+        "input_name": INPUT_NAME,
+        "input_shape": [int(d) for d in image_shape],
+        "input_scale": "float32 in [0, 1] (raw 8-bit pixels / 255; digits: value / 16)",
+        "uint8_divisor": 255,  # 8-bit pixels (the servers' UINT8 / "byte" inputs) / this = the input
+        "normalisation": {
+            "inside_graph": True,
+            "mean": model.input_mean.flatten().tolist(),
+            "std": model.input_std.flatten().tolist(),
+            "grey_to_rgb": bool(model.grey_to_rgb),
+        },
+        "arch": model.arch,
+        "class_names": list(class_names),
+        "forgotten_classes": model.forgotten_classes,
+    }
 
 
 def assert_parity(report: dict) -> dict:
@@ -260,5 +282,6 @@ def assert_parity(report: dict) -> dict:
             f"{report['n_samples']} samples at batch sizes {report['batch_sizes']}: argmax agreement "
             f"{report['argmax_agreement']:.4%}, max abs probability difference "
             f"{report['max_abs_prob_diff']:.3g} (tolerance {report['tolerance']:g}), "
-            f"{report.get('non_finite', 0)} non-finite probabilities")
+            f"{report.get('non_finite', 0)} non-finite probabilities"
+        )
     return report

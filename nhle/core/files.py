@@ -4,6 +4,7 @@ or report behind.
     from nhle.core.files import atomic_write, write_json
     write_json("out/report.json", report)
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@
 
 Pure functions over the report (nhle.core.experiment.forget_and_measure) and the parity check (nhle.core.export).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,7 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
     drop_pp = report_retained_drop_pp(report)
     results = [
         at_most("forget_test_acc", unlearned["forget_test_acc"], config.max_forget_test_acc),
-        at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"],
-                 config.max_unmasked_forget_test_acc),
+        at_most("unmasked_forget_test_acc", unlearned["unmasked_forget_test_acc"], config.max_unmasked_forget_test_acc),
         at_most("retained_drop_pp", drop_pp, config.max_retained_drop_pp),
         at_least("retain_test_acc", unlearned["retain_test_acc"], config.min_retain_test_acc),
     ]
@@ -95,10 +95,13 @@ def evaluate_gates(report: dict, parity: dict | None, config: GateConfig) -> lis
         left = classes_left(report["num_classes"], report.get("previously_forgotten", []), report["forget_classes"])
         chance = 1 / left if left > 0 else 1.0
         skill = (unlearned["retain_test_acc"] - chance) / (1 - chance) if left > 1 else float("nan")
-        results += [at_least("retained_classes", left, config.min_retained_classes),
-                    at_least("retain_skill", skill, config.min_retain_skill)]
-    results += relearn_gate(original, unlearned, config.min_relearn_gain,
-                            report.get("unlearn_config", {}).get("relearn_max_steps"))
+        results += [
+            at_least("retained_classes", left, config.min_retained_classes),
+            at_least("retain_skill", skill, config.min_retain_skill),
+        ]
+    results += relearn_gate(
+        original, unlearned, config.min_relearn_gain, report.get("unlearn_config", {}).get("relearn_max_steps")
+    )
     if config.require_parity:
         results += parity_gates(parity)
     return results
@@ -108,7 +111,8 @@ def base_gates(test_acc: float, parity: dict | None, config: GateConfig) -> list
     """A base model's gates (trained or imported: nothing forgotten, so no report): the accuracy
     floor and, when required, parity."""
     return [at_least("test_acc", test_acc, config.min_retain_test_acc)] + (
-        parity_gates(parity) if config.require_parity else [])
+        parity_gates(parity) if config.require_parity else []
+    )
 
 
 def relearn_gate(original: dict, unlearned: dict, bound: float, cap: int | None = None) -> list[GateResult]:
@@ -123,9 +127,17 @@ def relearn_gate(original: dict, unlearned: dict, bound: float, cap: int | None 
         return []
     gain = relearn_ratio(unlearned[key], original[key])
     if cap and original[key] >= cap:
-        return [GateResult("relearn_gain", gain, float(bound), unlearned[key] >= cap, ">",
-                           f"the mask-only model held to the attack's cap of {cap} steps: no gain to measure, "
-                           "the shipped weights must hold to it too")]
+        return [
+            GateResult(
+                "relearn_gain",
+                gain,
+                float(bound),
+                unlearned[key] >= cap,
+                ">",
+                f"the mask-only model held to the attack's cap of {cap} steps: no gain to measure, "
+                "the shipped weights must hold to it too",
+            )
+        ]
     return [above("relearn_gain", gain, bound)]
 
 
@@ -147,13 +159,16 @@ def deleted_classes_gate(forgotten, deleted: dict[int, list[int]]) -> GateResult
 def parity_gates(parity: dict | None) -> list[GateResult]:
     if parity is None:
         return [GateResult("parity", float("nan"), 1.0, False, "ran")]
-    return [at_least("parity_argmax_agreement", parity["argmax_agreement"], 1.0),
-            at_most("parity_max_abs_prob_diff", parity["max_abs_prob_diff"], parity["tolerance"]),
-            at_most("parity_non_finite", parity.get("non_finite", 0), 0)]
+    return [
+        at_least("parity_argmax_agreement", parity["argmax_agreement"], 1.0),
+        at_most("parity_max_abs_prob_diff", parity["max_abs_prob_diff"], parity["tolerance"]),
+        at_most("parity_non_finite", parity.get("non_finite", 0), 0),
+    ]
 
 
-def promotion_decision(gates: list[GateResult], champion_version: str | None,
-                       parent_version: str | None) -> tuple[bool, str]:
+def promotion_decision(
+    gates: list[GateResult], champion_version: str | None, parent_version: str | None
+) -> tuple[bool, str]:
     """(promote?, why): a version becomes champion only if every gate held and the champion is
     still the version it was made from (None: a base model, made from no version)."""
     if not all_passed(gates):
@@ -181,32 +196,33 @@ RETAINED_ADVICE = (
     "share); unlearn.anchor_temperature above 1 (at 1 the anchor is flat on the synthetic inputs: up to 3.7 pp "
     "lost on the small CNN, 1.5 at 4, docs/benchmarks.md section 9); --set unlearn.layers=head moves only the "
     "final layer (a drop of about 0 pp, but the features keep "
-    "the class). A model that was under-trained to begin with loses more (docs/benchmarks.md, section 7)")
+    "the class). A model that was under-trained to begin with loses more (docs/benchmarks.md, section 7)"
+)
 GATE_ADVICE = {
     "retained_drop_pp": RETAINED_ADVICE + "; the bound is gates.max_retained_drop_pp",
     "retain_test_acc": "retained accuracy is below the absolute floor gates.min_retain_test_acc: if the original "
-                       "model was already near it, lower the floor for this model (--set gates.min_retain_test_acc=...); "
-                       "else " + RETAINED_ADVICE,
+    "model was already near it, lower the floor for this model (--set gates.min_retain_test_acc=...); "
+    "else " + RETAINED_ADVICE,
     "retain_skill": "too little skill is left on the retained classes: " + RETAINED_ADVICE,
     "retained_classes": "too few classes would be left to predict (gates.min_retained_classes)",
     "unmasked_forget_test_acc": "with the mask taken off, the weights still recognise the class: a larger "
-                                "unlearn.forget_rank (0.5 to 1 sinks the class deeper; cost in docs/benchmarks.md, "
-                                "section 7), a lower unlearn.stop_forget_prob, or a larger unlearn.max_steps; the "
-                                "bound is gates.max_unmasked_forget_test_acc",
+    "unlearn.forget_rank (0.5 to 1 sinks the class deeper; cost in docs/benchmarks.md, "
+    "section 7), a lower unlearn.stop_forget_prob, or a larger unlearn.max_steps; the "
+    "bound is gates.max_unmasked_forget_test_acc",
     "relearn_gain": "the shipped weights (mask off, forgotten rows zero) relearn the class no slower than the "
-                    "original with only the mask applied: the fine-tuning did not go far enough. A larger "
-                    "unlearn.shipped_weight, a larger unlearn.max_steps, a larger unlearn.lr or a lower "
-                    "unlearn.stop_forget_prob let it go further "
-                    "(each may cost retained accuracy); the bound is gates.min_relearn_gain (0: off)",
+    "original with only the mask applied: the fine-tuning did not go far enough. A larger "
+    "unlearn.shipped_weight, a larger unlearn.max_steps, a larger unlearn.lr or a lower "
+    "unlearn.stop_forget_prob let it go further "
+    "(each may cost retained accuracy); the bound is gates.min_relearn_gain (0: off)",
     "forget_test_acc": "the forgotten class is still predicted: unlearn.mask must be true (the -inf logit mask "
-                       "makes this exactly 0)",
+    "makes this exactly 0)",
     "deleted_classes_predicted": "a class deleted on record by a forget request is still predicted: forget it too "
-                                 "(nhle run --forget CLASS), or reopen its request on record (nhle rollback --reopen "
-                                 "ID --reason ...)",
+    "(nhle run --forget CLASS), or reopen its request on record (nhle rollback --reopen "
+    "ID --reason ...)",
     "parity_argmax_agreement": "ONNX Runtime and PyTorch disagree on the export: a model with operations the "
-                               "exporter does not keep exactly; export.parity_tolerance bounds the probability gap",
+    "exporter does not keep exactly; export.parity_tolerance bounds the probability gap",
     "parity_max_abs_prob_diff": "ONNX Runtime's probabilities differ from PyTorch's by more than "
-                                "export.parity_tolerance (large logits widen fp32 differences; docs/benchmarks.md)",
+    "export.parity_tolerance (large logits widen fp32 differences; docs/benchmarks.md)",
     "parity_non_finite": "the exported model gives NaN or infinite outputs on some inputs",
     "parity": "the ONNX Runtime parity check did not run (gates.require_parity)",
 }
@@ -214,8 +230,11 @@ GATE_ADVICE = {
 
 def advice(results: list[GateResult]) -> list[str]:
     """For each failed gate: its name, value and bound, and the settings that move it."""
-    return [f"{r.describe()}: {GATE_ADVICE.get(r.name, 'see docs/method.md for what it measures')}"
-            for r in results if not r.passed]
+    return [
+        f"{r.describe()}: {GATE_ADVICE.get(r.name, 'see docs/method.md for what it measures')}"
+        for r in results
+        if not r.passed
+    ]
 
 
 def advice_for_reason(reason: str) -> list[str]:

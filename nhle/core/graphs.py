@@ -21,6 +21,7 @@ reshape / expand nodes hard-code the 1. `any_batch` makes it an ordinary dynamic
 puts the input's batch size where those nodes have the 1, re-traces it with a dynamic batch and
 checks that a batch gives each image's own output), or refuses with a ValueError.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,11 +32,19 @@ import torch.nn as nn
 
 LINEAR = torch.ops.aten.linear.default
 # Ops whose argument 1 is a shape whose leading entry is the batch size (a constant once specialised).
-SHAPED = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-          torch.ops.aten.expand.default}
+SHAPED = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.expand.default,
+}
 # op -> index of its `training` argument; True there would use batch statistics or drop units.
-TRAINING_ARGUMENT = {torch.ops.aten.batch_norm.default: 5, torch.ops.aten.dropout.default: 2,
-                     torch.ops.aten.feature_dropout.default: 2, torch.ops.aten.alpha_dropout.default: 2}
+TRAINING_ARGUMENT = {
+    torch.ops.aten.batch_norm.default: 5,
+    torch.ops.aten.dropout.default: 2,
+    torch.ops.aten.feature_dropout.default: 2,
+    torch.ops.aten.alpha_dropout.default: 2,
+}
 
 
 def is_graph(module: nn.Module) -> bool:
@@ -52,7 +61,7 @@ def inference_graph(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in graph.graph.nodes:
         index = TRAINING_ARGUMENT.get(node.target)
         if node.op == "call_function" and index is not None and len(node.args) > index and node.args[index]:
-            node.args = (*node.args[:index], False, *node.args[index + 1:])
+            node.args = (*node.args[:index], False, *node.args[index + 1 :])
             changed = True
     if changed:
         graph.recompile()
@@ -66,8 +75,10 @@ def export_graph(module: nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as err:
-        raise ValueError(f"torch.export could not trace the model with a dynamic batch size at input shape "
-                         f"{tuple(example.shape[1:])}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"torch.export could not trace the model with a dynamic batch size at input shape "
+            f"{tuple(example.shape[1:])}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from err
     finally:
         module.train(was_training)
     return inference_graph(program.module())
@@ -131,8 +142,15 @@ def _without_batch_one(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.target not in SHAPED or len(node.args) < 2:
             continue
         source, shape, value = node.args[0], node.args[1], node.meta.get("val")
-        if not (isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], int) and shape[0] == 1
-                and value is not None and value.ndim and value.shape[0] == 1):
+        if not (
+            isinstance(shape, (list, tuple))
+            and shape
+            and isinstance(shape[0], int)
+            and shape[0] == 1
+            and value is not None
+            and value.ndim
+            and value.shape[0] == 1
+        ):
             continue
         if source not in from_input and node.target != torch.ops.aten.expand.default:
             continue  # e.g. a buffer viewed as (1, C, 1, 1) to broadcast: not the batch
@@ -151,23 +169,27 @@ def any_batch(graph: torch.fx.GraphModule, images: int = 5) -> torch.fx.GraphMod
     each image's output from the original graph. ValueError when it cannot be made so."""
     batch, shape = traced_batch(graph), input_shape(graph)
     if batch != 1 or shape is None:
-        raise ValueError(f"the graph's input is not a batch of one image of a known shape (batch {batch}, "
-                         f"image {shape})")
+        raise ValueError(
+            f"the graph's input is not a batch of one image of a known shape (batch {batch}, image {shape})"
+        )
     x = torch.rand(images, *shape, generator=torch.Generator().manual_seed(0))
     try:
         converted = export_graph(_without_batch_one(graph), x[:2])
         with torch.no_grad():
-            expected = torch.cat([graph(x[i:i + 1]) for i in range(images)])
+            expected = torch.cat([graph(x[i : i + 1]) for i in range(images)])
             got = converted(x)
     except Exception as err:  # noqa: BLE001 - tracing and running raise many kinds
         raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        raise ValueError(f"a batch of {images} gave output {getattr(got, 'shape', type(got).__name__)}, not "
-                         f"{tuple(expected.shape)}")
+        raise ValueError(
+            f"a batch of {images} gave output {getattr(got, 'shape', type(got).__name__)}, not {tuple(expected.shape)}"
+        )
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
-        raise ValueError(f"a batch of {images} images does not give each image's own output (max difference "
-                         f"{float((got - expected).abs().max()):.3g}): the graph mixes images in a batch")
+        raise ValueError(
+            f"a batch of {images} images does not give each image's own output (max difference "
+            f"{float((got - expected).abs().max()):.3g}): the graph mixes images in a batch"
+        )
     return converted
 
 
@@ -186,8 +208,9 @@ def _tensor(root: nn.Module, node) -> torch.Tensor | None:
     return getattr(*_owner(root, node.target))
 
 
-def split_at_head(graph: torch.fx.GraphModule, num_classes: int, head: str | None = None
-                  ) -> tuple[torch.fx.GraphModule, nn.Linear]:
+def split_at_head(
+    graph: torch.fx.GraphModule, num_classes: int, head: str | None = None
+) -> tuple[torch.fx.GraphModule, nn.Linear]:
     """(backbone graph returning the features, the head as an nn.Linear); `graph` is not changed.
 
     The head is the last aten.linear whose weight has `num_classes` rows (or whose weight is
@@ -195,27 +218,34 @@ def split_at_head(graph: torch.fx.GraphModule, num_classes: int, head: str | Non
     graph = inference_graph(copy.deepcopy(graph))
     linears = [n for n in graph.graph.nodes if n.op == "call_function" and n.target == LINEAR]
     if not linears:
-        raise ValueError("the traced model has no linear layer (aten.linear): nhle needs a classifier whose last "
-                         "layer is linear")
+        raise ValueError(
+            "the traced model has no linear layer (aten.linear): nhle needs a classifier whose last layer is linear"
+        )
     widths = [tuple(_tensor(graph, n.args[1]).shape) for n in linears]
     if head:
         chosen = [n for n in linears if getattr(n.args[1], "target", None) == f"{head}.weight"]
         if not chosen:
-            raise ValueError(f"the traced model has no linear layer {head!r}; its linear weights: "
-                             f"{[getattr(n.args[1], 'target', '?') for n in linears]}")
+            raise ValueError(
+                f"the traced model has no linear layer {head!r}; its linear weights: "
+                f"{[getattr(n.args[1], 'target', '?') for n in linears]}"
+            )
     else:
         chosen = [n for n, shape in zip(linears, widths) if shape[0] == num_classes]
         if not chosen:
-            raise ValueError(f"the model's linear layers have {sorted({s[0] for s in widths})} outputs but the data has "
-                             f"{num_classes} classes: no linear layer gives one output per class")
+            raise ValueError(
+                f"the model's linear layers have {sorted({s[0] for s in widths})} outputs but the data has "
+                f"{num_classes} classes: no linear layer gives one output per class"
+            )
     node = chosen[-1]
     output = next(n for n in graph.graph.nodes if n.op == "output")
     returned = output.args[0]
     returned = returned[0] if isinstance(returned, (tuple, list)) and len(returned) == 1 else returned
     if returned is not node:
-        raise ValueError(f"the model returns {returned}, computed after its last linear layer {node}: nhle needs the "
-                         "logits straight from the final linear layer (log the model without a softmax or other "
-                         "layers after it)")
+        raise ValueError(
+            f"the model returns {returned}, computed after its last linear layer {node}: nhle needs the "
+            "logits straight from the final linear layer (log the model without a softmax or other "
+            "layers after it)"
+        )
     weight_node, bias_node = node.args[1], (node.args[2] if len(node.args) > 2 else None)
     weight, bias = _tensor(graph, weight_node), _tensor(graph, bias_node)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)

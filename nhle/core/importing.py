@@ -18,6 +18,7 @@ nn.Module (which runs the pickle's code: load only models you trust); both becom
 graph (nhle.core.graphs), so later steps need neither your code nor your classes. Every refusal is a
 ValueError that names the problem, raised before anything is registered.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,17 @@ import torch.nn as nn
 
 from nhle.core.config import ModelConfig
 from nhle.core.data import Splits
-from nhle.core.models import (IMAGENET_MEAN, IMAGENET_STD, NHLE_ARCHITECTURES, MaskedClassifier, build_network,
-                         channel_stats, find_head, network_channels, wrap)
+from nhle.core.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NHLE_ARCHITECTURES,
+    MaskedClassifier,
+    build_network,
+    channel_stats,
+    find_head,
+    network_channels,
+    wrap,
+)
 
 # Heads torchvision's googlenet / inception_v3 use only while training; nhle builds them without.
 AUXILIARY_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
@@ -66,11 +76,18 @@ def from_weights(config: ModelConfig, data: Splits) -> tuple[MaskedClassifier, d
         head = find_head(net, example, config.head or None)
         rows = state.get(f"{head}.weight")
         if rows is not None and rows.ndim == 2 and rows.shape[0] != data.num_classes:
-            raise ValueError(f"the weights' head {head!r} has {rows.shape[0]} outputs but the {data.name} data has "
-                             f"{data.num_classes} classes: the model's outputs must be the dataset's classes")
+            raise ValueError(
+                f"the weights' head {head!r} has {rows.shape[0]} outputs but the {data.name} data has "
+                f"{data.num_classes} classes: the model's outputs must be the dataset's classes"
+            )
         load_matching(net, drop_auxiliary(state, config.arch), path, config.arch)
-        source = {"kind": "weights", "arch": config.arch, "weights": str(path.resolve()),
-                  "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "weights_key": config.weights_key}
+        source = {
+            "kind": "weights",
+            "arch": config.arch,
+            "weights": str(path.resolve()),
+            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "weights_key": config.weights_key,
+        }
     mean, std = default_normalisation(config, net, data)
     return wrap(net, channels, mean, std, size, config.head or None, arch=config.arch), source
 
@@ -83,8 +100,10 @@ def read_state_dict(path: Path, key: str = "") -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several kinds for a file it cannot read
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True), which loads only tensors and "
-                         f"plain containers (save model.state_dict(), not the model): {str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"{path} cannot be read with torch.load(weights_only=True), which loads only tensors and "
+            f"plain containers (save model.state_dict(), not the model): {str(err).splitlines()[0]}"
+        ) from err
     if key:
         if not isinstance(payload, dict) or key not in payload:
             keys = sorted(map(str, payload))[:12] if isinstance(payload, dict) else type(payload).__name__
@@ -92,10 +111,12 @@ def read_state_dict(path: Path, key: str = "") -> dict[str, torch.Tensor]:
         payload = payload[key]
     if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         held = sorted(map(str, payload))[:12] if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path} is not a state_dict (a dict of tensors): it holds {held}; if it is a checkpoint, "
-                         "name the entry holding the state_dict with --weights-key")
+        raise ValueError(
+            f"{path} is not a state_dict (a dict of tensors): it holds {held}; if it is a checkpoint, "
+            "name the entry holding the state_dict with --weights-key"
+        )
     if all(k.startswith("module.") for k in payload):
-        payload = {k[len("module."):]: v for k, v in payload.items()}
+        payload = {k[len("module.") :]: v for k, v in payload.items()}
     return payload
 
 
@@ -112,11 +133,18 @@ def load_matching(net: nn.Module, state: dict, path: Path, arch: str) -> None:
     reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or reshaped:
         first = next(k for k in [*expected, *state] if k in {*missing, *unexpected, *reshaped})
-        what = ("missing from the file" if first in missing else "not in the model" if first in unexpected
-                else f"shape {list(state[first].shape)} in the file, {list(expected[first].shape)} in the model")
-        raise ValueError(f"{path} does not fit {arch}: first mismatched key {first!r} ({what}); {len(missing)} keys "
-                         f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape. Are these the weights "
-                         "of another architecture? --arch names the one they were saved from")
+        what = (
+            "missing from the file"
+            if first in missing
+            else "not in the model"
+            if first in unexpected
+            else f"shape {list(state[first].shape)} in the file, {list(expected[first].shape)} in the model"
+        )
+        raise ValueError(
+            f"{path} does not fit {arch}: first mismatched key {first!r} ({what}); {len(missing)} keys "
+            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape. Are these the weights "
+            "of another architecture? --arch names the one they were saved from"
+        )
     net.load_state_dict(state)
 
 
@@ -127,8 +155,12 @@ def smoke_test(model: MaskedClassifier, data: Splits) -> None:
         with torch.no_grad():
             logits = model.eval()(x)
     except (RuntimeError, AssertionError) as err:  # a torch.export guard fails with AssertionError
-        raise ValueError(f"the imported model cannot take the data's {'x'.join(map(str, data.image_shape))} images: "
-                         f"{str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"the imported model cannot take the data's {'x'.join(map(str, data.image_shape))} images: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
     if tuple(logits.shape) != (len(x), data.num_classes):
-        raise ValueError(f"the imported model gives output shape {tuple(logits.shape)} for {len(x)} images; expected "
-                         f"({len(x)}, {data.num_classes})")
+        raise ValueError(
+            f"the imported model gives output shape {tuple(logits.shape)} for {len(x)} images; expected "
+            f"({len(x)}, {data.num_classes})"
+        )

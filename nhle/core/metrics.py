@@ -9,6 +9,7 @@
 The first functions take plain arrays and have known answers in tests; `evaluate_forgetting`
 runs a model over the splits and returns the ten keys of METRIC_KEYS.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,18 @@ from nhle.core.data import ImageSet, Splits, as_float, split_by_classes
 from nhle.core.gates import relearn_ratio
 from nhle.core.models import MaskedClassifier
 
-METRIC_KEYS = ("forget_test_acc", "retain_test_acc", "forget_train_acc", "retain_train_acc", "mia_efficacy",
-               "probe_forget_acc", "unmasked_forget_test_acc", "forget_silhouette", "relearn_steps_shipped",
-               "relearn_steps_restored")
+METRIC_KEYS = (
+    "forget_test_acc",
+    "retain_test_acc",
+    "forget_train_acc",
+    "retain_train_acc",
+    "mia_efficacy",
+    "probe_forget_acc",
+    "unmasked_forget_test_acc",
+    "forget_silhouette",
+    "relearn_steps_shipped",
+    "relearn_steps_restored",
+)
 PROBE_MAX_TRAIN = 10_000
 
 
@@ -64,8 +74,14 @@ def mia_efficacy(member_conf: np.ndarray, nonmember_conf: np.ndarray, forget_con
         return float(1.0 - svc.predict(np.asarray(forget_conf).reshape(-1, 1)).mean())
 
 
-def probe_forget_acc(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                     test_labels: np.ndarray, forget_classes, seed: int = 0) -> float:
+def probe_forget_acc(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    forget_classes,
+    seed: int = 0,
+) -> float:
     """Recall on the forgotten classes' test samples of a logistic-regression probe fitted on
     the train split's features with true labels (all classes; at most PROBE_MAX_TRAIN samples)."""
     from sklearn.linear_model import LogisticRegression
@@ -91,8 +107,14 @@ def forget_silhouette(features: np.ndarray, labels: np.ndarray, forget_classes) 
     return float(scores[np.isin(labels, list(forget_classes))].mean())
 
 
-def relearn_steps(model: MaskedClassifier, forget_samples: ImageSet, forget_test: ImageSet, max_steps: int,
-                  lr: float = 1e-4, target: float = 0.5) -> int:
+def relearn_steps(
+    model: MaskedClassifier,
+    forget_samples: ImageSet,
+    forget_test: ImageSet,
+    max_steps: int,
+    lr: float = 1e-4,
+    target: float = 0.5,
+) -> int:
     """Full-batch Adam steps of plain cross-entropy on the forget samples until the accuracy on
     the forget test samples reaches `target`; `max_steps` when it never does. Give it a model
     with the mask taken off (see masking.without_mask)."""
@@ -137,26 +159,62 @@ def relearn_target_accuracy(original: MaskedClassifier, data: Splits, forget_cla
     return share * accuracy(predict(original, forget_test)[0], forget_test.labels)
 
 
-def evaluate_forgetting(model: MaskedClassifier, data: Splits, forget_classes, forget_samples: ImageSet,
-                        attack_model: MaskedClassifier | None = None, relearn_max_steps: int = 300,
-                        relearn_lr: float = 1e-4, seed: int = 0, *, relearn_target_acc: float) -> dict:
+def evaluate_forgetting(
+    model: MaskedClassifier,
+    data: Splits,
+    forget_classes,
+    forget_samples: ImageSet,
+    attack_model: MaskedClassifier | None = None,
+    relearn_max_steps: int = 300,
+    relearn_lr: float = 1e-4,
+    seed: int = 0,
+    *,
+    relearn_target_acc: float,
+) -> dict:
     """The ten metrics of `model` for forgetting `forget_classes`: forget_metrics, then
     evidence_metrics, in the order of METRICS."""
-    measured = {**forget_metrics(model, data, forget_classes, forget_samples, attack_model, relearn_max_steps,
-                                 relearn_lr, relearn_target_acc=relearn_target_acc),
-                **evidence_metrics(model, data, forget_classes, seed)}
+    measured = {
+        **forget_metrics(
+            model,
+            data,
+            forget_classes,
+            forget_samples,
+            attack_model,
+            relearn_max_steps,
+            relearn_lr,
+            relearn_target_acc=relearn_target_acc,
+        ),
+        **evidence_metrics(model, data, forget_classes, seed),
+    }
     return {name: measured[name] for name in METRICS}
 
 
-METRICS = ("forget_test_acc", "retain_test_acc", "forget_train_acc", "retain_train_acc", "mia_efficacy",
-           "probe_forget_acc", "unmasked_forget_test_acc", "forget_silhouette", "relearn_steps_shipped",
-           "relearn_steps_restored")
+METRICS = (
+    "forget_test_acc",
+    "retain_test_acc",
+    "forget_train_acc",
+    "retain_train_acc",
+    "mia_efficacy",
+    "probe_forget_acc",
+    "unmasked_forget_test_acc",
+    "forget_silhouette",
+    "relearn_steps_shipped",
+    "relearn_steps_restored",
+)
 """The metrics of a report, in its order; forget_metrics' and evidence_metrics' together."""
 
 
-def forget_metrics(model: MaskedClassifier, data: Splits, forget_classes, forget_samples: ImageSet,
-                   attack_model: MaskedClassifier | None = None, relearn_max_steps: int = 300,
-                   relearn_lr: float = 1e-4, *, relearn_target_acc: float) -> dict:
+def forget_metrics(
+    model: MaskedClassifier,
+    data: Splits,
+    forget_classes,
+    forget_samples: ImageSet,
+    attack_model: MaskedClassifier | None = None,
+    relearn_max_steps: int = 300,
+    relearn_lr: float = 1e-4,
+    *,
+    relearn_target_acc: float,
+) -> dict:
     """What the gates read, and what needs the rows before masking (which are never kept):
     the test accuracies, the mask-removal attack and the relearn attack's steps. `attack_model`
     is the model with the mask taken off and the pre-mask rows restored (masking.without_mask);
@@ -200,10 +258,17 @@ def evidence_metrics(model: MaskedClassifier, data: Splits, forget_classes, seed
     return {
         "forget_train_acc": accuracy(train_logits[train_forget], forget_train.labels),
         "retain_train_acc": accuracy(train_logits[~train_forget], retain_train.labels),
-        "mia_efficacy": mia_efficacy(train_conf[~train_forget.numpy()], test_conf[~test_forget.numpy()],
-                                     train_conf[train_forget.numpy()], seed),
-        "probe_forget_acc": probe_forget_acc(train_features.numpy(), data.train.labels.numpy(),
-                                             test_features.numpy(), data.test.labels.numpy(), forget_classes, seed),
+        "mia_efficacy": mia_efficacy(
+            train_conf[~train_forget.numpy()], test_conf[~test_forget.numpy()], train_conf[train_forget.numpy()], seed
+        ),
+        "probe_forget_acc": probe_forget_acc(
+            train_features.numpy(),
+            data.train.labels.numpy(),
+            test_features.numpy(),
+            data.test.labels.numpy(),
+            forget_classes,
+            seed,
+        ),
         "forget_silhouette": forget_silhouette(test_features.numpy(), data.test.labels.numpy(), forget_classes),
     }
 
@@ -222,9 +287,19 @@ def relearn_shares(metrics: dict) -> dict:
         why = "steps over those of the model retrained without the classes, its rows as trained"
     else:
         reference, steps = "mask_only", mask_only
-        why = ("no retrained model (retrain_baseline off, or a graph model): steps over those of the original "
-               "with only the mask applied, so 1 = no better than masking")
-    mine = {"shipped": unlearned["relearn_steps_shipped"], "restored": unlearned["relearn_steps_restored"],
-            "mask_only": mask_only}
-    return {"reference": reference, "reference_steps": steps,
-            **{attacker: relearn_ratio(n, steps) for attacker, n in mine.items()}, "steps": mine, "why": why}
+        why = (
+            "no retrained model (retrain_baseline off, or a graph model): steps over those of the original "
+            "with only the mask applied, so 1 = no better than masking"
+        )
+    mine = {
+        "shipped": unlearned["relearn_steps_shipped"],
+        "restored": unlearned["relearn_steps_restored"],
+        "mask_only": mask_only,
+    }
+    return {
+        "reference": reference,
+        "reference_steps": steps,
+        **{attacker: relearn_ratio(n, steps) for attacker, n in mine.items()},
+        "steps": mine,
+        "why": why,
+    }

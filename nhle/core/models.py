@@ -21,6 +21,7 @@ masked class. Grey images fed to a network with an RGB stem are repeated to thre
 A traced graph (torch.export, MLflow 3's default PyTorch format) is split by nhle.core.graphs into
 the same backbone + nn.Linear head.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,24 +55,43 @@ class ModelSpec:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "ModelSpec":
+    def from_dict(cls, spec: dict) -> ModelSpec:
         arch = spec["arch"]
         if arch == "resnet18" and "head" not in spec:
             arch = "resnet18_cifar"  # checkpoints written before torchvision names meant torchvision's models
-        return cls(arch, int(spec["in_channels"]), int(spec["num_classes"]), tuple(spec["mean"]), tuple(spec["std"]),
-                   spec.get("image_size"), spec.get("head", ""))
+        return cls(
+            arch,
+            int(spec["in_channels"]),
+            int(spec["num_classes"]),
+            tuple(spec["mean"]),
+            tuple(spec["std"]),
+            spec.get("image_size"),
+            spec.get("head", ""),
+        )
 
 
 class MaskedClassifier(nn.Module):
     """`backbone` gives the penultimate features, `head` (an nn.Linear) the logits."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, in_channels: int, mean, std, arch: str = "custom",
-                 head_path: str = "", image_size: int | None = None, network_channels: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Linear,
+        in_channels: int,
+        mean,
+        std,
+        arch: str = "custom",
+        head_path: str = "",
+        image_size: int | None = None,
+        network_channels: int | None = None,
+    ):
         super().__init__()
         network_channels = network_channels or in_channels
         if network_channels != in_channels and not (in_channels == 1 and network_channels == 3):
-            raise ValueError(f"the network takes {network_channels}-channel images but the data has {in_channels} "
-                             "channel(s); only grey images into an RGB network are converted (repeated)")
+            raise ValueError(
+                f"the network takes {network_channels}-channel images but the data has {in_channels} "
+                "channel(s); only grey images into an RGB network are converted (repeated)"
+            )
         self.backbone, self.head = backbone, head
         self.arch, self.head_path, self.image_size, self.in_channels = arch, head_path, image_size, in_channels
         self.grey_to_rgb = network_channels != in_channels
@@ -90,8 +110,15 @@ class MaskedClassifier(nn.Module):
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec(self.arch, self.in_channels, self.num_classes, tuple(self.input_mean.flatten().tolist()),
-                         tuple(self.input_std.flatten().tolist()), self.image_size, self.head_path)
+        return ModelSpec(
+            self.arch,
+            self.in_channels,
+            self.num_classes,
+            tuple(self.input_mean.flatten().tolist()),
+            tuple(self.input_std.flatten().tolist()),
+            self.image_size,
+            self.head_path,
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grey_to_rgb:
@@ -126,10 +153,15 @@ def channel_vector(value, channels: int, what: str) -> torch.Tensor:
 def small_cnn(in_channels: int, num_classes: int, width: int = 128) -> nn.Sequential:
     """conv 32 -> conv 64 -> max-pool -> 4x4 pool -> fc 128 -> fc K; any input size >= 8x8."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        nn.Linear(64 * 4 * 4, width), nn.ReLU(),
+        nn.Conv2d(in_channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, width),
+        nn.ReLU(),
         nn.Linear(width, num_classes),
     )
 
@@ -187,12 +219,14 @@ def build_network(arch: str, in_channels: int, num_classes: int, image_size: int
     if arch == "resnet18_cifar":
         return resnet18_cifar(in_channels, num_classes)
     if arch.startswith("timm/"):
-        return timm_network(arch[len("timm/"):], in_channels, num_classes, image_size)
+        return timm_network(arch[len("timm/") :], in_channels, num_classes, image_size)
     if arch in torchvision_classifiers():
         return torchvision_network(arch, num_classes, image_size)
-    raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(NHLE_ARCHITECTURES)} (CIFAR-stem ResNet-18), "
-                     "a torchvision classification model (torchvision.models.list_models(module=torchvision.models): "
-                     "resnet50, mobilenet_v3_small, efficientnet_b0, vit_b_16, ...) or timm/NAME")
+    raise ValueError(
+        f"unknown model {arch!r}; choose one of {', '.join(NHLE_ARCHITECTURES)} (CIFAR-stem ResNet-18), "
+        "a torchvision classification model (torchvision.models.list_models(module=torchvision.models): "
+        "resnet50, mobilenet_v3_small, efficientnet_b0, vit_b_16, ...) or timm/NAME"
+    )
 
 
 def default_image_size(arch: str) -> int:
@@ -200,8 +234,15 @@ def default_image_size(arch: str) -> int:
     return {"smallcnn": 8, "resnet18_cifar": 32}.get(arch, 224)
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, mean=0.5, std=0.5, image_size: int | None = None,
-                head: str | None = None) -> MaskedClassifier:
+def build_model(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    mean=0.5,
+    std=0.5,
+    image_size: int | None = None,
+    head: str | None = None,
+) -> MaskedClassifier:
     """A fresh model by name; mean/std are the input normalisation baked into the model."""
     net = build_network(arch, in_channels, num_classes, image_size)
     return wrap(net, in_channels, mean, std, image_size or default_image_size(arch), head, arch=arch)
@@ -281,25 +322,33 @@ def find_head(net: nn.Module, example: torch.Tensor, head: str | None = None) ->
         if not isinstance(module, nn.Linear):
             raise ValueError(f"head {head!r} is a {type(module).__name__}, not an nn.Linear")
     if not linears:
-        raise ValueError(f"the model ({type(net).__name__}) has no nn.Linear layer: nhle needs a classifier whose "
-                         "last layer is an nn.Linear (its rows are what class weight masking zeroes)")
+        raise ValueError(
+            f"the model ({type(net).__name__}) has no nn.Linear layer: nhle needs a classifier whose "
+            "last layer is an nn.Linear (its rows are what class weight masking zeroes)"
+        )
     calls, output = linear_calls(net, example)
     if not isinstance(output, torch.Tensor):
         raise ValueError(f"the model returns a {type(output).__name__}, not a tensor of logits")
     last_output = {path: out for path, out in calls}  # a layer called twice: its last call counts
-    candidates = [head] if head else list(dict.fromkeys(c for c in (conventional_head(net), calls[-1][0] if calls
-                                                                     else None) if c))
+    candidates = (
+        [head]
+        if head
+        else list(dict.fromkeys(c for c in (conventional_head(net), calls[-1][0] if calls else None) if c))
+    )
     for path in candidates:
         if path in last_output and is_output(last_output[path], output):
             return path
     called = [p for p, _ in calls]
-    raise ValueError(f"no nn.Linear gives the model's output (shape {tuple(output.shape)}): tried {candidates}, "
-                     f"nn.Linear layers called in order {called[-5:]}; the model applies further layers after its last "
-                     "nn.Linear, or name the head with head: PATH")
+    raise ValueError(
+        f"no nn.Linear gives the model's output (shape {tuple(output.shape)}): tried {candidates}, "
+        f"nn.Linear layers called in order {called[-5:]}; the model applies further layers after its last "
+        "nn.Linear, or name the head with head: PATH"
+    )
 
 
-def wrap(net: nn.Module, in_channels: int, mean, std, image_size: int, head: str | None = None,
-         arch: str = "custom") -> MaskedClassifier:
+def wrap(
+    net: nn.Module, in_channels: int, mean, std, image_size: int, head: str | None = None, arch: str = "custom"
+) -> MaskedClassifier:
     """`net` as a MaskedClassifier: its head found (find_head) and replaced by nn.Identity in
     `net`, which becomes the backbone. `image_size` is the size the head check runs at."""
     channels = network_channels(net, in_channels)
@@ -308,20 +357,28 @@ def wrap(net: nn.Module, in_channels: int, mean, std, image_size: int, head: str
     path = find_head(net, example, head)
     linear = net.get_submodule(path)
     net.set_submodule(path, nn.Identity())
-    return MaskedClassifier(net, linear, in_channels, mean, std, arch=arch, head_path=path, image_size=image_size,
-                            network_channels=channels).to(device)
+    return MaskedClassifier(
+        net, linear, in_channels, mean, std, arch=arch, head_path=path, image_size=image_size, network_channels=channels
+    ).to(device)
 
 
 def build_from_spec(spec: ModelSpec) -> MaskedClassifier:
     """The architecture a spec names, randomly initialised (its state_dict is loaded after)."""
     net = build_network(spec.arch, spec.in_channels, spec.num_classes, spec.image_size)
-    return wrap(net, spec.in_channels, spec.mean, spec.std, spec.image_size or default_image_size(spec.arch),
-                spec.head or None, arch=spec.arch)
+    return wrap(
+        net,
+        spec.in_channels,
+        spec.mean,
+        spec.std,
+        spec.image_size or default_image_size(spec.arch),
+        spec.head or None,
+        arch=spec.arch,
+    )
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of [0, 1] images, for the model's input normalisation."""
     from nhle.core.data import as_float
 
-    x = as_float(images[: 20000])
+    x = as_float(images[:20000])
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

@@ -18,6 +18,7 @@ The figures are drawn on matplotlib's Agg canvas directly (`matplotlib.figure.Fi
 `pyplot`), so they work headless, leave the caller's pyplot backend and figure list alone, and
 are freed as soon as they are saved. Forgotten classes are drawn in red throughout.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,7 @@ from nhle.core.data import ImageSet, Splits
 from nhle.core.training import predict
 
 DPI = 110
-MAX_ANNOTATED_CLASSES = 20   # confusion-matrix cells get their count written up to this many classes
+MAX_ANNOTATED_CLASSES = 20  # confusion-matrix cells get their count written up to this many classes
 MAX_PROJECTED_POINTS = 3000  # feature projection subsamples (seeded) beyond this many samples
 FORGET_COLOUR = "#d62728"
 BEFORE_COLOUR = "#7f9fbf"
@@ -82,7 +83,7 @@ def _per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes
 
 
 def _confusion(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def _tick_fontsize(num_classes: int) -> float:
@@ -109,8 +110,13 @@ def _set_class_ticks(ax, axis: str, shown: np.ndarray, class_names: list[str], f
     if axis == "x":
         rotate = max(map(len, names)) > 3 or len(shown) > 30
         ax.set_xticks(shown)
-        ax.set_xticklabels(names, rotation=60 if rotate else 0, ha="right" if rotate else "center",
-                           rotation_mode="anchor" if rotate else "default", fontsize=fontsize)
+        ax.set_xticklabels(
+            names,
+            rotation=60 if rotate else 0,
+            ha="right" if rotate else "center",
+            rotation_mode="anchor" if rotate else "default",
+            fontsize=fontsize,
+        )
         labels = ax.get_xticklabels()
     else:
         ax.set_yticks(shown)
@@ -154,15 +160,18 @@ def confusion_headline(predictions, labels, class_names, forget_classes) -> str:
     if not forget:
         return f"accuracy {accuracy(np.ones_like(labels, dtype=bool))} on {len(labels)} samples; no forgotten classes"
     retained = ~forgotten
-    return (f"retained classes: accuracy {accuracy(retained)} on {int(retained.sum())} samples; "
-            f"forgotten ({_forgotten_label(names, forget)}): {accuracy(forgotten)} on {int(forgotten.sum())}")
+    return (
+        f"retained classes: accuracy {accuracy(retained)} on {int(retained.sum())} samples; "
+        f"forgotten ({_forgotten_label(names, forget)}): {accuracy(forgotten)} on {int(forgotten.sum())}"
+    )
 
 
 # --------------------------------------------------------------------------- drawing (from predictions)
 
 
-def _draw_per_class_accuracy(before: np.ndarray, after: np.ndarray, class_names: list[str], forget: list[int],
-                             path) -> Path:
+def _draw_per_class_accuracy(
+    before: np.ndarray, after: np.ndarray, class_names: list[str], forget: list[int], path
+) -> Path:
     from matplotlib.patches import Patch
 
     k = len(class_names)
@@ -172,19 +181,43 @@ def _draw_per_class_accuracy(before: np.ndarray, after: np.ndarray, class_names:
     width = 0.4
     for c in forget:
         ax.axvspan(c - 0.5, c + 0.5, color=FORGET_COLOUR, alpha=0.08, lw=0, zorder=0)
-    ax.bar(x - width / 2, np.nan_to_num(before), width, color=BEFORE_COLOUR, edgecolor="white", lw=0.5,
-           label="before unlearning", zorder=2)
+    ax.bar(
+        x - width / 2,
+        np.nan_to_num(before),
+        width,
+        color=BEFORE_COLOUR,
+        edgecolor="white",
+        lw=0.5,
+        label="before unlearning",
+        zorder=2,
+    )
     after_colours = [FORGET_COLOUR if c in forget_set else AFTER_COLOUR for c in range(k)]
-    bars = ax.bar(x + width / 2, np.nan_to_num(after), width, color=after_colours, edgecolor="white", lw=0.5,
-                  label="after unlearning", zorder=2)
+    bars = ax.bar(
+        x + width / 2,
+        np.nan_to_num(after),
+        width,
+        color=after_colours,
+        edgecolor="white",
+        lw=0.5,
+        label="after unlearning",
+        zorder=2,
+    )
     for c in forget:
         bars[c].set_hatch("///")
         bars[c].set_edgecolor("white")
         if k <= 40:  # write both values over a forgotten class: usually a tall bar next to nothing
             for offset, value in ((-width / 2, before[c]), (width / 2, after[c])):
                 if np.isfinite(value):
-                    ax.text(c + offset, value + 0.015, f"{value:.2f}", ha="center", va="bottom", fontsize=8.5,
-                            color=FORGET_COLOUR if offset > 0 else "#333333", zorder=3)
+                    ax.text(
+                        c + offset,
+                        value + 0.015,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="bottom",
+                        fontsize=8.5,
+                        color=FORGET_COLOUR if offset > 0 else "#333333",
+                        zorder=3,
+                    )
     _set_class_ticks(ax, "x", _shown_ticks(k, forget, 60), class_names, forget_set)
     ax.set_xlim(-0.6, k - 0.4)
     ax.set_ylim(0, 1.12)
@@ -198,20 +231,28 @@ def _draw_per_class_accuracy(before: np.ndarray, after: np.ndarray, class_names:
     retained = np.array([c not in forget_set for c in range(k)])
     summary = []
     for name, values in (("before", before), ("after", after)):
-        summary.append(f"{name}: forget {np.nanmean(values[~retained]):.2f}, retain {np.nanmean(values[retained]):.2f}"
-                       if (~retained).any() and retained.any() else name)
-    ax.set_title("Per-class test accuracy before vs after unlearning\n"
-                 f"(mean over classes, {summary[0]}; {summary[1]})", fontsize=11)
-    handles = [Patch(color=BEFORE_COLOUR, label="before unlearning"),
-               Patch(color=AFTER_COLOUR, label="after unlearning"),
-               Patch(facecolor=FORGET_COLOUR, edgecolor="white", hatch="///", label="after, forgotten class")]
+        summary.append(
+            f"{name}: forget {np.nanmean(values[~retained]):.2f}, retain {np.nanmean(values[retained]):.2f}"
+            if (~retained).any() and retained.any()
+            else name
+        )
+    ax.set_title(
+        f"Per-class test accuracy before vs after unlearning\n(mean over classes, {summary[0]}; {summary[1]})",
+        fontsize=11,
+    )
+    handles = [
+        Patch(color=BEFORE_COLOUR, label="before unlearning"),
+        Patch(color=AFTER_COLOUR, label="after unlearning"),
+        Patch(facecolor=FORGET_COLOUR, edgecolor="white", hatch="///", label="after, forgotten class"),
+    ]
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False, fontsize=9)
     return _save(fig, path)
 
 
-def _draw_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, class_names: list[str], forget: list[int],
-                           path, title: str) -> Path:
+def _draw_confusion_matrix(
+    predictions: np.ndarray, labels: np.ndarray, class_names: list[str], forget: list[int], path, title: str
+) -> Path:
     from matplotlib.patches import Rectangle
 
     k = len(class_names)
@@ -229,8 +270,15 @@ def _draw_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, class_na
         for i in range(k):
             for j in range(k):
                 if counts[i, j]:
-                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize,
-                            color="white" if shares[i, j] > 0.55 else "#222222")
+                    ax.text(
+                        j,
+                        i,
+                        str(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=fontsize,
+                        color="white" if shares[i, j] > 0.55 else "#222222",
+                    )
     for c in forget:  # outline the forgotten class's row (true) and column (predicted)
         ax.add_patch(Rectangle((-0.5, c - 0.5), k, 1, fill=False, edgecolor=FORGET_COLOUR, lw=2.0, zorder=3))
         ax.add_patch(Rectangle((c - 0.5, -0.5), 1, k, fill=False, edgecolor=FORGET_COLOUR, lw=2.0, ls="--", zorder=3))
@@ -240,8 +288,10 @@ def _draw_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, class_na
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     outlined = ", outlined in red" if forget else ""
-    ax.set_title(f"{title}\n({confusion_headline(predictions, labels, class_names, forget)}{outlined})",
-                 fontsize=11 if k <= 30 else 14)
+    ax.set_title(
+        f"{title}\n({confusion_headline(predictions, labels, class_names, forget)}{outlined})",
+        fontsize=11 if k <= 30 else 14,
+    )
     return _save(fig, path)
 
 
@@ -267,8 +317,15 @@ def _project(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return points, ratio
 
 
-def _draw_feature_projection(before: np.ndarray, after: np.ndarray, labels: np.ndarray, class_names: list[str],
-                             forget: list[int], path, seed: int) -> Path:
+def _draw_feature_projection(
+    before: np.ndarray,
+    after: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    forget: list[int],
+    path,
+    seed: int,
+) -> Path:
     import matplotlib
     from matplotlib.lines import Line2D
 
@@ -284,42 +341,86 @@ def _draw_feature_projection(before: np.ndarray, after: np.ndarray, labels: np.n
     else:
         palette = [matplotlib.colormaps["tab20"](i) for i in range(20) if i not in (6, 7)]
     muted = {c: _lighten(palette[i % len(palette)], 0.4) for i, c in enumerate(retained_classes)}
-    strong = {c: (FORGET_PALETTE[i % len(FORGET_PALETTE)], FORGET_MARKERS[i % len(FORGET_MARKERS)])
-              for i, c in enumerate(forget)}
+    strong = {
+        c: (FORGET_PALETTE[i % len(FORGET_PALETTE)], FORGET_MARKERS[i % len(FORGET_MARKERS)])
+        for i, c in enumerate(forget)
+    }
     retained_mask = ~np.isin(labels, forget)
     fig, axes = _new_figure(13.5, 6.0, ncols=2)
     for ax, features, name in ((axes[0], before, "before unlearning"), (axes[1], after, "after unlearning")):
         points, ratio = _project(features, seed)
         if retained_mask.any():
             colours = np.array([muted[c] for c in labels[retained_mask]])
-            ax.scatter(points[retained_mask, 0], points[retained_mask, 1], s=12, c=colours, alpha=0.65,
-                       linewidths=0, zorder=1, rasterized=True)
+            ax.scatter(
+                points[retained_mask, 0],
+                points[retained_mask, 1],
+                s=12,
+                c=colours,
+                alpha=0.65,
+                linewidths=0,
+                zorder=1,
+                rasterized=True,
+            )
         if k <= 20:  # name each retained class at its centroid, in its own colour darkened
             for c in muted:
                 members = points[labels == c]
                 if len(members):
                     cx, cy = np.median(members, axis=0)
-                    ax.text(cx, cy, class_names[c], fontsize=9, ha="center", va="center", color="#555555",
-                            zorder=2, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.6))
+                    ax.text(
+                        cx,
+                        cy,
+                        class_names[c],
+                        fontsize=9,
+                        ha="center",
+                        va="center",
+                        color="#555555",
+                        zorder=2,
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.6),
+                    )
         for c, (colour, marker) in strong.items():
             members = points[labels == c]
-            ax.scatter(members[:, 0], members[:, 1], s=55, c=colour, marker=marker, edgecolors="white",
-                       linewidths=0.6, zorder=3)
+            ax.scatter(
+                members[:, 0],
+                members[:, 1],
+                s=55,
+                c=colour,
+                marker=marker,
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=3,
+            )
         ax.set_title(f"{name}", fontsize=12)
         ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)")
         ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)")
         ax.grid(alpha=0.25)
         ax.tick_params(labelsize=8)
-    handles = [Line2D([], [], ls="", marker=marker, markersize=9, color=colour, markeredgecolor="white",
-                      label=f"forgotten: {class_names[c]}") for c, (colour, marker) in strong.items()]
-    handles.append(Line2D([], [], ls="", marker="o", markersize=6, color="#bbbbbb",
-                          label=f"retained classes ({len(muted)})"))
+    handles = [
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker=marker,
+            markersize=9,
+            color=colour,
+            markeredgecolor="white",
+            label=f"forgotten: {class_names[c]}",
+        )
+        for c, (colour, marker) in strong.items()
+    ]
+    handles.append(
+        Line2D([], [], ls="", marker="o", markersize=6, color="#bbbbbb", label=f"retained classes ({len(muted)})")
+    )
     rows = int(np.ceil(len(handles) / 6))
-    fig.suptitle("Penultimate features, 2-D PCA fitted separately for each model "
-                 f"({len(labels)} samples)", fontsize=13)
+    fig.suptitle(f"Penultimate features, 2-D PCA fitted separately for each model ({len(labels)} samples)", fontsize=13)
     fig.tight_layout(rect=(0, 0.045 * rows, 1, 1))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False, fontsize=10,
-               bbox_to_anchor=(0.5, 0.0))
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 6),
+        frameon=False,
+        fontsize=10,
+        bbox_to_anchor=(0.5, 0.0),
+    )
     return _save(fig, path)
 
 
@@ -342,8 +443,9 @@ def per_class_accuracy(original, unlearned, data: ImageSet, class_names, forget_
     return _draw_per_class_accuracy(before, after, names, _classes(forget_classes), path)
 
 
-def confusion_matrix(model, data: ImageSet, class_names, forget_classes, path,
-                     title: str = "Confusion matrix after unlearning") -> Path:
+def confusion_matrix(
+    model, data: ImageSet, class_names, forget_classes, path, title: str = "Confusion matrix after unlearning"
+) -> Path:
     """Heat map of `model`'s confusion matrix on `data` (rows true, columns predicted; coloured by
     share of the row, counts written for up to 20 classes), forgotten classes outlined in red."""
     names = _check_names(class_names, model.num_classes)
@@ -360,8 +462,9 @@ def feature_projection(original, unlearned, data: ImageSet, class_names, forget_
     return _draw_feature_projection(before, after, data.labels.numpy(), names, _classes(forget_classes), path, seed)
 
 
-def write_evidence_plots(original, unlearned, data: Splits, forget_classes, folder,
-                         include_original_confusion: bool = False, seed: int = 0) -> dict[str, Path]:
+def write_evidence_plots(
+    original, unlearned, data: Splits, forget_classes, folder, include_original_confusion: bool = False, seed: int = 0
+) -> dict[str, Path]:
     """The three evidence plots on `data.test`, in `folder`: per_class_accuracy.png,
     confusion_matrix.png (the unlearned model) and feature_projection.png, plus
     confusion_matrix_original.png when `include_original_confusion`. Each model is run once.
@@ -376,15 +479,26 @@ def write_evidence_plots(original, unlearned, data: Splits, forget_classes, fold
     after_pred, after_feat = _outputs(unlearned, test)
     paths = {
         "per_class_accuracy": _draw_per_class_accuracy(
-            _per_class_accuracy(before_pred, labels, len(names)), _per_class_accuracy(after_pred, labels, len(names)),
-            names, forget, folder / "per_class_accuracy.png"),
-        "confusion_matrix": _draw_confusion_matrix(after_pred, labels, names, forget, folder / "confusion_matrix.png",
-                                                   "Confusion matrix after unlearning"),
-        "feature_projection": _draw_feature_projection(before_feat, after_feat, labels, names, forget,
-                                                       folder / "feature_projection.png", seed),
+            _per_class_accuracy(before_pred, labels, len(names)),
+            _per_class_accuracy(after_pred, labels, len(names)),
+            names,
+            forget,
+            folder / "per_class_accuracy.png",
+        ),
+        "confusion_matrix": _draw_confusion_matrix(
+            after_pred, labels, names, forget, folder / "confusion_matrix.png", "Confusion matrix after unlearning"
+        ),
+        "feature_projection": _draw_feature_projection(
+            before_feat, after_feat, labels, names, forget, folder / "feature_projection.png", seed
+        ),
     }
     if include_original_confusion:
         paths["confusion_matrix_original"] = _draw_confusion_matrix(
-            before_pred, labels, names, forget, folder / "confusion_matrix_original.png",
-            "Confusion matrix before unlearning")
+            before_pred,
+            labels,
+            names,
+            forget,
+            folder / "confusion_matrix_original.png",
+            "Confusion matrix before unlearning",
+        )
     return paths

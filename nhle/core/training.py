@@ -7,6 +7,7 @@
 Checkpoints are plain dicts (weights, model spec, config, class names, forgotten classes, data
 fingerprint) written atomically, so a crash never leaves a half-written model behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,15 +71,20 @@ def grad_scaler(device: torch.device, amp: str = "off") -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
-def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False,
-            generator: torch.Generator | None = None):
+def batches(
+    data: ImageSet,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+):
     """(float images in [0, 1], labels) on `device`, in order or in a seeded random order.
 
     For a GPU the batch travels as stored (uint8 for CIFAR-sized data: a quarter of the bytes of
     float32) from pinned memory, asynchronously, and becomes float on the device."""
     order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         if device.type == "cuda":
             images = data.images[index].pin_memory().to(device, non_blocking=True)
             yield as_float(images), data.labels[index].pin_memory().to(device, non_blocking=True)
@@ -86,8 +92,17 @@ def batches(data: ImageSet, batch_size: int, device: torch.device, shuffle: bool
             yield as_float(data.images[index]).to(device), data.labels[index].to(device)
 
 
-def train_one_epoch(model, data: ImageSet, optimizer, scheduler, batch_size: int, device, generator,
-                    amp: str = "off", scaler: torch.amp.GradScaler | None = None) -> float:
+def train_one_epoch(
+    model,
+    data: ImageSet,
+    optimizer,
+    scheduler,
+    batch_size: int,
+    device,
+    generator,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
     model.train()
     scaler = scaler or grad_scaler(device, amp)
     total, count = 0.0, 0
@@ -132,8 +147,9 @@ def training_spec(model: ModelConfig, data: Splits) -> ModelSpec:
     else:
         mean, std = channel_stats(data.train.images)
     channels, height, width = data.image_shape
-    return ModelSpec(model.arch, channels, data.num_classes, tuple(mean), tuple(std),
-                     height if height == width else None, model.head)
+    return ModelSpec(
+        model.arch, channels, data.num_classes, tuple(mean), tuple(std), height if height == width else None, model.head
+    )
 
 
 def check_training(spec: ModelSpec, config: TrainConfig) -> MaskedClassifier:
@@ -142,13 +158,16 @@ def check_training(spec: ModelSpec, config: TrainConfig) -> MaskedClassifier:
     buildable for the data) is refused here, in well under a second, before any run is logged."""
     resolve_device(config.device)
     if spec.arch == GRAPH:
-        raise ValueError("a model imported as a traced graph cannot be trained from scratch (its architecture is "
-                         "not known by name): import it with --arch and --weights, or set retrain_baseline: false")
+        raise ValueError(
+            "a model imported as a traced graph cannot be trained from scratch (its architecture is "
+            "not known by name): import it with --arch and --weights, or set retrain_baseline: false"
+        )
     return build_from_spec(spec)
 
 
-def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True,
-                spec: ModelSpec | None = None) -> tuple[MaskedClassifier, float]:
+def train_model(
+    data: Splits, config: TrainConfig, seed: int, exclude=(), progress: bool = True, spec: ModelSpec | None = None
+) -> tuple[MaskedClassifier, float]:
     """Train a fresh model (`spec`, default: the default ModelConfig's for `data`) on the train
     split less the `exclude` classes (not masked here).
 
@@ -159,8 +178,9 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     device = resolve_device(config.device)
     train = split_by_classes(data.train, exclude)[1] if exclude else data.train
     model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=fused_adam(device))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused_adam(device)
+    )
     steps = config.epochs * -(-len(train) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
@@ -169,11 +189,14 @@ def train_model(data: Splits, config: TrainConfig, seed: int, exclude=(), progre
     label = f"retrain without {list(exclude)}" if exclude else "train"
     with tqdm(range(config.epochs), desc=label, disable=None if progress else True, leave=False) as bar:
         for epoch in bar:
-            loss = train_one_epoch(model, train, optimizer, scheduler, config.batch_size, device, generator,
-                                   config.amp, scaler)
+            loss = train_one_epoch(
+                model, train, optimizer, scheduler, config.batch_size, device, generator, config.amp, scaler
+            )
             if not math.isfinite(loss):  # fail here: a NaN model would pass on to export and gates
-                raise ValueError(f"training diverged: the loss is {loss} in epoch {epoch + 1} (train.lr = "
-                                 f"{config.lr}; a smaller learning rate usually fixes it)")
+                raise ValueError(
+                    f"training diverged: the loss is {loss} in epoch {epoch + 1} (train.lr = "
+                    f"{config.lr}; a smaller learning rate usually fixes it)"
+                )
             bar.set_postfix(loss=f"{loss:.4f}")
     recalibrate_batch_norm(model, train, config.batch_size, device)
     if device.type == "cuda":
@@ -211,9 +234,12 @@ def save_checkpoint(path: str | Path, model: MaskedClassifier, **meta) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                  "model_spec": model.spec.as_dict(),
-                  "forgotten_classes": model.forgotten_classes, **meta}
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_spec": model.spec.as_dict(),
+        "forgotten_classes": model.forgotten_classes,
+        **meta,
+    }
     if is_graph(model.backbone):
         size = model.image_size
         example = torch.rand(2, model.input_mean.shape[1], size, size)
@@ -249,8 +275,16 @@ def restore_model(checkpoint: dict) -> MaskedClassifier:
 
     weight = checkpoint["state_dict"]["head.weight"]
     head = nn.Linear(weight.shape[1], weight.shape[0], bias="head.bias" in checkpoint["state_dict"])
-    return MaskedClassifier(graph_from_bytes(checkpoint["backbone_program"]), head, spec.in_channels, spec.mean,
-                            spec.std, arch=GRAPH, image_size=spec.image_size, network_channels=len(spec.mean))
+    return MaskedClassifier(
+        graph_from_bytes(checkpoint["backbone_program"]),
+        head,
+        spec.in_channels,
+        spec.mean,
+        spec.std,
+        arch=GRAPH,
+        image_size=spec.image_size,
+        network_channels=len(spec.mean),
+    )
 
 
 def recipe_of(checkpoint: dict) -> tuple[ModelConfig, TrainConfig]:

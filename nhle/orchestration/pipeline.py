@@ -17,6 +17,7 @@ that holds every gate is published, a failing one is only recorded while a recip
 the last is published whatever its gates (registered, not promoted). The flow's run keeps
 attempts.json, the version the tag nhle.recipe.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,24 +57,39 @@ def engine_of(engine):
     return engine.engine if isinstance(engine, StepClock) else engine
 
 
-def publish(params: Params, root: Path, run_id: str, candidate, data_version, extra_tags: dict | None = None,
-            engine=call, logger=log, checked: tuple | None = None) -> dict:
+def publish(
+    params: Params,
+    root: Path,
+    run_id: str,
+    candidate,
+    data_version,
+    extra_tags: dict | None = None,
+    engine=call,
+    logger=log,
+    checked: tuple | None = None,
+) -> dict:
     """export -> parity -> log + register -> gates -> promote.
     `checked`: (onnx path, parity, gates) of a candidate already exported and judged (a forget's
     attempt), which is then registered and settled without doing those again."""
     try:
         onnx_path, parity = checked[:2] if checked else engine(steps.export_and_check, params, candidate)
-        version = engine(steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version,
-                         extra_tags)
+        version = engine(
+            steps.register_candidate, run_id, params, candidate, onnx_path, parity, data_version, extra_tags
+        )
         gates = checked[2] if checked else engine(steps.gates_of, params, candidate, parity)
         result = engine(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version)
     finally:  # everything in it is in MLflow, or the step failed and the flow run says why
         steps.discard_work_dir(candidate)
     logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
     for told in result["notified"]:
-        logger.info("server %s told: %s, serving version %s %.2f s after the alias moved%s", told["url"],
-                    told["outcome"], told.get("serving_version"), told["seconds"],
-                    f" ({told['error']})" if "error" in told else "")
+        logger.info(
+            "server %s told: %s, serving version %s %.2f s after the alias moved%s",
+            told["url"],
+            told["outcome"],
+            told.get("serving_version"),
+            told["seconds"],
+            f" ({told['error']})" if "error" in told else "",
+        )
     return result
 
 
@@ -139,8 +155,12 @@ def train_base(params: Params, root: Path, engine=call, logger=log) -> dict:
     def body(run_id):
         candidate = engine(steps.train_candidate, params, data)
         result = publish(params, root, run_id, candidate, data_version, engine=engine, logger=logger)
-        return {**result, "summary": f"base {params.model.arch} on {data.name}", "data_version": data_version.md5,
-                "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]}}
+        return {
+            **result,
+            "summary": f"base {params.model.arch} on {data.name}",
+            "data_version": data_version.md5,
+            "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]},
+        }
 
     return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, engine)
 
@@ -159,16 +179,32 @@ def import_model(params: Params, root: Path, engine=call, logger=log) -> dict:
 
     def body(run_id):
         result = publish(params, root, run_id, candidate, data_version, {"nhle.source": source["kind"]}, engine, logger)
-        return {**result, "summary": f"imported {what} on {data.name}", "data_version": data_version.md5,
-                "class_names": data.class_names,
-                "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]}}
+        return {
+            **result,
+            "summary": f"imported {what} on {data.name}",
+            "data_version": data_version.md5,
+            "class_names": data.class_names,
+            "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]},
+        }
 
-    return tracked(params, f"import-{candidate.model.arch}-{data.name}",
-                   {"nhle.flow": "import", "nhle.source": source["kind"]}, body, engine)
+    return tracked(
+        params,
+        f"import-{candidate.model.arch}-{data.name}",
+        {"nhle.flow": "import", "nhle.source": source["kind"]},
+        body,
+        engine,
+    )
 
 
-def forget(params: Params, root: Path, classes: str, batch: str | None = None, request_ids: list[int] | None = None,
-           engine=call, logger=log) -> dict:
+def forget(
+    params: Params,
+    root: Path,
+    classes: str,
+    batch: str | None = None,
+    request_ids: list[int] | None = None,
+    engine=call,
+    logger=log,
+) -> dict:
     """Forget `classes` (indices or names, comma separated: parsed and checked here, once) from
     the current champion, as `params` say (its unlearn section: --set unlearn.n_samples=16, ...).
     `batch` and `request_ids` (set by the request loop) tag the MLflow run and the model version,
@@ -188,11 +224,20 @@ def forget(params: Params, root: Path, classes: str, batch: str | None = None, r
     batch_tags = {"nhle.batch": batch, "nhle.request_ids": ",".join(map(str, request_ids or []))} if batch else {}
 
     def body(run_id):
-        candidate, attempts, checked, tried = try_recipes(params, run_id, model, checkpoint, indices, parent_version,
-                                                          data, engine, logger)
-        result = publish(tried, root, run_id, candidate, data_version,
-                         {**batch_tags, "nhle.recipe": attempts[-1]["recipe"], "nhle.attempt": str(len(attempts))},
-                         engine, logger, checked)
+        candidate, attempts, checked, tried = try_recipes(
+            params, run_id, model, checkpoint, indices, parent_version, data, engine, logger
+        )
+        result = publish(
+            tried,
+            root,
+            run_id,
+            candidate,
+            data_version,
+            {**batch_tags, "nhle.recipe": attempts[-1]["recipe"], "nhle.attempt": str(len(attempts))},
+            engine,
+            logger,
+            checked,
+        )
         attempts[-1].update(version=result["version"], promoted=result["promoted"], promotion_reason=result["reason"])
         engine(steps.record_attempts, run_id, attempts)
         # After the promotion and the servers' notification: what no gate reads.
@@ -201,18 +246,37 @@ def forget(params: Params, root: Path, classes: str, batch: str | None = None, r
         engine.seconds[started:started] = [[f"complete_evidence.{step}", s] for step, s in evidence["step_seconds"]]
         report = evidence["report"] or candidate.report
         names = report["forget_class_names"]
-        return {**result, "summary": f"forgot {names} from version {parent_version}"
-                + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
-                "forgotten": names, "data_version": data_version.md5, "report": report,
-                "compute_seconds": report["seconds"], "attempts": attempts}
+        return {
+            **result,
+            "summary": f"forgot {names} from version {parent_version}"
+            + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
+            "forgotten": names,
+            "data_version": data_version.md5,
+            "report": report,
+            "compute_seconds": report["seconds"],
+            "attempts": attempts,
+        }
 
-    return tracked(params, f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
-                   {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version,
-                    **batch_tags}, body, engine)
+    return tracked(
+        params,
+        f"forget-{classes.replace(',', '-')}-from-v{parent_version}",
+        {"nhle.flow": "forget", "nhle.forget": classes, "nhle.parent_version": parent_version, **batch_tags},
+        body,
+        engine,
+    )
 
 
-def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: list[int], parent_version: str,
-                data, engine=call, logger=log) -> tuple:
+def try_recipes(
+    params: Params,
+    run_id: str,
+    model,
+    checkpoint: dict,
+    indices: list[int],
+    parent_version: str,
+    data,
+    engine=call,
+    logger=log,
+) -> tuple:
     """A forget's attempts (steps.unlearning_attempts: the configured unlearn section, then each
     recipe of unlearn.fallbacks), each in its own MLflow run nested under `run_id`: unlearn,
     export, parity, gates. The first candidate that holds every gate ends it; a failing one is
@@ -228,8 +292,17 @@ def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: l
             candidate = engine(steps.forget_candidate, tried, model, checkpoint, indices, parent_version, data)
             onnx_path, parity = engine(steps.export_and_check, tried, candidate)
             gates = engine(steps.gates_of, tried, candidate, parity)
-            attempt = engine(steps.end_attempt, attempt_run, number, recipe, overrides, candidate, parity, gates,
-                          number == len(tries))
+            attempt = engine(
+                steps.end_attempt,
+                attempt_run,
+                number,
+                recipe,
+                overrides,
+                candidate,
+                parity,
+                gates,
+                number == len(tries),
+            )
         except BaseException:
             steps.abort_attempt(attempt_run)
             if candidate is not None:
@@ -240,6 +313,11 @@ def try_recipes(params: Params, run_id: str, model, checkpoint: dict, indices: l
         if attempt["outcome"] == "registered":
             return candidate, attempts, (onnx_path, parity, gates), tried
         steps.discard_work_dir(candidate)
-        logger.warning("attempt %d (recipe %s) not registered, trying recipe %s: %s", number, recipe,
-                       tries[number][0], attempt["reason"])
+        logger.warning(
+            "attempt %d (recipe %s) not registered, trying recipe %s: %s",
+            number,
+            recipe,
+            tries[number][0],
+            attempt["reason"],
+        )
     raise AssertionError("the last attempt is always registered")  # end_attempt(last=True) says "registered"

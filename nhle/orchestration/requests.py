@@ -11,16 +11,17 @@ report is logged. Everything here is a plain function; process_requests takes th
 runs each step (`engine`) and the forget it calls, which flows/pipeline.py makes Prefect tasks and
 the `forget` flow (a subflow).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from nhle.core.config import Params, resolve_uri
-from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
-from nhle.core.gates import classes_left
 from nhle.adapters.deletions import open_ledger
 from nhle.adapters.ledger import ForgetRequest, Ledger, LedgerEvent
+from nhle.core.config import Params
+from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
+from nhle.core.gates import classes_left
 
 
 class RequestRejected(ValueError):
@@ -58,19 +59,49 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
             classes = parse_classes(spec, class_names)
         except ValueError:
             classes = []
-        return _reject(ledger, params, classes, [class_names[c] for c in classes] or [str(spec)], requester, reason,
-                       str(version.version), f"{err} ({params.registry.champion_name()} is version {version.version})")
+        return _reject(
+            ledger,
+            params,
+            classes,
+            [class_names[c] for c in classes] or [str(spec)],
+            requester,
+            reason,
+            str(version.version),
+            f"{err} ({params.registry.champion_name()} is version {version.version})",
+        )
     model_name = params.registry.model_name
-    pending = {c for status in ("pending", "processing") for request in ledger.list(status, model_name)
-               for c in request.classes}
+    pending = {
+        c
+        for status in ("pending", "processing")
+        for request in ledger.list(status, model_name)
+        for c in request.classes
+    }
     if classes_left(model.num_classes, model.forgotten_classes, pending | set(classes)) < 1:
-        return _reject(ledger, params, classes, [class_names[c] for c in classes], requester, reason,
-                       str(version.version),
-                       f"together with the pending requests for {sorted(pending)} this would leave no class")
-    request = ledger.submit(classes, [class_names[c] for c in classes], requester, reason, model_name=model_name,
-                            model_version_before=str(version.version))
-    tell_servers(params, ledger, request, "suppressed", f"request {request.id} accepted: its classes are not answered "
-                 "until it is done or withdrawn")
+        return _reject(
+            ledger,
+            params,
+            classes,
+            [class_names[c] for c in classes],
+            requester,
+            reason,
+            str(version.version),
+            f"together with the pending requests for {sorted(pending)} this would leave no class",
+        )
+    request = ledger.submit(
+        classes,
+        [class_names[c] for c in classes],
+        requester,
+        reason,
+        model_name=model_name,
+        model_version_before=str(version.version),
+    )
+    tell_servers(
+        params,
+        ledger,
+        request,
+        "suppressed",
+        f"request {request.id} accepted: its classes are not answered until it is done or withdrawn",
+    )
     return request
 
 
@@ -79,8 +110,13 @@ def withdraw(params: Params, project_dir: Path, request_id: int, operator: str, 
     why, when); the servers of serving.notify answer its classes again at once."""
     ledger = open_ledger(params, project_dir)
     event = ledger.withdraw(request_id, operator, reason)
-    tell_servers(params, ledger, ledger.get(request_id), "lifted", f"request {request_id} withdrawn: its classes are "
-                 "answered again")
+    tell_servers(
+        params,
+        ledger,
+        ledger.get(request_id),
+        "lifted",
+        f"request {request_id} withdrawn: its classes are answered again",
+    )
     return event
 
 
@@ -100,8 +136,18 @@ def tell_servers(params: Params, ledger: Ledger, request: ForgetRequest, kind: s
 
 
 def _reject(ledger: Ledger, params: Params, classes, names, requester, reason, version, error) -> ForgetRequest:
-    raise RequestRejected(ledger.submit(classes, names, requester, reason, status="rejected", error=error,
-                                        model_version_before=version, model_name=params.registry.model_name))
+    raise RequestRejected(
+        ledger.submit(
+            classes,
+            names,
+            requester,
+            reason,
+            status="rejected",
+            error=error,
+            model_version_before=version,
+            model_name=params.registry.model_name,
+        )
+    )
 
 
 def batch_version(params: Params, batch: str):
@@ -122,8 +168,9 @@ def fail_orphan_runs(batch: str) -> list[str]:
     return orphans
 
 
-def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[ForgetRequest], version: str,
-                   note: str | None = None) -> list[ForgetRequest]:
+def close_requests(
+    ledger: Ledger, owner: str, params: Params, requests: list[ForgetRequest], version: str, note: str | None = None
+) -> list[ForgetRequest]:
     """Write each request's audit report (JSON + Markdown, logged to the version's run and linked
     from the version) and end it done (version promoted) or failed (it was not)."""
     from nhle.adapters.tracking import describe_version, log_run_files, run_json, tag_version, version_tags
@@ -131,23 +178,40 @@ def close_requests(ledger: Ledger, owner: str, params: Params, requests: list[Fo
 
     name = params.registry.model_name
     tags, run_id = version_tags(name, str(version))
-    report, parity, gates, attempts, notified = (run_json(run_id, f) for f in (REPORT, PARITY, GATES, ATTEMPTS,
-                                                                                 NOTIFIED))
+    report, parity, gates, attempts, notified = (
+        run_json(run_id, f) for f in (REPORT, PARITY, GATES, ATTEMPTS, NOTIFIED)
+    )
     promoted = tags.get("promoted") == "true"
     closed = []
     for request in requests:
-        audit = with_attempts(build_audit({**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id,
-                                          report, parity, gates, note), attempts)
+        audit = with_attempts(
+            build_audit(
+                {**request.as_dict(), "claimed_by": None}, name, str(version), tags, run_id, report, parity, gates, note
+            ),
+            attempts,
+        )
         audit = with_timeline(audit, [e.as_dict() for e in ledger.events(request.id)], notified)
         base = f"audit/request-{request.id}"
         log_run_files(run_id, {f"{base}.json": audit, f"{base}.md": audit_markdown(audit)})
         uri = f"runs:/{run_id}/{base}.md"
         tag_version(name, str(version), {f"audit.request.{request.id}": uri})
-        ledger.record(request.id, owner, data_version_before=audit["data"]["before"],
-                      model_version_before=audit["model"]["version_before"])
-        closed.append(ledger.finish(request.id, owner, "done" if promoted else "failed",
-                                    model_version_after=str(version), data_version_after=audit["data"]["after"],
-                                    report_uri=uri, error=None if promoted else audit["outcome"]["reason"]))
+        ledger.record(
+            request.id,
+            owner,
+            data_version_before=audit["data"]["before"],
+            model_version_before=audit["model"]["version_before"],
+        )
+        closed.append(
+            ledger.finish(
+                request.id,
+                owner,
+                "done" if promoted else "failed",
+                model_version_after=str(version),
+                data_version_after=audit["data"]["after"],
+                report_uri=uri,
+                error=None if promoted else audit["outcome"]["reason"],
+            )
+        )
     describe_version(name, str(version))  # now with the audit reports
     return closed
 
@@ -207,18 +271,30 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
                     # before the audit reports read it
                     engine(complete_evidence, params, root, result["version"], engine_of(engine), logger)
                     group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
-                    engine(close_requests, ledger, owner, params, group, result["version"],
-                        f"version registered by an earlier run of batch {batch} that stopped")
+                    engine(
+                        close_requests,
+                        ledger,
+                        owner,
+                        params,
+                        group,
+                        result["version"],
+                        f"version registered by an earlier run of batch {batch} that stopped",
+                    )
                     versions.append(result["version"])
-            versions += process_fresh(ledger, owner, params, root, held(ledger, owner, claimed), engine,
-                                      forget_recording_attempts)
+            versions += process_fresh(
+                ledger, owner, params, root, held(ledger, owner, claimed), engine, forget_recording_attempts
+            )
         except Exception as err:
             for request in held(ledger, owner, claimed):
                 ledger.release(request.id, owner, f"{type(err).__name__}: {err}", params.requests.max_attempts)
             raise
     closed = [ledger.get(r.id) for r in claimed]
-    return {"requests": [r.as_dict() for r in closed], "versions": versions, "attempts": attempts,
-            "step_seconds": engine.seconds}
+    return {
+        "requests": [r.as_dict() for r in closed],
+        "versions": versions,
+        "attempts": attempts,
+        "step_seconds": engine.seconds,
+    }
 
 
 def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, engine, forget) -> list[str]:
@@ -235,8 +311,15 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     masked = set(json.loads(version.tags.get("forgotten_classes") or "[]"))
     satisfied = [r for r in requests if set(r.classes) <= masked]
     if satisfied:
-        engine(close_requests, ledger, owner, params, satisfied, str(version.version),
-            f"already forgotten by version {version.version}")
+        engine(
+            close_requests,
+            ledger,
+            owner,
+            params,
+            satisfied,
+            str(version.version),
+            f"already forgotten by version {version.version}",
+        )
     todo = [r for r in requests if r not in satisfied]
     if not todo:
         return [str(version.version)]
@@ -264,15 +347,33 @@ def request_line(request: ForgetRequest) -> str:
     from nhle.core.audit import terminal_text
 
     after = f"->v{request.model_version_after}" if request.model_version_after else ""
-    return terminal_text(REQUEST_COLUMNS.format(
-        request.id, request.status, ",".join(map(str, request.class_names)),
-        f"v{request.model_version_before or '-'}{after}", request.requester,
-        f"{request.submitted_at:%Y-%m-%d %H:%M:%S}") + (f"  error: {request.error}" if request.error else ""))
+    return terminal_text(
+        REQUEST_COLUMNS.format(
+            request.id,
+            request.status,
+            ",".join(map(str, request.class_names)),
+            f"v{request.model_version_before or '-'}{after}",
+            request.requester,
+            f"{request.submitted_at:%Y-%m-%d %H:%M:%S}",
+        )
+        + (f"  error: {request.error}" if request.error else "")
+    )
 
 
 def as_json(request: ForgetRequest) -> str:
     return json.dumps(request.as_dict(), indent=2)
 
 
-__all__ = ["RequestRejected", "as_json", "batch_version", "claim_requests", "close_requests",
-           "fail_orphan_runs", "held", "process_requests", "read_report", "recover_batch", "submit"]
+__all__ = [
+    "RequestRejected",
+    "as_json",
+    "batch_version",
+    "claim_requests",
+    "close_requests",
+    "fail_orphan_runs",
+    "held",
+    "process_requests",
+    "read_report",
+    "recover_batch",
+    "submit",
+]

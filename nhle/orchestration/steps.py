@@ -12,6 +12,7 @@ one Prefect task in flows/ (nhle.orchestration.pipeline puts them in order). A f
 Every file is written to a fresh work folder and logged to MLflow; the champion alias moves only
 in `promote`, the last step, and only when every gate held.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ import os
 import re
 import socket
 import tempfile
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +126,9 @@ def draw_evidence_plots(work: EvidenceWork) -> dict[str, Path]:
     """The before/after plots of the version (nhle.core.plots.write_evidence_plots)."""
     from nhle.core.plots import write_evidence_plots
 
-    return write_evidence_plots(work.original, work.model, work.data, work.report["forget_classes"],
-                                work.work_dir / "plots")
+    return write_evidence_plots(
+        work.original, work.model, work.data, work.report["forget_classes"], work.work_dir / "plots"
+    )
 
 
 def delete_forgotten_samples(params: Params, project_dir: Path, work: EvidenceWork):
@@ -139,8 +141,9 @@ def delete_forgotten_samples(params: Params, project_dir: Path, work: EvidenceWo
     forgotten = json.loads(tags.get("forgotten_classes") or "[]")
     if tags.get("promoted") != "true" or not forgotten or "data_after.md5" in tags:
         return None
-    data_after = delete_forgotten_data(params, project_dir, work.data, forgotten,
-                                       f"{name} version {work.version.version}")
+    data_after = delete_forgotten_data(
+        params, project_dir, work.data, forgotten, f"{name} version {work.version.version}"
+    )
     tag_version(name, str(work.version.version), data_after.as_tags("data_after."))
     set_run_tags(work.version.run_id, data_after.as_tags("data_after."))
     return data_after
@@ -169,8 +172,11 @@ def versions_with_pending_evidence(params: Params) -> list[str]:
     from nhle.adapters.tracking import versions_tagged
 
     client = MlflowClient()
-    return [str(mv.version) for mv in versions_tagged(params.registry.model_name, "evidence", "pending")
-            if client.get_run(mv.run_id).info.status != "RUNNING"]  # RUNNING: its flow is still at it
+    return [
+        str(mv.version)
+        for mv in versions_tagged(params.registry.model_name, "evidence", "pending")
+        if client.get_run(mv.run_id).info.status != "RUNNING"
+    ]  # RUNNING: its flow is still at it
 
 
 def recorded_data_version(params: Params, version):
@@ -190,8 +196,8 @@ def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict
     """(the data a forget flow starts from, its DataVersion): the recorded DVC version
     (recorded_data_version), or (a model registered without one) the data its checkpoint was
     trained on, versioned now."""
-    from nhle.core.experiment import data_for_checkpoint
     from nhle.adapters.versioning import open_dataset_version
+    from nhle.core.experiment import data_for_checkpoint
 
     recorded = recorded_data_version(params, version)
     if recorded is not None:  # already versioned: versioning the same bytes again would change nothing
@@ -206,8 +212,9 @@ def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgo
     from nhle.core.data import drop_classes
 
     names = [data.class_names[c] for c in forgotten]
-    return version_data(params, project_dir, drop_classes(data, forgotten),
-                        message=f"Delete the samples of classes {names} ({why})")
+    return version_data(
+        params, project_dir, drop_classes(data, forgotten), message=f"Delete the samples of classes {names} ({why})"
+    )
 
 
 def training_data(params: Params, project_dir: Path) -> Splits:
@@ -303,8 +310,9 @@ def load_champion(params: Params):
     return model, checkpoint, version
 
 
-def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int], parent_version: str,
-                     data: Splits, seed: int = 0) -> Candidate:
+def forget_candidate(
+    params: Params, model, checkpoint: dict, classes: list[int], parent_version: str, data: Splits, seed: int = 0
+) -> Candidate:
     """NHLE + masking of `classes` (indices, validated where the request came in), with the report
     that measures it against the original and the retrained reference."""
     from nhle.core.experiment import forget_and_measure, lineage
@@ -313,9 +321,18 @@ def forget_candidate(params: Params, model, checkpoint: dict, classes: list[int]
     cached = synthetic_inputs_of(params, parent_version, work_dir)
     # What no gate reads (the retrained reference, the evidence metrics) waits until after the
     # promotion: pipeline.complete_evidence.
-    outcome = forget_and_measure(model, checkpoint, classes, seed=seed, config=params.unlearn,
-                                 retrain_baseline=params.retrain_baseline, data=data, device=params.train.device,
-                                 synthetic=cached, defer_evidence=True)
+    outcome = forget_and_measure(
+        model,
+        checkpoint,
+        classes,
+        seed=seed,
+        config=params.unlearn,
+        retrain_baseline=params.retrain_baseline,
+        data=data,
+        device=params.train.device,
+        synthetic=cached,
+        defer_evidence=True,
+    )
     if outcome.report["synthetic_inputs"] == "synthesised":
         keep_synthetic_inputs(params, parent_version, outcome.result.synthetic, work_dir)
     meta = lineage(checkpoint)
@@ -345,15 +362,24 @@ def keep_synthetic_inputs(params: Params, version: str, synthetic, folder: Path)
 def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
     from nhle.core.export import check_parity, export_onnx
 
-    path = export_onnx(candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape,
-                       params.export.exporter)
-    parity = check_parity(candidate.model, path, candidate.data.test, params.export.parity_batch_sizes,
-                          params.export.parity_tolerance)
+    path = export_onnx(
+        candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape, params.export.exporter
+    )
+    parity = check_parity(
+        candidate.model, path, candidate.data.test, params.export.parity_batch_sizes, params.export.parity_tolerance
+    )
     return path, parity
 
 
-def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_path: Path, parity: dict,
-                       data_version, extra_tags: dict | None = None) -> str:
+def register_candidate(
+    run_id: str,
+    params: Params,
+    candidate: Candidate,
+    onnx_path: Path,
+    parity: dict,
+    data_version,
+    extra_tags: dict | None = None,
+) -> str:
     """Log report, checkpoint, parity and the ONNX model; returns the new registered version. A
     forget's version is born with the tag evidence=pending: its plots, its retrained reference
     and its data deletion come after the promotion (pipeline.complete_evidence)."""
@@ -361,25 +387,42 @@ def register_candidate(run_id: str, params: Params, candidate: Candidate, onnx_p
     from nhle.core.export import preprocessing as input_preprocessing
     from nhle.core.training import save_checkpoint
 
-    checkpoint_path = save_checkpoint(candidate.work_dir / "model.pt", candidate.model,
-                                      data_version=asdict(data_version), **candidate.checkpoint_meta)
+    checkpoint_path = save_checkpoint(
+        candidate.work_dir / "model.pt", candidate.model, data_version=asdict(data_version), **candidate.checkpoint_meta
+    )
     class_names = candidate.data.class_names
     preprocessing = input_preprocessing(candidate.model, candidate.data.image_shape, class_names)
     forgotten = preprocessing["forgotten_classes"]
     report = candidate.report
-    base_metrics = None if report is not None else {k: candidate.checkpoint_meta["metrics"][k]
-                                                    for k in ("test_acc", "train_acc")}
-    tags = {"forgotten_classes": forgotten, "forgotten_class_names": [class_names[c] for c in forgotten],
-            "parent_version": candidate.parent_version or "", **data_version.as_tags(),
-            "parity.passed": str(parity["passed"]).lower(), "parity.argmax_agreement": parity["argmax_agreement"],
-            "parity.max_abs_prob_diff": parity["max_abs_prob_diff"], "onnx_sha256": sha256(onnx_path),
-            **({"evidence": "pending"} if report is not None else {}),
-            **(extra_tags or {})}
+    base_metrics = (
+        None if report is not None else {k: candidate.checkpoint_meta["metrics"][k] for k in ("test_acc", "train_acc")}
+    )
+    tags = {
+        "forgotten_classes": forgotten,
+        "forgotten_class_names": [class_names[c] for c in forgotten],
+        "parent_version": candidate.parent_version or "",
+        **data_version.as_tags(),
+        "parity.passed": str(parity["passed"]).lower(),
+        "parity.argmax_agreement": parity["argmax_agreement"],
+        "parity.max_abs_prob_diff": parity["max_abs_prob_diff"],
+        "onnx_sha256": sha256(onnx_path),
+        **({"evidence": "pending"} if report is not None else {}),
+        **(extra_tags or {}),
+    }
     example = candidate.data.test.float_images()[:4].numpy().astype(np.float32)
-    evidence = VersionEvidence(onnx_path, example, logged_model_name(candidate.model.arch, candidate.data.name,
-                                                                     forgotten),
-                               checkpoint_path, preprocessing, candidate.data, data_version, parity, report,
-                               base_metrics, tags)
+    evidence = VersionEvidence(
+        onnx_path,
+        example,
+        logged_model_name(candidate.model.arch, candidate.data.name, forgotten),
+        checkpoint_path,
+        preprocessing,
+        candidate.data,
+        data_version,
+        parity,
+        report,
+        base_metrics,
+        tags,
+    )
     version = log_version(run_id, params.registry.model_name, evidence)
     return version
 
@@ -434,12 +477,21 @@ def start_attempt(params: Params, run_id: str, number: int, recipe: str, overrid
     from nhle.adapters.tracking import start_child_run
 
     tags = {"nhle.attempt": str(number), "nhle.recipe": recipe, "nhle.recipe.overrides": json.dumps(overrides)}
-    return start_child_run(run_id, f"attempt-{number}-{recipe}", tags,
-                           {"recipe": recipe, **flatten(asdict(params.unlearn), "unlearn.")})
+    return start_child_run(
+        run_id, f"attempt-{number}-{recipe}", tags, {"recipe": recipe, **flatten(asdict(params.unlearn), "unlearn.")}
+    )
 
 
-def end_attempt(attempt_run_id: str, number: int, recipe: str, overrides: dict, candidate: Candidate, parity: dict,
-                gates: list[GateResult], last: bool) -> dict:
+def end_attempt(
+    attempt_run_id: str,
+    number: int,
+    recipe: str,
+    overrides: dict,
+    candidate: Candidate,
+    parity: dict,
+    gates: list[GateResult],
+    last: bool,
+) -> dict:
     """Log an attempt's report, parity and gates on its run and close it (FINISHED: the attempt
     ran; its tags say whether its candidate held every gate). Returns the attempt's record, as
     attempts.json lists it: the candidate is published when it held every gate or is the last
@@ -449,14 +501,30 @@ def end_attempt(attempt_run_id: str, number: int, recipe: str, overrides: dict, 
 
     passed = all_passed(gates)
     published = passed or last
-    record = {"attempt": number, "recipe": recipe, "overrides": overrides, "run_id": attempt_run_id,
-              "passed": passed, "reason": "every gate held" if passed else f"gate failed: {failure_reason(gates)}",
-              "failed_gates": [g.as_dict() for g in gates if not g.passed], "gates": [g.as_dict() for g in gates],
-              "unlearn_steps": candidate.report["unlearn_steps"], "seconds": candidate.report["seconds"],
-              "outcome": "registered" if published else "not registered: the next recipe was tried"}
-    log_attempt(attempt_run_id, candidate.report, parity, gates,
-                {"nhle.attempt.passed": str(passed).lower(), "nhle.attempt.outcome": record["outcome"],
-                 "nhle.attempt.reason": record["reason"][:5000]})
+    record = {
+        "attempt": number,
+        "recipe": recipe,
+        "overrides": overrides,
+        "run_id": attempt_run_id,
+        "passed": passed,
+        "reason": "every gate held" if passed else f"gate failed: {failure_reason(gates)}",
+        "failed_gates": [g.as_dict() for g in gates if not g.passed],
+        "gates": [g.as_dict() for g in gates],
+        "unlearn_steps": candidate.report["unlearn_steps"],
+        "seconds": candidate.report["seconds"],
+        "outcome": "registered" if published else "not registered: the next recipe was tried",
+    }
+    log_attempt(
+        attempt_run_id,
+        candidate.report,
+        parity,
+        gates,
+        {
+            "nhle.attempt.passed": str(passed).lower(),
+            "nhle.attempt.outcome": record["outcome"],
+            "nhle.attempt.reason": record["reason"][:5000],
+        },
+    )
     finish_run(attempt_run_id, "FINISHED")
     return record
 
@@ -474,12 +542,16 @@ def record_attempts(run_id: str, attempts: list[dict]) -> None:
     from nhle.adapters.tracking import log_attempts
 
     registered = [a["recipe"] for a in attempts if a["outcome"] == "registered"]
-    log_attempts(run_id, attempts, {"nhle.attempts": str(len(attempts)),
-                                    **({"nhle.recipe": registered[-1]} if registered else {})})
+    log_attempts(
+        run_id,
+        attempts,
+        {"nhle.attempts": str(len(attempts)), **({"nhle.recipe": registered[-1]} if registered else {})},
+    )
 
 
-def finish_version(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
-                   parent_version: str | None) -> dict:
+def finish_version(
+    params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult], parent_version: str | None
+) -> dict:
     """The end of every flow's critical path: the gates plus one on the classes deleted on record
     (the ledger), then promote. The alias moves last, so a failure anywhere before leaves
     `champion` alone. The forgotten classes' samples are deleted from the dataset after it, with
@@ -510,11 +582,14 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
     else:
         report, parity = run_json(version.run_id, REPORT), run_json(version.run_id, PARITY)
         if report is None or parity is None:
-            raise RuntimeError(f"{name} version {number} has no report.json or parity.json in run "
-                               f"{version.run_id}: it cannot be judged; register a new one")
+            raise RuntimeError(
+                f"{name} version {number} has no report.json or parity.json in run "
+                f"{version.run_id}: it cannot be judged; register a new one"
+            )
         gates = evaluate_gates(report, parity, params.gates)
-        result = finish_version(params, project_dir, version.run_id, number, gates,
-                                version.tags.get("parent_version") or None)
+        result = finish_version(
+            params, project_dir, version.run_id, number, gates, version.tags.get("parent_version") or None
+        )
     finish_run(version.run_id, "FINISHED")
     return {**result, "version": number, "run_id": version.run_id}
 
@@ -527,8 +602,12 @@ def deleted_on_record(params: Params, project_dir: Path) -> tuple[dict[int, list
     from nhle.adapters import deletions
     from nhle.core.config import resolve_uri
 
-    return deletions.deleted_on_record(MlflowClient(), params.registry.model_name,
-                                       resolve_uri(params.requests_database(), Path(project_dir)), create=True)
+    return deletions.deleted_on_record(
+        MlflowClient(),
+        params.registry.model_name,
+        resolve_uri(params.requests_database(), Path(project_dir)),
+        create=True,
+    )
 
 
 def signing_key(params: Params, project_dir: Path) -> Path:
@@ -540,24 +619,33 @@ def signing_key(params: Params, project_dir: Path) -> Path:
     from nhle.adapters.signing import create_key_pair
     from nhle.adapters.tracking import signed_versions
 
-    key, public = (project_path(Path(project_dir), params.registry.signing_key),
-                   project_path(Path(project_dir), params.serving.verify_key))
+    key, public = (
+        project_path(Path(project_dir), params.registry.signing_key),
+        project_path(Path(project_dir), params.serving.verify_key),
+    )
     if key.exists():
         return key
     signed = signed_versions(params.registry.model_name)
     if signed or public.exists():
-        raise FileNotFoundError(f"the signing key {key} is missing, but {params.registry.model_name} has signed versions "
-                                f"{signed} (or a public key at {public}): restore the key (a new one would not verify "
-                                "them), or set registry.signing_key to where it is")
+        raise FileNotFoundError(
+            f"the signing key {key} is missing, but {params.registry.model_name} has signed versions "
+            f"{signed} (or a public key at {public}): restore the key (a new one would not verify "
+            "them), or set registry.signing_key to where it is"
+        )
     create_key_pair(key, public)
-    logging.getLogger(__name__).warning("created the signing key pair %s and %s for %s: keep the private key out of "
-                                        "git and safe; servers need only the public one", key, public,
-                                        params.registry.model_name)
+    logging.getLogger(__name__).warning(
+        "created the signing key pair %s and %s for %s: keep the private key out of "
+        "git and safe; servers need only the public one",
+        key,
+        public,
+        params.registry.model_name,
+    )
     return key
 
 
-def promote(params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult],
-            parent_version: str | None) -> dict:
+def promote(
+    params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult], parent_version: str | None
+) -> dict:
     """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out. The
     classes a promoted version forgets go on record (ledger and registered model) before the
     alias moves, so no later rollback, fallback or hand move can bring them back unrecorded."""
@@ -566,8 +654,13 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
     from nhle.adapters.deletions import open_ledger, record_forgetting
     from nhle.adapters.ledger import operator_name
     from nhle.adapters.servers import notify_servers
-    from nhle.adapters.tracking import (describe_version, log_outcome, record_promotion, sign_registered_version,
-                                        tag_version)
+    from nhle.adapters.tracking import (
+        describe_version,
+        log_outcome,
+        record_promotion,
+        sign_registered_version,
+        tag_version,
+    )
     from nhle.core.gates import promotion_decision
 
     name = params.registry.model_name
@@ -578,15 +671,28 @@ def promote(params: Params, project_dir: Path, run_id: str, version: str, gates:
     if promoted:
         tags = MlflowClient().get_model_version(name, str(version)).tags
         request_ids = [int(i) for i in (tags.get("nhle.request_ids") or "").split(",") if i]
-        record_forgetting(MlflowClient(), open_ledger(params, project_dir), name, str(version),
-                          json.loads(tags.get("forgotten_classes") or "[]"),
-                          json.loads(tags.get("forgotten_class_names") or "[]"), request_ids, operator_name())
+        record_forgetting(
+            MlflowClient(),
+            open_ledger(params, project_dir),
+            name,
+            str(version),
+            json.loads(tags.get("forgotten_classes") or "[]"),
+            json.loads(tags.get("forgotten_class_names") or "[]"),
+            request_ids,
+            operator_name(),
+        )
     record_promotion(params.registry, version, promoted, reason)
     describe_version(params.registry.model_name, str(version))
     notified = notify_servers(params.serving.notify, str(version)) if promoted else []
     log_outcome(run_id, gates, promoted, reason, version, notified)
-    return {"version": str(version), "promoted": promoted, "reason": reason, "run_id": run_id,
-            "gates": [g.as_dict() for g in gates], "notified": notified}
+    return {
+        "version": str(version),
+        "promoted": promoted,
+        "reason": reason,
+        "run_id": run_id,
+        "gates": [g.as_dict() for g in gates],
+        "notified": notified,
+    }
 
 
 WORK_DIR = re.compile(r"^nhle-(?:train|import|forget|evidence)-(?P<pid>\d+)-")
@@ -622,9 +728,14 @@ def clean_up_after_dead_runs(params: Params, logger) -> dict:
 
     left = {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
     for dead in left["runs"]:
-        logger.warning("MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s", dead["run_id"],
-                       dead["owner"], f"; version(s) {dead['abandoned_versions']} it registered before judging their "
-                       "gates marked abandoned" if dead["abandoned_versions"] else "")
+        logger.warning(
+            "MLflow run %s was left RUNNING by %s, a process that is gone: marked KILLED%s",
+            dead["run_id"],
+            dead["owner"],
+            f"; version(s) {dead['abandoned_versions']} it registered before judging their gates marked abandoned"
+            if dead["abandoned_versions"]
+            else "",
+        )
     if left["work_dirs"]:
         logger.warning("removed %d scratch folder(s) of dead runs: %s", len(left["work_dirs"]), left["work_dirs"])
     return left

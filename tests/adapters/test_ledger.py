@@ -1,10 +1,11 @@
 """The forget-request ledger on a real SQLite file: atomic claims, leases, take-over, attempts."""
+
 import threading
 from datetime import timedelta
 
 import pytest
 
-from nhle.adapters.ledger import Ledger, LeaseKeeper, new_owner, owner_is_gone, utcnow
+from nhle.adapters.ledger import LeaseKeeper, Ledger, new_owner, owner_is_gone, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -21,7 +22,9 @@ def ledger(ledger_url):
 
 
 def test_submit_is_committed_and_read_back_by_another_connection(ledger, ledger_url):
-    request = ledger.submit([3], ["3"], "alice", "erasure request 12", model_version_before="2", model_name="nhle-classifier")
+    request = ledger.submit(
+        [3], ["3"], "alice", "erasure request 12", model_version_before="2", model_name="nhle-classifier"
+    )
     again = Ledger(ledger_url).get(request.id)
     assert again == request and again.status == "pending" and again.classes == [3]
     assert again.submitted_at.tzinfo is not None and again.model_version_before == "2"
@@ -37,7 +40,9 @@ def test_bad_input_is_refused_with_a_message(ledger, tmp_path):
         ledger.list("gone")
     with pytest.raises(KeyError, match="no forget request with id 99"):
         ledger.get(99)
-    rejected = ledger.submit([], ["42"], "bob", "typo", status="rejected", error="class 42 is out of range", model_name="nhle-classifier")
+    rejected = ledger.submit(
+        [], ["42"], "bob", "typo", status="rejected", error="class 42 is out of range", model_name="nhle-classifier"
+    )
     assert rejected.status == "rejected" and rejected.finished_at is not None
     assert ledger.claim(new_owner(), 60) == []  # a rejected request is never processed
 
@@ -181,10 +186,14 @@ def test_one_ledger_serves_several_models_and_an_old_ledger_keeps_its_deletions(
     with engine.begin() as connection:  # the table as ledgers made before model_name had it
         connection.execute(text("DROP INDEX ix_forget_requests_model_name"))
         connection.execute(text("ALTER TABLE forget_requests DROP COLUMN model_name"))
-        connection.execute(text("INSERT INTO forget_requests (classes, class_names, requester, reason, status, "
-                                "submitted_at, attempts) VALUES ('[3]', '[\"3\"]', 'dpo', 'old', 'done', "
-                                "'2026-01-01 00:00:00', 0), ('[4]', '[\"4\"]', 'dpo', 'old', 'pending', "
-                                "'2026-01-01 00:00:00', 0)"))
+        connection.execute(
+            text(
+                "INSERT INTO forget_requests (classes, class_names, requester, reason, status, "
+                "submitted_at, attempts) VALUES ('[3]', '[\"3\"]', 'dpo', 'old', 'done', "
+                "'2026-01-01 00:00:00', 0), ('[4]', '[\"4\"]', 'dpo', 'old', 'pending', "
+                "'2026-01-01 00:00:00', 0)"
+            )
+        )
     engine.dispose()
     ledger = Ledger(ledger_url)
     assert ledger.get(1).model_name is None and ledger.get(1).classes == [3]

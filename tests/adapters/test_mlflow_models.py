@@ -1,6 +1,7 @@
 """A PyTorch model logged the ordinary MLflow 3 way into nhle: mlflow.pytorch.log_model in MLflow's
 default pt2 (torch.export) format, with a one-image input_example, which MLflow exports for a batch
 of exactly one. Real MLflow on a SQLite file, the artifacts in tmp_path."""
+
 import shutil
 
 import numpy as np
@@ -23,8 +24,9 @@ class OneImageNet(nn.Module):
         return self.out(torch.relu(self.hidden(h.view(h.size(0), -1))))
 
 
-def test_a_model_logged_with_a_one_image_input_example_takes_any_batch_and_exports(tmp_path, mlflow_template,
-                                                                                    digits, caplog):
+def test_a_model_logged_with_a_one_image_input_example_takes_any_batch_and_exports(
+    tmp_path, mlflow_template, digits, caplog
+):
     import logging
 
     import mlflow
@@ -45,8 +47,13 @@ def test_a_model_logged_with_a_one_image_input_example_takes_any_batch_and_expor
     with mlflow_store(uri):
         experiment = mlflow.create_experiment("theirs", artifact_location=str(tmp_path / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
-            mlflow.pytorch.log_model(net, name="model", registered_model_name="one-image",
-                                     input_example=np.zeros((1, 1, 8, 8), np.float32), pip_requirements=["torch"])
+            mlflow.pytorch.log_model(
+                net,
+                name="model",
+                registered_model_name="one-image",
+                input_example=np.zeros((1, 1, 8, 8), np.float32),
+                pip_requirements=["torch"],
+            )
         logged = mlflow.pytorch.load_model("models:/one-image/1")
         with pytest.raises(Exception, match=r"Guard failed: x.size\(\)\[0\] == 1"):  # a batch of one only
             logged(torch.rand(2, 1, 8, 8))
@@ -58,8 +65,13 @@ def test_a_model_logged_with_a_one_image_input_example_takes_any_batch_and_expor
     with torch.no_grad():
         for batch in (x[:1], x[:7], x):
             assert torch.allclose(model(batch), net(batch), atol=1e-4)
-    assert source == {"kind": "mlflow", "uri": "models:/one-image/1", "tracking_uri": uri, "format": "pt2",
-                      "batch_one_converted": True}
+    assert source == {
+        "kind": "mlflow",
+        "uri": "models:/one-image/1",
+        "tracking_uri": uri,
+        "format": "pt2",
+        "batch_one_converted": True,
+    }
     model(x[:8]).logsumexp(1).mean().backward()  # fine-tuning reaches the backbone
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
     with caplog.at_level(logging.INFO, logger="nhle.core.export"):

@@ -1,4 +1,5 @@
 """nhle.adapters.tracking: where a new experiment keeps its artifacts."""
+
 from pathlib import Path
 
 from nhle.adapters.tracking import artifact_location
@@ -13,8 +14,15 @@ def test_artifact_location_is_local_for_a_local_store_and_the_servers_for_a_trac
         assert artifact_location(uri, "sqlite:///x.db", tmp_path) == uri
 
 
-RELEARN = {"reference": "mask_only", "reference_steps": 6, "shipped": 8.0, "restored": 5.0, "mask_only": 1.0,
-           "steps": {"shipped": 48, "restored": 30, "mask_only": 6}, "why": "no retrained model"}
+RELEARN = {
+    "reference": "mask_only",
+    "reference_steps": 6,
+    "shipped": 8.0,
+    "restored": 5.0,
+    "mask_only": 1.0,
+    "steps": {"shipped": 48, "restored": 30, "mask_only": 6},
+    "why": "no retrained model",
+}
 
 
 def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_with_their_steps():
@@ -22,12 +30,18 @@ def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_
 
     from nhle.adapters.tracking import relearn_metrics, version_description
 
-    assert relearn_metrics(RELEARN) == {"relearn/share_shipped": 8.0, "relearn/share_restored": 5.0,
-                                        "relearn/share_mask_only": 1.0, "relearn/reference_steps": 6.0}
+    assert relearn_metrics(RELEARN) == {
+        "relearn/share_shipped": 8.0,
+        "relearn/share_restored": 5.0,
+        "relearn/share_mask_only": 1.0,
+        "relearn/reference_steps": 6.0,
+    }
     assert relearn_metrics(None) == {}  # a report written before the relearn share
     text = version_description({"relearn": json.dumps(RELEARN)}, "run1", "0")
-    assert ("**Relearn share** (the relearn attack's steps over the mask-only model's 6; 1 = no harder than the "
-            "mask alone): shipped 8 (48 steps), restored 5 (30 steps), mask-only 1 (6 steps).") in text
+    assert (
+        "**Relearn share** (the relearn attack's steps over the mask-only model's 6; 1 = no harder than the "
+        "mask alone): shipped 8 (48 steps), restored 5 (30 steps), mask-only 1 (6 steps)."
+    ) in text
     assert "Relearn share" not in version_description({}, "run1", "0")
     assert "Evidence: pending" in version_description({"evidence": "pending"}, "run1", "0")
     assert "Evidence: pending" not in version_description({"evidence": "complete"}, "run1", "0")
@@ -37,8 +51,10 @@ def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt(
     from nhle.adapters.tracking import version_description
 
     text = version_description({"nhle.recipe": "nhle_conservative", "nhle.attempt": "2"}, "run1", "0")
-    assert ("**Recipe:** nhle_conservative (attempt 2; every attempt and why it failed: "
-            "[attempts.json](#/experiments/0/runs/run1/artifacts/attempts.json)).") in text
+    assert (
+        "**Recipe:** nhle_conservative (attempt 2; every attempt and why it failed: "
+        "[attempts.json](#/experiments/0/runs/run1/artifacts/attempts.json))."
+    ) in text
     assert "Recipe" not in version_description({}, "run1", "0")
 
 

@@ -1,5 +1,6 @@
 """Dataset versioning with DVC, all in temp folders: a temp git repo as the data repo and a temp
 folder as the local DVC remote. Each dvc command costs about 1 s, so the versions are made once."""
+
 import json
 import re
 import shutil
@@ -10,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from nhle.adapters.versioning import DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version, version_dataset
 from nhle.core.data import ImageSet, Splits, drop_classes, load_splits, save_splits
-from nhle.adapters.versioning import (DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version,
-                             version_dataset)
 
 
 def commit_count(repo) -> int:
-    out = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=repo, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
     return int(out.stdout)
 
 
@@ -33,8 +32,14 @@ def versions(digits, tmp_path_factory):
     v1_again = version_dataset(digits, repo, remote)
     commits_after_again = commit_count(repo)
     v2 = version_dataset(drop_classes(digits, [3]), repo, remote, message="digits without 3")
-    return {"repo": repo, "remote": remote, "v1": v1, "v1_again": v1_again, "v2": v2,
-            "commits": (commits_after_v1, commits_after_again, commit_count(repo))}
+    return {
+        "repo": repo,
+        "remote": remote,
+        "v1": v1,
+        "v1_again": v1_again,
+        "v2": v2,
+        "commits": (commits_after_v1, commits_after_again, commit_count(repo)),
+    }
 
 
 def test_version_has_dir_md5_and_git_rev(versions, digits):
@@ -45,14 +50,14 @@ def test_version_has_dir_md5_and_git_rev(versions, digits):
     assert v1.path == "datasets/digits"
     assert v1.repo == str(versions["repo"].resolve())
     assert v1.remote == str(versions["remote"].resolve())  # relative url made absolute
-    assert v1.as_tags() == {"data.path": v1.path, "data.md5": v1.md5, "data.git_rev": v1.git_rev,
-                            "data.repo": v1.repo}
+    assert v1.as_tags() == {"data.path": v1.path, "data.md5": v1.md5, "data.git_rev": v1.git_rev, "data.repo": v1.repo}
     # DVC's hash is the hash of the bytes save_splits writes
     assert dvc_dir_md5(save_splits(digits, versions["repo"].parent / "copy")) == v1.md5
     # the remote holds the data, the repo's git history holds the .dvc file, and nothing is left over
     assert any(p.is_file() for p in versions["remote"].rglob("*"))
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=versions["repo"], capture_output=True,
-                            text=True, check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=versions["repo"], capture_output=True, text=True, check=True
+    )
     assert status.stdout == ""
 
 
@@ -172,8 +177,9 @@ def test_dvc_gc_purges_deleted_samples_from_cache_and_remote(versions, digits):
     repo, remote = versions["repo"], versions["remote"]
     remote_files = lambda: {p.name for p in remote.rglob("*") if p.is_file()}  # noqa: E731
     before = remote_files()
-    subprocess.run([dvc_executable(), "gc", "--workspace", "--cloud", "--force"], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [dvc_executable(), "gc", "--workspace", "--cloud", "--force"], cwd=repo, check=True, capture_output=True
+    )
     assert remote_files() < before
     with pytest.raises(RuntimeError, match="dvc get"):
         open_dataset_version(versions["v1"])

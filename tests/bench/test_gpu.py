@@ -1,5 +1,6 @@
 """nhle.bench.gpu on this CPU-only machine: the real entry point end to end with --quick, its
 failure exits, the CLI's `bench gpu`, and the CIFAR-shaped synthetic data it uses."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,13 @@ from nhle.bench import gpu as gpu_check
 def quick_run(tmp_path_factory):
     """One `python -m nhle.bench.gpu --quick --device cpu` in a fresh process (about 20 s)."""
     out = tmp_path_factory.mktemp("gpu_check")
-    done = subprocess.run([sys.executable, "-m", "nhle.bench.gpu", "--quick", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "nhle.bench.gpu", "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     return done, out
 
 
@@ -38,13 +44,22 @@ def test_quick_run_passes_parity_on_the_cpu_and_never_predicts_the_forgotten_cla
     assert timings["torch_eager_cpu"] > 0 and timings["ort_cpu"] > 0
     assert report["modules_that_must_not_load"] == []  # no mlflow, prefect, dvc, fastapi, matplotlib
     markdown = (out / "gpu_check.md").read_text()
-    assert markdown.startswith("# GPU check: passed") and "measured " in markdown and "| CPU | CPUExecutionProvider |" in markdown
+    assert (
+        markdown.startswith("# GPU check: passed")
+        and "measured " in markdown
+        and "| CPU | CPUExecutionProvider |" in markdown
+    )
 
 
 def test_failures_name_parity_a_missing_cuda_provider_and_a_predicted_class():
     ok = {"passed": True, "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-    bad = {"passed": False, "argmax_agreement": 0.99, "max_abs_prob_diff": 3e-3, "tolerance": 1e-4,
-           "providers": ["CPUExecutionProvider"]}
+    bad = {
+        "passed": False,
+        "argmax_agreement": 0.99,
+        "max_abs_prob_diff": 3e-3,
+        "tolerance": 1e-4,
+        "providers": ["CPUExecutionProvider"],
+    }
     assert gpu_check.failures_of({"cpu": ok, "cuda": None}, False, 0, 3) == []
     assert gpu_check.failures_of({"cpu": ok, "cuda": ok}, True, 0, 3) == []
     [parity] = gpu_check.failures_of({"cpu": bad, "cuda": None}, False, 0, 3)
@@ -52,7 +67,8 @@ def test_failures_name_parity_a_missing_cuda_provider_and_a_predicted_class():
     fell_back = gpu_check.failures_of({"cpu": ok, "cuda": {**ok, "providers": ["CPUExecutionProvider"]}}, True, 0, 3)
     assert len(fell_back) == 1 and "a GPU is present but ONNX Runtime gave the session only" in fell_back[0]
     assert gpu_check.failures_of({"cpu": ok, "cuda": None}, False, 5, 3) == [
-        "the ONNX model predicted the forgotten class 3 for 5 test images"]
+        "the ONNX model predicted the forgotten class 3 for 5 test images"
+    ]
 
 
 def test_a_failed_check_exits_non_zero_with_the_reason(tmp_path, monkeypatch, capsys):
@@ -85,8 +101,18 @@ def test_cli_bench_gpu_hands_its_flags_to_gpu_check(monkeypatch, capsys):
         cli.main(["bench", "gpu", "--help"])
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--device", "--amp", "--cifar-root", "--train-size", "--test-size", "--epochs", "--batch-size",
-                 "--max-steps", "--quick", "--out"):
+    for flag in (
+        "--device",
+        "--amp",
+        "--cifar-root",
+        "--train-size",
+        "--test-size",
+        "--epochs",
+        "--batch-size",
+        "--max-steps",
+        "--quick",
+        "--out",
+    ):
         assert flag in help_text
 
 
@@ -102,22 +128,44 @@ def test_cifar_shaped_synthetic_data_has_class_structure_and_scaling_data_is_unc
     # The defaults must keep giving the exact data docs/benchmarks.md's scaling rows were measured on
     # (this fingerprint was taken before the size/channels parameters existed).
     assert synthetic_splits(500, test_size=100, seed=3).fingerprint() == (
-        "ade49f340ed05b1c39659ef9fb929cfbc23956d987925346924603fa05017e71")
+        "ade49f340ed05b1c39659ef9fb929cfbc23956d987925346924603fa05017e71"
+    )
 
 
 FAKE_REPORT = {
-    "measured_on": "measured today on a test", "passed": True, "failures": [],
+    "measured_on": "measured today on a test",
+    "passed": True,
+    "failures": [],
     "machine": {"device": "cpu", "gpu": None, "cpu": "x86_64", "torch": "2", "onnxruntime": "1", "torch_threads": 2},
-    "settings": {"data": "synthetic", "image_shape": [3, 32, 32], "train_size": 10, "test_size": 10, "epochs": 1,
-                 "batch_size": 8, "amp": "off", "max_steps": 1, "n_samples": 32, "forget_class": 0, "seed": 0,
-                 "quick": True},
+    "settings": {
+        "data": "synthetic",
+        "image_shape": [3, 32, 32],
+        "train_size": 10,
+        "test_size": 10,
+        "epochs": 1,
+        "batch_size": 8,
+        "amp": "off",
+        "max_steps": 1,
+        "n_samples": 32,
+        "forget_class": 0,
+        "seed": 0,
+        "quick": True,
+    },
     "train": {"seconds": 1.0, "steps": 2, "seconds_per_step": 0.5, "images_per_s": 10.0},
     "unlearn": {"seconds": 0.1, "steps": 1, "stopped_early": False, "seconds_per_step": 0.1},
     "retrain_free": {"retrain_seconds_estimate": 0.9, "speedup_vs_retrain": 9.0, "note": ""},
-    "accuracy": {"original_forget_test_acc": 1.0, "original_retain_test_acc": 1.0, "forget_test_acc": 0.0,
-                 "retain_test_acc": 1.0, "retained_drop_pp": 0.0},
+    "accuracy": {
+        "original_forget_test_acc": 1.0,
+        "original_retain_test_acc": 1.0,
+        "forget_test_acc": 0.0,
+        "retain_test_acc": 1.0,
+        "retained_drop_pp": 0.0,
+    },
     "onnx": {"forgotten_class_predictions": 0, "test_images": 10},
-    "parity": {"cpu": {"passed": True, "providers": ["CPUExecutionProvider"], "max_abs_prob_diff": 1e-7},
-               "cuda": None, "cuda_default_options": None},
+    "parity": {
+        "cpu": {"passed": True, "providers": ["CPUExecutionProvider"], "max_abs_prob_diff": 1e-7},
+        "cuda": None,
+        "cuda_default_options": None,
+    },
     "inference_ms_per_batch": {"batch_size": 8, "torch_eager_cpu": 1.0, "ort_cpu": 1.0},
 }

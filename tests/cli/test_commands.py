@@ -1,4 +1,5 @@
 """The real entry point with tiny budgets: the contract later stages rely on."""
+
 import json
 import subprocess
 import sys
@@ -19,8 +20,26 @@ def no_project_params(tmp_path, monkeypatch):
 def base_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     (out / "empty.yaml").write_text("{}\n")  # every built-in default
-    assert main(["train", "--params", str(out / "empty.yaml"), "--dataset", "digits", "--arch", "smallcnn", "--split-seed", "0", "--epochs", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--params",
+                str(out / "empty.yaml"),
+                "--dataset",
+                "digits",
+                "--arch",
+                "smallcnn",
+                "--split-seed",
+                "0",
+                "--epochs",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out / "model.pt"
 
 
@@ -31,11 +50,32 @@ def test_train_writes_model_and_metrics(base_checkpoint):
 
 def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_path):
     out = tmp_path / "forget"
-    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", "2,7", "--sample-seed", "1", "--out", str(out),
-                 "--retrain-baseline", "--n-samples", "16"]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                "--checkpoint",
+                str(base_checkpoint),
+                "--forget",
+                "2,7",
+                "--sample-seed",
+                "1",
+                "--out",
+                str(out),
+                "--retrain-baseline",
+                "--n-samples",
+                "16",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["forget_classes"] == [2, 7] and report["seed"] == 1 and report["n_forget_samples"] == 32
-    assert report["dataset"] == "digits" and report["model"] == "smallcnn" and report["encoding"] == UnlearnConfig().encoding
+    assert (
+        report["dataset"] == "digits"
+        and report["model"] == "smallcnn"
+        and report["encoding"] == UnlearnConfig().encoding
+    )
     assert set(report["metrics"]) == {"original", "unlearned", "retrained"}
     for block in report["metrics"].values():
         assert set(block) == set(METRIC_KEYS)
@@ -55,12 +95,16 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
     assert main(["unlearn", "--checkpoint", str(out / "model.pt"), "--forget", "4", "--out", str(again)]) == 0
     again_report = json.loads((again / "report.json").read_text())
     assert "retrained" not in again_report["metrics"] and again_report["relearn"]["reference"] == "mask_only"
-    assert main(["unlearn", "--checkpoint", str(again / "model.pt"), "--forget", "7", "--out",
-                 str(tmp_path / "refused")]) == 2
+    assert (
+        main(["unlearn", "--checkpoint", str(again / "model.pt"), "--forget", "7", "--out", str(tmp_path / "refused")])
+        == 2
+    )
 
 
-@pytest.mark.parametrize("forget,message", [("12", "out of range"), ("seven", "unknown class 'seven'"),
-                                            ("0,1,2,3,4,5,6,7,8,9", "no class to predict")])
+@pytest.mark.parametrize(
+    "forget,message",
+    [("12", "out of range"), ("seven", "unknown class 'seven'"), ("0,1,2,3,4,5,6,7,8,9", "no class to predict")],
+)
 def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_path, capsys, forget, message):
     out = tmp_path / "out"
     assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", forget, "--out", str(out)]) == 2
@@ -71,8 +115,11 @@ def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_
 def test_console_script_help_and_missing_checkpoint(tmp_path):
     nhle = [sys.executable, "-m", "nhle.cli.commands"]
     assert "--retrain-baseline" in subprocess.run(nhle + ["unlearn", "--help"], capture_output=True, text=True).stdout
-    done = subprocess.run(nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out",
-                                  str(tmp_path / "o")], capture_output=True, text=True)
+    done = subprocess.run(
+        nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
@@ -87,7 +134,9 @@ def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
     assert len(rows) == len(cases) * len(METHODS) and {r["method"] for r in rows} == set(METHODS)
     for row in rows:  # every method measured on the same case against the same original and retrain
         same = [r for r in rows if r["forget_classes"] == row["forget_classes"]]
-        assert {json.dumps(r["original"], sort_keys=True) for r in same} == {json.dumps(row["original"], sort_keys=True)}
+        assert {json.dumps(r["original"], sort_keys=True) for r in same} == {
+            json.dumps(row["original"], sort_keys=True)
+        }
         retrain = next(r for r in same if r["method"] == "retrain")
         assert abs(row["seconds_vs_retrain"] - row["seconds"] / retrain["seconds"]) < 1e-9
     masked = [r for r in rows if r["method"] in ("nhle", "mask_only", "retrain")]
@@ -153,8 +202,9 @@ def parsed(*argv):
 
 
 def test_mean_and_std_flags_are_applied_together_and_checked_once():
-    params = parsed("import", "--arch", "resnet18", "--image-size", "32",
-                    "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")
+    params = parsed(
+        "import", "--arch", "resnet18", "--image-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"
+    )
     assert params.model.mean == (0.5, 0.5, 0.5) and params.model.std == (0.25, 0.25, 0.25)
     params = parsed("train", "--out", "x", "--set", "model.mean=[0.4]", "--set", "model.std=[0.2]")
     assert params.model.mean == (0.4,) and params.model.std == (0.2,)
@@ -162,14 +212,17 @@ def test_mean_and_std_flags_are_applied_together_and_checked_once():
         parsed("import", "--mean", "0.5,0.5,0.5")
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("unlearn.encoding=bogus", "unlearn.encoding must be one of negative_hot"),
-    ("unlearn.layers=bogus", "unlearn.layers must be one of all, head, backbone"),
-    ("unlearn.optimizer=bogus", "unlearn.optimizer must be one of adam, sgd, normalized"),
-    ("train.device=gpu", "train.device must be one of auto, cpu, cuda"),
-    ("unlearn.lr=abc", "unlearn.lr must be a number"),
-    ("unlearn.forget_rank=2", "unlearn.forget_rank must be at most 1.0"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("unlearn.encoding=bogus", "unlearn.encoding must be one of negative_hot"),
+        ("unlearn.layers=bogus", "unlearn.layers must be one of all, head, backbone"),
+        ("unlearn.optimizer=bogus", "unlearn.optimizer must be one of adam, sgd, normalized"),
+        ("train.device=gpu", "train.device must be one of auto, cpu, cuda"),
+        ("unlearn.lr=abc", "unlearn.lr must be a number"),
+        ("unlearn.forget_rank=2", "unlearn.forget_rank must be at most 1.0"),
+    ],
+)
 def test_bad_settings_are_refused_when_read_naming_the_field_and_what_it_takes(capsys, setting, message):
     assert main(["run", "--set", setting]) == 2
     assert message in capsys.readouterr().err
@@ -196,8 +249,14 @@ def test_a_bad_request_is_refused_before_any_prefect_server_starts_and_prints_no
     import os
 
     home = tmp_path / "prefect-home"
-    quiet = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS", "PREFECT_SERVER_ANALYTICS_ENABLED",
-             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "PREFECT_API_URL")
+    quiet = (
+        "MLFLOW_DISABLE_TELEMETRY",
+        "DO_NOT_TRACK",
+        "DVC_NO_ANALYTICS",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW",
+        "PREFECT_API_URL",
+    )
     elsewhere = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "NHLE_REQUESTS_DATABASE")  # set by other tests
     env = {**{k: v for k, v in os.environ.items() if k not in quiet + elsewhere}, "PREFECT_HOME": str(home)}
     nhle = [sys.executable, "-m", "nhle.cli"]

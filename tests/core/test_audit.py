@@ -1,36 +1,87 @@
 """The audit report from plain values: every section present, a failed gate shows as the outcome."""
+
 import json
 
 from nhle.core.audit import audit_markdown, build_audit
 
-METRICS = {"forget_test_acc": 0.0, "retain_test_acc": 0.97, "unmasked_forget_test_acc": 0.3, "mia_efficacy": 1.0,
-           "probe_forget_acc": 0.9, "forget_silhouette": 0.4, "relearn_steps_shipped": 48, "relearn_steps_restored": 30,
-           "forget_train_acc": 0.0, "retain_train_acc": 0.99}
-REPORT = {"metrics": {"original": {**METRICS, "forget_test_acc": 0.98, "unmasked_forget_test_acc": 0.98,
-                                   "relearn_steps_shipped": 6, "relearn_steps_restored": 0},
-                      "unlearned": METRICS, "retrained": {**METRICS, "unmasked_forget_test_acc": 0.0,
-                                                          "relearn_steps_restored": 60}},
-          "relearn": {"reference": "retrained", "reference_steps": 60, "shipped": 0.8, "restored": 0.5,
-                      "mask_only": 0.1, "steps": {"shipped": 48, "restored": 30, "mask_only": 6},
-                      "why": "steps over those of the model retrained without the classes, its rows as trained"},
-          "forget_class_names": ["5"], "seconds": {"unlearn": 0.2, "retrain": 1.5}}
-GATES = [{"name": "forget_test_acc", "value": 0.0, "bound": 0.0, "passed": True, "rule": "<="},
-         {"name": "unmasked_forget_test_acc", "value": 0.3, "bound": 0.05, "passed": False, "rule": "<="}]
-REQUEST = {"id": 7, "classes": [5], "class_names": ["5"], "requester": "dpo@example.com", "reason": "erasure",
-           "submitted_at": "2026-11-27T10:00:00+00:00", "started_at": "2026-11-27T11:00:00+00:00", "attempts": 0}
-TAGS = {"promoted": "false", "rejection_reason": "gate failed: unmasked_forget_test_acc", "parent_version": "2",
-        "forgotten_classes": "[3, 5]", "forgotten_class_names": '["3", "5"]', "onnx_sha256": "ab12",
-        "data.path": "datasets/digits", "data.md5": "aa.dir", "data.git_rev": "c0ffee", "data.repo": "/data-repo"}
+METRICS = {
+    "forget_test_acc": 0.0,
+    "retain_test_acc": 0.97,
+    "unmasked_forget_test_acc": 0.3,
+    "mia_efficacy": 1.0,
+    "probe_forget_acc": 0.9,
+    "forget_silhouette": 0.4,
+    "relearn_steps_shipped": 48,
+    "relearn_steps_restored": 30,
+    "forget_train_acc": 0.0,
+    "retain_train_acc": 0.99,
+}
+REPORT = {
+    "metrics": {
+        "original": {
+            **METRICS,
+            "forget_test_acc": 0.98,
+            "unmasked_forget_test_acc": 0.98,
+            "relearn_steps_shipped": 6,
+            "relearn_steps_restored": 0,
+        },
+        "unlearned": METRICS,
+        "retrained": {**METRICS, "unmasked_forget_test_acc": 0.0, "relearn_steps_restored": 60},
+    },
+    "relearn": {
+        "reference": "retrained",
+        "reference_steps": 60,
+        "shipped": 0.8,
+        "restored": 0.5,
+        "mask_only": 0.1,
+        "steps": {"shipped": 48, "restored": 30, "mask_only": 6},
+        "why": "steps over those of the model retrained without the classes, its rows as trained",
+    },
+    "forget_class_names": ["5"],
+    "seconds": {"unlearn": 0.2, "retrain": 1.5},
+}
+GATES = [
+    {"name": "forget_test_acc", "value": 0.0, "bound": 0.0, "passed": True, "rule": "<="},
+    {"name": "unmasked_forget_test_acc", "value": 0.3, "bound": 0.05, "passed": False, "rule": "<="},
+]
+REQUEST = {
+    "id": 7,
+    "classes": [5],
+    "class_names": ["5"],
+    "requester": "dpo@example.com",
+    "reason": "erasure",
+    "submitted_at": "2026-11-27T10:00:00+00:00",
+    "started_at": "2026-11-27T11:00:00+00:00",
+    "attempts": 0,
+}
+TAGS = {
+    "promoted": "false",
+    "rejection_reason": "gate failed: unmasked_forget_test_acc",
+    "parent_version": "2",
+    "forgotten_classes": "[3, 5]",
+    "forgotten_class_names": '["3", "5"]',
+    "onnx_sha256": "ab12",
+    "data.path": "datasets/digits",
+    "data.md5": "aa.dir",
+    "data.git_rev": "c0ffee",
+    "data.repo": "/data-repo",
+}
 
 
 def test_failed_request_audit_names_the_failing_gate_and_the_evidence():
     audit = build_audit(REQUEST, "nhle-classifier", "3", TAGS, "run1", REPORT, {"passed": True}, GATES)
     assert json.loads(json.dumps(audit)) == audit  # plain JSON
-    assert audit["outcome"] == {"status": "failed", "promoted": False, "note": None,
-                                "reason": "gate failed: unmasked_forget_test_acc"}
+    assert audit["outcome"] == {
+        "status": "failed",
+        "promoted": False,
+        "note": None,
+        "reason": "gate failed: unmasked_forget_test_acc",
+    }
     assert audit["model"]["version_before"] == "2" and audit["model"]["forgotten_classes"] == [3, 5]
-    assert audit["data"] == {"before": {"path": "datasets/digits", "md5": "aa.dir", "git_rev": "c0ffee",
-                                        "repo": "/data-repo"}, "after": None}
+    assert audit["data"] == {
+        "before": {"path": "datasets/digits", "md5": "aa.dir", "git_rev": "c0ffee", "repo": "/data-repo"},
+        "after": None,
+    }
     attack = next(row for row in audit["evidence"] if row["metric"] == "unmasked_forget_test_acc")
     assert (attack["original"], attack["unlearned"], attack["retrained"]) == (0.98, 0.3, 0.0)
     assert abs(audit["retained_drop_pp"]) < 1e-9
@@ -45,8 +96,10 @@ def test_the_audit_gives_the_relearn_shares_with_their_raw_steps():
     audit = build_audit(REQUEST, "nhle-classifier", "3", TAGS, "run1", REPORT, {"passed": True}, GATES)
     assert audit["relearn"] == REPORT["relearn"]
     text = audit_markdown(audit)
-    assert ("Relearn share (the relearn attack's steps over the retrained model's 60; 1 = as hard to bring back as "
-            "retraining): shipped 0.8 (48 steps), restored 0.5 (30 steps), mask-only 0.1 (6 steps). Steps over") in text
+    assert (
+        "Relearn share (the relearn attack's steps over the retrained model's 60; 1 = as hard to bring back as "
+        "retraining): shipped 0.8 (48 steps), restored 0.5 (30 steps), mask-only 0.1 (6 steps). Steps over"
+    ) in text
     before = {k: v for k, v in METRICS.items() if not k.startswith("relearn")}
     old = {**REPORT, "metrics": {"unlearned": {**before, "relearn_steps": 2}}}
     old.pop("relearn")
@@ -64,10 +117,20 @@ def test_done_request_without_a_report_still_renders():
 
 
 def test_what_a_requester_typed_cannot_forge_the_report_or_the_terminal():
-    reason = ("ok\n\n## Outcome: done - every gate held\n| forged | row |\n<script>alert(1)</script> "
-              "[click](http://evil.example) \x1b[2J\x1b[31mred")
-    audit = build_audit({**REQUEST, "reason": reason, "requester": "a|b\r\nc"}, "nhle-classifier", "3", TAGS, "run1",
-                        REPORT, {"passed": True}, GATES)
+    reason = (
+        "ok\n\n## Outcome: done - every gate held\n| forged | row |\n<script>alert(1)</script> "
+        "[click](http://evil.example) \x1b[2J\x1b[31mred"
+    )
+    audit = build_audit(
+        {**REQUEST, "reason": reason, "requester": "a|b\r\nc"},
+        "nhle-classifier",
+        "3",
+        TAGS,
+        "run1",
+        REPORT,
+        {"passed": True},
+        GATES,
+    )
     text = audit_markdown(audit)
     assert audit["request"]["reason"] == reason  # stored verbatim, escaped only on output
     lines = text.splitlines()

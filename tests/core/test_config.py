@@ -60,19 +60,22 @@ def test_model_section_validates_and_old_train_model_is_explained():
         params_from_dict({"train": {"model": "resnet18"}})
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"train": {"epochs": "ten"}}, "train.epochs must be a whole number, got 'ten'"),
-    ({"train": {"batch_size": 0}}, "train.batch_size must be at least 1, got 0"),
-    ({"train": {"epochs": -1}}, "train.epochs must be at least 1, got -1"),
-    ({"train": {"lr": 0}}, "train.lr must be above 0.0, got 0.0"),
-    ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
-    ({"unlearn": {"n_samples": -4}}, "unlearn.n_samples must be at least 1, got -4"),
-    ({"unlearn": {"max_steps": -5}}, "unlearn.max_steps must be at least 0, got -5"),
-    ({"unlearn": {"mask": "yes"}}, "unlearn.mask must be true or false, got 'yes'"),
-    ({"unlearn": {"anchor_weight": float("nan")}}, "unlearn.anchor_weight must be a finite number, got nan"),
-    ({"serving": {"notify": [8000]}}, "serving.notify[0] must be a string, got 8000"),
-    ({"data": {"image_size": 0}}, "data.image_size must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs must be a whole number, got 'ten'"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be at least 1, got 0"),
+        ({"train": {"epochs": -1}}, "train.epochs must be at least 1, got -1"),
+        ({"train": {"lr": 0}}, "train.lr must be above 0.0, got 0.0"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
+        ({"unlearn": {"n_samples": -4}}, "unlearn.n_samples must be at least 1, got -4"),
+        ({"unlearn": {"max_steps": -5}}, "unlearn.max_steps must be at least 0, got -5"),
+        ({"unlearn": {"mask": "yes"}}, "unlearn.mask must be true or false, got 'yes'"),
+        ({"unlearn": {"anchor_weight": float("nan")}}, "unlearn.anchor_weight must be a finite number, got nan"),
+        ({"serving": {"notify": [8000]}}, "serving.notify[0] must be a string, got 8000"),
+        ({"data": {"image_size": 0}}, "data.image_size must be at least 1, got 0"),
+    ],
+)
 def test_wrong_types_and_out_of_range_values_name_the_key_and_the_value(raw, message):
     with pytest.raises(ValueError) as err:
         params_from_dict(raw)

@@ -1,4 +1,5 @@
 """Loaders on the embedded digits and on small files written in each dataset's real format."""
+
 import hashlib
 import pickle
 
@@ -78,8 +79,9 @@ def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
     # torchvision checks the md5 of the published files; point it at these small ones instead.
     monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(folder / n)] for n in names[:5]])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
-    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
-                                          "md5": md5(folder / "batches.meta")})
+    monkeypatch.setattr(
+        CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5(folder / "batches.meta")}
+    )
     data = load_dataset("cifar10", root=tmp_path)
     assert (len(data.train), len(data.test), data.image_shape) == (20, 4, (3, 32, 32))
     assert data.class_names[3] == "c3"
@@ -95,8 +97,13 @@ def test_svhn_from_mat_files(tmp_path, monkeypatch):
     split_list = {}
     for split, n in (("train", 12), ("test", 6)):
         file = tmp_path / f"{split}_32x32.mat"
-        savemat(file, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                       "y": (np.arange(n) % 10 + 1).reshape(-1, 1).astype(np.uint8)})
+        savemat(
+            file,
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": (np.arange(n) % 10 + 1).reshape(-1, 1).astype(np.uint8),
+            },
+        )
         split_list[split] = ["", file.name, md5(file)]
     monkeypatch.setattr(SVHN, "split_list", split_list)
     data = load_dataset("svhn", root=tmp_path)
@@ -184,9 +191,11 @@ def test_an_image_folder_larger_than_the_open_file_limit_loads(tmp_path):
     import sys
 
     root = grey_folder(tmp_path / "many", 300)
-    script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)); "
-              "from nhle.core.data import load_dataset; d = load_dataset('imagefolder', root=%r, image_size=8); "
-              "print(len(d.train.labels) + len(d.test.labels), tuple(d.train.images.shape[1:]))" % str(root))
+    script = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)); "
+        f"from nhle.core.data import load_dataset; d = load_dataset('imagefolder', root={str(root)!r}, image_size=8); "
+        "print(len(d.train.labels) + len(d.test.labels), tuple(d.train.images.shape[1:]))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["600", "(1,", "8,", "8)"]

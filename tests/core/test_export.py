@@ -154,9 +154,11 @@ def test_cpu_machine_session_logs_no_failed_cuda_provider(onnx_path):
     import subprocess
     import sys
 
-    code = ("import numpy as np; from nhle.core.export import make_session; "
-            f"s = make_session({str(onnx_path)!r}); "
-            "s.run(None, {'images': np.zeros((2, 1, 8, 8), np.float32)}); print(s.get_providers())")
+    code = (
+        "import numpy as np; from nhle.core.export import make_session; "
+        f"s = make_session({str(onnx_path)!r}); "
+        "s.run(None, {'images': np.zeros((2, 1, 8, 8), np.float32)}); print(s.get_providers())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "['CPUExecutionProvider']"

@@ -1,5 +1,6 @@
 """Models that exist only as a traced graph (torch.export, MLflow 3's PyTorch format): split at
 the last linear layer into a backbone and a real nn.Linear head, fine-tuned, saved and exported."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -129,8 +130,9 @@ class TokenNet(nn.Module):
         return self.out((torch.softmax(t @ t.transpose(1, 2), -1) @ t)[:, 0])
 
 
-@pytest.mark.parametrize("make,shape", [(TheirNet, (1, 8, 8)), (ViewNet, (1, 8, 8)), (TokenNet, (1, 8, 8)),
-                                        ("resnet18", (3, 32, 32))])
+@pytest.mark.parametrize(
+    "make,shape", [(TheirNet, (1, 8, 8)), (ViewNet, (1, 8, 8)), (TokenNet, (1, 8, 8)), ("resnet18", (3, 32, 32))]
+)
 def test_a_graph_traced_for_a_batch_of_one_is_made_to_take_any_batch(make, shape):
     from nhle.core.graphs import any_batch, input_shape, traced_batch
 
@@ -179,8 +181,10 @@ def test_a_batch_of_one_graph_that_cannot_take_other_batches_is_refused():
     graph = traced_for_one(Folded())
     with pytest.raises(ValueError):
         any_batch(graph)
-    with pytest.raises(ValueError, match="for a batch of exactly one image .* input_example of 2 or more images .*"
-                                         "serialization_format=\"pickle\""):
+    with pytest.raises(
+        ValueError,
+        match='for a batch of exactly one image .* input_example of 2 or more images .*serialization_format="pickle"',
+    ):
         fixed_batch_to_any(graph, 1, "models:/folded/1")
     fixed = torch.export.export(TheirNet().eval(), (torch.rand(3, 1, 8, 8),)).module()
     with pytest.raises(ValueError, match="for batches of exactly 3 images only"):
@@ -199,8 +203,16 @@ def test_forgetting_from_a_graph_model_runs_without_a_retrained_reference_and_sa
     model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)
     classes = validate_forget(model, "3", digits.class_names)
     quick = UnlearnConfig(max_steps=2, synthetic_per_class=0, rows_steps=0, feature_pull=0.0, relearn_max_steps=1)
-    outcome = forget_and_measure(model, {"data_fingerprint": "test"}, classes, config=quick, retrain_baseline=True,
-                                 data=digits, device="cpu", progress=False)
+    outcome = forget_and_measure(
+        model,
+        {"data_fingerprint": "test"},
+        classes,
+        config=quick,
+        retrain_baseline=True,
+        data=digits,
+        device="cpu",
+        progress=False,
+    )
     assert outcome.report["reference"]["kind"] == "none" and "traced graph" in outcome.report["reference"]["why"]
     assert "retrained" not in outcome.report["metrics"] and outcome.retrained is None
     assert outcome.report["relearn"]["reference"] == "mask_only"  # the relearn share's reference without a retrain

@@ -1,4 +1,5 @@
 """Your weights into an architecture by name: state_dict files, checkpoint dicts, refusals."""
+
 import pytest
 import torch
 import torchvision

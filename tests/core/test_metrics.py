@@ -1,4 +1,5 @@
 """Metrics on inputs with known answers."""
+
 import copy
 
 import numpy as np
@@ -6,8 +7,17 @@ import pytest
 import torch
 
 from nhle.core.data import sample_per_class, split_by_classes
-from nhle.core.metrics import (METRIC_KEYS, evaluate_forgetting, forget_silhouette, mia_efficacy, probe_forget_acc,
-                               relearn_shares, relearn_steps, relearn_target_accuracy, shipped_weights)
+from nhle.core.metrics import (
+    METRIC_KEYS,
+    evaluate_forgetting,
+    forget_silhouette,
+    mia_efficacy,
+    probe_forget_acc,
+    relearn_shares,
+    relearn_steps,
+    relearn_target_accuracy,
+    shipped_weights,
+)
 from nhle.core.unlearning import apply_class_weight_mask, without_mask
 
 
@@ -19,8 +29,8 @@ def test_probe_on_perfectly_separable_features_recalls_everything():
 
 
 def test_the_sklearn_metrics_run_on_one_blas_thread_and_give_the_threads_back():
-    from threadpoolctl import threadpool_info
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
 
     def blas_threads():
         return sorted(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
@@ -95,8 +105,9 @@ def test_masking_only_hides_the_class_and_the_attack_sees_it(trained, digits):
     snapshot = apply_class_weight_mask(model, [4])
     samples = sample_per_class(digits.train, [4], 32, 0)
     target = relearn_target_accuracy(trained, digits, [4], share=0.95)
-    masked = evaluate_forgetting(model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5,
-                                 relearn_target_acc=target)
+    masked = evaluate_forgetting(
+        model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5, relearn_target_acc=target
+    )
     original = evaluate_forgetting(trained, digits, [4], samples, relearn_max_steps=5, relearn_target_acc=target)
     assert set(masked) == set(METRIC_KEYS)
     assert masked["forget_test_acc"] == 0.0 and masked["forget_train_acc"] == 0.0

@@ -5,8 +5,9 @@ import torch
 from nhle.core.models import build_model, wrap
 
 
-@pytest.mark.parametrize("arch,channels,size,width", [("smallcnn", 1, 8, 128), ("smallcnn", 3, 28, 128),
-                                                       ("resnet18_cifar", 3, 32, 512)])
+@pytest.mark.parametrize(
+    "arch,channels,size,width", [("smallcnn", 1, 8, 128), ("smallcnn", 3, 28, 128), ("resnet18_cifar", 3, 32, 512)]
+)
 def test_forward_shapes_and_penultimate_features(arch, channels, size, width):
     model = build_model(arch, channels, 10).eval()
     x = torch.rand(2, channels, size, size)
@@ -33,6 +34,7 @@ def test_unknown_architecture_names_the_choices():
 
 # --- the adapter on other people's architectures ------------------------------------------
 
+
 def test_every_torchvision_classifier_but_squeezenet_has_its_head_found():
     """On the meta device (shapes only, no memory): the head is found and its output is the
     network's output. SqueezeNet's classifier is a 1x1 convolution, so it is refused; RegNet's
@@ -46,15 +48,21 @@ def test_every_torchvision_classifier_but_squeezenet_has_its_head_found():
         with torch.device("meta"):
             net = build_network(name, 3, 7)
             try:
-                found[name] = find_head(net, torch.empty(2, 3, 299 if name == "inception_v3" else 224, 224 if
-                                                          name != "inception_v3" else 299))
+                found[name] = find_head(
+                    net,
+                    torch.empty(2, 3, 299 if name == "inception_v3" else 224, 224 if name != "inception_v3" else 299),
+                )
             except ValueError as err:
                 refused[name] = str(err)
     assert set(refused) == {"squeezenet1_0", "squeezenet1_1"} and all("no nn.Linear" in m for m in refused.values())
     assert len(found) >= 60
     assert {found[n] for n in ("resnet18", "resnet50", "googlenet", "inception_v3", "shufflenet_v2_x1_0")} == {"fc"}
     assert found["densenet121"] == "classifier" and found["maxvit_t"] == "classifier.5"
-    assert found["vit_b_16"] == "heads.head" and found["swin_t"] == "head" and found["mobilenet_v3_small"] == "classifier.3"
+    assert (
+        found["vit_b_16"] == "heads.head"
+        and found["swin_t"] == "head"
+        and found["mobilenet_v3_small"] == "classifier.3"
+    )
     assert found["efficientnet_b0"] == "classifier.1" and found["convnext_tiny"] == "classifier.2"
 
 
@@ -64,8 +72,12 @@ def test_regnet_head_is_found(name):
     assert model.head_path == "fc" and model.features(torch.rand(2, 3, 32, 32)).shape == (2, model.head.in_features)
 
 
-FAMILIES = [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"),
-            ("timm/vit_tiny_patch16_224", "head")]
+FAMILIES = [
+    ("resnet18", "fc"),
+    ("mobilenet_v3_small", "classifier.3"),
+    ("efficientnet_b0", "classifier.1"),
+    ("timm/vit_tiny_patch16_224", "head"),
+]
 
 
 @pytest.mark.parametrize("arch,head", FAMILIES)
@@ -128,4 +140,6 @@ def test_a_named_head_that_is_not_the_output_is_refused():
         wrap(mlp(), 1, 0.0, 1.0, 8, head="classifier")
     with pytest.raises(ValueError, match="tried \\['1'\\]"):  # a hidden layer named as the head
         wrap(mlp(), 1, 0.0, 1.0, 8, head="1")
-    assert wrap(mlp(), 1, 0.0, 1.0, 8).head_path == "3" and wrap(mlp(), 1, 0.0, 1.0, 8, head="3").head.out_features == 10
+    assert (
+        wrap(mlp(), 1, 0.0, 1.0, 8).head_path == "3" and wrap(mlp(), 1, 0.0, 1.0, 8, head="3").head.out_features == 10
+    )

@@ -1,4 +1,5 @@
 """Evidence plots: three legible PNGs, written headless, with no figure left open."""
+
 import os
 import tempfile
 
@@ -74,7 +75,8 @@ def test_confusion_headline_separates_retained_from_forgotten_accuracy():
     assert "0.839" not in headline  # the old all-sample accuracy (47/56) that read like a failure
     assert plots.confusion_headline(predictions, labels, names, []).startswith("accuracy 0.839 on 56 samples")
     assert plots.confusion_headline(predictions, labels, names, [3, 6]) == (
-        "retained classes: accuracy 0.975 on 40 samples; forgotten (3, 6): 0.500 on 16")
+        "retained classes: accuracy 0.975 on 40 samples; forgotten (3, 6): 0.500 on 16"
+    )
     # a forgotten class with no samples in the set
     assert plots.confusion_headline(predictions[:48], labels[:48], names, [3]).endswith("forgotten (3): n/a on 0")
 

@@ -81,7 +81,9 @@ def test_bad_checkpoint_and_device_errors_say_what_is_wrong(tmp_path):
 
 def test_asking_for_cuda_without_a_gpu_says_what_to_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'"):
+    with pytest.raises(
+        RuntimeError, match=r"device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'"
+    ):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
 
@@ -117,8 +119,8 @@ def test_gpu_batches_come_as_float_on_the_device(digits):
     from nhle.core.training import batches
 
     data = ImageSet((digits.train.images * 255).round().to(torch.uint8), digits.train.labels)
-    (x, y), = batches(data.subset(range(10)), 64, torch.device("cuda"))
-    (x_cpu, y_cpu), = batches(data.subset(range(10)), 64, torch.device("cpu"))
+    ((x, y),) = batches(data.subset(range(10)), 64, torch.device("cuda"))
+    ((x_cpu, y_cpu),) = batches(data.subset(range(10)), 64, torch.device("cpu"))
     assert x.is_cuda and x.dtype == torch.float32 and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
 
 
@@ -128,10 +130,22 @@ def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
     from nhle.core.training import recipe_of
 
     model = build_model("resnet18_cifar", 3, 10, mean=0.5, std=0.25).eval()
-    old = {"state_dict": model.state_dict(), "forgotten_classes": [],
-           "model_spec": {"arch": "resnet18", "in_channels": 3, "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3},
-           "config": {"train": {"model": "resnet18", "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0,
-                                "device": "auto", "amp": "off"}}}
+    old = {
+        "state_dict": model.state_dict(),
+        "forgotten_classes": [],
+        "model_spec": {"arch": "resnet18", "in_channels": 3, "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "config": {
+            "train": {
+                "model": "resnet18",
+                "epochs": 3,
+                "batch_size": 64,
+                "lr": 1e-3,
+                "weight_decay": 0.0,
+                "device": "auto",
+                "amp": "off",
+            }
+        },
+    }
     torch.save(old, tmp_path / "old.pt")
     loaded, checkpoint = load_checkpoint(tmp_path / "old.pt")
     x = torch.rand(2, 3, 32, 32)

@@ -1,13 +1,19 @@
 """Fixtures of the doc tests (test_docs.py): the inputs the docs assume a user has, and the
 session's scratch projects (doc_projects.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-from doc_inputs import photo_splits, resnet50_for_photos, torchvision_accuracy, train_their_net, write_photos, \
-    write_their_store
+from doc_inputs import (
+    photo_splits,
+    resnet50_for_photos,
+    torchvision_accuracy,
+    train_their_net,
+    write_photos,
+    write_their_store,
+)
 from doc_projects import DocProjects, base_environment
 
 

@@ -13,6 +13,7 @@ hold a marker comment:
 A marker anywhere else (not directly above a shell block) is an error, so that a marker moved by
 an edit cannot silently stop applying. Nothing here imports nhle, torch or the test's fixtures.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,19 +42,19 @@ def doc_paths(repo: Path = REPO) -> list[str]:
 
 @dataclass(frozen=True)
 class Marker:
-    line: int          # 1-based line of the comment
-    kind: str          # "skip" (anything else is an error the tests report)
-    reason: str        # empty: an error the tests report
+    line: int  # 1-based line of the comment
+    kind: str  # "skip" (anything else is an error the tests report)
+    reason: str  # empty: an error the tests report
     raw: str
 
 
 @dataclass(frozen=True)
 class Block:
-    doc: str           # path relative to the repository
-    line: int          # 1-based line of the opening fence
-    language: str      # the first word of the info string ("" when none)
-    text: str          # the lines between the fences, with the fence's indentation removed
-    end_line: int      # 1-based line of the closing fence (or the last line when unclosed)
+    doc: str  # path relative to the repository
+    line: int  # 1-based line of the opening fence
+    language: str  # the first word of the info string ("" when none)
+    text: str  # the lines between the fences, with the fence's indentation removed
+    end_line: int  # 1-based line of the closing fence (or the last line when unclosed)
     closed: bool
     marker: Marker | None = None
 
@@ -108,14 +109,17 @@ def parse_markdown(text: str, doc: str) -> Parsed:
             j += 1
         closed = j < len(lines)
         marker = markers.pop(i, None)  # the comment on the line right above (line numbers are 1-based)
-        parsed.blocks.append(Block(doc, i + 1, language, "\n".join(body), j + 1 if closed else len(lines),
-                                   closed, marker))
+        parsed.blocks.append(
+            Block(doc, i + 1, language, "\n".join(body), j + 1 if closed else len(lines), closed, marker)
+        )
         i = j + 1
     for block in parsed.blocks:  # a marker above a block that is not a shell block is an orphan too
         if block.marker and not block.is_shell:
             parsed.orphan_markers.append(block.marker)
-    parsed.blocks = [b if b.is_shell or not b.marker else
-                     Block(b.doc, b.line, b.language, b.text, b.end_line, b.closed, None) for b in parsed.blocks]
+    parsed.blocks = [
+        b if b.is_shell or not b.marker else Block(b.doc, b.line, b.language, b.text, b.end_line, b.closed, None)
+        for b in parsed.blocks
+    ]
     parsed.orphan_markers += list(markers.values())
     return parsed
 
@@ -138,8 +142,10 @@ def rough_shell_fence_lines(text: str) -> list[int]:
 
 # What a line a user types starts with: an untagged block made of such lines is a shell block
 # someone forgot to tag (and would escape the tests).
-COMMAND_START = re.compile(r"^\s*(\$ )?(\.venv/bin/|\.\./\.venv/bin/|nhle |make |curl |pip |dvc |mlflow |prefect |"
-                           r"uvicorn |python |cd |export |[A-Z_]+=\S+ )")
+COMMAND_START = re.compile(
+    r"^\s*(\$ )?(\.venv/bin/|\.\./\.venv/bin/|nhle |make |curl |pip |dvc |mlflow |prefect |"
+    r"uvicorn |python |cd |export |[A-Z_]+=\S+ )"
+)
 
 
 def looks_like_shell(text: str) -> bool:
@@ -148,6 +154,7 @@ def looks_like_shell(text: str) -> bool:
 
 
 # --- running -------------------------------------------------------------------------------------
+
 
 class SubstitutionError(AssertionError):
     pass
@@ -158,6 +165,7 @@ class Sub:
     """Replace every occurrence of `old` in the block by `new` (formatted with the fixture's
     values: {photos}, {serve_port}, ...). `old` must occur, else the block changed under the
     test and the test fails. `why` is said in the test table and printed with the script."""
+
     old: str
     new: str
     why: str
@@ -166,8 +174,10 @@ class Sub:
 def apply_substitutions(text: str, subs: list[Sub], values: dict[str, str]) -> str:
     for sub in subs:
         if sub.old not in text:
-            raise SubstitutionError(f"substitution {sub.old!r} -> {sub.new!r} ({sub.why}): {sub.old!r} no longer "
-                                    "occurs in the block; the doc changed, update the test's table")
+            raise SubstitutionError(
+                f"substitution {sub.old!r} -> {sub.new!r} ({sub.why}): {sub.old!r} no longer "
+                "occurs in the block; the doc changed, update the test's table"
+            )
         text = text.replace(sub.old, sub.new.format(**values))
     return text
 
@@ -191,8 +201,9 @@ class LongRunning:
     """A command that runs until stopped (a server, a scheduler): run in the background, ready
     once `probe` answers, stopped when the doc's blocks are done or when a later command of the
     doc wants its port."""
+
     pattern: re.Pattern
-    probe: str              # "http:PATH" (200 on 127.0.0.1:<port>PATH) or "log:TEXT" (TEXT in its output)
+    probe: str  # "http:PATH" (200 on 127.0.0.1:<port>PATH) or "log:TEXT" (TEXT in its output)
     default_port: int | None = None
 
 
@@ -231,16 +242,18 @@ def background_script(text: str, long_running: list[LongRunning]) -> tuple[str, 
         port = port_of(command, match.default_port)
         n = len(started)
         started.append(command)
-        out.append(f"__doc_stop_port {port or 0}\n"
-                   f"{{ {command}\n}} > \"$DOCTEST_STATE/bg-{n}.log\" 2>&1 &\n"
-                   f"__doc_started $! {port or 0} {shlex.quote(match.probe)} \"$DOCTEST_STATE/bg-{n}.log\" "
-                   f"{shlex.quote(words[:80])}")
+        out.append(
+            f"__doc_stop_port {port or 0}\n"
+            f'{{ {command}\n}} > "$DOCTEST_STATE/bg-{n}.log" 2>&1 &\n'
+            f'__doc_started $! {port or 0} {shlex.quote(match.probe)} "$DOCTEST_STATE/bg-{n}.log" '
+            f"{shlex.quote(words[:80])}"
+        )
     return "\n".join(out), started
 
 
 # Sourced before every block. Job control (set -m) gives each background job its own process
 # group, so that the test can stop a server with everything it started (and nothing else).
-PRELUDE = r'''
+PRELUDE = r"""
 set -e -o pipefail
 set -m
 # An HTTP error answer fails the command, as an error exit would (curl -s alone exits 0 on a 422).
@@ -267,7 +280,8 @@ __doc_started() {  # pgid port probe log label: wait until the background comman
             echo "doctest: '$label' exited before it was ready; its output:" >&2; tail -n 60 "$log" >&2; return 1
         fi
         case "$probe" in
-            http:*) if command curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$port${probe#http:}"; then break; fi ;;
+            http:*) if command curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$port${probe#http:}"
+                    then break; fi ;;
             log:*) if grep -qF -- "${probe#log:}" "$log"; then break; fi ;;
         esac
         if [ $SECONDS -ge $deadline ]; then
@@ -278,4 +292,4 @@ __doc_started() {  # pgid port probe log label: wait until the background comman
     done
     echo "doctest: '$label' is running in the background (ready: $probe)" >&2
 }
-'''
+"""

@@ -8,6 +8,7 @@
 - `models:/their-model/N` in another team's MLflow store: their own nn.Module trained on the photos
   (no normalisation, as the doc says of an MLflow model), logged with mlflow.pytorch.log_model.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -30,8 +31,9 @@ def write_photos(root: Path, per_class: int = PHOTOS_PER_CLASS, size: int = 40, 
     for k, name in enumerate(PHOTO_CLASSES):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i, j in enumerate(np.flatnonzero(digits.target == k)[:per_class]):
-            grey = Image.fromarray((digits.images[j] / 16.0 * 255).astype(np.uint8)).resize((size, size),
-                                                                                           Image.BILINEAR)
+            grey = Image.fromarray((digits.images[j] / 16.0 * 255).astype(np.uint8)).resize(
+                (size, size), Image.BILINEAR
+            )
             ink = np.asarray(grey, dtype=np.float32)[..., None] / 255
             tint = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.3, 0.9), rng.uniform(0.7, 1.0)))
             paper = rng.uniform(0.0, 0.2, 3)
@@ -72,13 +74,13 @@ def resnet50_for_photos(data) -> dict:
         if channels is not None:
             bn.weight.data[:channels] = 1.0
         if bias is not None:
-            bn.bias.data[:len(bias)] = bias
+            bn.bias.data[: len(bias)] = bias
 
     with torch.no_grad():
         for p in net.parameters():
             p.zero_()
-        net.conv1.weight[[0, 1, 2], [0, 1, 2], 3:5, 3:5] = 0.25          # 2x2 mean of each channel
-        identity_bn(net.bn1, channels=3, bias=mean / std)                  # back to x / std >= 0
+        net.conv1.weight[[0, 1, 2], [0, 1, 2], 3:5, 3:5] = 0.25  # 2x2 mean of each channel
+        identity_bn(net.bn1, channels=3, bias=mean / std)  # back to x / std >= 0
         channels = 3
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
             for b, block in enumerate(layer):
@@ -123,8 +125,9 @@ def torchvision_accuracy(arch: str, state_dict: dict, data) -> float:
 
     net = getattr(torchvision.models, arch)(num_classes=len(data.class_names))
     net.load_state_dict(state_dict)
-    model = wrap(net, in_channels=3, image_size=data.test.float_images().shape[-1], mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD)
+    model = wrap(
+        net, in_channels=3, image_size=data.test.float_images().shape[-1], mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
     return evaluate(model, data.test)
 
 
@@ -137,8 +140,15 @@ def their_net():
         def __init__(self):
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.BatchNorm2d(32),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(4),
+            )
             self.hidden, self.out = nn.Linear(512, 64), nn.Linear(64, len(PHOTO_CLASSES))
 
         def forward(self, x):
@@ -189,9 +199,17 @@ def write_their_store(folder: Path, template_db: Path, data, net) -> str:
     with mlflow_store(uri):
         experiment = mlflow.create_experiment("their-experiment", artifact_location=str(folder / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
-            for name, example, extra in (("pickled", images[:2], {"serialization_format": "pickle"}),
-                                         ("batch-of-two", images[:2], {}),
-                                         ("batch-of-one", images[:1], {})):
-                mlflow.pytorch.log_model(net, name=name, input_example=example, registered_model_name="their-model",
-                                         pip_requirements=["torch"], **extra)
+            for name, example, extra in (
+                ("pickled", images[:2], {"serialization_format": "pickle"}),
+                ("batch-of-two", images[:2], {}),
+                ("batch-of-one", images[:1], {}),
+            ):
+                mlflow.pytorch.log_model(
+                    net,
+                    name=name,
+                    input_example=example,
+                    registered_model_name="their-model",
+                    pip_requirements=["torch"],
+                    **extra,
+                )
     return uri

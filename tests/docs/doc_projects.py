@@ -8,6 +8,7 @@ lives there), with telemetry off and Prefect's home in a temp folder.
     outcome = project.run(script_text, label, env_extra, timeout)
     project.stop_background(doc)          # the servers a doc's blocks left running
 """
+
 from __future__ import annotations
 
 import os
@@ -21,19 +22,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from doc_blocks import PRELUDE, REPO
 
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
-         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-         # as the Makefile exports it: the first temporary Prefect server takes ~20 s on 2 cores,
-         # more under load, and Prefect's default startup timeout is 20 s
-         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-         "COLUMNS": "200"}  # Prefect's rich console output unwrapped, so a readiness line can be found
+QUIET = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # as the Makefile exports it: the first temporary Prefect server takes ~20 s on 2 cores,
+    # more under load, and Prefect's default startup timeout is 20 s
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "COLUMNS": "200",
+}  # Prefect's rich console output unwrapped, so a readiness line can be found
 # What a developer's shell or CI may carry that would make a block use something else than the
 # scratch project's own stores and settings.
-DROPPED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_API_KEY", "VIRTUAL_ENV",
-           "PYTHONPATH", "DASK_ADDRESS", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS")
+DROPPED = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "DASK_ADDRESS",
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_ADDOPTS",
+)
 
 
 def free_port() -> int:
@@ -45,8 +59,16 @@ def free_port() -> int:
 def checkout_files() -> list[str]:
     """The working tree's files a fresh clone would have (plus untracked files that git does not
     ignore: others' work in progress is tested as it stands)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     return [f for f in listed if f and (REPO / f).is_file()]
 
 
@@ -54,17 +76,26 @@ def base_environment(home: Path, prefect_home: Path, dvc_site: Path) -> dict[str
     """os.environ without this checkout's venv on PATH (a block that needs an activated venv says
     so in its case), without settings that point elsewhere, with the quiet settings."""
     venv_bins = {str((REPO / ".venv" / "bin").resolve()), str(Path(sys.prefix) / "bin"), str(REPO / ".venv" / "bin")}
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and str(Path(p).resolve()) not in venv_bins
-            and p not in venv_bins]
+    path = [
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and str(Path(p).resolve()) not in venv_bins and p not in venv_bins
+    ]
     env = {k: v for k, v in os.environ.items() if k not in DROPPED and not k.startswith("NHLE_")}
-    env.update(QUIET, PATH=os.pathsep.join(path), HOME=str(home), PREFECT_HOME=str(prefect_home),
-               DVC_SITE_CACHE_DIR=str(dvc_site), GIT_CONFIG_NOSYSTEM="1")
+    env.update(
+        QUIET,
+        PATH=os.pathsep.join(path),
+        HOME=str(home),
+        PREFECT_HOME=str(prefect_home),
+        DVC_SITE_CACHE_DIR=str(dvc_site),
+        GIT_CONFIG_NOSYSTEM="1",
+    )
     return env
 
 
 @dataclass
 class Outcome:
-    returncode: int | None       # None: timed out
+    returncode: int | None  # None: timed out
     output: str
     script: Path
     seconds: float
@@ -76,16 +107,23 @@ class Outcome:
 @dataclass
 class Project:
     """One scratch project: a folder laid out like a fresh clone, and what ran in it."""
+
     key: str
     root: Path
     state: Path
     env: dict[str, str]
     values: dict[str, str]
-    done: dict[str, Outcome] = field(default_factory=dict)   # item id -> outcome, in run order
+    done: dict[str, Outcome] = field(default_factory=dict)  # item id -> outcome, in run order
     setup_error: str | None = None
 
-    def run(self, text: str, label: str, env_extra: dict[str, str] | None = None, timeout: float = 600,
-            doc_state: str = "setup") -> Outcome:
+    def run(
+        self,
+        text: str,
+        label: str,
+        env_extra: dict[str, str] | None = None,
+        timeout: float = 600,
+        doc_state: str = "setup",
+    ) -> Outcome:
         """Run `text` with bash in the project (PRELUDE first). Background servers it starts are
         recorded under the doc's state folder (see stop_background)."""
         slug = "".join(c if c.isalnum() else "-" for c in label)[:90]
@@ -97,8 +135,15 @@ class Project:
         env = {**self.env, **(env_extra or {}), "DOCTEST_STATE": str(state)}
         started = time.monotonic()
         with open(log, "wb") as out:
-            process = subprocess.Popen(["bash", str(script)], cwd=self.root, env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                ["bash", str(script)],
+                cwd=self.root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
                 code = process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -161,6 +206,7 @@ class ProjectSpec:
     doc says has happened before its first block (bash, run after the params and git steps);
     `needs`: the input fixtures (doc_weights, ...) whose values the project's blocks use;
     `files`: (name in the project root, value key) linked to an input file."""
+
     key: str
     params: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
@@ -198,20 +244,29 @@ class DocProjects:
         steps = []
         if spec.params:
             # the scratch project's params.yaml, written by nhle itself (its comments kept)
-            steps.append(".venv/bin/nhle params --params params.yaml "
-                         + " ".join(f"--set {a}" for a in spec.params) + " --write params.yaml")
-        steps.append("git init -q && git add -A && git -c user.name=doctest -c user.email=doctest@localhost "
-                     "commit -q -m 'scratch clone'")  # a clone is a git repository (dvc exp needs one)
+            steps.append(
+                ".venv/bin/nhle params --params params.yaml "
+                + " ".join(f"--set {a}" for a in spec.params)
+                + " --write params.yaml"
+            )
+        steps.append(
+            "git init -q && git add -A && git -c user.name=doctest -c user.email=doctest@localhost "
+            "commit -q -m 'scratch clone'"
+        )  # a clone is a git repository (dvc exp needs one)
         # `make` with a stale .venv would pip-install this scratch copy into the shared environment
-        steps.append("if make -n run test | grep -n 'pip install'; then echo 'make would reinstall .venv here "
-                     "(is pyproject.toml newer than .venv/.installed?)' >&2; exit 1; fi")
+        steps.append(
+            "if make -n run test | grep -n 'pip install'; then echo 'make would reinstall .venv here "
+            "(is pyproject.toml newer than .venv/.installed?)' >&2; exit 1; fi"
+        )
         steps += list(spec.setup)
         for i, step in enumerate(steps):
             outcome = project.run(step, f"setup-{i}", timeout=900)
             if outcome.returncode != 0:
                 how = "timed out" if outcome.returncode is None else f"exit {outcome.returncode}"
-                project.setup_error = (f"setup step failed ({how}, {outcome.seconds:.0f} s): {step}\n"
-                                       f"script: {outcome.script}\n{outcome.tail()}")
+                project.setup_error = (
+                    f"setup step failed ({how}, {outcome.seconds:.0f} s): {step}\n"
+                    f"script: {outcome.script}\n{outcome.tail()}"
+                )
                 break
         project.stop_background("setup")
         return project

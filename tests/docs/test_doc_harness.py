@@ -1,5 +1,6 @@
 """The doc-test harness itself (doc_blocks.py, doc_projects.py), on small made-up Markdown and
 scripts: a parsing or rewriting mistake here would let a doc block escape test_docs.py."""
+
 from __future__ import annotations
 
 import re
@@ -8,9 +9,18 @@ import sys
 import time
 
 import pytest
-
-from doc_blocks import PRELUDE, LongRunning, Sub, SubstitutionError, apply_substitutions, background_script, \
-    looks_like_shell, parse_markdown, port_of, rough_shell_fence_lines
+from doc_blocks import (
+    PRELUDE,
+    LongRunning,
+    Sub,
+    SubstitutionError,
+    apply_substitutions,
+    background_script,
+    looks_like_shell,
+    parse_markdown,
+    port_of,
+    rough_shell_fence_lines,
+)
 from doc_projects import Project, free_port
 
 SAMPLE = """# A doc
@@ -70,7 +80,7 @@ def test_blocks_markers_and_fences_are_parsed():
     assert orphan_below.marker is None
     assert [m.line for m in parsed.orphan_markers] == [13]
     assert listed.text == ".venv/bin/nhle params \\\n    --set forget=5"  # the list's indentation removed
-    assert nested.text == "cat <<'EOF'\n```\nEOF"                        # a shorter fence does not close it
+    assert nested.text == "cat <<'EOF'\n```\nEOF"  # a shorter fence does not close it
     assert tilde.text == "echo tilde"
     untagged, python = parsed.blocks[-2:]
     assert looks_like_shell(untagged.text) and not looks_like_shell(python.text)
@@ -83,8 +93,10 @@ def test_a_marker_above_a_non_shell_block_is_an_orphan():
 
 def test_a_substitution_whose_left_side_is_gone_fails():
     text = ".venv/bin/nhle serve --port 8000\ncurl -s localhost:8000/model"
-    assert apply_substitutions(text, [Sub("8000", "{port}", "free port")], {"port": "4321"}) == \
-        ".venv/bin/nhle serve --port 4321\ncurl -s localhost:4321/model"
+    assert (
+        apply_substitutions(text, [Sub("8000", "{port}", "free port")], {"port": "4321"})
+        == ".venv/bin/nhle serve --port 4321\ncurl -s localhost:4321/model"
+    )
     with pytest.raises(SubstitutionError, match="no longer occurs"):
         apply_substitutions(text, [Sub("--port 5000", "--port 1", "free port")], {})
 
@@ -93,8 +105,10 @@ SERVER = LongRunning(re.compile(r"(^|/)python3? -m http\.server\b"), "http:/", N
 
 
 def test_long_running_commands_are_backgrounded_with_their_env_and_continuations():
-    text = ("echo before\nFOO=1 BAR=2 \\\n  python3 -m http.server 9999   # a server\n"
-            "echo after  # python3 -m http.server in a comment")
+    text = (
+        "echo before\nFOO=1 BAR=2 \\\n  python3 -m http.server 9999   # a server\n"
+        "echo after  # python3 -m http.server in a comment"
+    )
     script, started = background_script(text, [SERVER])
     assert started == ["FOO=1 BAR=2 \\\n  python3 -m http.server 9999   # a server"]
     assert script.startswith("echo before\n__doc_stop_port 0\n{ FOO=1 BAR=2 \\\n  python3 -m http.server 9999")
@@ -110,15 +124,20 @@ def test_a_background_server_answers_then_is_stopped_with_what_it_started(tmp_pa
     port = free_port()
     server = LongRunning(re.compile(r"(^|/)python3? -c\b"), "http:/", None)
     child = f"{sys.executable} -m http.server --bind 127.0.0.1 {port}"
-    text = (f"echo start\n{sys.executable} -c 'import subprocess; subprocess.run(\"{child}\".split())' "
-            f"--port {port}\necho ready")
+    text = (
+        f"echo start\n{sys.executable} -c 'import subprocess; subprocess.run(\"{child}\".split())' "
+        f"--port {port}\necho ready"
+    )
     script, started = background_script(text, [server])
     assert len(started) == 1
     project = Project("t", tmp_path, tmp_path / "state", {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, {})
     outcome = project.run(script, "server block", timeout=60, doc_state="doc")
     assert outcome.returncode == 0, outcome.output
-    assert outcome.output.index("start") < outcome.output.index("is running in the background") \
+    assert (
+        outcome.output.index("start")
+        < outcome.output.index("is running in the background")
         < outcome.output.rindex("ready")
+    )
     assert subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode == 0
     assert len(project.stop_background("doc")) == 1
     time.sleep(0.3)

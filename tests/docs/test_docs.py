@@ -23,19 +23,32 @@ files a block names (`my_resnet50.pth`, `~/photos`, `digit.png`) are made for re
     .venv/bin/python -m pytest -q tests/docs -k own-model     # one doc (3 min); a block alone runs the
                                                               # blocks of its project before it first
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
-
-from doc_projects import ProjectSpec
-from doc_blocks import (REPO, SHELL_LANGUAGES, Block, LongRunning, Sub, apply_substitutions, background_script,
-                        command_words, doc_paths, looks_like_shell, parse_doc, port_of, rough_shell_fence_lines)
+from doc_blocks import (
+    REPO,
+    SHELL_LANGUAGES,
+    Block,
+    LongRunning,
+    Sub,
+    apply_substitutions,
+    background_script,
+    command_words,
+    doc_paths,
+    looks_like_shell,
+    parse_doc,
+    port_of,
+    rough_shell_fence_lines,
+)
 from doc_inputs import PHOTO_CLASSES
+from doc_projects import ProjectSpec
 
 # One block runs for minutes (a flow run starts its temporary Prefect server, trains, unlearns,
 # exports, registers); the first block of a project also makes the project (`make run`).
@@ -43,6 +56,10 @@ pytestmark = pytest.mark.timeout(1500)
 
 SMALL = "a small size for CPU time: --image-size is the user's choice (own-model.md), 224 is its example"
 FREE_PORT = "a free port: other test runs on this machine may hold 8000"
+UVICORN_START = (
+    "NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory "
+    "--http nhle_serving.http:GuardedProtocol"
+)
 EPOCHS = "train.epochs=5"  # CPU time: the base model and the retrained reference in 5 epochs, not 15
 
 # --- the scratch project of each doc --------------------------------------------------------------
@@ -53,34 +70,42 @@ EPOCHS = "train.epochs=5"  # CPU time: the base model and the retrained referenc
 # CI): requests.md leaves the champion with classes 3 and 5 forgotten, usage.md forgets 7 and rolls
 # back, and the servers of the serving docs answer for whichever champion is current.
 AFTER_MAKE_RUN = ProjectSpec(
-    "after-make-run", params=(EPOCHS,),
-    setup=("make run",
-           # serving/README.md: "a local file instead of the registry (the metadata json sits
-           # beside it)": the champion's model.onnx and its preprocessing json in export/
-           ".venv/bin/python - <<'EOF'\n"
-           "from mlflow import MlflowClient, artifacts, set_tracking_uri\n"
-           "set_tracking_uri('sqlite:///mlflow.db')\n"
-           "champion = MlflowClient().get_model_version_by_alias('nhle-classifier', 'champion')\n"
-           "artifacts.download_artifacts(artifact_uri='models:/nhle-classifier@champion', dst_path='export')\n"
-           "artifacts.download_artifacts(run_id=champion.run_id, artifact_path='preprocessing.json', dst_path='export')\n"
-           "EOF",
-           # serving/README.md's curl examples post the user's digit.png and other.jpg
-           ".venv/bin/python - <<'EOF'\n"
-           "import numpy as np\nfrom PIL import Image\nfrom sklearn.datasets import load_digits\n"
-           "d = load_digits()\n"
-           "Image.fromarray((d.images[0] * 255 / 16).astype(np.uint8)).save('digit.png')\n"
-           "Image.fromarray((d.images[7] * 255 / 16).astype(np.uint8)).resize((96, 96)).convert('RGB').save('other.jpg')\n"
-           "EOF"))
+    "after-make-run",
+    params=(EPOCHS,),
+    setup=(
+        "make run",
+        # serving/README.md: "a local file instead of the registry (the metadata json sits
+        # beside it)": the champion's model.onnx and its preprocessing json in export/
+        ".venv/bin/python - <<'EOF'\n"
+        "from mlflow import MlflowClient, artifacts, set_tracking_uri\n"
+        "set_tracking_uri('sqlite:///mlflow.db')\n"
+        "champion = MlflowClient().get_model_version_by_alias('nhle-classifier', 'champion')\n"
+        "artifacts.download_artifacts(artifact_uri='models:/nhle-classifier@champion', dst_path='export')\n"
+        "artifacts.download_artifacts(run_id=champion.run_id, artifact_path='preprocessing.json', dst_path='export')\n"
+        "EOF",
+        # serving/README.md's curl examples post the user's digit.png and other.jpg
+        ".venv/bin/python - <<'EOF'\n"
+        "import numpy as np\nfrom PIL import Image\nfrom sklearn.datasets import load_digits\n"
+        "d = load_digits()\n"
+        "Image.fromarray((d.images[0] * 255 / 16).astype(np.uint8)).save('digit.png')\n"
+        "Image.fromarray((d.images[7] * 255 / 16).astype(np.uint8)).resize((96, 96)).convert('RGB').save('other.jpg')\n"
+        "EOF",
+    ),
+)
 
 PROJECTS: dict[str, ProjectSpec] = {
     # `make run` is the README's first block; README's import uses the own-model walkthrough's inputs.
-    "README.md": ProjectSpec("readme", params=(EPOCHS,), needs=("doc_photos", "doc_weights"),
-                             files=(("yours.pth", "yours_pth"),)),
+    "README.md": ProjectSpec(
+        "readme", params=(EPOCHS,), needs=("doc_photos", "doc_weights"), files=(("yours.pth", "yours_pth"),)
+    ),
     # own-model.md with its settings as they are: form 2 is the last import before `nhle run
     # --forget cat`, so its champion is the traced graph, forgotten with no retrained reference.
-    "docs/own-model.md": ProjectSpec("own-model", params=(),
-                                     needs=("doc_photos", "doc_weights", "doc_their_store"),
-                                     files=(("my_resnet50.pth", "my_resnet50_pth"),)),
+    "docs/own-model.md": ProjectSpec(
+        "own-model",
+        params=(),
+        needs=("doc_photos", "doc_weights", "doc_their_store"),
+        files=(("my_resnet50.pth", "my_resnet50_pth"),),
+    ),
     "docs/requests.md": AFTER_MAKE_RUN,
     "docs/serving.md": AFTER_MAKE_RUN,
     "docs/usage.md": AFTER_MAKE_RUN,
@@ -107,17 +132,19 @@ def not_run(command: str, why: str) -> Sub:
 
 # --- what each block gets ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Case:
     """How one block (the shell block of `doc` that contains `anchor`) runs. `variant`: a second
     run of the block, with `subs` on top of the block's own case, `before` or after the block."""
+
     doc: str
     anchor: str
     subs: tuple[Sub, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()     # values formatted like substitutions
-    activated: bool = False                   # written for an activated venv: .venv/bin on PATH
-    expect: tuple[str, ...] = ()              # texts the output must contain
-    check: Callable | None = None             # check(project) after the block, e.g. ask a server
+    env: tuple[tuple[str, str], ...] = ()  # values formatted like substitutions
+    activated: bool = False  # written for an activated venv: .venv/bin on PATH
+    expect: tuple[str, ...] = ()  # texts the output must contain
+    check: Callable | None = None  # check(project) after the block, e.g. ask a server
     timeout: float = 900
     variant: str = ""
     before: bool = False
@@ -193,64 +220,151 @@ def normalisation_flags() -> str:
     return found.group(1)
 
 
-ADMIN_TOKEN = (("NHLE_ADMIN_TOKEN", "doctest-admin-token-of-at-least-32-characters"),)  # serving/README.md's operator has set it
+ADMIN_TOKEN = (
+    ("NHLE_ADMIN_TOKEN", "doctest-admin-token-of-at-least-32-characters"),
+)  # serving/README.md's operator has set it
 
 OWN_FORM_1 = (Sub("--image-size 224", "--image-size 32", SMALL),)
-OWN_FORM_2 = (Sub("http://mlflow.internal:5000", "{their_store_uri}",
-                  "their MLflow store: an SQLite file holding their-model versions 1-3 (doc_inputs.write_their_store)"),
-              Sub("--image-size 224", "--image-size 32", SMALL))
+OWN_FORM_2 = (
+    Sub(
+        "http://mlflow.internal:5000",
+        "{their_store_uri}",
+        "their MLflow store: an SQLite file holding their-model versions 1-3 (doc_inputs.write_their_store)",
+    ),
+    Sub("--image-size 224", "--image-size 32", SMALL),
+)
 
 CASES = [
-    Case("README.md", "make run", subs=(
-        Sub("make test", "make -n test", "the test suite itself, which is running this: -n shows the target "
-            "is there and the environment is current (no reinstall) without recursing"),),
-        expect=("promoted",)),
-    Case("README.md", "nhle run --forget 5", subs=(
-        Sub("--weights yours.pth ...", "--weights yours.pth --dataset imagefolder --data-root ~/photos --image-size 32",
-            "`...` stands for the data flags of own-model.md's form 1 (at its small size)"),
-        Sub(".venv/bin/nhle serve ", ".venv/bin/nhle serve --port {serve_port} ", FREE_PORT),
-        Sub("--backend-store-uri sqlite:///mlflow.db", "--backend-store-uri sqlite:///mlflow.db --port {ui_port}",
-            FREE_PORT)),
-        expect=("accepted",), check=readme_serves_digits_beside_the_imported_resnet50),
-
+    Case(
+        "README.md",
+        "make run",
+        subs=(
+            Sub(
+                "make test",
+                "make -n test",
+                "the test suite itself, which is running this: -n shows the target "
+                "is there and the environment is current (no reinstall) without recursing",
+            ),
+        ),
+        expect=("promoted",),
+    ),
+    Case(
+        "README.md",
+        "nhle run --forget 5",
+        subs=(
+            Sub(
+                "--weights yours.pth ...",
+                "--weights yours.pth --dataset imagefolder --data-root ~/photos --image-size 32",
+                "`...` stands for the data flags of own-model.md's form 1 (at its small size)",
+            ),
+            Sub(".venv/bin/nhle serve ", ".venv/bin/nhle serve --port {serve_port} ", FREE_PORT),
+            Sub(
+                "--backend-store-uri sqlite:///mlflow.db",
+                "--backend-store-uri sqlite:///mlflow.db --port {ui_port}",
+                FREE_PORT,
+            ),
+        ),
+        expect=("accepted",),
+        check=readme_serves_digits_beside_the_imported_resnet50,
+    ),
     Case("docs/own-model.md", "--weights my_resnet50.pth", subs=OWN_FORM_1, expect=("promoted",)),
-    Case("docs/own-model.md", "--weights my_resnet50.pth", variant="normalisation flags", subs=OWN_FORM_1 + (
-        Sub("--weights-key state_dict", "--weights-key state_dict {normalisation_flags}",
-            "the doc's normalisation flags (in its prose) on form 1: ImageNet's, as the weights expect"),),
-        expect=("promoted",)),
-    Case("docs/own-model.md", "--from-mlflow", variant="batch of two", before=True, subs=OWN_FORM_2 + (
-        Sub("models:/their-model/3", "models:/their-model/2",
-            "version 2: the same network logged with an input example of two images"),),
-        expect=("promoted",)),
+    Case(
+        "docs/own-model.md",
+        "--weights my_resnet50.pth",
+        variant="normalisation flags",
+        subs=OWN_FORM_1
+        + (
+            Sub(
+                "--weights-key state_dict",
+                "--weights-key state_dict {normalisation_flags}",
+                "the doc's normalisation flags (in its prose) on form 1: ImageNet's, as the weights expect",
+            ),
+        ),
+        expect=("promoted",),
+    ),
+    Case(
+        "docs/own-model.md",
+        "--from-mlflow",
+        variant="batch of two",
+        before=True,
+        subs=OWN_FORM_2
+        + (
+            Sub(
+                "models:/their-model/3",
+                "models:/their-model/2",
+                "version 2: the same network logged with an input example of two images",
+            ),
+        ),
+        expect=("promoted",),
+    ),
     Case("docs/own-model.md", "--from-mlflow", subs=OWN_FORM_2, expect=("promoted",)),  # v3: a batch of ONE
-    Case("docs/own-model.md", "nhle run --forget cat", subs=(Sub("--port 8000", "--port {serve_port}", FREE_PORT),),
-         expect=("promoted",), check=own_model_serves_the_forgotten_cat),
-
+    Case(
+        "docs/own-model.md",
+        "nhle run --forget cat",
+        subs=(Sub("--port 8000", "--port {serve_port}", FREE_PORT),),
+        expect=("promoted",),
+        check=own_model_serves_the_forgotten_cat,
+    ),
     Case("docs/requests.md", "nhle request submit --classes 5", expect=("request 2: done",)),
     Case("docs/requests.md", "dvc gc --workspace"),
-
-    Case("docs/serving.md", "nhle serve --host", subs=(
-        Sub("--port 8000", "--port {serve_port}", FREE_PORT),
-        Sub("localhost:8000", "localhost:{serve_port}", FREE_PORT)),
-        expect=('"predictions"',)),
-    Case("serving/README.md", "nhle serve --host", activated=True, env=ADMIN_TOKEN, subs=(
-        Sub("--port 8000", "--port {serve_port}", FREE_PORT),
-        Sub("NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory --http nhle_serving.http:GuardedProtocol",
-            "NHLE_MODEL=export/model.onnx uvicorn nhle_serving.server:create_app --factory --http nhle_serving.http:GuardedProtocol --port {serve_port}",
-            FREE_PORT + " (uvicorn's default)"))),
-    Case("serving/README.md", "curl -s localhost:8000/predict", env=ADMIN_TOKEN, subs=(
-        Sub("localhost:8000", "localhost:{serve_port}", FREE_PORT),),
-        expect=('"predictions"', '"outcome"')),
-
-    Case("docs/usage.md", "nhle params", activated=True, subs=(
-        not_run("nhle bench unlearning --seeds 0,1,2 --out bench/unlearning", "about 10 min; its --quick form is "
-                "tests/cli/test_commands.py::test_bench_unlearning_quick_runs_every_method_on_the_same_work"),
-        not_run("nhle bench scaling --out bench/scaling", "about 12 min; its --quick form is "
-                "tests/cli/test_commands.py::test_bench_scaling_quick_times_nhle_and_retrain_per_size"),
-        not_run("nhle bench inference --out bench/inference", "about 2 min; its --quick form is "
-                "tests/cli/test_commands.py::test_bench_inference_quick_compares_runtimes_for_both_models"))),
-    Case("docs/usage.md", "nhle_flows.pipeline forget", expect=("moved from version", "Running stage 'export'"),
-         check=dvc_chain_ran_and_the_experiment_left_params_yaml),
+    Case(
+        "docs/serving.md",
+        "nhle serve --host",
+        subs=(
+            Sub("--port 8000", "--port {serve_port}", FREE_PORT),
+            Sub("localhost:8000", "localhost:{serve_port}", FREE_PORT),
+        ),
+        expect=('"predictions"',),
+    ),
+    Case(
+        "serving/README.md",
+        "nhle serve --host",
+        activated=True,
+        env=ADMIN_TOKEN,
+        subs=(
+            Sub("--port 8000", "--port {serve_port}", FREE_PORT),
+            Sub(
+                UVICORN_START,
+                UVICORN_START + " --port {serve_port}",
+                FREE_PORT + " (uvicorn's default)",
+            ),
+        ),
+    ),
+    Case(
+        "serving/README.md",
+        "curl -s localhost:8000/predict",
+        env=ADMIN_TOKEN,
+        subs=(Sub("localhost:8000", "localhost:{serve_port}", FREE_PORT),),
+        expect=('"predictions"', '"outcome"'),
+    ),
+    Case(
+        "docs/usage.md",
+        "nhle params",
+        activated=True,
+        subs=(
+            not_run(
+                "nhle bench unlearning --seeds 0,1,2 --out bench/unlearning",
+                "about 10 min; its --quick form is "
+                "tests/cli/test_commands.py::test_bench_unlearning_quick_runs_every_method_on_the_same_work",
+            ),
+            not_run(
+                "nhle bench scaling --out bench/scaling",
+                "about 12 min; its --quick form is "
+                "tests/cli/test_commands.py::test_bench_scaling_quick_times_nhle_and_retrain_per_size",
+            ),
+            not_run(
+                "nhle bench inference --out bench/inference",
+                "about 2 min; its --quick form is "
+                "tests/cli/test_commands.py::test_bench_inference_quick_compares_runtimes_for_both_models",
+            ),
+        ),
+    ),
+    Case(
+        "docs/usage.md",
+        "nhle_flows.pipeline forget",
+        expect=("moved from version", "Running stage 'export'"),
+        check=dvc_chain_ran_and_the_experiment_left_params_yaml,
+    ),
 ]
 EXTRA_VALUES = {"normalisation_flags": normalisation_flags}
 
@@ -261,10 +375,11 @@ SKIPPED_PER_DOC = {"docs/benchmarks.md": 4, "docs/deploy.md": 6, "docs/gpu.md": 
 
 # --- the items: every shell block, and the variants, in run order -------------------------------
 
+
 @dataclass(frozen=True)
 class Item:
     block: Block
-    case: Case | None          # None: no case in the table (runs as written, or is skipped)
+    case: Case | None  # None: no case in the table (runs as written, or is skipped)
 
     @property
     def id(self) -> str:
@@ -273,8 +388,10 @@ class Item:
 
 def block_of(case: Case, blocks: list[Block]) -> Block:
     found = [b for b in blocks if b.doc == case.doc and case.anchor in b.text]
-    assert len(found) == 1, (f"case {case.doc} {case.anchor!r}{' [' + case.variant + ']' if case.variant else ''}: "
-                             f"the anchor is in {len(found)} shell blocks of the doc, not one")
+    assert len(found) == 1, (
+        f"case {case.doc} {case.anchor!r}{' [' + case.variant + ']' if case.variant else ''}: "
+        f"the anchor is in {len(found)} shell blocks of the doc, not one"
+    )
     return found[0]
 
 
@@ -328,8 +445,10 @@ def run_item(project, item: Item) -> tuple[bool, str]:
         pattern = next(lr for lr in LONG_RUNNING if lr.pattern.search(" ".join(command_words(command))))
         port = port_of(command, pattern.default_port)
         if port is not None and port not in own_ports:
-            return False, (f"the long-running command {command.strip()!r} would listen on port {port}, which other "
-                           "runs on this machine may hold: add a substitution to a free port ({serve_port})")
+            return False, (
+                f"the long-running command {command.strip()!r} would listen on port {port}, which other "
+                "runs on this machine may hold: add a substitution to a free port ({serve_port})"
+            )
     env = {k: v.format(**values) for k, v in case.env}
     if case.activated:  # `source .venv/bin/activate`, as a block with bare `nhle` assumes
         env["PATH"] = f"{project.root / '.venv' / 'bin'}:{project.env['PATH']}"
@@ -337,8 +456,9 @@ def run_item(project, item: Item) -> tuple[bool, str]:
     outcome = project.run(script, item.id, env, timeout=case.timeout, doc_state=state_name(item.block.doc))
     project.done[item.id] = outcome
     if outcome.returncode != 0:
-        how = (f"timed out after {case.timeout:g} s" if outcome.returncode is None
-               else f"exit status {outcome.returncode}")
+        how = (
+            f"timed out after {case.timeout:g} s" if outcome.returncode is None else f"exit status {outcome.returncode}"
+        )
         return False, f"{item.id} failed ({how}, {outcome.seconds:.0f} s); script {outcome.script}\n{outcome.tail()}"
     missing = [e for e in case.expect if e not in outcome.output]
     if missing:
@@ -368,7 +488,7 @@ def test_doc_block(item: Item, doc_projects, request):
     project = doc_projects.get(spec, inputs)
     mine = project_items(spec)
     earlier_failed = []
-    for earlier in mine[:mine.index(item)]:  # what this block builds on (a -k run of one block)
+    for earlier in mine[: mine.index(item)]:  # what this block builds on (a -k run of one block)
         if earlier.id not in project.done:
             passed, _ = run_item(project, earlier)
             if not passed:
@@ -385,6 +505,7 @@ def test_doc_block(item: Item, doc_projects, request):
 
 
 # --- the harness itself ---------------------------------------------------------------------------
+
 
 def marker_problem(block: Block) -> str | None:
     marker = block.marker
@@ -437,10 +558,14 @@ def test_the_parser_finds_every_block_of_every_doc():
         if fences != 2 * len(parsed.blocks):
             problems.append(f"{doc}: {fences} fence lines for {len(parsed.blocks)} blocks")
         problems += [f"{doc}:{b.line}: block not closed" for b in parsed.blocks if not b.closed]
-        problems += [f"{doc}:{m.line}: doctest marker not directly above a shell block: {m.raw}"
-                     for m in parsed.orphan_markers]
-        problems += [f"{doc}:{b.line}: untagged block that looks like shell commands: tag it ```bash"
-                     for b in parsed.blocks if not b.language and looks_like_shell(b.text)]
+        problems += [
+            f"{doc}:{m.line}: doctest marker not directly above a shell block: {m.raw}" for m in parsed.orphan_markers
+        ]
+        problems += [
+            f"{doc}:{b.line}: untagged block that looks like shell commands: tag it ```bash"
+            for b in parsed.blocks
+            if not b.language and looks_like_shell(b.text)
+        ]
         problems += [f"{doc}:{b.line}: empty shell block" for b in parsed.blocks if b.is_shell and not b.text.strip()]
     ids = [i.id for i in ITEMS]
     assert len(ids) == len(set(ids)), "two items with one id"

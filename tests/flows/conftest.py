@@ -20,9 +20,10 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENA
 def blank_project(tmp_path_factory, prefect_harness, mlflow_template):
     """Make a project folder with `params` (the checkout's flows/ and serving/ linked in, an empty
     MLflow store) and point MLflow at it; returns the folder."""
+
     def make(name: str, params: dict) -> Path:
-        from nhle.core.config import load_params
         from nhle.adapters.tracking import configure
+        from nhle.core.config import load_params
 
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         root = tmp_path_factory.mktemp(name)
@@ -40,9 +41,10 @@ def blank_project(tmp_path_factory, prefect_harness, mlflow_template):
 def new_project(blank_project):
     """A blank project in which `nhle run` has run (base model, then the forget flow for params'
     `forget` class), MLflow pointed at it; returns the folder."""
+
     def make(name: str, params: dict) -> Path:
-        from nhle.core.config import load_params
         from nhle.adapters.tracking import configure
+        from nhle.core.config import load_params
 
         root = blank_project(name, params)
         assert main(["run", "--params", str(root / "params.yaml"), "--project-dir", str(root)]) == 0
@@ -63,9 +65,25 @@ def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), re
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
     log_path = root / f"serve-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "serve", "--params", str(root / "params.yaml"),
-                                    "--project-dir", str(root), "--port", str(port), *args], env={**env, **QUIET, **environ}, cwd=root,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nhle.cli.commands",
+                "serve",
+                "--params",
+                str(root / "params.yaml"),
+                "--project-dir",
+                str(root),
+                "--port",
+                str(port),
+                *args,
+            ],
+            env={**env, **QUIET, **environ},
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         try:
             deadline = time.monotonic() + timeout

@@ -1,5 +1,6 @@
 """flows/bench_grid.py: the benchmark grid as Prefect tasks on a real local Dask cluster (worker
 processes) gives the rows of the sequential run."""
+
 import json
 import math
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nhle.cli import main
 from nhle.adapters.processes import free_port, stop_process
+from nhle.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,19 +54,30 @@ def sequential(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("grid") / "sequential"
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "nhle.cli.commands", *GRID, "--out", str(out)], env=one_thread, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "nhle.cli.commands", *GRID, "--out", str(out)],
+        env=one_thread,
+        check=True,
+        capture_output=True,
+    )
     rows = read_rows(out)
-    assert [(r["seed"], r["forget_classes"], r["method"]) for r in rows] == \
-           [(0, [3], "retrain"), (0, [3], "nhle"), (0, [3], "neggrad"),
-            (0, [5], "retrain"), (0, [5], "nhle"), (0, [5], "neggrad")]
+    assert [(r["seed"], r["forget_classes"], r["method"]) for r in rows] == [
+        (0, [3], "retrain"),
+        (0, [3], "nhle"),
+        (0, [3], "neggrad"),
+        (0, [5], "retrain"),
+        (0, [5], "nhle"),
+        (0, [5], "neggrad"),
+    ]
     return rows
 
 
 def run_on_dask(out, dask: dict) -> list[dict]:
     params = out.parent / f"{out.name}-params.yaml"
     params.write_text(yaml.safe_dump({"dask": dask}))
-    assert main([*GRID, "--engine", "dask", "--params", str(params), "--project-dir", str(REPO), "--out", str(out)]) == 0
+    assert (
+        main([*GRID, "--engine", "dask", "--params", str(params), "--project-dir", str(REPO), "--out", str(out)]) == 0
+    )
     assert "engine: prefect-dask" in (out / "summary.md").read_text()
     return read_rows(out)
 
@@ -82,10 +94,17 @@ def test_grid_on_a_running_cluster_by_address_matches_the_sequential_run(tmp_pat
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = [open(tmp_path / f"{name}.log", "wb") for name in ("scheduler", "worker")]
-    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT)
-    worker = subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
-                               "--no-dashboard"], stdout=logs[1], stderr=subprocess.STDOUT, cwd=tmp_path)
+    scheduler = subprocess.Popen(
+        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"],
+        stdout=logs[1],
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
         on_cluster = run_on_dask(tmp_path / "cluster", {"address": address})
         for a, b in zip(sequential, on_cluster, strict=True):

@@ -1,6 +1,7 @@
 """What a killed run leaves behind: nothing outlives its process, and the next run marks the rest.
 Real parts: `nhle run` as a process killed with SIGKILL, its temporary Prefect server, MLflow on
 SQLite, the Prefect harness for the run after it."""
+
 import os
 import signal
 import subprocess
@@ -41,13 +42,34 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
     scratch, prefect_home = tmp_path / "tmp", tmp_path / "prefect-home"
     scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env.update({"TMPDIR": str(scratch), "PREFECT_HOME": str(prefect_home),
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+    env.update(
+        {
+            "TMPDIR": str(scratch),
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+    )
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as log:
-        run = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "run", "--params", str(root / "params.yaml"),
-                                "--project-dir", str(root)], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nhle.cli.commands",
+                "run",
+                "--params",
+                str(root / "params.yaml"),
+                "--project-dir",
+                str(root),
+            ],
+            env=env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 240
     while not list(scratch.glob(f"nhle-train-{run.pid}-*")):  # trained; exporting and registering now
         if run.poll() is not None or time.monotonic() > deadline:
@@ -82,19 +104,26 @@ def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, d
 
     from mlflow import MlflowClient
 
-    from nhle.core.config import load_params
     from nhle.adapters.ledger import new_owner
+    from nhle.core.config import load_params
     from nhle.orchestration.steps import clean_up_after_dead_runs
 
     root = blank_project("abandoned", PARAMS)
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("nhle").experiment_id
     client.create_registered_model(NAME)
-    runs = {what: client.create_run(experiment_id, tags={"nhle.owner": owner, **extra}).info.run_id
-            for what, owner, extra in (("dead", dead_owner, {}), ("alive", new_owner(), {}),
-                                       ("dead-request", dead_owner, {"nhle.batch": "b1"}))}
-    versions = {what: client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id).version
-                for what, run_id in runs.items()}
+    runs = {
+        what: client.create_run(experiment_id, tags={"nhle.owner": owner, **extra}).info.run_id
+        for what, owner, extra in (
+            ("dead", dead_owner, {}),
+            ("alive", new_owner(), {}),
+            ("dead-request", dead_owner, {"nhle.batch": "b1"}),
+        )
+    }
+    versions = {
+        what: client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id).version
+        for what, run_id in runs.items()
+    }
 
     left = clean_up_after_dead_runs(load_params(root / "params.yaml"), logging.getLogger("test"))
     assert [r["run_id"] for r in left["runs"]] == [runs["dead"]]

@@ -1,5 +1,6 @@
 """Forget requests end to end: a real ledger file, the Prefect harness, the MLflow registry, DVC, and
 a processing run killed with SIGKILL in a real subprocess. One project is built up test by test."""
+
 import json
 import os
 import signal
@@ -43,8 +44,8 @@ def ledger(root):
 def registry_state(root):
     from mlflow import MlflowClient
 
-    from nhle.core.config import load_params
     from nhle.adapters.tracking import configure
+    from nhle.core.config import load_params
 
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
@@ -54,8 +55,9 @@ def registry_state(root):
 
 
 def data_head(root) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root / "data-repo", capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root / "data-repo", capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def champion_predictions(champion) -> np.ndarray:
@@ -72,8 +74,12 @@ def champion_predictions(champion) -> np.ndarray:
 
 def test_invalid_requests_are_rejected_recorded_and_change_nothing(project, capsys):
     before = (registry_state(project), data_head(project))
-    cases = {"42": "out of range", "3": "already forgotten", "cat": "unknown class",
-             "0,1,2,4,5,6,7,8,9": "would leave no class to predict"}
+    cases = {
+        "42": "out of range",
+        "3": "already forgotten",
+        "cat": "unknown class",
+        "0,1,2,4,5,6,7,8,9": "would leave no class to predict",
+    }
     for classes, message in cases.items():
         assert submit(project, classes) == 2
         assert message in capsys.readouterr().err
@@ -119,8 +125,11 @@ def test_requests_processed_in_sequence_leave_every_class_forgotten(project, cap
     assert audit["model"]["version_after"] == "4" and audit["model"]["version_before"] == "3"
     assert set(audit["metrics"]) == {"original", "unlearned", "retrained"}
     assert audit["data"]["before"]["md5"] == first.data_version_after["md5"]
-    assert {g["name"] for g in audit["gates"]} >= {"forget_test_acc", "unmasked_forget_test_acc",
-                                                    "parity_max_abs_prob_diff"}
+    assert {g["name"] for g in audit["gates"]} >= {
+        "forget_test_acc",
+        "unmasked_forget_test_acc",
+        "parity_max_abs_prob_diff",
+    }
 
 
 def test_pending_requests_are_unlearned_together_in_one_version(project):
@@ -156,12 +165,27 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    process = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "request", "process", "--params",
-                                str(project / "slow.yaml"), "--project-dir", str(project)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nhle.cli.commands",
+            "request",
+            "process",
+            "--params",
+            str(project / "slow.yaml"),
+            "--project-dir",
+            str(project),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, seen = [], threading.Event()
-    threading.Thread(target=read_lines, args=(process.stdout, lines, seen, "NHLE unlearning classes [2]"),
-                     daemon=True).start()
+    threading.Thread(
+        target=read_lines, args=(process.stdout, lines, seen, "NHLE unlearning classes [2]"), daemon=True
+    ).start()
     try:
         assert seen.wait(240), "".join(lines)
         time.sleep(2)
@@ -210,9 +234,23 @@ def process_killed(project: Path, killing: str, says: str) -> None:
 
     script = f"import os, signal, sys\n{killing}\nfrom nhle.cli.commands import main\nsys.exit(main(sys.argv[1:]))\n"
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    killed = subprocess.run([sys.executable, "-c", script, "request", "process", "--params",
-                             str(project / "params.yaml"), "--project-dir", str(project)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "request",
+            "process",
+            "--params",
+            str(project / "params.yaml"),
+            "--project-dir",
+            str(project),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL and says in killed.stdout, killed.stdout + killed.stderr
 
 
@@ -275,9 +313,22 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     settings["requests"] = {"cron": "17 3 * * *", "timezone": "Europe/Paris", "deployment": "nightly"}
     (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
-    server = subprocess.Popen([sys.executable, "-m", "nhle.cli.commands", "schedule", "--params", str(project / "schedule.yaml"),
-                               "--project-dir", str(project)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nhle.cli.commands",
+            "schedule",
+            "--params",
+            str(project / "schedule.yaml"),
+            "--project-dir",
+            str(project),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, seen = [], threading.Event()
     threading.Thread(target=read_lines, args=(server.stdout, lines, seen, "nightly"), daemon=True).start()
     try:
@@ -333,7 +384,10 @@ def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_r
     assert completed["evidence"] == "complete" and "data_after.md5" in completed
     assert done.data_version_after["md5"] == completed["data_after.md5"]
     assert {Path(f.path).name for f in MlflowClient().list_artifacts(champion.run_id, "plots")} == {
-        "per_class_accuracy.png", "confusion_matrix.png", "feature_projection.png"}
+        "per_class_accuracy.png",
+        "confusion_matrix.png",
+        "feature_projection.png",
+    }
     report = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
     assert report["reference"]["kind"] == "retrained" and "retrained" in report["metrics"]
     audit = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/audit/request-{request.id}.json")

@@ -2,6 +2,7 @@
 of the champion alias and a new base model cannot bring it back, and the running server refuses
 a champion that predicts it, until an operator reopens the request on record. Real parts: the
 Prefect harness, MLflow on SQLite, the ledger file, DVC, `nhle serve` as a process over HTTP."""
+
 import json
 import time
 from pathlib import Path
@@ -13,8 +14,13 @@ from nhle.cli import main
 
 NAME = "nhle-classifier"
 # The imported model below is an untrained network: no accuracy floor, only the forgetting gates.
-PARAMS = {"train": {"epochs": 6}, "retrain_baseline": False, "forget": "3", "serving": {"poll_seconds": 0.5},
-          "gates": {"min_retain_test_acc": 0.0}}
+PARAMS = {
+    "train": {"epochs": 6},
+    "retrain_baseline": False,
+    "forget": "3",
+    "serving": {"poll_seconds": 0.5},
+    "gates": {"min_retain_test_acc": 0.0},
+}
 
 
 def cli(root: Path, *args: str) -> int:
@@ -52,8 +58,20 @@ def project(new_project):
     """Version 1 (base), 2 (forgot 3, `nhle run`: on record as ledger row 1), 3 (forgot 3 and 5
     under request 2, done)."""
     root = new_project("stays-forgotten", PARAMS)
-    assert cli(root, "request", "submit", "--classes", "5", "--requester", "dpo@example.com",
-               "--reason", "erasure request 1142") == 0
+    assert (
+        cli(
+            root,
+            "request",
+            "submit",
+            "--classes",
+            "5",
+            "--requester",
+            "dpo@example.com",
+            "--reason",
+            "erasure request 1142",
+        )
+        == 0
+    )
     assert cli(root, "request", "process") == 0
     assert champion_version() == "3"
     return root
@@ -71,9 +89,14 @@ def test_rollback_and_a_hand_moved_alias_never_serve_a_deleted_class(project, se
 
         client().set_registered_model_alias(NAME, "champion", "2")  # by hand, as another tool would
         described = wait_for(http, lambda d: (d.get("refused") or {}).get("version") == "2", "version 2 refused")
-        assert described["version"] == "3" and "deleted on record by forget request(s) [2]" in described["refused"]["reason"]
+        assert (
+            described["version"] == "3"
+            and "deleted on record by forget request(s) [2]" in described["refused"]["reason"]
+        )
         ready = http.get("/readyz").json()
-        assert ready["version"] == "3" and ready["refused_version"] == "2" and "predicts class(es) [5]" in ready["warning"]
+        assert (
+            ready["version"] == "3" and ready["refused_version"] == "2" and "predicts class(es) [5]" in ready["warning"]
+        )
         assert not any(5 in top for top in predictions(http, images))
         client().set_registered_model_alias(NAME, "champion", "3")
 
@@ -85,7 +108,9 @@ def test_the_version_page_carries_the_evidence(project):
     text = version.description
     assert text.startswith("**Never predicts:** 3, 5 (made from version 2).")
     assert "**Promoted:** every gate held." in text
-    assert "| deleted_classes_predicted | 0 | <= 0 | pass |" in text and "| retained_classes | 8 | >= 2 | pass |" in text
+    assert (
+        "| deleted_classes_predicted | 0 | <= 0 | pass |" in text and "| retained_classes | 8 | >= 2 | pass |" in text
+    )
     run = f"#/experiments/{client().get_run(version.run_id).info.experiment_id}/runs/{version.run_id}"
     # The MLflow 3 UI's routes: /experiments/:experimentId/runs/:runUuid/artifacts/<path> opens the artifact.
     assert f"[run {version.run_id}]({run})" in text and f"[report.json]({run}/artifacts/report.json)" in text
@@ -133,8 +158,19 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
         assert "--reopen 2" in capsys.readouterr().err and champion_version() == "3"
         assert cli(project, "rollback", "--reopen", "2") == 2  # a reopen needs a reason on record
         assert "--reopen needs --reason" in capsys.readouterr().err and champion_version() == "3"
-        assert cli(project, "rollback", "--reopen", "2", "--reason", "erasure withdrawn by the data subject",
-                   "--operator", "ops@example.com") == 0
+        assert (
+            cli(
+                project,
+                "rollback",
+                "--reopen",
+                "2",
+                "--reason",
+                "erasure withdrawn by the data subject",
+                "--operator",
+                "ops@example.com",
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "moved from version 3 to 2" in out and "forget request 2 reopened by ops@example.com" in out
         assert champion_version() == "2"
@@ -152,8 +188,11 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
     assert "promoted without a forget request" in run_row.reason
     assert json.loads(client().get_registered_model(NAME).tags["deleted_classes"]) == {"3": [1]}
     [event] = ledger.events(2)
-    assert (event.kind, event.operator, event.reason) == ("reopened", "ops@example.com",
-                                                          "erasure withdrawn by the data subject")
+    assert (event.kind, event.operator, event.reason) == (
+        "reopened",
+        "ops@example.com",
+        "erasure withdrawn by the data subject",
+    )
     assert event.detail == {"action": "rollback", "model_version_from": "3", "model_version_to": "2"}
     assert client().get_model_version(NAME, "2").tags["reopened.request.2"] == "true"
     assert cli(project, "request", "show", "2", "--no-report") == 0
@@ -176,13 +215,32 @@ def answers(http, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The argmax class of each image over V2 JSON and over V2 binary (250 images a request)."""
     found = []
     for start in range(0, len(images), 250):
-        batch = images[start:start + 250]
-        header = json.dumps({"inputs": [{"name": "images", "shape": list(batch.shape), "datatype": "FP32",
-                                         "parameters": {"binary_data_size": batch.nbytes}}]}).encode()
-        binary = http.post(f"/v2/models/{NAME}/infer", content=header + batch.tobytes(),
-                           headers={"Inference-Header-Content-Length": str(len(header))})
-        as_json = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
-            {"name": "images", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]})
+        batch = images[start : start + 250]
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": list(batch.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": batch.nbytes},
+                    }
+                ]
+            }
+        ).encode()
+        binary = http.post(
+            f"/v2/models/{NAME}/infer",
+            content=header + batch.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        as_json = http.post(
+            f"/v2/models/{NAME}/infer",
+            json={
+                "inputs": [
+                    {"name": "images", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
+                ]
+            },
+        )
         assert binary.status_code == 200 and as_json.status_code == 200, (binary.text, as_json.text)
         p = np.asarray(as_json.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(batch), -1)
         from_binary = np.asarray(binary.json()["outputs"][0]["data"]).reshape(len(batch), -1)
@@ -237,8 +295,20 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
         (project / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
         capsys.readouterr()
-        assert cli(project, "request", "submit", "--classes", "7", "--requester", "dpo@example.com",
-                   "--reason", "erasure request 1143") == 0
+        assert (
+            cli(
+                project,
+                "request",
+                "submit",
+                "--classes",
+                "7",
+                "--requester",
+                "dpo@example.com",
+                "--reason",
+                "erasure request 1143",
+            )
+            == 0
+        )
         assert f"{http.base_url}".rstrip("/") + ": suppressing [7]" in capsys.readouterr().out
         assert not (top_classes(http, images) == 7).any()  # no poll happened: it was told
         assert http.get("/model").json()["suppressed_pending_deletion"]["7"]["requests"] == [3]
@@ -264,8 +334,9 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
     assert "## Timeline" in mlflow.artifacts.load_text(f"runs:/{run_id}/audit/request-3.md")
 
 
-def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_suppresses_nothing(project, serve,
-                                                                                             capsys, monkeypatch):
+def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_suppresses_nothing(
+    project, serve, capsys, monkeypatch
+):
     token = "notify-test-token-of-at-least-32-characters"
     with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
         import yaml
@@ -274,16 +345,41 @@ def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_supp
         params["serving"]["notify"] = [str(http.base_url).rstrip("/")]
         (project / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
-        assert cli(project, "request", "submit", "--classes", "3", "--requester", "dpo@example.com",
-                   "--reason", "again") == 2  # rejected: already forgotten
+        assert (
+            cli(project, "request", "submit", "--classes", "3", "--requester", "dpo@example.com", "--reason", "again")
+            == 2
+        )  # rejected: already forgotten
         assert "rejected and recorded" in capsys.readouterr().out
         assert http.get("/model").json()["suppressed_classes"] == []
-        assert cli(project, "request", "submit", "--classes", "9", "--requester", "dpo@example.com",
-                   "--reason", "erasure request 1144") == 0
+        assert (
+            cli(
+                project,
+                "request",
+                "submit",
+                "--classes",
+                "9",
+                "--requester",
+                "dpo@example.com",
+                "--reason",
+                "erasure request 1144",
+            )
+            == 0
+        )
         request_id = int(capsys.readouterr().out.split("accepted: ")[1].split()[0])
         assert http.get("/model").json()["suppressed_classes"] == [9]
-        assert cli(project, "request", "withdraw", str(request_id), "--reason", "sent in error",
-                   "--operator", "ops@example.com") == 0
+        assert (
+            cli(
+                project,
+                "request",
+                "withdraw",
+                str(request_id),
+                "--reason",
+                "sent in error",
+                "--operator",
+                "ops@example.com",
+            )
+            == 0
+        )
         assert http.get("/model").json()["suppressed_classes"] == []
     from nhle.adapters.ledger import Ledger
 
@@ -297,15 +393,22 @@ def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect:
-        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=["nhle-classifier-version-3", "nhle-classifier-version-3-gates"])))
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["nhle-classifier-version-3", "nhle-classifier-version-3-gates"])
+            )
+        )
     by_type = {artifact.type: artifact for artifact in found}
     assert set(by_type) == {"markdown", "table"}
     assert by_type["markdown"].data.startswith("# nhle-classifier version 3: promoted")
     assert "**Never predicts:** 3, 5" in by_type["markdown"].data
     # Links name the MLflow UI (here: `mlflow ui` on its default address, the store being SQLite).
-    assert "[MLflow version page](http://127.0.0.1:5000/#/models/nhle-classifier/versions/3)" in by_type["markdown"].data
-    assert "](http://127.0.0.1:5000/#/experiments/" in by_type["markdown"].data and "](#/" not in by_type["markdown"].data
+    assert (
+        "[MLflow version page](http://127.0.0.1:5000/#/models/nhle-classifier/versions/3)" in by_type["markdown"].data
+    )
+    assert (
+        "](http://127.0.0.1:5000/#/experiments/" in by_type["markdown"].data and "](#/" not in by_type["markdown"].data
+    )
     gates = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert {"name": "deleted_classes_predicted", "value": 0.0, "rule": "<=", "bound": 0.0, "passed": True} in gates
 
@@ -349,13 +452,33 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
 
     images = digits.test.float_images()[:50].numpy()
     port, bin_dir = free_port(), str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+    }
     log_path = project / "mlflow-serve.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=project,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                str(Path(bin_dir) / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{NAME}@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            cwd=project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         deadline = time.monotonic() + 120
@@ -401,7 +524,6 @@ def unready_because(http, text: str, timeout: float = 30.0) -> str:
 
 
 def test_a_replaced_champion_file_gets_503_never_an_older_model(project, serve, digits):
-
     """The champion's ONNX file replaced on disk, a fresh server: the champion is refused (its
     sha256 differs) and no other version forgets every class on record (3 by `nhle run`, 7 by
     request 3), so the server answers 503 with the reason instead of serving one that predicts them."""
@@ -417,8 +539,19 @@ def test_a_replaced_champion_file_gets_503_never_an_older_model(project, serve, 
             assert http.get("/readyz").status_code == 503
             answer = http.post("/predict", json={"instances": images.tolist()})
             assert answer.status_code == 503 and "no other version" in answer.text, answer.text
-            v2 = http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
-                {"name": "input", "shape": list(images[:1].shape), "datatype": "FP32", "data": images[:1].ravel().tolist()}]})
+            v2 = http.post(
+                f"/v2/models/{NAME}/infer",
+                json={
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": list(images[:1].shape),
+                            "datatype": "FP32",
+                            "data": images[:1].ravel().tolist(),
+                        }
+                    ]
+                },
+            )
             assert v2.status_code == 503, v2.text
     finally:
         stored.write_bytes(saved)

@@ -1,5 +1,6 @@
 """The production chain for real: Prefect flows (test harness), MLflow on SQLite, DVC with a local
 remote, ONNX Runtime on the registered model. One project is built up step by step."""
+
 import json
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
 
 def test_model_traces_to_the_exact_data_bytes(project):
     from nhle.adapters.tracking import download_checkpoint
-    from nhle.core.training import load_checkpoint
     from nhle.adapters.versioning import DataVersion, open_dataset_version
+    from nhle.core.training import load_checkpoint
 
     version = champion()
     _, checkpoint = load_checkpoint(download_checkpoint(version))
@@ -87,7 +88,10 @@ def test_failed_gate_registers_but_never_moves_the_champion(project):
     assert result["promoted"] is False and "parity" in result["reason"]
     # every recipe fails parity: the fallback ran as Prefect tasks too, and only its candidate was registered
     assert [(a["recipe"], a["passed"]) for a in result["attempts"]] == [
-        ("configured", False), ("nhle_synthetic_anchor", False), ("nhle_conservative", False)]
+        ("configured", False),
+        ("nhle_synthetic_anchor", False),
+        ("nhle_conservative", False),
+    ]
     rejected = client().get_model_version(NAME, result["version"])
     assert rejected.tags["promoted"] == "false" and "parity_max_abs_prob_diff" in rejected.tags["rejection_reason"]
     assert rejected.tags["nhle.recipe"] == "nhle_conservative"
@@ -108,8 +112,20 @@ def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, 
     from nhle.cli import main
 
     before = len(client().search_model_versions(f"name='{NAME}'"))
-    assert main(["run", "--forget", "0,1,2,4,5,6,7,8,9", "--params", str(project / "params.yaml"),
-                 "--project-dir", str(project)]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--forget",
+                "0,1,2,4,5,6,7,8,9",
+                "--params",
+                str(project / "params.yaml"),
+                "--project-dir",
+                str(project),
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "would leave no class to predict" in captured.err and "Traceback" not in captured.err + captured.out
     assert "Beginning flow run" not in captured.err + captured.out
@@ -169,8 +185,9 @@ def test_the_prefect_artifact_links_to_mlflow_ui_url(monkeypatch):
     made = {}
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.setdefault("markdown", kw))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: made.setdefault("table", kw))
-    monkeypatch.setattr(pipeline, "version_page", lambda name, version: (
-        "[run abc](#/experiments/1/runs/abc)", "http://127.0.0.1:5000"))
+    monkeypatch.setattr(
+        pipeline, "version_page", lambda name, version: ("[run abc](#/experiments/1/runs/abc)", "http://127.0.0.1:5000")
+    )
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:////p/mlflow.db")
     monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5055")
     pipeline.publish_artifacts(Params(), {"version": "3", "promoted": True, "reason": "ok", "gates": []})

@@ -2,6 +2,7 @@
 store (MLflow 3's torch.export format and pickled) and of a torchvision state_dict trained on an
 ImageFolder of RGB PNGs; then `nhle run --forget` or a forget request, and `nhle serve` over HTTP.
 Every part is real: the Prefect harness, MLflow on SQLite files, DVC, ONNX Runtime."""
+
 import base64
 import io
 import json
@@ -24,8 +25,14 @@ class TheirNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                   nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
         self.hidden, self.drop, self.logits = nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 10)
 
     def forward(self, x):
@@ -41,8 +48,8 @@ def registry(root: Path, name: str = NAME):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from nhle.core.config import load_params
     from nhle.adapters.tracking import configure
+    from nhle.core.config import load_params
 
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
@@ -54,8 +61,15 @@ def registry(root: Path, name: str = NAME):
     return versions, champion
 
 
-def fit(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, normalise=lambda x: x, seed=0,
-        label_smoothing=0.0):
+def fit(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    normalise=lambda x: x,
+    seed=0,
+    label_smoothing=0.0,
+):
     """The user's own training loop (Adam, batch 64), then the batch-norm statistics estimated
     afresh on the training images: after a few steps at MobileNetV3's BN momentum of 0.01 the
     running statistics are still near their initial values."""
@@ -95,10 +109,21 @@ def their_store(tmp_path_factory, mlflow_template, digits):
     with mlflow_store(uri):
         experiment = mlflow.create_experiment("their-experiment", artifact_location=str(folder / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
-            mlflow.pytorch.log_model(net, name="model", input_example=example, registered_model_name="their-model",
-                                     pip_requirements=["torch"])
-            mlflow.pytorch.log_model(net, name="pickled", input_example=example, registered_model_name="their-model",
-                                     pip_requirements=["torch"], serialization_format="pickle")
+            mlflow.pytorch.log_model(
+                net,
+                name="model",
+                input_example=example,
+                registered_model_name="their-model",
+                pip_requirements=["torch"],
+            )
+            mlflow.pytorch.log_model(
+                net,
+                name="pickled",
+                input_example=example,
+                registered_model_name="their-model",
+                pip_requirements=["torch"],
+                serialization_format="pickle",
+            )
         assert mlflow.pytorch.load_model("models:/their-model/1").__class__ is not TheirNet
         assert type(mlflow.pytorch.load_model("models:/their-model/2")) is TheirNet
     return uri, net
@@ -106,11 +131,17 @@ def their_store(tmp_path_factory, mlflow_template, digits):
 
 @pytest.mark.parametrize("version,form", [(1, "pt2"), (2, "pickle")])
 def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
-        version, form, their_store, blank_project, serve, digits):
+    version, form, their_store, blank_project, serve, digits
+):
     uri, net = their_store
-    root = blank_project(f"own-mlflow-{form}", {
-        "model": {"from_mlflow": f"models:/their-model/{version}", "mlflow_tracking_uri": uri},
-        "retrain_baseline": False, "gates": {"min_retain_test_acc": 0.85}})
+    root = blank_project(
+        f"own-mlflow-{form}",
+        {
+            "model": {"from_mlflow": f"models:/their-model/{version}", "mlflow_tracking_uri": uri},
+            "retrain_baseline": False,
+            "gates": {"min_retain_test_acc": 0.85},
+        },
+    )
     assert cli(root, "import") == 0
     versions, champion = registry(root)
     assert versions == [1] and str(champion.version) == "1" and champion.tags["nhle.source"] == "mlflow"
@@ -118,8 +149,12 @@ def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
     from nhle.core.training import load_checkpoint
 
     imported, checkpoint = load_checkpoint(download_checkpoint(champion))
-    assert checkpoint["source"] == {"kind": "mlflow", "uri": f"models:/their-model/{version}", "tracking_uri": uri,
-                                    "format": form}
+    assert checkpoint["source"] == {
+        "kind": "mlflow",
+        "uri": f"models:/their-model/{version}",
+        "tracking_uri": uri,
+        "format": form,
+    }
     x = digits.test.float_images()
     with torch.no_grad():  # the imported model is their model, to float rounding
         assert torch.allclose(imported(x), net(x), atol=1e-4)
@@ -154,21 +189,38 @@ def top1(http, images) -> list[int]:
 
 
 def test_a_project_holds_several_models_each_with_its_own_champion_requests_rollback_and_server(
-        their_store, blank_project, serve, digits, capsys):
+    their_store, blank_project, serve, digits, capsys
+):
     """Two registered models in one project (--name): importing the second leaves the first's
     champion where it was; a forget request names its model, is processed and enforced for that
     model only, in its own data folder; rollback and the server act on the model --name names."""
     uri, _ = their_store
-    root = blank_project("two-models", {"retrain_baseline": False, "gates": {"min_retain_test_acc": 0.85},
-                                        "model": {"mlflow_tracking_uri": uri}})
+    root = blank_project(
+        "two-models",
+        {"retrain_baseline": False, "gates": {"min_retain_test_acc": 0.85}, "model": {"mlflow_tracking_uri": uri}},
+    )
     assert cli(root, "import", "--from-mlflow", "models:/their-model/1") == 0
     assert cli(root, "import", "--name", "second", "--from-mlflow", "models:/their-model/2") == 0
     assert "nhle run --name second --forget 0" in capsys.readouterr().out  # the hint names the model
     (first, first_champion), (second, second_champion) = registry(root), registry(root, "second")
     assert first == [1] and str(first_champion.version) == "1" and second == [1] and str(second_champion.version) == "1"
 
-    assert cli(root, "request", "submit", "--name", "second", "--classes", "5", "--requester", "dpo@example.com",
-               "--reason", "erasure 7") == 0
+    assert (
+        cli(
+            root,
+            "request",
+            "submit",
+            "--name",
+            "second",
+            "--classes",
+            "5",
+            "--requester",
+            "dpo@example.com",
+            "--reason",
+            "erasure 7",
+        )
+        == 0
+    )
     assert cli(root, "request", "process") == 0  # the default model has nothing pending
     assert "no pending forget requests" in capsys.readouterr().out and registry(root)[0] == [1]
     assert cli(root, "request", "process", "--name", "second") == 0
@@ -221,8 +273,9 @@ def photos(tmp_path_factory):
     return root
 
 
-def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(photos, blank_project, serve,
-                                                                              tmp_path, capsys):
+def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(
+    photos, blank_project, serve, tmp_path, capsys
+):
     """mobilenet_v3_small trained by the user for a few steps with ImageNet normalisation, saved as
     a checkpoint dict; imported with --weights/--weights-key; a forget request for 'blue' is
     processed end to end (with a retrained reference); the server never answers blue for PNGs of
@@ -239,23 +292,48 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(pho
     # label smoothing 0.1 as in torchvision's MobileNetV3 recipe. Without it these trivially
     # separable colours end with logit margins of 30+, where p_F is exactly 1.0 in float32 and the
     # default NHLE recipe's gradient (1 - p_F) is below Adam's eps: it stalls (issue 14).
-    fit(net, data.train.float_images(), data.train.labels, steps=60, normalise=lambda x: (x - mean) / std,
-        label_smoothing=0.1)
+    fit(
+        net,
+        data.train.float_images(),
+        data.train.labels,
+        steps=60,
+        normalise=lambda x: (x - mean) / std,
+        label_smoothing=0.1,
+    )
     weights = tmp_path / "colours.pth"
     torch.save({"epoch": 3, "model_state": net.state_dict()}, weights)
 
-    root = blank_project("own-torchvision", {
-        "data": {"dataset": "imagefolder", "root": str(photos), "image_size": 32},
-        "train": {"epochs": 3, "batch_size": 32}, "retrain_baseline": True,
-        "gates": {"min_retain_test_acc": 0.8, "max_retained_drop_pp": 4.0}})  # one test image is ~3.3 pp here
-    assert cli(root, "import", "--arch", "mobilenet_v3_small", "--weights", str(weights),
-               "--weights-key", "model_state") == 0
+    root = blank_project(
+        "own-torchvision",
+        {
+            "data": {"dataset": "imagefolder", "root": str(photos), "image_size": 32},
+            "train": {"epochs": 3, "batch_size": 32},
+            "retrain_baseline": True,
+            "gates": {"min_retain_test_acc": 0.8, "max_retained_drop_pp": 4.0},
+        },
+    )  # one test image is ~3.3 pp here
+    assert (
+        cli(root, "import", "--arch", "mobilenet_v3_small", "--weights", str(weights), "--weights-key", "model_state")
+        == 0
+    )
     assert "imported mobilenet_v3_small (colours.pth) on imagefolder" in capsys.readouterr().out
     versions, champion = registry(root)
     assert versions == [1] and champion.tags["nhle.source"] == "weights"
 
-    assert cli(root, "request", "submit", "--classes", "blue", "--requester", "dpo@example.com",
-               "--reason", "product line withdrawn") == 0
+    assert (
+        cli(
+            root,
+            "request",
+            "submit",
+            "--classes",
+            "blue",
+            "--requester",
+            "dpo@example.com",
+            "--reason",
+            "product line withdrawn",
+        )
+        == 0
+    )
     assert cli(root, "request", "process") == 0
     versions, champion = registry(root)
     assert versions == [1, 2] and str(champion.version) == "2" and json.loads(champion.tags["forgotten_classes"]) == [0]
@@ -285,8 +363,7 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(pho
             assert sum(a == b for a, b in kept) >= 0.8 * len(kept)
 
 
-def test_bad_models_are_refused_with_a_message_and_nothing_is_registered(blank_project, their_store, tmp_path,
-                                                                         capsys):
+def test_bad_models_are_refused_with_a_message_and_nothing_is_registered(blank_project, their_store, tmp_path, capsys):
     import torchvision
 
     root = blank_project("own-refused", {"data": {"image_size": 32}, "retrain_baseline": False})
@@ -295,15 +372,23 @@ def test_bad_models_are_refused_with_a_message_and_nothing_is_registered(blank_p
     imagenet_head = tmp_path / "resnet18-1000.pth"
     torch.save(torchvision.models.resnet18().state_dict(), imagenet_head)
     cases = [
-        (["--arch", "mobilenet_v3_small", "--weights", str(resnet)],
-         "does not fit mobilenet_v3_small: first mismatched key 'features.0.0.weight'"),
+        (
+            ["--arch", "mobilenet_v3_small", "--weights", str(resnet)],
+            "does not fit mobilenet_v3_small: first mismatched key 'features.0.0.weight'",
+        ),
         (["--arch", "squeezenet1_1"], "has no nn.Linear layer"),
-        (["--from-mlflow", "models:/no-such-model/1", "--mlflow-tracking-uri", their_store[0]],
-         "no MLflow model at models:/no-such-model/1"),
-        (["--arch", "resnet18", "--weights", str(imagenet_head)],
-         "the weights' head 'fc' has 1000 outputs but the digits data has 10 classes"),
-        (["--from-mlflow", "models:/their-model/1", "--mlflow-tracking-uri", their_store[0]],
-         "was traced for 1x8x8 images but the data is 1x32x32"),
+        (
+            ["--from-mlflow", "models:/no-such-model/1", "--mlflow-tracking-uri", their_store[0]],
+            "no MLflow model at models:/no-such-model/1",
+        ),
+        (
+            ["--arch", "resnet18", "--weights", str(imagenet_head)],
+            "the weights' head 'fc' has 1000 outputs but the digits data has 10 classes",
+        ),
+        (
+            ["--from-mlflow", "models:/their-model/1", "--mlflow-tracking-uri", their_store[0]],
+            "was traced for 1x8x8 images but the data is 1x32x32",
+        ),
         (["--arch", "resnet18", "--weights", str(tmp_path / "missing.pth")], "missing.pth does not exist"),
     ]
     for flags, message in cases:
@@ -334,8 +419,13 @@ def test_a_saturated_model_forgets_with_the_default_and_with_the_pace_rule_of_a_
     data = load_dataset("imagefolder", root=photos, image_size=32)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     torch.manual_seed(0)
-    net = fit(torchvision.models.mobilenet_v3_small(num_classes=4), data.train.float_images(), data.train.labels,
-              steps=60, normalise=lambda x: (x - mean) / std)
+    net = fit(
+        torchvision.models.mobilenet_v3_small(num_classes=4),
+        data.train.float_images(),
+        data.train.labels,
+        steps=60,
+        normalise=lambda x: (x - mean) / std,
+    )
     model = wrap(net, in_channels=3, image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     blue = data.class_names.index("blue")
     samples = sample_per_class(data.train, [blue], 32, seed=0)

@@ -4,6 +4,7 @@ processes. `nhle deploy` registers the flows; the worker trains the base model a
 a forget request from the ledger; the ONNX Runtime server loads the champion from the MLflow
 server and never answers the forgotten class. Only params.yaml and environment variables differ
 from the embedded set-up."""
+
 import contextlib
 import os
 import subprocess
@@ -21,8 +22,13 @@ from nhle.adapters.processes import free_port, stop_process
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 POOL = "nhle-test-pool"
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
-         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+QUIET = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 
 
 class Process:
@@ -73,15 +79,39 @@ def stack(tmp_path_factory):
     env.update(QUIET, PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=f"{prefect_url}/api")
     started = []
     try:
-        mlflow = Process("mlflow-server", [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                           f"sqlite:///{root / 'mlflow-server.db'}", "--artifacts-destination",
-                                           str(root / "mlflow-artifacts"), "--host", "127.0.0.1", "--port",
-                                           mlflow_url.rsplit(":", 1)[1], "--workers", "1"], env, root, logs)
+        mlflow = Process(
+            "mlflow-server",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow-server.db'}",
+                "--artifacts-destination",
+                str(root / "mlflow-artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                mlflow_url.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+            ],
+            env,
+            root,
+            logs,
+        )
         started.append(mlflow)
-        server_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
-                      "PREFECT_UI_ENABLED": "false"}
-        prefect = Process("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                             "--port", prefect_url.rsplit(":", 1)[1]], server_env, root, logs)
+        server_env = {
+            **env,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        prefect = Process(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", prefect_url.rsplit(":", 1)[1]],
+            server_env,
+            root,
+            logs,
+        )
         started.append(prefect)
         mlflow.wait_http(f"{mlflow_url}/health")
         prefect.wait_http(f"{prefect_url}/api/health")
@@ -90,15 +120,32 @@ def stack(tmp_path_factory):
         project.mkdir()
         for folder in ("flows", "serving"):  # the checkout the worker and the server run from
             (project / folder).symlink_to(REPO / folder)
-        (project / "params.yaml").write_text(yaml.safe_dump({
-            "train": {"epochs": 6}, "tracking": {"tracking_uri": mlflow_url},
-            "requests": {"cron": "17 3 * * *", "timezone": "Europe/Paris"}}))
+        (project / "params.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "train": {"epochs": 6},
+                    "tracking": {"tracking_uri": mlflow_url},
+                    "requests": {"cron": "17 3 * * *", "timezone": "Europe/Paris"},
+                }
+            )
+        )
         run(["prefect", "work-pool", "create", POOL, "--type", "process"], env, project)
-        worker = Process("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type",
-                                            "process", "--limit", "1"], env, project, logs)
+        worker = Process(
+            "prefect-worker",
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"],
+            env,
+            project,
+            logs,
+        )
         started.append(worker)
-        yield {"root": root, "project": project, "env": env, "mlflow_url": mlflow_url, "prefect_url": prefect_url,
-               "processes": {p.name: p for p in started}}
+        yield {
+            "root": root,
+            "project": project,
+            "env": env,
+            "mlflow_url": mlflow_url,
+            "prefect_url": prefect_url,
+            "processes": {p.name: p for p in started},
+        }
     finally:
         for process in reversed(started):
             process.stop()
@@ -106,18 +153,24 @@ def stack(tmp_path_factory):
 
 def run(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> str:
     """A command line (prefect or nhle from this environment); fails the test with its output."""
-    result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited with {result.returncode}:\n{result.stdout[-4000:]}\n"
-                    f"{result.stderr[-4000:]}")
+        pytest.fail(
+            f"{' '.join(args)} exited with {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result.stdout
 
 
 def run_deployment(stack, name: str) -> dict:
     """`prefect deployment run NAME --watch`, then the flow run as the Prefect API reports it."""
-    out = run(["prefect", "deployment", "run", name, "--watch", "--watch-timeout", "600"], stack["env"],
-              stack["project"], timeout=660)
+    out = run(
+        ["prefect", "deployment", "run", name, "--watch", "--watch-timeout", "600"],
+        stack["env"],
+        stack["project"],
+        timeout=660,
+    )
     flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
     flow_run = httpx.get(f"{stack['prefect_url']}/api/flow_runs/{flow_run_id}", timeout=10).json()
     assert flow_run["state"]["type"] == "COMPLETED", (out, stack["processes"]["prefect-worker"].log())
@@ -126,8 +179,14 @@ def run_deployment(stack, name: str) -> dict:
 
 def test_deploy_names_what_is_missing(stack):
     def deploy(env, pool):
-        return subprocess.run([str(BIN / "nhle"), "deploy", "--pool", pool], env=env, cwd=stack["project"],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [str(BIN / "nhle"), "deploy", "--pool", pool],
+            env=env,
+            cwd=stack["project"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     no_server = deploy({k: v for k, v in stack["env"].items() if k != "PREFECT_API_URL"}, POOL)
     assert no_server.returncode == 2 and "set PREFECT_API_URL" in no_server.stderr
@@ -157,8 +216,21 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
 
     project, env = stack["project"], stack["env"]
     run_deployment(stack, "train-base/train-base")
-    run(["nhle", "request", "submit", "--classes", "5", "--requester", "dpo@example.com", "--reason",
-         "server-mode test"], env, project)
+    run(
+        [
+            "nhle",
+            "request",
+            "submit",
+            "--classes",
+            "5",
+            "--requester",
+            "dpo@example.com",
+            "--reason",
+            "server-mode test",
+        ],
+        env,
+        project,
+    )
     flow_run = run_deployment(stack, "process-forget-requests/forget-requests")
     assert flow_run["deployment_id"] and flow_run["work_pool_name"] == POOL
 
@@ -181,15 +253,19 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
     from nhle.core.data import load_digits
 
     port = free_port()
-    server = Process("nhle-serve", [str(BIN / "nhle"), "serve", "--port", str(port)], env, project,
-                     stack["root"] / "logs")
+    server = Process(
+        "nhle-serve", [str(BIN / "nhle"), "serve", "--port", str(port)], env, project, stack["root"] / "logs"
+    )
     try:
         server.wait_http(f"http://127.0.0.1:{port}/readyz")
         images = load_digits(seed=0).test.float_images().squeeze(1).numpy()
         predicted = []
         for start in range(0, len(images), 150):
-            response = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=60,
-                                  json={"instances": images[start:start + 150].tolist(), "top_k": 1})
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/predict",
+                timeout=60,
+                json={"instances": images[start : start + 150].tolist(), "top_k": 1},
+            )
             assert response.status_code == 200, response.text
             assert response.json()["model_version"] == "2"
             predicted += [p["top_k"][0]["index"] for p in response.json()["predictions"]]

@@ -1,6 +1,7 @@
 """A forget falls back to the next recipe (unlearn.fallbacks) when its candidate fails a gate: the
 plain functions on real MLflow (SQLite), DVC and the request ledger in a temp folder. One project
 is built up test by test: a base champion, then forgets with a recipe made to fail."""
+
 import json
 import logging
 import shutil
@@ -19,10 +20,19 @@ from nhle.orchestration import pipeline, requests, steps
 NAME = "nhle-classifier"
 # Small and fast: few epochs, no synthetic inputs, a short relearn attack, one fallback. min_relearn_gain 0
 # keeps these tests about the fallback, not about that gate's bound.
-PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False,
-          "gates": {"min_retain_test_acc": 0.8, "min_relearn_gain": 0.0},
-          "unlearn": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0, "relearn_max_steps": 50,
-                      "fallbacks": ["nhle_conservative"]}}
+PARAMS = {
+    "train": {"epochs": 4},
+    "retrain_baseline": False,
+    "gates": {"min_retain_test_acc": 0.8, "min_relearn_gain": 0.0},
+    "unlearn": {
+        "synthetic_per_class": 0,
+        "rows_steps": 0,
+        "holdout_per_class": 0,
+        "feature_pull": 0.0,
+        "relearn_max_steps": 50,
+        "fallbacks": ["nhle_conservative"],
+    },
+}
 # No fine-tuning, masking only: the mask-removal attack recovers the class, so the gate
 # unmasked_forget_test_acc fails; the fallback recipe (nhle_conservative) sets max_steps again.
 NO_FINE_TUNING = {"max_steps": 0}
@@ -76,7 +86,9 @@ def test_the_attempts_are_the_configured_section_then_each_new_fallback():
     params = params_of()
     tried = steps.unlearning_attempts(params)
     assert [(name, overrides) for name, overrides, _ in tried] == [
-        ("configured", {}), ("nhle_conservative", RECIPES["nhle_conservative"])]
+        ("configured", {}),
+        ("nhle_conservative", RECIPES["nhle_conservative"]),
+    ]
     assert tried[1][2].unlearn.max_steps == RECIPES["nhle_conservative"]["max_steps"]
     assert tried[1][2].unlearn.n_samples == params.unlearn.n_samples  # over the configured section
     # A fallback that is the configured section already would make the same candidate: left out.
@@ -104,7 +116,8 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     attempts = result["attempts"]
     assert [(a["attempt"], a["recipe"], a["passed"], a["outcome"]) for a in attempts] == [
         (1, "configured", False, "not registered: the next recipe was tried"),
-        (2, "nhle_conservative", True, "registered")]
+        (2, "nhle_conservative", True, "registered"),
+    ]
     failed = {g["name"]: g for g in attempts[0]["failed_gates"]}
     assert failed["unmasked_forget_test_acc"]["value"] > failed["unmasked_forget_test_acc"]["bound"] == 0.05
     assert "unmasked_forget_test_acc" in attempts[0]["reason"] and attempts[0]["overrides"] == {}
@@ -120,21 +133,28 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert flow_run.data.tags["nhle.batch"] and flow_run.data.tags["nhle.request_ids"] == str(submitted.id)
     on_record = run_json(version.run_id, "attempts.json")
     assert [(a["recipe"], a["passed"], a["run_id"]) for a in on_record] == [
-        (a["recipe"], a["passed"], a["run_id"]) for a in attempts]
+        (a["recipe"], a["passed"], a["run_id"]) for a in attempts
+    ]
     assert on_record[1]["version"] == result["version"]
 
     children = attempt_runs(version.run_id)
     assert [c.info.run_id for c in children] == [a["run_id"] for a in attempts]
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     assert [c.data.params["recipe"] for c in children] == ["configured", "nhle_conservative"]
-    assert [c.data.params["unlearn.max_steps"] for c in children] == ["0", str(RECIPES["nhle_conservative"]["max_steps"])]
+    assert [c.data.params["unlearn.max_steps"] for c in children] == [
+        "0",
+        str(RECIPES["nhle_conservative"]["max_steps"]),
+    ]
     assert children[0].data.tags["nhle.attempt.passed"] == "false"
     assert "unmasked_forget_test_acc" in children[0].data.tags["nhle.attempt.reason"]
     assert children[1].data.tags["nhle.attempt.passed"] == "true"
     for child in children:
         assert "nhle.batch" not in child.data.tags  # the batch is the flow run's, as before
-        assert {a.path for a in MlflowClient().list_artifacts(child.info.run_id)} >= {"report.json", "gates.json",
-                                                                                       "parity.json"}
+        assert {a.path for a in MlflowClient().list_artifacts(child.info.run_id)} >= {
+            "report.json",
+            "gates.json",
+            "parity.json",
+        }
     assert_nothing_registered_by(children)
     assert run_json(children[0].info.run_id, "report.json")["unlearn_steps"] == 0
 

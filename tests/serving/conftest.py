@@ -3,13 +3,13 @@ and the server started as a real uvicorn process on a free loopback port.
 
     .venv/bin/python -m pytest -q tests/serving
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
 from serving_support import Registry, Server, masked, preprocessing
 
 
@@ -72,5 +72,10 @@ def champion_registry(make_registry, onnx_files, digits):
 @pytest.fixture(scope="session")
 def server(champion_registry, start_server):
     """The read-only server of most tests. Small limits, so the limit tests send little."""
-    return start_server(champion_registry.root, max_instances=300, max_body_bytes=1024 * 1024,
-                        max_request_pixels=20_000_000, body_timeout_seconds=3)
+    return start_server(
+        champion_registry.root,
+        max_instances=300,
+        max_body_bytes=1024 * 1024,
+        max_request_pixels=20_000_000,
+        body_timeout_seconds=3,
+    )

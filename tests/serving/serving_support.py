@@ -1,5 +1,6 @@
 """Helpers of the serving tests (the fixtures are in conftest.py): masked models, throwaway
 MLflow registries, and the server as a real uvicorn child process."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
 ADMIN_TOKEN = "test-admin-token-of-at-least-32-characters"
 # No telemetry and no progress bars in the server process either.
-QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 
 
 def preprocessing(digits, forgotten) -> dict:
@@ -85,8 +89,16 @@ class Registry:
 
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
-    def register(self, onnx_model, metadata: dict, champion: bool = True, corrupt: bool = False,
-                 gates_passed: bool = True, tamper_with: Path | None = None, sign: bool = True) -> str:
+    def register(
+        self,
+        onnx_model,
+        metadata: dict,
+        champion: bool = True,
+        corrupt: bool = False,
+        gates_passed: bool = True,
+        tamper_with: Path | None = None,
+        sign: bool = True,
+    ) -> str:
         """Log `onnx_model` (a path or ModelProto) as a new version, tag it as nhle does (forgotten
         classes, the stored file's sha256, its gates) and (by default) point `champion` at it.
         `corrupt` overwrites the stored model.onnx with garbage bytes (the sha256 tag is theirs:
@@ -101,8 +113,14 @@ class Registry:
         with self.current():
             with mlflow.start_run(experiment_id=self.experiment_id):
                 mlflow.log_dict(metadata, "preprocessing.json")
-                info = mlflow.onnx.log_model(proto, name="model", registered_model_name=NAME, metadata=metadata,
-                                             save_as_external_data=False, pip_requirements=["onnx", "onnxruntime"])
+                info = mlflow.onnx.log_model(
+                    proto,
+                    name="model",
+                    registered_model_name=NAME,
+                    metadata=metadata,
+                    save_as_external_data=False,
+                    pip_requirements=["onnx", "onnxruntime"],
+                )
             location = mlflow.get_logged_model(info.model_id).artifact_location
         version = str(info.registered_model_version)
         if corrupt:
@@ -110,9 +128,11 @@ class Registry:
         client = self.client()
         stored = Path(location.removeprefix("file://"), "model.onnx")
         gates = [{"name": "test_acc", "value": 1.0, "bound": 0.9, "passed": gates_passed, "rule": ">="}]
-        for key, value in {"forgotten_classes": json.dumps(metadata["forgotten_classes"]),
-                           "onnx_sha256": hashlib.sha256(stored.read_bytes()).hexdigest(),
-                           "gates": json.dumps(gates)}.items():
+        for key, value in {
+            "forgotten_classes": json.dumps(metadata["forgotten_classes"]),
+            "onnx_sha256": hashlib.sha256(stored.read_bytes()).hexdigest(),
+            "gates": json.dumps(gates),
+        }.items():
             client.set_model_version_tag(NAME, version, key, value)
         from nhle.adapters import signing
         from nhle.adapters.deletions import RECORD_TAG
@@ -120,8 +140,14 @@ class Registry:
         if RECORD_TAG not in (client.get_registered_model(NAME).tags or {}):  # nhle's promotions keep one
             client.set_registered_model_tag(NAME, RECORD_TAG, "{}")
         if sign:  # as nhle's promote does: the stored file and its evidence, signed, in the version's run
-            doc = signing.evidence(NAME, version, hashlib.sha256(stored.read_bytes()).hexdigest(), metadata,
-                                   metadata["forgotten_classes"], gates)
+            doc = signing.evidence(
+                NAME,
+                version,
+                hashlib.sha256(stored.read_bytes()).hexdigest(),
+                metadata,
+                metadata["forgotten_classes"],
+                gates,
+            )
             evidence_bytes, signature = signing.sign_version(stored, doc, self.signing_key)
             run_id = client.get_model_version(NAME, version).run_id
             client.log_text(run_id, evidence_bytes.decode(), f"{signing.ARTIFACT_DIR}/{signing.EVIDENCE}")
@@ -143,10 +169,25 @@ class Server:
         self.env = env = self.environment(project_dir, **settings)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "nhle_serving.server:create_app", "--factory",
-             "--http", "nhle_serving.http:GuardedProtocol",
-             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=project_dir)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "nhle_serving.server:create_app",
+                "--factory",
+                "--http",
+                "nhle_serving.http:GuardedProtocol",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=project_dir,
+        )
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
     @staticmethod
@@ -155,8 +196,13 @@ class Server:
         `settings` as NHLE_* variables (max_body_bytes=1024 -> NHLE_MAX_BODY_BYTES=1024)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
         env.update(QUIET_ENV)
-        env.update({"NHLE_PROJECT_DIR": str(project_dir), "NHLE_PARAMS": str(Path(project_dir) / "params.yaml"),
-                    "NHLE_ADMIN_TOKEN": ADMIN_TOKEN})
+        env.update(
+            {
+                "NHLE_PROJECT_DIR": str(project_dir),
+                "NHLE_PARAMS": str(Path(project_dir) / "params.yaml"),
+                "NHLE_ADMIN_TOKEN": ADMIN_TOKEN,
+            }
+        )
         env.update({f"NHLE_{k.upper()}": str(v) for k, v in settings.items()})
         return env
 

@@ -5,6 +5,7 @@
 The `server` fixture runs with NHLE_MAX_INSTANCES=300, NHLE_MAX_BODY_BYTES=1 MiB,
 NHLE_MAX_REQUEST_PIXELS=20,000,000 and NHLE_BODY_TIMEOUT_SECONDS=3.
 """
+
 import base64
 import io
 import json
@@ -13,7 +14,6 @@ import time
 
 import pytest
 from PIL import Image
-
 
 IMG = [[0.5] * 8 for _ in range(8)]
 NESTED_34 = [0.5]
@@ -42,7 +42,7 @@ def with_pixel(value: str) -> bytes:
 
 def chunked(data: bytes, size: int = 64 * 1024):
     for i in range(0, len(data), size):  # a generator body is sent chunked: no Content-Length
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 # (id, path, request kwargs, status, words the message must contain)
@@ -76,19 +76,44 @@ CASES = [
     ("top-k-string", "/predict", dict(json={"instances": [IMG], "top_k": "3"}), 422, "top_k"),
     ("top-k-bool", "/predict", dict(json={"instances": [IMG], "top_k": True}), 422, "top_k"),
     ("bad-base64", "/predict", dict(json={"instances": ["not base64 !!"]}), 400, "base64"),
-    ("base64-not-image", "/predict", dict(json={"instances": [base64.b64encode(b"hello").decode()]}), 400,
-     "could not be decoded"),
-    ("truncated-png", "/predict", dict(json={"instances": [base64.b64encode(png(40, 40, noise=True)[:200]).decode()]}), 400,
-     "could not be decoded"),
-    ("image-too-large", "/predict", dict(json={"instances": [base64.b64encode(png(5000, 5000)).decode()]}), 413,
-     "pixels"),
-    ("text-plain", "/predict", dict(content=body({"instances": [IMG]}), headers={"content-type": "text/plain"}),
-     415, "application/json"),
+    (
+        "base64-not-image",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(b"hello").decode()]}),
+        400,
+        "could not be decoded",
+    ),
+    (
+        "truncated-png",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(png(40, 40, noise=True)[:200]).decode()]}),
+        400,
+        "could not be decoded",
+    ),
+    (
+        "image-too-large",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(png(5000, 5000)).decode()]}),
+        413,
+        "pixels",
+    ),
+    (
+        "text-plain",
+        "/predict",
+        dict(content=body({"instances": [IMG]}), headers={"content-type": "text/plain"}),
+        415,
+        "application/json",
+    ),
     ("no-content-type", "/predict", dict(content=body({"instances": [IMG]})), 415, "application/json"),
     ("form-encoded", "/invocations", dict(data={"inputs": "x"}), 415, "application/json"),
     ("body-over-limit", "/predict", dict(content=b" " * (1024 * 1024 + 1), headers=JSON), 413, "limit"),
-    ("chunked-over-limit", "/predict", dict(content=chunked(b" " * (1024 * 1024 + 100)), headers=JSON), 413,
-     "exceeds the limit"),
+    (
+        "chunked-over-limit",
+        "/predict",
+        dict(content=chunked(b" " * (1024 * 1024 + 100)), headers=JSON),
+        413,
+        "exceeds the limit",
+    ),
     ("invocations-no-key", "/invocations", dict(json={"data": [IMG]}), 422, "unknown field(s) ['data']"),
     ("invocations-two-keys", "/invocations", dict(json={"inputs": [IMG], "instances": [IMG]}), 422, "exactly one"),
     ("invocations-params", "/invocations", dict(json={"inputs": [IMG], "params": {"x": 1}}), 422, "params"),
@@ -96,40 +121,89 @@ CASES = [
     ("invocations-empty", "/invocations", dict(json={"inputs": []}), 422, "empty"),
     ("invocations-too-many", "/invocations", dict(json={"inputs": [IMG] * 301}), 413, "limit is 300"),
     ("invocations-named-wrong", "/invocations", dict(json={"inputs": {"pixels": [IMG]}}), 422, "'images'"),
-    ("dataframe-columns", "/invocations",
-     dict(json={"dataframe_split": {"columns": ["a", "b"], "data": [[0.5, 0.5]]}}), 422, "64 pixel columns"),
-    ("dataframe-row-length", "/invocations", dict(json={"dataframe_split": {"data": [[0.5] * 63]}}), 422,
-     "64 pixels"),
-    ("dataframe-unknown", "/invocations",
-     dict(json={"dataframe_split": {"data": [[0.5] * 64], "dtypes": []}}), 422, "dtypes"),
+    (
+        "dataframe-columns",
+        "/invocations",
+        dict(json={"dataframe_split": {"columns": ["a", "b"], "data": [[0.5, 0.5]]}}),
+        422,
+        "64 pixel columns",
+    ),
+    ("dataframe-row-length", "/invocations", dict(json={"dataframe_split": {"data": [[0.5] * 63]}}), 422, "64 pixels"),
+    (
+        "dataframe-unknown",
+        "/invocations",
+        dict(json={"dataframe_split": {"data": [[0.5] * 64], "dtypes": []}}),
+        422,
+        "dtypes",
+    ),
     ("image-json-body", "/predict/image", dict(json={"files": []}), 415, "multipart/form-data"),
     ("image-no-files", "/predict/image", dict(files={"other": ("a.png", png())}), 422, "unknown form field"),
-    ("image-text-field", "/predict/image", dict(data={"files": "abc"}, files={"x": ("a.png", png())}), 422,
-     "unknown form field"),
-    ("image-text-only", "/predict/image", dict(data={"files": "abc"}, files={"files": ("", b"")}), 422,
-     "file uploads"),
-    ("image-not-image", "/predict/image", dict(files={"files": ("a.txt", b"plain text")}), 400,
-     "could not be decoded"),
+    (
+        "image-text-field",
+        "/predict/image",
+        dict(data={"files": "abc"}, files={"x": ("a.png", png())}),
+        422,
+        "unknown form field",
+    ),
+    ("image-text-only", "/predict/image", dict(data={"files": "abc"}, files={"files": ("", b"")}), 422, "file uploads"),
+    ("image-not-image", "/predict/image", dict(files={"files": ("a.txt", b"plain text")}), 400, "could not be decoded"),
     ("image-top-k", "/predict/image?top_k=zero", dict(files={"files": ("a.png", png())}), 422, "top_k"),
     ("image-query", "/predict/image?k=1", dict(files={"files": ("a.png", png())}), 422, "query parameter"),
     ("nested-34-deep", "/predict", dict(json={"instances": [NESTED_34]}), 422, "nested more than 5 levels deep"),
     ("top-k-superscript", "/predict/image?top_k=%C2%B2", dict(files={"files": ("a.png", png())}), 422, "top_k"),
-    ("image-too-long", "/predict", dict(json={"instances": [base64.b64encode(png(9000, 1)).decode()]}), 413,
-     "8192 on a side"),
-    ("image-too-thin", "/predict", dict(json={"instances": [base64.b64encode(png(1000, 4)).decode()]}), 400,
-     "differ at most 64 times"),
-    ("no-memory-address", "/predict/image", dict(files={"files": ("a.txt", b"plain text")}), 400,
-     "cannot identify image file the data"),
-    ("image-too-many", "/predict/image", dict(files=[("files", (f"{i}.png", png())) for i in range(301)]), 413,
-     "limit is 300"),
-    ("request-pixels", "/predict", dict(json={"instances": [base64.b64encode(png(4000, 2000)).decode()] * 3}), 413,
-     "instances[2] would take this request's decoded images past NHLE_MAX_REQUEST_PIXELS"),
-    ("request-pixels-files", "/predict/image", dict(files=[("files", (f"{i}.png", png(4000, 2000))) for i in range(3)]),
-     413, "NHLE_MAX_REQUEST_PIXELS"),
+    (
+        "image-too-long",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(png(9000, 1)).decode()]}),
+        413,
+        "8192 on a side",
+    ),
+    (
+        "image-too-thin",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(png(1000, 4)).decode()]}),
+        400,
+        "differ at most 64 times",
+    ),
+    (
+        "no-memory-address",
+        "/predict/image",
+        dict(files={"files": ("a.txt", b"plain text")}),
+        400,
+        "cannot identify image file the data",
+    ),
+    (
+        "image-too-many",
+        "/predict/image",
+        dict(files=[("files", (f"{i}.png", png())) for i in range(301)]),
+        413,
+        "limit is 300",
+    ),
+    (
+        "request-pixels",
+        "/predict",
+        dict(json={"instances": [base64.b64encode(png(4000, 2000)).decode()] * 3}),
+        413,
+        "instances[2] would take this request's decoded images past NHLE_MAX_REQUEST_PIXELS",
+    ),
+    (
+        "request-pixels-files",
+        "/predict/image",
+        dict(files=[("files", (f"{i}.png", png(4000, 2000))) for i in range(3)]),
+        413,
+        "NHLE_MAX_REQUEST_PIXELS",
+    ),
     ("invocations-bytes", "/invocations", dict(json={"inputs": [[[200] * 8] * 8]}), 422, "divide 0..255 pixels by 255"),
-    ("malformed-multipart", "/predict/image",
-     dict(content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno end",
-          headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "multipart"),
+    (
+        "malformed-multipart",
+        "/predict/image",
+        dict(
+            content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno end",
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        ),
+        400,
+        "multipart",
+    ),
 ]
 
 
@@ -158,8 +232,10 @@ def test_invocations_never_suggests_a_field_it_rejects(server):
 def test_a_body_that_stops_midway_gets_408_and_the_connection_closed(server):
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
-        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b'{"instances": [')
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"instances": ['
+        )
         received = b""
         while chunk := conn.recv(4096):  # b"" once the server has closed the connection
             received += chunk
@@ -233,8 +309,9 @@ def test_images_with_mutated_exif_get_a_4xx_never_a_5xx(server):
 def test_an_inference_header_length_of_5000_digits_is_a_400(server):
     from serving_support import NAME
 
-    response = server.http.post(f"/v2/models/{NAME}/infer", content=b"{}",
-                                headers={"Inference-Header-Content-Length": "9" * 5000})
+    response = server.http.post(
+        f"/v2/models/{NAME}/infer", content=b"{}", headers={"Inference-Header-Content-Length": "9" * 5000}
+    )
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.text, response.text
 
 
@@ -267,7 +344,11 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_an_image_over_the_pixel_limit_is_a_413_and_zero_v2_images_a_400(server):
@@ -276,6 +357,8 @@ def test_an_image_over_the_pixel_limit_is_a_413_and_zero_v2_images_a_400(server)
     bomb = base64.b64encode(png_header_only(50_000, 50_000)).decode()  # 2.5 billion pixels, by its header
     response = server.http.post("/predict", json={"instances": [bomb]})
     assert response.status_code == 413 and "too large" in response.json()["detail"], response.text
-    empty = server.http.post(f"/v2/models/{NAME}/infer", json={"inputs": [
-        {"name": "images", "shape": [0, 1, 8, 8], "datatype": "FP32", "data": []}]})
+    empty = server.http.post(
+        f"/v2/models/{NAME}/infer",
+        json={"inputs": [{"name": "images", "shape": [0, 1, 8, 8], "datatype": "FP32", "data": []}]},
+    )
     assert empty.status_code == 400 and "N >= 1" in empty.json()["error"], empty.text

@@ -3,6 +3,7 @@ with its own rows of its own model (a hot swap never mixes versions in one call)
 
     .venv/bin/python -m pytest -q tests/serving/test_batching.py
 """
+
 import threading
 
 import numpy as np
@@ -16,10 +17,21 @@ from nhle_serving.sources import Pointer
 
 def loaded(path, forgotten, batcher) -> LoadedModel:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return LoadedModel(session=session, input_name="images", output_name="probabilities", input_shape=(1, 8, 8),
-                       class_names=tuple(map(str, range(10))), forgotten=forgotten,
-                       pointer=Pointer(key=str(path), model_uri=str(path)), sha256="-", providers=("cpu",),
-                       loaded_at="-", load_seconds=0.0, metadata={}, batcher=batcher)
+    return LoadedModel(
+        session=session,
+        input_name="images",
+        output_name="probabilities",
+        input_shape=(1, 8, 8),
+        class_names=tuple(map(str, range(10))),
+        forgotten=forgotten,
+        pointer=Pointer(key=str(path), model_uri=str(path)),
+        sha256="-",
+        providers=("cpu",),
+        loaded_at="-",
+        load_seconds=0.0,
+        metadata={},
+        batcher=batcher,
+    )
 
 
 @pytest.fixture
@@ -32,8 +44,10 @@ def batcher():
 def concurrently(calls):
     results, threads = [None] * len(calls), []
     for i, (model, x) in enumerate(calls):
+
         def run(i=i, model=model, x=x):
             results[i] = model.probabilities(x)
+
         threads.append(threading.Thread(target=run))
     for t in threads:
         t.start()
@@ -45,7 +59,7 @@ def concurrently(calls):
 def test_concurrent_requests_share_a_call_and_get_their_own_rows(onnx_files, digits, batcher):
     model = loaded(onnx_files[(3,)], (3,), batcher)
     images = digits.test.float_images().numpy()
-    parts = [images[2 * i:2 * i + 2] for i in range(6)]
+    parts = [images[2 * i : 2 * i + 2] for i in range(6)]
     results = concurrently([(model, x) for x in parts])
     assert batcher.calls == 1 and batcher.images == 12  # all six waited for one another (500 ms)
     for x, p in zip(parts, results):

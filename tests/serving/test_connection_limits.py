@@ -4,6 +4,7 @@ with gunicorn (docs/deploy.md), each a real process spoken to over raw sockets.
 
     .venv/bin/python -m pytest -q tests/serving/test_connection_limits.py
 """
+
 import json
 import socket
 import subprocess
@@ -77,8 +78,10 @@ def test_a_32_mib_header_is_refused_at_64_kib_while_others_are_served(guarded):
 def test_a_large_body_in_the_same_packet_as_its_head_is_not_counted_as_head(guarded):
     body = json.dumps({"instances": [IMG] * 250}).encode()  # about 80 KB
     assert len(body) > 64 * 1024
-    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     received, _ = exchange(guarded.port, head + body)
     assert received.startswith(b"HTTP/1.1 200"), received[:300]
 
@@ -97,15 +100,31 @@ def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(guarded):
 
 def test_gunicorn_with_the_nhle_worker_holds_the_same_limits(champion_registry, tmp_path):
     """docs/deploy.md's gunicorn start: the limits come from the serving settings."""
-    from nhle.adapters.processes import free_port, stop_process
     from serving_support import Server
+
+    from nhle.adapters.processes import free_port, stop_process
 
     port = free_port()
     env = Server.environment(champion_registry.root, **LIMITS)
     log = open(tmp_path / "gunicorn.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "nhle_serving.http.Worker", "-w", "1",
-                             "-b", f"127.0.0.1:{port}", "nhle_serving.server:create_app()"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=champion_registry.root)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "nhle_serving.http.Worker",
+            "-w",
+            "1",
+            "-b",
+            f"127.0.0.1:{port}",
+            "nhle_serving.server:create_app()",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=champion_registry.root,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -5,6 +5,7 @@
 One registry and one server (alias poll every 0.5 s) for the module; the tests run in order
 and move the champion alias: v1 (class 3 masked) -> broken versions -> 3 and 5 masked.
 """
+
 import json
 import threading
 import time
@@ -12,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from serving_support import ADMIN_TOKEN, NAME, preprocessing
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -28,8 +28,12 @@ def live(make_registry, onnx_files, digits, start_server):
 
 def test_admin_reload_needs_the_token(live):
     _, server = live
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
-                    {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {ADMIN_TOKEN}"},
+        {"Authorization": "Bearer"},
+    ):
         r = server.http.post("/admin/reload", headers=headers)
         assert r.status_code == 401, (headers, r.text)
         assert r.headers["www-authenticate"] == "Bearer"
@@ -64,9 +68,12 @@ def test_broken_versions_are_not_swapped_in(live, onnx_files, digits, swapped_ro
     # The registered file replaced afterwards by a valid graph that answers 1 for every 0.
     tampered = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), tamper_with=swapped_rows)
     ungated = registry.register(onnx_files[(3,)], preprocessing(digits, [3]), gates_passed=False)
-    for version, words in ((garbage, "INVALID_PROTOBUF"), (unmasked, "forgotten classes get non-zero probability"),
-                           (tampered, "the file changed after registration"),
-                           (ungated, "is not tagged as having passed its gates")):
+    for version, words in (
+        (garbage, "INVALID_PROTOBUF"),
+        (unmasked, "forgotten classes get non-zero probability"),
+        (tampered, "the file changed after registration"),
+        (ungated, "is not tagged as having passed its gates"),
+    ):
         registry.client().set_registered_model_alias("nhle-classifier", "champion", version)
         r = server.http.post("/admin/reload", headers=AUTH)  # forced: retried even if the poller failed it
         assert r.status_code == 200, r.text
@@ -92,8 +99,12 @@ def test_hot_swap_under_concurrent_load(live, onnx_files, digits):
     labels = digits.test.labels
     images = digits.test.float_images()
     # Mostly 5s and 3s: the classes the models must not return.
-    picks = [images[labels == 5][i:i + 2].tolist() + images[labels == 3][i:i + 1].tolist()
-             + images[labels == 0][i:i + 1].tolist() for i in range(20)]
+    picks = [
+        images[labels == 5][i : i + 2].tolist()
+        + images[labels == 3][i : i + 1].tolist()
+        + images[labels == 0][i : i + 1].tolist()
+        for i in range(20)
+    ]
     bodies = [json.dumps({"instances": p, "top_k": 10}).encode() for p in picks]
     min_requests, max_requests, deadline = 2000, 8000, time.monotonic() + 60
     results, failures, lock = [], [], threading.Lock()
@@ -101,8 +112,11 @@ def test_hot_swap_under_concurrent_load(live, onnx_files, digits):
     new_version = {}
 
     def enough() -> bool:
-        return issued >= max_requests or time.monotonic() > deadline or (
-            issued >= min_requests and sum(v == new_version.get("v") for v, _ in results[-300:]) >= 200)
+        return (
+            issued >= max_requests
+            or time.monotonic() > deadline
+            or (issued >= min_requests and sum(v == new_version.get("v") for v, _ in results[-300:]) >= 200)
+        )
 
     def worker(seed: int):
         nonlocal issued
@@ -161,8 +175,9 @@ def test_a_server_with_no_champion_yet_says_what_to_run(make_registry, start_ser
     assert response.status_code == 503 and "run `nhle run` (or `nhle import` for your own model) first" in reason
 
 
-def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_interval(make_registry, onnx_files,
-                                                                                    digits, start_server):
+def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_interval(
+    make_registry, onnx_files, digits, start_server
+):
     from nhle.adapters.deletions import RECORD_TAG
     from nhle.adapters.ledger import Ledger
 
@@ -171,8 +186,9 @@ def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_inter
     # No record of its own (a model from before there was one) and no ledger yet: no check can pass.
     registry.client().delete_registered_model_tag(NAME, RECORD_TAG)
     ledger_dir = registry.root / "ledger"
-    server = start_server(registry.root, ready=False, poll_seconds=3600,
-                          requests_database=f"sqlite:///{ledger_dir / 'requests.db'}")
+    server = start_server(
+        registry.root, ready=False, poll_seconds=3600, requests_database=f"sqlite:///{ledger_dir / 'requests.db'}"
+    )
     deadline = time.monotonic() + 30
     while "model check (startup) failed" not in server.log():
         assert time.monotonic() < deadline, server.log()

@@ -3,15 +3,14 @@
 
     .venv/bin/python -m pytest -q tests/serving/test_open_inference.py
 """
+
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
-
 from serving_support import NAME, preprocessing
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -57,8 +56,10 @@ def test_metadata_and_readiness(server):
 def test_json_binary_and_uint8_tensors_agree_with_invocations(server, all_digits):
     client = client_of(server)
     images = all_digits[0][:40]
-    expected = np.array(server.http.post("/invocations", json={"inputs": images.tolist()}).json()
-                        ["predictions"]["probabilities"], dtype=np.float32)
+    expected = np.array(
+        server.http.post("/invocations", json={"inputs": images.tolist()}).json()["predictions"]["probabilities"],
+        dtype=np.float32,
+    )
     binary = v2_infer(client, images, binary=True)
     assert binary.get_response()["model_version"] == "1"
     for result in (binary, v2_infer(client, images, binary=False), v2_infer(client, images, version="1")):
@@ -77,8 +78,12 @@ def test_the_forgotten_class_is_never_returned_over_all_digits(server, all_digit
     client = client_of(server)
     images, labels = all_digits
     assert len(images) >= 1000
-    p = np.concatenate([v2_infer(client, images[i:i + 250], binary=i % 500 == 0).as_numpy("probabilities")
-                        for i in range(0, len(images), 250)])
+    p = np.concatenate(
+        [
+            v2_infer(client, images[i : i + 250], binary=i % 500 == 0).as_numpy("probabilities")
+            for i in range(0, len(images), 250)
+        ]
+    )
     assert p.shape == (len(images), 10) and np.isfinite(p).all()
     assert (p[:, 3] == 0.0).all() and (p.argmax(1) != 3).all()
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
@@ -86,12 +91,15 @@ def test_the_forgotten_class_is_never_returned_over_all_digits(server, all_digit
     assert (p[keep].argmax(1) == labels[keep]).mean() > 0.9  # the rest is still classified
 
 
-@pytest.mark.parametrize("datatype, shape, match", [
-    ("FP64", [2, 1, 8, 8], "datatype is 'FP64'; send FP32"),
-    ("INT32", [2, 1, 8, 8], "datatype is 'INT32'"),
-    ("FP32", [2, 1, 8, 7], r"shape is \[2, 1, 8, 7\]; this model takes \[N, 1, 8, 8\]"),
-    ("FP32", [2, 64], r"shape is \[2, 64\]"),
-])
+@pytest.mark.parametrize(
+    "datatype, shape, match",
+    [
+        ("FP64", [2, 1, 8, 8], "datatype is 'FP64'; send FP32"),
+        ("INT32", [2, 1, 8, 8], "datatype is 'INT32'"),
+        ("FP32", [2, 1, 8, 7], r"shape is \[2, 1, 8, 7\]; this model takes \[N, 1, 8, 8\]"),
+        ("FP32", [2, 64], r"shape is \[2, 64\]"),
+    ],
+)
 def test_bad_tensors_through_the_client_are_a_4xx_naming_the_problem(server, datatype, shape, match):
     client = client_of(server)
     dtype = {"FP64": np.float64, "INT32": np.int32, "FP32": np.float32}[datatype]
@@ -105,29 +113,42 @@ def test_bad_tensors_through_the_client_are_a_4xx_naming_the_problem(server, dat
 def raw_infer(server, header: dict, data: bytes = b"", header_length=None):
     head = json.dumps(header).encode()
     length = str(len(head)) if header_length is None else header_length
-    return server.http.post(f"/v2/models/{NAME}/infer", content=head + data,
-                            headers={"Inference-Header-Content-Length": length} if data or header_length else {})
+    return server.http.post(
+        f"/v2/models/{NAME}/infer",
+        content=head + data,
+        headers={"Inference-Header-Content-Length": length} if data or header_length else {},
+    )
 
 
 def binary_header(n: int, size: int, datatype: str = "FP32") -> dict:
-    return {"inputs": [{"name": "images", "shape": [n, 1, 8, 8], "datatype": datatype,
-                        "parameters": {"binary_data_size": size}}]}
+    return {
+        "inputs": [
+            {"name": "images", "shape": [n, 1, 8, 8], "datatype": datatype, "parameters": {"binary_data_size": size}}
+        ]
+    }
 
 
-@pytest.mark.parametrize("case, status, words", [
-    ("declared size wrong", 400, "binary_data_size is 100; shape [2, 1, 8, 8] of FP32 takes 512 bytes"),
-    ("fewer bytes than declared", 400, "carries 300 bytes of tensor data after its JSON header; inputs[0] declares 512"),
-    ("bytes left over", 400, "carries 600 bytes of tensor data; the inputs declare 512"),
-    ("header length not a number", 400, "Inference-Header-Content-Length 'ten'"),
-    ("header length past the body", 400, "must be a whole number of bytes from 1 to the body's"),
-    ("header length cuts the JSON", 400, "the body is not valid JSON"),
-    ("UINT8 JSON data out of range", 400, "not UINT8 (whole numbers 0..255)"),
-    ("FP32 out of [0, 1]", 400, "outside [0, 1]: send UINT8 for 0..255 pixels"),
-    ("JSON data of the wrong count", 400, "holds 10 values; shape [1, 1, 8, 8] needs 64"),
-    ("wrong input name", 400, "inputs[0].name is 'x'; the model's input is 'images'"),
-    ("unknown output", 400, "the model's one output is 'probabilities'"),
-    ("too many images", 413, "the limit is 300"),
-])
+@pytest.mark.parametrize(
+    "case, status, words",
+    [
+        ("declared size wrong", 400, "binary_data_size is 100; shape [2, 1, 8, 8] of FP32 takes 512 bytes"),
+        (
+            "fewer bytes than declared",
+            400,
+            "carries 300 bytes of tensor data after its JSON header; inputs[0] declares 512",
+        ),
+        ("bytes left over", 400, "carries 600 bytes of tensor data; the inputs declare 512"),
+        ("header length not a number", 400, "Inference-Header-Content-Length 'ten'"),
+        ("header length past the body", 400, "must be a whole number of bytes from 1 to the body's"),
+        ("header length cuts the JSON", 400, "the body is not valid JSON"),
+        ("UINT8 JSON data out of range", 400, "not UINT8 (whole numbers 0..255)"),
+        ("FP32 out of [0, 1]", 400, "outside [0, 1]: send UINT8 for 0..255 pixels"),
+        ("JSON data of the wrong count", 400, "holds 10 values; shape [1, 1, 8, 8] needs 64"),
+        ("wrong input name", 400, "inputs[0].name is 'x'; the model's input is 'images'"),
+        ("unknown output", 400, "the model's one output is 'probabilities'"),
+        ("too many images", 413, "the limit is 300"),
+    ],
+)
 def test_bad_bodies_are_a_4xx_naming_the_problem(server, case, status, words):
     zeros = np.zeros((2, 1, 8, 8), np.float32).tobytes()
     r = {
@@ -137,14 +158,18 @@ def test_bad_bodies_are_a_4xx_naming_the_problem(server, case, status, words):
         "header length not a number": lambda: raw_infer(server, binary_header(2, 512), zeros, "ten"),
         "header length past the body": lambda: raw_infer(server, binary_header(2, 512), zeros, "99999"),
         "header length cuts the JSON": lambda: raw_infer(server, binary_header(2, 512), zeros, "20"),
-        "UINT8 JSON data out of range": lambda: raw_infer(server, {"inputs": [
-            {"name": "images", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}]}),
-        "FP32 out of [0, 1]": lambda: raw_infer(server, {"inputs": [
-            {"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [16.0] * 64}]}),
-        "JSON data of the wrong count": lambda: raw_infer(server, {"inputs": [
-            {"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 10}]}),
-        "wrong input name": lambda: raw_infer(server, {"inputs": [
-            {"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}),
+        "UINT8 JSON data out of range": lambda: raw_infer(
+            server, {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}]}
+        ),
+        "FP32 out of [0, 1]": lambda: raw_infer(
+            server, {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [16.0] * 64}]}
+        ),
+        "JSON data of the wrong count": lambda: raw_infer(
+            server, {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 10}]}
+        ),
+        "wrong input name": lambda: raw_infer(
+            server, {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+        ),
         "unknown output": lambda: raw_infer(server, {**binary_header(2, 512), "outputs": [{"name": "logits"}]}, zeros),
         "too many images": lambda: raw_infer(server, binary_header(301, 301 * 256), bytes(301 * 256)),
     }[case]()
@@ -170,28 +195,32 @@ def test_a_compressed_body_cut_short_or_with_bytes_after_it_is_a_400(server):
     import gzip
     import zlib
 
-    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                   "data": [0.5] * 64}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}
+    ).encode()
     url = f"/v2/models/{NAME}/infer"
     whole = gzip.compress(body)
     assert server.http.post(url, content=whole, headers={"Content-Encoding": "gzip"}).status_code == 200
-    for encoding, sent, words in [("gzip", whole[:-8], "ends before its end marker"),  # no CRC and length
-                                  ("deflate", zlib.compress(body)[:-4], "ends before its end marker"),
-                                  ("gzip", whole + b"junk", "4 bytes after its gzip data")]:
+    for encoding, sent, words in [
+        ("gzip", whole[:-8], "ends before its end marker"),  # no CRC and length
+        ("deflate", zlib.compress(body)[:-4], "ends before its end marker"),
+        ("gzip", whole + b"junk", "4 bytes after its gzip data"),
+    ]:
         r = server.http.post(url, content=sent, headers={"Content-Encoding": encoding})
         assert r.status_code == 400 and words in r.json()["error"], (encoding, r.status_code, r.text)
 
 
 @pytest.mark.parametrize("micro_batching", [False, True])
-def test_hot_swap_during_v2_binary_load_fails_no_request(make_registry, onnx_files, digits, start_server, all_digits,
-                                                         micro_batching):
+def test_hot_swap_during_v2_binary_load_fails_no_request(
+    make_registry, onnx_files, digits, start_server, all_digits, micro_batching
+):
     """Four clients send V2 binary batches of 8 while a new champion (3 and 5 masked) is
     registered: no request fails, version 1 never returns class 3 and version 2 never 3 or 5."""
     registry = make_registry(f"v2-swap-project-{micro_batching}")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     server = start_server(registry.root, poll_seconds=0.5, micro_batching=str(micro_batching).lower())
     images, labels = all_digits
-    picks = [np.concatenate([images[labels == 5][i:i + 4], images[labels == 3][i:i + 4]]) for i in range(20)]
+    picks = [np.concatenate([images[labels == 5][i : i + 4], images[labels == 3][i : i + 4]]) for i in range(20)]
     results, failures, lock, stop = [], [], threading.Lock(), threading.Event()
 
     def worker(seed: int):
@@ -257,6 +286,7 @@ def test_infer_routes_are_in_the_openapi_schema_with_a_working_example(server):
         assert r.json() == operation["responses"]["200"]["content"]["application/json"]["example"]
         assert r.json()["outputs"][0]["data"][3] == 0  # the forgotten class
     assert len(set(op["operationId"] for item in spec["paths"].values() for op in item.values())) == sum(
-        len(item) for item in spec["paths"].values())  # operation ids stay unique
+        len(item) for item in spec["paths"].values()
+    )  # operation ids stay unique
     paths = list(spec["paths"])
     assert paths.index("/v2/models/{name}/infer") > paths.index("/v2/models/{name}/versions/{version}/ready")

@@ -1,7 +1,8 @@
 """The server's answers against the PyTorch model it was exported from, over real HTTP.
 
-    .venv/bin/python -m pytest -q tests/serving/test_predict.py
+.venv/bin/python -m pytest -q tests/serving/test_predict.py
 """
+
 import base64
 import hashlib
 import io
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from serving_support import NAME
 
 
@@ -23,7 +23,7 @@ def torch_probabilities(model, x: torch.Tensor) -> np.ndarray:
 
 
 def chunks(x, size):
-    return [x[i:i + size] for i in range(0, len(x), size)]
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 def test_predict_and_invocations_match_pytorch(server, models, digits):
@@ -46,9 +46,11 @@ def test_predict_and_invocations_match_pytorch(server, models, digits):
 
     # The other two MLflow input forms give the same numbers.
     part = x[:20]
-    for payload in ({"instances": part.tolist()},
-                    {"dataframe_split": {"columns": [f"p{i}" for i in range(64)], "data": part.reshape(20, -1).tolist()}},
-                    {"inputs": part.squeeze(1).tolist()}):
+    for payload in (
+        {"instances": part.tolist()},
+        {"dataframe_split": {"columns": [f"p{i}" for i in range(64)], "data": part.reshape(20, -1).tolist()}},
+        {"inputs": part.squeeze(1).tolist()},
+    ):
         r = server.http.post("/invocations", json=payload)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json()["predictions"]["probabilities"]), expected[:20], atol=1e-5)
@@ -86,16 +88,20 @@ def test_images_of_any_size_as_base64_and_multipart(server, digits):
     # Exactly 8 x 8 grey; 64 x 64 RGB (each pixel an 8 x 8 block: the box filter gives it back);
     # a data URL; all must agree with the byte arrays.
     same_size = [base64.b64encode(encode(Image.fromarray(p))).decode() for p in pixels]
-    upscaled = [base64.b64encode(encode(Image.fromarray(p).resize((64, 64), Image.NEAREST).convert("RGB"))).decode()
-                for p in pixels]
+    upscaled = [
+        base64.b64encode(encode(Image.fromarray(p).resize((64, 64), Image.NEAREST).convert("RGB"))).decode()
+        for p in pixels
+    ]
     data_urls = ["data:image/png;base64," + s for s in same_size]
     tf_serving = [{"b64": s} for s in same_size]  # the TF Serving / KServe V1 convention
     for instances in (same_size, upscaled, data_urls, tf_serving):
         assert top(server.http.post("/predict", json={"instances": instances, "top_k": 2})) == reference
 
     # Odd sizes and JPEG decode and give a valid answer.
-    odd = [base64.b64encode(encode(Image.fromarray(pixels[0]).resize((37, 23)), "JPEG")).decode(),
-           base64.b64encode(encode(Image.fromarray(pixels[1]).resize((5, 3)))).decode()]
+    odd = [
+        base64.b64encode(encode(Image.fromarray(pixels[0]).resize((37, 23)), "JPEG")).decode(),
+        base64.b64encode(encode(Image.fromarray(pixels[1]).resize((5, 3)))).decode(),
+    ]
     assert len(top(server.http.post("/predict", json={"instances": odd}))) == 2
 
     files = [("files", (f"digit{i}.png", encode(Image.fromarray(p)), "image/png")) for i, p in enumerate(pixels)]
@@ -128,15 +134,21 @@ import json, sys
 import numpy as np
 import nhle_serving.models, nhle_serving.payloads, nhle_serving.settings
 settings = nhle_serving.settings.Settings(project_dir={str(champion_registry.root)!r},
-                                params_path={str(champion_registry.root / 'params.yaml')!r})
+                                params_path={str(champion_registry.root / "params.yaml")!r})
 manager = nhle_serving.models.ModelManager(settings)
 assert manager.refresh()["outcome"] == "swapped"
-out = nhle_serving.payloads.handle_predict(json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode(), manager.current, settings)
+body = json.dumps({{"instances": [[[0.5] * 8] * 8]}}).encode()
+out = nhle_serving.payloads.handle_predict(body, manager.current, settings)
 assert len(out["predictions"]) == 1
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env={**server.env, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**server.env, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
@@ -166,5 +178,11 @@ def test_openapi_examples_are_the_served_models_real_answers(server):
         r = server.http.post(path, json=request)  # what "Try it out" in /docs sends
         assert r.status_code == 200, r.text
         assert r.json() == documented
-    assert len(spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["example"]
-               ["predictions"][0]["top_k"]) == 3
+    assert (
+        len(
+            spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["example"][
+                "predictions"
+            ][0]["top_k"]
+        )
+        == 3
+    )

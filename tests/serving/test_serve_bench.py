@@ -5,6 +5,7 @@ accepted -> suppressed, processing started -> the new version served, -> the pro
 
     .venv/bin/python -m pytest -q tests/serving/test_serve_bench.py
 """
+
 import json
 
 from nhle.bench.serving import BASELINE, VARIANTS
@@ -20,10 +21,25 @@ def test_bench_serve_writes_its_figures(tmp_path, prefect_harness, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
 
     out = tmp_path / "out"
-    result = bench_serve(tmp_path, None, out, rounds=2, single_requests=20, batch_requests=4, batch_size=64,
-                         concurrency=2, seconds=120, round_seconds=0.05,
-                         assignments=("train.epochs=4", "retrain_baseline=false", "gates.max_retained_drop_pp=50",
-                                      "gates.min_retain_test_acc=0.5"), swap_requests=2)  # timing, not quality
+    result = bench_serve(
+        tmp_path,
+        None,
+        out,
+        rounds=2,
+        single_requests=20,
+        batch_requests=4,
+        batch_size=64,
+        concurrency=2,
+        seconds=120,
+        round_seconds=0.05,
+        assignments=(
+            "train.epochs=4",
+            "retrain_baseline=false",
+            "gates.max_retained_drop_pp=50",
+            "gates.min_retain_test_acc=0.5",
+        ),
+        swap_requests=2,
+    )  # timing, not quality
     assert json.loads((out / "serve.json").read_text()) == result
     assert set(result["http"]) == {"single", "batch_64"}
     for payload, rows in result["http"].items():

@@ -1,31 +1,51 @@
 """In-process checks of the server module: settings, provider choice, the local-file source.
 
-    .venv/bin/python -m pytest -q tests/serving/test_settings_and_sources.py
+.venv/bin/python -m pytest -q tests/serving/test_settings_and_sources.py
 """
+
 import shutil
 
 import pytest
+from serving_support import preprocessing
 
 import nhle_serving.models
 import nhle_serving.settings
-from serving_support import preprocessing
 
 
 def test_settings_from_env():
-    s = nhle_serving.settings.Settings.from_env({
-        "NHLE_PARAMS": "p.yaml", "NHLE_PROJECT_DIR": "/srv", "NHLE_MODEL": "models:/m@prod", "NHLE_ADMIN_TOKEN": "t" * 32,
-        "NHLE_POLL_SECONDS": "0.5", "NHLE_MAX_INSTANCES": "10", "NHLE_MAX_BODY_BYTES": "2048",
-        "NHLE_ORT_THREADS": "2", "NHLE_ORT_OPT_LEVEL": "Basic", "NHLE_DEVICE": "cpu",
-        "NHLE_VERIFY_KEY": "/etc/Keys/Nhle.pub"})
+    s = nhle_serving.settings.Settings.from_env(
+        {
+            "NHLE_PARAMS": "p.yaml",
+            "NHLE_PROJECT_DIR": "/srv",
+            "NHLE_MODEL": "models:/m@prod",
+            "NHLE_ADMIN_TOKEN": "t" * 32,
+            "NHLE_POLL_SECONDS": "0.5",
+            "NHLE_MAX_INSTANCES": "10",
+            "NHLE_MAX_BODY_BYTES": "2048",
+            "NHLE_ORT_THREADS": "2",
+            "NHLE_ORT_OPT_LEVEL": "Basic",
+            "NHLE_DEVICE": "cpu",
+            "NHLE_VERIFY_KEY": "/etc/Keys/Nhle.pub",
+        }
+    )
     assert s.verify_key == "/etc/Keys/Nhle.pub"  # a path as given; choices in any case (Basic)
-    assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == ("p.yaml", "/srv", "models:/m@prod", "t" * 32)
+    assert (str(s.params_path), str(s.project_dir), s.model, s.admin_token) == (
+        "p.yaml",
+        "/srv",
+        "models:/m@prod",
+        "t" * 32,
+    )
     assert (s.poll_seconds, s.max_instances, s.max_body_bytes, s.ort_threads) == (0.5, 10, 2048, 2)
     assert (s.ort_opt_level, s.device) == ("basic", "cpu")
     default = nhle_serving.settings.Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml"})
     assert default.poll_seconds == 5 and default.max_instances == 256 and default.max_body_bytes == 8 * 1024 * 1024
     assert default.model is None and default.admin_token is None and default.ort_opt_level == "all"
-    for env, name in (({"NHLE_ORT_OPT_LEVEL": "max"}, "NHLE_ORT_OPT_LEVEL"), ({"NHLE_MAX_INSTANCES": "x"}, "NHLE_MAX_INSTANCES"),
-                      ({"NHLE_POLL_SECONDS": "0"}, "NHLE_POLL_SECONDS"), ({"NHLE_DEVICE": "tpu"}, "NHLE_DEVICE")):
+    for env, name in (
+        ({"NHLE_ORT_OPT_LEVEL": "max"}, "NHLE_ORT_OPT_LEVEL"),
+        ({"NHLE_MAX_INSTANCES": "x"}, "NHLE_MAX_INSTANCES"),
+        ({"NHLE_POLL_SECONDS": "0"}, "NHLE_POLL_SECONDS"),
+        ({"NHLE_DEVICE": "tpu"}, "NHLE_DEVICE"),
+    ):
         with pytest.raises(ValueError, match=name):
             nhle_serving.settings.Settings.from_env(env)
 
@@ -40,8 +60,9 @@ def test_settings_come_from_params_yaml_and_env_wins(tmp_path):
 
 
 def test_cuda_is_asked_for_only_with_a_gpu(monkeypatch):
-    monkeypatch.setattr(nhle_serving.models.ort, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        nhle_serving.models.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     monkeypatch.setattr(nhle_serving.models, "gpu_present", lambda: False)
     assert nhle_serving.models.choose_providers("auto") == ["CPUExecutionProvider"]
     monkeypatch.setattr(nhle_serving.models.ort, "preload_dlls", lambda *a, **k: None, raising=False)
@@ -62,8 +83,9 @@ def test_local_file_is_reloaded_when_it_changes(onnx_files, tmp_path):
     """NHLE_MODEL=<file>.onnx: a new file is smoke-tested and swapped in, a broken one is not."""
     for name in ("model.onnx", "model.preprocessing.json"):
         shutil.copy(onnx_files[(3,)].parent / name, tmp_path / name)
-    manager = nhle_serving.models.ModelManager(nhle_serving.settings.Settings(model=str(tmp_path / "model.onnx"), ort_threads=1,
-                                                            ort_opt_level="basic"))
+    manager = nhle_serving.models.ModelManager(
+        nhle_serving.settings.Settings(model=str(tmp_path / "model.onnx"), ort_threads=1, ort_opt_level="basic")
+    )
     assert manager.refresh()["outcome"] == "swapped" and manager.current.forgotten == (3,)
     assert manager.refresh()["outcome"] == "unchanged"
     for name in ("model.onnx", "model.preprocessing.json"):
@@ -126,12 +148,15 @@ def test_registry_source_never_creates_a_missing_store_or_ledger(tmp_path, champ
     for url in (ledger, f"sqlite:///{tmp_path / 'no-such-folder' / 'r.db'}"):
         source = RegistrySource("models:/nhle-classifier@champion", champion_registry.uri, url)
         assert source.current().version == "1" and source.deleted_classes() == {}
-        assert source.record.startswith("the registered model's record (the ledger") and "does not exist" in source.record
+        assert (
+            source.record.startswith("the registered model's record (the ledger") and "does not exist" in source.record
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(tmp_path, make_registry, onnx_files,
-                                                                                digits):
+def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(
+    tmp_path, make_registry, onnx_files, digits
+):
     """A registered model without its own record (made before there was one) and no ledger file:
     what was deleted cannot be known, so the source refuses rather than answer 'nothing'."""
     from nhle.adapters.deletions import RECORD_TAG, MissingLedger
@@ -146,8 +171,9 @@ def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(
     with pytest.raises(MissingLedger, match=f"ledger {tmp_path / 'requests.db'} does not exist .* `nhle request init`"):
         source.deleted_classes()
     assert list(tmp_path.iterdir()) == []
-    Ledger(url).submit([5], ["5"], "dpo@example.com", "erasure", model_name="nhle-classifier", status="done",
-                       model_version_after="1")
+    Ledger(url).submit(
+        [5], ["5"], "dpo@example.com", "erasure", model_name="nhle-classifier", status="done", model_version_after="1"
+    )
     assert source.deleted_classes() == {5: [1]} and source.record == "the ledger"
 
 
@@ -167,8 +193,13 @@ def test_every_nhle_variable_the_server_reads_is_in_the_readme_table_and_the_ser
         shown = table[name].strip().strip("`").split()[0].strip("`")
         if default is None or name in ("NHLE_PARAMS", "NHLE_PROJECT_DIR"):
             continue  # unset / where the server runs: said in words
-        expected = str(default).lower() if isinstance(default, bool) else f"{default:g}" if isinstance(
-            default, float) else str(default)
+        expected = (
+            str(default).lower()
+            if isinstance(default, bool)
+            else f"{default:g}"
+            if isinstance(default, float)
+            else str(default)
+        )
         assert shown == expected, f"serving/README.md gives {name} the default {shown!r}; the server's is {expected!r}"
     listed = set(re.findall(r"NHLE_[A-Z_]+", nhle_serving.server.__doc__.split("Hot swap")[0]))
     assert listed == set(read), listed ^ set(read)

@@ -4,10 +4,9 @@ MLflow on SQLite, `nhle_serving` as a process over HTTP.
 
     .venv/bin/python -m pytest -q tests/serving/test_signatures.py
 """
-import numpy as np
+
 import onnx
 from onnx import numpy_helper
-
 from serving_support import NAME, preprocessing
 
 
@@ -51,7 +50,7 @@ def test_changed_weights_with_copied_tags_and_signature_are_refused(make_registr
     unsigned = registry.register(onnx_files[(3,)], metadata, champion=False, sign=False)
     for version, reason in ((replayed, f"signature is for {NAME} version {genuine}"), (unsigned, "is not signed")):
         registry.client().set_registered_model_alias(NAME, "champion", version)
-        server.wait_for(lambda d: (d.get("refused") or {}).get("version") == version, f"version {version} refused")
+        server.wait_for(lambda d, v=version: (d.get("refused") or {}).get("version") == v, f"version {version} refused")
         described = server.http.get("/model").json()
         assert described["version"] == genuine and reason in described["refused"]["reason"], described
     images = digits.test.float_images()[:8].numpy()
@@ -72,8 +71,9 @@ def test_a_server_with_another_public_key_serves_nothing(make_registry, onnx_fil
     assert "no public key at" in missing.wait_for_503("no public key")
 
 
-def test_a_running_server_notices_when_its_versions_files_change_in_the_registry(make_registry, onnx_files, digits,
-                                                                                start_server):
+def test_a_running_server_notices_when_its_versions_files_change_in_the_registry(
+    make_registry, onnx_files, digits, start_server
+):
     """The served version's ONNX file replaced in the artifact store while the server runs: its
     periodic re-verification reports the mismatch on /readyz (503) and /model; put back, it is ready again."""
     from pathlib import Path

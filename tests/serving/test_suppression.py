@@ -4,9 +4,9 @@ MLflow on disk, 1,000 digits through every endpoint (JSON, /invocations, V2 JSON
 
     .venv/bin/python -m pytest -q tests/serving/test_suppression.py
 """
+
 import numpy as np
 import pytest
-
 from serving_support import ADMIN_TOKEN, NAME, preprocessing
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -20,18 +20,21 @@ def answers(server, images: np.ndarray) -> dict[str, np.ndarray]:
     for binary in (True, False):
         tensor = httpclient.InferInput("images", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images, binary_data=binary)
-        result = client.infer(NAME, [tensor], outputs=[httpclient.InferRequestedOutput("probabilities",
-                                                                                        binary_data=binary)])
+        result = client.infer(
+            NAME, [tensor], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)]
+        )
         found["v2-binary" if binary else "v2-json"] = result.as_numpy("probabilities")
-    found["invocations"] = np.asarray(server.http.post("/invocations", json={"inputs": images.tolist()})
-                                      .json()["predictions"]["probabilities"])
+    found["invocations"] = np.asarray(
+        server.http.post("/invocations", json={"inputs": images.tolist()}).json()["predictions"]["probabilities"]
+    )
     top = server.http.post("/predict", json={"instances": images.tolist(), "top_k": 3}).json()["predictions"]
     found["predict-top-3"] = np.array([[row["index"] for row in p["top_k"]] for p in top])
     return found
 
 
-def test_a_pending_request_is_suppressed_on_every_endpoint_until_withdrawn(make_registry, onnx_files, digits,
-                                                                          start_server):
+def test_a_pending_request_is_suppressed_on_every_endpoint_until_withdrawn(
+    make_registry, onnx_files, digits, start_server
+):
     from nhle.adapters.ledger import Ledger
 
     registry = make_registry("suppression")
@@ -67,8 +70,9 @@ def test_a_pending_request_is_suppressed_on_every_endpoint_until_withdrawn(make_
     assert [e.kind for e in ledger.events(request.id)] == ["withdrawn"]
 
 
-def test_a_rejected_request_suppresses_nothing_and_a_failed_one_stays_suppressed(make_registry, onnx_files, digits,
-                                                                                start_server):
+def test_a_rejected_request_suppresses_nothing_and_a_failed_one_stays_suppressed(
+    make_registry, onnx_files, digits, start_server
+):
     from nhle.adapters.ledger import Ledger
 
     registry = make_registry("suppression-statuses")

@@ -1,13 +1,23 @@
 """The serving side needs no torch: `pip install 'nhle[serve]'` names none of the training or
 pipeline stack, and the server, run where torch, torchvision, scikit-learn, Prefect and DVC
 cannot be imported at all, loads the registry's champion and answers over HTTP."""
+
 import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINING_STACK = {"torch", "torchvision", "scikit-learn", "onnxscript", "prefect", "prefect-dask", "dvc", "mlflow",
-                  "matplotlib"}
-BLOCKER = '''
+TRAINING_STACK = {
+    "torch",
+    "torchvision",
+    "scikit-learn",
+    "onnxscript",
+    "prefect",
+    "prefect-dask",
+    "dvc",
+    "mlflow",
+    "matplotlib",
+}
+BLOCKER = """
 import sys
 from pathlib import Path
 
@@ -25,11 +35,13 @@ class NotInAServingImage:
 
 
 sys.meta_path.insert(0, NotInAServingImage())
-'''
+"""
 
 
 def requirement_names(requirements) -> set[str]:
-    return {r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in requirements}
+    return {
+        r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in requirements
+    }
 
 
 def test_the_serve_extra_installs_nothing_of_the_training_or_pipeline_stack():
@@ -40,8 +52,9 @@ def test_the_serve_extra_installs_nothing_of_the_training_or_pipeline_stack():
     assert not serving & TRAINING_STACK, serving & TRAINING_STACK
 
 
-def test_the_server_serves_the_champion_where_torch_cannot_be_imported(champion_registry, start_server, tmp_path,
-                                                                       monkeypatch):
+def test_the_server_serves_the_champion_where_torch_cannot_be_imported(
+    champion_registry, start_server, tmp_path, monkeypatch
+):
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the server process imports sitecustomize first
     server = start_server(champion_registry.root)
@@ -69,13 +82,19 @@ def nhle_serve(project_dir: Path, log_path: Path):
     import time
 
     import httpx
-    from nhle.adapters.processes import free_port
     from serving_support import Server
+
+    from nhle.adapters.processes import free_port
 
     port = free_port()
     log = open(log_path, "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("nhle")), "serve", "--port", str(port)],
-                            env=Server.environment(project_dir), stdout=log, stderr=subprocess.STDOUT, cwd=project_dir)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("nhle")), "serve", "--port", str(port)],
+        env=Server.environment(project_dir),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=project_dir,
+    )
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -93,6 +112,7 @@ def test_nhle_serve_never_loads_torch_where_it_is_installed(champion_registry, t
     """After `nhle serve` loaded, verified and served the champion, no torch library is mapped
     in its process, and its resident memory is under 400 MiB on the embedded model."""
     import httpx
+
     from nhle.adapters.processes import stop_process
 
     proc, url = nhle_serve(champion_registry.root, tmp_path / "serve.log")

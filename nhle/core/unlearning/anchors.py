@@ -13,6 +13,7 @@
   the synthetic inputs) of the retained class the original model ranked next for them, so the
   features stop carrying the class, not only the head.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,9 +29,18 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def synthesise_inputs(model: nn.Module, retained: list[int], per_class: int, image_shape, steps: int,
-                      lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 0.05, seed: int = 0,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def synthesise_inputs(
+    model: nn.Module,
+    retained: list[int],
+    per_class: int,
+    image_shape,
+    steps: int,
+    lr: float = 0.1,
+    bn_weight: float = 1.0,
+    tv_weight: float = 0.05,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1], their target classes): `per_class` inputs per retained class."""
     model = model.eval()
     targets = torch.tensor(retained, device=device).repeat_interleave(per_class)
@@ -41,10 +51,13 @@ def synthesise_inputs(model: nn.Module, retained: list[int], per_class: int, ima
     def match(module, inputs, _output):
         h = inputs[0]
         dims = [0] + list(range(2, h.dim()))
-        statistics.append((h.mean(dims) - module.running_mean).norm()
-                          + (h.var(dims, unbiased=False) - module.running_var).norm())
+        statistics.append(
+            (h.mean(dims) - module.running_mean).norm() + (h.var(dims, unbiased=False) - module.running_var).norm()
+        )
 
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
     hooks = [m.register_forward_hook(match) for m in norms]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -83,31 +96,53 @@ class SyntheticInputs:
     """per_class, holdout_per_class, steps, seed and the classes synthesised: reuse needs them equal."""
     seconds: float = 0.0
 
-    def of_classes(self, classes) -> "SyntheticInputs":
+    def of_classes(self, classes) -> SyntheticInputs:
         """The inputs of `classes` only (a request's retained classes)."""
         keep = torch.isin(self.targets, torch.tensor(sorted(classes), dtype=self.targets.dtype))
         held = torch.isin(self.holdout_targets, torch.tensor(sorted(classes), dtype=self.targets.dtype))
-        return SyntheticInputs(self.images[keep], self.targets[keep], self.holdout_images[held],
-                               self.holdout_targets[held], self.settings, self.seconds)
+        return SyntheticInputs(
+            self.images[keep],
+            self.targets[keep],
+            self.holdout_images[held],
+            self.holdout_targets[held],
+            self.settings,
+            self.seconds,
+        )
 
     def save(self, path) -> Path:
         from nhle.core.files import atomic_write
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save({
-            "images": self.images, "targets": self.targets, "holdout_images": self.holdout_images,
-            "holdout_targets": self.holdout_targets, "settings": self.settings, "seconds": self.seconds}, f))
+        atomic_write(
+            path,
+            lambda f: torch.save(
+                {
+                    "images": self.images,
+                    "targets": self.targets,
+                    "holdout_images": self.holdout_images,
+                    "holdout_targets": self.holdout_targets,
+                    "settings": self.settings,
+                    "seconds": self.seconds,
+                },
+                f,
+            ),
+        )
         return path
 
     @classmethod
-    def load(cls, path) -> "SyntheticInputs":
+    def load(cls, path) -> SyntheticInputs:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
 
 def synthesis_settings(config, classes) -> dict:
-    return {"per_class": config.synthetic_per_class, "holdout_per_class": config.holdout_per_class,
-            "steps": config.synthesis_steps, "seed": 0, "classes": sorted(int(c) for c in classes)}
+    return {
+        "per_class": config.synthetic_per_class,
+        "holdout_per_class": config.holdout_per_class,
+        "steps": config.synthesis_steps,
+        "seed": 0,
+        "classes": sorted(int(c) for c in classes),
+    }
 
 
 def synthetic_inputs(model: nn.Module, classes, config, image_shape, device="cpu") -> SyntheticInputs:
@@ -116,12 +151,14 @@ def synthetic_inputs(model: nn.Module, classes, config, image_shape, device="cpu
     settings = synthesis_settings(config, classes)
     each = config.synthetic_per_class + config.holdout_per_class
     started = time.perf_counter()
-    images, targets = synthesise_inputs(model, settings["classes"], each, image_shape, config.synthesis_steps,
-                                        seed=settings["seed"], device=device)
+    images, targets = synthesise_inputs(
+        model, settings["classes"], each, image_shape, config.synthesis_steps, seed=settings["seed"], device=device
+    )
     images, targets = images.cpu(), targets.cpu()
     held = (torch.arange(len(targets)) % each) >= config.synthetic_per_class
-    return SyntheticInputs(images[~held], targets[~held], images[held], targets[held], settings,
-                           time.perf_counter() - started)
+    return SyntheticInputs(
+        images[~held], targets[~held], images[held], targets[held], settings, time.perf_counter() - started
+    )
 
 
 def weight_distance(model: nn.Module, reference: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +180,7 @@ def prototype_pull(features: torch.Tensor, prototypes: torch.Tensor, target_clas
     """Mean squared distance of each feature to its target class's prototype, relative to the
     prototypes' mean squared norm (so the weight does not depend on the feature scale)."""
     goal = prototypes[target_classes]
-    return ((features - goal) ** 2).sum(1).mean() / (goal ** 2).sum(1).mean().clamp(min=1e-12)
+    return ((features - goal) ** 2).sum(1).mean() / (goal**2).sum(1).mean().clamp(min=1e-12)
 
 
 def forget_dispersion(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ meghdadk/SCRUB):
 Batch size is 64 for every method (the papers use 64 to 256 on CIFAR; digits has ~1,350 train
 samples). Batch-norm layers train as in the papers' loops (model.train()).
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,9 @@ def _retained_classes(model: MaskedClassifier, classes) -> list[int]:
     return [c for c in range(model.num_classes) if c not in set(classes) and not bool(model.forget_mask[c])]
 
 
-def _epochs(model, data: ImageSet, epochs: int, optimizer, loss_fn, device, seed: int, scheduler=None,
-            after_step=None) -> int:
+def _epochs(
+    model, data: ImageSet, epochs: int, optimizer, loss_fn, device, seed: int, scheduler=None, after_step=None
+) -> int:
     """Train `model` for `epochs` over `data` minimising loss_fn(model, x, y); returns steps taken."""
     generator = torch.Generator().manual_seed(seed)
     steps = 0
@@ -147,8 +149,14 @@ def ssd(model, forget, retain, classes, seed, device, alpha: float = 10.0, dampe
 
 
 def _kl(student_logits, teacher_logits, temperature: float = 4.0):
-    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
-                    reduction="batchmean") * temperature ** 2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, 1),
+            F.softmax(teacher_logits / temperature, 1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 def scrub(model, forget, retain, classes, seed, device, epochs: int = 5, max_epochs: int = 2):
@@ -194,16 +202,25 @@ def salun(model, forget, retain, classes, seed, device, threshold: float = 0.5):
 
     relabelled = _random_relabel(forget, _retained_classes(model, classes), seed)
     optimizer = torch.optim.SGD(parameters, lr=0.013, momentum=0.9, weight_decay=5e-4)
-    return _epochs(model, _concat(relabelled, retain), 10, optimizer, _cross_entropy, device, seed,
-                   after_step=hold_non_salient)
+    return _epochs(
+        model, _concat(relabelled, retain), 10, optimizer, _cross_entropy, device, seed, after_step=hold_non_salient
+    )
 
 
-BASELINES = {"finetune": finetune, "neggrad": neggrad, "random_label": random_label,
-             "boundary_shrink": boundary_shrink, "ssd": ssd, "scrub": scrub, "salun": salun}
+BASELINES = {
+    "finetune": finetune,
+    "neggrad": neggrad,
+    "random_label": random_label,
+    "boundary_shrink": boundary_shrink,
+    "ssd": ssd,
+    "scrub": scrub,
+    "salun": salun,
+}
 
 
-def run_baseline(name: str, model: MaskedClassifier, data: Splits, forget_classes, seed: int = 0,
-                 device: str = "auto") -> UnlearnResult:
+def run_baseline(
+    name: str, model: MaskedClassifier, data: Splits, forget_classes, seed: int = 0, device: str = "auto"
+) -> UnlearnResult:
     """Unlearn `forget_classes` from a copy of `model` with baseline `name` (see BASELINES)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")

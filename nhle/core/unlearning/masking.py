@@ -9,6 +9,7 @@ The mask is hard: masked rows are zero, the model multiplies them by zero again 
 pass and overrides their logits, so their gradient is exactly zero and no optimizer step, weight
 decay or momentum moves them (the SalUn bug, OPTML-Group/Unlearn-Saliency issue 32).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,11 @@ def apply_class_weight_mask(model: MaskedClassifier, classes) -> MaskSnapshot:
         raise ValueError(f"classes {classes} out of range 0..{model.num_classes - 1}")
     index = torch.tensor(classes, device=model.forget_mask.device)
     bias = model.head.bias
-    snapshot = MaskSnapshot(classes, model.head.weight[index].detach().clone().cpu(),
-                            None if bias is None else bias[index].detach().clone().cpu())
+    snapshot = MaskSnapshot(
+        classes,
+        model.head.weight[index].detach().clone().cpu(),
+        None if bias is None else bias[index].detach().clone().cpu(),
+    )
     model.head.weight[index] = 0.0
     if bias is not None:
         bias[index] = 0.0

@@ -29,11 +29,12 @@ Stop (forgotten_enough) when every forget sample ranks the forgotten classes bel
 Optional terms and step variants (anchors.py, steps.py) are the ablations of docs/benchmarks.md
 section 7. Classes masked by an earlier unlearning stay out of every target.
 """
+
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -45,8 +46,15 @@ from nhle.core.data import ImageSet, as_float
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.models import MaskedClassifier
 from nhle.core.training import autocast, grad_scaler, resolve_device
-from nhle.core.unlearning.anchors import (SyntheticInputs, class_prototypes, forget_dispersion, prototype_pull,
-                                          synthesis_settings, synthetic_inputs, weight_distance)
+from nhle.core.unlearning.anchors import (
+    SyntheticInputs,
+    class_prototypes,
+    forget_dispersion,
+    prototype_pull,
+    synthesis_settings,
+    synthetic_inputs,
+    weight_distance,
+)
 from nhle.core.unlearning.masking import MaskSnapshot, apply_class_weight_mask
 from nhle.core.unlearning.steps import make_optimizer, saliency_masks
 
@@ -106,12 +114,21 @@ def shipped_log_forget(logits: torch.Tensor, forget: torch.Tensor, floor: float)
     return torch.logsumexp(zeroed[:, forget], 1).clamp(min=math.log(floor)).mean()
 
 
-def retained_anchor(logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+def retained_anchor(
+    logits: torch.Tensor, original_logits: torch.Tensor, retained: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(original || current) of the prediction restricted to the retained classes."""
     t = temperature
-    return t * t * F.kl_div(F.log_softmax(logits[:, retained] / t, 1), F.log_softmax(original_logits[:, retained] / t, 1),
-                            log_target=True, reduction="batchmean")
+    return (
+        t
+        * t
+        * F.kl_div(
+            F.log_softmax(logits[:, retained] / t, 1),
+            F.log_softmax(original_logits[:, retained] / t, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+    )
 
 
 def forget_confusion(forget_logits: torch.Tensor) -> torch.Tensor:
@@ -160,8 +177,16 @@ class PaceKeeper:
         if log_odds > self.goal and pace * (self.config.max_steps - step) < log_odds - self.goal:
             self.raises += 1
             scale_lr(self.optimizer, self.warmup, self.FACTOR)
-            log.info("NHLE step %d: log-odds %.2f falling %.3f per step, too slow to reach %.2f by step %d; "
-                     "learning rate x%g", step, log_odds, pace, self.goal, self.config.max_steps, self.FACTOR)
+            log.info(
+                "NHLE step %d: log-odds %.2f falling %.3f per step, too slow to reach %.2f by step %d; "
+                "learning rate x%g",
+                step,
+                log_odds,
+                pace,
+                self.goal,
+                self.config.max_steps,
+                self.FACTOR,
+            )
 
 
 def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch.Tensor, config: UnlearnConfig) -> bool:
@@ -175,8 +200,9 @@ def forgotten_enough(logits: torch.Tensor, forget: torch.Tensor, retained: torch
     return bool((above >= needed).all()) and p_forget.mean().item() < config.stop_forget_prob
 
 
-def step_rows(n_forget: int, anchor_targets: torch.Tensor, forget_batch: int, step: int,
-              anchor_batch: int = 0) -> torch.Tensor:
+def step_rows(
+    n_forget: int, anchor_targets: torch.Tensor, forget_batch: int, step: int, anchor_batch: int = 0
+) -> torch.Tensor:
     """The rows of [forget samples, anchors] a step trains on, forget samples first: `forget_batch`
     forget samples and `anchor_batch` anchors of each class (by `anchor_targets`) drawn afresh,
     seeded by the step so a run repeats; all of either when there are no more or the batch is 0."""
@@ -194,8 +220,9 @@ def step_rows(n_forget: int, anchor_targets: torch.Tensor, forget_batch: int, st
     return torch.cat([forget, n_forget + anchors])
 
 
-def model_synthetic_inputs(model: MaskedClassifier, config: UnlearnConfig, image_shape, device,
-                           given: SyntheticInputs | None) -> SyntheticInputs | None:
+def model_synthetic_inputs(
+    model: MaskedClassifier, config: UnlearnConfig, image_shape, device, given: SyntheticInputs | None
+) -> SyntheticInputs | None:
     """`given` when it was made for this model with these settings, else new ones; None when the
     recipe uses none."""
     if config.synthetic_per_class + config.holdout_per_class == 0:
@@ -213,14 +240,21 @@ def salient_entries(model, parameters, x, labels, forget_classes, forget, retain
     gradient is largest)."""
     keep = None
     for c in [c for c in forget_classes if (labels == c).any()]:  # a class without samples has no gradient
-        own = saliency_masks(parameters, nhle_loss(model(x[labels == c]).float(), forget, retained, config.encoding),
-                             config.saliency)
+        own = saliency_masks(
+            parameters, nhle_loss(model(x[labels == c]).float(), forget, retained, config.encoding), config.saliency
+        )
         keep = own if keep is None else {p: torch.maximum(keep[p], mask) for p, mask in own.items()}
     return keep
 
 
-def rows_without_the_classes(model: MaskedClassifier, inputs: torch.Tensor, targets: torch.Tensor,
-                             forget: torch.Tensor, steps: int, lr: float = 1e-2) -> None:
+def rows_without_the_classes(
+    model: MaskedClassifier,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    forget: torch.Tensor,
+    steps: int,
+    lr: float = 1e-2,
+) -> None:
     """Learn the head's `forget` rows (and biases) afresh, in place: nn.Linear's initialisation
     (seeded, the same every run), then `steps` of Adam on the cross-entropy of `inputs` labelled
     `targets`, everything else fixed. No target is a forgotten class (the retained classes'
@@ -264,8 +298,14 @@ def drift_of(model: MaskedClassifier, held: torch.Tensor, original_logits: torch
         return retained_anchor(model(held).float(), original_logits, retained).item()
 
 
-def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, config: UnlearnConfig = UnlearnConfig(),
-            device: str = "auto", synthetic: SyntheticInputs | None = None) -> UnlearnResult:
+def unlearn(
+    model: MaskedClassifier,
+    forget_samples: ImageSet,
+    forget_classes,
+    config: UnlearnConfig = UnlearnConfig(),
+    device: str = "auto",
+    synthetic: SyntheticInputs | None = None,
+) -> UnlearnResult:
     """Fine-tune a copy of `model` with NHLE on `forget_samples`, then mask `forget_classes`.
     `synthetic`: the model's synthetic inputs from an earlier request (reused when they match)."""
     if config.encoding not in ENCODINGS:
@@ -278,7 +318,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
     forget = torch.zeros(model.num_classes, dtype=torch.bool, device=torch_device)
     forget[forget_classes] = True
     if (forget & model.forget_mask).any():
-        raise ValueError(f"classes {torch.nonzero(forget & model.forget_mask).flatten().tolist()} are already forgotten")
+        raise ValueError(
+            f"classes {torch.nonzero(forget & model.forget_mask).flatten().tolist()} are already forgotten"
+        )
     check_a_class_is_left(model.num_classes, model.forgotten_classes, forget_classes, "these classes")
     retained = ~forget & ~model.forget_mask
 
@@ -306,8 +348,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         # The retained class the original model ranked highest for each forget sample.
         next_best = original_logits[: len(x)].masked_fill(~retained, float("-inf")).argmax(1)
         if config.feature_pull > 0:
-            prototypes = class_prototypes(model.features(anchors).float(), anchor_targets.to(torch_device),
-                                          model.num_classes)
+            prototypes = class_prototypes(
+                model.features(anchors).float(), anchor_targets.to(torch_device), model.num_classes
+            )
         # Cosines about the inputs' mean feature: taken about zero, post-ReLU features all agree.
         centre = original_features.float().mean(0)
     held = mine.holdout_images.to(torch_device) if mine is not None and len(mine.holdout_images) else None
@@ -315,11 +358,20 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         with torch.no_grad():
             held_logits = model(held).float()
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if config.weight_anchor > 0 else None
-    keep = salient_entries(model, optimizer.param_groups[0]["params"], x, labels,
-                           forget_classes, forget, retained, config) if config.saliency < 1.0 else None
+    keep = (
+        salient_entries(model, optimizer.param_groups[0]["params"], x, labels, forget_classes, forget, retained, config)
+        if config.saliency < 1.0
+        else None
+    )
 
-    log.info("NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
-             forget_classes, torch_device, config.encoding, len(x), config.max_steps)
+    log.info(
+        "NHLE unlearning classes %s on %s: %s encoding, %d samples, at most %d steps",
+        forget_classes,
+        torch_device,
+        config.encoding,
+        len(x),
+        config.max_steps,
+    )
     pace = PaceKeeper(config, optimizer, warmup)
     steps, stopped_early, stepped_back, stop_back, drift, best, retries = 0, False, False, False, None, None, 0
     while True:
@@ -331,17 +383,27 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
                     stop_back = True
                     break
                 retries += 1
-                log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift "
-                            "= %g; back to step %d, learning rate / %g", steps, drift, config.max_drift, best[3],
-                            DRIFT_SLOWDOWN)
+                log.warning(
+                    "NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift "
+                    "= %g; back to step %d, learning rate / %g",
+                    steps,
+                    drift,
+                    config.max_drift,
+                    best[3],
+                    DRIFT_SLOWDOWN,
+                )
                 model.load_state_dict(best[0])
                 optimizer.load_state_dict(best[1])
                 scale_lr(optimizer, warmup, 1 / DRIFT_SLOWDOWN)
                 drift, steps = best[2], best[3]
                 del pace.history[steps:]  # the pace rule reads the history by step
             else:
-                best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                        copy.deepcopy(optimizer.state_dict()) if config.drift_retries else None, drift, steps)
+                best = (
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    copy.deepcopy(optimizer.state_dict()) if config.drift_retries else None,
+                    drift,
+                    steps,
+                )
         rows = step_rows(len(x), anchor_targets, config.forget_batch, steps, config.anchor_batch)
         n_forget = int((rows < len(x)).sum())  # counted on the CPU: no device sync a step
         rows = rows.to(torch_device)
@@ -350,8 +412,11 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             all_logits = model.classify(features)
         all_logits = all_logits.float()  # the losses, logsumexp over -inf masked logits included, in fp32
         logits = all_logits[:n_forget]
-        pull = prototype_pull(features[:n_forget].float(), prototypes, next_best[rows[:n_forget]]) \
-            if config.feature_pull > 0 else None
+        pull = (
+            prototype_pull(features[:n_forget].float(), prototypes, next_best[rows[:n_forget]])
+            if config.feature_pull > 0
+            else None
+        )
         if config.stop_forget_prob > 0:  # else neither the stopping nor the pace rule acts: the whole budget runs
             with torch.no_grad():
                 judged = logits  # the stopping and pace rules read every forget sample, not the step's draw
@@ -367,8 +432,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             break
         loss = nhle_loss(logits, forget, retained, config.encoding)
         if config.anchor_weight > 0:
-            loss = loss + config.anchor_weight * retained_anchor(all_logits, original_logits[rows], retained,
-                                                                 config.anchor_temperature)
+            loss = loss + config.anchor_weight * retained_anchor(
+                all_logits, original_logits[rows], retained, config.anchor_temperature
+            )
         if config.shipped_weight > 0:
             loss = loss + config.shipped_weight * shipped_log_forget(logits, forget, config.shipped_floor)
         if reference is not None:
@@ -376,8 +442,9 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         if pull is not None:
             loss = loss + config.feature_pull * pull
         if config.forget_dispersion > 0:
-            loss = loss + config.forget_dispersion * forget_dispersion(features[:n_forget].float() - centre,
-                                                                       labels[rows[:n_forget]])
+            loss = loss + config.forget_dispersion * forget_dispersion(
+                features[:n_forget].float() - centre, labels[rows[:n_forget]]
+            )
         if config.forget_confusion > 0 and len(forget_classes) > 1:
             # Through the rows as they stand but into the features only: on the rows too, the rows
             # took the confusion and the restored attacker got faster (screen.md, sixth round).
@@ -385,8 +452,10 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
             conf_logits = F.linear(features[:n_forget].float(), rows_now)
             loss = loss + config.forget_confusion * forget_confusion(conf_logits)
         if not torch.isfinite(loss):
-            raise ValueError(f"NHLE diverged: the loss is {loss.item()} at step {steps} (unlearn.lr = {config.lr}; "
-                             "a smaller learning rate usually fixes it)")
+            raise ValueError(
+                f"NHLE diverged: the loss is {loss.item()} at step {steps} (unlearn.lr = {config.lr}; "
+                "a smaller learning rate usually fixes it)"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for p, mask in (keep or {}).items():
@@ -401,8 +470,15 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         stop_back = 0 < config.max_drift < drift
         stepped_back = stepped_back or stop_back
     if stop_back:  # the predictions drifted: back to the last state within the bound, and stop there
-        log.warning("NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
-                    "back to step %d (drift %.4g)", steps, drift, config.max_drift, best[3], best[2])
+        log.warning(
+            "NHLE step %d: drift %.4g on the held-out synthetic inputs is above unlearn.max_drift = %g; "
+            "back to step %d (drift %.4g)",
+            steps,
+            drift,
+            config.max_drift,
+            best[3],
+            best[2],
+        )
         model.load_state_dict(best[0])
         drift, steps = best[2], best[3]
     if torch_device.type == "cuda":
@@ -411,14 +487,19 @@ def unlearn(model: MaskedClassifier, forget_samples: ImageSet, forget_classes, c
         # A softmax saturated on the forget samples (p_F == 1.0 in float32) gives gradients
         # below Adam's eps: the loop runs to the cap without moving. Say so where users look.
         p_forget = F.softmax(judged, 1)[:, forget].sum(1)
-        log.warning("NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
-                    config.max_steps, p_forget.mean().item(), config.stop_forget_prob,
-                    "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "")
+        log.warning(
+            "NHLE stopped at max_steps=%d with mean p_F %.4f on the forget samples (stop at < %g)%s",
+            config.max_steps,
+            p_forget.mean().item(),
+            config.stop_forget_prob,
+            "; the model is saturated on them (p_F = 1 in float32)" if p_forget.min().item() == 1.0 else "",
+        )
     if config.rows_steps > 0 and config.mask:  # the rows masking removes; without it they are the model's
         targets = torch.cat([anchor_targets.to(torch_device), next_best])
         rows_without_the_classes(model, torch.cat([anchors, x]), targets, forget, config.rows_steps)
     model = model.cpu().eval()
     snapshot = apply_class_weight_mask(model, forget_classes) if config.mask else None
     seconds = time.perf_counter() - start
-    return UnlearnResult(model, snapshot, steps, seconds, stopped_early, synthetic, synthesis_seconds, stepped_back,
-                         drift)
+    return UnlearnResult(
+        model, snapshot, steps, seconds, stopped_early, synthetic, synthesis_seconds, stepped_back, drift
+    )

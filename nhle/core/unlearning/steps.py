@@ -9,6 +9,7 @@ named ablations of `nhle bench unlearning` (docs/benchmarks.md, section 7): a li
 normalised-gradient steps of a fixed length relative to the weights' norm, and updates limited
 to the entries with the largest forget-loss gradient (SalUn's saliency, from forget samples only).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,9 @@ def make_optimizer(parameters, config) -> tuple[torch.optim.Optimizer, torch.opt
         optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
     elif config.optimizer == "normalized":
         if len(groups) > 1:
-            raise ValueError("unlearn.lr_depth_ratio needs optimizer adam or sgd: normalized steps along the whole gradient")
+            raise ValueError(
+                "unlearn.lr_depth_ratio needs optimizer adam or sgd: normalized steps along the whole gradient"
+            )
         optimizer = NormalizedGradient(parameters, config.lr)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,8 +1,10 @@
 """What NHLE may hold on to besides the forget samples: inputs synthesised from the model, the
 original weights, and retained-class prototypes. Real models, no retained data."""
+
+from dataclasses import replace
+
 import pytest
 import torch
-from dataclasses import replace
 
 from nhle.core.config import UnlearnConfig
 from nhle.core.data import sample_per_class, split_by_classes
@@ -30,8 +32,14 @@ def test_synthesis_matches_the_batch_norm_statistics_the_model_remembers():
 
     def distance(x):
         seen = []
-        hooks = [m.register_forward_hook(lambda m, i, o: seen.append(
-            (i[0].mean((0, 2, 3)) - m.running_mean).norm() + (i[0].var((0, 2, 3)) - m.running_var).norm())) for m in norms]
+        hooks = [
+            m.register_forward_hook(
+                lambda m, i, o: seen.append(
+                    (i[0].mean((0, 2, 3)) - m.running_mean).norm() + (i[0].var((0, 2, 3)) - m.running_var).norm()
+                )
+            )
+            for m in norms
+        ]
         with torch.no_grad():
             model(x)
         for hook in hooks:
@@ -80,8 +88,13 @@ def test_weight_anchor_keeps_the_weights_closer_to_the_original(trained, digits)
     samples = sample_per_class(digits.train, [5], 32, seed=0)
     reference = {n: p.detach().clone() for n, p in trained.named_parameters()}
     free = unlearn(trained, samples, [5], UnlearnConfig(mask=False, max_steps=40, stop_forget_prob=0.0), device="cpu")
-    held = unlearn(trained, samples, [5], UnlearnConfig(mask=False, max_steps=40, stop_forget_prob=0.0,
-                                                         weight_anchor=1e6), device="cpu")
+    held = unlearn(
+        trained,
+        samples,
+        [5],
+        UnlearnConfig(mask=False, max_steps=40, stop_forget_prob=0.0, weight_anchor=1e6),
+        device="cpu",
+    )
     assert weight_distance(held.model, reference) < weight_distance(free.model, reference)
 
 
@@ -102,8 +115,14 @@ def test_the_synthetic_inputs_of_a_model_are_reused_by_a_later_request_not_recom
 
     second = unlearn(trained, sample_per_class(digits.train, [5], 8, seed=0), [5], config, device="cpu", synthetic=kept)
     assert second.synthetic is kept and second.synthesis_seconds == 0.0
-    other = unlearn(trained, sample_per_class(digits.train, [5], 8, seed=0), [5],
-                    UnlearnConfig(max_steps=3, synthesis_steps=6), device="cpu", synthetic=kept)
+    other = unlearn(
+        trained,
+        sample_per_class(digits.train, [5], 8, seed=0),
+        [5],
+        UnlearnConfig(max_steps=3, synthesis_steps=6),
+        device="cpu",
+        synthetic=kept,
+    )
     assert other.synthetic is not kept and other.synthesis_seconds > 0  # made with other settings: made again
 
 
@@ -121,8 +140,9 @@ def test_a_run_whose_retained_predictions_drift_steps_back_to_its_last_state_wit
 def test_a_run_that_drifts_carries_on_from_its_last_state_within_the_bound_more_slowly(trained, digits):
     samples = sample_per_class(digits.train, [3], 32, seed=0)
     # Without the anchor this rate drifts within 10 steps; at a ninth of it, not within the first 10.
-    reckless = UnlearnConfig(lr=3e-3, max_steps=60, anchor_weight=0.0, feature_pull=0.0, synthesis_steps=20,
-                             max_drift=0.1)
+    reckless = UnlearnConfig(
+        lr=3e-3, max_steps=60, anchor_weight=0.0, feature_pull=0.0, synthesis_steps=20, max_drift=0.1
+    )
     stopped = unlearn(trained, samples, [3], replace(reckless, drift_retries=0), device="cpu")
     retried = unlearn(trained, samples, [3], replace(reckless, drift_retries=2), device="cpu")
     assert stopped.steps == 0

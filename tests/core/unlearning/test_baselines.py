@@ -1,4 +1,5 @@
 """The baselines: one interface, the input model left alone, and each method's defining rule."""
+
 import pytest
 import torch
 

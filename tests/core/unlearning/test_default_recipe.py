@@ -1,5 +1,6 @@
 """The default NHLE recipe on a fixed seed: a regression guard for what docs/benchmarks.md
 section 9 measured (small CNN, digits, 15 epochs, seed 0), and the stopping rule's depth."""
+
 from dataclasses import replace
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from nhle.core.config import RECIPES, TrainConfig, UnlearnConfig
 from nhle.core.data import as_float, load_digits, sample_per_class, split_by_classes
-from nhle.core.training import evaluate, train_model
 from nhle.core.metrics import relearn_steps
+from nhle.core.training import evaluate, train_model
 from nhle.core.unlearning import unlearn, without_mask
 
 # Measured for the default on this seed: drops 0.25 pp (class 3) and 0.00 pp (2, 5, 8), attack
@@ -55,8 +56,13 @@ def test_default_recipe_takes_as_long_to_relearn_as_a_retrained_model(benchmark_
     retrained = steps(train_model(digits, TrainConfig(epochs=15), seed=0, exclude=[3], progress=False)[0])
     torch.manual_seed(0)
     result = unlearn(base, samples, [3], config, device="cpu")
-    shipped, restored = steps(without_mask(result.model, classes=[3])), steps(without_mask(result.model, result.snapshot))
-    assert shipped / retrained >= MIN_SHIPPED_SHARE, f"shipped {shipped} steps against the retrained model's {retrained}"
+    shipped, restored = (
+        steps(without_mask(result.model, classes=[3])),
+        steps(without_mask(result.model, result.snapshot)),
+    )
+    assert shipped / retrained >= MIN_SHIPPED_SHARE, (
+        f"shipped {shipped} steps against the retrained model's {retrained}"
+    )
     assert restored / retrained >= MIN_RESTORED_SHARE, f"restored {restored} steps against {retrained}"
 
 

@@ -1,4 +1,5 @@
 """Class weight masking is a hard constraint: no optimiser moves a masked weight."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from nhle.core.unlearning import apply_class_weight_mask, without_mask
 def fine_tune(model, data, optimizer, steps=30):
     model.train()
     for step in range(steps):
-        x, y = as_float(data.images[step * 32:(step + 1) * 32]), data.labels[step * 32:(step + 1) * 32]
+        x, y = as_float(data.images[step * 32 : (step + 1) * 32]), data.labels[step * 32 : (step + 1) * 32]
         # Targets include the masked classes: the strongest pull there is on their rows.
         loss = F.cross_entropy(model(x).clamp_min(-1e4), y)
         optimizer.zero_grad()
@@ -18,11 +19,15 @@ def fine_tune(model, data, optimizer, steps=30):
         optimizer.step()
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-3),
-    lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
-    lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2),
-], ids=["sgd-momentum-wd", "adamw", "adam-l2"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-3),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2),
+    ],
+    ids=["sgd-momentum-wd", "adamw", "adam-l2"],
+)
 def test_masked_weights_stay_bit_identical_under_fine_tuning(trained, digits, make_optimizer):
     import copy
 

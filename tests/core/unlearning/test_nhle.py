@@ -1,6 +1,7 @@
 """NHLE fine-tuning: each encoding pushes the forgotten classes out, using forget samples only."""
-from dataclasses import replace
+
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,8 +98,9 @@ def test_a_step_trains_on_forget_batch_samples_drawn_afresh_and_on_every_anchor(
     assert len({tuple(r) for r in rows}) == 20  # a new draw every step ...
     assert set().union(*map(set, rows)) == set(range(120))  # ... reaching every forget sample
     assert step_rows(96, anchor_targets, 32, 7).tolist() == rows[7]  # and a run repeats
-    assert step_rows(20, anchor_targets, 32, 0).tolist() == list(range(44)) == \
-        step_rows(20, anchor_targets, 0, 0).tolist()
+    assert (
+        step_rows(20, anchor_targets, 32, 0).tolist() == list(range(44)) == step_rows(20, anchor_targets, 0, 0).tolist()
+    )
 
 
 def test_anchor_batch_draws_that_many_anchors_of_every_class_afresh_each_step():
@@ -178,7 +180,9 @@ def test_forget_confusion_blurs_the_forgotten_classes_and_is_inert_for_one_class
 
     assert told_apart(10.0) < 0.7 * told_apart(0.0)  # 20 steps: 2.2 against 4.2 nats
     one = sample_per_class(digits.train, [3], 32, seed=0)
-    plain, blurred = (unlearn(trained, one, [3], replace(config, forget_confusion=w), device="cpu") for w in (0.0, 10.0))
+    plain, blurred = (
+        unlearn(trained, one, [3], replace(config, forget_confusion=w), device="cpu") for w in (0.0, 10.0)
+    )
     for a, b in zip(plain.model.state_dict().values(), blurred.model.state_dict().values()):
         assert torch.equal(a, b)
 

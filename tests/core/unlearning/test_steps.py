@@ -1,4 +1,5 @@
 """How NHLE steps: the optimisers, the warm-up, and saliency-limited updates."""
+
 import pytest
 import torch
 
@@ -51,8 +52,10 @@ def test_saliency_keeps_the_largest_gradient_entries():
 def test_saliency_limited_unlearning_moves_only_that_share_of_each_tensor(trained, digits):
     samples = sample_per_class(digits.train, [4], 32, seed=0)
     result = unlearn(trained, samples, [4], UnlearnConfig(saliency=0.2, mask=False), device="cpu")
-    moved = {name: (p != dict(trained.named_parameters())[name]).float().mean().item()
-             for name, p in result.model.named_parameters()}
+    moved = {
+        name: (p != dict(trained.named_parameters())[name]).float().mean().item()
+        for name, p in result.model.named_parameters()
+    }
     assert all(share <= 0.2 + 0.01 for share in moved.values()), moved
     assert max(moved.values()) > 0
 
@@ -73,7 +76,9 @@ def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
     on_time = rates([10 - 0.7 * t for t in range(25)])  # 0.7 per step: there by step ~19
     assert on_time == pytest.approx([1e-5] * 25)
     stalled = rates([30 - 0.01 * t for t in range(30)])  # margins of 30 nats, hardly moving
-    assert stalled[9] == pytest.approx(1e-5) and stalled[10] == pytest.approx(3e-5) and stalled[29] == pytest.approx(9e-5)
+    assert (
+        stalled[9] == pytest.approx(1e-5) and stalled[10] == pytest.approx(3e-5) and stalled[29] == pytest.approx(9e-5)
+    )
     assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=False))[-1] == pytest.approx(1e-5)
     # stop_forget_prob 0 is never reached on purpose (the whole cap is wanted): no raise, no error
     assert rates([30.0] * 30, UnlearnConfig(lr=1e-5, max_steps=30, stop_forget_prob=0.0))[-1] == pytest.approx(1e-5)
