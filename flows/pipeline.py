@@ -20,8 +20,11 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import mlflow
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from nhle.adapters.tracking import configure, version_page
@@ -91,8 +94,6 @@ def mlflow_ui_links(tracking_uri: str, default_ui: str, environ=None) -> tuple[s
     default. For a local store (SQLite, a folder) the environment variable MLFLOW_UI_URL, when set,
     names where the UI really runs (another port or host); the note gives the `mlflow ui` command
     that serves this store at the linked address."""
-    from urllib.parse import urlsplit
-
     if tracking_uri.startswith(("http://", "https://")):
         return default_ui.rstrip("/"), ""
     env = os.environ if environ is None else environ
@@ -119,9 +120,6 @@ def mlflow_ui_links(tracking_uri: str, default_ui: str, environ=None) -> tuple[s
 def publish_artifacts(params: Params, result: dict) -> None:
     """The outcome where a Prefect user looks (the flow run's Artifacts): the version's own
     description from MLflow (what it forgot, gates, where the evidence is) and the gates as a table."""
-    import mlflow
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     name, version = params.registry.model_name, result["version"]
     key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
     description, default_ui = version_page(name, version)

@@ -115,7 +115,7 @@ def __getattr__(name: str):
     Made on first use, so that only a gunicorn deployment needs gunicorn (pip install "nhle[gunicorn]")."""
     if name != "Worker":
         raise AttributeError(name)
-    from uvicorn_worker import UvicornWorker
+    from uvicorn_worker import UvicornWorker  # noqa: PLC0415 - lazy: uvicorn-worker: optional extra nhle[gunicorn]
 
     globals()["Worker"] = type(
         "Worker",

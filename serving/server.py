@@ -42,6 +42,7 @@ import json
 import logging
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from fastapi import Request
@@ -403,8 +404,6 @@ class FailedAttempts:
 
 def add_open_inference_routes(app, manager: ModelManager, settings: Settings):
     """The Open Inference Protocol (KServe V2) endpoints: nhle_serving.open_inference."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         nhle_version = version("nhle")
     except PackageNotFoundError:  # run from a checkout that was never installed

@@ -9,8 +9,23 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nhle-prefect-home-"))
 os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="nhle-dvc-site-"))
 
-import pytest  # noqa: E402
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psycopg
+import pytest  # noqa: E402
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from nhle.adapters.ledger import new_owner
 from nhle.core.config import TrainConfig  # noqa: E402
 from nhle.core.data import load_digits  # noqa: E402
 from nhle.core.training import train_model  # noqa: E402
@@ -40,8 +55,6 @@ def no_tracking_uri_left_behind():
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (its start-up costs ~20 s on 2 cores)."""
-    from prefect.testing.utilities import prefect_test_harness
-
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
@@ -49,8 +62,6 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory):
     """A migrated, empty MLflow SQLite store; copy it per project instead of migrating again."""
-    from mlflow import MlflowClient
-
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
@@ -59,11 +70,6 @@ def mlflow_template(tmp_path_factory):
 @pytest.fixture
 def dead_owner() -> str:
     """A ledger owner string naming a process of this host that has exited."""
-    import subprocess
-    import sys
-
-    from nhle.adapters.ledger import new_owner
-
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return new_owner().rsplit(":", 2)[0] + f":{process.pid}:dead"
@@ -73,22 +79,12 @@ def dead_owner() -> str:
 def postgres_server():
     """A real PostgreSQL server on loopback in a temp folder (skipped where its binaries are
     missing). Run as the `postgres` user when the tests run as root, as PostgreSQL requires."""
-    import os
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import time
-    from pathlib import Path
-
     pytest.importorskip("psycopg")
     initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
     if not (initdb and postgres):
         pytest.skip("PostgreSQL server binaries (initdb, postgres) are not on this machine")
     user = "postgres" if os.geteuid() == 0 else None  # PostgreSQL refuses to run as root
     if user:
-        import pwd
-
         try:
             pwd.getpwnam(user)
         except KeyError:
@@ -112,7 +108,6 @@ def postgres_server():
         stdout=subprocess.DEVNULL,
         stderr=open(folder / "server.log", "wb"),
     )  # a pipe nobody reads could fill up
-    import psycopg
 
     deadline = time.monotonic() + 60
     while True:
@@ -133,10 +128,6 @@ def postgres_server():
 @pytest.fixture
 def postgres_database(postgres_server, request):
     """A new, empty database on the test PostgreSQL server; its SQLAlchemy URL."""
-    import re
-
-    import psycopg
-
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[-50:]
     with psycopg.connect(f"host=127.0.0.1 port={postgres_server} user=nhle dbname=postgres", autocommit=True) as db:
         db.execute(f"DROP DATABASE IF EXISTS {name}")

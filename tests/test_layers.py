@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"nhle": REPO / "nhle", "nhle_flows": REPO / "flows", "nhle_serving": REPO / "serving"}
@@ -157,8 +158,6 @@ def test_every_dvc_stage_depends_on_the_code_its_command_imports():
     """dvc.yaml's deps, held to the imports: every nhle.core module a stage's `nhle <command>`
     reaches (function-local imports of its cmd_ function, then every import from there) must sit
     under one of the stage's deps, so a change of, say, the exported forward pass reruns the export."""
-    import yaml
-
     found = dict(modules())
     cli = ast.parse((REPO / "nhle" / "cli" / "commands.py").read_text())
     commands = {node.name: node for node in cli.body if isinstance(node, ast.FunctionDef)}

@@ -19,6 +19,9 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy.engine import make_url
 
 from nhle.adapters.ledger import Ledger
 from nhle.core.config import Params, resolve_uri
@@ -35,8 +38,6 @@ def missing_store(uri: str) -> Path | None:
     """The file of a local store (sqlite:///..., file:///...) when it does not exist, else None.
     MLflow and SQLAlchemy create such a store on first connection; a reader must not."""
     if uri.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
-
         try:
             database = make_url(uri).database
         except Exception:  # not a URL SQLAlchemy can read: let the store report it
@@ -45,8 +46,6 @@ def missing_store(uri: str) -> Path | None:
             return None
         path = Path(database)
     elif uri.startswith("file:"):
-        from urllib.parse import unquote, urlsplit
-
         path = Path(unquote(urlsplit(uri).path))
     else:
         return None
@@ -78,7 +77,7 @@ def united(*records: dict[int, list[int]]) -> dict[int, list[int]]:
 
 def registry_record(client, name: str) -> tuple[bool, dict[int, list[int]] | None]:
     """(does the registered model exist, its own record or None when it carries none)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow loads in ~2 s; `nhle request list` and the server read the ledger without it
 
     try:
         model = client.get_registered_model(name)
@@ -188,7 +187,7 @@ def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
     never an empty ledger in place of a lost one (`nhle request init` makes one on purpose)."""
     url = resolve_uri(params.requests_database(), Path(project_dir))
     if missing_store(url) is not None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s; `nhle request list` and the server read the ledger without it
 
         uri = resolve_uri(params.tracking_uri(), Path(project_dir))
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

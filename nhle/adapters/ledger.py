@@ -25,6 +25,7 @@ so that no class they deleted can come back through the change.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
@@ -189,8 +190,6 @@ class ForgetRequest:
 
 def operator_name() -> str:
     """user@host of this process: who did what the ledger records, unless told otherwise."""
-    import getpass
-
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (containers)

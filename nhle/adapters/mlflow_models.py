@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import mlflow
 import torch
 import torch.nn as nn
+from mlflow.exceptions import MlflowException
 
 from nhle.core.config import ModelConfig
 from nhle.core.data import Splits
@@ -28,8 +30,6 @@ from nhle.core.models import GRAPH, MaskedClassifier, find_head, network_channel
 def mlflow_store(tracking_uri: str):
     """MLflow's tracking and registry URIs set to `tracking_uri` for a while (the user's store
     may be another than nhle's), then set back."""
-    import mlflow
-
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -42,9 +42,6 @@ def mlflow_store(tracking_uri: str):
 
 def load_mlflow_pytorch(uri: str, tracking_uri: str) -> nn.Module:
     """mlflow.pytorch.load_model of `uri` in the store at `tracking_uri`, on the CPU."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     with mlflow_store(tracking_uri):
         try:
             flavours = mlflow.models.get_model_info(uri).flavors

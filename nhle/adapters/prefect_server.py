@@ -15,11 +15,25 @@ the flow first and the server stays up while the flow records its failure.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import subprocess
 import sys
 import time
+
+import httpx
+import prefect
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+    temporary_settings,
+)
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from nhle.adapters.processes import die_with, free_port, stop_process
 
@@ -28,8 +42,6 @@ PORT_TAKEN = 3  # uvicorn's exit status when the port is already bound
 
 
 def start_server(port: int) -> subprocess.Popen:
-    import prefect
-    from prefect.settings import get_current_settings
 
     # No task-run recorder: it writes each task's events to the database, where no UI of this
     # server reads them, and holds SQLite's write lock long enough that a subflow started right
@@ -69,8 +81,6 @@ def start_server(port: int) -> subprocess.Popen:
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
     """True once GET url/health answers 200; False if the process exited with PORT_TAKEN."""
-    import httpx
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = process.poll()
@@ -91,11 +101,6 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
 def drain_to_server() -> None:
     """Send the flow-run logs and events still queued before the server stops (Prefect's test
     harness does the same), so that none is lost and no "Error logging to API" is printed at exit."""
-    import inspect
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
     async def drain():
         with contextlib.suppress(RuntimeError):  # a worker that never started
@@ -123,13 +128,6 @@ def prefect_server_starting():
     """temporary_prefect_server, started at once and waited for only when the body calls the
     `ready` it yields (before its first flow): the server's few seconds of start-up overlap the
     body's own work. ready() returns the API URL (None: a configured one is used)."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
     if PREFECT_API_URL.value():
         yield lambda: None
         return

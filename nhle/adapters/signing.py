@@ -24,6 +24,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from model_signing import signing, verifying
+
 EVIDENCE = "evidence.json"
 SIGNATURE = "model.sig"
 ARTIFACT_DIR = "signature"
@@ -33,9 +37,6 @@ ARTIFACT_DIR = "signature"
 def create_key_pair(private_path: Path, public_path: Path) -> None:
     """A new EC P-256 key pair as PEM files; the private one readable by its owner only. Refuses
     to overwrite either: a new key makes every version signed with the old one unverifiable."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     for path in (private_path, public_path):
         if path.exists():
             raise FileExistsError(
@@ -86,8 +87,6 @@ def signed_folder(onnx_path: Path, evidence_doc: dict | bytes, into: Path) -> Pa
 
 def sign_version(onnx_path: Path, evidence_doc: dict, private_key: Path) -> tuple[bytes, bytes]:
     """(evidence.json bytes, signature bytes) for the version's ONNX file and evidence."""
-    from model_signing import signing
-
     if not private_key.exists():
         raise FileNotFoundError(
             f"no signing key at {private_key}: create the project's key pair with `nhle keys "
@@ -103,8 +102,6 @@ def sign_version(onnx_path: Path, evidence_doc: dict, private_key: Path) -> tupl
 def verify_version(onnx_path: Path, evidence_bytes: bytes, signature: bytes, public_key: Path) -> dict:
     """The evidence, once the signature over it and the ONNX file verifies with `public_key`;
     ValueError naming what failed otherwise."""
-    from model_signing import verifying
-
     if not public_key.exists():
         raise ValueError(
             f"no public key at {public_key} to verify the version's signature with: copy the "

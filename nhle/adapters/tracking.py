@@ -11,21 +11,32 @@ happen last and only after every gate held, so a failed step never moves `champi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from nhle.adapters import signing
+from nhle.adapters.deletions import RECORD_TAG, encode
+from nhle.adapters.ledger import new_owner, owner_is_gone
 from nhle.core.audit import relearn_sentence
-from nhle.core.config import Params, RegistryConfig, flatten, resolve_uri
+from nhle.core.config import Params, RegistryConfig, flatten, is_default_model, resolve_uri
 from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
 from nhle.core.gates import GateResult, deleted_but_predicted, report_retained_drop_pp
 
@@ -34,8 +45,6 @@ ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
 
 def configure(params: Params, project_dir: str | Path = ".") -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI in use."""
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     project_dir = Path(project_dir)
     uri = resolve_uri(params.tracking_uri(), project_dir)
@@ -64,7 +73,6 @@ def configure(params: Params, project_dir: str | Path = ".") -> str:
 
 def start_run(params: Params, run_name: str, tags: dict) -> str:
     """Create a flow's MLflow run with the resolved params; it stays RUNNING until finish_run."""
-    from nhle.adapters.ledger import new_owner
 
     # nhle.owner (host:pid:...) lets a later run see that this one's process died (reap_dead_runs).
     run = mlflow.start_run(run_name=run_name, tags={**tags, "nhle.owner": new_owner()})
@@ -83,9 +91,6 @@ def finish_run(run_id: str, status: str) -> None:
 def start_child_run(parent_run_id: str, run_name: str, tags: dict, params: dict) -> str:
     """A RUNNING run nested under `parent_run_id` (tag mlflow.parentRunId, in its experiment)
     with `params`; it carries nhle.owner, so a later run can see that its process died."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    from nhle.adapters.ledger import new_owner
 
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -184,7 +189,6 @@ def log_version(run_id: str, model_name: str, evidence: VersionEvidence) -> str:
 def ensure_registered_model(name: str) -> None:
     """Makes the registered model `name` when there is none, born with its own (empty) record of
     deleted classes (nhle.adapters.deletions), so no version of it exists without that record."""
-    from nhle.adapters.deletions import RECORD_TAG, encode
 
     client = MlflowClient()
     try:
@@ -208,8 +212,6 @@ def log_outcome(
 
 def set_run_tags(run_id: str, tags: dict) -> None:
     """Tags on run `run_id`, whatever its state (its status stays as it is)."""
-    from mlflow.entities import RunTag
-
     MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
@@ -240,11 +242,6 @@ def sign_registered_version(name: str, version: str, gates: list[dict], private_
     """Sign the registered version's ONNX file, as the registry stores it, with its evidence (its
     preprocessing metadata, forgotten classes and `gates`; nhle.adapters.signing), log both to the
     version's run under signature/ and tag the version with where they are."""
-    import hashlib
-
-    import yaml
-
-    from nhle.adapters import signing
 
     mv = MlflowClient().get_model_version(name, str(version))
     with tempfile.TemporaryDirectory(prefix="nhle-sign-") as tmp:
@@ -321,8 +318,6 @@ def complete_report(name: str, version: str, report: dict) -> None:
     """The version's report.json replaced by `report` (its retrained reference added after
     promotion) and its metrics logged, whatever its run's state; the version's relearn tag and
     description follow, and its tag `evidence` becomes complete."""
-    from mlflow.entities import Metric
-
     client = MlflowClient()
     run_id = client.get_model_version(name, version).run_id
     now = int(time.time() * 1000)
@@ -370,8 +365,6 @@ def log_gates(gates: list[GateResult]) -> None:
 def log_dataset(data, data_version, context: str = "training") -> None:
     """The DVC-versioned dataset as the run's MLflow dataset input (the run's Datasets column):
     source = the DVC-tracked folder, digest = its DVC md5, tags = path, md5, git revision, remote."""
-    import warnings
-
     source = str(Path(data_version.repo) / data_version.path)
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
@@ -389,10 +382,7 @@ def log_dataset(data, data_version, context: str = "training") -> None:
 def log_onnx_model(onnx_path: Path, example: np.ndarray, metadata: dict, name: str) -> str:
     """Log the ONNX model as logged model `name` with a signature (its named output) and an input
     example; returns its URI (registered by the caller, with its tags)."""
-    import onnx
-    from mlflow.models import infer_signature
-
-    from nhle.core.export import make_session
+    from nhle.core.export import make_session  # noqa: PLC0415 - lazy: torch, only when a model is logged
 
     session = make_session(onnx_path)
     outputs = dict(
@@ -447,8 +437,6 @@ def record_promotion(registry: RegistryConfig, version: str, promoted: bool, rea
 def name_flag(name: str) -> str:
     """` --name NAME` for a registered model other than the project's default, else nothing: what
     the commands printed for a user must carry to act on the same model."""
-    from nhle.core.config import is_default_model
-
     return "" if is_default_model(name) else f" --name {name}"
 
 
@@ -616,7 +604,6 @@ def reap_dead_runs(name: str) -> list[dict]:
     nhle.abandoned with the reason in its description; it was never promoted, and the server
     never serves a version without passed gates. Runs of forget requests (tag nhle.batch) are
     left to the request path, which settles what they registered. Returns what was marked."""
-    from nhle.adapters.ledger import owner_is_gone
 
     client = MlflowClient()
     reaped = []

@@ -23,6 +23,7 @@ passed through. A failed command raises RuntimeError with the command and its st
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -33,6 +34,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from nhle.core.data import Splits, load_splits, save_splits
 
@@ -120,8 +123,6 @@ def _commit(repo: Path, paths: list[str], message: str) -> bool:
 def _default_remote_is(repo: Path, name: str, url: str) -> bool:
     """Whether the repo's .dvc/config already makes `name` at `url` the default remote (read as
     `dvc remote add -d` writes it; anything else reads as no, and the command sets it)."""
-    import configparser
-
     config = configparser.ConfigParser()
     try:
         config.read(repo / ".dvc" / "config")
@@ -190,8 +191,6 @@ def version_dataset(
 
 
 def _dvc_file_md5(text: str, where: str) -> str:
-    import yaml
-
     outs = (yaml.safe_load(text) or {}).get("outs") or []
     if len(outs) != 1 or "md5" not in outs[0]:
         raise RuntimeError(f"{where} does not hold exactly one output with an md5")

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
+from onnx import TensorProto, helper
+from torch.utils.flop_counter import FlopCounterMode
 
 from nhle.bench.serving import compare_runtimes
 from nhle.core.export import export_onnx
@@ -31,8 +34,6 @@ MODELS = {"smallcnn": (1, 8), "resnet18_cifar": (3, 32)}  # channels, image size
 
 
 def flops_per_image(model, shape) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, *shape))
@@ -53,9 +54,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
     """Best fp32 n x n matmul rate, GFLOP/s, of three libraries on the same threads: torch.mm
     (MKL, which takes slow paths on AMD CPUs), numpy (OpenBLAS) and an ONNX Runtime MatMul (MLAS).
     The largest is the machine's rate."""
-    import onnxruntime
-    from onnx import TensorProto, helper
-
     a, b = np.random.default_rng(0).random((2, n, n), dtype=np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     spec = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ABC"]

@@ -90,10 +90,10 @@ def on_common_cases(rows: list[dict], methods) -> list[dict]:
 
 def forget_rank_plot(settings: dict[str, list[dict]], path: Path) -> Path | None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - lazy: matplotlib: only when drawing
     except ImportError:
         return None
     figure, (drop_axis, silhouette_axis, relearn_axis) = plt.subplots(1, 3, figsize=(16, 4.8))

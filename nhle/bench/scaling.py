@@ -89,10 +89,10 @@ def scaling_table(rows: list[dict]) -> str:
 
 def scaling_plot(rows: list[dict], path: Path) -> Path | None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - lazy: matplotlib: only when drawing
     except ImportError:
         return None
     sizes = [r["train_size"] for r in rows]

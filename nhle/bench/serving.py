@@ -37,11 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import yaml
 
 from nhle.adapters.processes import free_port, stop_process
-from nhle.core.config import load_params, params_as_dict, with_assignments
+from nhle.core.config import load_params, params_as_dict, resolve_uri, with_assignments
 
 ADMIN_TOKEN = "nhle-bench-serve-admin-token-32-characters"
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -67,8 +68,8 @@ BASELINE = "mlflow models serve /invocations (JSON)"
 def scratch_project(params, folder: Path) -> tuple[Path, object]:
     """A project folder with its own MLflow store, ledger and data repository, whose champion is
     a base model trained by the pipeline (plain function calls, no Prefect)."""
-    from nhle.adapters.tracking import configure
-    from nhle.orchestration import pipeline
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration import pipeline  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     folder.mkdir(parents=True, exist_ok=True)
     settings = params_as_dict(params)
@@ -85,10 +86,8 @@ def scratch_project(params, folder: Path) -> tuple[Path, object]:
 
 def champion_of(params, project_dir: Path):
     """(model version, tracking URI) of the project's champion, or None. Only reads."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from nhle.core.config import resolve_uri
+    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
 
     uri = resolve_uri(params.tracking_uri(), project_dir)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -117,8 +116,6 @@ class ServerProcess:
         )
 
     def wait_ready(self, path: str, timeout: float = 120.0):
-        import httpx
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -317,7 +314,7 @@ def summary(phases: list[dict], images_per_request: int, requested: int, concurr
 
 
 def torch_version() -> str:
-    import torch  # here, not at the top: `nhle serve` builds its parser from this module
+    import torch  # noqa: PLC0415 - lazy: torch: `nhle serve` builds its parser from this module; here, not at the top: `nhle serve` builds its parser from this module
 
     return torch.__version__
 
@@ -328,8 +325,8 @@ def compare_runtimes(
     """Images/s of an in-process ONNX Runtime session and of PyTorch eager on the same batches,
     interleaved round by round; both on the CPU, each with its default thread count. Each round
     passes over the batches often enough to take about `round_seconds` per runtime."""
-    import onnxruntime
-    import torch
+    import onnxruntime  # noqa: PLC0415 - lazy: onnxruntime: with torch, only when measuring
+    import torch  # noqa: PLC0415 - lazy: torch: `nhle serve` builds its parser from this module
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -395,10 +392,8 @@ def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0)
     answered the notification), `nhle request process` started -> the server answers with the new
     version, and -> the process ended with the evidence complete. Returns each request's row and
     the min / median / max of each time."""
-    import httpx
-
-    from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import submit
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.requests import submit  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     port = free_port()
     settings = yaml.safe_load((root / "params.yaml").read_text())
@@ -456,8 +451,6 @@ def spread(values: list[float]) -> dict:
 def process_until_served(root: Path, work: Path, url: str, before: dict, timeout: float) -> dict:
     """`nhle request process` of the pending request, timed from its start to the server at `url`
     answering with a new version, and to its end."""
-    import httpx
-
     started = time.monotonic()
     command = [sys.executable, "-m", "nhle.cli", "request", "process", "--project-dir", str(root)]
     with open(work / "request-process.log", "ab") as log:
@@ -515,11 +508,11 @@ def bench_serve(
 ) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
     Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
-    import mlflow.artifacts
-    import onnxruntime
+    import mlflow.artifacts  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+    import onnxruntime  # noqa: PLC0415 - lazy: onnxruntime: with torch, only when measuring
 
-    from nhle.adapters.tracking import download_checkpoint
-    from nhle.core.training import load_checkpoint
+    from nhle.adapters.tracking import download_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     started = time.monotonic()
     deadline = started + seconds
@@ -627,7 +620,7 @@ def http_rounds(
 ) -> dict:
     """Every variant at single images and at batch_size, a 1/rounds share of the requests each
     time, in turn; the figures summed over the rounds."""
-    from nhle.core.experiment import load_data
+    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     test = load_data(params.data).test.float_images().numpy()
     rng = np.random.default_rng(0)

@@ -152,7 +152,7 @@ rows as trained; mask_only is the original's shipped steps, the floor (nhle.core
 
 def measured_on() -> str:
     """'measured <date> on <host> (<arch>, torch threads: N)': the stamp every benchmark table carries."""
-    import torch
+    import torch  # noqa: PLC0415 - lazy: torch: `nhle serve` builds its parser from this module
 
     return (
         f"measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} "
@@ -662,10 +662,10 @@ def markdown_table(summary: dict) -> str:
 def tradeoff_plot(summary: dict, path: Path) -> Path | None:
     """Retained drop (x) against probe forget accuracy (y), point area ~ time / retrain."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - lazy: matplotlib: only when drawing
     except ImportError:  # the plain core (e.g. a GPU image) need not have matplotlib
         return None
     kinds = list(summary)

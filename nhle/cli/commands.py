@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
-from dataclasses import replace
+import time
+import typing
+from dataclasses import fields, replace
 from pathlib import Path
 
-from nhle.core.config import Params, TrainConfig, load_params, with_assignments
-from nhle.core.files import GATES, PARITY, REPORT, write_json
+from nhle.adapters.signing import create_key_pair
+from nhle.bench.serving import add_arguments as add_serve_arguments
+from nhle.bench.serving import run as run_serve_bench
+from nhle.cli.jobs import import_command, run_command
+from nhle.cli.requests import add_commands
+from nhle.core.audit import terminal_text
+from nhle.core.config import SECTIONS, Params, TrainConfig, field_docs, load_params, params_yaml, with_assignments
+from nhle.core.files import GATES, PARITY, REPORT, atomic_write, write_json
+from nhle.core.gates import advice, evaluate_gates
 
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
 # its type the field's (nhle.core.config), so neither is written twice. Flags default to None so
@@ -113,10 +124,6 @@ def add_field_flags(parser, *flags: str) -> None:
     """--flag for each name of FLAG_FIELDS, typed, documented and limited to its choices by its
     config field. Values are checked with the rest of the settings (resolve_params), so a flag
     that goes with another (--mean with --std) is checked once both are in."""
-    import typing
-    from dataclasses import fields
-
-    from nhle.core.config import SECTIONS, field_docs
 
     for flag in flags:
         section, name = FLAG_FIELDS[flag]
@@ -165,8 +172,8 @@ def add_unlearn_flags(parser):
 
 
 def cmd_train(args) -> int:
-    from nhle.core.experiment import train_base_model
-    from nhle.core.training import save_checkpoint
+    from nhle.core.experiment import train_base_model  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.training import save_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     model, meta = train_base_model(params.data, params.train, model_config=params.model)
@@ -178,8 +185,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from nhle.core.data import save_splits
-    from nhle.core.experiment import load_data
+    from nhle.core.data import save_splits  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     data = load_data(resolve_params(args).data)
     save_splits(data, args.out)
@@ -188,8 +195,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_unlearn(args) -> int:
-    from nhle.core.experiment import forget_and_measure, save_unlearned, summary_lines, validate_forget
-    from nhle.core.training import load_checkpoint
+    from nhle.core.experiment import forget_and_measure, save_unlearned, summary_lines, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -210,10 +217,9 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from nhle.core.experiment import data_for_checkpoint
-    from nhle.core.gates import advice, evaluate_gates
-    from nhle.core.plots import write_evidence_plots
-    from nhle.core.training import load_checkpoint
+    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.plots import write_evidence_plots  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     original, checkpoint = load_checkpoint(args.original)
@@ -233,9 +239,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from nhle.core.experiment import data_for_checkpoint
-    from nhle.core.export import check_parity, export_onnx
-    from nhle.core.training import load_checkpoint
+    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.export import check_parity, export_onnx  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -254,12 +260,8 @@ def cmd_export(args) -> int:
 def cmd_params(args) -> int:
     """Every setting with its value and meaning, as params.yaml holds them (the defaults, or
     --params and --set applied)."""
-    from nhle.core.config import params_yaml
-
     text = params_yaml(resolve_params(args))
     if args.write:
-        from nhle.core.files import atomic_write
-
         atomic_write(Path(args.write), lambda f: f.write(text.encode()))
         print(f"wrote {args.write}")
     else:
@@ -270,8 +272,7 @@ def cmd_params(args) -> int:
 def cmd_keys(args) -> int:
     """The project's signing key pair (registry.signing_key, serving.verify_key), made on purpose;
     refused where either file exists."""
-    from nhle.adapters.signing import create_key_pair
-    from nhle.orchestration.steps import project_path
+    from nhle.orchestration.steps import project_path  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     key, public = (
@@ -289,16 +290,12 @@ def cmd_keys(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from nhle.cli.jobs import run_command
-
     return run_command(
         resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir), started=args.started
     )
 
 
 def cmd_import(args) -> int:
-    from nhle.cli.jobs import import_command
-
     return import_command(resolve_params(args), project_dir=Path(args.project_dir), started=args.started)
 
 
@@ -306,12 +303,11 @@ def cmd_rollback(args) -> int:
     """Refuses a version that predicts a class deleted on record (the ledger and the registered
     model's own record), unless the operator reopens the requests that deleted it (--reopen ID
     --reason ...), which both records then keep."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
 
-    from nhle.adapters.deletions import open_ledger, reopen_on_registry
-    from nhle.adapters.tracking import configure, rollback
-    from nhle.core.audit import terminal_text
-    from nhle.orchestration.steps import deleted_on_record
+    from nhle.adapters.deletions import open_ledger, reopen_on_registry  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure, rollback  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.steps import deleted_on_record  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     params = resolve_params(args)
     configure(params, args.project_dir)
@@ -364,9 +360,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_serve(args) -> int:
     """uvicorn on nhle_serving.server (serving/ of the checkout); the server itself never imports torch."""
-    import os
-
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 - lazy: uvicorn: only `nhle serve`
 
     params = resolve_params(args)
     if args.model and args.name:
@@ -388,13 +382,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from nhle.bench.serving import run
-
-    return run(args)
+    return run_serve_bench(args)
 
 
 def cmd_bench_unlearning(args) -> int:
-    from nhle.bench.unlearning import Grid, bench_unlearning
+    from nhle.bench.unlearning import Grid, bench_unlearning  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
     train_config = replace(TrainConfig(), **recipe)
@@ -415,8 +407,8 @@ def cmd_bench_unlearning(args) -> int:
     if args.engine == "sequential":
         bench_unlearning(grid, Path(args.out), resume=args.resume)
         return 0
-    from nhle.adapters.prefect_server import temporary_prefect_server
-    from nhle_flows.bench_grid import run_on_dask
+    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle_flows.bench_grid import run_on_dask  # noqa: PLC0415 - lazy: the flows load Prefect
 
     params = load_params(args.params)
     with temporary_prefect_server():
@@ -425,7 +417,7 @@ def cmd_bench_unlearning(args) -> int:
 
 
 def cmd_bench_scaling(args) -> int:
-    from nhle.bench.scaling import bench_scaling
+    from nhle.bench.scaling import bench_scaling  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
     bench_scaling(sizes=sizes, out=Path(args.out), epochs=2 if args.quick else args.epochs, device=args.device)
@@ -433,14 +425,14 @@ def cmd_bench_scaling(args) -> int:
 
 
 def cmd_bench_inference(args) -> int:
-    from nhle.bench.inference import bench_inference
+    from nhle.bench.inference import bench_inference  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     bench_inference(out=Path(args.out), rounds=1 if args.quick else 5, seconds_per_model=5 if args.quick else 40)
     return 0
 
 
 def cmd_bench_gpu(args) -> int:
-    from nhle.bench.gpu import main as gpu_check_main
+    from nhle.bench.gpu import main as gpu_check_main  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     return gpu_check_main(args.gpu_check_args)
 
@@ -453,7 +445,7 @@ def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nhle.adapters.ledger import operator_name
+    from nhle.adapters.ledger import operator_name  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     parser = argparse.ArgumentParser(
         prog="nhle", description="Make an image classifier forget whole classes, and measure that it did."
@@ -590,8 +582,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
     serve.set_defaults(func=cmd_serve)
 
-    from nhle.cli.requests import add_commands
-
     add_commands(commands, project_parent, model_parent, add_command)
 
     bench = add_command(commands, "bench", help="benchmarks that write their results to files")
@@ -669,7 +659,6 @@ def build_parser() -> argparse.ArgumentParser:
         "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
         "ONNX Runtime; time from a forget request to the new version served",
     )
-    from nhle.bench.serving import add_arguments as add_serve_arguments
 
     add_serve_arguments(serving)
     serving.set_defaults(func=cmd_bench_serve)
@@ -704,10 +693,6 @@ QUIET_DEFAULTS = {
 
 
 def main(argv=None) -> int:
-    import logging
-    import os
-    import time
-
     started = time.perf_counter()  # the "in all" time the flow commands print counts from here
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)

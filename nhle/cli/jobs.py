@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
 
 def load_flow(name: str):
     """A flow of nhle_flows.pipeline (flows/pipeline.py), loaded by entrypoint as Prefect does."""
-    from prefect.flows import load_flow_from_entrypoint
+    from prefect.flows import load_flow_from_entrypoint  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
 
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
@@ -45,8 +46,8 @@ def warm_up() -> None:
     the temporary Prefect server, it runs while that server starts. In this thread, never a
     thread of its own: imports racing the main thread's can see half-initialised modules."""
     try:
-        import torch._dynamo  # noqa: F401
-        from mlflow.utils import requirements_utils
+        import torch._dynamo  # noqa: F401, PLC0415 - the warm-up itself
+        from mlflow.utils import requirements_utils  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
 
         requirements_utils._init_packages_to_modules_map()
     except Exception as err:  # noqa: BLE001 - a cache not warmed is only slower
@@ -58,13 +59,11 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
     request is checked (against the champion, else the dataset's classes) before anything
     starts, so a typo costs no flow run and no Prefect server. `started`: the command's start
     (time.perf_counter()), for the time in all it prints."""
-    import time
-
-    from nhle.adapters.prefect_server import prefect_server_starting
-    from nhle.adapters.tracking import configure
-    from nhle.core.data import parse_classes
-    from nhle.core.experiment import load_data, validate_forget
-    from nhle.orchestration.steps import load_champion
+    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import load_data, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.steps import load_champion  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     started = started or time.perf_counter()
     project_dir = project_dir.resolve()
@@ -98,8 +97,6 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
 
 def timed(flow, **parameters) -> dict:
     """A flow run's result with its wall-clock seconds as `flow_seconds`."""
-    import time
-
     started = time.perf_counter()
     result = flow(**parameters)
     result["flow_seconds"] = time.perf_counter() - started
@@ -108,10 +105,8 @@ def timed(flow, **parameters) -> dict:
 
 def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
     """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
-    import time
-
-    from nhle.adapters.tracking import aliases_of, name_flag
-    from nhle.core.experiment import summary_lines
+    from nhle.adapters.tracking import aliases_of, name_flag  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import summary_lines  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     name = params.registry.model_name
     for result in results:
@@ -170,13 +165,11 @@ def attempt_lines(attempts: list[dict]) -> list[str]:
 def import_command(params: Params, project_dir: Path, started: float | None = None) -> int:
     """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
     the registry state. Exit 0 when the imported version became champion."""
-    import time
-
-    from nhle.adapters.prefect_server import prefect_server_starting
+    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     started = started or time.perf_counter()
     with prefect_server_starting() as ready:  # its start-up overlaps the imports below
-        from nhle.adapters.tracking import configure, name_flag
+        from nhle.adapters.tracking import configure, name_flag  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
         project_dir = project_dir.resolve()
         uri = configure(params, project_dir)
@@ -195,6 +188,6 @@ def import_command(params: Params, project_dir: Path, started: float | None = No
 
 
 def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:
-    from nhle.core.data import parse_classes
+    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     return all(bool(model.forget_mask[c]) for c in parse_classes(spec, class_names))

@@ -15,11 +15,15 @@ import os
 from pathlib import Path
 
 from nhle.adapters.ledger import STATUSES, operator_name
+from nhle.cli.jobs import attempt_lines, flows_file, load_flow, warm_up
+from nhle.core.audit import terminal_text
+from nhle.core.config import is_default_model, load_params, params_as_dict, resolve_uri
+from nhle.core.gates import advice_for_reason
 
 
 def cmd_submit(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import RequestRejected, request_line, submit
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.requests import RequestRejected, request_line, submit  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     try:
         request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
@@ -35,8 +39,8 @@ def cmd_submit(args, params) -> int:
 
 
 def cmd_withdraw(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import request_line, withdraw
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.requests import request_line, withdraw  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     try:
         event = withdraw(params, Path(args.project_dir), args.id, args.operator, args.reason)
@@ -61,8 +65,7 @@ def print_servers_told(events) -> None:
 def cmd_init(args, params) -> int:
     """Create the project's ledger on purpose, where none exists (nhle refuses to make one in
     place of a ledger it cannot find)."""
-    from nhle.adapters.deletions import ledger_at, missing_store
-    from nhle.core.config import resolve_uri
+    from nhle.adapters.deletions import ledger_at, missing_store  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     url = resolve_uri(params.requests_database(), Path(args.project_dir))
     missing = missing_store(url)
@@ -81,8 +84,8 @@ def cmd_init(args, params) -> int:
 
 
 def cmd_list(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger
-    from nhle.orchestration.requests import REQUEST_HEADER, request_line
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.requests import REQUEST_HEADER, request_line  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     requests = open_ledger(params, args.project_dir).list(args.status, params.registry.model_name)
     if not requests:
@@ -98,10 +101,9 @@ def cmd_list(args, params) -> int:
 
 
 def cmd_show(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger
-    from nhle.adapters.tracking import configure
-    from nhle.core.audit import terminal_text
-    from nhle.orchestration.requests import as_json, read_report
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.requests import as_json, read_report  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     ledger = open_ledger(params, args.project_dir)
     try:
@@ -125,12 +127,9 @@ def cmd_show(args, params) -> int:
 
 
 def cmd_process(args, params) -> int:
-    from nhle.adapters.prefect_server import prefect_server_starting
-    from nhle.core.config import params_as_dict
+    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     with prefect_server_starting() as ready:  # its start-up overlaps the imports below
-        from nhle.cli.jobs import load_flow, warm_up
-
         flow = load_flow("process_requests")
         warm_up()
         ready()
@@ -142,8 +141,6 @@ def cmd_process(args, params) -> int:
             + (f" ({request['error']})" if request["error"] else "")
             + (f"; audit {request['report_uri']}" if request["report_uri"] else "")
         )
-    from nhle.cli.jobs import attempt_lines
-    from nhle.core.gates import advice_for_reason
 
     for line in attempt_lines(result.get("attempts", [])):
         print(f"  {line}")
@@ -162,8 +159,6 @@ def cmd_process(args, params) -> int:
 def deployment_name(base: str, params) -> str:
     """A deployment's name: `base` for the project's default model, `base`-MODEL for another, so
     that each registered model has its own deployments."""
-    from nhle.core.config import is_default_model
-
     model = params.registry.model_name
     return base if is_default_model(model) else f"{base}-{model}"
 
@@ -171,8 +166,8 @@ def deployment_name(base: str, params) -> str:
 def requests_schedule(params) -> tuple[dict, object]:
     """(deployment options, concurrency limit) of every forget-request deployment: params.yaml's
     cron, and at most one run at a time (a run that would overlap is cancelled, not queued)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.schedules import Cron
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
+    from prefect.schedules import Cron  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
 
     options = {
         "schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
@@ -184,9 +179,6 @@ def requests_schedule(params) -> tuple[dict, object]:
 
 def cmd_schedule(args, params) -> int:
     """flow.serve: a deployment with params.yaml's cron and a concurrency limit of one run."""
-    from nhle.cli.jobs import load_flow
-    from nhle.core.config import params_as_dict
-
     project_dir = Path(args.project_dir).resolve()
     flow = load_flow("process_requests")
     os.chdir(project_dir)  # the deployment's working directory
@@ -195,7 +187,7 @@ def cmd_schedule(args, params) -> int:
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
     options, limit = requests_schedule(params)
-    from nhle.adapters.prefect_server import temporary_prefect_server
+    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     with temporary_prefect_server():
         flow.serve(name=name, parameters=parameters, global_limit=limit, limit=1, **options)
@@ -204,11 +196,8 @@ def cmd_schedule(args, params) -> int:
 
 def cmd_deploy(args, params) -> int:
     """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
-    from prefect.flows import Flow
-    from prefect.settings import get_current_settings
-
-    from nhle.cli.jobs import flows_file
-    from nhle.core.config import params_as_dict
+    from prefect.flows import Flow  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
+    from prefect.settings import get_current_settings  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
 
     if not get_current_settings().api.url:
         raise RuntimeError(
@@ -217,7 +206,6 @@ def cmd_deploy(args, params) -> int:
         )
     project_dir = Path(args.project_dir).resolve()
     entry = flows_file(project_dir).relative_to(project_dir)
-    from nhle.core.config import load_params
 
     own_params = Path(args.params).resolve() == project_dir / "params.yaml" and params == load_params(args.params)
     # With the project's own params.yaml as it is, each run reads it afresh; another file, or

@@ -9,10 +9,20 @@ needs what differs. Unknown keys are errors that name the key and the known ones
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
+import json
+import math
 import os
+import re
+import textwrap
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import yaml
 
 ENCODINGS = ("negative_hot", "uniform_rest", "negative_uniform", "complementary", "submaximum")
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -362,8 +372,6 @@ def flatten(payload: dict, prefix: str = "") -> dict:
 
 def params_as_dict(params) -> dict:
     """Params as plain JSON types (a flow parameter, a deployment's parameters)."""
-    import json
-
     return json.loads(json.dumps(asdict(params)))
 
 
@@ -371,11 +379,6 @@ def checked_value(owner: str, name: str, kind, value, rules: dict | None = None)
     """`value` as the field's type (an int is a fine float, and so is a string such as "1e9",
     which YAML 1.1 reads as text) and within the field's rules (setting()), or a ValueError
     naming the key, the value and what is allowed."""
-    import math
-    import re
-    import types
-    import typing
-
     args = typing.get_args(kind)
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         if value is None and type(None) in args:
@@ -436,8 +439,6 @@ def section_name(cls) -> str:
 def check_fields(config) -> None:
     """Every field of `config` checked (and normalised: "1e-3" -> 0.001, a list -> a tuple) by
     checked_value; a ValueError names section.key and the value."""
-    import typing
-
     hints = typing.get_type_hints(type(config))
     owner = section_name(type(config))
     for f in fields(config):
@@ -732,8 +733,6 @@ def with_assignments(params: Params, assignments) -> Params:
     (model.mean and model.std) can come from two assignments. Each value is read as a YAML scalar
     ("3e-5", "true", "[1, 64]"); an unknown key or a value that does not fit is a ValueError
     naming the assignment."""
-    import yaml
-
     raw = params_as_dict(params)
     given = []
     for item in assignments:
@@ -774,8 +773,6 @@ def with_assignments(params: Params, assignments) -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read params.yaml (missing file -> all defaults)."""
-    import yaml
-
     path = Path(path)
     if not path.exists():
         return Params()
@@ -795,10 +792,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
     """{field: its docstring, one line} of a config class (and of the classes it extends)."""
-    import ast
-    import inspect
-    import textwrap
-
     docs = {}
     for klass in reversed([k for k in cls.__mro__ if k not in (object, Section)]):
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
@@ -817,10 +810,6 @@ def field_docs(cls) -> dict[str, str]:
 def params_yaml(params: Params | None = None) -> str:
     """params.yaml with every field of every section, its value (default: the code's defaults) and
     its docstring as a comment: `nhle params` prints it, the checkout's params.yaml is it."""
-    import textwrap
-
-    import yaml
-
     params = params or Params()
 
     def scalar(value) -> str:

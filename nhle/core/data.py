@@ -14,13 +14,19 @@ a fingerprint of the exact bytes, which checkpoints carry so a model can be trac
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from nhle.core.config import DATASETS, TORCHVISION_DATASETS
+from nhle.core.files import atomic_write, write_json
 
 
 @dataclass
@@ -160,8 +166,8 @@ def in_class_order(splits: Splits, names: list[str]) -> Splits:
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:
     """scikit-learn's 1,797 8x8 handwritten digits, stratified split per seed, scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits as sk_load_digits  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
 
     bunch = sk_load_digits()
     images = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
@@ -177,7 +183,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:
 
 def load_torchvision(name: str, root: str | Path, download: bool = False) -> Splits:
     """torchvision's MNIST, FashionMNIST, CIFAR10, CIFAR100 or SVHN from their files under root."""
-    from torchvision import datasets
+    from torchvision import datasets  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
 
     root = str(Path(root).expanduser())
     if name == "svhn":
@@ -210,11 +216,8 @@ def load_image_folder(
     Grey if every image is single-channel, else RGB. Each file is opened, decoded and closed
     in turn (one open file at a time, whatever the folder's size); files that do not decode
     are listed by name, or left out with `skip_bad_images`."""
-    import logging
-
-    from PIL import Image
-    from sklearn.model_selection import train_test_split
-    from torchvision.datasets import ImageFolder
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from torchvision.datasets import ImageFolder  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
 
     folder = ImageFolder(str(root))
     if len(folder) == 0:
@@ -256,7 +259,6 @@ def load_image_folder(
 
 def resize(splits: Splits, size: int) -> Splits:
     """Bilinear resize of both splits to size x size (kept in [0, 1] floats)."""
-    import torch.nn.functional as F
 
     def scale(part: ImageSet) -> ImageSet:
         images = F.interpolate(part.float_images(), size=(size, size), mode="bilinear", align_corners=False)
@@ -325,9 +327,6 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
     The .npz files hold `images` (their own dtype) and `labels` (int64), uncompressed, with every
     zip entry stamped 1980-01-01: the same arrays always give the same bytes, so a content hash
     (DVC's md5) changes only when the data does. Each file is written atomically."""
-    import zipfile
-
-    from nhle.core.files import atomic_write, write_json
 
     def write_npz(part: ImageSet):
         arrays = {"images": part.images.contiguous().numpy(), "labels": part.labels.numpy().astype(np.int64)}
@@ -357,8 +356,6 @@ def save_splits(splits: Splits, folder: str | Path) -> Path:
 
 def load_splits(folder: str | Path) -> Splits:
     """The Splits that save_splits wrote to folder (same bytes, same fingerprint)."""
-    import json
-
     folder = Path(folder)
     for name in ("train.npz", "test.npz", "classes.json"):
         if not (folder / name).is_file():

@@ -18,6 +18,7 @@ from typing import NamedTuple
 from nhle.core.audit import relearn_sentence
 from nhle.core.config import DataConfig, ModelConfig, TrainConfig, UnlearnConfig, replace_known, to_dict
 from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.core.files import REPORT, write_json
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.metrics import (
     METRICS,
@@ -28,7 +29,7 @@ from nhle.core.metrics import (
     relearn_target_accuracy,
 )
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec
-from nhle.core.training import check_training, evaluate, recipe_of, train_model, training_spec
+from nhle.core.training import check_training, evaluate, recipe_of, save_checkpoint, train_model, training_spec
 from nhle.core.unlearning import UnlearnResult, apply_class_weight_mask, unlearn, without_mask
 
 
@@ -349,9 +350,6 @@ def lineage(checkpoint: dict) -> dict:
 
 def save_unlearned(folder, outcome: ForgetOutcome, checkpoint: dict, parent: str) -> Path:
     """Write folder/model.pt (the unlearned model, mask set) and folder/report.json."""
-    from nhle.core.files import REPORT, write_json
-    from nhle.core.training import save_checkpoint
-
     folder = Path(folder)
     save_checkpoint(
         folder / "model.pt",

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,6 @@ def _check_answers(model: torch.nn.Module, path: str, image_shape) -> None:
 
 
 def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, path: str) -> None:
-    import warnings
-
     with warnings.catch_warnings():  # its deprecation notice, on every call: the fallback above is the answer
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -7,6 +7,7 @@ or report behind.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,8 +43,6 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: str | Path, payload) -> Path:
     """Pretty JSON written atomically (parent folders created)."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))

@@ -10,6 +10,7 @@ Pure functions over the report (nhle.core.experiment.forget_and_measure) and the
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 from nhle.core.config import GateConfig
@@ -240,6 +241,4 @@ def advice(results: list[GateResult]) -> list[str]:
 def advice_for_reason(reason: str) -> list[str]:
     """advice() for a stored promotion reason (promotion_decision's text, as a ledger row keeps
     it): the settings that move each gate it names as failed."""
-    import re
-
     return [f"{name}: {text}" for name, text in GATE_ADVICE.items() if re.search(rf"(?<!\w){name}: ", reason)]

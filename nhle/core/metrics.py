@@ -17,10 +17,12 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from nhle.core.data import ImageSet, Splits, as_float, split_by_classes
 from nhle.core.gates import relearn_ratio
 from nhle.core.models import MaskedClassifier
+from nhle.core.training import predict
 
 METRIC_KEYS = (
     "forget_test_acc",
@@ -53,8 +55,6 @@ def one_blas_thread():
     threads still spin on the cores, and a BLAS thread pool beside them made the probe's fit 27x
     slower on 2 cores (0.70 s against 0.026 s on digits; the same solver, the same answer), and
     the plots' PCA hundreds of times slower. What was set before is restored on exit."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(limits=1, user_api="blas")
 
 
@@ -62,7 +62,7 @@ def mia_efficacy(member_conf: np.ndarray, nonmember_conf: np.ndarray, forget_con
     """SalUn's SVC MIA on the true-label confidence: an SVC (C=3, rbf, gamma='auto') learns
     retained train (members, subsampled to the non-members' count) vs retained test; the result
     is 1 - the share of forget train samples it calls members."""
-    from sklearn.svm import SVC
+    from sklearn.svm import SVC  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
 
     rng = np.random.default_rng(seed)
     if len(member_conf) > len(nonmember_conf):
@@ -84,9 +84,9 @@ def probe_forget_acc(
 ) -> float:
     """Recall on the forgotten classes' test samples of a logistic-regression probe fitted on
     the train split's features with true labels (all classes; at most PROBE_MAX_TRAIN samples)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
 
     if len(train_labels) > PROBE_MAX_TRAIN:
         keep = np.random.default_rng(seed).choice(len(train_labels), PROBE_MAX_TRAIN, replace=False)
@@ -100,7 +100,7 @@ def probe_forget_acc(
 
 def forget_silhouette(features: np.ndarray, labels: np.ndarray, forget_classes) -> float:
     """Mean cosine silhouette of the forgotten classes' samples, labelled by true class."""
-    from sklearn.metrics import silhouette_samples
+    from sklearn.metrics import silhouette_samples  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
 
     with one_blas_thread():
         scores = silhouette_samples(features, labels, metric="cosine")
@@ -118,8 +118,6 @@ def relearn_steps(
     """Full-batch Adam steps of plain cross-entropy on the forget samples until the accuracy on
     the forget test samples reaches `target`; `max_steps` when it never does. Give it a model
     with the mask taken off (see masking.without_mask)."""
-    from nhle.core.training import predict
-
     model = copy.deepcopy(model).cpu().eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = as_float(forget_samples.images), forget_samples.labels
@@ -153,8 +151,6 @@ def shipped_weights(model: MaskedClassifier, forget_classes) -> MaskedClassifier
 def relearn_target_accuracy(original: MaskedClassifier, data: Splits, forget_classes, share: float) -> float:
     """The forget test accuracy the relearn attack must bring back: `share` (unlearn.relearn_target)
     of the original model's, so that every model of one forget is attacked to the same bar."""
-    from nhle.core.training import predict
-
     forget_test, _ = split_by_classes(data.test, sorted(forget_classes))
     return share * accuracy(predict(original, forget_test)[0], forget_test.labels)
 
@@ -221,8 +217,6 @@ def forget_metrics(
     None means the model has no mask on these classes, so that attack is the model itself. The
     relearn attack runs on both it (restored) and shipped_weights (shipped) up to
     `relearn_target_acc` (relearn_target_accuracy: the original's, for every model of one forget)."""
-    from nhle.core.training import predict
-
     forget_classes = sorted(forget_classes)
     forget_test, retain_test = split_by_classes(data.test, forget_classes)
     test_logits, _ = predict(model, data.test)
@@ -245,8 +239,6 @@ def forget_metrics(
 def evidence_metrics(model: MaskedClassifier, data: Splits, forget_classes, seed: int = 0) -> dict:
     """What no gate reads and the shipped model alone gives (measured after the promotion): the
     train accuracies, the membership inference attack, the linear probe and the silhouette."""
-    from nhle.core.training import predict
-
     forget_classes = sorted(forget_classes)
     forget_train, retain_train = split_by_classes(data.train, forget_classes)
     train_logits, train_features = predict(model, data.train)

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nhle.core.data import as_float
+
 NHLE_ARCHITECTURES = ("smallcnn", "resnet18_cifar")
 GRAPH = "graph"
 """The arch of a model that exists only as a traced graph (nhle.core.graphs): it cannot be rebuilt
@@ -168,7 +170,7 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 128) -> nn.Sequen
 
 def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv1, no max-pool)."""
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
 
     net = resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -178,13 +180,13 @@ def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
 
 @functools.cache
 def torchvision_classifiers() -> tuple[str, ...]:
-    import torchvision
+    import torchvision  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
 def torchvision_network(name: str, num_classes: int, image_size: int | None) -> nn.Module:
-    import torchvision
+    import torchvision  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
 
     options = {}
     if name.startswith("vit_") and image_size:
@@ -198,7 +200,7 @@ def torchvision_network(name: str, num_classes: int, image_size: int | None) -> 
 
 def timm_network(name: str, in_channels: int, num_classes: int, image_size: int | None) -> nn.Module:
     try:
-        import timm
+        import timm  # noqa: PLC0415 - lazy: timm: optional extra
     except ImportError:
         raise ValueError(f"timm/{name} needs timm: pip install 'nhle[timm]'") from None
     if name not in timm.list_models():
@@ -378,7 +380,5 @@ def build_from_spec(spec: ModelSpec) -> MaskedClassifier:
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of [0, 1] images, for the model's input normalisation."""
-    from nhle.core.data import as_float
-
     x = as_float(images[:20000])
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from nhle.core.data import ImageSet, Splits
+from nhle.core.metrics import one_blas_thread
 from nhle.core.training import predict
 
 DPI = 110
@@ -44,8 +45,8 @@ FORGET_MARKERS = ["X", "D", "P", "^", "s", "v", "*", "o"]
 
 def _new_figure(width: float, height: float, ncols: int = 1):
     """A pyplot-free figure on an Agg canvas (headless, nothing registered globally)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - lazy: matplotlib: only when drawing
+    from matplotlib.figure import Figure  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -129,7 +130,7 @@ def _set_class_ticks(ax, axis: str, shown: np.ndarray, class_names: list[str], f
 
 
 def _lighten(colour, amount: float = 0.5):
-    from matplotlib.colors import to_rgb
+    from matplotlib.colors import to_rgb  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
     rgb = np.asarray(to_rgb(colour))
     return tuple(rgb + (1.0 - rgb) * amount)
@@ -172,7 +173,7 @@ def confusion_headline(predictions, labels, class_names, forget_classes) -> str:
 def _draw_per_class_accuracy(
     before: np.ndarray, after: np.ndarray, class_names: list[str], forget: list[int], path
 ) -> Path:
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
     k = len(class_names)
     forget_set = set(forget)
@@ -253,7 +254,7 @@ def _draw_per_class_accuracy(
 def _draw_confusion_matrix(
     predictions: np.ndarray, labels: np.ndarray, class_names: list[str], forget: list[int], path, title: str
 ) -> Path:
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
     k = len(class_names)
     forget_set = set(forget)
@@ -297,9 +298,7 @@ def _draw_confusion_matrix(
 
 def _project(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of `features` (fitted on them) and the explained variance ratio of each axis."""
-    from sklearn.decomposition import PCA
-
-    from nhle.core.metrics import one_blas_thread
+    from sklearn.decomposition import PCA  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
 
     features = np.asarray(features, dtype=np.float64)
     n_components = min(2, features.shape[0], features.shape[1])
@@ -326,8 +325,8 @@ def _draw_feature_projection(
     path,
     seed: int,
 ) -> Path:
-    import matplotlib
-    from matplotlib.lines import Line2D
+    import matplotlib  # noqa: PLC0415 - lazy: matplotlib: only when drawing
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - lazy: matplotlib: only when drawing
 
     k = len(class_names)
     forget_set = set(forget)

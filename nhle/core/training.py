@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nhle.core.config import AMP_MODES, ModelConfig, TrainConfig
 from nhle.core.data import ImageSet, Splits, as_float, split_by_classes
 from nhle.core.files import atomic_write
+from nhle.core.graphs import graph_from_bytes, is_graph, program_bytes
 from nhle.core.models import GRAPH, MaskedClassifier, ModelSpec, build_from_spec, channel_stats
 
 
@@ -230,8 +232,6 @@ def recalibrate_batch_norm(model, data: ImageSet, batch_size: int, device) -> No
 def save_checkpoint(path: str | Path, model: MaskedClassifier, **meta) -> Path:
     """Write {"state_dict", "model_spec", "forgotten_classes", **meta} atomically to path; a
     traced-graph backbone also goes in, as a torch.export archive ("backbone_program")."""
-    from nhle.core.graphs import is_graph, program_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
@@ -269,9 +269,6 @@ def restore_model(checkpoint: dict) -> MaskedClassifier:
     spec = ModelSpec.from_dict(checkpoint["model_spec"])
     if spec.arch != GRAPH:
         return build_from_spec(spec)
-    import torch.nn as nn
-
-    from nhle.core.graphs import graph_from_bytes
 
     weight = checkpoint["state_dict"]["head.weight"]
     head = nn.Linear(weight.shape[1], weight.shape[0], bias="head.bias" in checkpoint["state_dict"])

@@ -24,7 +24,9 @@ import logging
 import time
 from pathlib import Path
 
+from nhle.adapters.tracking import finish_run, log_run_files, start_run
 from nhle.core.config import Params
+from nhle.core.experiment import validate_forget
 from nhle.core.files import STEP_SECONDS
 from nhle.orchestration import steps
 
@@ -96,8 +98,6 @@ def publish(
 def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -> dict:
     """body(run_id) inside a new MLflow run; the run ends FINISHED, or FAILED when body raises,
     with the clock's step times logged."""
-    from nhle.adapters.tracking import finish_run, log_run_files, start_run
-
     run_id = start_run(params, run_name, tags)
     status = "FAILED"
     try:
@@ -209,8 +209,6 @@ def forget(
     the current champion, as `params` say (its unlearn section: --set unlearn.n_samples=16, ...).
     `batch` and `request_ids` (set by the request loop) tag the MLflow run and the model version,
     so a later run can find the version a crashed run registered."""
-    from nhle.core.experiment import validate_forget
-
     engine = StepClock(engine)
     settle_earlier_runs(params, root, engine, logger)
     champion = engine(steps.load_champion, params)

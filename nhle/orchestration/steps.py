@@ -15,21 +15,84 @@ in `promote`, the last step, and only when every gate held.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
 
-from nhle.core.config import Params, flatten
-from nhle.core.data import Splits
+from nhle.adapters import deletions
+from nhle.adapters.deletions import open_ledger, record_forgetting
+from nhle.adapters.ledger import operator_name, owner_is_gone
+from nhle.adapters.mlflow_models import from_mlflow
+from nhle.adapters.servers import notify_servers
+from nhle.adapters.signing import create_key_pair
+from nhle.adapters.tracking import (
+    VersionEvidence,
+    complete_report,
+    describe_version,
+    download_checkpoint,
+    download_synthetic_inputs,
+    finish_run,
+    log_artifacts_to,
+    log_attempt,
+    log_attempts,
+    log_outcome,
+    log_version,
+    reap_dead_runs,
+    record_promotion,
+    run_json,
+    set_run_tags,
+    sign_registered_version,
+    signed_versions,
+    start_child_run,
+    tag_version,
+    version_by_alias,
+    version_tags,
+    versions_tagged,
+)
+from nhle.adapters.tracking import keep_synthetic_inputs as log_synthetic_inputs
+from nhle.adapters.versioning import DATASETS_DIR, DataVersion, open_dataset_version, version_dataset
+from nhle.core.config import RECIPES, Params, flatten, is_default_model, resolve_uri
+from nhle.core.data import Splits, drop_classes
+from nhle.core.experiment import (
+    base_meta,
+    base_metrics,
+    check_base_training,
+    completed_report,
+    data_for_checkpoint,
+    forget_and_measure,
+    lineage,
+    load_data,
+    train_base_model,
+)
+from nhle.core.export import check_parity, export_onnx
+from nhle.core.export import preprocessing as input_preprocessing
 from nhle.core.files import PARITY, REPORT
-from nhle.core.gates import GateResult, evaluate_gates
+from nhle.core.gates import (
+    GateResult,
+    all_passed,
+    base_gates,
+    deleted_classes_gate,
+    evaluate_gates,
+    failure_reason,
+    promotion_decision,
+)
+from nhle.core.importing import check_square, from_weights, smoke_test
 from nhle.core.models import MaskedClassifier
+from nhle.core.plots import write_evidence_plots
+from nhle.core.training import load_checkpoint, resolve_device, save_checkpoint
+from nhle.core.unlearning import apply_class_weight_mask
+from nhle.core.unlearning.anchors import SyntheticInputs
 
 
 @dataclass
@@ -53,9 +116,6 @@ def dataset_folder(params: Params, data: Splits) -> Path:
     """Where the registered model's dataset lives in the data repo: datasets/<dataset> for the
     project's default model (where it always was), datasets/<model>/<dataset> for another, so
     that a deletion for one model never removes another model's training data."""
-    from nhle.adapters.versioning import DATASETS_DIR
-    from nhle.core.config import is_default_model
-
     model = params.registry.model_name
     return Path(DATASETS_DIR) / (data.name if is_default_model(model) else Path(model) / data.name)
 
@@ -63,8 +123,6 @@ def dataset_folder(params: Params, data: Splits) -> Path:
 def version_data(params: Params, project_dir: Path, data: Splits, message: str | None = None):
     """Materialise `data` into the DVC data repository (created when missing) and return its
     DataVersion."""
-    from nhle.adapters.versioning import version_dataset
-
     repo = project_path(project_dir, params.versioning.repo)
     remote = params.versioning.remote
     remote = remote if "://" in remote else str(project_path(project_dir, remote))
@@ -92,12 +150,6 @@ def evidence_work(params: Params, version: str) -> EvidenceWork | None:
     """What the evidence of registered `version` is completed from, downloaded from the registry
     (its checkpoint, its parent's, its report and its DVC data), or None when it has no evidence
     pending (tag `evidence`: a base or imported model, or completed already)."""
-    from mlflow import MlflowClient
-
-    from nhle.adapters.tracking import download_checkpoint, run_json
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
-    from nhle.core.training import load_checkpoint
-
     client, name = MlflowClient(), params.registry.model_name
     mv = client.get_model_version(name, str(version))
     report = run_json(mv.run_id, REPORT)
@@ -115,8 +167,6 @@ def measure_evidence(work: EvidenceWork) -> dict:
     """The version's report with what it left pending measured now (the evidence metrics of the
     original and the unlearned model, the retrained reference: the retrain;
     nhle.core.experiment.completed_report); as it is when nothing is pending."""
-    from nhle.core.experiment import completed_report
-
     if not work.report.get("pending") and work.report.get("reference", {}).get("kind") != "pending":
         return work.report
     return completed_report(work.report, work.checkpoint, work.original, work.model, work.data)
@@ -124,8 +174,6 @@ def measure_evidence(work: EvidenceWork) -> dict:
 
 def draw_evidence_plots(work: EvidenceWork) -> dict[str, Path]:
     """The before/after plots of the version (nhle.core.plots.write_evidence_plots)."""
-    from nhle.core.plots import write_evidence_plots
-
     return write_evidence_plots(
         work.original, work.model, work.data, work.report["forget_classes"], work.work_dir / "plots"
     )
@@ -135,8 +183,6 @@ def delete_forgotten_samples(params: Params, project_dir: Path, work: EvidenceWo
     """When the version was promoted and forgets classes, its forget's data without their
     samples as a new DVC version, tagged `data_after.*` on the version and its run; returns that
     DataVersion (None: not promoted, or deleted already by a run that died after it)."""
-    from nhle.adapters.tracking import set_run_tags, tag_version
-
     tags, name = work.version.tags, params.registry.model_name
     forgotten = json.loads(tags.get("forgotten_classes") or "[]")
     if tags.get("promoted") != "true" or not forgotten or "data_after.md5" in tags:
@@ -153,10 +199,6 @@ def record_evidence(params: Params, work: EvidenceWork, report: dict, plots: dic
     """The plots logged to the version's run, its report.json and metrics completed, its tag
     `evidence` made complete and its description rewritten (tracking.complete_report); the work
     folder removed. Returns the report."""
-    import shutil
-
-    from nhle.adapters.tracking import complete_report, log_artifacts_to
-
     try:
         log_artifacts_to(work.version.run_id, list(plots.values()), "plots")
         complete_report(params.registry.model_name, str(work.version.version), report)
@@ -167,10 +209,6 @@ def record_evidence(params: Params, work: EvidenceWork, report: dict, plots: dic
 
 def versions_with_pending_evidence(params: Params) -> list[str]:
     """Versions whose flow ended (a crash between promotion and evidence) with evidence pending."""
-    from mlflow import MlflowClient
-
-    from nhle.adapters.tracking import versions_tagged
-
     client = MlflowClient()
     return [
         str(mv.version)
@@ -183,8 +221,6 @@ def recorded_data_version(params: Params, version):
     """The DVC version a forget from `version` starts from, as the registry recorded it: the one
     the forget that made `version` left behind (its forgotten classes' samples deleted), else the
     one `version` was made from; None for a model registered without one."""
-    from nhle.adapters.versioning import DataVersion
-
     for prefix in ("data_after.", "data."):
         recorded = DataVersion.from_tags(version.tags, params.versioning.remote, prefix=prefix)
         if recorded is not None:
@@ -196,9 +232,6 @@ def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict
     """(the data a forget flow starts from, its DataVersion): the recorded DVC version
     (recorded_data_version), or (a model registered without one) the data its checkpoint was
     trained on, versioned now."""
-    from nhle.adapters.versioning import open_dataset_version
-    from nhle.core.experiment import data_for_checkpoint
-
     recorded = recorded_data_version(params, version)
     if recorded is not None:  # already versioned: versioning the same bytes again would change nothing
         return open_dataset_version(recorded), recorded
@@ -209,8 +242,6 @@ def data_of_version(params: Params, project_dir: Path, version, checkpoint: dict
 def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgotten: list[int], why: str):
     """A new DVC version of `data` without any sample of the `forgotten` classes (committed and
     pushed like every version); returns its DataVersion."""
-    from nhle.core.data import drop_classes
-
     names = [data.class_names[c] for c in forgotten]
     return version_data(
         params, project_dir, drop_classes(data, forgotten), message=f"Delete the samples of classes {names} ({why})"
@@ -219,16 +250,12 @@ def delete_forgotten_data(params: Params, project_dir: Path, data: Splits, forgo
 
 def training_data(params: Params, project_dir: Path) -> Splits:
     """The configured dataset less the classes forget requests deleted from it on record."""
-    from nhle.core.experiment import load_data
-
     return with_deletions_on_record(params, project_dir, load_data(params.data))
 
 
 def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) -> Splits:
     """`data` less the classes forget requests deleted from this dataset in the data repo, so
     that a retrain from the source cannot relearn them."""
-    from nhle.core.data import drop_classes
-
     record = project_path(project_dir, params.versioning.repo) / dataset_folder(params, data) / "classes.json"
     if not record.is_file():
         return data
@@ -241,9 +268,6 @@ def with_deletions_on_record(params: Params, project_dir: Path, data: Splits) ->
 def check_settings(params: Params, data: Splits | None = None) -> None:
     """What a flow would refuse midway, refused before its MLflow run starts (so a typo leaves
     no FAILED run): the device and, given the training data, the base model to train on it."""
-    from nhle.core.experiment import check_base_training
-    from nhle.core.training import resolve_device
-
     resolve_device(params.train.device)
     if data is not None:
         check_base_training(params.model, params.train, data)
@@ -252,9 +276,6 @@ def check_settings(params: Params, data: Splits | None = None) -> None:
 def train_candidate(params: Params, data: Splits) -> Candidate:
     """Train a base model; classes without training samples (deleted by forget requests) are
     masked, so the model can never predict them."""
-    from nhle.core.experiment import train_base_model
-    from nhle.core.unlearning import apply_class_weight_mask
-
     model, meta = train_base_model(params.data, params.train, data=data, model_config=params.model)
     if data.removed_classes:
         apply_class_weight_mask(model, data.removed_classes)
@@ -264,12 +285,8 @@ def train_candidate(params: Params, data: Splits) -> Candidate:
 def load_user_model(config, data: Splits, tracking_uri: str) -> tuple[MaskedClassifier, dict]:
     """The model `config` names (from_mlflow, else arch + weights), wrapped for `data`, and where
     it came from. `tracking_uri` is used for from_mlflow when config has no tracking URI of its own."""
-    from nhle.core.importing import check_square, from_weights, smoke_test
-
     check_square(data)
     if config.from_mlflow:
-        from nhle.adapters.mlflow_models import from_mlflow
-
         model, source = from_mlflow(config, data, config.mlflow_tracking_uri or tracking_uri)
     else:
         model, source = from_weights(config, data)
@@ -281,12 +298,6 @@ def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candida
     """The user's model (params.model: from_mlflow, else arch + weights) for `data`, evaluated
     like a trained base model; classes deleted on record are masked. Raises ValueError naming
     what does not fit, before anything is logged or registered."""
-    import time
-
-    from nhle.core.config import resolve_uri
-    from nhle.core.experiment import base_meta, base_metrics
-    from nhle.core.unlearning import apply_class_weight_mask
-
     started = time.perf_counter()
     tracking_uri = resolve_uri(params.model.mlflow_tracking_uri or params.tracking_uri(), project_dir)
     model, source = load_user_model(params.model, data, tracking_uri)
@@ -299,9 +310,6 @@ def import_candidate(params: Params, project_dir: Path, data: Splits) -> Candida
 
 def load_champion(params: Params):
     """(model, checkpoint dict, ModelVersion) of the current champion, or None when there is none."""
-    from nhle.adapters.tracking import download_checkpoint, version_by_alias
-    from nhle.core.training import load_checkpoint
-
     version = version_by_alias(params.registry.model_name, params.registry.champion_alias)
     if version is None:
         return None
@@ -315,8 +323,6 @@ def forget_candidate(
 ) -> Candidate:
     """NHLE + masking of `classes` (indices, validated where the request came in), with the report
     that measures it against the original and the retrained reference."""
-    from nhle.core.experiment import forget_and_measure, lineage
-
     work_dir = new_work_dir("forget")
     cached = synthetic_inputs_of(params, parent_version, work_dir)
     # What no gate reads (the retrained reference, the evidence metrics) waits until after the
@@ -343,9 +349,6 @@ def forget_candidate(
 
 def synthetic_inputs_of(params: Params, version: str, folder: Path):
     """The synthetic inputs an earlier request kept with registered version `version`, or None."""
-    from nhle.adapters.tracking import download_synthetic_inputs
-    from nhle.core.unlearning.anchors import SyntheticInputs
-
     (folder / "cached").mkdir(parents=True, exist_ok=True)
     path = download_synthetic_inputs(params.registry.model_name, version, folder / "cached")
     return SyntheticInputs.load(path) if path is not None else None
@@ -354,14 +357,10 @@ def synthetic_inputs_of(params: Params, version: str, folder: Path):
 def keep_synthetic_inputs(params: Params, version: str, synthetic, folder: Path) -> None:
     """Keep the synthetic inputs of `version`'s model beside its checkpoint: they depend on the
     model only, so every later request on that version reuses them instead of synthesising."""
-    from nhle.adapters.tracking import keep_synthetic_inputs as log_synthetic_inputs
-
     log_synthetic_inputs(params.registry.model_name, version, synthetic.save(folder / "synthetic.pt"))
 
 
 def export_and_check(params: Params, candidate: Candidate) -> tuple[Path, dict]:
-    from nhle.core.export import check_parity, export_onnx
-
     path = export_onnx(
         candidate.model, candidate.work_dir / "model.onnx", candidate.data.image_shape, params.export.exporter
     )
@@ -383,10 +382,6 @@ def register_candidate(
     """Log report, checkpoint, parity and the ONNX model; returns the new registered version. A
     forget's version is born with the tag evidence=pending: its plots, its retrained reference
     and its data deletion come after the promotion (pipeline.complete_evidence)."""
-    from nhle.adapters.tracking import VersionEvidence, log_version
-    from nhle.core.export import preprocessing as input_preprocessing
-    from nhle.core.training import save_checkpoint
-
     checkpoint_path = save_checkpoint(
         candidate.work_dir / "model.pt", candidate.model, data_version=asdict(data_version), **candidate.checkpoint_meta
     )
@@ -435,16 +430,12 @@ def logged_model_name(arch: str, dataset: str, forgotten: list[int]) -> str:
 
 
 def sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def gates_of(params: Params, candidate: Candidate, parity: dict) -> list[GateResult]:
     """The gates a candidate must pass (nhle.core.gates): a base model's, or every gate of an
     unlearned one's report."""
-    from nhle.core.gates import base_gates
-
     if candidate.report is None:
         return base_gates(candidate.checkpoint_meta["metrics"]["test_acc"], parity, params.gates)
     return evaluate_gates(candidate.report, parity, params.gates)
@@ -459,10 +450,6 @@ def unlearning_attempts(params: Params) -> list[tuple[str, dict, Params]]:
     the configured unlearn section first (CONFIGURED, no overrides), then each recipe of
     unlearn.fallbacks (nhle.core.config.RECIPES) applied over it. A recipe that would give a
     section already tried is left out: the same settings and seed make the same candidate."""
-    from dataclasses import replace
-
-    from nhle.core.config import RECIPES
-
     attempts = [(CONFIGURED, {}, params)]
     for name in params.unlearn.fallbacks:
         unlearn = replace(params.unlearn, **RECIPES[name])
@@ -474,8 +461,6 @@ def unlearning_attempts(params: Params) -> list[tuple[str, dict, Params]]:
 def start_attempt(params: Params, run_id: str, number: int, recipe: str, overrides: dict) -> str:
     """The MLflow run of a forget's attempt `number`, nested under the flow's run `run_id`: the
     recipe and every unlearn setting it runs with as params, the recipe's overrides as a tag."""
-    from nhle.adapters.tracking import start_child_run
-
     tags = {"nhle.attempt": str(number), "nhle.recipe": recipe, "nhle.recipe.overrides": json.dumps(overrides)}
     return start_child_run(
         run_id, f"attempt-{number}-{recipe}", tags, {"recipe": recipe, **flatten(asdict(params.unlearn), "unlearn.")}
@@ -496,9 +481,6 @@ def end_attempt(
     ran; its tags say whether its candidate held every gate). Returns the attempt's record, as
     attempts.json lists it: the candidate is published when it held every gate or is the last
     one; else nothing of it is registered and the forget goes on with the next recipe."""
-    from nhle.adapters.tracking import finish_run, log_attempt
-    from nhle.core.gates import all_passed, failure_reason
-
     passed = all_passed(gates)
     published = passed or last
     record = {
@@ -531,16 +513,12 @@ def end_attempt(
 
 def abort_attempt(attempt_run_id: str) -> None:
     """An attempt whose step raised: its run ends FAILED (the flow's run says why)."""
-    from nhle.adapters.tracking import finish_run
-
     finish_run(attempt_run_id, "FAILED")
 
 
 def record_attempts(run_id: str, attempts: list[dict]) -> None:
     """Every attempt so far as attempts.json on the flow's run, tagged with their count and the
     recipe of the one registered (once there is one)."""
-    from nhle.adapters.tracking import log_attempts
-
     registered = [a["recipe"] for a in attempts if a["outcome"] == "registered"]
     log_attempts(
         run_id,
@@ -556,9 +534,6 @@ def finish_version(
     (the ledger), then promote. The alias moves last, so a failure anywhere before leaves
     `champion` alone. The forgotten classes' samples are deleted from the dataset after it, with
     the rest of the evidence (nhle.orchestration.pipeline.complete_evidence)."""
-    from nhle.adapters.tracking import version_tags
-    from nhle.core.gates import deleted_classes_gate
-
     name = params.registry.model_name
     forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
     # Whatever made this version (training, an import, unlearning), it may not bring back a
@@ -571,8 +546,6 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
     """Finish a registered version whose flow died before settling it (a crashed forget-request
     run): judge it from its logged report and parity and promote, without
     unlearning or registering anything again. A version already settled is left as it is."""
-    from nhle.adapters.tracking import finish_run, run_json
-
     name, number = params.registry.model_name, str(version.version)
     champion = champion_version(params)
     if champion is not None and str(champion.version) == number:
@@ -597,11 +570,6 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
 def deleted_on_record(params: Params, project_dir: Path) -> tuple[dict[int, list[int]], str]:
     """The classes of the registered model deleted on record (the ledger and the model's own
     record united; nhle.adapters.deletions), the ledger made when the model's record covers it."""
-    from mlflow import MlflowClient
-
-    from nhle.adapters import deletions
-    from nhle.core.config import resolve_uri
-
     return deletions.deleted_on_record(
         MlflowClient(),
         params.registry.model_name,
@@ -614,11 +582,6 @@ def signing_key(params: Params, project_dir: Path) -> Path:
     """The private key versions are signed with (registry.signing_key). A new registered model,
     none of whose versions is signed yet, gets a new pair (the public one at serving.verify_key);
     a missing key of a model whose versions were signed is an error: a new key would not be theirs."""
-    import logging
-
-    from nhle.adapters.signing import create_key_pair
-    from nhle.adapters.tracking import signed_versions
-
     key, public = (
         project_path(Path(project_dir), params.registry.signing_key),
         project_path(Path(project_dir), params.serving.verify_key),
@@ -649,20 +612,6 @@ def promote(
     """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out. The
     classes a promoted version forgets go on record (ledger and registered model) before the
     alias moves, so no later rollback, fallback or hand move can bring them back unrecorded."""
-    from mlflow import MlflowClient
-
-    from nhle.adapters.deletions import open_ledger, record_forgetting
-    from nhle.adapters.ledger import operator_name
-    from nhle.adapters.servers import notify_servers
-    from nhle.adapters.tracking import (
-        describe_version,
-        log_outcome,
-        record_promotion,
-        sign_registered_version,
-        tag_version,
-    )
-    from nhle.core.gates import promotion_decision
-
     name = params.registry.model_name
     tag_version(name, version, {"gates": [g.as_dict() for g in gates]})
     sign_registered_version(name, str(version), [g.as_dict() for g in gates], signing_key(params, project_dir))
@@ -706,10 +655,6 @@ def new_work_dir(kind: str) -> Path:
 
 def sweep_work_dirs() -> list[Path]:
     """Remove the scratch folders of processes of this host that no longer exist; returns them."""
-    import shutil
-
-    from nhle.adapters.ledger import owner_is_gone
-
     swept = []
     for folder in Path(tempfile.gettempdir()).glob("nhle-*-*-*"):
         match = WORK_DIR.match(folder.name)
@@ -724,8 +669,6 @@ def clean_up_after_dead_runs(params: Params, logger) -> dict:
     request processing): their MLflow runs still RUNNING are marked KILLED, a version one
     registered before judging its gates is marked abandoned, and their scratch folders are
     removed; each is logged as a warning."""
-    from nhle.adapters.tracking import reap_dead_runs
-
     left = {"runs": reap_dead_runs(params.registry.model_name), "work_dirs": [str(p) for p in sweep_work_dirs()]}
     for dead in left["runs"]:
         logger.warning(
@@ -743,13 +686,9 @@ def clean_up_after_dead_runs(params: Params, logger) -> dict:
 
 def discard_work_dir(candidate: Candidate) -> None:
     """Everything in the work folder is in MLflow once the version is registered."""
-    import shutil
-
     shutil.rmtree(candidate.work_dir, ignore_errors=True)
 
 
 def champion_version(params: Params):
     """The registry's champion ModelVersion, or None."""
-    from nhle.adapters.tracking import version_by_alias
-
     return version_by_alias(params.registry.model_name, params.registry.champion_alias)

@@ -4,8 +4,9 @@ import threading
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import create_engine, text
 
-from nhle.adapters.ledger import LeaseKeeper, Ledger, new_owner, owner_is_gone, utcnow
+from nhle.adapters.ledger import ForgetRequestRow, LeaseKeeper, Ledger, new_owner, owner_is_gone, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,8 +94,6 @@ def test_a_live_claim_is_kept_and_an_abandoned_one_is_taken_over(ledger, dead_ow
     me = new_owner()
     assert {r.id for r in ledger.claim(me, 60)} == {live.id, dead.id, expired.id}
     with ledger._session() as session, session.begin():  # hand two of them to gone claimants
-        from nhle.adapters.ledger import ForgetRequestRow
-
         session.get(ForgetRequestRow, dead.id).claimed_by = dead_owner
         row = session.get(ForgetRequestRow, expired.id)
         row.claimed_by, row.lease_until = "other-host:1:x", utcnow() - timedelta(seconds=1)
@@ -139,8 +138,6 @@ def test_owner_is_gone_only_for_dead_processes_of_this_host(dead_owner):
 
 
 def test_only_done_requests_delete_classes_and_a_reopen_is_kept_with_who_and_why(ledger, ledger_url):
-    from nhle.adapters.ledger import Ledger, new_owner
-
     owner = new_owner()
     first = ledger.submit([5], ["5"], "dpo@example.com", "erasure 1", model_name="nhle-classifier")
     second = ledger.submit([5, 7], ["5", "7"], "dpo@example.com", "erasure 2", model_name="nhle-classifier")
@@ -179,8 +176,6 @@ def test_one_ledger_serves_several_models_and_an_old_ledger_keeps_its_deletions(
     """Requests name their registered model: claims, listings and deletions are per model. A
     ledger made before requests named a model gets the column in place, and its rows still count
     as deleted for every model (nothing deleted comes back), pending ones going to the default."""
-    from sqlalchemy import create_engine, text
-
     Ledger(ledger_url).engine.dispose()
     engine = create_engine(ledger_url)
     with engine.begin() as connection:  # the table as ledgers made before model_name had it

@@ -2,12 +2,20 @@
 default pt2 (torch.export) format, with a one-image input_example, which MLflow exports for a batch
 of exactly one. Real MLflow on a SQLite file, the artifacts in tmp_path."""
 
+import logging
 import shutil
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+
+from nhle.adapters.mlflow_models import from_mlflow, mlflow_store
+from nhle.core.config import ModelConfig
+from nhle.core.export import check_parity, export_onnx
+from nhle.core.importing import smoke_test
+from nhle.core.training import load_checkpoint, save_checkpoint
 
 
 class OneImageNet(nn.Module):
@@ -27,16 +35,6 @@ class OneImageNet(nn.Module):
 def test_a_model_logged_with_a_one_image_input_example_takes_any_batch_and_exports(
     tmp_path, mlflow_template, digits, caplog
 ):
-    import logging
-
-    import mlflow
-
-    from nhle.adapters.mlflow_models import from_mlflow, mlflow_store
-    from nhle.core.config import ModelConfig
-    from nhle.core.export import check_parity, export_onnx
-    from nhle.core.importing import smoke_test
-    from nhle.core.training import load_checkpoint, save_checkpoint
-
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)

@@ -1,8 +1,13 @@
 """nhle.adapters.tracking: where a new experiment keeps its artifacts."""
 
+import json
+import os
 from pathlib import Path
 
-from nhle.adapters.tracking import artifact_location
+import mlflow
+
+from nhle.adapters.tracking import artifact_location, configure, relearn_metrics, version_description
+from nhle.core.config import Params
 
 
 def test_artifact_location_is_local_for_a_local_store_and_the_servers_for_a_tracking_server(tmp_path):
@@ -26,10 +31,6 @@ RELEARN = {
 
 
 def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_with_their_steps():
-    import json
-
-    from nhle.adapters.tracking import relearn_metrics, version_description
-
     assert relearn_metrics(RELEARN) == {
         "relearn/share_shipped": 8.0,
         "relearn/share_restored": 5.0,
@@ -48,8 +49,6 @@ def test_the_relearn_shares_are_logged_as_metrics_and_shown_on_the_version_page_
 
 
 def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt():
-    from nhle.adapters.tracking import version_description
-
     text = version_description({"nhle.recipe": "nhle_conservative", "nhle.attempt": "2"}, "run1", "0")
     assert (
         "**Recipe:** nhle_conservative (attempt 2; every attempt and why it failed: "
@@ -61,13 +60,6 @@ def test_the_version_page_names_the_recipe_that_made_it_and_links_every_attempt(
 def test_configuring_one_project_does_not_send_the_next_to_its_store(tmp_path, monkeypatch):
     """MLflow exports the URI it is given to the environment; configure puts MLFLOW_TRACKING_URI
     back, so a second project configured in the same process (a flow worker) uses its own store."""
-    import os
-
-    import mlflow
-
-    from nhle.adapters.tracking import configure
-    from nhle.core.config import Params
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     first, second = tmp_path / "first", tmp_path / "second"

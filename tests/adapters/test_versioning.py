@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from nhle.adapters.versioning import DataVersion, dvc_dir_md5, ensure_data_repo, open_dataset_version, version_dataset
+import nhle.adapters.versioning as versioning
+from nhle.adapters.versioning import (
+    DataVersion,
+    dvc_dir_md5,
+    dvc_executable,
+    ensure_data_repo,
+    open_dataset_version,
+    version_dataset,
+)
 from nhle.core.data import ImageSet, Splits, drop_classes, load_splits, save_splits
 
 
@@ -77,8 +85,6 @@ def test_changed_data_gives_new_version(versions):
 def test_a_version_in_the_repos_cache_is_read_without_starting_dvc_and_checked(digits, tmp_path, monkeypatch):
     """The repo's DVC cache holds the version: its files are copied out of it (no dvc process,
     whose start costs a Python start), and their md5 is still checked."""
-    import nhle.adapters.versioning as versioning
-
     version = version_dataset(digits, tmp_path / "repo", tmp_path / "remote")
     monkeypatch.setattr(versioning, "dvc_executable", lambda: str(tmp_path / "no-dvc-here"))
     assert open_dataset_version(version).fingerprint() == digits.fingerprint()
@@ -119,8 +125,6 @@ def test_ensure_data_repo_is_idempotent(versions):
 def test_a_data_repo_moved_to_another_remote_gets_it_as_default(tmp_path):
     """The remote is set only when .dvc/config does not name it already (each dvc call costs a
     Python start), so a changed remote must still be written, and committed."""
-    from nhle.adapters.versioning import dvc_executable
-
     repo = ensure_data_repo(tmp_path / "repo", tmp_path / "first")
     before = commit_count(repo)
     ensure_data_repo(repo, tmp_path / "second")
@@ -172,8 +176,6 @@ def test_bad_remote_raises_runtime_error_naming_the_command(digits, tmp_path):
 def test_dvc_gc_purges_deleted_samples_from_cache_and_remote(versions, digits):
     """The README's purge after a forget request: `dvc gc --workspace --cloud` leaves only what
     the current version (without class 3) uses; the old version cannot be fetched any more."""
-    from nhle.adapters.versioning import dvc_executable
-
     repo, remote = versions["repo"], versions["remote"]
     remote_files = lambda: {p.name for p in remote.rglob("*") if p.is_file()}  # noqa: E731
     before = remote_files()

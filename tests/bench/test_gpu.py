@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from nhle import cli
 from nhle.bench import gpu as gpu_check
+from nhle.bench.scaling import synthetic_splits
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,6 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_cli_bench_gpu_hands_its_flags_to_gpu_check(monkeypatch, capsys):
-    from nhle import cli
-
     seen = []
     monkeypatch.setattr(gpu_check, "main", lambda argv=None: seen.append(argv) or 0)
     assert cli.main(["bench", "gpu", "--quick", "--device", "cpu", "--amp", "bf16", "--out", "x"]) == 0
@@ -117,8 +117,6 @@ def test_cli_bench_gpu_hands_its_flags_to_gpu_check(monkeypatch, capsys):
 
 
 def test_cifar_shaped_synthetic_data_has_class_structure_and_scaling_data_is_unchanged():
-    from nhle.bench.scaling import synthetic_splits
-
     data = synthetic_splits(300, test_size=50, size=32, channels=3)
     assert data.train.images.shape == (300, 3, 32, 32) and data.train.images.dtype == torch.uint8
     means = [data.train.images[data.train.labels == c].float().mean(0) for c in range(10)]

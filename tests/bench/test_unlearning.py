@@ -2,7 +2,10 @@
 
 import json
 
-from nhle.bench.unlearning import GOALS, goal_checks, grid_data
+import nhle.bench.unlearning as bench
+from nhle.bench.report import main as report
+from nhle.bench.report import on_common_cases
+from nhle.bench.unlearning import GOALS, case_rows, goal_checks, grid_data
 from nhle.cli import main
 from nhle.core.config import DataConfig
 
@@ -74,8 +77,6 @@ def test_goal_checks_take_the_retrain_of_only_the_cases_the_method_ran_on():
 
 
 def test_a_knobs_curve_compares_its_points_on_the_cases_all_of_them_ran_on():
-    from nhle.bench.report import on_common_cases
-
     rows = [
         {**row(m, 0.0, 0.2, 1.0), "seed": 0, "forget_classes": c}
         for m, c in (("retrain", [1]), ("retrain", [2]), ("nhle", [1]), ("nhle", [2]), ("forget_rank_1.0", [2]))
@@ -89,8 +90,6 @@ def test_a_knobs_curve_compares_its_points_on_the_cases_all_of_them_ran_on():
 
 
 def test_a_rows_relearn_shares_are_over_the_same_cases_retrained_model_with_its_rows_as_trained():
-    from nhle.bench.unlearning import case_rows
-
     def result(method, shipped, restored, seconds=2.0):
         metrics = {"retain_test_acc": 0.9, "relearn_steps_shipped": shipped, "relearn_steps_restored": restored}
         return {"method": method, "seed": 0, "forget_classes": [3], "metrics": metrics, "seconds": seconds, "steps": 5}
@@ -109,8 +108,6 @@ def test_bench_grids_can_run_on_the_scaling_benchmarks_synthetic_set():
 
 
 def test_resume_keeps_finished_cases_on_disk_before_anything_runs_and_runs_only_the_rest(tmp_path, capsys, monkeypatch):
-    import nhle.bench.unlearning as bench
-
     args = ["bench", "unlearning", "--quick", "--methods", "nhle", "--multi", "none", "--out", str(tmp_path)]
     assert main(args + ["--classes", "3"]) == 0
     first = (tmp_path / "runs.jsonl").read_text()
@@ -163,8 +160,6 @@ def test_resume_refuses_rows_measured_with_other_or_unrecorded_settings_and_keep
 
 
 def test_report_puts_every_setting_in_one_goal_table_and_plots_the_forget_rank_knob(tmp_path, capsys):
-    from nhle.bench.report import main as report
-
     for setting, cost in (("smallcnn", 0.0), ("resnet", 1.0)):
         rows = [
             row("retrain", 0.0, 0.2, 1.0),

@@ -1,14 +1,19 @@
 """The real entry point with tiny budgets: the contract later stages rely on."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from nhle.bench.synthetic import synthetic_splits
+from nhle.bench.unlearning import METHODS
 from nhle.cli import main
+from nhle.cli.commands import build_parser, resolve_params
 from nhle.core.config import UnlearnConfig
 from nhle.core.metrics import METRIC_KEYS
+from nhle.core.training import load_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +91,6 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
     assert relearn["reference_steps"] == metrics["retrained"]["relearn_steps_restored"]
     assert relearn["steps"]["shipped"] == metrics["unlearned"]["relearn_steps_shipped"]
     assert set(report["seconds"]) == {"unlearn", "synthesis", "retrain"}
-    from nhle.core.training import load_checkpoint
 
     model, checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint["forgotten_classes"] == [2, 7] and model.forget_mask.sum() == 2
@@ -124,7 +128,6 @@ def test_console_script_help_and_missing_checkpoint(tmp_path):
 
 
 def test_bench_unlearning_quick_runs_every_method_on_the_same_work(tmp_path):
-    from nhle.bench.unlearning import METHODS
 
     # One class and one triple (every method runs on each: CI time goes by cases x methods).
     assert main(["bench", "unlearning", "--quick", "--classes", "0", "--out", str(tmp_path)]) == 0
@@ -181,8 +184,6 @@ def test_bench_inference_quick_compares_runtimes_for_both_models(tmp_path):
 
 
 def test_synthetic_data_has_class_structure():
-    from nhle.bench.synthetic import synthetic_splits
-
     data = synthetic_splits(500, test_size=100)
     assert data.train.images.shape == (500, 1, 16, 16) and data.train.images.dtype.is_floating_point is False
     assert sorted(set(data.train.labels.tolist())) == list(range(10))
@@ -194,8 +195,6 @@ def test_synthetic_data_has_class_structure():
 
 def parsed(*argv):
     """The settings a command line resolves to (params.yaml absent: the defaults)."""
-    from nhle.cli.commands import build_parser, resolve_params
-
     args = build_parser().parse_args(list(argv))
     args.params = "params.yaml"
     return resolve_params(args)
@@ -246,8 +245,6 @@ def test_a_bad_request_is_refused_before_any_prefect_server_starts_and_prints_no
     """Outside make and CI (no telemetry variables set): a class the dataset does not have is
     refused at once; no temporary Prefect server ever started (it would write its database in
     PREFECT_HOME). Then a flow command with nothing to do prints no ERROR and no warning."""
-    import os
-
     home = tmp_path / "prefect-home"
     quiet = (
         "MLFLOW_DISABLE_TELEMETRY",

@@ -2,7 +2,7 @@
 
 import json
 
-from nhle.core.audit import audit_markdown, build_audit
+from nhle.core.audit import audit_markdown, build_audit, terminal_text
 
 METRICS = {
     "forget_test_acc": 0.0,
@@ -143,6 +143,4 @@ def test_what_a_requester_typed_cannot_forge_the_report_or_the_terminal():
 
 
 def test_request_lines_for_the_terminal_show_control_characters_as_escapes():
-    from nhle.core.audit import terminal_text
-
     assert terminal_text("dpo\n\x1b[31m@x\u202e") == "dpo\\n\\x1b[31m@x\\u202e"

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from nhle.core.config import Params, UnlearnConfig, load_params, params_from_dict
+from nhle.cli import main
+from nhle.core.config import Params, UnlearnConfig, load_params, params_from_dict, params_yaml, resolve_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,8 +41,6 @@ def test_tracking_uri_environment_variable_wins(monkeypatch):
 
 
 def test_relative_store_paths_resolve_inside_the_project(tmp_path):
-    from nhle.core.config import resolve_uri
-
     assert resolve_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("mlartifacts", tmp_path) == (tmp_path / "mlartifacts").as_uri()
     assert resolve_uri("s3://bucket/a", tmp_path) == "s3://bucket/a"
@@ -90,8 +89,6 @@ def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
 
 
 def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
-    from nhle.cli import main
-
     assert main(["run", "--params", str(tmp_path / "missing.yaml"), "--project-dir", str(tmp_path)]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err
 
@@ -99,8 +96,6 @@ def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, capsys):
 def test_params_yaml_is_the_code_defaults_with_their_docstrings():
     """One home per default: the checkout's params.yaml is `nhle params` of the code's defaults,
     so running from another folder (no params.yaml: the defaults) changes nothing."""
-    from nhle.core.config import Params, params_yaml
-
     regenerate = "regenerate it from the defaults: rm params.yaml; nhle params --write params.yaml"
     assert (REPO / "params.yaml").read_text() == params_yaml(Params()), regenerate
     assert load_params(REPO / "params.yaml") == Params()
@@ -109,8 +104,6 @@ def test_params_yaml_is_the_code_defaults_with_their_docstrings():
 def test_the_old_data_classes_key_is_refused_with_its_new_name(tmp_path):
     """`--classes` names the classes to forget everywhere; the class-names file is data.class_names
     (--class-names). A params.yaml written before says so instead of failing on an unknown key."""
-    from nhle.core.config import load_params
-
     (tmp_path / "params.yaml").write_text("data:\n  classes: names.txt\n")
     with pytest.raises(ValueError, match="data.classes is now data.class_names"):
         load_params(tmp_path / "params.yaml")

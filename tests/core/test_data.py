@@ -2,12 +2,27 @@
 
 import hashlib
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from scipy.io import savemat
+from torchvision.datasets import CIFAR10, SVHN
 
-from nhle.core.data import load_dataset, parse_classes, sample_per_class, split_by_classes
+from nhle.core.data import (
+    drop_classes,
+    in_class_order,
+    load_dataset,
+    load_splits,
+    parse_classes,
+    read_class_names,
+    sample_per_class,
+    save_splits,
+    split_by_classes,
+)
 
 
 def test_digits_split_is_stratified_deterministic_and_scaled():
@@ -66,8 +81,6 @@ def md5(path):
 
 
 def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
-    from torchvision.datasets import CIFAR10
-
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -90,9 +103,6 @@ def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
 
 
 def test_svhn_from_mat_files(tmp_path, monkeypatch):
-    from scipy.io import savemat
-    from torchvision.datasets import SVHN
-
     rng = np.random.default_rng(0)
     split_list = {}
     for split, n in (("train", 12), ("test", 6)):
@@ -121,8 +131,6 @@ def test_missing_root_and_unknown_dataset_say_what_to_do(tmp_path):
 
 
 def test_image_folder_of_pngs_and_jpegs(tmp_path):
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for cls in ("apple", "pear"):
         (tmp_path / cls).mkdir()
@@ -141,8 +149,6 @@ def test_resize_for_resnet(digits):
 
 
 def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
-    from nhle.core.data import drop_classes, load_splits, save_splits
-
     once = drop_classes(digits, [3])
     twice = drop_classes(once, [5, 3])
     assert twice.removed_classes == [3, 5] and twice.class_names == digits.class_names
@@ -158,8 +164,6 @@ def test_drop_classes_records_what_was_removed_and_saves_it(digits, tmp_path):
 
 
 def test_a_classes_file_renames_or_renumbers_to_the_models_output_order(digits, tmp_path):
-    from nhle.core.data import in_class_order, read_class_names
-
     names = tmp_path / "classes.txt"
     names.write_text("\n".join(f"digit {k}" for k in range(10)) + "\n")
     renamed = in_class_order(digits, read_class_names(names))
@@ -175,8 +179,6 @@ def test_a_classes_file_renames_or_renumbers_to_the_models_output_order(digits, 
 
 
 def grey_folder(root, n_per_class: int):
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
@@ -187,9 +189,6 @@ def grey_folder(root, n_per_class: int):
 
 def test_an_image_folder_larger_than_the_open_file_limit_loads(tmp_path):
     """600 PNGs under a limit of 128 open files (a child process, so the limit is its own)."""
-    import subprocess
-    import sys
-
     root = grey_folder(tmp_path / "many", 300)
     script = (
         "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)); "

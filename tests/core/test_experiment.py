@@ -4,14 +4,14 @@ would have been measured at once.
     .venv/bin/python -m pytest -q tests/core/test_experiment.py
 """
 
+from nhle.core.config import DataConfig, GateConfig, TrainConfig, UnlearnConfig
+from nhle.core.experiment import completed_report, forget_and_measure, train_base_model, validate_forget
+from nhle.core.gates import evaluate_gates
+
 
 def test_a_report_completed_later_equals_the_one_measured_at_once(digits):
     """What no gate reads (the evidence metrics of both models, the retrained reference) is
     measured after the promotion from the shipped checkpoints: the same numbers as at once."""
-    from nhle.core.config import DataConfig, GateConfig, TrainConfig, UnlearnConfig
-    from nhle.core.experiment import completed_report, forget_and_measure, train_base_model, validate_forget
-    from nhle.core.gates import evaluate_gates
-
     model, checkpoint = train_base_model(DataConfig(), TrainConfig(epochs=3), data=digits, progress=False)
     classes = validate_forget(model, "3", checkpoint["class_names"])
     quick = UnlearnConfig(max_steps=5, synthetic_per_class=0, rows_steps=0, feature_pull=0.0, relearn_max_steps=20)

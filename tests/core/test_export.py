@@ -1,7 +1,11 @@
 import copy
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -12,6 +16,7 @@ from nhle.core.export import (
     check_parity,
     export_onnx,
     make_session,
+    preload_cuda_libraries,
     session_providers,
 )
 from nhle.core.models import build_model
@@ -112,10 +117,6 @@ def test_failed_export_leaves_nothing(masked, digits, tmp_path, monkeypatch, sta
 
 
 def test_session_providers(monkeypatch):
-    import onnxruntime
-
-    from nhle.core.export import preload_cuda_libraries
-
     calls = []
     monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: calls.append(1), raising=False)
     preload_cuda_libraries.cache_clear()
@@ -131,10 +132,6 @@ def test_session_providers(monkeypatch):
 
 
 def test_a_failed_or_missing_preload_is_not_an_error(monkeypatch):
-    import onnxruntime
-
-    from nhle.core.export import preload_cuda_libraries
-
     def broken():
         raise OSError("libcudnn.so.9: cannot open shared object file")
 
@@ -151,9 +148,6 @@ def test_a_failed_or_missing_preload_is_not_an_error(monkeypatch):
 def test_cpu_machine_session_logs_no_failed_cuda_provider(onnx_path):
     """onnxruntime-gpu on a machine without a GPU: the session must quietly be CPU-only, not
     log a failed CUDA provider load on every start (a fresh process: nothing preloaded)."""
-    import subprocess
-    import sys
-
     code = (
         "import numpy as np; from nhle.core.export import make_session; "
         f"s = make_session({str(onnx_path)!r}); "
@@ -184,8 +178,6 @@ class Spectrum(torch.nn.Module):
 
 
 def test_what_the_torchscript_exporter_refuses_is_exported_by_torch_export(tmp_path, caplog):
-    import logging
-
     with caplog.at_level(logging.INFO, logger="nhle.core.export"):
         path = export_onnx(Spectrum(), tmp_path / "spectrum.onnx", (1, 8, 8))
     assert "exporting with torch.export" in caplog.text and "fft_rfft" in caplog.text

@@ -1,5 +1,17 @@
-from nhle.core.config import GateConfig
-from nhle.core.gates import all_passed, evaluate_gates, failure_reason
+import re
+
+from nhle.core.config import SECTIONS, GateConfig
+from nhle.core.gates import (
+    GATE_ADVICE,
+    GateResult,
+    advice,
+    advice_for_reason,
+    all_passed,
+    deleted_classes_gate,
+    evaluate_gates,
+    failure_reason,
+    promotion_decision,
+)
 
 GOOD_PARITY = {"argmax_agreement": 1.0, "max_abs_prob_diff": 5e-7, "tolerance": 1e-5, "non_finite": 0}
 
@@ -84,8 +96,6 @@ def test_retained_accuracy_is_judged_against_chance_for_the_classes_left():
 
 
 def test_the_deleted_classes_gate_names_each_class_and_its_requests():
-    from nhle.core.gates import deleted_classes_gate
-
     assert deleted_classes_gate([3, 5], {5: [1]}).passed
     gate = deleted_classes_gate([3], {5: [1, 4], 7: [2]})
     assert not gate.passed and gate.value == 2
@@ -95,8 +105,6 @@ def test_the_deleted_classes_gate_names_each_class_and_its_requests():
 
 
 def test_a_failed_gate_comes_with_its_value_bound_and_the_settings_that_move_it():
-    from nhle.core.gates import GATE_ADVICE, GateResult, advice
-
     results = [
         GateResult("retained_drop_pp", 7.1, 2.0, False, "<="),
         GateResult("unmasked_forget_test_acc", 0.2, 0.05, False, "<="),
@@ -107,9 +115,6 @@ def test_a_failed_gate_comes_with_its_value_bound_and_the_settings_that_move_it(
     assert lines[0].startswith("retained_drop_pp: 7.1 <= 2 -> FAIL")
     assert "unlearn.lr" in lines[0] and "unlearn.anchor_weight" in lines[0] and "gates.max_retained_drop_pp" in lines[0]
     assert "unlearn.forget_rank" in lines[1] and "gates.max_unmasked_forget_test_acc" in lines[1]
-    import re
-
-    from nhle.core.config import SECTIONS
 
     for text in GATE_ADVICE.values():  # every setting named in the advice exists
         for section, key in re.findall(r"\b(unlearn|gates|export)\.([a-z_]+)", text):
@@ -117,8 +122,6 @@ def test_a_failed_gate_comes_with_its_value_bound_and_the_settings_that_move_it(
 
 
 def test_the_advice_for_a_stored_reason_names_only_the_gates_that_failed():
-    from nhle.core.gates import GateResult, advice_for_reason, promotion_decision
-
     gates = [
         GateResult("unmasked_forget_test_acc", 0.3, 0.05, False, "<="),
         GateResult("forget_test_acc", 0.0, 0.0, True, "<="),
@@ -173,8 +176,6 @@ def test_the_relearn_gate_is_off_at_bound_0_and_skipped_for_reports_without_the_
 
 
 def test_a_failed_relearn_gate_names_the_settings_that_move_it():
-    from nhle.core.gates import advice
-
     [line] = advice(evaluate_gates(with_relearn(6, 6), GOOD_PARITY, GateConfig()))
     assert line.startswith("relearn_gain: 1 > 1 -> FAIL")
     assert all(

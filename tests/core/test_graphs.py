@@ -4,9 +4,16 @@ the last linear layer into a backbone and a real nn.Linear head, fine-tuned, sav
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
-from nhle.core.graphs import export_graph, split_at_head
+from nhle.adapters.mlflow_models import fixed_batch_to_any
+from nhle.core.config import UnlearnConfig
+from nhle.core.experiment import forget_and_measure, validate_forget
+from nhle.core.export import check_parity, export_onnx
+from nhle.core.graphs import any_batch, export_graph, input_shape, split_at_head, traced_batch
 from nhle.core.models import GRAPH, MaskedClassifier
+from nhle.core.training import load_checkpoint, save_checkpoint
+from nhle.core.unlearning import apply_class_weight_mask
 
 
 class TheirNet(nn.Module):
@@ -62,10 +69,6 @@ def test_refusals_name_what_is_wrong():
 
 
 def test_a_graph_model_fine_tunes_saves_and_exports(tmp_path):
-    from nhle.core.export import check_parity, export_onnx
-    from nhle.core.training import load_checkpoint, save_checkpoint
-    from nhle.core.unlearning import apply_class_weight_mask
-
     torch.manual_seed(0)
     backbone, head = split_at_head(traced(TheirNet().eval()), 10)
     model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)
@@ -134,12 +137,8 @@ class TokenNet(nn.Module):
     "make,shape", [(TheirNet, (1, 8, 8)), (ViewNet, (1, 8, 8)), (TokenNet, (1, 8, 8)), ("resnet18", (3, 32, 32))]
 )
 def test_a_graph_traced_for_a_batch_of_one_is_made_to_take_any_batch(make, shape):
-    from nhle.core.graphs import any_batch, input_shape, traced_batch
-
     torch.manual_seed(0)
     if make == "resnet18":
-        import torchvision
-
         net = torchvision.models.resnet18(num_classes=10)
     else:
         net = make()
@@ -163,9 +162,6 @@ def test_a_graph_traced_for_a_batch_of_one_is_made_to_take_any_batch(make, shape
 
 
 def test_a_batch_of_one_graph_that_cannot_take_other_batches_is_refused():
-    from nhle.adapters.mlflow_models import fixed_batch_to_any
-    from nhle.core.graphs import any_batch
-
     class Folded(nn.Module):
         """Folds the batch into another dimension (a reshape to 2 * batch rows): the trace has a 2."""
 
@@ -195,9 +191,6 @@ def test_forgetting_from_a_graph_model_runs_without_a_retrained_reference_and_sa
     """A traced graph has no architecture to retrain: `nhle run --forget` on an imported MLflow
     model goes ahead (retrain_baseline left at its default) and the report says why there is no
     reference, instead of refusing the request."""
-    from nhle.core.config import UnlearnConfig
-    from nhle.core.experiment import forget_and_measure, validate_forget
-
     torch.manual_seed(0)
     backbone, head = split_at_head(traced(TheirNet().eval()), 10)
     model = MaskedClassifier(backbone, head, 1, 0.0, 1.0, arch=GRAPH, image_size=8)

@@ -5,6 +5,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_info
 
 from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.metrics import (
@@ -29,9 +31,6 @@ def test_probe_on_perfectly_separable_features_recalls_everything():
 
 
 def test_the_sklearn_metrics_run_on_one_blas_thread_and_give_the_threads_back():
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_info
-
     def blas_threads():
         return sorted(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
 

@@ -1,8 +1,12 @@
 import numpy as np
+import onnxruntime
 import pytest
 import torch
+import torch.nn as nn
 
-from nhle.core.models import build_model, wrap
+from nhle.core.export import check_parity, export_onnx
+from nhle.core.models import build_model, build_network, find_head, torchvision_classifiers, wrap
+from nhle.core.unlearning import apply_class_weight_mask
 
 
 @pytest.mark.parametrize(
@@ -39,8 +43,6 @@ def test_every_torchvision_classifier_but_squeezenet_has_its_head_found():
     """On the meta device (shapes only, no memory): the head is found and its output is the
     network's output. SqueezeNet's classifier is a 1x1 convolution, so it is refused; RegNet's
     builder cannot run on meta and gets its own test below."""
-    from nhle.core.models import build_network, find_head, torchvision_classifiers
-
     found, refused = {}, {}
     for name in torchvision_classifiers():
         if name.startswith("regnet"):
@@ -85,9 +87,6 @@ def test_a_masked_class_stays_masked_in_torch_and_onnx_runtime_after_fine_tuning
     """Four families with random weights at 32x32: the head is found, the features are its input,
     class 2 (made the winner of every input first) is never predicted in PyTorch nor in ONNX
     Runtime, parity holds, and SGD with momentum and weight decay leaves the mask bit-identical."""
-    from nhle.core.export import check_parity, export_onnx
-    from nhle.core.unlearning import apply_class_weight_mask
-
     if arch.startswith("timm/"):
         pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -112,7 +111,6 @@ def test_a_masked_class_stays_masked_in_torch_and_onnx_runtime_after_fine_tuning
     path = export_onnx(model, tmp_path / "model.onnx", (3, 32, 32))
     report = check_parity(model, path, x, batch_sizes=(1, 7), tolerance=1e-4)
     assert report["passed"], report
-    import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     p = session.run(None, {"images": x.numpy()})[0]
@@ -127,8 +125,6 @@ def test_grey_images_are_repeated_for_an_rgb_stem():
 
 
 def test_a_named_head_that_is_not_the_output_is_refused():
-    import torch.nn as nn
-
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1))
     with pytest.raises(ValueError, match="further layers after its last nn.Linear"):
         wrap(net, 1, 0.0, 1.0, 8)

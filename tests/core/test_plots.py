@@ -7,9 +7,11 @@ import tempfile
 os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="nhle-mpl-"))
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from nhle.core import plots
 from nhle.core.config import UnlearnConfig  # noqa: E402
 from nhle.core.data import sample_per_class  # noqa: E402
 from nhle.core.plots import confusion_matrix, write_evidence_plots  # noqa: E402
@@ -60,9 +62,6 @@ def test_class_names_must_match_the_model(unlearned, digits, tmp_path):
 
 
 def test_confusion_headline_separates_retained_from_forgotten_accuracy():
-    import numpy as np
-
-    from nhle.core import plots
 
     # 48 retained samples (47 right) and 8 of forgotten class 3, never predicted as 3: a good unlearning.
     labels = np.array([c for c in (0, 1, 2, 4, 5, 6) for _ in range(8)] + [3] * 8)
@@ -82,8 +81,6 @@ def test_confusion_headline_separates_retained_from_forgotten_accuracy():
 
 
 def test_confusion_matrix_title_states_retained_and_forgotten_accuracy(unlearned, digits, tmp_path, monkeypatch):
-    from nhle.core import plots
-
     titles = []
     save = plots._save
 

@@ -1,17 +1,24 @@
+import copy
+
 import pytest
 import torch
 
-from nhle.core.config import ExportConfig, TrainConfig, UnlearnConfig, load_params
-from nhle.core.data import sample_per_class
+from nhle.core import training
+from nhle.core.config import ExportConfig, ModelConfig, TrainConfig, UnlearnConfig, load_params
+from nhle.core.data import ImageSet, resize, sample_per_class
 from nhle.core.export import check_parity, export_onnx
+from nhle.core.models import build_model
 from nhle.core.training import (
+    batches,
     evaluate,
     load_checkpoint,
+    recipe_of,
     resolve_device,
     save_checkpoint,
     train_model,
+    training_spec,
 )
-from nhle.core.unlearning import unlearn
+from nhle.core.unlearning import apply_class_weight_mask, unlearn
 
 
 def test_training_is_seeded_and_learns(digits):
@@ -25,8 +32,6 @@ def test_training_is_seeded_and_learns(digits):
 
 
 def test_retrain_excludes_the_classes(digits, monkeypatch):
-    from nhle.core import training
-
     seen = []
     real = training.train_one_epoch
     monkeypatch.setattr(training, "train_one_epoch", lambda m, data, *a: seen.append(data.labels) or real(m, data, *a))
@@ -35,10 +40,6 @@ def test_retrain_excludes_the_classes(digits, monkeypatch):
 
 
 def test_checkpoint_is_a_plain_dict_that_round_trips(trained, tmp_path):
-    import copy
-
-    from nhle.core.unlearning import apply_class_weight_mask
-
     model = copy.deepcopy(trained)
     apply_class_weight_mask(model, [6])
     path = save_checkpoint(tmp_path / "m" / "model.pt", model, class_names=list("0123456789"), data_fingerprint="abc")
@@ -115,9 +116,6 @@ def test_bf16_training_and_unlearning_on_the_cpu_export_fp32_and_pass_parity(dig
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_batches_come_as_float_on_the_device(digits):
-    from nhle.core.data import ImageSet
-    from nhle.core.training import batches
-
     data = ImageSet((digits.train.images * 255).round().to(torch.uint8), digits.train.labels)
     ((x, y),) = batches(data.subset(range(10)), 64, torch.device("cuda"))
     ((x_cpu, y_cpu),) = batches(data.subset(range(10)), 64, torch.device("cpu"))
@@ -126,9 +124,6 @@ def test_gpu_batches_come_as_float_on_the_device(digits):
 
 def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
     """Old checkpoints say arch 'resnet18' for the CIFAR-stem network and keep it in train.model."""
-    from nhle.core.models import build_model
-    from nhle.core.training import recipe_of
-
     model = build_model("resnet18_cifar", 3, 10, mean=0.5, std=0.25).eval()
     old = {
         "state_dict": model.state_dict(),
@@ -157,10 +152,6 @@ def test_a_checkpoint_written_before_the_model_section_still_loads(tmp_path):
 def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
     """torchvision's MobileNetV3 (BN momentum 0.01) would otherwise answer from near-initial
     running statistics in eval mode after a short training."""
-    from nhle.core.config import ModelConfig
-    from nhle.core.data import resize
-    from nhle.core.training import evaluate, training_spec
-
     data = resize(digits, 32)
     spec = training_spec(ModelConfig(arch="mobilenet_v3_small"), data)
     model, _ = train_model(data, TrainConfig(epochs=2, batch_size=32), seed=0, progress=False, spec=spec)
@@ -170,8 +161,5 @@ def test_batch_norm_statistics_are_estimated_with_the_final_weights(digits):
 
 
 def test_a_diverging_training_run_fails_with_the_learning_rate_named(digits):
-    from nhle.core.config import TrainConfig
-    from nhle.core.training import train_model
-
     with pytest.raises(ValueError, match=r"training diverged: the loss is nan in epoch \d+ \(train.lr = 1000000000.0"):
         train_model(digits, TrainConfig(epochs=3, lr=1e9), seed=0, progress=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from doc_inputs import (
     photo_splits,
     resnet50_for_photos,
@@ -37,8 +38,6 @@ def doc_photos(doc_home) -> dict[str, str]:
 def doc_weights(doc_photos, tmp_path_factory) -> dict[str, str]:
     """ResNet-50 weights that read the photos: yours.pth (a bare state_dict) and my_resnet50.pth
     (a checkpoint dict holding it under `state_dict`)."""
-    import torch
-
     data = photo_splits(Path(doc_photos["photos"]), image_size=32)
     weights = resnet50_for_photos(data)
     accuracy = torchvision_accuracy("resnet50", weights, data)

@@ -15,7 +15,20 @@ import colorsys
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from nhle.adapters.mlflow_models import mlflow_store
+from nhle.core.data import load_dataset
+from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD, wrap
+from nhle.core.training import evaluate
 
 # CIFAR-10's names, in its order: the sorted sub-folders are the classes, class k holds digit k.
 PHOTO_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -23,9 +36,6 @@ PHOTOS_PER_CLASS = 40  # 400 PNGs: a test split of 100, so one test image moves 
 
 
 def write_photos(root: Path, per_class: int = PHOTOS_PER_CLASS, size: int = 40, seed: int = 0) -> Path:
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     rng = np.random.default_rng(seed)
     for k, name in enumerate(PHOTO_CLASSES):
@@ -43,8 +53,6 @@ def write_photos(root: Path, per_class: int = PHOTOS_PER_CLASS, size: int = 40, 
 
 
 def photo_splits(root: Path, image_size: int = 32):
-    from nhle.core.data import load_dataset
-
     return load_dataset("imagefolder", root=root, image_size=image_size)
 
 
@@ -56,12 +64,6 @@ def resnet50_for_photos(data) -> dict:
     is the identity (its last batch norm zero), and the head is a logistic regression fitted on the
     192 pooled features. Every weight of the architecture is present; nhle sees an ordinary
     ResNet-50 with an `fc` head."""
-    import torch
-    import torchvision
-    from sklearn.linear_model import LogisticRegression
-
-    from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD
-
     torch.manual_seed(0)
     net = torchvision.models.resnet50(num_classes=len(data.class_names)).eval()
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
@@ -118,11 +120,6 @@ def resnet50_for_photos(data) -> dict:
 
 def torchvision_accuracy(arch: str, state_dict: dict, data) -> float:
     """Test accuracy of the weights as nhle will wrap them (ImageNet normalisation inside)."""
-    import torchvision
-
-    from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD, wrap
-    from nhle.core.training import evaluate
-
     net = getattr(torchvision.models, arch)(num_classes=len(data.class_names))
     net.load_state_dict(state_dict)
     model = wrap(
@@ -133,8 +130,6 @@ def torchvision_accuracy(arch: str, state_dict: dict, data) -> float:
 
 def their_net():
     """The other team's own classifier (not an nhle or torchvision class): RGB in, [0, 1] pixels."""
-    import torch
-    import torch.nn as nn
 
     class TheirNet(nn.Module):
         def __init__(self):
@@ -160,9 +155,6 @@ def their_net():
 def train_their_net(data, steps: int = 300, seed: int = 0):
     """Their training loop: Adam, batch 64, label smoothing 0.1 (so that the logits do not
     saturate on these easy pictures), then batch-norm statistics estimated on the whole split."""
-    import torch
-    import torch.nn.functional as F
-
     torch.manual_seed(seed)
     net = their_net()
     images, labels = data.train.float_images(), data.train.labels
@@ -189,10 +181,6 @@ def write_their_store(folder: Path, template_db: Path, data, net) -> str:
     version 1 pickled, version 2 in MLflow's default format (torch.export) with an input example
     of two images, version 3 in the default format with an input example of ONE image (what a
     user logging one sample gets). Returns its tracking URI."""
-    import mlflow
-
-    from nhle.adapters.mlflow_models import mlflow_store
-
     shutil.copy(template_db, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     images = data.test.float_images().numpy()

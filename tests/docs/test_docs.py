@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from doc_blocks import (
     REPO,
@@ -49,6 +51,7 @@ from doc_blocks import (
 )
 from doc_inputs import PHOTO_CLASSES
 from doc_projects import ProjectSpec
+from mlflow import MlflowClient
 
 # One block runs for minutes (a flow run starts its temporary Prefect server, trains, unlearns,
 # exports, registers); the first block of a project also makes the project (`make run`).
@@ -151,16 +154,12 @@ class Case:
 
 
 def served_model(project) -> dict:
-    import httpx
-
     return httpx.get(f"http://127.0.0.1:{project.values['serve_port']}/model", timeout=30).json()
 
 
 def readme_serves_digits_beside_the_imported_resnet50(project):
     """The README's import goes in under its own name (--name mine): the server still follows the
     digits champion, which forgot 3 (make run) and 5, and `mine` has a champion of its own."""
-    from mlflow import MlflowClient
-
     model = served_model(project)
     assert model["class_names"] == [str(k) for k in range(10)] and model["forgotten_classes"] == [3, 5], model
     store = f"sqlite:///{project.root / 'mlflow.db'}"
@@ -181,7 +180,6 @@ def dvc_chain_ran_and_the_experiment_left_params_yaml(project):
     server, while a change of the forward pass leaves every stage out of date, the export
     included (each stage depends on the code it runs); `dvc exp run --temp -S` made an
     experiment with the setting while params.yaml, which `nhle run` reads too, stayed as it was."""
-    import subprocess
 
     def run(*command: str) -> str:
         done = subprocess.run(list(command), cwd=project.root, env=project.env, capture_output=True, text=True)

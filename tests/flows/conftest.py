@@ -10,7 +10,10 @@ import httpx
 import pytest
 import yaml
 
+from nhle.adapters.processes import free_port, stop_process
+from nhle.adapters.tracking import configure
 from nhle.cli import main
+from nhle.core.config import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -22,9 +25,6 @@ def blank_project(tmp_path_factory, prefect_harness, mlflow_template):
     MLflow store) and point MLflow at it; returns the folder."""
 
     def make(name: str, params: dict) -> Path:
-        from nhle.adapters.tracking import configure
-        from nhle.core.config import load_params
-
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         root = tmp_path_factory.mktemp(name)
         shutil.copy(mlflow_template, root / "mlflow.db")
@@ -43,9 +43,6 @@ def new_project(blank_project):
     `forget` class), MLflow pointed at it; returns the folder."""
 
     def make(name: str, params: dict) -> Path:
-        from nhle.adapters.tracking import configure
-        from nhle.core.config import load_params
-
         root = blank_project(name, params)
         assert main(["run", "--params", str(root / "params.yaml"), "--project-dir", str(root)]) == 0
         configure(load_params(root / "params.yaml"), root)
@@ -59,8 +56,6 @@ def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), re
     """`nhle serve` of the project as a real process on a free loopback port, once /readyz (or,
     ready=False, /healthz) answers; yields an httpx client on it. `environ`: NHLE_* settings for
     the server only."""
-    from nhle.adapters.processes import free_port, stop_process
-
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHLE_") and k != "MLFLOW_TRACKING_URI"}
     log_path = root / f"serve-{port}.log"

@@ -3,6 +3,7 @@ processes) gives the rows of the sequential run."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from nhle.adapters.processes import free_port, stop_process
 from nhle.cli import main
+from nhle.core.config import params_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -50,8 +52,6 @@ def sequential(tmp_path_factory):
     """The grid run unit after unit, with one thread per process as Dask's workers have
     (OMP_NUM_THREADS=1 by default): torch's kernels sum in a thread-count-dependent order, and
     1e-8 differences in a base model can flip one probe prediction on another CPU."""
-    import os
-
     out = tmp_path_factory.mktemp("grid") / "sequential"
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     subprocess.run(
@@ -127,8 +127,6 @@ def test_grid_differences_are_caught(tmp_path):
 
 
 def test_dask_address_in_config_or_environment_wins(monkeypatch):
-    from nhle.core.config import params_from_dict
-
     params = params_from_dict({"dask": {"address": "tcp://scheduler:8786"}})
     assert params.dask_address() == "tcp://scheduler:8786"
     monkeypatch.setenv("DASK_ADDRESS", "tcp://other:8786")

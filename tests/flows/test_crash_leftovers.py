@@ -2,6 +2,7 @@
 Real parts: `nhle run` as a process killed with SIGKILL, its temporary Prefect server, MLflow on
 SQLite, the Prefect harness for the run after it."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,8 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
+from nhle.adapters.ledger import new_owner
 from nhle.cli import main
+from nhle.core.config import load_params
+from nhle.orchestration.steps import clean_up_after_dead_runs
 
 NAME = "nhle-classifier"
 PARAMS = {"train": {"epochs": 6}, "retrain_baseline": False, "forget": "3"}
@@ -36,8 +41,6 @@ def prefect_servers(prefect_home: Path) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers(blank_project, tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
     root = blank_project("killed", PARAMS)
     scratch, prefect_home = tmp_path / "tmp", tmp_path / "prefect-home"
     scratch.mkdir()
@@ -100,14 +103,6 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
 
 
 def test_a_version_registered_by_a_dead_run_is_marked_abandoned(blank_project, dead_owner, caplog):
-    import logging
-
-    from mlflow import MlflowClient
-
-    from nhle.adapters.ledger import new_owner
-    from nhle.core.config import load_params
-    from nhle.orchestration.steps import clean_up_after_dead_runs
-
     root = blank_project("abandoned", PARAMS)
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("nhle").experiment_id

@@ -6,15 +6,28 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import onnxruntime as ort
+import prefect.settings
 import pytest
 import yaml
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.flows import load_flow_from_entrypoint
 
+from nhle.adapters.ledger import Ledger
+from nhle.adapters.tracking import configure, runs_tagged
+from nhle.adapters.versioning import DataVersion, open_dataset_version
 from nhle.cli import main
+from nhle.core.config import load_params
+from nhle.core.data import load_digits
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -36,17 +49,10 @@ def submit(root, classes, requester="dpo@example.com", reason="erasure request")
 
 
 def ledger(root):
-    from nhle.adapters.ledger import Ledger
-
     return Ledger(f"sqlite:///{root / 'requests.db'}")
 
 
 def registry_state(root):
-    from mlflow import MlflowClient
-
-    from nhle.adapters.tracking import configure
-    from nhle.core.config import load_params
-
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
@@ -61,11 +67,6 @@ def data_head(root) -> str:
 
 
 def champion_predictions(champion) -> np.ndarray:
-    import mlflow
-    import onnxruntime as ort
-
-    from nhle.core.data import load_digits
-
     path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion.version}")
     session = ort.InferenceSession(str(Path(path) / "model.onnx"), providers=["CPUExecutionProvider"])
     images = load_digits(seed=0).test.float_images().numpy()
@@ -93,8 +94,6 @@ def test_invalid_requests_are_rejected_recorded_and_change_nothing(project, caps
 
 
 def test_requests_processed_in_sequence_leave_every_class_forgotten(project, capsys):
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
-
     assert submit(project, "5", reason="first request") == 0
     assert cli(project, "request", "process") == 0
     assert submit(project, "7", reason="second request") == 0
@@ -119,7 +118,6 @@ def test_requests_processed_in_sequence_leave_every_class_forgotten(project, cap
     shown = capsys.readouterr().out
     assert "Forget request" in shown and "**Outcome: done**" in shown and "unmasked_forget_test_acc" in shown
     assert champion.tags[f"audit.request.{second.id}"] == second.report_uri
-    import mlflow
 
     audit = mlflow.artifacts.load_dict(second.report_uri.replace(".md", ".json"))
     assert audit["model"]["version_after"] == "4" and audit["model"]["version_before"] == "3"
@@ -155,8 +153,6 @@ def read_lines(stream, lines: list, seen: threading.Event, marker: str):
 def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     """SIGKILL in the middle of unlearning: nothing moves, nothing is lost; the next run
     completes the request with one new version."""
-    import prefect.settings
-
     slow = yaml.safe_load((project / "params.yaml").read_text())
     # unlearns for hours: no stop, and no drift check to step back and end it
     slow["unlearn"] = {"stop_forget_prob": 0.0, "max_steps": 10_000_000, "max_drift": 0.0}
@@ -196,7 +192,6 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
         process.wait()
     assert registry_state(project) == (versions, champion)  # no version, no alias moved
     assert ledger(project).get(request.id).status == "processing"  # still owned by the dead run
-    from nhle.adapters.tracking import runs_tagged
 
     assert [run.info.status for run in runs_tagged("nhle.batch", held.batch)] == ["RUNNING"]  # as it was killed
     assert cli(project, "request", "process") == 0
@@ -230,8 +225,6 @@ steps.evidence_work = die
 
 def process_killed(project: Path, killing: str, says: str) -> None:
     """`nhle request process` in a real process that SIGKILLs itself where `killing` says."""
-    import prefect.settings
-
     script = f"import os, signal, sys\n{killing}\nfrom nhle.cli.commands import main\nsys.exit(main(sys.argv[1:]))\n"
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
     killed = subprocess.run(
@@ -258,8 +251,6 @@ def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project
     """SIGKILL right after "Created version N": the version is born with its tags (the batch,
     the request ids), so the next run finds it and settles it from its logged evidence (gates,
     data deletion, promotion) instead of unlearning again, and removes the dead run's scratch."""
-    import tempfile
-
     assert submit(project, "4", reason="registered then killed") == 0
     request = ledger(project).list("pending")[0]
     versions, champion = registry_state(project)
@@ -267,7 +258,6 @@ def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project
     registered = str(versions[-1] + 1)
     after_kill, champion_after_kill = registry_state(project)
     assert after_kill == versions + [int(registered)] and champion_after_kill.version == champion.version
-    from mlflow import MlflowClient
 
     born_with = MlflowClient().get_model_version(NAME, registered).tags
     held = ledger(project).get(request.id)
@@ -288,8 +278,6 @@ def test_a_version_registered_by_a_killed_run_is_promoted_not_made_again(project
 def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
     """train_base from the embedded source honours the deletions on record in the data repo: it
     trains without those classes' samples, on the same DVC version, and masks them."""
-    from prefect.flows import load_flow_from_entrypoint
-
     _, before = registry_state(project)
     forgotten = json.loads(before.tags["forgotten_classes"])
     assert len(forgotten) >= 5
@@ -305,10 +293,6 @@ def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
 def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     """`nhle schedule` in a real process: the deployment carries params.yaml's cron and a limit
     of one concurrent run, and a run of it processes the pending requests."""
-    import prefect.settings
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
     settings = yaml.safe_load((project / "params.yaml").read_text())
     settings["requests"] = {"cron": "17 3 * * *", "timezone": "Europe/Paris", "deployment": "nightly"}
     (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
@@ -361,9 +345,6 @@ def test_a_run_killed_between_promotion_and_evidence_leaves_a_version_the_next_r
     pending; the next run completes it (the retrained model's metrics in report.json, the plots,
     the DVC version without the class, the version's tag and the audit report) before it closes
     the request. A project of its own: the shared one has few classes left."""
-    import mlflow
-    from mlflow import MlflowClient
-
     project = new_project("evidence-project", PARAMS)
     assert submit(project, "9", reason="killed before the evidence") == 0
     request = ledger(project).list("pending")[0]

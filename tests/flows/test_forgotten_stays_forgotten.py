@@ -4,13 +4,29 @@ a champion that predicts it, until an operator reopens the request on record. Re
 Prefect harness, MLflow on SQLite, the ledger file, DVC, `nhle serve` as a process over HTTP."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
+import mlflow
 import numpy as np
 import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+from nhle.adapters.deletions import RECORD_TAG
+from nhle.adapters.ledger import Ledger
+from nhle.adapters.processes import free_port
 from nhle.cli import main
+from nhle.core.models import build_network
 
 NAME = "nhle-classifier"
 # The imported model below is an untrained network: no accuracy floor, only the forgetting gates.
@@ -28,8 +44,6 @@ def cli(root: Path, *args: str) -> int:
 
 
 def client():
-    from mlflow import MlflowClient
-
     return MlflowClient()
 
 
@@ -120,10 +134,6 @@ def test_the_version_page_carries_the_evidence(project):
 def test_an_imported_model_has_the_deleted_classes_masked_and_gated(project, tmp_path, capsys):
     """`nhle import` of a user's small CNN trained on everything: the classes deleted from the
     versioned data are masked before it is judged, and the gate on deleted classes holds."""
-    import torch
-
-    from nhle.core.models import build_network
-
     torch.manual_seed(0)
     torch.save(build_network("smallcnn", 1, 10).state_dict(), tmp_path / "theirs.pt")
     assert cli(project, "import", "--arch", "smallcnn", "--weights", str(tmp_path / "theirs.pt")) == 0
@@ -148,8 +158,6 @@ def test_a_server_started_on_an_unusable_champion_serves_the_newest_good_version
 
 
 def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded(project, serve, capsys):
-    from nhle.adapters.ledger import Ledger
-
     with serve(project) as http:
         wait_for(http, lambda d: d.get("version") == "4", "version 4")
         assert cli(project, "rollback") == 0  # 4 -> 3: version 3 forgets 5 too
@@ -252,10 +260,6 @@ def answered_while(http, images: np.ndarray, action) -> dict:
     """What the server answered (version, top class of every image over V2 JSON and over V2
     binary: a swap may fall between the two), round after round from another connection, for as
     long as `action()` ran."""
-    import threading
-
-    import httpx
-
     seen, stop = {"rounds": [], "errors": []}, threading.Event()
 
     def watch():
@@ -283,8 +287,6 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
     process` runs (1,000 digits, round after round, from another connection), and answers with
     the new version as soon as it returns: the flow called its /admin/reload right after the
     alias move. The audit report's timeline has both times."""
-    import yaml
-
     token = "notify-test-token-of-at-least-32-characters"
     images = np.concatenate([digits.train.float_images().numpy(), digits.test.float_images().numpy()])[:1000]
     with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
@@ -320,7 +322,6 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
         assert new != before and http.get("/model").json()["version"] == new  # no poll happened in between
         digits_7 = http.post("/predict", json={"instances": [[[0.0] * 8] * 8], "top_k": 9}).json()
         assert all(row["index"] != 7 for row in digits_7["predictions"][0]["top_k"])
-    import mlflow
 
     run_id = client().get_model_version(NAME, new).run_id
     [told, down] = mlflow.artifacts.load_dict(f"runs:/{run_id}/notified_servers.json")
@@ -339,8 +340,6 @@ def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_supp
 ):
     token = "notify-test-token-of-at-least-32-characters"
     with serve(project, NHLE_ADMIN_TOKEN=token, NHLE_POLL_SECONDS="600") as http:
-        import yaml
-
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["serving"]["notify"] = [str(http.base_url).rstrip("/")]
         (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -381,7 +380,6 @@ def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_supp
             == 0
         )
         assert http.get("/model").json()["suppressed_classes"] == []
-    from nhle.adapters.ledger import Ledger
 
     events = Ledger(f"sqlite:///{project / 'requests.db'}").events(request_id)
     assert [e.kind for e in events] == ["suppressed", "withdrawn", "lifted"]
@@ -389,9 +387,6 @@ def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_supp
 
 
 def test_the_flow_run_publishes_the_outcome_as_prefect_artifacts(project):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     with get_client(sync_client=True) as prefect:
         found = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(
@@ -429,15 +424,6 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
     """`mlflow models serve` on the champion (a real process) answers strict JSON: the graph's
     named output "probabilities", forgotten classes exactly 0, the same body as nhle serve's
     /invocations. The logged model is named after what it is."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import httpx
-    import mlflow
-
-    from nhle.adapters.processes import free_port
 
     def strict(text: str):  # a strict parser: -Infinity and NaN are not JSON
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the answer"))
@@ -507,8 +493,6 @@ def test_mlflow_models_serve_gives_finite_probabilities_and_nhle_serves_the_same
 
 def onnx_file_of(version: str) -> Path:
     """The stored model.onnx of a registered version (its logged model's artifact folder)."""
-    import mlflow
-
     model_id = client().get_model_version(NAME, version).source.removeprefix("models:/")
     location = mlflow.get_logged_model(model_id).artifact_location
     return Path(location.removeprefix("file://"), "model.onnx")
@@ -562,8 +546,6 @@ def test_a_lost_ledger_is_covered_by_the_registered_models_record(project, serve
     request 3): a fresh server reads the registered model's own record, refuses version 4, serves
     the newest version that forgets every class on record, says which record it used, and creates
     no ledger. Without that record too, nothing is served or promoted until an operator acts."""
-    from nhle.adapters.deletions import RECORD_TAG
-
     ledger, aside = project / "requests.db", project / "requests.db.aside"
     champion = champion_version()
     ledger.rename(aside)

@@ -4,10 +4,24 @@ remote, ONNX Runtime on the registered model. One project is built up step by st
 import json
 from pathlib import Path
 
+import mlflow
+import mlflow.onnx
 import numpy as np
+import onnxruntime
+import prefect.artifacts
 import pytest
+from mlflow import MlflowClient
+from prefect.flows import load_flow_from_entrypoint
 
+from nhle.adapters.ledger import Ledger
+from nhle.adapters.tracking import download_checkpoint
+from nhle.adapters.versioning import DataVersion, open_dataset_version
 from nhle.cli import main
+from nhle.core.config import Params
+from nhle.core.data import load_digits, split_by_classes
+from nhle.core.training import load_checkpoint
+from nhle_flows import pipeline
+from nhle_flows.pipeline import mlflow_ui_links
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -15,8 +29,6 @@ PARAMS = {"train": {"epochs": 4}, "retrain_baseline": False, "gates": {"min_reta
 
 
 def flow(name):
-    from prefect.flows import load_flow_from_entrypoint
-
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
@@ -27,8 +39,6 @@ def project(new_project):
 
 
 def client():
-    from mlflow import MlflowClient
-
     return MlflowClient()
 
 
@@ -54,11 +64,6 @@ def test_run_promotes_base_then_unlearned_model_with_evidence(project):
 
 
 def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
-    import mlflow.onnx
-    import onnxruntime
-
-    from nhle.core.data import load_digits, split_by_classes
-
     model = mlflow.onnx.load_model(f"models:/{NAME}@champion")
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     data = load_digits(seed=0)
@@ -71,10 +76,6 @@ def test_registered_onnx_model_never_predicts_a_forgotten_class(project):
 
 
 def test_model_traces_to_the_exact_data_bytes(project):
-    from nhle.adapters.tracking import download_checkpoint
-    from nhle.adapters.versioning import DataVersion, open_dataset_version
-    from nhle.core.training import load_checkpoint
-
     version = champion()
     _, checkpoint = load_checkpoint(download_checkpoint(version))
     data_version = DataVersion(**checkpoint["data_version"])
@@ -109,8 +110,6 @@ def test_invalid_request_is_refused_before_anything_is_registered(project):
 
 
 def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, capsys):
-    from nhle.cli import main
-
     before = len(client().search_model_versions(f"name='{NAME}'"))
     assert (
         main(
@@ -144,7 +143,6 @@ def test_sequential_forgetting_then_rollback(project, caplog):
     cli = ["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]
     assert main(cli) == 2  # class 5 went on record when the flow promoted it: rolling back needs it reopened
     assert str(champion().version) == str(new.version)
-    from nhle.adapters.ledger import Ledger
 
     row = Ledger(f"sqlite:///{project / 'requests.db'}").list("done")[-1]
     assert row.classes == [5] and row.model_version_after == str(new.version)
@@ -155,8 +153,6 @@ def test_sequential_forgetting_then_rollback(project, caplog):
 
 
 def test_mlflow_ui_links_follow_the_tracking_server_or_mlflow_ui_url():
-    from nhle_flows.pipeline import mlflow_ui_links
-
     default = "http://127.0.0.1:5000"
     store = "sqlite:////work/project/mlflow.db"
     # A tracking server: its own address, whatever MLFLOW_UI_URL says.
@@ -176,12 +172,6 @@ def test_mlflow_ui_links_follow_the_tracking_server_or_mlflow_ui_url():
 
 def test_the_prefect_artifact_links_to_mlflow_ui_url(monkeypatch):
     """publish_artifacts (what every flow ends with) puts its links where MLFLOW_UI_URL says."""
-    import mlflow
-    import prefect.artifacts
-
-    from nhle.core.config import Params
-    from nhle_flows import pipeline
-
     made = {}
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.setdefault("markdown", kw))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: made.setdefault("table", kw))

@@ -7,15 +7,28 @@ import base64
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
 
+from nhle.adapters.mlflow_models import mlflow_store
+from nhle.adapters.tracking import configure, download_checkpoint
 from nhle.cli import main
+from nhle.core.config import RECIPES, UnlearnConfig, load_params
+from nhle.core.data import load_dataset, sample_per_class, split_by_classes
+from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD, wrap
+from nhle.core.training import evaluate, load_checkpoint
+from nhle.core.unlearning import unlearn, without_mask
 
 NAME = "nhle-classifier"
 
@@ -45,12 +58,6 @@ def cli(root: Path, *args: str) -> int:
 
 def registry(root: Path, name: str = NAME):
     """(sorted version numbers, champion or None) of the project's registered model `name`."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from nhle.adapters.tracking import configure
-    from nhle.core.config import load_params
-
     configure(load_params(root / "params.yaml"), root)
     client = MlflowClient()
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
@@ -96,10 +103,6 @@ def their_store(tmp_path_factory, mlflow_template, digits):
     """Another team's MLflow store (its own SQLite file) with TheirNet trained on digits, logged
     twice as registered model 'their-model': version 1 in MLflow's default format (a
     torch.export program), version 2 pickled."""
-    import mlflow
-
-    from nhle.adapters.mlflow_models import mlflow_store
-
     folder = tmp_path_factory.mktemp("their-mlflow")
     shutil.copy(mlflow_template, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -145,8 +148,6 @@ def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
     assert cli(root, "import") == 0
     versions, champion = registry(root)
     assert versions == [1] and str(champion.version) == "1" and champion.tags["nhle.source"] == "mlflow"
-    from nhle.adapters.tracking import download_checkpoint
-    from nhle.core.training import load_checkpoint
 
     imported, checkpoint = load_checkpoint(download_checkpoint(champion))
     assert checkpoint["source"] == {
@@ -162,7 +163,6 @@ def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
     assert cli(root, "run", "--forget", "5") == 0
     versions, champion = registry(root)
     assert versions == [1, 2] and str(champion.version) == "2" and json.loads(champion.tags["forgotten_classes"]) == [5]
-    import mlflow
 
     report = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/report.json")
     assert report["model"] == "graph" and report["reference"]["kind"] == "none"
@@ -254,8 +254,6 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), 
 
 def colour_pictures(n: int, size: tuple[int, int], seed: int):
     """n noisy RGB pictures per colour class, as PIL images."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for name, rgb in COLOURS.items():
         for i in range(n):
@@ -280,11 +278,6 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(
     a checkpoint dict; imported with --weights/--weights-key; a forget request for 'blue' is
     processed end to end (with a retrained reference); the server never answers blue for PNGs of
     any size."""
-    import torchvision
-
-    from nhle.core.data import load_dataset
-    from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD
-
     data = load_dataset("imagefolder", root=photos, image_size=32)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     torch.manual_seed(0)
@@ -364,8 +357,6 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(
 
 
 def test_bad_models_are_refused_with_a_message_and_nothing_is_registered(blank_project, their_store, tmp_path, capsys):
-    import torchvision
-
     root = blank_project("own-refused", {"data": {"image_size": 32}, "retrain_baseline": False})
     resnet = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), resnet)
@@ -406,16 +397,6 @@ def test_a_saturated_model_forgets_with_the_default_and_with_the_pace_rule_of_a_
     the class goes within the cap. The default forgets it too: its shipped-weights term does not
     vanish with the saturated softmax. (The synthetic inputs are made in 20 steps instead of 100:
     not what is tested here.)"""
-    from dataclasses import replace
-
-    import torchvision
-
-    from nhle.core.config import RECIPES, UnlearnConfig
-    from nhle.core.data import load_dataset, sample_per_class, split_by_classes
-    from nhle.core.models import IMAGENET_MEAN, IMAGENET_STD, wrap
-    from nhle.core.training import evaluate
-    from nhle.core.unlearning import unlearn, without_mask
-
     data = load_dataset("imagefolder", root=photos, image_size=32)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     torch.manual_seed(0)

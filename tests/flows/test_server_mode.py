@@ -16,8 +16,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from mlflow import MlflowClient
 
+from nhle.adapters.ledger import Ledger
 from nhle.adapters.processes import free_port, stop_process
+from nhle.core.data import load_digits
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -212,8 +215,6 @@ def test_deploy_registers_the_flows_for_the_work_pool(stack):
 
 
 def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path):
-    from mlflow import MlflowClient
-
     project, env = stack["project"], stack["env"]
     run_deployment(stack, "train-base/train-base")
     run(
@@ -234,8 +235,6 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
     flow_run = run_deployment(stack, "process-forget-requests/forget-requests")
     assert flow_run["deployment_id"] and flow_run["work_pool_name"] == POOL
 
-    from nhle.adapters.ledger import Ledger
-
     (request,) = Ledger(f"sqlite:///{project / 'requests.db'}").list()
     assert request.status == "done", request.error
 
@@ -250,7 +249,6 @@ def test_worker_runs_a_forget_request_against_the_mlflow_server(stack, tmp_path)
     assert not (project / "mlartifacts").exists() and not (project / "mlflow.db").exists()
 
     # The ONNX Runtime server follows the champion on the MLflow server and never answers class 5.
-    from nhle.core.data import load_digits
 
     port = free_port()
     server = Process(

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from nhle.adapters.deletions import open_ledger
-from nhle.adapters.tracking import configure
+from nhle.adapters.tracking import configure, run_json
 from nhle.core.config import load_params
 from nhle.orchestration import pipeline, requests, steps
 
@@ -42,10 +43,8 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
     # the time breakdown: every step the engine ran, in order, with its seconds, also in the run
     assert [step for step, _ in base["step_seconds"]] == ran
     assert all(seconds >= 0 for _, seconds in base["step_seconds"])
-    from mlflow import MlflowClient
 
     run_id = MlflowClient().get_model_version(params.registry.model_name, base["version"]).run_id
-    from nhle.adapters.tracking import run_json
 
     assert run_json(run_id, "step_seconds.json")["steps"] == base["step_seconds"]
     submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
@@ -84,8 +83,6 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
 
 
 def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later_requests(tmp_path, mlflow_template):
-    from mlflow import MlflowClient
-
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
@@ -123,8 +120,6 @@ def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later
     ],
 )
 def test_a_bad_setting_is_refused_before_any_mlflow_run_starts(tmp_path, mlflow_template, setting, error):
-    from mlflow import MlflowClient
-
     if "device" in setting.get("train", {}) and torch.cuda.is_available():
         pytest.skip("a GPU is present: cuda:0 is a good setting here")
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")

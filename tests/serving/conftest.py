@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from serving_support import Registry, Server, masked, preprocessing
 
+from nhle.core.export import export_onnx
+
 
 @pytest.fixture(scope="session")
 def models(trained):
@@ -22,8 +24,6 @@ def models(trained):
 @pytest.fixture(scope="session")
 def onnx_files(models, digits, tmp_path_factory):
     """Each masked model as model.onnx with its preprocessing json beside it."""
-    from nhle.core.export import export_onnx
-
     files = {}
     for classes, model in models.items():
         folder = tmp_path_factory.mktemp("onnx-" + "-".join(map(str, classes)))

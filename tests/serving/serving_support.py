@@ -15,9 +15,19 @@ import time
 from pathlib import Path
 
 import httpx
+import mlflow
+import mlflow.onnx
+import onnx
 import pytest
+from mlflow import MlflowClient
 
+from nhle.adapters import signing
+from nhle.adapters.deletions import RECORD_TAG
 from nhle.adapters.processes import free_port, stop_process
+from nhle.adapters.signing import create_key_pair
+from nhle.core.export import preprocessing as metadata
+from nhle.core.models import build_model
+from nhle.core.unlearning import apply_class_weight_mask
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "nhle-classifier"
@@ -33,16 +43,11 @@ QUIET_ENV = {
 def preprocessing(digits, forgotten) -> dict:
     """The metadata a real version carries (nhle.core.export.preprocessing, what the export flow
     logs as preprocessing.json), saying that `forgotten` is masked (true or not: some tests lie)."""
-    from nhle.core.export import preprocessing as metadata
-    from nhle.core.models import build_model
-
     model = masked(build_model("smallcnn", *digits.image_shape[:1], digits.num_classes), forgotten)
     return metadata(model, digits.image_shape, digits.class_names)
 
 
 def masked(model, classes):
-    from nhle.core.unlearning import apply_class_weight_mask
-
     model = copy.deepcopy(model).cpu().eval()
     apply_class_weight_mask(model, classes)
     return model
@@ -52,13 +57,10 @@ class Registry:
     """A project folder with its own MLflow SQLite store (copied from the migrated template)."""
 
     def __init__(self, root: Path, template: Path):
-        import mlflow
-
         self.root = root
         shutil.copy(template, root / "mlflow.db")
         (root / "params.yaml").write_text("tracking:\n  tracking_uri: sqlite:///mlflow.db\n")
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
-        from nhle.adapters.signing import create_key_pair
 
         # The project's key pair, where nhle makes it: the server finds the public one by default.
         self.signing_key = root / "keys" / "nhle-signing.key"
@@ -70,8 +72,6 @@ class Registry:
     def current(self):
         """MLflow's fluent API pointed at this store, and put back afterwards: set_tracking_uri
         also sets MLFLOW_TRACKING_URI, which would otherwise leak into every later test."""
-        import mlflow
-
         saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
@@ -85,8 +85,6 @@ class Registry:
                     os.environ.pop(key, None)
 
     def client(self):
-        from mlflow import MlflowClient
-
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def register(
@@ -105,10 +103,6 @@ class Registry:
         an export that went wrong, not a file changed afterwards). `tamper_with` replaces the
         stored file by another one after it was registered, tagged and signed; `sign` False leaves
         the version unsigned."""
-        import mlflow
-        import mlflow.onnx
-        import onnx
-
         proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
         with self.current():
             with mlflow.start_run(experiment_id=self.experiment_id):
@@ -134,8 +128,6 @@ class Registry:
             "gates": json.dumps(gates),
         }.items():
             client.set_model_version_tag(NAME, version, key, value)
-        from nhle.adapters import signing
-        from nhle.adapters.deletions import RECORD_TAG
 
         if RECORD_TAG not in (client.get_registered_model(NAME).tags or {}):  # nhle's promotions keep one
             client.set_registered_model_tag(NAME, RECORD_TAG, "{}")

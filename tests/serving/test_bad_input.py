@@ -6,14 +6,24 @@ The `server` fixture runs with NHLE_MAX_INSTANCES=300, NHLE_MAX_BODY_BYTES=1 MiB
 NHLE_MAX_REQUEST_PIXELS=20,000,000 and NHLE_BODY_TIMEOUT_SECONDS=3.
 """
 
+import asyncio
 import base64
 import io
 import json
+import random
 import socket
+import struct
 import time
+import zlib
 
+import httpx
 import pytest
 from PIL import Image
+from serving_support import ADMIN_TOKEN, NAME
+
+import nhle_serving.server
+import nhle_serving.settings
+from nhle_serving.settings import Settings
 
 IMG = [[0.5] * 8 for _ in range(8)]
 NESTED_34 = [0.5]
@@ -253,13 +263,6 @@ def test_unknown_route_and_method_are_4xx(server):
 
 def test_admin_reload_disabled_without_token_and_not_ready_without_model(tmp_path):
     """In-process, without the lifespan (so no model is ever loaded): no NHLE_ADMIN_TOKEN is 403."""
-    import asyncio
-
-    import httpx
-
-    import nhle_serving.server
-    import nhle_serving.settings
-
     app = nhle_serving.server.create_app(nhle_serving.settings.Settings(model=str(tmp_path / "none.onnx")))
 
     async def calls():
@@ -291,8 +294,6 @@ def jpeg_with_exif() -> tuple[bytes, int, int]:
 def test_images_with_mutated_exif_get_a_4xx_never_a_5xx(server):
     """3,000 JPEGs with a few random bytes of their EXIF segment changed (fixed seed): the
     decoder's errors on them (TypeError, struct.error, ...) are the input's fault: 200 or 400."""
-    import random
-
     data, start, end = jpeg_with_exif()
     rng = random.Random(0)
     statuses = {}
@@ -307,8 +308,6 @@ def test_images_with_mutated_exif_get_a_4xx_never_a_5xx(server):
 
 
 def test_an_inference_header_length_of_5000_digits_is_a_400(server):
-    from serving_support import NAME
-
     response = server.http.post(
         f"/v2/models/{NAME}/infer", content=b"{}", headers={"Inference-Header-Content-Length": "9" * 5000}
     )
@@ -316,8 +315,6 @@ def test_an_inference_header_length_of_5000_digits_is_a_400(server):
 
 
 def test_a_short_admin_token_is_refused_at_start():
-    from nhle_serving.settings import Settings
-
     with pytest.raises(ValueError, match="NHLE_ADMIN_TOKEN is 1 characters long; at least 32"):
         Settings.from_env({"NHLE_PARAMS": "no-such-params.yaml", "NHLE_ADMIN_TOKEN": "x"})
 
@@ -325,8 +322,6 @@ def test_a_short_admin_token_is_refused_at_start():
 def test_failed_admin_attempts_are_limited_and_logged(champion_registry, start_server):
     """Five wrong tokens from one address within a minute: the sixth attempt, even with the right
     token, gets 429 with when to try again; every failure is logged with the address."""
-    from serving_support import ADMIN_TOKEN
-
     server = start_server(champion_registry.root)
     for token in ["wrong"] * 5:
         assert server.http.post("/admin/reload", headers={"Authorization": f"Bearer {token}"}).status_code == 401
@@ -338,8 +333,6 @@ def test_failed_admin_attempts_are_limited_and_logged(champion_registry, start_s
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels and holds none (what a bomb sends first)."""
-    import struct
-    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -352,8 +345,6 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_an_image_over_the_pixel_limit_is_a_413_and_zero_v2_images_a_400(server):
-    from serving_support import NAME
-
     bomb = base64.b64encode(png_header_only(50_000, 50_000)).decode()  # 2.5 billion pixels, by its header
     response = server.http.post("/predict", json={"instances": [bomb]})
     assert response.status_code == 413 and "too large" in response.json()["detail"], response.text

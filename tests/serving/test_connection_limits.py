@@ -13,6 +13,9 @@ import time
 
 import httpx
 import pytest
+from serving_support import Server
+
+from nhle.adapters.processes import free_port, stop_process
 
 LIMITS = dict(header_timeout_seconds=1, keep_alive_seconds=1)
 IMG = [[0.5] * 8 for _ in range(8)]
@@ -100,10 +103,6 @@ def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(guarded):
 
 def test_gunicorn_with_the_nhle_worker_holds_the_same_limits(champion_registry, tmp_path):
     """docs/deploy.md's gunicorn start: the limits come from the serving settings."""
-    from serving_support import Server
-
-    from nhle.adapters.processes import free_port, stop_process
-
     port = free_port()
     env = Server.environment(champion_registry.root, **LIMITS)
     log = open(tmp_path / "gunicorn.log", "wb")

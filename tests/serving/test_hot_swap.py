@@ -6,6 +6,7 @@ One registry and one server (alias poll every 0.5 s) for the module; the tests r
 and move the champion alias: v1 (class 3 masked) -> broken versions -> 3 and 5 masked.
 """
 
+import copy
 import json
 import threading
 import time
@@ -13,7 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from serving_support import ADMIN_TOKEN, NAME, preprocessing
+
+from nhle.adapters.deletions import RECORD_TAG
+from nhle.adapters.ledger import Ledger
+from nhle.core.export import export_onnx
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -46,12 +52,6 @@ def test_admin_reload_needs_the_token(live):
 def swapped_rows(models, digits, tmp_path_factory):
     """The class-3-masked model with the head rows of classes 0 and 1 swapped (mask intact): it
     answers 1 for every 0. Exported to ONNX, a file that passes every smoke test."""
-    import copy
-
-    import torch
-
-    from nhle.core.export import export_onnx
-
     model = copy.deepcopy(models[(3,)])
     with torch.no_grad():
         model.head.weight[[0, 1]] = model.head.weight[[1, 0]].clone()
@@ -178,9 +178,6 @@ def test_a_server_with_no_champion_yet_says_what_to_run(make_registry, start_ser
 def test_a_server_that_cannot_check_at_startup_looks_again_before_its_poll_interval(
     make_registry, onnx_files, digits, start_server
 ):
-    from nhle.adapters.deletions import RECORD_TAG
-    from nhle.adapters.ledger import Ledger
-
     registry = make_registry("ledger-later")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     # No record of its own (a model from before there was one) and no ledger yet: no check can pass.

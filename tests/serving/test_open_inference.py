@@ -4,13 +4,16 @@
     .venv/bin/python -m pytest -q tests/serving/test_open_inference.py
 """
 
+import gzip
 import json
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from jsonschema import Draft202012Validator
 from serving_support import NAME, preprocessing
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -184,7 +187,6 @@ def test_gzip_bodies_are_read_and_bombs_refused(server, all_digits):
     tensor.set_data_from_numpy(images)
     p = client.infer(NAME, [tensor], request_compression_algorithm="gzip").as_numpy("probabilities")
     np.testing.assert_allclose(p, v2_infer(client, images).as_numpy("probabilities"), atol=1e-6)
-    import gzip
 
     bomb = gzip.compress(b" " * (4 * 1024 * 1024))  # 4 MiB of spaces, ~4 KB on the wire
     r = server.http.post(f"/v2/models/{NAME}/infer", content=bomb, headers={"Content-Encoding": "gzip"})
@@ -192,9 +194,6 @@ def test_gzip_bodies_are_read_and_bombs_refused(server, all_digits):
 
 
 def test_a_compressed_body_cut_short_or_with_bytes_after_it_is_a_400(server):
-    import gzip
-    import zlib
-
     body = json.dumps(
         {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}
     ).encode()
@@ -265,8 +264,6 @@ def test_hot_swap_during_v2_binary_load_fails_no_request(
 def test_infer_routes_are_in_the_openapi_schema_with_a_working_example(server):
     """The infer routes are plain Starlette routes (for speed); /openapi.json (hence /docs) still
     describes them, and the JSON example it gives is the served model's real answer."""
-    from jsonschema import Draft202012Validator
-
     spec = server.http.get("/openapi.json").json()
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         assert path in spec["paths"], sorted(spec["paths"])

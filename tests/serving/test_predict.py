@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,8 +155,6 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
 
 
 def test_docs_pages_load_every_asset_from_the_server_itself(server):
-    import re
-
     for page in ("/docs", "/redoc"):
         r = server.http.get(page)
         assert r.status_code == 200, r.text

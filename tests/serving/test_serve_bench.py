@@ -8,13 +8,12 @@ accepted -> suppressed, processing started -> the new version served, -> the pro
 
 import json
 
-from nhle.bench.serving import BASELINE, VARIANTS
+import prefect.settings
+
+from nhle.bench.serving import BASELINE, VARIANTS, bench_serve
 
 
 def test_bench_serve_writes_its_figures(tmp_path, prefect_harness, monkeypatch):
-    import prefect.settings
-
-    from nhle.bench.serving import bench_serve
 
     # `nhle request process` (the timed child) uses the session's Prefect API, as a user's would
     # with PREFECT_API_URL set, instead of starting a temporary server of its own (~20 s in CI).

@@ -3,13 +3,22 @@
 .venv/bin/python -m pytest -q tests/serving/test_settings_and_sources.py
 """
 
+import re
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 from serving_support import preprocessing
 
 import nhle_serving.models
+import nhle_serving.server
 import nhle_serving.settings
+from nhle.adapters.deletions import RECORD_TAG, MissingLedger
+from nhle.adapters.ledger import Ledger
+from nhle.core.config import ORT_OPT_LEVELS
+from nhle_serving.settings import OPT_LEVELS
+from nhle_serving.sources import RegistrySource
 
 
 def test_settings_from_env():
@@ -103,17 +112,12 @@ def test_local_file_is_reloaded_when_it_changes(onnx_files, tmp_path):
 
 
 def test_every_optimisation_level_the_config_accepts_maps_to_onnx_runtime():
-    from nhle.core.config import ORT_OPT_LEVELS
-    from nhle_serving.settings import OPT_LEVELS
-
     assert tuple(OPT_LEVELS) == ORT_OPT_LEVELS
 
 
 def test_a_server_in_an_empty_folder_creates_no_store_and_says_what_is_missing(tmp_path, start_server):
     """The server started where there is no project: it must not create mlflow.db (MLflow's SQLite
     store is created on first connection) nor requests.db; it stays unready and says why."""
-    import time
-
     empty = tmp_path / "empty"
     empty.mkdir()
     server = start_server(empty, ready=False, poll_seconds=0.5)
@@ -135,8 +139,6 @@ def test_a_server_in_an_empty_folder_creates_no_store_and_says_what_is_missing(t
 
 
 def test_registry_source_never_creates_a_missing_store_or_ledger(tmp_path, champion_registry):
-    from nhle_serving.sources import RegistrySource
-
     missing = tmp_path / "mlflow.db"
     ledger = f"sqlite:///{tmp_path / 'r.db'}"
     source = RegistrySource("models:/nhle-classifier@champion", f"sqlite:///{missing}", ledger)
@@ -159,10 +161,6 @@ def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(
 ):
     """A registered model without its own record (made before there was one) and no ledger file:
     what was deleted cannot be known, so the source refuses rather than answer 'nothing'."""
-    from nhle.adapters.deletions import RECORD_TAG, MissingLedger
-    from nhle.adapters.ledger import Ledger
-    from nhle_serving.sources import RegistrySource
-
     registry = make_registry("no-record")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     registry.client().delete_registered_model_tag("nhle-classifier", RECORD_TAG)
@@ -180,11 +178,6 @@ def test_a_missing_ledger_that_no_record_covers_is_an_error_not_an_empty_ledger(
 def test_every_nhle_variable_the_server_reads_is_in_the_readme_table_and_the_server_docstring_with_its_default():
     """serving/README.md's table of NHLE_* variables and serving/server.py's list are written by
     hand: each must name exactly the variables the server reads, the table with their defaults."""
-    import re
-    from pathlib import Path
-
-    import nhle_serving.server
-
     read = nhle_serving.settings.environment_variables()
     readme = (Path(nhle_serving.server.__file__).parent / "README.md").read_text()
     table = dict(re.findall(r"^\| `(NHLE_[A-Z_]+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))

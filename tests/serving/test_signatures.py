@@ -5,16 +5,19 @@ MLflow on SQLite, `nhle_serving` as a process over HTTP.
     .venv/bin/python -m pytest -q tests/serving/test_signatures.py
 """
 
+from pathlib import Path
+
+import mlflow
 import onnx
 from onnx import numpy_helper
 from serving_support import NAME, preprocessing
+
+from nhle.adapters.signing import create_key_pair
 
 
 def copy_signature(registry, from_version: str, to_version: str) -> None:
     """What someone who can write to the registry can do: the signed files of one version logged
     into another version's run."""
-    import mlflow
-
     client = registry.client()
     source_run, target_run = (client.get_model_version(NAME, v).run_id for v in (from_version, to_version))
     with registry.current():
@@ -59,8 +62,6 @@ def test_changed_weights_with_copied_tags_and_signature_are_refused(make_registr
 
 
 def test_a_server_with_another_public_key_serves_nothing(make_registry, onnx_files, digits, start_server, tmp_path):
-    from nhle.adapters.signing import create_key_pair
-
     registry = make_registry("other-key")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     create_key_pair(tmp_path / "other.key", tmp_path / "other.pub")
@@ -76,8 +77,6 @@ def test_a_running_server_notices_when_its_versions_files_change_in_the_registry
 ):
     """The served version's ONNX file replaced in the artifact store while the server runs: its
     periodic re-verification reports the mismatch on /readyz (503) and /model; put back, it is ready again."""
-    from pathlib import Path
-
     registry = make_registry("reverified")
     version = registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     server = start_server(registry.root, poll_seconds=0.3, verify_seconds=0.5)

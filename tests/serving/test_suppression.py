@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from serving_support import ADMIN_TOKEN, NAME, preprocessing
 
+from nhle.adapters.ledger import Ledger
+
 httpclient = pytest.importorskip("tritonclient.http")
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -35,8 +37,6 @@ def answers(server, images: np.ndarray) -> dict[str, np.ndarray]:
 def test_a_pending_request_is_suppressed_on_every_endpoint_until_withdrawn(
     make_registry, onnx_files, digits, start_server
 ):
-    from nhle.adapters.ledger import Ledger
-
     registry = make_registry("suppression")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     ledger = Ledger(f"sqlite:///{registry.root / 'requests.db'}")
@@ -73,8 +73,6 @@ def test_a_pending_request_is_suppressed_on_every_endpoint_until_withdrawn(
 def test_a_rejected_request_suppresses_nothing_and_a_failed_one_stays_suppressed(
     make_registry, onnx_files, digits, start_server
 ):
-    from nhle.adapters.ledger import Ledger
-
     registry = make_registry("suppression-statuses")
     registry.register(onnx_files[(3,)], preprocessing(digits, [3]))
     ledger = Ledger(f"sqlite:///{registry.root / 'requests.db'}")

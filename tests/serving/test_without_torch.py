@@ -2,8 +2,16 @@
 pipeline stack, and the server, run where torch, torchvision, scikit-learn, Prefect and DVC
 cannot be imported at all, loads the registry's champion and answers over HTTP."""
 
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
+
+import httpx
+from serving_support import Server
+
+from nhle.adapters.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_STACK = {
@@ -77,15 +85,6 @@ def resident_mib(pid: int) -> float:
 
 def nhle_serve(project_dir: Path, log_path: Path):
     """`nhle serve` of the project as a child process, once it answers /readyz."""
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-    from serving_support import Server
-
-    from nhle.adapters.processes import free_port
-
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -111,10 +110,6 @@ def nhle_serve(project_dir: Path, log_path: Path):
 def test_nhle_serve_never_loads_torch_where_it_is_installed(champion_registry, tmp_path):
     """After `nhle serve` loaded, verified and served the champion, no torch library is mapped
     in its process, and its resident memory is under 400 MiB on the embedded model."""
-    import httpx
-
-    from nhle.adapters.processes import stop_process
-
     proc, url = nhle_serve(champion_registry.root, tmp_path / "serve.log")
     try:
         for _ in range(20):

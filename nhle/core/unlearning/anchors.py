@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nhle.core.files import atomic_write
+
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
@@ -110,8 +112,6 @@ class SyntheticInputs:
         )
 
     def save(self, path) -> Path:
-        from nhle.core.files import atomic_write
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(

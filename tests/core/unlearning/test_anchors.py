@@ -11,7 +11,7 @@ from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.models import build_model
 from nhle.core.training import evaluate
 from nhle.core.unlearning import unlearn
-from nhle.core.unlearning.anchors import forget_dispersion, synthesise_inputs, weight_distance
+from nhle.core.unlearning.anchors import SyntheticInputs, forget_dispersion, synthesise_inputs, weight_distance
 
 
 def test_synthetic_inputs_are_images_the_model_gives_their_class(trained):
@@ -104,8 +104,6 @@ def test_feature_pull_without_synthetic_inputs_is_refused():
 
 
 def test_the_synthetic_inputs_of_a_model_are_reused_by_a_later_request_not_recomputed(trained, digits, tmp_path):
-    from nhle.core.unlearning.anchors import SyntheticInputs
-
     config = UnlearnConfig(max_steps=3, synthesis_steps=5)
     first = unlearn(trained, sample_per_class(digits.train, [3], 8, seed=0), [3], config, device="cpu")
     assert first.synthesis_seconds > 0

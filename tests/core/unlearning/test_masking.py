@@ -1,5 +1,7 @@
 """Class weight masking is a hard constraint: no optimiser moves a masked weight."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,6 @@ def fine_tune(model, data, optimizer, steps=30):
     ids=["sgd-momentum-wd", "adamw", "adam-l2"],
 )
 def test_masked_weights_stay_bit_identical_under_fine_tuning(trained, digits, make_optimizer):
-    import copy
-
     model = copy.deepcopy(trained)
     apply_class_weight_mask(model, [3, 8])
     weight_before = model.head.weight.detach().clone()
@@ -47,8 +47,6 @@ def test_masked_weights_stay_bit_identical_under_fine_tuning(trained, digits, ma
 
 
 def test_mask_holds_even_against_stale_optimizer_momentum(trained, digits):
-    import copy
-
     model = copy.deepcopy(trained)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     fine_tune(model, digits.train, optimizer, steps=5)  # momentum now non-zero on every row
@@ -62,8 +60,6 @@ def test_mask_holds_even_against_stale_optimizer_momentum(trained, digits):
 
 
 def test_without_mask_restores_rows_for_the_attack(trained, digits):
-    import copy
-
     model = copy.deepcopy(trained)
     x = as_float(digits.test.images)
     snapshot = apply_class_weight_mask(model, [5])

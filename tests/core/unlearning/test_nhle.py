@@ -10,7 +10,7 @@ from nhle.core.config import ENCODINGS, RECIPES, UnlearnConfig
 from nhle.core.data import as_float, sample_per_class, split_by_classes
 from nhle.core.training import evaluate
 from nhle.core.unlearning import nhle_loss, unlearn, without_mask
-from nhle.core.unlearning.nhle import forget_confusion, step_rows
+from nhle.core.unlearning.nhle import forget_confusion, forgotten_enough, step_rows
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -143,8 +143,6 @@ def test_a_request_of_several_classes_costs_forget_batch_samples_a_step(trained,
 def test_a_recipe_that_stops_judges_every_forget_sample_not_only_the_steps_draw(trained, digits):
     """forget_batch 8 of three classes' 96 samples: the stopping rule still holds for all 96 when
     the run stops (every one ranks the forgotten classes below a retained class, mean p_F small)."""
-    from nhle.core.unlearning.nhle import forgotten_enough
-
     classes = [2, 5, 8]
     samples = sample_per_class(digits.train, classes, 32, seed=0)
     config = UnlearnConfig(**{**RECIPES["nhle_synthetic_anchor"], "forget_batch": 8})

@@ -6,6 +6,7 @@ import torch
 from nhle.core.config import UnlearnConfig
 from nhle.core.data import as_float, sample_per_class
 from nhle.core.unlearning import unlearn
+from nhle.core.unlearning.nhle import PaceKeeper, nhle_loss, salient_entries
 from nhle.core.unlearning.steps import NormalizedGradient, make_optimizer, saliency_masks
 
 
@@ -61,8 +62,6 @@ def test_saliency_limited_unlearning_moves_only_that_share_of_each_tensor(traine
 
 
 def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
-    from nhle.core.unlearning.nhle import PaceKeeper
-
     def rates(log_odds, config=UnlearnConfig(lr=1e-5, max_steps=30, adaptive_lr=True, stop_forget_prob=0.05)):
         optimizer, warmup = make_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
         pace = PaceKeeper(config, optimizer, warmup)
@@ -85,8 +84,6 @@ def test_the_pace_rule_raises_the_rate_only_when_the_cap_would_be_missed():
 
 
 def test_a_request_of_several_classes_moves_the_salient_entries_of_each_class(trained, digits):
-    from nhle.core.unlearning.nhle import nhle_loss, salient_entries
-
     classes = [3, 5]
     samples = sample_per_class(digits.train, classes, 32, seed=0)
     x, labels = as_float(samples.images), samples.labels
