@@ -1,7 +1,7 @@
 """Classes deleted on record: what no version may predict again until an operator reopens it.
 
 Two records hold them, so that losing either loses nothing: the ledger (a done row per forget
-request, and per forgetting that no request asked for, such as `nhle run --forget`) and the
+request, and per forgetting that no request asked for, such as `nhle run --classes`) and the
 registered model's own tag `deleted_classes` ({class: [ledger row ids]}), written before every
 promotion that forgets. Every reader (the flows' gate, `nhle rollback`, the server) uses their
 union; a reopen takes its ids out of both.

@@ -8,7 +8,7 @@
 
 Life of a request: pending -> processing -> done | failed (or pending again after an error,
 until max_attempts); a request refused at submission is stored as rejected, and a forgetting
-that no request asked for (`nhle run --forget`) is stored done by the version that made it. A done request's
+that no request asked for (`nhle run --classes`) is stored done by the version that made it. A done request's
 classes are *deleted on record* (`deleted_classes()`): no model that predicts them may become or
 stay champion, until an operator reopens the request (`reopen`, done -> reopened), which is
 stored with who, why and when in the events table beside it. Every change is one
@@ -301,7 +301,7 @@ class Ledger:
     ) -> ForgetRequest:
         """Record a request on the registered model `model_name` (committed before this returns).
         status is pending, rejected, or done: a forgetting no request asked for (`nhle run
-        --forget`), put on record by the version `model_version_after` that forgot it."""
+        --classes`), put on record by the version `model_version_after` that forgot it."""
         if not str(model_name or "").strip():
             raise ValueError("a forget request names the registered model it is for (model_name)")
         if status not in ("pending", "rejected", "done") or (status == "done") != (model_version_after is not None):

@@ -39,11 +39,13 @@ import numpy as np
 import onnxruntime
 import torch
 
+from nhle.bench.configs import GpuBench
 from nhle.bench.synthetic import synthetic_splits
 from nhle.bench.unlearning import measured_on
-from nhle.core.config import AMP_MODES, ExportConfig, ModelConfig, TrainConfig, UnlearnConfig
+from nhle.core.config import ExportConfig, ModelConfig, TrainConfig, UnlearnConfig
 from nhle.core.data import ImageSet, Splits, load_dataset, sample_per_class, split_by_classes
 from nhle.core.export import CUDA_STRICT_FP32, check_parity, export_onnx, make_session, preload_cuda_libraries
+from nhle.core.flags import add_config_flags, config_from
 from nhle.core.gates import retained_drop_pp
 from nhle.core.training import evaluate, resolve_device, train_model, training_spec
 from nhle.core.unlearning import unlearn
@@ -151,7 +153,7 @@ def failures_of(parity: dict, gpu: bool, forgotten_predictions: int, forget_clas
     return failures
 
 
-def run(args) -> dict:
+def run(args: GpuBench) -> dict:
     """Everything the module docstring lists; returns the report that goes to gpu_check.json."""
     sizes = {
         k: getattr(args, k) if getattr(args, k, None) is not None else v
@@ -348,47 +350,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sizes = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items() if k != "repeats")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument(
-        "--amp",
-        default="off",
-        choices=AMP_MODES,
-        help="mixed precision of training and unlearning (weights and the ONNX model stay fp32)",
-    )
-    parser.add_argument(
-        "--cifar-root",
-        help="folder with torchvision's CIFAR-10 files (cifar-10-batches-py); without it, synthetic CIFAR-shaped data",
-    )
-    parser.add_argument("--train-size", type=int, help=f"training images (default {FULL['train_size']})")
-    parser.add_argument("--test-size", type=int, help=f"test images, also the parity set (default {FULL['test_size']})")
-    parser.add_argument("--epochs", type=int, help=f"training epochs (default {FULL['epochs']})")
-    parser.add_argument(
-        "--batch-size", type=int, help=f"training batch, also the timed inference batch (default {FULL['batch_size']})"
-    )
-    parser.add_argument("--max-steps", type=int, help=f"cap on NHLE fine-tuning steps (default {FULL['max_steps']})")
-    parser.add_argument("--forget-class", type=int, default=0, help="the class to forget (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, training and forget samples")
-    parser.add_argument("--quick", action="store_true", help=f"a smoke test: {sizes}; flags given explicitly win")
-    parser.add_argument("--out", default="bench/gpu", help="folder for gpu_check.json and gpu_check.md")
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(
-            prog="python -m nhle.bench.gpu",
-            description=__doc__.split("\n\n")[0],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    args = parser.parse_args(argv)
-    try:
-        report = run(args)
-    except (RuntimeError, FileNotFoundError) as err:  # no GPU for --device cuda, no CIFAR files, ...
-        parser.exit(2, f"gpu_check: error: {err}\n")
-    out = Path(args.out)
+def check_and_report(config: GpuBench) -> int:
+    """Run the check, write OUT/gpu_check.json and .md, print the table; 1 when it failed."""
+    report = run(config)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu_check.md").write_text(markdown(report))
@@ -397,6 +362,20 @@ def main(argv=None) -> int:
         print("gpu_check FAILED:\n" + "\n".join(f"- {f}" for f in report["failures"]), file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nhle.bench.gpu",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_flags(parser, GpuBench)
+    config = config_from(GpuBench, parser.parse_args(argv))
+    try:
+        return check_and_report(config)
+    except (RuntimeError, FileNotFoundError) as err:  # no GPU for --device cuda, no CIFAR files, ...
+        parser.exit(2, f"gpu_check: error: {err}\n")
 
 
 if __name__ == "__main__":

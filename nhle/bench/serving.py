@@ -42,7 +42,9 @@ import numpy as np
 import yaml
 
 from nhle.adapters.processes import free_port, stop_process
+from nhle.bench.configs import ServeBench
 from nhle.core.config import load_params, params_as_dict, resolve_uri, with_assignments
+from nhle.core.flags import add_config_flags, config_from
 
 ADMIN_TOKEN = "nhle-bench-serve-admin-token-32-characters"
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -494,20 +496,15 @@ def process_until_served(root: Path, work: Path, url: str, before: dict, timeout
 def bench_serve(
     project_dir: str | Path = ".",
     params_path: str | Path | None = None,
-    out: Path = Path("bench/serve"),
-    rounds: int = 3,
-    single_requests: int = 300,
-    batch_requests: int = 60,
-    batch_size: int = 64,
-    concurrency: int = 4,
-    seconds: float = 900.0,
-    round_seconds: float = 0.5,
-    swap: bool = True,
+    config: ServeBench = ServeBench(),
     assignments: tuple[str, ...] = (),
-    swap_requests: int = 3,
+    round_seconds: float = 0.5,
 ) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
     Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
+    out, rounds, seconds, swap = Path(config.out), config.rounds, config.seconds, config.swap
+    single_requests, batch_requests, batch_size = config.single_requests, config.batch_requests, config.batch_size
+    concurrency, swap_requests = config.concurrency, config.swap_requests
     import mlflow.artifacts  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
     import onnxruntime  # noqa: PLC0415 - lazy: onnxruntime: with torch, only when measuring
 
@@ -520,7 +517,6 @@ def bench_serve(
     params = with_assignments(
         load_params(Path(params_path) if params_path else project_dir / "params.yaml"), list(assignments)
     )
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     servers, result = [], {}
     with tempfile.TemporaryDirectory(prefix="nhle-bench-serve-") as tmp:
@@ -741,35 +737,11 @@ def markdown(result: dict, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's own options (`nhle bench serve` adds --project-dir, --params and --set)."""
-    parser.add_argument("--out", default="bench/serve", help="folder for serve.json and serve.md")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the requests are spread over")
-    parser.add_argument("--single-requests", type=int, default=300, help="single-image requests per variant")
-    parser.add_argument("--batch-requests", type=int, default=60, help="batch requests per variant")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=4, help="connections sending at once")
-    parser.add_argument("--seconds", type=float, default=900.0, help="cap on the load phases and the in-process runs")
-    parser.add_argument("--no-swap", action="store_true", help="skip timing forget requests to the new version served")
-    parser.add_argument("--swap-requests", type=int, default=3, help="forget requests timed one after another")
-
-
-def run(args) -> int:
-    result = bench_serve(
-        args.project_dir,
-        args.params,
-        Path(args.out),
-        rounds=args.rounds,
-        single_requests=args.single_requests,
-        batch_requests=args.batch_requests,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        seconds=args.seconds,
-        swap=not args.no_swap,
-        swap_requests=args.swap_requests,
-        assignments=tuple(args.set) + ((f"registry.model_name={args.name}",) if getattr(args, "name", None) else ()),
-    )
-    print((Path(args.out) / "serve.md").read_text())
+def run(project_dir, params_path, assignments, name: str | None, config: ServeBench) -> int:
+    """`nhle bench serve`: the benchmark, its table printed; 1 when a request failed."""
+    name_set = (f"registry.model_name={name}",) if name else ()
+    result = bench_serve(project_dir, params_path, config, tuple(assignments) + name_set)
+    print((Path(config.out) / "serve.md").read_text())
     return 0 if not any(row["errors"] for rows in result["http"].values() for row in rows.values()) else 1
 
 
@@ -784,8 +756,9 @@ def main(argv=None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override one setting of params.yaml (repeatable)",
     )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    add_config_flags(parser, ServeBench)
+    args = parser.parse_args(argv)
+    return run(args.project_dir, args.params, args.set, None, config_from(ServeBench, args))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """`nhle bench unlearning`: NHLE against retraining, the published baselines and its own ablations.
 
     nhle bench unlearning --seeds 0,1,2 --out bench/unlearning          # digits, small CNN, ~15 min
-    nhle bench unlearning --model resnet18_cifar --image-size 32 --epochs 3 --seeds 0 --classes 3
-    nhle bench unlearning --model mobilenet_v3_small --image-size 32 --epochs 30   # any torchvision / timm/ name
+    nhle bench unlearning --arch resnet18_cifar --image-size 32 --epochs 3 --seeds 0 --classes 3
+    nhle bench unlearning --arch mobilenet_v3_small --image-size 32 --epochs 30   # any torchvision / timm/ name
     nhle bench unlearning --quick --out /tmp/quick                       # CI: 1 seed, 2 classes + 1 triple
-    nhle bench unlearning --dataset cifar10 --data-root ~/data --model resnet18_cifar --device cuda   # on a GPU
+    nhle bench unlearning --dataset cifar10 --data-root ~/data --arch resnet18_cifar --device cuda   # on a GPU
 
 For each seed one base model is trained. For each case (every class alone, then the `--multi`
 classes together) one model is retrained without the classes (the gold standard), and every
@@ -458,7 +458,7 @@ def check_same_settings(out: Path, grid: Grid) -> None:
     if changed:
         raise ValueError(
             f"--resume: {out} was measured with other settings ({'; '.join(changed)}); resume with "
-            "the same --params, --set, --model, --dataset, --epochs, --batch-size and --image-size "
+            "the same --params, --set, --arch, --dataset, --epochs, --batch-size and --image-size "
             "as then, or use another --out"
         )
 

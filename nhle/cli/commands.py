@@ -2,7 +2,7 @@
 overrides its field.
 
     nhle train --dataset digits --arch smallcnn --split-seed 0 --out runs/base
-    nhle unlearn --checkpoint runs/base/model.pt --forget 3 --sample-seed 0 --out runs/forget3 --retrain-baseline
+    nhle unlearn --checkpoint runs/base/model.pt --classes 3 --sample-seed 0 --out runs/forget3 --retrain-baseline
     nhle params                                   # every setting with its default and meaning (= params.yaml)
     nhle run                                      # the main job: Prefect flows, MLflow registry, ONNX
     nhle rollback                                 # move the champion alias back to the previous version
@@ -21,18 +21,18 @@ import logging
 import os
 import sys
 import time
-import typing
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from nhle.adapters.signing import create_key_pair
-from nhle.bench.serving import add_arguments as add_serve_arguments
+from nhle.bench.configs import GpuBench, InferenceBench, ScalingBench, ServeBench, UnlearningBench
 from nhle.bench.serving import run as run_serve_bench
 from nhle.cli.jobs import import_command, run_command
 from nhle.cli.requests import add_commands
 from nhle.core.audit import terminal_text
-from nhle.core.config import SECTIONS, Params, TrainConfig, field_docs, load_params, params_yaml, with_assignments
+from nhle.core.config import SECTIONS, Params, load_params, params_yaml, with_assignments
 from nhle.core.files import GATES, PARITY, REPORT, atomic_write, write_json
+from nhle.core.flags import Deprecated, add_config_flags, config_from, flag_name, flag_options
 from nhle.core.gates import advice, evaluate_gates
 
 # A flag is a short spelling of `--set section.field=VALUE`: its help is the field's docstring and
@@ -120,6 +120,12 @@ def model_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def add_classes_flag(parser, help: str) -> None:
+    """--classes, the classes to forget, in every command that forgets (--forget: its old spelling)."""
+    parser.add_argument("--classes", help=help)
+    parser.add_argument("--forget", dest="classes", action=Deprecated, use="--classes")
+
+
 def add_field_flags(parser, *flags: str) -> None:
     """--flag for each name of FLAG_FIELDS, typed, documented and limited to its choices by its
     config field. Values are checked with the rest of the settings (resolve_params), so a flag
@@ -127,19 +133,9 @@ def add_field_flags(parser, *flags: str) -> None:
 
     for flag in flags:
         section, name = FLAG_FIELDS[flag]
-        hint = typing.get_type_hints(SECTIONS[section])[name]
-        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # int | None -> int
-        rules = next(f.metadata for f in fields(SECTIONS[section]) if f.name == name)
-        options = {"help": f"{field_docs(SECTIONS[section])[name]} ({section}.{name})"}
-        if kind is bool:
-            options.update(action="store_true", default=None)
-        elif typing.get_origin(kind) is tuple:
-            options["type"] = float_list
-        elif "choices" in rules and "also" not in rules:  # with `also`, other values fit too
-            options["choices"] = rules["choices"]
-        else:
-            options["type"] = kind
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, **options)
+        options = flag_options(SECTIONS[section], name)
+        options["help"] += f" ({section}.{name})"
+        parser.add_argument(flag_name(flag), dest=flag, default=None, **options)
 
 
 def add_data_flags(parser):
@@ -148,13 +144,6 @@ def add_data_flags(parser):
 
 def add_arch_flags(parser):
     add_field_flags(parser, "arch", "head", "mean", "std")
-
-
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def add_train_flags(parser):
@@ -200,7 +189,7 @@ def cmd_unlearn(args) -> int:
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
-    classes = validate_forget(model, args.forget or params.forget, checkpoint["class_names"])
+    classes = validate_forget(model, args.classes or params.forget, checkpoint["class_names"])
     outcome = forget_and_measure(
         model,
         checkpoint,
@@ -291,7 +280,7 @@ def cmd_keys(args) -> int:
 
 def cmd_run(args) -> int:
     return run_command(
-        resolve_params(args), forget_spec=args.forget, project_dir=Path(args.project_dir), started=args.started
+        resolve_params(args), forget_spec=args.classes, project_dir=Path(args.project_dir), started=args.started
     )
 
 
@@ -382,59 +371,58 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    return run_serve_bench(args)
+    return run_serve_bench(args.project_dir, args.params, args.set, args.name, config_from(ServeBench, args))
 
 
 def cmd_bench_unlearning(args) -> int:
-    from nhle.bench.unlearning import Grid, bench_unlearning  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.bench.unlearning import Grid, bench_unlearning  # noqa: PLC0415 - lazy: torch
 
-    recipe = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v}
-    train_config = replace(TrainConfig(), **recipe)
+    config, params = config_from(UnlearningBench, args), resolve_params(args)
     grid = Grid(
-        dataset=args.dataset,
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
-        classes=args.classes,
-        multi=args.multi,
-        methods=args.methods,
-        base=with_assignments(load_params(args.params), args.set).unlearn,
-        arch=args.model,
-        train_config=train_config,
-        image_size=args.image_size,
-        device=args.device,
-        root=args.data_root,
-        quick=args.quick,
+        dataset=params.data.dataset,
+        seeds=tuple(int(s) for s in config.seeds.split(",")),
+        classes=config.classes,
+        multi=config.multi,
+        methods=config.methods,
+        base=params.unlearn,
+        arch=params.model.arch,
+        train_config=params.train,
+        image_size=params.data.image_size,
+        device=params.train.device,
+        root=params.data.root,
+        quick=config.quick,
     )
-    if args.engine == "sequential":
-        bench_unlearning(grid, Path(args.out), resume=args.resume)
+    if config.engine == "sequential":
+        bench_unlearning(grid, Path(config.out), resume=config.resume)
         return 0
-    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: Prefect
     from nhle_flows.bench_grid import run_on_dask  # noqa: PLC0415 - lazy: the flows load Prefect
 
-    params = load_params(args.params)
     with temporary_prefect_server():
-        run_on_dask(grid, Path(args.out), params.dask, params.dask_address())
+        run_on_dask(grid, Path(config.out), params.dask, params.dask_address())
     return 0
 
 
 def cmd_bench_scaling(args) -> int:
-    from nhle.bench.scaling import bench_scaling  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.bench.scaling import bench_scaling  # noqa: PLC0415 - lazy: torch
 
-    sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    bench_scaling(sizes=sizes, out=Path(args.out), epochs=2 if args.quick else args.epochs, device=args.device)
+    config = config_from(ScalingBench, args)
+    bench_scaling(sizes=config.size_list(), out=Path(config.out), epochs=config.epochs_run(), device=config.device)
     return 0
 
 
 def cmd_bench_inference(args) -> int:
-    from nhle.bench.inference import bench_inference  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.bench.inference import bench_inference  # noqa: PLC0415 - lazy: torch
 
-    bench_inference(out=Path(args.out), rounds=1 if args.quick else 5, seconds_per_model=5 if args.quick else 40)
+    config = config_from(InferenceBench, args)
+    bench_inference(out=Path(config.out), rounds=config.rounds(), seconds_per_model=config.seconds_per_model())
     return 0
 
 
 def cmd_bench_gpu(args) -> int:
-    from nhle.bench.gpu import main as gpu_check_main  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.bench.gpu import check_and_report  # noqa: PLC0415 - lazy: torch
 
-    return gpu_check_main(args.gpu_check_args)
+    return check_and_report(config_from(GpuBench, args))
 
 
 def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
@@ -477,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="forget classes of a checkpoint; write OUT/model.pt and report.json",
     )
     unlearn.add_argument("--checkpoint", required=True, help="model.pt written by `nhle train` or `nhle unlearn`")
-    unlearn.add_argument(
-        "--forget", help="class(es) to forget: an index or name, or a comma list (default: `forget` in params.yaml)"
+    add_classes_flag(
+        unlearn, "class(es) to forget: an index or name, or a comma list (default: `forget` in params.yaml)"
     )
     unlearn.add_argument(
         "--sample-seed",
@@ -538,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[project_parent(), model_parent()],
         help="the main job: train a base model if there is no champion, run one forget flow, print the registry state",
     )
-    run.add_argument("--forget", help="class(es) to forget (default: `forget` in params.yaml)")
+    add_classes_flag(run, "class(es) to forget: an index or name, or a comma list (default: `forget` in params.yaml)")
     run.set_defaults(func=cmd_run)
 
     imports = add_command(
@@ -592,64 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[project_parent()],
         help="NHLE vs retrain, baselines and ablations: every class x seeds, plus a multi-class case",
     )
-    unlearning.add_argument("--dataset", default="digits", help="dataset (digits by default)")
-    unlearning.add_argument("--data-root", help="folder with the dataset's files (cifar10, svhn, ...; not digits)")
-    unlearning.add_argument(
-        "--model",
-        default="smallcnn",
-        help="the architecture: smallcnn, resnet18_cifar, any "
-        "torchvision classification model (resnet18, mobilenet_v3_small, ...) or timm/NAME",
-    )
-    unlearning.add_argument("--epochs", type=int, help="training epochs of the base and retrained models")
-    unlearning.add_argument("--batch-size", type=int, help="training batch size of the base and retrained models")
-    unlearning.add_argument("--image-size", type=int, help="resize images, e.g. 32 for ResNet-18 on digits")
-    unlearning.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
-    unlearning.add_argument("--classes", default="all", help="'all' (each class in turn) or a comma list")
-    unlearning.add_argument("--multi", default="2,5,8", help="classes forgotten together as one more case, or none")
-    unlearning.add_argument(
-        "--methods",
-        default="all",
-        help="'all' or a comma list: nhle, retrain, the baselines "
-        "(finetune, neggrad, random_label, boundary_shrink, ssd, scrub, salun) and ablations "
-        "(mask_only, nhle_no_mask, nhle_no_anchor, nhle_head_only, encoding_<name>)",
-    )
-    unlearning.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    unlearning.add_argument(
-        "--out", default="bench/unlearning", help="folder for runs.jsonl, summary.* and tradeoff.png"
-    )
-    unlearning.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the cases OUT/runs.jsonl already holds for every method and run only the rest (sequential engine)",
-    )
-    unlearning.add_argument(
-        "--quick",
-        action="store_true",
-        help="a reduced grid for CI: 1 seed, 2 classes and the "
-        "multi-class case, 3 epochs, short unlearning, synthesis and relearn (Grid.quick)",
-    )
-    unlearning.add_argument(
-        "--engine",
-        choices=("sequential", "dask"),
-        default="sequential",
-        help="run the grid here one unit after another, or as Prefect tasks on a Dask cluster "
-        "(params.yaml dask.address, else a local cluster of dask.n_workers processes)",
-    )
+    add_field_flags(unlearning, "dataset", "data_root", "image_size", "arch", "epochs", "batch_size", "device")
+    add_config_flags(unlearning, UnlearningBench, renamed={"--model": "arch"})
     unlearning.set_defaults(func=cmd_bench_unlearning)
     scaling = add_command(benches, "scaling", help="NHLE vs retrain time as a synthetic training set grows")
-    scaling.add_argument("--sizes", default="2000,20000,200000", help="comma list of training-set sizes")
-    scaling.add_argument("--epochs", type=int, default=5, help="training epochs of the base and retrained models")
-    scaling.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    scaling.add_argument("--out", default="bench/scaling", help="folder for scaling.json, scaling.md, scaling.png")
-    scaling.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 2 epochs (CI)")
+    add_config_flags(scaling, ScalingBench)
     scaling.set_defaults(func=cmd_bench_scaling)
     inference = add_command(
         benches,
         "inference",
         help="ONNX Runtime vs PyTorch eager for both models; ResNet-18 GFLOP/s against this machine's fp32 matmul rate",
     )
-    inference.add_argument("--out", default="bench/inference", help="folder for inference.json and inference.md")
-    inference.add_argument("--quick", action="store_true", help="one short round per model (CI)")
+    add_config_flags(inference, InferenceBench)
     inference.set_defaults(func=cmd_bench_inference)
     serving = add_command(
         benches,
@@ -659,21 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
         "ONNX Runtime; time from a forget request to the new version served",
     )
-
-    add_serve_arguments(serving)
+    add_config_flags(serving, ServeBench)
     serving.set_defaults(func=cmd_bench_serve)
-    # Every argument goes to `python -m nhle.bench.gpu` unparsed (its own --help lists them), so the
-    # flags live in one place and building this parser does not import torch. prefix_chars="+"
-    # keeps this subparser from taking --quick etc. as options of its own.
     gpu = add_command(
         benches,
         "gpu",
-        add_help=False,
-        prefix_chars="+",
-        help="train, NHLE, ONNX export and parity on a GPU, with timings (python -m nhle.bench.gpu; "
-        "see `nhle bench gpu --help`)",
+        help="train, NHLE, ONNX export and parity on a GPU, with timings (= python -m nhle.bench.gpu)",
     )
-    gpu.add_argument("gpu_check_args", nargs=argparse.REMAINDER, help="the flags of python -m nhle.bench.gpu")
+    add_config_flags(gpu, GpuBench)
     gpu.set_defaults(func=cmd_bench_gpu)
     return parser
 

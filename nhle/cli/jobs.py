@@ -85,7 +85,7 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
         if champion and already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
             print(
                 f"{params.registry.champion_name()} (version {champion[2].version}) has already forgotten "
-                f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --forget ...`."
+                f"{forget_spec}; nothing to do. Ask for other classes with `nhle run --classes ...`."
             )
         else:
             results.append(
@@ -181,7 +181,7 @@ def import_command(params: Params, project_dir: Path, started: float | None = No
     if result["promoted"]:
         flag = name_flag(params.registry.model_name)
         print(
-            f"Forget:      .venv/bin/nhle run{flag} --forget {result['class_names'][0]}   (or `nhle request submit"
+            f"Forget:      .venv/bin/nhle run{flag} --classes {result['class_names'][0]}   (or `nhle request submit"
             f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})"
         )
     return 0 if result["promoted"] else 1

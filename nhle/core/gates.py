@@ -218,7 +218,7 @@ GATE_ADVICE = {
     "forget_test_acc": "the forgotten class is still predicted: unlearn.mask must be true (the -inf logit mask "
     "makes this exactly 0)",
     "deleted_classes_predicted": "a class deleted on record by a forget request is still predicted: forget it too "
-    "(nhle run --forget CLASS), or reopen its request on record (nhle rollback --reopen "
+    "(nhle run --classes CLASS), or reopen its request on record (nhle rollback --reopen "
     "ID --reason ...)",
     "parity_argmax_agreement": "ONNX Runtime and PyTorch disagree on the export: a model with operations the "
     "exporter does not keep exactly; export.parity_tolerance bounds the probability gap",

@@ -10,6 +10,7 @@ import torch
 
 from nhle import cli
 from nhle.bench import gpu as gpu_check
+from nhle.bench.configs import GpuBench
 from nhle.bench.scaling import synthetic_splits
 
 
@@ -93,9 +94,11 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
 
 def test_cli_bench_gpu_hands_its_flags_to_gpu_check(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(gpu_check, "main", lambda argv=None: seen.append(argv) or 0)
-    assert cli.main(["bench", "gpu", "--quick", "--device", "cpu", "--amp", "bf16", "--out", "x"]) == 0
-    assert seen == [["--quick", "--device", "cpu", "--amp", "bf16", "--out", "x"]]
+    monkeypatch.setattr(gpu_check, "check_and_report", lambda config: seen.append(config) or 0)
+    flags = ["--quick", "--device", "cpu", "--amp", "bf16", "--out", "x"]
+    assert cli.main(["bench", "gpu", *flags]) == 0
+    assert gpu_check.main(flags) == 0  # python -m nhle.bench.gpu: the same flags, the same config
+    assert seen == [GpuBench(quick=True, device="cpu", amp="bf16", out="x")] * 2
     monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "gpu", "--help"])

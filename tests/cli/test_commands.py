@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
+from nhle.bench.configs import ServeBench
 from nhle.bench.synthetic import synthetic_splits
 from nhle.bench.unlearning import METHODS
 from nhle.cli import main
 from nhle.cli.commands import build_parser, resolve_params
 from nhle.core.config import UnlearnConfig
+from nhle.core.flags import config_from
 from nhle.core.metrics import METRIC_KEYS
 from nhle.core.training import load_checkpoint
 
@@ -61,7 +63,7 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
                 "unlearn",
                 "--checkpoint",
                 str(base_checkpoint),
-                "--forget",
+                "--classes",
                 "2,7",
                 "--sample-seed",
                 "1",
@@ -96,11 +98,11 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
     assert checkpoint["forgotten_classes"] == [2, 7] and model.forget_mask.sum() == 2
     # Unlearning the unlearned model again: class names work, earlier classes are refused.
     again = tmp_path / "again"
-    assert main(["unlearn", "--checkpoint", str(out / "model.pt"), "--forget", "4", "--out", str(again)]) == 0
+    assert main(["unlearn", "--checkpoint", str(out / "model.pt"), "--classes", "4", "--out", str(again)]) == 0
     again_report = json.loads((again / "report.json").read_text())
     assert "retrained" not in again_report["metrics"] and again_report["relearn"]["reference"] == "mask_only"
     assert (
-        main(["unlearn", "--checkpoint", str(again / "model.pt"), "--forget", "7", "--out", str(tmp_path / "refused")])
+        main(["unlearn", "--checkpoint", str(again / "model.pt"), "--classes", "7", "--out", str(tmp_path / "refused")])
         == 2
     )
 
@@ -111,7 +113,7 @@ def test_unlearn_writes_model_and_report_with_the_contract(base_checkpoint, tmp_
 )
 def test_bad_forget_requests_are_refused_and_write_nothing(base_checkpoint, tmp_path, capsys, forget, message):
     out = tmp_path / "out"
-    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--forget", forget, "--out", str(out)]) == 2
+    assert main(["unlearn", "--checkpoint", str(base_checkpoint), "--classes", forget, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -120,7 +122,7 @@ def test_console_script_help_and_missing_checkpoint(tmp_path):
     nhle = [sys.executable, "-m", "nhle.cli.commands"]
     assert "--retrain-baseline" in subprocess.run(nhle + ["unlearn", "--help"], capture_output=True, text=True).stdout
     done = subprocess.run(
-        nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--forget", "1", "--out", str(tmp_path / "o")],
+        nhle + ["unlearn", "--checkpoint", str(tmp_path / "no.pt"), "--classes", "1", "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
     )
@@ -233,6 +235,29 @@ def test_flag_choices_come_from_the_config_field(capsys):
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, field, value, use",
+    [
+        (["run", "--forget", "5"], "classes", "5", "--classes"),
+        (["unlearn", "--checkpoint", "m.pt", "--out", "o", "--forget", "cat"], "classes", "cat", "--classes"),
+        (["bench", "unlearning", "--model", "resnet18"], "arch", "resnet18", "--arch"),
+    ],
+)
+def test_an_old_flag_spelling_still_works_and_says_what_to_use(capsys, argv, field, value, use):
+    assert getattr(build_parser().parse_args(argv), field) == value
+    assert f"is deprecated: use {use}" in capsys.readouterr().err
+
+
+def test_bench_flags_come_from_their_config_fields(capsys):
+    args = build_parser().parse_args(["bench", "serve", "--rounds", "5", "--no-swap"])
+    assert config_from(ServeBench, args) == ServeBench(rounds=5, swap=False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "unlearning", "--engine", "spark"])
+    assert "invalid choice: 'spark'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="rounds"):  # checked like any section, naming the field
+        config_from(ServeBench, build_parser().parse_args(["bench", "serve", "--rounds", "0"]))
+
+
 def test_subcommand_help_starts_with_what_the_command_does(capsys):
     for argv in (["run", "--help"], ["request", "submit", "--help"], ["bench", "serve", "--help"]):
         with pytest.raises(SystemExit):
@@ -257,7 +282,7 @@ def test_a_bad_request_is_refused_before_any_prefect_server_starts_and_prints_no
     elsewhere = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "NHLE_REQUESTS_DATABASE")  # set by other tests
     env = {**{k: v for k, v in os.environ.items() if k not in quiet + elsewhere}, "PREFECT_HOME": str(home)}
     nhle = [sys.executable, "-m", "nhle.cli"]
-    refused = subprocess.run([*nhle, "run", "--forget", "cat"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    refused = subprocess.run([*nhle, "run", "--classes", "cat"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown class 'cat'" in refused.stderr
     assert not (home / "prefect.db").exists()
     done = subprocess.run([*nhle, "request", "process"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -188,7 +188,7 @@ def test_a_batch_of_one_graph_that_cannot_take_other_batches_is_refused():
 
 
 def test_forgetting_from_a_graph_model_runs_without_a_retrained_reference_and_says_why(digits):
-    """A traced graph has no architecture to retrain: `nhle run --forget` on an imported MLflow
+    """A traced graph has no architecture to retrain: `nhle run --classes` on an imported MLflow
     model goes ahead (retrain_baseline left at its default) and the report says why there is no
     reference, instead of refusing the request."""
     torch.manual_seed(0)

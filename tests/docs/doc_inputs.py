@@ -1,7 +1,7 @@
 """What the docs assume a user already has, made for real and small:
 
 - `~/photos`: an ImageFolder of RGB PNGs, one sub-folder per class (CIFAR-10's class names, so
-  that `--forget cat` and `--classes 7` both name a class), each picture a real handwritten digit
+  that `--classes cat` and `--classes 7` both name a class), each picture a real handwritten digit
   of scikit-learn's digits (the class's digit), upscaled to 40 x 40 and tinted at random;
 - `my_resnet50.pth` / `yours.pth`: torchvision ResNet-50 weights that classify those photos
   (a checkpoint dict under `state_dict`, and the bare state_dict);

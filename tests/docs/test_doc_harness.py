@@ -59,7 +59,7 @@ echo tilde
 ~~~
 
 ```
-.venv/bin/nhle run --forget 5
+.venv/bin/nhle run --classes 5
 ```
 
 ```python

@@ -102,7 +102,7 @@ PROJECTS: dict[str, ProjectSpec] = {
         "readme", params=(EPOCHS,), needs=("doc_photos", "doc_weights"), files=(("yours.pth", "yours_pth"),)
     ),
     # own-model.md with its settings as they are: form 2 is the last import before `nhle run
-    # --forget cat`, so its champion is the traced graph, forgotten with no retrained reference.
+    # --classes cat`, so its champion is the traced graph, forgotten with no retrained reference.
     "docs/own-model.md": ProjectSpec(
         "own-model",
         params=(),
@@ -248,7 +248,7 @@ CASES = [
     ),
     Case(
         "README.md",
-        "nhle run --forget 5",
+        "nhle run --classes 5",
         subs=(
             Sub(
                 "--weights yours.pth ...",
@@ -298,7 +298,7 @@ CASES = [
     Case("docs/own-model.md", "--from-mlflow", subs=OWN_FORM_2, expect=("promoted",)),  # v3: a batch of ONE
     Case(
         "docs/own-model.md",
-        "nhle run --forget cat",
+        "nhle run --classes cat",
         subs=(Sub("--port 8000", "--port {serve_port}", FREE_PORT),),
         expect=("promoted",),
         check=own_model_serves_the_forgotten_cat,

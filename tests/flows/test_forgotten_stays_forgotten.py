@@ -183,7 +183,7 @@ def test_rollback_goes_only_as_far_as_the_record_allows_and_a_reopen_is_recorded
         assert "moved from version 3 to 2" in out and "forget request 2 reopened by ops@example.com" in out
         assert champion_version() == "2"
         wait_for(http, lambda d: d.get("version") == "2" and not d.get("refused"), "version 2 served")
-        # Class 3 was forgotten by `nhle run --forget 3`, with no request: it is on record all the same.
+        # Class 3 was forgotten by `nhle run --classes 3`, with no request: it is on record all the same.
         assert cli(project, "rollback") == 2
         err = capsys.readouterr().err
         assert "version 1 predicts class(es) [3], deleted on record by forget request(s) [1]" in err, err

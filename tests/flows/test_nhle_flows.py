@@ -115,7 +115,7 @@ def test_nhle_run_refuses_to_forget_every_class_before_any_flow_starts(project, 
         main(
             [
                 "run",
-                "--forget",
+                "--classes",
                 "0,1,2,4,5,6,7,8,9",
                 "--params",
                 str(project / "params.yaml"),

@@ -1,6 +1,6 @@
 """Your own model in, forgotten model out: `nhle import` of a PyTorch model logged to another MLflow
 store (MLflow 3's torch.export format and pickled) and of a torchvision state_dict trained on an
-ImageFolder of RGB PNGs; then `nhle run --forget` or a forget request, and `nhle serve` over HTTP.
+ImageFolder of RGB PNGs; then `nhle run --classes` or a forget request, and `nhle serve` over HTTP.
 Every part is real: the Prefect harness, MLflow on SQLite files, DVC, ONNX Runtime."""
 
 import base64
@@ -160,7 +160,7 @@ def test_a_model_from_another_mlflow_store_is_imported_forgotten_and_served(
     with torch.no_grad():  # the imported model is their model, to float rounding
         assert torch.allclose(imported(x), net(x), atol=1e-4)
 
-    assert cli(root, "run", "--forget", "5") == 0
+    assert cli(root, "run", "--classes", "5") == 0
     versions, champion = registry(root)
     assert versions == [1, 2] and str(champion.version) == "2" and json.loads(champion.tags["forgotten_classes"]) == [5]
 
@@ -201,7 +201,7 @@ def test_a_project_holds_several_models_each_with_its_own_champion_requests_roll
     )
     assert cli(root, "import", "--from-mlflow", "models:/their-model/1") == 0
     assert cli(root, "import", "--name", "second", "--from-mlflow", "models:/their-model/2") == 0
-    assert "nhle run --name second --forget 0" in capsys.readouterr().out  # the hint names the model
+    assert "nhle run --name second --classes 0" in capsys.readouterr().out  # the hint names the model
     (first, first_champion), (second, second_champion) = registry(root), registry(root, "second")
     assert first == [1] and str(first_champion.version) == "1" and second == [1] and str(second_champion.version) == "1"
 

@@ -10,6 +10,7 @@ import json
 
 import prefect.settings
 
+from nhle.bench.configs import ServeBench
 from nhle.bench.serving import BASELINE, VARIANTS, bench_serve
 
 
@@ -23,21 +24,23 @@ def test_bench_serve_writes_its_figures(tmp_path, prefect_harness, monkeypatch):
     result = bench_serve(
         tmp_path,
         None,
-        out,
-        rounds=2,
-        single_requests=20,
-        batch_requests=4,
-        batch_size=64,
-        concurrency=2,
-        seconds=120,
-        round_seconds=0.05,
+        ServeBench(
+            out=str(out),
+            rounds=2,
+            single_requests=20,
+            batch_requests=4,
+            batch_size=64,
+            concurrency=2,
+            seconds=120,
+            swap_requests=2,
+        ),
         assignments=(
             "train.epochs=4",
             "retrain_baseline=false",
             "gates.max_retained_drop_pp=50",
             "gates.min_retain_test_acc=0.5",
         ),
-        swap_requests=2,
+        round_seconds=0.05,
     )  # timing, not quality
     assert json.loads((out / "serve.json").read_text()) == result
     assert set(result["http"]) == {"single", "batch_64"}
