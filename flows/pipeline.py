@@ -23,13 +23,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import mlflow
+import prefect.artifacts
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from nhle.adapters.tracking import configure, version_page
 from nhle.core.config import Params, load_params, params_as_dict, params_from_dict
 from nhle.orchestration import pipeline, requests, steps
+from nhle.orchestration.steps import FlowResult
 
 # Models and tensors pass between tasks in memory: nothing to hash, nothing to cache.
 step = task(cache_policy=NO_CACHE)
@@ -117,36 +118,36 @@ def mlflow_ui_links(tracking_uri: str, default_ui: str, environ=None) -> tuple[s
     return base, f" (links: {base}, {source}; open it with `{command}`)"
 
 
-def publish_artifacts(params: Params, result: dict) -> None:
+def publish_artifacts(params: Params, result: FlowResult) -> None:
     """The outcome where a Prefect user looks (the flow run's Artifacts): the version's own
     description from MLflow (what it forgot, gates, where the evidence is) and the gates as a table."""
-    name, version = params.registry.model_name, result["version"]
+    name, version = params.registry.model_name, result.version
     key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-version-{version}".lower())
     description, default_ui = version_page(name, version)
-    verdict = "promoted" if result["promoted"] else "not promoted"
+    verdict = "promoted" if result.promoted else "not promoted"
     ui, where = mlflow_ui_links(mlflow.get_tracking_uri(), default_ui)  # the resolved (absolute) store URI
     description = description.replace("](#/", f"]({ui}/#/")  # the description's links are relative to the UI
-    create_markdown_artifact(
+    prefect.artifacts.create_markdown_artifact(
         key=key,
         markdown=f"# {name} version {version}: {verdict}\n\n[MLflow version page]"
         f"({ui}/#/models/{name}/versions/{version}){where}\n\n{description}",
-        description=f"{name} version {version}: {verdict} ({result['reason']})",
+        description=f"{name} version {version}: {verdict} ({result.reason})",
     )
-    create_table_artifact(
+    prefect.artifacts.create_table_artifact(
         key=f"{key}-gates",
-        table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")} for g in result["gates"]],
+        table=[{k: g[k] for k in ("name", "value", "rule", "bound", "passed")} for g in result.gates],
         description=f"gates of {name} version {version}",
     )
-    if len(result.get("attempts", [])) > 1:  # a forget that fell back: why each recipe before it was dropped
-        create_table_artifact(
+    if len(result.attempts or []) > 1:  # a forget that fell back: why each recipe before it was dropped
+        prefect.artifacts.create_table_artifact(
             key=f"{key}-attempts",
-            table=[{k: a[k] for k in ("attempt", "recipe", "outcome", "reason", "run_id")} for a in result["attempts"]],
+            table=[{k: a[k] for k in ("attempt", "recipe", "outcome", "reason", "run_id")} for a in result.attempts],
             description=f"unlearning attempts behind {name} version {version}",
         )
 
 
 @flow(name="train-base", flow_run_name="train-base")
-def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
+def train_base(params: dict | None = None, project_dir: str = ".") -> FlowResult:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
     resolved, root = resolve(params, project_dir)
     result = pipeline.train_base(resolved, root, as_task, get_run_logger())
@@ -155,7 +156,7 @@ def train_base(params: dict | None = None, project_dir: str = ".") -> dict:
 
 
 @flow(name="import", flow_run_name="import")
-def import_model(params: dict | None = None, project_dir: str = ".") -> dict:
+def import_model(params: dict | None = None, project_dir: str = ".") -> FlowResult:
     """Register your model (params.yaml's model section: from_mlflow, else arch + weights) as a
     base version of the registered model, champion if its gates hold, like a trained base model."""
     resolved, root = resolve(params, project_dir)
@@ -173,7 +174,7 @@ def forget(
     request_ids: list[int] | None = None,
     n_samples: int | None = None,
     encoding: str | None = None,
-) -> dict:
+) -> FlowResult:
     """Forget `classes` (indices or names, comma separated) from the current champion.
     `n_samples` and `encoding` are deprecated: set unlearn.n_samples and unlearn.encoding in
     `params` (or params.yaml) instead; given, they still override those settings."""
@@ -200,7 +201,7 @@ def complete_evidence(version: str, params: dict | None = None, project_dir: str
     return pipeline.complete_evidence(resolved, root, str(version), as_task, get_run_logger())
 
 
-def forget_subflow(params: Params, root: Path, classes: str, **options) -> dict:
+def forget_subflow(params: Params, root: Path, classes: str, **options) -> FlowResult:
     """The request loop's forget: the `forget` flow, as a subflow of the loop's flow run."""
     return forget(classes=classes, params=params_as_dict(params), project_dir=str(root), **options)
 

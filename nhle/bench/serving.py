@@ -81,8 +81,8 @@ def scratch_project(params, folder: Path) -> tuple[Path, object]:
     params = load_params(folder / "params.yaml")
     configure(params, folder)
     result = pipeline.train_base(params, folder)
-    if not result["promoted"]:
-        raise RuntimeError(f"the scratch project's base model was not promoted: {result['reason']}")
+    if not result.promoted:
+        raise RuntimeError(f"the scratch project's base model was not promoted: {result.reason}")
     return folder, params
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from nhle.core.gates import GateResult, advice
 
 if TYPE_CHECKING:  # torch is imported by the commands that run a model, not by building the CLI
     from nhle.core.models import MaskedClassifier
+    from nhle.orchestration.steps import FlowResult
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +94,49 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
                 timed(flows["forget"], classes=forget_spec, params=params_as_dict(params), project_dir=str(project_dir))
             )
     print_results(params, results, started, uri, "run")
-    return 0 if not results or results[-1]["promoted"] else 1
+    return 0 if not results or results[-1].promoted else 1
 
 
-def timed(flow, **parameters) -> dict:
+def timed(flow, **parameters) -> FlowResult:
     """A flow run's result with its wall-clock seconds as `flow_seconds`."""
     started = time.perf_counter()
-    result = flow(**parameters)
-    result["flow_seconds"] = time.perf_counter() - started
-    return result
+    return replace(flow(**parameters), flow_seconds=time.perf_counter() - started)
 
 
-def print_results(params: Params, results: list[dict], started: float, uri: str, command: str) -> None:
+def print_results(params: Params, results: list[FlowResult], started: float, uri: str, command: str) -> None:
     """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
     from nhle.adapters.tracking import aliases_of, name_flag  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
     from nhle.core.experiment import summary_lines  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
 
     name = params.registry.model_name
     for result in results:
-        if result.get("report"):
-            print("\n" + "\n".join(summary_lines(result["report"])))
+        if result.report:
+            print("\n" + "\n".join(summary_lines(result.report)))
         print(
-            f"\n{name} version {result['version']} ({result['summary']}): "
-            f"{'promoted' if result['promoted'] else 'not promoted'} - {result['reason']}"
+            f"\n{name} version {result.version} ({result.summary}): "
+            f"{'promoted' if result.promoted else 'not promoted'} - {result.reason}"
         )
-        for line in attempt_lines(result.get("attempts", [])):
+        for line in attempt_lines(result.attempts or []):
             print(f"  {line}")
-        gates = [GateResult(**gate) for gate in result["gates"]]
+        gates = [GateResult(**gate) for gate in result.gates]
         for gate in gates:
             print(f"  {gate.describe()}")
         for line in advice(gates):
             print(f"  what to try - {line}")
-        print(f"  aliases now: {aliases_of(name, result['version']) or 'none'}")
-        for told in result.get("notified", []):
+        print(f"  aliases now: {aliases_of(name, result.version) or 'none'}")
+        for told in result.notified:
             print(
                 f"  server {told['url']}: {told['outcome']}, serving version {told.get('serving_version')} "
                 f"{told['seconds']:.2f} s after the alias moved" + (f" ({told['error']})" if "error" in told else "")
             )
-        compute = result["compute_seconds"]
+        compute = result.compute_seconds
         print(
-            f"  flow {result['flow_seconds']:.1f} s, of which "
+            f"  flow {result.flow_seconds:.1f} s, of which "
             + ", ".join(f"{k} {v:.1f} s" for k, v in compute.items())
-            + f"; evaluation, export, tracking and orchestration {result['flow_seconds'] - sum(compute.values()):.1f} s"
+            + f"; evaluation, export, tracking and orchestration {result.flow_seconds - sum(compute.values()):.1f} s"
         )
-        if result.get("step_seconds"):
-            print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result["step_seconds"]))
+        if result.step_seconds:
+            print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result.step_seconds))
     print(
         f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
         f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)"
@@ -178,13 +178,13 @@ def import_command(params: Params, project_dir: Path, started: float | None = No
         ready()
         result = timed(flow, params=params_as_dict(params), project_dir=str(project_dir))
     print_results(params, [result], started, uri, "import")
-    if result["promoted"]:
+    if result.promoted:
         flag = name_flag(params.registry.model_name)
         print(
-            f"Forget:      .venv/bin/nhle run{flag} --classes {result['class_names'][0]}   (or `nhle request submit"
-            f"{flag} --classes ...`; its classes: {', '.join(result['class_names'])})"
+            f"Forget:      .venv/bin/nhle run{flag} --classes {result.class_names[0]}   (or `nhle request submit"
+            f"{flag} --classes ...`; its classes: {', '.join(result.class_names)})"
         )
-    return 0 if result["promoted"] else 1
+    return 0 if result.promoted else 1
 
 
 def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nhle.adapters.tracking import finish_run, log_run_files, start_run
@@ -29,6 +30,7 @@ from nhle.core.config import Params
 from nhle.core.experiment import validate_forget
 from nhle.core.files import STEP_SECONDS
 from nhle.orchestration import steps
+from nhle.orchestration.steps import FlowResult
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def publish(
     engine=call,
     logger=log,
     checked: tuple | None = None,
-) -> dict:
+) -> FlowResult:
     """export -> parity -> log + register -> gates -> promote.
     `checked`: (onnx path, parity, gates) of a candidate already exported and judged (a forget's
     attempt), which is then registered and settled without doing those again."""
@@ -82,8 +84,8 @@ def publish(
         result = engine(steps.finish_version, params, root, run_id, version, gates, candidate.parent_version)
     finally:  # everything in it is in MLflow, or the step failed and the flow run says why
         steps.discard_work_dir(candidate)
-    logger.info("version %s: %s (%s)", version, "promoted" if result["promoted"] else "not promoted", result["reason"])
-    for told in result["notified"]:
+    logger.info("version %s: %s (%s)", version, "promoted" if result.promoted else "not promoted", result.reason)
+    for told in result.notified:
         logger.info(
             "server %s told: %s, serving version %s %.2f s after the alias moved%s",
             told["url"],
@@ -95,7 +97,7 @@ def publish(
     return result
 
 
-def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -> dict:
+def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -> FlowResult:
     """body(run_id) inside a new MLflow run; the run ends FINISHED, or FAILED when body raises,
     with the clock's step times logged."""
     run_id = start_run(params, run_name, tags)
@@ -109,7 +111,7 @@ def tracked(params: Params, run_name: str, tags: dict, body, clock: StepClock) -
         except Exception as err:  # the breakdown is a measurement: never what fails a flow
             log.warning("step times not logged: %s", err)
         finish_run(run_id, status)
-    return {**result, "step_seconds": clock.seconds}
+    return replace(result, step_seconds=clock.seconds)
 
 
 def settle_earlier_runs(params: Params, root: Path, engine=call, logger=log) -> None:
@@ -144,7 +146,7 @@ def complete_evidence(params: Params, root: Path, version: str, engine=call, log
     return {"report": report, "step_seconds": engine.seconds}
 
 
-def train_base(params: Params, root: Path, engine=call, logger=log) -> dict:
+def train_base(params: Params, root: Path, engine=call, logger=log) -> FlowResult:
     """Train a base model on the configured data and register it (champion if its gates hold)."""
     engine = StepClock(engine)
     settle_earlier_runs(params, root, engine, logger)
@@ -155,17 +157,17 @@ def train_base(params: Params, root: Path, engine=call, logger=log) -> dict:
     def body(run_id):
         candidate = engine(steps.train_candidate, params, data)
         result = publish(params, root, run_id, candidate, data_version, engine=engine, logger=logger)
-        return {
-            **result,
-            "summary": f"base {params.model.arch} on {data.name}",
-            "data_version": data_version.md5,
-            "compute_seconds": {"train": candidate.checkpoint_meta["metrics"]["train_seconds"]},
-        }
+        return replace(
+            result,
+            summary=f"base {params.model.arch} on {data.name}",
+            data_version=data_version.md5,
+            compute_seconds={"train": candidate.checkpoint_meta["metrics"]["train_seconds"]},
+        )
 
     return tracked(params, f"train-base-{params.data.dataset}", {"nhle.flow": "train_base"}, body, engine)
 
 
-def import_model(params: Params, root: Path, engine=call, logger=log) -> dict:
+def import_model(params: Params, root: Path, engine=call, logger=log) -> FlowResult:
     """Register your model (params.model: from_mlflow, else arch + weights) as a base version,
     champion if its gates hold, like a trained base model."""
     engine = StepClock(engine)
@@ -179,13 +181,13 @@ def import_model(params: Params, root: Path, engine=call, logger=log) -> dict:
 
     def body(run_id):
         result = publish(params, root, run_id, candidate, data_version, {"nhle.source": source["kind"]}, engine, logger)
-        return {
-            **result,
-            "summary": f"imported {what} on {data.name}",
-            "data_version": data_version.md5,
-            "class_names": data.class_names,
-            "compute_seconds": {"import": candidate.checkpoint_meta["metrics"]["import_seconds"]},
-        }
+        return replace(
+            result,
+            summary=f"imported {what} on {data.name}",
+            data_version=data_version.md5,
+            class_names=data.class_names,
+            compute_seconds={"import": candidate.checkpoint_meta["metrics"]["import_seconds"]},
+        )
 
     return tracked(
         params,
@@ -204,7 +206,7 @@ def forget(
     request_ids: list[int] | None = None,
     engine=call,
     logger=log,
-) -> dict:
+) -> FlowResult:
     """Forget `classes` (indices or names, comma separated: parsed and checked here, once) from
     the current champion, as `params` say (its unlearn section: --set unlearn.n_samples=16, ...).
     `batch` and `request_ids` (set by the request loop) tag the MLflow run and the model version,
@@ -236,24 +238,24 @@ def forget(
             logger,
             checked,
         )
-        attempts[-1].update(version=result["version"], promoted=result["promoted"], promotion_reason=result["reason"])
+        attempts[-1].update(version=result.version, promoted=result.promoted, promotion_reason=result.reason)
         engine(steps.record_attempts, run_id, attempts)
         # After the promotion and the servers' notification: what no gate reads.
         started = len(engine.seconds)
-        evidence = engine(complete_evidence, tried, root, result["version"], engine_of(engine), logger)
+        evidence = engine(complete_evidence, tried, root, result.version, engine_of(engine), logger)
         engine.seconds[started:started] = [[f"complete_evidence.{step}", s] for step, s in evidence["step_seconds"]]
         report = evidence["report"] or candidate.report
         names = report["forget_class_names"]
-        return {
-            **result,
-            "summary": f"forgot {names} from version {parent_version}"
+        return replace(
+            result,
+            summary=f"forgot {names} from version {parent_version}"
             + (f" (recipe {attempts[-1]['recipe']}, attempt {len(attempts)})" if len(attempts) > 1 else ""),
-            "forgotten": names,
-            "data_version": data_version.md5,
-            "report": report,
-            "compute_seconds": report["seconds"],
-            "attempts": attempts,
-        }
+            forgotten=names,
+            data_version=data_version.md5,
+            report=report,
+            compute_seconds=report["seconds"],
+            attempts=attempts,
+        )
 
     return tracked(
         params,

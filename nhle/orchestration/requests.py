@@ -253,8 +253,8 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
     def forget_recording_attempts(*args, **options):
         started = len(engine.seconds)
         result = forget(*args, **options)
-        attempts.extend(result.get("attempts", []))
-        engine.seconds[started:started] = [[f"forget.{step}", s] for step, s in result.get("step_seconds", [])]
+        attempts.extend(result.attempts or [])
+        engine.seconds[started:started] = [[f"forget.{step}", s] for step, s in result.step_seconds]
         return result
 
     ledger = open_ledger(params, root)
@@ -269,7 +269,7 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
                 result = engine(recover_batch, params, root, batch)
                 if result is not None:
                     # before the audit reports read it
-                    engine(complete_evidence, params, root, result["version"], engine_of(engine), logger)
+                    engine(complete_evidence, params, root, result.version, engine_of(engine), logger)
                     group = [r for r in held(ledger, owner, claimed) if r.batch == batch]
                     engine(
                         close_requests,
@@ -277,10 +277,10 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
                         owner,
                         params,
                         group,
-                        result["version"],
+                        result.version,
                         f"version registered by an earlier run of batch {batch} that stopped",
                     )
-                    versions.append(result["version"])
+                    versions.append(result.version)
             versions += process_fresh(
                 ledger, owner, params, root, held(ledger, owner, claimed), engine, forget_recording_attempts
             )
@@ -327,8 +327,8 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     for request in todo:
         ledger.record(request.id, owner, batch=owner, model_version_before=str(version.version))
     result = forget(params, root, classes, batch=owner, request_ids=[r.id for r in todo])
-    engine(close_requests, ledger, owner, params, held(ledger, owner, todo), result["version"])
-    return [result["version"]]
+    engine(close_requests, ledger, owner, params, held(ledger, owner, todo), result.version)
+    return [result.version]
 
 
 def read_report(uri: str) -> str:

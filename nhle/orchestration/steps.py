@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,39 @@ from nhle.core.plots import write_evidence_plots
 from nhle.core.training import load_checkpoint, resolve_device, save_checkpoint
 from nhle.core.unlearning import apply_class_weight_mask
 from nhle.core.unlearning.anchors import SyntheticInputs
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """What the train-base, import and forget flows return: the version registered, whether it
+    was promoted and why, its gates and the servers told (promote), then what the flow did
+    (nhle.orchestration.pipeline) and, from the CLI, how long it took."""
+
+    version: str
+    promoted: bool
+    reason: str
+    run_id: str
+    gates: list[dict] = field(default_factory=list)
+    """GateResult.as_dict() of every gate judged."""
+    notified: list[dict] = field(default_factory=list)
+    """Each server of serving.notify told of the promotion: url, outcome, seconds, serving_version."""
+    summary: str = ""
+    data_version: str | None = None
+    """md5 of the DVC version of the data the flow read."""
+    class_names: list[str] | None = None
+    """An import's: the classes of the imported model."""
+    forgotten: list[str] | None = None
+    """A forget's: the names of the classes it forgot."""
+    report: dict | None = None
+    """A forget's report.json (nhle.core.experiment.forget_and_measure)."""
+    attempts: list[dict] | None = None
+    """A forget's recipes tried (attempts.json)."""
+    compute_seconds: dict[str, float] = field(default_factory=dict)
+    """Training, import or unlearning seconds, the part of the flow that is the method's."""
+    step_seconds: list = field(default_factory=list)
+    """[step, seconds] of every step, in order (nhle.orchestration.pipeline.StepClock)."""
+    flow_seconds: float | None = None
+    """The whole flow as the CLI timed it."""
 
 
 @dataclass
@@ -529,7 +562,7 @@ def record_attempts(run_id: str, attempts: list[dict]) -> None:
 
 def finish_version(
     params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult], parent_version: str | None
-) -> dict:
+) -> FlowResult:
     """The end of every flow's critical path: the gates plus one on the classes deleted on record
     (the ledger), then promote. The alias moves last, so a failure anywhere before leaves
     `champion` alone. The forgotten classes' samples are deleted from the dataset after it, with
@@ -542,16 +575,16 @@ def finish_version(
     return promote(params, project_dir, run_id, version, gates, parent_version)
 
 
-def resume_version(params: Params, project_dir: Path, version) -> dict:
+def resume_version(params: Params, project_dir: Path, version) -> FlowResult:
     """Finish a registered version whose flow died before settling it (a crashed forget-request
     run): judge it from its logged report and parity and promote, without
     unlearning or registering anything again. A version already settled is left as it is."""
     name, number = params.registry.model_name, str(version.version)
     champion = champion_version(params)
     if champion is not None and str(champion.version) == number:
-        result = {"promoted": True, "reason": "promoted by the run that registered it"}
+        result = FlowResult(number, True, "promoted by the run that registered it", version.run_id)
     elif version.tags.get("promoted") == "false":
-        result = {"promoted": False, "reason": version.tags.get("rejection_reason", "")}
+        result = FlowResult(number, False, version.tags.get("rejection_reason", ""), version.run_id)
     else:
         report, parity = run_json(version.run_id, REPORT), run_json(version.run_id, PARITY)
         if report is None or parity is None:
@@ -564,7 +597,7 @@ def resume_version(params: Params, project_dir: Path, version) -> dict:
             params, project_dir, version.run_id, number, gates, version.tags.get("parent_version") or None
         )
     finish_run(version.run_id, "FINISHED")
-    return {**result, "version": number, "run_id": version.run_id}
+    return result
 
 
 def deleted_on_record(params: Params, project_dir: Path) -> tuple[dict[int, list[int]], str]:
@@ -608,7 +641,7 @@ def signing_key(params: Params, project_dir: Path) -> Path:
 
 def promote(
     params: Params, project_dir: Path, run_id: str, version: str, gates: list[GateResult], parent_version: str | None
-) -> dict:
+) -> FlowResult:
     """nhle.core.gates.promotion_decision on the registry's champion; MLflow carries it out. The
     classes a promoted version forgets go on record (ledger and registered model) before the
     alias moves, so no later rollback, fallback or hand move can bring them back unrecorded."""
@@ -634,14 +667,7 @@ def promote(
     describe_version(params.registry.model_name, str(version))
     notified = notify_servers(params.serving.notify, str(version)) if promoted else []
     log_outcome(run_id, gates, promoted, reason, version, notified)
-    return {
-        "version": str(version),
-        "promoted": promoted,
-        "reason": reason,
-        "run_id": run_id,
-        "gates": [g.as_dict() for g in gates],
-        "notified": notified,
-    }
+    return FlowResult(str(version), promoted, reason, run_id, [g.as_dict() for g in gates], notified)
 
 
 WORK_DIR = re.compile(r"^nhle-(?:train|import|forget|evidence)-(?P<pid>\d+)-")

@@ -283,9 +283,9 @@ def test_a_retrain_after_requests_cannot_relearn_the_deleted_classes(project):
     assert len(forgotten) >= 5
     train_base = load_flow_from_entrypoint("nhle_flows.pipeline:train_base")
     result = train_base(project_dir=str(project))
-    assert result["promoted"] is True and result["data_version"] == before.tags["data_after.md5"]
+    assert result.promoted is True and result.data_version == before.tags["data_after.md5"]
     _, champion = registry_state(project)
-    assert str(champion.version) == result["version"] and champion.tags["parent_version"] == ""
+    assert str(champion.version) == result.version and champion.tags["parent_version"] == ""
     assert json.loads(champion.tags["forgotten_classes"]) == forgotten
     assert not np.isin(champion_predictions(champion), forgotten).any()
 

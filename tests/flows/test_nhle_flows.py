@@ -86,14 +86,14 @@ def test_model_traces_to_the_exact_data_bytes(project):
 def test_failed_gate_registers_but_never_moves_the_champion(project):
     params = {**PARAMS, "export": {"parity_tolerance": 1e-15}}  # below fp32 rounding: no export meets it
     result = flow("forget")(classes="5", params=params, project_dir=str(project))
-    assert result["promoted"] is False and "parity" in result["reason"]
+    assert result.promoted is False and "parity" in result.reason
     # every recipe fails parity: the fallback ran as Prefect tasks too, and only its candidate was registered
-    assert [(a["recipe"], a["passed"]) for a in result["attempts"]] == [
+    assert [(a["recipe"], a["passed"]) for a in result.attempts] == [
         ("configured", False),
         ("nhle_synthetic_anchor", False),
         ("nhle_conservative", False),
     ]
-    rejected = client().get_model_version(NAME, result["version"])
+    rejected = client().get_model_version(NAME, result.version)
     assert rejected.tags["promoted"] == "false" and "parity_max_abs_prob_diff" in rejected.tags["rejection_reason"]
     assert rejected.tags["nhle.recipe"] == "nhle_conservative"
     assert not rejected.aliases
@@ -135,9 +135,9 @@ def test_sequential_forgetting_then_rollback(project, caplog):
     # n_samples as a flow parameter is deprecated (unlearn.n_samples in params says it) and still honoured
     result = flow("forget")(classes="5", params=PARAMS, project_dir=str(project), n_samples=16)
     assert "parameter(s) are deprecated: set unlearn.n_samples in params instead" in caplog.text
-    assert result["promoted"] is True
+    assert result.promoted is True
     new = champion()
-    assert str(new.version) == str(result["version"]) and json.loads(new.tags["forgotten_classes"]) == [3, 5]
+    assert str(new.version) == str(result.version) and json.loads(new.tags["forgotten_classes"]) == [3, 5]
     report = json.loads(Path(client().download_artifacts(new.run_id, "report.json")).read_text())
     assert report["n_forget_samples"] == 16 and report["previously_forgotten"] == [3]
     cli = ["rollback", "--params", str(project / "params.yaml"), "--project-dir", str(project)]

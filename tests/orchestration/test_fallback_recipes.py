@@ -53,7 +53,7 @@ def project(tmp_path_factory, mlflow_template):
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     params = params_of()
     configure(params, root)
-    assert pipeline.train_base(params, root)["promoted"]
+    assert pipeline.train_base(params, root).promoted
     return root
 
 
@@ -111,9 +111,9 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     processed = requests.process_requests(params, root, pipeline.call, forget, logging.getLogger("test"))
 
     [result] = results
-    assert result["promoted"] is True and champion() == result["version"] != parent
-    assert versions() == before + [int(result["version"])]  # only the fallback's candidate was registered
-    attempts = result["attempts"]
+    assert result.promoted is True and champion() == result.version != parent
+    assert versions() == before + [int(result.version)]  # only the fallback's candidate was registered
+    attempts = result.attempts
     assert [(a["attempt"], a["recipe"], a["passed"], a["outcome"]) for a in attempts] == [
         (1, "configured", False, "not registered: the next recipe was tried"),
         (2, "nhle_conservative", True, "registered"),
@@ -122,10 +122,10 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert failed["unmasked_forget_test_acc"]["value"] > failed["unmasked_forget_test_acc"]["bound"] == 0.05
     assert "unmasked_forget_test_acc" in attempts[0]["reason"] and attempts[0]["overrides"] == {}
     assert attempts[1]["overrides"] == RECIPES["nhle_conservative"]
-    assert attempts[1]["version"] == result["version"] and attempts[1]["promoted"] is True
+    assert attempts[1]["version"] == result.version and attempts[1]["promoted"] is True
     assert processed["attempts"] == attempts
 
-    version = MlflowClient().get_model_version(NAME, result["version"])
+    version = MlflowClient().get_model_version(NAME, result.version)
     assert version.tags["nhle.recipe"] == "nhle_conservative" and version.tags["promoted"] == "true"
     assert "data_after.md5" in version.tags  # the deletion happened, for the published candidate
     flow_run = MlflowClient().get_run(version.run_id)
@@ -135,7 +135,7 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert [(a["recipe"], a["passed"], a["run_id"]) for a in on_record] == [
         (a["recipe"], a["passed"], a["run_id"]) for a in attempts
     ]
-    assert on_record[1]["version"] == result["version"]
+    assert on_record[1]["version"] == result.version
 
     children = attempt_runs(version.run_id)
     assert [c.info.run_id for c in children] == [a["run_id"] for a in attempts]
@@ -159,7 +159,7 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert run_json(children[0].info.run_id, "report.json")["unlearn_steps"] == 0
 
     done = open_ledger(params, root).get(submitted.id)
-    assert done.status == "done" and done.model_version_after == result["version"]
+    assert done.status == "done" and done.model_version_after == result.version
     audit = requests.read_report(done.report_uri)
     assert "## Unlearning attempts" in audit and "not registered: the next recipe was tried" in audit
     assert "unmasked_forget_test_acc" in audit and f"registered as version {result['version']}, promoted" in audit
@@ -172,13 +172,13 @@ def test_without_fallbacks_the_failing_candidate_is_registered_and_not_promoted(
     params = params_of(unlearn={**NO_FINE_TUNING, "fallbacks": []})
     before, parent = versions(), champion()
     result = pipeline.forget(params, root, "5")
-    assert result["promoted"] is False and "unmasked_forget_test_acc" in result["reason"]
-    assert versions() == before + [int(result["version"])] and champion() == parent
-    version = MlflowClient().get_model_version(NAME, result["version"])
+    assert result.promoted is False and "unmasked_forget_test_acc" in result.reason
+    assert versions() == before + [int(result.version)] and champion() == parent
+    version = MlflowClient().get_model_version(NAME, result.version)
     assert version.tags["promoted"] == "false" and "unmasked_forget_test_acc" in version.tags["rejection_reason"]
     assert version.tags["nhle.recipe"] == "configured" and not version.aliases
     assert "data_after.md5" not in version.tags
-    [attempt] = result["attempts"]
+    [attempt] = result.attempts
     assert attempt["recipe"] == "configured" and attempt["outcome"] == "registered" and not attempt["promoted"]
     assert len(attempt_runs(version.run_id)) == 1
 
@@ -188,15 +188,15 @@ def test_when_every_attempt_fails_the_last_is_registered_and_every_attempt_is_on
     params = params_of(export={"parity_tolerance": 1e-15})  # below fp32 rounding: no recipe's export meets it
     before, parent = versions(), champion()
     result = pipeline.forget(params, root, "5")
-    assert result["promoted"] is False and "parity_max_abs_prob_diff" in result["reason"]
-    assert versions() == before + [int(result["version"])] and champion() == parent
-    version = MlflowClient().get_model_version(NAME, result["version"])
+    assert result.promoted is False and "parity_max_abs_prob_diff" in result.reason
+    assert versions() == before + [int(result.version)] and champion() == parent
+    version = MlflowClient().get_model_version(NAME, result.version)
     assert version.tags["nhle.recipe"] == "nhle_conservative" and version.tags["promoted"] == "false"
     assert not version.aliases and "data_after.md5" not in version.tags
-    attempts = result["attempts"]
+    attempts = result.attempts
     assert [(a["recipe"], a["passed"]) for a in attempts] == [("configured", False), ("nhle_conservative", False)]
     assert all("parity_max_abs_prob_diff" in {g["name"] for g in a["failed_gates"]} for a in attempts)
-    assert "version" not in attempts[0] and attempts[1]["version"] == result["version"]
+    assert "version" not in attempts[0] and attempts[1]["version"] == result.version
     assert [a["recipe"] for a in run_json(version.run_id, "attempts.json")] == ["configured", "nhle_conservative"]
     children = attempt_runs(version.run_id)
     assert [c.data.tags["nhle.attempt.passed"] for c in children] == ["false", "false"]

@@ -32,7 +32,7 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
         return pipeline.forget(params, root, classes, engine=engine, **options)
 
     base = pipeline.train_base(params, tmp_path, engine)
-    assert base["promoted"] and ran[:6] == [
+    assert base.promoted and ran[:6] == [
         "clean_up_after_dead_runs",
         "versions_with_pending_evidence",
         "training_data",
@@ -41,12 +41,12 @@ def test_a_forget_request_is_processed_by_the_plain_functions_step_by_step(tmp_p
         "train_candidate",
     ]
     # the time breakdown: every step the engine ran, in order, with its seconds, also in the run
-    assert [step for step, _ in base["step_seconds"]] == ran
-    assert all(seconds >= 0 for _, seconds in base["step_seconds"])
+    assert [step for step, _ in base.step_seconds] == ran
+    assert all(seconds >= 0 for _, seconds in base.step_seconds)
 
-    run_id = MlflowClient().get_model_version(params.registry.model_name, base["version"]).run_id
+    run_id = MlflowClient().get_model_version(params.registry.model_name, base.version).run_id
 
-    assert run_json(run_id, "step_seconds.json")["steps"] == base["step_seconds"]
+    assert run_json(run_id, "step_seconds.json")["steps"] == base.step_seconds
     submitted = requests.submit(params, tmp_path, "3", "dpo@example.com", "withdrawn")
     result = requests.process_requests(params, tmp_path, engine, forget, logging.getLogger("test"))
     timed = [step for step, _ in result["step_seconds"]]
@@ -101,14 +101,14 @@ def test_the_synthetic_inputs_of_a_version_are_made_once_and_reused_by_its_later
     base = pipeline.train_base(params, tmp_path)
 
     first = pipeline.forget(params, tmp_path, "3")
-    run_id = MlflowClient().get_model_version(params.registry.model_name, base["version"]).run_id
+    run_id = MlflowClient().get_model_version(params.registry.model_name, base.version).run_id
     kept = [f.path for f in MlflowClient().list_artifacts(run_id, "checkpoint")]
     second = pipeline.forget(params, tmp_path, "5")
 
-    assert not first["promoted"] and not second["promoted"]
-    assert first["report"]["synthetic_inputs"] == "synthesised" and first["report"]["seconds"]["synthesis"] > 0
+    assert not first.promoted and not second.promoted
+    assert first.report["synthetic_inputs"] == "synthesised" and first.report["seconds"]["synthesis"] > 0
     assert "checkpoint/synthetic.pt" in kept  # beside version 1's checkpoint
-    assert second["report"]["synthetic_inputs"] == "reused" and second["report"]["seconds"]["synthesis"] == 0.0
+    assert second.report["synthetic_inputs"] == "reused" and second.report["seconds"]["synthesis"] == 0.0
 
 
 @pytest.mark.parametrize(
