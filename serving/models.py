@@ -28,6 +28,7 @@ import onnxruntime as ort
 from starlette.concurrency import run_in_threadpool
 
 from nhle.core.gates import deleted_but_predicted  # pure: nhle.core.config only, no torch
+from nhle.core.outputs import OUTPUT_NAME, as_probabilities, output_of  # numpy only
 from nhle_serving.batching import MicroBatcher
 from nhle_serving.settings import OPT_LEVELS, ApiError, Settings, now_iso
 from nhle_serving.sources import Pointer, gates_passed, make_source
@@ -83,19 +84,6 @@ def open_session(path: Path, settings: Settings, providers: list[str]) -> ort.In
     # Idle intra-op threads would spin between calls, taking the cores that parse the next requests.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    # A masked class has a -inf logit: exp(-inf - max) is exactly 0, as it should be.
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def as_probabilities(y: np.ndarray, output_name: str) -> np.ndarray:
-    """The graph's output as probabilities: nhle's graphs return them ("probabilities"); graphs
-    exported before return logits, which get the softmax here."""
-    return y if output_name == "probabilities" else softmax(y)
 
 
 @dataclass(frozen=True)
@@ -270,9 +258,7 @@ def load_model(
         shape = tuple(dims[1:])
     else:
         raise ValueError(f"the graph's input {dims} has symbolic image dimensions and no input_shape metadata")
-    # nhle's graphs return "probabilities"; those exported before that change, "logits".
-    names = [o.name for o in outputs]
-    output_name = next((n for n in ("probabilities", "logits") if n in names), names[0])
+    output_name = output_of([o.name for o in outputs])
 
     forgotten = set(_int_list(metadata.get("forgotten_classes", []), "forgotten_classes"))
     forgotten |= set(_int_list(metadata.get("signed_forgotten_classes", []), "the signed forgotten_classes"))
@@ -291,7 +277,7 @@ def load_model(
         raise ValueError(f"forgotten classes {sorted(forgotten)} are out of range 0..{n_classes - 1}")
     # -inf logits mark masked classes; a probability of 0 may also be a confident model's underflow.
     masked_in_graph = (
-        set() if output_name == "probabilities" else {int(k) for k in np.flatnonzero(np.isneginf(y).all(axis=0))}
+        set() if output_name == OUTPUT_NAME else {int(k) for k in np.flatnonzero(np.isneginf(y).all(axis=0))}
     )
     if masked_in_graph - forgotten:
         log.warning(

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nhle.core.outputs import OUTPUT_NAME
 from nhle_serving.models import LoadedModel
 from nhle_serving.payloads import check_count, parse_json, to_array
 from nhle_serving.settings import ApiError, Settings, bad
 
 HEADER = "inference-header-content-length"
 DATATYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
-OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
 
@@ -50,7 +50,7 @@ def model_metadata(model: LoadedModel) -> dict:
         "versions": [served_version(model)],
         "platform": PLATFORM,
         "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
-        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.class_names)]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(model.class_names)]}],
         "parameters": {
             "input_datatypes": list(DATATYPES),
             "input_scale": f"FP32 in [0, 1]; UINT8 / {model.uint8_divisor:g}",
@@ -207,10 +207,10 @@ def binary_output_wanted(payload: dict) -> bool:
     if outputs is None:
         return binary
     if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
-        raise bad("bad_outputs", f'outputs must list the one output {{"name": "{OUTPUT}"}}', 400)
+        raise bad("bad_outputs", f'outputs must list the one output {{"name": "{OUTPUT_NAME}"}}', 400)
     output = outputs[0]
-    if output.get("name") != OUTPUT or set(output) - {"name", "parameters"}:
-        raise bad("unknown_output", f"outputs[0] is {output!r}; the model's one output is {OUTPUT!r}", 400)
+    if output.get("name") != OUTPUT_NAME or set(output) - {"name", "parameters"}:
+        raise bad("unknown_output", f"outputs[0] is {output!r}; the model's one output is {OUTPUT_NAME!r}", 400)
     options = output.get("parameters") or {}
     if not isinstance(options, dict) or set(options) - {"binary_data"}:
         raise bad("bad_parameter", f"outputs[0].parameters may hold binary_data only, got {options!r}", 400)
@@ -246,7 +246,7 @@ def parse_infer(body: bytes, header_length: str | None, model: LoadedModel, sett
 
 def respond(request: InferRequest, p: np.ndarray, model: LoadedModel) -> tuple[bytes, dict]:
     """(response body, response headers) carrying the probabilities `p`."""
-    output = {"name": OUTPUT, "datatype": "FP32", "shape": list(p.shape)}
+    output = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(p.shape)}
     response = {"model_name": model.name, "model_version": served_version(model), "outputs": [output]}
     if request.request_id is not None:
         response["id"] = request.request_id
@@ -343,7 +343,7 @@ _REQUEST = {
                 "type": "object",
                 "required": ["name"],
                 "properties": {
-                    "name": {"type": "string", "enum": [OUTPUT]},
+                    "name": {"type": "string", "enum": [OUTPUT_NAME]},
                     "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
                 },
             },
@@ -362,7 +362,7 @@ _RESPONSE = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "name": {"type": "string", "enum": [OUTPUT]},
+                    "name": {"type": "string", "enum": [OUTPUT_NAME]},
                     "datatype": {"type": "string", "enum": ["FP32"]},
                     "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, classes]"},
                     "data": {

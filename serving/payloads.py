@@ -25,6 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
 
+from nhle.core.outputs import OUTPUT_NAME
 from nhle_serving.models import LoadedModel
 from nhle_serving.settings import ApiError, Settings, bad, error_body
 
@@ -419,7 +420,7 @@ def handle_invocations(body: bytes, model: LoadedModel, settings: Settings) -> d
         with pixel_budget(settings):
             x = dataframe_tensor(payload["dataframe_split"], model, settings)
     # The body `mlflow models serve` answers for nhle's graph (its named output "probabilities").
-    return {"predictions": {"probabilities": model.probabilities(x).tolist()}}
+    return {"predictions": {OUTPUT_NAME: model.probabilities(x).tolist()}}
 
 
 def handle_images(files: list[tuple[str, bytes]], top_k: int, model: LoadedModel, settings: Settings) -> dict:

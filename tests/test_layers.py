@@ -2,8 +2,8 @@
 
     nhle.core  <-  nhle.adapters  <-  nhle.orchestration  <-  nhle_flows  <-  nhle.cli
          ^                                 ^------ nhle.bench ------^
-         '---- nhle_serving (nhle.core.config, nhle.core.gates, the ledger, the record of deletions
-                            and the signatures only: no torch)
+         '---- nhle_serving (nhle.core.config, gates and outputs, the ledger, the record of
+                            deletions and the signatures only: no torch)
 
 Every import statement of every module is read (function-local ones too), so a late import
 cannot hide a wrong dependency."""
@@ -28,10 +28,11 @@ ALLOWED = {
     "nhle_flows": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle_flows"),
     "nhle.cli": ("nhle.core", "nhle.adapters", "nhle.orchestration", "nhle.bench", "nhle.cli", "nhle_flows"),
     # The server reads the classes deleted on record (the ledger and the registered model's record),
-    # verifies signatures, and uses nhle's pure config and gates.
+    # verifies signatures, and uses nhle's pure config, gates and the meaning of a graph's output.
     "nhle_serving": (
         "nhle.core.config",
         "nhle.core.gates",
+        "nhle.core.outputs",
         "nhle.adapters.ledger",
         "nhle.adapters.deletions",
         "nhle.adapters.signing",

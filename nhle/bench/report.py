@@ -3,8 +3,8 @@
     python -m nhle.bench.report docs/bench/issue14/final      # writes goal.md and forget_rank.png there
 
 Each sub-folder with a runs.jsonl is a setting (architecture, data, recipe). goal.md has one row
-per setting and method: issue 25's goal checked against the references of the same runs
-(nhle.bench.unlearning.goal_checks), beside the probe figure. forget_rank.png shows the knob
+per setting and method: the relearning goal (docs/benchmarks.md section 9) checked against the
+references of the same runs (nhle.bench.unlearning.goal_checks), beside the probe figure. forget_rank.png shows the knob
 `unlearn.forget_rank` (0 = the default, then every `forget_rank_<r>` ablation that was run):
 retained drop, the silhouette placed between the original model (0) and the retrained one (1),
 and the relearn share of both attackers (the retrained model = 1), so that every setting shares

@@ -49,9 +49,9 @@ FINE_TUNED_ROWS = {**SIXTH_DEFAULT, "rows_steps": 0, "forget_confusion": 0.0}
 FOURTH_DEFAULT = {**FINE_TUNED_ROWS, "forget_batch": 32, "anchor_batch": 0, "max_steps": 60}
 """The fourth default over the current one (60 steps of 32 forget samples and every anchor)."""
 THIRD_DEFAULT = {**FOURTH_DEFAULT, "saliency": 1.0}
-"""The third default over the current one (issue 25's grids: docs/bench/issue25/*_all_entries/)."""
+"""The third default over the current one (its grids: docs/bench/issue25/*_all_entries/)."""
 ABLATIONS = {
-    **RECIPES,  # the named recipes: the default until issue 25 and the fallback
+    **RECIPES,  # the named recipes: the default before the current one, and the fallback
     "mask_only": {
         "max_steps": 0,
         "synthetic_per_class": 0,
@@ -63,7 +63,7 @@ ABLATIONS = {
     "nhle_no_anchor": {"anchor_weight": 0.0},
     "nhle_head_only": {"layers": "head"},
     "nhle_backbone_only": {"layers": "backbone"},
-    # What issue 25 measured on the way to the default (docs/benchmarks.md section 9).
+    # What was measured on the way to the default (docs/benchmarks.md section 9).
     "nhle_no_feature_pull": {"feature_pull": 0.0},
     "nhle_no_shipped_term": {"shipped_weight": 0.0},
     **{f"nhle_dispersion_{w:g}": {"forget_dispersion": w} for w in (10.0, 100.0)},  # screen.md, tenth round
@@ -76,7 +76,7 @@ ABLATIONS = {
     "nhle_lr_1e-4": {"lr": 1e-4},
     "nhle_lr_2e-4": {"lr": 2e-4},
     "nhle_no_synthetic": {"synthetic_per_class": 0, "rows_steps": 0, "holdout_per_class": 0, "feature_pull": 0.0},
-    # The second default (issue 25's first): shipped term at weight 1 to p 1e-4, KL at temperature 1,
+    # The second default: shipped term at weight 1 to p 1e-4, KL at temperature 1,
     # full batch, 80 steps at 1.5e-4; and the single changes that made the third from it, over the third.
     "nhle_shipped_weight_1": {
         **FINE_TUNED_ROWS,
@@ -118,7 +118,7 @@ ABLATIONS = {
     "nhle_fine_tuned_rows": FINE_TUNED_ROWS,
     "nhle_no_forget_confusion": {**SIXTH_DEFAULT, "forget_confusion": 0.0},
     **{f"nhle_forget_confusion_{w:g}": {**SIXTH_DEFAULT, "forget_confusion": w} for w in (1.0, 3.0)},
-    # What issue 14 measured on the way to its default (section 7), over that recipe.
+    # What was measured on the way to the first default (docs/benchmarks.md section 7), over that recipe.
     "nhle_warmup_50": {"warmup_steps": 50},
     "nhle_anchor_t4": {**RECIPES["nhle_synthetic_anchor"], "anchor_temperature": 4.0},
     "nhle_saliency_0.3": {**RECIPES["nhle_synthetic_anchor"], "saliency": 0.3},
@@ -482,9 +482,9 @@ GOALS = (
     "worst drop <= 2 pp",
     "relearn share >= 0.8 mean and >= 0.5 every run, shipped and restored",
 )
-"""Issue 25's goal for one setting: the method's runs against the references of the same cases. The
-mean drop's reference is mask_only where the grid ran it on those cases (what deleting the rows alone
-costs), else retrain."""
+"""The relearning goal (docs/benchmarks.md section 9) for one setting: the method's runs against
+the references of the same cases. The mean drop's reference is mask_only where the grid ran it on
+those cases (what deleting the rows alone costs), else retrain."""
 
 
 def goal_checks(rows: list[dict], method: str) -> dict:
@@ -546,7 +546,7 @@ def drop_reference(rows: list[dict], cases: set) -> str:
 
 
 def goal_table(rows: list[dict]) -> tuple[str, dict]:
-    """Issue 25's goal, checked for every unlearning method of the grid (markdown, {method: checks})."""
+    """The relearning goal, checked for every unlearning method of the grid (markdown, {method: checks})."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain" and m not in BASELINES]
     checks = {m: goal_checks(rows, m) for m in methods}
     lines = [

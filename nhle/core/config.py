@@ -33,7 +33,8 @@ AMP_MODES = ("off", "bf16", "fp16")
 EXPORTERS = ("torchscript", "dynamo")
 OPTIMIZERS = ("adam", "sgd", "normalized")
 RECIPES = {
-    # The default until issue 25: synthetic anchor, early stop at mean p_F < 0.05, slow pace.
+    # The default before the relearn-resistant one (docs/benchmarks.md section 9): synthetic anchor,
+    # early stop at mean p_F < 0.05, slow pace.
     "nhle_synthetic_anchor": {
         "shipped_weight": 0.0,
         "anchor_weight": 100.0,

@@ -34,11 +34,11 @@ import torch
 
 from nhle.core.config import EXPORTERS
 from nhle.core.data import ImageSet, as_float
+from nhle.core.outputs import OUTPUT_NAME, as_probabilities, output_of
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
 
 
 class WithProbabilities(torch.nn.Module):
@@ -53,13 +53,9 @@ class WithProbabilities(torch.nn.Module):
 
 
 def onnx_probabilities(session: onnxruntime.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """Probabilities from a session on an nhle graph; graphs exported before the output became
-    probabilities return logits, which are put through a softmax here."""
-    out = session.get_outputs()[0]
-    y = session.run([out.name], {session.get_inputs()[0].name: x})[0]
-    if out.name == "logits":
-        return torch.softmax(torch.from_numpy(y), dim=1).numpy()
-    return y
+    """Probabilities from a session (nhle.core.outputs: what a graph's output means)."""
+    name = output_of([o.name for o in session.get_outputs()])
+    return as_probabilities(session.run([name], {session.get_inputs()[0].name: x})[0], name)
 
 
 class ParityError(ValueError):

@@ -1,4 +1,4 @@
-"""nhle bench unlearning's own logic: issue 25's goal check, the synthetic dataset, resuming."""
+"""nhle bench unlearning's own logic: the relearning goal's check, the synthetic dataset, resuming."""
 
 import json
 

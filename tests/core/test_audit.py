@@ -104,7 +104,7 @@ def test_the_audit_gives_the_relearn_shares_with_their_raw_steps():
     old = {**REPORT, "metrics": {"unlearned": {**before, "relearn_steps": 2}}}
     old.pop("relearn")
     text = audit_markdown(build_audit(REQUEST, "nhle-classifier", "3", TAGS, "run1", old, None, GATES))
-    assert "Relearn share" not in text and "| relearn_steps_shipped | - |" in text  # a report before issue 25
+    assert "Relearn share" not in text and "| relearn_steps_shipped | - |" in text  # an older report
 
 
 def test_done_request_without_a_report_still_renders():

@@ -171,7 +171,7 @@ def test_the_relearn_gate_is_off_at_bound_0_and_skipped_for_reports_without_the_
     off = evaluate_gates(with_relearn(6, 3), GOOD_PARITY, GateConfig(min_relearn_gain=0.0))
     assert all_passed(off) and "relearn_gain" not in {r.name for r in off}
     old = report()
-    old["metrics"]["unlearned"]["relearn_steps"] = 1  # the single attacker of reports before issue 25
+    old["metrics"]["unlearned"]["relearn_steps"] = 1  # the single attacker of older reports
     assert "relearn_gain" not in {r.name for r in evaluate_gates(old, GOOD_PARITY, GateConfig())}
 
 

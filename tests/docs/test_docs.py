@@ -1,4 +1,4 @@
-"""The docs are tests (issue 24): every shell block of README.md, docs/*.md and serving/README.md
+"""The docs are tests: every shell block of README.md, docs/*.md and serving/README.md
 runs here, in a scratch project laid out like a fresh clone (conftest.py), or is skipped by a
 marker comment right above it that says why:
 

@@ -284,7 +284,7 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(
     net = torchvision.models.mobilenet_v3_small(num_classes=4)
     # label smoothing 0.1 as in torchvision's MobileNetV3 recipe. Without it these trivially
     # separable colours end with logit margins of 30+, where p_F is exactly 1.0 in float32 and the
-    # default NHLE recipe's gradient (1 - p_F) is below Adam's eps: it stalls (issue 14).
+    # default NHLE recipe's gradient (1 - p_F) is below Adam's eps: it stalls (docs/benchmarks.md section 7).
     fit(
         net,
         data.train.float_images(),

@@ -6,7 +6,7 @@
     result.snapshot   # the final-layer rows masking removed (for the mask-removal attack)
 
 Only the n samples of each forgotten class are used (`forget_batch` of them a step), never retained data. Each
-sample gets a target encoding instead of its one-hot label (docs/benchmarks.md and the README's method section):
+sample gets a target encoding instead of its one-hot label (docs/method.md, docs/benchmarks.md):
 
 - negative_hot:      t = -1 on the forgotten classes taken as one (gradient ascent on log p_F)
 - uniform_rest:      t = 1/|R| on the retained classes R, 0 on F
