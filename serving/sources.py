@@ -19,6 +19,7 @@ import yaml
 
 from nhle.adapters.signing import ARTIFACT_DIR, EVIDENCE, SIGNATURE, verify_version
 from nhle.core.config import load_params, resolve_uri
+from nhle.core.files import from_tag  # json only
 from nhle_serving.settings import Settings
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class RegistrySource:
 def gates_passed(tags: dict) -> bool:
     """The version's `gates` tag (written before any alias move) lists gates that all held."""
     try:
-        gates = json.loads(tags.get("gates") or "[]")
+        gates = from_tag(tags, "gates", [])
     except ValueError:
         return False
     return bool(gates) and all(isinstance(g, dict) and g.get("passed") is True for g in gates)

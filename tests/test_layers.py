@@ -31,6 +31,7 @@ ALLOWED = {
     # verifies signatures, and uses nhle's pure config, gates and the meaning of a graph's output.
     "nhle_serving": (
         "nhle.core.config",
+        "nhle.core.files",
         "nhle.core.gates",
         "nhle.core.outputs",
         "nhle.adapters.ledger",

@@ -37,7 +37,7 @@ from nhle.adapters.deletions import RECORD_TAG, encode
 from nhle.adapters.ledger import new_owner, owner_is_gone
 from nhle.core.audit import relearn_sentence
 from nhle.core.config import Params, RegistryConfig, flatten, is_default_model, resolve_uri
-from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
+from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT, as_tag, from_tag
 from nhle.core.gates import GateResult, deleted_but_predicted, report_retained_drop_pp
 
 ONNX_REQUIREMENTS = ["onnx", "onnxruntime", "numpy"]
@@ -253,7 +253,7 @@ def sign_registered_version(name: str, version: str, gates: list[dict], private_
             str(version),
             hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
             dict(mlmodel.get("metadata") or {}),
-            json.loads(mv.tags.get("forgotten_classes") or "[]"),
+            from_tag(mv.tags, "forgotten_classes", []),
             gates,
         )
         evidence_bytes, signature = signing.sign_version(onnx_file, doc, private_key)
@@ -401,11 +401,6 @@ def log_onnx_model(onnx_path: Path, example: np.ndarray, metadata: dict, name: s
     return info.model_uri
 
 
-def as_tag(value) -> str:
-    """A tag's text: a str as it is, anything else as JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def tag_version(name: str, version: str, tags: dict) -> None:
     client = MlflowClient()
     for key, value in tags.items():
@@ -455,7 +450,7 @@ def rollback(registry: RegistryConfig, deleted: dict[int, list[int]], reopen=Non
     if previous is None:
         raise ValueError(f"model {name!r} has no {registry.previous_alias!r} alias to roll back to")
     before, after = (str(champion.version) if champion else ""), str(previous.version)
-    missing, requests = deleted_but_predicted(json.loads(previous.tags.get("forgotten_classes") or "[]"), deleted)
+    missing, requests = deleted_but_predicted(from_tag(previous.tags, "forgotten_classes", []), deleted)
     if missing:
         if reopen is None:
             raise ValueError(
@@ -487,7 +482,7 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         # The MLflow UI's run page with that artifact open (hash routes, relative to the UI's root).
         return f"[{text or path}]({run}/artifacts/{path})"
 
-    forgotten = json.loads(tags.get("forgotten_class_names") or "[]")
+    forgotten = from_tag(tags, "forgotten_class_names", [])
     parent = tags.get("parent_version")
     lines = [
         f"**Never predicts:** {', '.join(map(str, forgotten)) or 'nothing forgotten'}"
@@ -501,7 +496,7 @@ def version_description(tags: dict, run_id: str, experiment_id: str) -> str:
         lines.append("**Promoted:** every gate held.")
     elif tags.get("promoted") == "false":
         lines.append(f"**Not promoted:** {tags.get('rejection_reason', '')}")
-    gates = json.loads(tags.get("gates") or "[]")
+    gates = from_tag(tags, "gates", [])
     if gates:
         lines += ["", "| gate | value | bound | result |", "|---|---|---|---|"]
         lines += [

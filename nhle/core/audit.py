@@ -11,11 +11,11 @@ report.json, parity.json and gates.json); nhle.orchestration.requests fetches th
 from __future__ import annotations
 
 import html
-import json
 import re
 import unicodedata
 from datetime import UTC, datetime
 
+from nhle.core.files import from_tag
 from nhle.core.gates import report_retained_drop_pp
 
 EVIDENCE = (
@@ -100,8 +100,8 @@ def build_audit(
             "version_after": str(version),
             "run_id": run_id,
             "onnx_sha256": version_tags.get("onnx_sha256"),
-            "forgotten_classes": json.loads(version_tags.get("forgotten_classes", "[]")),
-            "forgotten_class_names": json.loads(version_tags.get("forgotten_class_names", "[]")),
+            "forgotten_classes": from_tag(version_tags, "forgotten_classes", []),
+            "forgotten_class_names": from_tag(version_tags, "forgotten_class_names", []),
         },
         "unlearned_together": (report or {}).get("forget_class_names"),
         "data": {"before": _data(version_tags, "data."), "after": _data(version_tags, "data_after.")},

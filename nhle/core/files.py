@@ -27,6 +27,17 @@ STEP_SECONDS = "step_seconds.json"
 """A flow's time breakdown, step by step."""
 
 
+def as_tag(value) -> str:
+    """A tag's text (MLflow tags are strings): a str as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def from_tag(tags: dict, key: str, default=None):
+    """The JSON value as_tag wrote under `key` in `tags`; `default` when the tag is missing or empty."""
+    text = tags.get(key)
+    return json.loads(text) if text else default
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file beside path, then rename it over path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -21,7 +21,7 @@ from nhle.adapters.deletions import open_ledger
 from nhle.adapters.ledger import ForgetRequest, Ledger, LedgerEvent
 from nhle.core.audit import audit_markdown, build_audit, terminal_text, with_attempts, with_timeline
 from nhle.core.config import Params
-from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT
+from nhle.core.files import ATTEMPTS, GATES, NOTIFIED, PARITY, REPORT, from_tag
 from nhle.core.gates import classes_left
 
 
@@ -308,7 +308,7 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
     version = champion_version(params)
     if version is None:
         raise ValueError(params.registry.no_champion())
-    masked = set(json.loads(version.tags.get("forgotten_classes") or "[]"))
+    masked = set(from_tag(version.tags, "forgotten_classes", []))
     satisfied = [r for r in requests if set(r.classes) <= masked]
     if satisfied:
         engine(

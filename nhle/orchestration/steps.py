@@ -77,7 +77,7 @@ from nhle.core.experiment import (
 )
 from nhle.core.export import check_parity, export_onnx
 from nhle.core.export import preprocessing as input_preprocessing
-from nhle.core.files import PARITY, REPORT
+from nhle.core.files import PARITY, REPORT, from_tag
 from nhle.core.gates import (
     GateResult,
     all_passed,
@@ -217,7 +217,7 @@ def delete_forgotten_samples(params: Params, project_dir: Path, work: EvidenceWo
     samples as a new DVC version, tagged `data_after.*` on the version and its run; returns that
     DataVersion (None: not promoted, or deleted already by a run that died after it)."""
     tags, name = work.version.tags, params.registry.model_name
-    forgotten = json.loads(tags.get("forgotten_classes") or "[]")
+    forgotten = from_tag(tags, "forgotten_classes", [])
     if tags.get("promoted") != "true" or not forgotten or "data_after.md5" in tags:
         return None
     data_after = delete_forgotten_data(
@@ -568,7 +568,7 @@ def finish_version(
     `champion` alone. The forgotten classes' samples are deleted from the dataset after it, with
     the rest of the evidence (nhle.orchestration.pipeline.complete_evidence)."""
     name = params.registry.model_name
-    forgotten = json.loads(version_tags(name, version)[0].get("forgotten_classes", "[]"))
+    forgotten = from_tag(version_tags(name, version)[0], "forgotten_classes", [])
     # Whatever made this version (training, an import, unlearning), it may not bring back a
     # class deleted on record (a forget request's, or an earlier promotion's).
     gates = [*gates, deleted_classes_gate(forgotten, deleted_on_record(params, project_dir)[0])]
@@ -658,8 +658,8 @@ def promote(
             open_ledger(params, project_dir),
             name,
             str(version),
-            json.loads(tags.get("forgotten_classes") or "[]"),
-            json.loads(tags.get("forgotten_class_names") or "[]"),
+            from_tag(tags, "forgotten_classes", []),
+            from_tag(tags, "forgotten_class_names", []),
             request_ids,
             operator_name(),
         )
