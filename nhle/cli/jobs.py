@@ -6,6 +6,7 @@ gates and the commands that open the MLflow UI and serve the champion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -41,6 +42,20 @@ def load_flow(name: str):
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
 
+@contextlib.contextmanager
+def flows_ready(*names: str):
+    """{name: flow} of nhle_flows.pipeline, loaded and warmed up while a temporary Prefect server
+    starts (nhle.adapters.prefect_server.prefect_server_starting), yielded once it answers; the
+    server stops when the block ends."""
+    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: Prefect
+
+    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
+        flows = {name: load_flow(name) for name in names}
+        warm_up()
+        ready()
+        yield flows
+
+
 def warm_up() -> None:
     """Import what the first flow would otherwise stop for: torch._dynamo, which every torch
     optimizer imports when it is first made (1-2 s on 2 cores), and MLflow's map of installed
@@ -61,7 +76,6 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
     request is checked (against the champion, else the dataset's classes) before anything
     starts, so a typo costs no flow run and no Prefect server. `started`: the command's start
     (time.perf_counter()), for the time in all it prints."""
-    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
     from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
     from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
     from nhle.core.experiment import load_data, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
@@ -77,10 +91,7 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
     elif not already_forgotten(champion[0], champion[1]["class_names"], forget_spec):
         validate_forget(champion[0], forget_spec, champion[1]["class_names"])
     results = []
-    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
-        flows = {flow: load_flow(flow) for flow in ("train_base", "forget")}
-        warm_up()
-        ready()
+    with flows_ready("train_base", "forget") as flows:
         if champion is None:
             results.append(timed(flows["train_base"], params=params_as_dict(params), project_dir=str(project_dir)))
             champion = load_champion(params)
@@ -139,7 +150,7 @@ def print_results(params: Params, results: list[FlowResult], started: float, uri
             print("  steps: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in result.step_seconds))
     print(
         f"\nnhle {command}: {time.perf_counter() - started:.1f} s in all "
-        f"({time.perf_counter() - started - sum(r['flow_seconds'] for r in results):.1f} s outside the flows)"
+        f"({time.perf_counter() - started - sum(r.flow_seconds for r in results):.1f} s outside the flows)"
     )
     mlflow_command = Path(sys.executable).parent / "mlflow"  # the environment nhle runs in, activated or not
     print(f"\nMLflow UI:   {mlflow_command} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
@@ -165,18 +176,13 @@ def attempt_lines(attempts: list[dict]) -> list[str]:
 def import_command(params: Params, project_dir: Path, started: float | None = None) -> int:
     """`nhle import`: the import flow (evaluate, export, parity, register, gates, promote), then
     the registry state. Exit 0 when the imported version became champion."""
-    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-
     started = started or time.perf_counter()
-    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
-        from nhle.adapters.tracking import configure, name_flag  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    with flows_ready("import_model") as flows:
+        from nhle.adapters.tracking import configure, name_flag  # noqa: PLC0415 - lazy: MLflow
 
         project_dir = project_dir.resolve()
         uri = configure(params, project_dir)
-        flow = load_flow("import_model")
-        warm_up()
-        ready()
-        result = timed(flow, params=params_as_dict(params), project_dir=str(project_dir))
+        result = timed(flows["import_model"], params=params_as_dict(params), project_dir=str(project_dir))
     print_results(params, [result], started, uri, "import")
     if result.promoted:
         flag = name_flag(params.registry.model_name)

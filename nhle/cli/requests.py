@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nhle.adapters.ledger import STATUSES, operator_name
-from nhle.cli.jobs import attempt_lines, flows_file, load_flow, warm_up
+from nhle.cli.jobs import attempt_lines, flows_file, flows_ready, load_flow
 from nhle.core.audit import terminal_text
 from nhle.core.config import is_default_model, load_params, params_as_dict, resolve_uri
 from nhle.core.gates import advice_for_reason
@@ -127,13 +127,10 @@ def cmd_show(args, params) -> int:
 
 
 def cmd_process(args, params) -> int:
-    from nhle.adapters.prefect_server import prefect_server_starting  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-
-    with prefect_server_starting() as ready:  # its start-up overlaps the imports below
-        flow = load_flow("process_requests")
-        warm_up()
-        ready()
-        result = flow(params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve()))
+    with flows_ready("process_requests") as flows:
+        result = flows["process_requests"](
+            params=params_as_dict(params), project_dir=str(Path(args.project_dir).resolve())
+        )
     for request in result["requests"]:
         print(
             f"request {request['id']}: {request['status']}"
