@@ -1,5 +1,5 @@
 # make run  : create .venv if missing, install, run the main job on the embedded defaults.
-# make test : create .venv if missing, install with dev extras, run the tests.
+# make test : create .venv if missing, install with dev extras, lint (ruff), run the tests.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -31,6 +31,8 @@ run: $(VENV)/.installed
 	$(BIN)/nhle run
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 clean:

@@ -72,7 +72,7 @@ class RegistrySource:
         nhle.adapters.deletions): a version that predicts one of them is never served. A ledger
         that is missing and not covered by the model's record, or unreachable, raises, so
         nothing is swapped in unchecked; `record` says which record answered."""
-        from nhle.adapters.deletions import deleted_on_record  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them; SQLAlchemy only: no torch
+        from nhle.adapters.deletions import deleted_on_record  # noqa: PLC0415 - lazy: SQLAlchemy, for the ledger
 
         deleted, self.record = (
             deleted_on_record(self.client(), self.name, self.ledger_url) if self.ledger_url else ({}, "none")
@@ -82,7 +82,7 @@ class RegistrySource:
     def suppressed_classes(self) -> dict[int, list[int]]:
         """Classes accepted for deletion and not yet deleted ({class: [request ids]}): answered by
         no version until their request is done or withdrawn."""
-        from nhle.adapters.deletions import suppressed_on_record  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them; SQLAlchemy only: no torch
+        from nhle.adapters.deletions import suppressed_on_record  # noqa: PLC0415 - lazy: SQLAlchemy, for the ledger
 
         return suppressed_on_record(self.name, self.ledger_url) if self.ledger_url else {}
 
@@ -107,7 +107,7 @@ class RegistrySource:
 
     def client(self):
         if self._client is None:
-            from nhle.adapters.deletions import missing_store  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them; SQLAlchemy only: no torch
+            from nhle.adapters.deletions import missing_store  # noqa: PLC0415 - lazy: SQLAlchemy, for the ledger
 
             missing = missing_store(self.tracking_uri)
             if missing is not None:  # looked for at every check: the project may be made meanwhile
@@ -117,8 +117,8 @@ class RegistrySource:
                     f"project first, or point the server at the project with --project-dir (NHLE_PROJECT_DIR) or "
                     f"--params (NHLE_PARAMS)"
                 )
-            import mlflow  # noqa: PLC0415 - lazy: MLflow loads in ~2 s; only here: a local .onnx needs no MLflow at all
-            from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+            import mlflow  # noqa: PLC0415 - lazy: MLflow; only here: a local .onnx needs no MLflow at all
+            from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow
 
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
             mlflow.set_tracking_uri(self.tracking_uri)
@@ -128,7 +128,7 @@ class RegistrySource:
 
     def current(self) -> Pointer:
         client = self.client()
-        from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow
 
         try:
             if self.alias:
@@ -152,7 +152,7 @@ class RegistrySource:
         """Download the version into workdir; returns (model.onnx path, {}): a registry version's
         preprocessing metadata is taken from its signed evidence (verified_evidence), never from
         the MLmodel file, which anyone who can write to the registry can change."""
-        import mlflow  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+        import mlflow  # noqa: PLC0415 - lazy: MLflow
 
         self.client()
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pointer.model_uri, dst_path=str(workdir)))
@@ -168,7 +168,7 @@ class RegistrySource:
         """The version's signed evidence (nhle.adapters.signing), once its signature over the ONNX
         file and the evidence verifies with the public key; ValueError (the version is refused)
         when it is unsigned, signed by another key, or anything signed changed."""
-        import mlflow  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+        import mlflow  # noqa: PLC0415 - lazy: MLflow
 
         if self.verify_key is None:
             raise ValueError("no public key configured to verify versions with (serving.verify_key, NHLE_VERIFY_KEY)")

@@ -77,7 +77,7 @@ def united(*records: dict[int, list[int]]) -> dict[int, list[int]]:
 
 def registry_record(client, name: str) -> tuple[bool, dict[int, list[int]] | None]:
     """(does the registered model exist, its own record or None when it carries none)."""
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow loads in ~2 s; `nhle request list` and the server read the ledger without it
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow (the ledger is read without it)
 
     try:
         model = client.get_registered_model(name)
@@ -187,7 +187,7 @@ def open_ledger(params: Params, project_dir: str | Path = ".") -> Ledger:
     never an empty ledger in place of a lost one (`nhle request init` makes one on purpose)."""
     url = resolve_uri(params.requests_database(), Path(project_dir))
     if missing_store(url) is not None:
-        from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s; `nhle request list` and the server read the ledger without it
+        from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow (the ledger is read without it)
 
         uri = resolve_uri(params.tracking_uri(), Path(project_dir))
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

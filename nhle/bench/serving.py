@@ -70,8 +70,8 @@ BASELINE = "mlflow models serve /invocations (JSON)"
 def scratch_project(params, folder: Path) -> tuple[Path, object]:
     """A project folder with its own MLflow store, ledger and data repository, whose champion is
     a base model trained by the pipeline (plain function calls, no Prefect)."""
-    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration import pipeline  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration import pipeline  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     folder.mkdir(parents=True, exist_ok=True)
     settings = params_as_dict(params)
@@ -88,8 +88,8 @@ def scratch_project(params, folder: Path) -> tuple[Path, object]:
 
 def champion_of(params, project_dir: Path):
     """(model version, tracking URI) of the project's champion, or None. Only reads."""
-    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: MLflow
 
     uri = resolve_uri(params.tracking_uri(), project_dir)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -316,7 +316,7 @@ def summary(phases: list[dict], images_per_request: int, requested: int, concurr
 
 
 def torch_version() -> str:
-    import torch  # noqa: PLC0415 - lazy: torch: `nhle serve` builds its parser from this module; here, not at the top: `nhle serve` builds its parser from this module
+    import torch  # noqa: PLC0415 - lazy: torch (the CLI imports this module)
 
     return torch.__version__
 
@@ -394,8 +394,8 @@ def swap_time(root: Path, work: Path, requests: int = 3, timeout: float = 900.0)
     answered the notification), `nhle request process` started -> the server answers with the new
     version, and -> the process ended with the evidence complete. Returns each request's row and
     the min / median / max of each time."""
-    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.requests import submit  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.requests import submit  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     port = free_port()
     settings = yaml.safe_load((root / "params.yaml").read_text())
@@ -505,11 +505,11 @@ def bench_serve(
     out, rounds, seconds, swap = Path(config.out), config.rounds, config.seconds, config.swap
     single_requests, batch_requests, batch_size = config.single_requests, config.batch_requests, config.batch_size
     concurrency, swap_requests = config.concurrency, config.swap_requests
-    import mlflow.artifacts  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+    import mlflow.artifacts  # noqa: PLC0415 - lazy: MLflow
     import onnxruntime  # noqa: PLC0415 - lazy: onnxruntime: with torch, only when measuring
 
-    from nhle.adapters.tracking import download_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import download_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     started = time.monotonic()
     deadline = started + seconds
@@ -616,7 +616,7 @@ def http_rounds(
 ) -> dict:
     """Every variant at single images and at batch_size, a 1/rounds share of the requests each
     time, in turn; the figures summed over the rounds."""
-    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     test = load_data(params.data).test.float_images().numpy()
     rng = np.random.default_rng(0)

@@ -161,8 +161,8 @@ def add_unlearn_flags(parser):
 
 
 def cmd_train(args) -> int:
-    from nhle.core.experiment import train_base_model  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.training import save_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import train_base_model  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.training import save_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     model, meta = train_base_model(params.data, params.train, model_config=params.model)
@@ -174,8 +174,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from nhle.core.data import save_splits  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.data import save_splits  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.experiment import load_data  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     data = load_data(resolve_params(args).data)
     save_splits(data, args.out)
@@ -184,8 +184,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_unlearn(args) -> int:
-    from nhle.core.experiment import forget_and_measure, save_unlearned, summary_lines, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import (  # noqa: PLC0415 - lazy: torch
+        forget_and_measure,
+        save_unlearned,
+        summary_lines,
+        validate_forget,
+    )
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -206,9 +211,9 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.plots import write_evidence_plots  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.plots import write_evidence_plots  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     original, checkpoint = load_checkpoint(args.original)
@@ -228,9 +233,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.export import check_parity, export_onnx  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.experiment import data_for_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.export import check_parity, export_onnx  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -261,7 +266,7 @@ def cmd_params(args) -> int:
 def cmd_keys(args) -> int:
     """The project's signing key pair (registry.signing_key, serving.verify_key), made on purpose;
     refused where either file exists."""
-    from nhle.orchestration.steps import project_path  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.steps import project_path  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     key, public = (
@@ -292,11 +297,11 @@ def cmd_rollback(args) -> int:
     """Refuses a version that predicts a class deleted on record (the ledger and the registered
     model's own record), unless the operator reopens the requests that deleted it (--reopen ID
     --reason ...), which both records then keep."""
-    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+    from mlflow import MlflowClient  # noqa: PLC0415 - lazy: MLflow
 
-    from nhle.adapters.deletions import open_ledger, reopen_on_registry  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.adapters.tracking import configure, rollback  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.steps import deleted_on_record  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger, reopen_on_registry  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.adapters.tracking import configure, rollback  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.steps import deleted_on_record  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     params = resolve_params(args)
     configure(params, args.project_dir)
@@ -433,7 +438,7 @@ def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nhle.adapters.ledger import operator_name  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.ledger import operator_name  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     parser = argparse.ArgumentParser(
         prog="nhle", description="Make an image classifier forget whole classes, and measure that it did."

@@ -37,7 +37,7 @@ def flows_file(project_dir: Path, name: str = "pipeline.py") -> Path:
 
 def load_flow(name: str):
     """A flow of nhle_flows.pipeline (flows/pipeline.py), loaded by entrypoint as Prefect does."""
-    from prefect.flows import load_flow_from_entrypoint  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
+    from prefect.flows import load_flow_from_entrypoint  # noqa: PLC0415 - lazy: Prefect
 
     return load_flow_from_entrypoint(f"nhle_flows.pipeline:{name}")
 
@@ -64,7 +64,7 @@ def warm_up() -> None:
     thread of its own: imports racing the main thread's can see half-initialised modules."""
     try:
         import torch._dynamo  # noqa: F401, PLC0415 - the warm-up itself
-        from mlflow.utils import requirements_utils  # noqa: PLC0415 - lazy: MLflow loads in ~2 s
+        from mlflow.utils import requirements_utils  # noqa: PLC0415 - lazy: MLflow
 
         requirements_utils._init_packages_to_modules_map()
     except Exception as err:  # noqa: BLE001 - a cache not warmed is only slower
@@ -76,10 +76,10 @@ def run_command(params: Params, forget_spec: str | None, project_dir: Path, star
     request is checked (against the champion, else the dataset's classes) before anything
     starts, so a typo costs no flow run and no Prefect server. `started`: the command's start
     (time.perf_counter()), for the time in all it prints."""
-    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.experiment import load_data, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.steps import load_champion  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.experiment import load_data, validate_forget  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.steps import load_champion  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     started = started or time.perf_counter()
     project_dir = project_dir.resolve()
@@ -116,8 +116,8 @@ def timed(flow, **parameters) -> FlowResult:
 
 def print_results(params: Params, results: list[FlowResult], started: float, uri: str, command: str) -> None:
     """What `nhle run` and `nhle import` print: each flow's report, version, gates and timing."""
-    from nhle.adapters.tracking import aliases_of, name_flag  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.experiment import summary_lines  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import aliases_of, name_flag  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.experiment import summary_lines  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     name = params.registry.model_name
     for result in results:
@@ -194,6 +194,6 @@ def import_command(params: Params, project_dir: Path, started: float | None = No
 
 
 def already_forgotten(model: MaskedClassifier, class_names: list[str], spec) -> bool:
-    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     return all(bool(model.forget_mask[c]) for c in parse_classes(spec, class_names))

@@ -22,8 +22,8 @@ from nhle.core.gates import advice_for_reason
 
 
 def cmd_submit(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.requests import RequestRejected, request_line, submit  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.requests import RequestRejected, request_line, submit  # noqa: PLC0415 - lazy: torch
 
     try:
         request = submit(params, Path(args.project_dir), args.classes, args.requester, args.reason)
@@ -39,8 +39,8 @@ def cmd_submit(args, params) -> int:
 
 
 def cmd_withdraw(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.requests import request_line, withdraw  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.requests import request_line, withdraw  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     try:
         event = withdraw(params, Path(args.project_dir), args.id, args.operator, args.reason)
@@ -65,7 +65,7 @@ def print_servers_told(events) -> None:
 def cmd_init(args, params) -> int:
     """Create the project's ledger on purpose, where none exists (nhle refuses to make one in
     place of a ledger it cannot find)."""
-    from nhle.adapters.deletions import ledger_at, missing_store  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import ledger_at, missing_store  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     url = resolve_uri(params.requests_database(), Path(args.project_dir))
     missing = missing_store(url)
@@ -84,8 +84,8 @@ def cmd_init(args, params) -> int:
 
 
 def cmd_list(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.requests import REQUEST_HEADER, request_line  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.requests import REQUEST_HEADER, request_line  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     requests = open_ledger(params, args.project_dir).list(args.status, params.registry.model_name)
     if not requests:
@@ -101,9 +101,9 @@ def cmd_list(args, params) -> int:
 
 
 def cmd_show(args, params) -> int:
-    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.requests import as_json, read_report  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.deletions import open_ledger  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.requests import as_json, read_report  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     ledger = open_ledger(params, args.project_dir)
     try:
@@ -163,8 +163,11 @@ def deployment_name(base: str, params) -> str:
 def requests_schedule(params) -> tuple[dict, object]:
     """(deployment options, concurrency limit) of every forget-request deployment: params.yaml's
     cron, and at most one run at a time (a run that would overlap is cancelled, not queued)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
-    from prefect.schedules import Cron  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
+    from prefect.client.schemas.objects import (  # noqa: PLC0415 - lazy: Prefect
+        ConcurrencyLimitConfig,
+        ConcurrencyLimitStrategy,
+    )
+    from prefect.schedules import Cron  # noqa: PLC0415 - lazy: Prefect
 
     options = {
         "schedule": Cron(params.requests.cron, timezone=params.requests.timezone),
@@ -184,7 +187,7 @@ def cmd_schedule(args, params) -> int:
     # The settings are fixed when the deployment is made: restart `nhle schedule` after editing them.
     parameters = {"params": params_as_dict(params), "project_dir": str(project_dir)}
     options, limit = requests_schedule(params)
-    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.prefect_server import temporary_prefect_server  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     with temporary_prefect_server():
         flow.serve(name=name, parameters=parameters, global_limit=limit, limit=1, **options)
@@ -193,8 +196,8 @@ def cmd_schedule(args, params) -> int:
 
 def cmd_deploy(args, params) -> int:
     """Register the flows with a Prefect server for a process work pool's workers (server mode)."""
-    from prefect.flows import Flow  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
-    from prefect.settings import get_current_settings  # noqa: PLC0415 - lazy: Prefect loads in ~2 s
+    from prefect.flows import Flow  # noqa: PLC0415 - lazy: Prefect
+    from prefect.settings import get_current_settings  # noqa: PLC0415 - lazy: Prefect
 
     if not get_current_settings().api.url:
         raise RuntimeError(

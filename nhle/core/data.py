@@ -166,8 +166,8 @@ def in_class_order(splits: Splits, names: list[str]) -> Splits:
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:
     """scikit-learn's 1,797 8x8 handwritten digits, stratified split per seed, scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sk_load_digits  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.datasets import load_digits as sk_load_digits  # noqa: PLC0415 - lazy: scikit-learn
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn
 
     bunch = sk_load_digits()
     images = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
@@ -183,7 +183,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Splits:
 
 def load_torchvision(name: str, root: str | Path, download: bool = False) -> Splits:
     """torchvision's MNIST, FashionMNIST, CIFAR10, CIFAR100 or SVHN from their files under root."""
-    from torchvision import datasets  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
+    from torchvision import datasets  # noqa: PLC0415 - lazy: torchvision
 
     root = str(Path(root).expanduser())
     if name == "svhn":
@@ -216,8 +216,8 @@ def load_image_folder(
     Grey if every image is single-channel, else RGB. Each file is opened, decoded and closed
     in turn (one open file at a time, whatever the folder's size); files that do not decode
     are listed by name, or left out with `skip_bad_images`."""
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
-    from torchvision.datasets import ImageFolder  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - lazy: scikit-learn
+    from torchvision.datasets import ImageFolder  # noqa: PLC0415 - lazy: torchvision
 
     folder = ImageFolder(str(root))
     if len(folder) == 0:

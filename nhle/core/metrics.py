@@ -62,7 +62,7 @@ def mia_efficacy(member_conf: np.ndarray, nonmember_conf: np.ndarray, forget_con
     """SalUn's SVC MIA on the true-label confidence: an SVC (C=3, rbf, gamma='auto') learns
     retained train (members, subsampled to the non-members' count) vs retained test; the result
     is 1 - the share of forget train samples it calls members."""
-    from sklearn.svm import SVC  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.svm import SVC  # noqa: PLC0415 - lazy: scikit-learn
 
     rng = np.random.default_rng(seed)
     if len(member_conf) > len(nonmember_conf):
@@ -84,9 +84,9 @@ def probe_forget_acc(
 ) -> float:
     """Recall on the forgotten classes' test samples of a logistic-regression probe fitted on
     the train split's features with true labels (all classes; at most PROBE_MAX_TRAIN samples)."""
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
-    from sklearn.pipeline import make_pipeline  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
-    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - lazy: scikit-learn
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415 - lazy: scikit-learn
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415 - lazy: scikit-learn
 
     if len(train_labels) > PROBE_MAX_TRAIN:
         keep = np.random.default_rng(seed).choice(len(train_labels), PROBE_MAX_TRAIN, replace=False)
@@ -100,7 +100,7 @@ def probe_forget_acc(
 
 def forget_silhouette(features: np.ndarray, labels: np.ndarray, forget_classes) -> float:
     """Mean cosine silhouette of the forgotten classes' samples, labelled by true class."""
-    from sklearn.metrics import silhouette_samples  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.metrics import silhouette_samples  # noqa: PLC0415 - lazy: scikit-learn
 
     with one_blas_thread():
         scores = silhouette_samples(features, labels, metric="cosine")

@@ -170,7 +170,7 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 128) -> nn.Sequen
 
 def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv1, no max-pool)."""
-    from torchvision.models import resnet18  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
+    from torchvision.models import resnet18  # noqa: PLC0415 - lazy: torchvision
 
     net = resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -180,13 +180,13 @@ def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
 
 @functools.cache
 def torchvision_classifiers() -> tuple[str, ...]:
-    import torchvision  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
+    import torchvision  # noqa: PLC0415 - lazy: torchvision
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
 def torchvision_network(name: str, num_classes: int, image_size: int | None) -> nn.Module:
-    import torchvision  # noqa: PLC0415 - lazy: torchvision loads in ~1 s
+    import torchvision  # noqa: PLC0415 - lazy: torchvision
 
     options = {}
     if name.startswith("vit_") and image_size:

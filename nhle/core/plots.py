@@ -298,7 +298,7 @@ def _draw_confusion_matrix(
 
 def _project(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of `features` (fitted on them) and the explained variance ratio of each axis."""
-    from sklearn.decomposition import PCA  # noqa: PLC0415 - lazy: scikit-learn loads in ~1 s
+    from sklearn.decomposition import PCA  # noqa: PLC0415 - lazy: scikit-learn
 
     features = np.asarray(features, dtype=np.float64)
     n_components = min(2, features.shape[0], features.shape[1])

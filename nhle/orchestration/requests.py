@@ -37,10 +37,10 @@ def submit(params: Params, project_dir: Path, spec: str, requester: str, reason:
     """Validate `spec` against the current champion and record the request: pending, or rejected
     (then RequestRejected is raised) when a class is unknown or already forgotten, or when
     forgetting it with the pending requests would leave no class."""
-    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.core.experiment import validate_forget  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.steps import load_champion  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import configure  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.data import parse_classes  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.core.experiment import validate_forget  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.steps import load_champion  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     if not str(spec).strip():
         raise ValueError("--classes is empty: give class indices or names, e.g. 3 or 2,7")
@@ -126,8 +126,8 @@ def tell_servers(params: Params, ledger: Ledger, request: ForgetRequest, kind: s
     are suppressed (kind "suppressed") or answered again ("lifted") within a second rather than
     at their next poll; what each answered, and when, is kept as an event of the request (the
     audit report's timeline)."""
-    from nhle.adapters.ledger import operator_name  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.adapters.servers import notify_servers  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.ledger import operator_name  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.adapters.servers import notify_servers  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     if not params.serving.notify:
         return []
@@ -153,7 +153,7 @@ def _reject(ledger: Ledger, params: Params, classes, names, requester, reason, v
 
 def batch_version(params: Params, batch: str):
     """The model version a run of `batch` registered, if it got that far."""
-    from nhle.adapters.tracking import versions_tagged  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import versions_tagged  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     found = versions_tagged(params.registry.model_name, "nhle.batch", batch)
     return found[-1] if found else None
@@ -162,7 +162,7 @@ def batch_version(params: Params, batch: str):
 def fail_orphan_runs(batch: str) -> list[str]:
     """Mark the MLflow runs of a `batch` that died before registering a version FAILED (a killed
     run is left RUNNING); returns their ids."""
-    from nhle.adapters.tracking import fail_runs, runs_tagged  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import fail_runs, runs_tagged  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     orphans = [run.info.run_id for run in runs_tagged("nhle.batch", batch)]
     fail_runs(orphans)
@@ -174,7 +174,13 @@ def close_requests(
 ) -> list[ForgetRequest]:
     """Write each request's audit report (JSON + Markdown, logged to the version's run and linked
     from the version) and end it done (version promoted) or failed (it was not)."""
-    from nhle.adapters.tracking import describe_version, log_run_files, run_json, tag_version, version_tags  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import (  # noqa: PLC0415 - lazy: MLflow
+        describe_version,
+        log_run_files,
+        run_json,
+        tag_version,
+        version_tags,
+    )
 
     name = params.registry.model_name
     tags, run_id = version_tags(name, str(version))
@@ -219,7 +225,7 @@ def close_requests(
 def recover_batch(params: Params, root: Path, batch: str):
     """A crashed run's batch: settle the version it registered (judged and promoted from its
     logged evidence; the caller completes the rest of its evidence), or fail its orphaned runs."""
-    from nhle.orchestration.steps import resume_version  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.steps import resume_version  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     version = batch_version(params, batch)
     if version is None:
@@ -244,8 +250,13 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
     close each request with its audit report. `engine(step, *args)` runs each step. Returns the
     requests as they ended, the versions that settled them, the forget's unlearning attempts and
     the time breakdown (this run's steps, the forget's as forget.<step>)."""
-    from nhle.adapters.ledger import LeaseKeeper, new_owner  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
-    from nhle.orchestration.pipeline import StepClock, complete_evidence, engine_of, settle_earlier_runs  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.ledger import LeaseKeeper, new_owner  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
+    from nhle.orchestration.pipeline import (  # noqa: PLC0415 - lazy: torch, MLflow
+        StepClock,
+        complete_evidence,
+        engine_of,
+        settle_earlier_runs,
+    )
 
     attempts = []
     engine = StepClock(engine)
@@ -300,7 +311,7 @@ def process_requests(params: Params, root: Path, engine, forget, logger) -> dict
 def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, requests, engine, forget) -> list[str]:
     """Requests no earlier run got to: already forgotten by the champion -> done; the rest are
     unlearned together in one forget."""
-    from nhle.orchestration.steps import champion_version  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.orchestration.steps import champion_version  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     if not requests:
         return []
@@ -333,7 +344,7 @@ def process_fresh(ledger: Ledger, owner: str, params: Params, root: Path, reques
 
 def read_report(uri: str) -> str:
     """The Markdown audit report a ledger row points to."""
-    from nhle.adapters.tracking import read_text  # noqa: PLC0415 - lazy: torch, MLflow and Prefect load only where a command needs them
+    from nhle.adapters.tracking import read_text  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
     return read_text(uri)
 
