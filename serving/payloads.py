@@ -460,39 +460,26 @@ class BodyLimit:
             except ValueError:
                 return await self.refuse(scope, receive, send, 400, f"invalid Content-Length {declared!r}")
             if size > self.max_bytes:
-                return await self.refuse(
-                    scope,
-                    receive,
-                    send,
-                    413,
-                    f"the body is {size} bytes; the limit is {self.max_bytes} (NHLE_MAX_BODY_BYTES)",
-                )
+                too_big = f"the body is {size} bytes; the limit is {self.max_bytes} (NHLE_MAX_BODY_BYTES)"
+                return await self.refuse(scope, receive, send, 413, too_big)
         chunks, size = [], 0
         deadline = time.monotonic() + self.timeout_seconds
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                return await self.refuse(
-                    scope,
-                    receive,
-                    send,
-                    408,
-                    f"the body did not arrive whole within "
-                    f"{self.timeout_seconds:g} s ({size} bytes came; NHLE_BODY_TIMEOUT_SECONDS)",
+                late = (
+                    f"the body did not arrive whole within {self.timeout_seconds:g} s "
+                    f"({size} bytes came; NHLE_BODY_TIMEOUT_SECONDS)"
                 )
+                return await self.refuse(scope, receive, send, 408, late)
             if message["type"] != "http.request":  # the client went away
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self.refuse(
-                    scope,
-                    receive,
-                    send,
-                    413,
-                    f"the body exceeds the limit of {self.max_bytes} bytes (NHLE_MAX_BODY_BYTES)",
-                )
+                too_big = f"the body exceeds the limit of {self.max_bytes} bytes (NHLE_MAX_BODY_BYTES)"
+                return await self.refuse(scope, receive, send, 413, too_big)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -82,66 +82,51 @@ INLINE_BODY_BYTES = {"binary": 1024 * 1024, "json": 16 * 1024}
 # The app
 
 
-PREDICT_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["instances"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "instances": {
-                            "type": "array",
-                            "description": "images: C x H x W (or H x W) nested arrays, "
-                            'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}',
-                            "items": {},
-                        },
-                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-                        "scale": {
-                            "type": "string",
-                            "enum": ["unit", "byte"],
-                            "default": "unit",
-                            "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255",
-                        },
-                    },
-                }
-            }
+def request_body(content_type: str, schema: dict) -> dict:
+    """FastAPI's openapi_extra for a route that reads its body itself: a required body of one type."""
+    return {"requestBody": {"required": True, "content": {content_type: {"schema": schema}}}}
+
+
+TOP_K = {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}
+PREDICT_SCHEMA = request_body(
+    "application/json",
+    {
+        "type": "object",
+        "required": ["instances"],
+        "additionalProperties": False,
+        "properties": {
+            "instances": {
+                "type": "array",
+                "description": "images: C x H x W (or H x W) nested arrays, "
+                'or base64 PNG/JPEG strings of any size, bare or as {"b64": "..."}',
+                "items": {},
+            },
+            "top_k": TOP_K,
+            "scale": {
+                "type": "string",
+                "enum": ["unit", "byte"],
+                "default": "unit",
+                "description": "unit: pixels in [0, 1] (the model's input); byte: 0..255",
+            },
         },
-    }
-}
-INVOCATIONS_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "description": 'MLflow scoring protocol: one of "inputs" (N x C x H x W), '
-                    '"instances" (list of C x H x W), "dataframe_split" (rows of C*H*W pixels), all in [0, 1]',
-                }
-            }
-        },
-    }
-}
-IMAGES_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-                    },
-                }
-            }
-        },
-    }
-}
+    },
+)
+INVOCATIONS_SCHEMA = request_body(
+    "application/json",
+    {
+        "type": "object",
+        "description": 'MLflow scoring protocol: one of "inputs" (N x C x H x W), '
+        '"instances" (list of C x H x W), "dataframe_split" (rows of C*H*W pixels), all in [0, 1]',
+    },
+)
+IMAGES_SCHEMA = request_body(
+    "multipart/form-data",
+    {
+        "type": "object",
+        "required": ["files"],
+        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}, "top_k": TOP_K},
+    },
+)
 
 
 def example_image(shape) -> list:

@@ -143,28 +143,15 @@ def nhle_server(project_dir: Path, log_path: Path, port: int | None = None, **se
         "NHLE_ADMIN_TOKEN": ADMIN_TOKEN,
         **{f"NHLE_{k.upper()}": str(v) for k, v in settings.items()},
     }
-    return ServerProcess(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "nhle_serving.server:create_app",
-            "--factory",
-            "--http",
-            "nhle_serving.http:GuardedProtocol",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "{port}",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        env,
-        log_path,
-        port,
-        cwd=project_dir,
-    )
+    return ServerProcess([*uvicorn_command("{port}"), "--log-level", "warning"], env, log_path, port, cwd=project_dir)
+
+
+def uvicorn_command(port) -> list[str]:
+    """nhle's server as a child process on loopback: uvicorn with the app factory and nhle's
+    bounded HTTP protocol (nhle_serving.http.GuardedProtocol), as docs/deploy.md starts it."""
+    app, protocol = "nhle_serving.server:create_app", "nhle_serving.http:GuardedProtocol"
+    flags = f"--factory --http {protocol} --host 127.0.0.1 --port {port} --no-access-log"
+    return [sys.executable, "-m", "uvicorn", app, *flags.split()]
 
 
 def mlflow_server(model_uri: str, tracking_uri: str, log_path: Path) -> ServerProcess:

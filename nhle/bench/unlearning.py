@@ -34,7 +34,7 @@ from nhle.core.data import sample_per_class
 from nhle.core.experiment import load_data, retrain_without, train_base_model
 from nhle.core.files import atomic_write
 from nhle.core.gates import retained_drop_pp
-from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
+from nhle.core.metrics import measure_case, relearn_shares, relearn_target_accuracy
 from nhle.core.training import evaluate, seed_everything, training_spec
 from nhle.core.unlearning import unlearn, without_mask
 from nhle.core.unlearning.baselines import BASELINES, run_baseline
@@ -264,18 +264,7 @@ def run_unit(grid: Grid, seed: int, classes: list[int], method: str, model) -> d
     samples = sample_per_class(data.train, classes, base.n_samples, seed)
     target_acc = relearn_target_accuracy(model, data, classes, base.relearn_target)  # the seed's base model
 
-    def measure(candidate, attack=None):
-        return evaluate_forgetting(
-            candidate,
-            data,
-            classes,
-            samples,
-            attack,
-            base.relearn_max_steps,
-            base.relearn_lr,
-            seed,
-            relearn_target_acc=target_acc,
-        )
+    measure = measure_case(data, classes, samples, base.relearn_max_steps, base.relearn_lr, seed, target_acc)
 
     synthesis = 0.0
     if method == "original":

@@ -21,10 +21,10 @@ from nhle.core.data import Splits, drop_classes, load_dataset, parse_classes, sa
 from nhle.core.files import REPORT, write_json
 from nhle.core.gates import check_a_class_is_left
 from nhle.core.metrics import (
-    METRICS,
-    evaluate_forgetting,
+    METRIC_KEYS,
     evidence_metrics,
     forget_metrics,
+    measure_case,
     relearn_shares,
     relearn_target_accuracy,
 )
@@ -184,18 +184,7 @@ def forget_and_measure(
     result = unlearn(model, samples, classes, config, device=device, synthetic=synthetic)
     target_acc = relearn_target_accuracy(model, data, classes, config.relearn_target)
 
-    def measure(candidate, attack):
-        return evaluate_forgetting(
-            candidate,
-            data,
-            classes,
-            samples,
-            attack,
-            config.relearn_max_steps,
-            config.relearn_lr,
-            seed,
-            relearn_target_acc=target_acc,
-        )
+    measure = measure_case(data, classes, samples, config.relearn_max_steps, config.relearn_lr, seed, target_acc)
 
     def measure_now(candidate, attack):  # the pre-mask rows (`attack`) exist only now: never deferred
         if not defer_evidence:
@@ -311,22 +300,19 @@ def completed_report(
     if "evidence_metrics" in pending:
         for name, model in (("original", original), ("unlearned", unlearned)):
             measured = {**metrics[name], **evidence_metrics(model, data, classes, seed)}
-            metrics[name] = {key: measured[key] for key in METRICS}
+            metrics[name] = {key: measured[key] for key in METRIC_KEYS}
     if "reference" in pending:
         samples = sample_per_class(data.train, classes, config["n_samples"], seed)
 
-        def measure(candidate, attack):
-            return evaluate_forgetting(
-                candidate,
-                data,
-                classes,
-                samples,
-                attack,
-                config["relearn_max_steps"],
-                config["relearn_lr"],
-                seed,
-                relearn_target_acc=report["relearn_target_acc"],
-            )
+        measure = measure_case(
+            data,
+            classes,
+            samples,
+            config["relearn_max_steps"],
+            config["relearn_lr"],
+            seed,
+            report["relearn_target_acc"],
+        )
 
         reference, metrics["retrained"], seconds["retrain"], _ = retrained_reference(
             report["model"], checkpoint, data, classes, seed, earlier, measure, progress

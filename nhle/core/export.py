@@ -39,6 +39,8 @@ from nhle.core.outputs import OUTPUT_NAME, as_probabilities, output_of
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
+# What both exporters name the graph's input and output, quietly.
+GRAPH_NAMES = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "verbose": False}
 
 
 class WithProbabilities(torch.nn.Module):
@@ -103,12 +105,10 @@ def export_onnx(model: torch.nn.Module, path: str | Path, image_shape, exporter:
                 (example,),
                 tmp,
                 dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                **GRAPH_NAMES,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position, whatever forward calls it
                 # The dynamo exporter otherwise puts the weights in a side file next to `tmp`.
                 external_data=False,
-                verbose=False,
             )
         onnx.checker.check_model(tmp, full_check=True)
         with open(tmp, "rb") as f:
@@ -142,11 +142,9 @@ def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, path: str
             (example,),
             path,
             dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            **GRAPH_NAMES,
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=18,
-            verbose=False,
         )
 
 

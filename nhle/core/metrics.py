@@ -36,6 +36,7 @@ METRIC_KEYS = (
     "relearn_steps_shipped",
     "relearn_steps_restored",
 )
+"""The metrics of a report, in its order; forget_metrics' and evidence_metrics' together."""
 PROBE_MAX_TRAIN = 10_000
 
 
@@ -155,6 +156,24 @@ def relearn_target_accuracy(original: MaskedClassifier, data: Splits, forget_cla
     return share * accuracy(predict(original, forget_test)[0], forget_test.labels)
 
 
+def measure_case(
+    data: Splits,
+    forget_classes,
+    forget_samples: ImageSet,
+    relearn_max_steps: int,
+    relearn_lr: float,
+    seed: int,
+    relearn_target_acc: float,
+):
+    """evaluate_forgetting fixed to one forget case: measure(model, attack_model=None) -> its metrics."""
+
+    def measure(model: MaskedClassifier, attack_model: MaskedClassifier | None = None) -> dict:
+        case = (data, forget_classes, forget_samples, attack_model, relearn_max_steps, relearn_lr, seed)
+        return evaluate_forgetting(model, *case, relearn_target_acc=relearn_target_acc)
+
+    return measure
+
+
 def evaluate_forgetting(
     model: MaskedClassifier,
     data: Splits,
@@ -168,7 +187,7 @@ def evaluate_forgetting(
     relearn_target_acc: float,
 ) -> dict:
     """The ten metrics of `model` for forgetting `forget_classes`: forget_metrics, then
-    evidence_metrics, in the order of METRICS."""
+    evidence_metrics, in the order of METRIC_KEYS."""
     measured = {
         **forget_metrics(
             model,
@@ -182,22 +201,7 @@ def evaluate_forgetting(
         ),
         **evidence_metrics(model, data, forget_classes, seed),
     }
-    return {name: measured[name] for name in METRICS}
-
-
-METRICS = (
-    "forget_test_acc",
-    "retain_test_acc",
-    "forget_train_acc",
-    "retain_train_acc",
-    "mia_efficacy",
-    "probe_forget_acc",
-    "unmasked_forget_test_acc",
-    "forget_silhouette",
-    "relearn_steps_shipped",
-    "relearn_steps_restored",
-)
-"""The metrics of a report, in its order; forget_metrics' and evidence_metrics' together."""
+    return {name: measured[name] for name in METRIC_KEYS}
 
 
 def forget_metrics(

@@ -24,17 +24,12 @@ from pathlib import Path
 import pytest
 from doc_blocks import PRELUDE, REPO
 
-QUIET = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    # as the Makefile exports it: the first temporary Prefect server takes ~20 s on 2 cores,
-    # more under load, and Prefect's default startup timeout is 20 s
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "COLUMNS": "200",
-}  # Prefect's rich console output unwrapped, so a readiness line can be found
+from nhle.cli.commands import QUIET_DEFAULTS
+
+# What the CLI sets where the user has not (no telemetry, a start-up timeout for the first
+# temporary Prefect server on 2 cores), and Prefect's rich console output unwrapped, so that a
+# readiness line can be found.
+QUIET = {**QUIET_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "COLUMNS": "200"}
 # What a developer's shell or CI may carry that would make a block use something else than the
 # scratch project's own stores and settings.
 DROPPED = (

@@ -2,13 +2,13 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from flow_support import nhle_argv
 
 from nhle.adapters.processes import free_port, stop_process
 from nhle.adapters.tracking import configure
@@ -61,19 +61,7 @@ def nhle_serve(root: Path, timeout: float = 90.0, args: tuple[str, ...] = (), re
     log_path = root / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nhle.cli.commands",
-                "serve",
-                "--params",
-                str(root / "params.yaml"),
-                "--project-dir",
-                str(root),
-                "--port",
-                str(port),
-                *args,
-            ],
+            [*nhle_argv(root, "serve"), "--port", str(port), *args],
             env={**env, **QUIET, **environ},
             cwd=root,
             stdout=log,

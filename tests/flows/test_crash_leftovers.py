@@ -6,12 +6,12 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from flow_support import nhle_argv
 from mlflow import MlflowClient
 
 from nhle.adapters.ledger import new_owner
@@ -58,16 +58,7 @@ def test_a_killed_nhle_run_leaves_no_server_and_the_next_run_marks_its_leftovers
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as log:
         run = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nhle.cli.commands",
-                "run",
-                "--params",
-                str(root / "params.yaml"),
-                "--project-dir",
-                str(root),
-            ],
+            nhle_argv(root, "run"),
             env=env,
             cwd=root,
             stdout=log,

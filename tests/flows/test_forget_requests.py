@@ -17,6 +17,7 @@ import onnxruntime as ort
 import prefect.settings
 import pytest
 import yaml
+from flow_support import nhle_argv
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -162,17 +163,7 @@ def test_run_killed_mid_unlearning_is_finished_by_the_next_run(project):
     versions, champion = registry_state(project)
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nhle.cli.commands",
-            "request",
-            "process",
-            "--params",
-            str(project / "slow.yaml"),
-            "--project-dir",
-            str(project),
-        ],
+        nhle_argv(project, "request", "process", params="slow.yaml"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -298,16 +289,7 @@ def test_schedule_serves_a_cron_deployment_limited_to_one_run(project):
     (project / "schedule.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nhle.cli.commands",
-            "schedule",
-            "--params",
-            str(project / "schedule.yaml"),
-            "--project-dir",
-            str(project),
-        ],
+        nhle_argv(project, "schedule", params="schedule.yaml"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -43,6 +43,11 @@ def cli(root: Path, *args: str) -> int:
     return main([*args, "--params", str(root / "params.yaml"), "--project-dir", str(root)])
 
 
+def submit(root: Path, classes: str, reason: str) -> int:
+    """`nhle request submit` of the data protection officer, in this process."""
+    return cli(root, "request", "submit", "--classes", classes, "--requester", "dpo@example.com", "--reason", reason)
+
+
 def client():
     return MlflowClient()
 
@@ -72,20 +77,7 @@ def project(new_project):
     """Version 1 (base), 2 (forgot 3, `nhle run`: on record as ledger row 1), 3 (forgot 3 and 5
     under request 2, done)."""
     root = new_project("stays-forgotten", PARAMS)
-    assert (
-        cli(
-            root,
-            "request",
-            "submit",
-            "--classes",
-            "5",
-            "--requester",
-            "dpo@example.com",
-            "--reason",
-            "erasure request 1142",
-        )
-        == 0
-    )
+    assert submit(root, "5", "erasure request 1142") == 0
     assert cli(root, "request", "process") == 0
     assert champion_version() == "3"
     return root
@@ -297,20 +289,7 @@ def test_a_promotion_tells_the_running_servers_at_once(project, serve, digits, c
         (project / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.setenv("NHLE_ADMIN_TOKEN", token)
         capsys.readouterr()
-        assert (
-            cli(
-                project,
-                "request",
-                "submit",
-                "--classes",
-                "7",
-                "--requester",
-                "dpo@example.com",
-                "--reason",
-                "erasure request 1143",
-            )
-            == 0
-        )
+        assert submit(project, "7", "erasure request 1143") == 0
         assert f"{http.base_url}".rstrip("/") + ": suppressing [7]" in capsys.readouterr().out
         assert not (top_classes(http, images) == 7).any()  # no poll happened: it was told
         assert http.get("/model").json()["suppressed_pending_deletion"]["7"]["requests"] == [3]
@@ -350,20 +329,7 @@ def test_a_withdrawn_request_is_answered_again_on_record_and_a_rejected_one_supp
         )  # rejected: already forgotten
         assert "rejected and recorded" in capsys.readouterr().out
         assert http.get("/model").json()["suppressed_classes"] == []
-        assert (
-            cli(
-                project,
-                "request",
-                "submit",
-                "--classes",
-                "9",
-                "--requester",
-                "dpo@example.com",
-                "--reason",
-                "erasure request 1144",
-            )
-            == 0
-        )
+        assert submit(project, "9", "erasure request 1144") == 0
         request_id = int(capsys.readouterr().out.split("accepted: ")[1].split()[0])
         assert http.get("/model").json()["suppressed_classes"] == [9]
         assert (

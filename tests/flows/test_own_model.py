@@ -56,6 +56,11 @@ def cli(root: Path, *args: str) -> int:
     return main([*args, "--params", str(root / "params.yaml"), "--project-dir", str(root)])
 
 
+def submit(root: Path, classes: str, reason: str) -> int:
+    """`nhle request submit` of the data protection officer, in this process."""
+    return cli(root, "request", "submit", "--classes", classes, "--requester", "dpo@example.com", "--reason", reason)
+
+
 def registry(root: Path, name: str = NAME):
     """(sorted version numbers, champion or None) of the project's registered model `name`."""
     configure(load_params(root / "params.yaml"), root)
@@ -313,20 +318,7 @@ def test_a_torchvision_state_dict_is_imported_and_a_forget_request_processed(
     versions, champion = registry(root)
     assert versions == [1] and champion.tags["nhle.source"] == "weights"
 
-    assert (
-        cli(
-            root,
-            "request",
-            "submit",
-            "--classes",
-            "blue",
-            "--requester",
-            "dpo@example.com",
-            "--reason",
-            "product line withdrawn",
-        )
-        == 0
-    )
+    assert submit(root, "blue", "product line withdrawn") == 0
     assert cli(root, "request", "process") == 0
     versions, champion = registry(root)
     assert versions == [1, 2] and str(champion.version) == "2" and json.loads(champion.tags["forgotten_classes"]) == [0]

@@ -20,18 +20,13 @@ from mlflow import MlflowClient
 
 from nhle.adapters.ledger import Ledger
 from nhle.adapters.processes import free_port, stop_process
+from nhle.cli.commands import QUIET_DEFAULTS
 from nhle.core.data import load_digits
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 POOL = "nhle-test-pool"
-QUIET = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
+QUIET = {**QUIET_DEFAULTS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class Process:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from nhle.adapters import signing
 from nhle.adapters.deletions import RECORD_TAG
 from nhle.adapters.processes import free_port, stop_process
 from nhle.adapters.signing import create_key_pair
+from nhle.bench.serving import uvicorn_command
 from nhle.core.export import preprocessing as metadata
 from nhle.core.models import build_model
 from nhle.core.unlearning import apply_class_weight_mask
@@ -161,20 +161,7 @@ class Server:
         self.env = env = self.environment(project_dir, **settings)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "nhle_serving.server:create_app",
-                "--factory",
-                "--http",
-                "nhle_serving.http:GuardedProtocol",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-            ],
+            uvicorn_command(self.port),
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
