@@ -1,5 +1,7 @@
 # make run  : create .venv if missing, install, run the main job on the embedded defaults.
-# make test : create .venv if missing, install with dev extras, lint (ruff), run the tests.
+# make test : create .venv if missing, install with dev extras, lint (ruff), run the tests: a
+#             pytest-xdist worker per core, each test file on one worker (a file's tests share
+#             module fixtures and run in order).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -33,7 +35,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,8 +8,12 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nhle-prefect-home-"))
 os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="nhle-dvc-site-"))
+# Under pytest-xdist (`make test` runs a worker per core) each worker, and every process it
+# starts, computes on one thread, so that the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(threads, "1")
 
-import os
 import pwd
 import re
 import shutil
