@@ -20,6 +20,7 @@ from nhle.cli import main
 from nhle.core.config import Params
 from nhle.core.data import load_digits, split_by_classes
 from nhle.core.training import load_checkpoint
+from nhle.orchestration.steps import FlowResult
 from nhle_flows import pipeline
 from nhle_flows.pipeline import mlflow_ui_links
 
@@ -180,7 +181,7 @@ def test_the_prefect_artifact_links_to_mlflow_ui_url(monkeypatch):
     )
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:////p/mlflow.db")
     monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5055")
-    pipeline.publish_artifacts(Params(), {"version": "3", "promoted": True, "reason": "ok", "gates": []})
+    pipeline.publish_artifacts(Params(), FlowResult("3", True, "ok", "abc"))
     text = made["markdown"]["markdown"]
     assert f"[MLflow version page](http://127.0.0.1:5055/#/models/{NAME}/versions/3)" in text
     assert "[run abc](http://127.0.0.1:5055/#/experiments/1/runs/abc)" in text and ":5000" not in text

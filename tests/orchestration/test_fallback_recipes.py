@@ -162,7 +162,7 @@ def test_a_request_whose_candidate_fails_a_gate_completes_with_the_fallback_reci
     assert done.status == "done" and done.model_version_after == result.version
     audit = requests.read_report(done.report_uri)
     assert "## Unlearning attempts" in audit and "not registered: the next recipe was tried" in audit
-    assert "unmasked_forget_test_acc" in audit and f"registered as version {result['version']}, promoted" in audit
+    assert "unmasked_forget_test_acc" in audit and f"registered as version {result.version}, promoted" in audit
     [line] = attempt_lines(attempts)  # what `nhle request process` and `nhle run` print
     assert line.startswith("attempt 1 (configured): not registered") and "unmasked_forget_test_acc" in line
 
@@ -202,4 +202,4 @@ def test_when_every_attempt_fails_the_last_is_registered_and_every_attempt_is_on
     assert [c.data.tags["nhle.attempt.passed"] for c in children] == ["false", "false"]
     assert_nothing_registered_by(children)
     lines = attempt_lines(attempts)
-    assert len(lines) == 2 and f"registered as version {result['version']}" in lines[1]
+    assert len(lines) == 2 and f"registered as version {result.version}" in lines[1]
