@@ -1,7 +1,8 @@
 # make run  : create .venv if missing, install, run the main job on the embedded defaults.
 # make test : create .venv if missing, install with dev extras, lint (ruff), run the tests: a
 #             pytest-xdist worker per core, each test file on one worker (a file's tests share
-#             module fixtures and run in order).
+#             module fixtures and run in order), the docs' blocks one worker per scratch project
+#             (tests/conftest.py pytest_collection_modifyitems).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -22,9 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+# The dev extras include all of nhle[all]: one pip run installs both.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -35,7 +37,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
