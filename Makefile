@@ -1,8 +1,7 @@
 # make run  : create .venv if missing, install, run the main job on the embedded defaults.
 # make test : create .venv if missing, install with dev extras, lint (ruff), run the tests: a
 #             pytest-xdist worker per core, each test file on one worker (a file's tests share
-#             module fixtures and run in order), the docs' blocks one worker per scratch project
-#             (tests/conftest.py pytest_collection_modifyitems).
+#             module fixtures and run in order).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -37,7 +36,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -35,16 +35,6 @@ from nhle.core.data import load_digits  # noqa: E402
 from nhle.core.training import train_model  # noqa: E402
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """`make test` hands tests to its pytest-xdist workers by group (--dist loadgroup): a test
-    file is one group, as its tests share module fixtures and run in order (the docs' blocks are
-    a group per scratch project, tests/docs/test_docs.py)."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(config.rootpath))))
-
-
 @pytest.fixture(scope="session")
 def digits():
     return load_digits(seed=0)

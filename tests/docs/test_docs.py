@@ -469,14 +469,7 @@ def run_item(project, item: Item) -> tuple[bool, str]:
     return True, ""
 
 
-def xdist_group(item: Item):
-    """Blocks run in order on their scratch project, so one pytest-xdist worker takes all of a
-    project's blocks (`make test`: --dist loadgroup); the projects spread over the workers."""
-    spec = PROJECTS.get(item.block.doc)
-    return pytest.mark.xdist_group(f"docs-{spec.key if spec else item.block.doc}")
-
-
-@pytest.mark.parametrize("item", [pytest.param(i, id=i.id, marks=xdist_group(i)) for i in ITEMS])
+@pytest.mark.parametrize("item", ITEMS, ids=[i.id for i in ITEMS])
 def test_doc_block(item: Item, doc_projects, request):
     block = item.block
     if block.marker:
