@@ -430,6 +430,12 @@ def cmd_bench_gpu(args) -> int:
     return check_and_report(config_from(GpuBench, args))
 
 
+def add_model_command(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that acts on one registered model of a project: --project-dir, --params,
+    --set and --name."""
+    return add_command(subparsers, name, parents=[project_parent(), model_parent()], help=help)
+
+
 def add_command(subparsers, name: str, **options) -> argparse.ArgumentParser:
     """A subcommand whose --help starts with the line `nhle --help` lists for it."""
     if "help" in options:
@@ -525,20 +531,18 @@ def build_parser() -> argparse.ArgumentParser:
         "model makes them too)",
     ).set_defaults(func=cmd_keys)
 
-    run = add_command(
+    run = add_model_command(
         commands,
         "run",
-        parents=[project_parent(), model_parent()],
-        help="the main job: train a base model if there is no champion, run one forget flow, print the registry state",
+        "the main job: train a base model if there is no champion, run one forget flow, print the registry state",
     )
     add_classes_flag(run, "class(es) to forget: an index or name, or a comma list (default: `forget` in params.yaml)")
     run.set_defaults(func=cmd_run)
 
-    imports = add_command(
+    imports = add_model_command(
         commands,
         "import",
-        parents=[project_parent(), model_parent()],
-        help="register your own model (torchvision / timm weights, or a PyTorch "
+        "register your own model (torchvision / timm weights, or a PyTorch "
         "model in MLflow) as a base version, after the same evaluation, export and gates",
     )
     add_data_flags(imports)
@@ -546,12 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_field_flags(imports, "weights", "weights_key", "from_mlflow", "mlflow_tracking_uri")
     imports.set_defaults(func=cmd_import)
 
-    rollback = add_command(
-        commands,
-        "rollback",
-        parents=[project_parent(), model_parent()],
-        help="move the champion alias back to the previous version",
-    )
+    rollback = add_model_command(commands, "rollback", "move the champion alias back to the previous version")
     rollback.add_argument(
         "--reopen",
         type=int,
@@ -564,18 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--operator", default=operator_name(), help="who reopens them (default: %(default)s)")
     rollback.set_defaults(func=cmd_rollback)
 
-    serve = add_command(
-        commands,
-        "serve",
-        parents=[project_parent(), model_parent()],
-        help="serve the champion with ONNX Runtime (FastAPI + uvicorn)",
-    )
+    serve = add_model_command(commands, "serve", "serve the champion with ONNX Runtime (FastAPI + uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--model", help="models:/NAME@ALIAS or a local .onnx file (default: the champion alias)")
     serve.set_defaults(func=cmd_serve)
 
-    add_commands(commands, project_parent, model_parent, add_command)
+    add_commands(commands, add_command, add_model_command)
 
     bench = add_command(commands, "bench", help="benchmarks that write their results to files")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -598,11 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(inference, InferenceBench)
     inference.set_defaults(func=cmd_bench_inference)
-    serving = add_command(
+    serving = add_model_command(
         benches,
         "serve",
-        parents=[project_parent(), model_parent()],
-        help="nhle serve (JSON, Open Inference "
+        "nhle serve (JSON, Open Inference "
         "Protocol JSON and binary, micro-batching) against mlflow models serve and in-process "
         "ONNX Runtime; time from a forget request to the new version served",
     )

@@ -250,12 +250,12 @@ def cmd_deploy(args, params) -> int:
     return 0
 
 
-def add_commands(commands, project_parent, model_parent, add_command) -> None:
+def add_commands(commands, add_command, add_model_command) -> None:
     request = add_command(commands, "request", help="forget requests: submit, withdraw, list, show, process")
     actions = request.add_subparsers(dest="action", required=True)
 
     def action(name, func, help_text):
-        parser = add_command(actions, name, parents=[project_parent(), model_parent()], help=help_text)
+        parser = add_model_command(actions, name, help_text)
         parser.set_defaults(func=func)
         return parser
 
@@ -277,20 +277,18 @@ def add_commands(commands, project_parent, model_parent, add_command) -> None:
     show.add_argument("--no-report", action="store_true", help="only the ledger row")
     action("process", cmd_process, "process every pending request now, in one Prefect flow run")
 
-    schedule = add_command(
+    schedule = add_model_command(
         commands,
         "schedule",
-        parents=[project_parent(), model_parent()],
-        help="serve the request-processing flow as a Prefect deployment "
+        "serve the request-processing flow as a Prefect deployment "
         "on params.yaml's requests.cron (a long-running process)",
     )
     schedule.set_defaults(func=cmd_schedule)
 
-    deploy = add_command(
+    deploy = add_model_command(
         commands,
         "deploy",
-        parents=[project_parent(), model_parent()],
-        help="register the flows with the Prefect server (PREFECT_API_URL) for the workers of a process work pool",
+        "register the flows with the Prefect server (PREFECT_API_URL) for the workers of a process work pool",
     )
     deploy.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
     deploy.set_defaults(func=cmd_deploy)

@@ -1,12 +1,12 @@
 """The metrics of docs/method.md section 3, one definition each, used everywhere.
 
-    from nhle.core.metrics import evaluate_forgetting, relearn_shares, relearn_target_accuracy
+    from nhle.core.metrics import measure_case, relearn_shares, relearn_target_accuracy
     target = relearn_target_accuracy(original, data, [3], share=0.95)
-    metrics = evaluate_forgetting(model, data, forget_classes=[3], forget_samples=..., attack_model=...,
-                                  relearn_target_acc=target)
+    measure = measure_case(data, [3], forget_samples, 300, 1e-4, seed=0, relearn_target_acc=target)
+    metrics = measure(model, attack_model)
     relearn_shares({"original": ..., "unlearned": metrics, "retrained": ...})   # the relearn share
 
-The first functions take plain arrays and have known answers in tests; `evaluate_forgetting`
+The first functions take plain arrays and have known answers in tests; `measure_case`'s measure
 runs a model over the splits and returns the ten keys of METRIC_KEYS.
 """
 
@@ -165,43 +165,21 @@ def measure_case(
     seed: int,
     relearn_target_acc: float,
 ):
-    """evaluate_forgetting fixed to one forget case: measure(model, attack_model=None) -> its metrics."""
+    """How one forget case is measured: measure(model, attack_model=None) -> the ten metrics of
+    `model` for forgetting `forget_classes` (forget_metrics, then evidence_metrics, in the order of
+    METRIC_KEYS); `attack_model` is the model with its masked rows given back."""
 
     def measure(model: MaskedClassifier, attack_model: MaskedClassifier | None = None) -> dict:
-        case = (data, forget_classes, forget_samples, attack_model, relearn_max_steps, relearn_lr, seed)
-        return evaluate_forgetting(model, *case, relearn_target_acc=relearn_target_acc)
+        attack = (attack_model, relearn_max_steps, relearn_lr)
+        measured = {
+            **forget_metrics(
+                model, data, forget_classes, forget_samples, *attack, relearn_target_acc=relearn_target_acc
+            ),
+            **evidence_metrics(model, data, forget_classes, seed),
+        }
+        return {name: measured[name] for name in METRIC_KEYS}
 
     return measure
-
-
-def evaluate_forgetting(
-    model: MaskedClassifier,
-    data: Splits,
-    forget_classes,
-    forget_samples: ImageSet,
-    attack_model: MaskedClassifier | None = None,
-    relearn_max_steps: int = 300,
-    relearn_lr: float = 1e-4,
-    seed: int = 0,
-    *,
-    relearn_target_acc: float,
-) -> dict:
-    """The ten metrics of `model` for forgetting `forget_classes`: forget_metrics, then
-    evidence_metrics, in the order of METRIC_KEYS."""
-    measured = {
-        **forget_metrics(
-            model,
-            data,
-            forget_classes,
-            forget_samples,
-            attack_model,
-            relearn_max_steps,
-            relearn_lr,
-            relearn_target_acc=relearn_target_acc,
-        ),
-        **evidence_metrics(model, data, forget_classes, seed),
-    }
-    return {name: measured[name] for name in METRIC_KEYS}
 
 
 def forget_metrics(

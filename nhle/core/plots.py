@@ -182,27 +182,10 @@ def _draw_per_class_accuracy(
     width = 0.4
     for c in forget:
         ax.axvspan(c - 0.5, c + 0.5, color=FORGET_COLOUR, alpha=0.08, lw=0, zorder=0)
-    ax.bar(
-        x - width / 2,
-        np.nan_to_num(before),
-        width,
-        color=BEFORE_COLOUR,
-        edgecolor="white",
-        lw=0.5,
-        label="before unlearning",
-        zorder=2,
-    )
     after_colours = [FORGET_COLOUR if c in forget_set else AFTER_COLOUR for c in range(k)]
-    bars = ax.bar(
-        x + width / 2,
-        np.nan_to_num(after),
-        width,
-        color=after_colours,
-        edgecolor="white",
-        lw=0.5,
-        label="after unlearning",
-        zorder=2,
-    )
+    for side, values, colours, when in ((-1, before, BEFORE_COLOUR, "before"), (1, after, after_colours, "after")):
+        style = {"color": colours, "edgecolor": "white", "lw": 0.5, "label": f"{when} unlearning", "zorder": 2}
+        bars = ax.bar(x + side * width / 2, np.nan_to_num(values), width, **style)  # the last: the after bars
     for c in forget:
         bars[c].set_hatch("///")
         bars[c].set_edgecolor("white")

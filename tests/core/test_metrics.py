@@ -11,8 +11,8 @@ from threadpoolctl import threadpool_info
 from nhle.core.data import sample_per_class, split_by_classes
 from nhle.core.metrics import (
     METRIC_KEYS,
-    evaluate_forgetting,
     forget_silhouette,
+    measure_case,
     mia_efficacy,
     probe_forget_acc,
     relearn_shares,
@@ -104,10 +104,9 @@ def test_masking_only_hides_the_class_and_the_attack_sees_it(trained, digits):
     snapshot = apply_class_weight_mask(model, [4])
     samples = sample_per_class(digits.train, [4], 32, 0)
     target = relearn_target_accuracy(trained, digits, [4], share=0.95)
-    masked = evaluate_forgetting(
-        model, digits, [4], samples, without_mask(model, snapshot), relearn_max_steps=5, relearn_target_acc=target
-    )
-    original = evaluate_forgetting(trained, digits, [4], samples, relearn_max_steps=5, relearn_target_acc=target)
+    measure = measure_case(digits, [4], samples, 5, 1e-4, 0, relearn_target_acc=target)
+    masked = measure(model, without_mask(model, snapshot))
+    original = measure(trained)
     assert set(masked) == set(METRIC_KEYS)
     assert masked["forget_test_acc"] == 0.0 and masked["forget_train_acc"] == 0.0
     assert masked["unmasked_forget_test_acc"] == pytest.approx(original["forget_test_acc"])

@@ -117,21 +117,9 @@ def their_store(tmp_path_factory, mlflow_template, digits):
     with mlflow_store(uri):
         experiment = mlflow.create_experiment("their-experiment", artifact_location=str(folder / "artifacts"))
         with mlflow.start_run(experiment_id=experiment):
-            mlflow.pytorch.log_model(
-                net,
-                name="model",
-                input_example=example,
-                registered_model_name="their-model",
-                pip_requirements=["torch"],
-            )
-            mlflow.pytorch.log_model(
-                net,
-                name="pickled",
-                input_example=example,
-                registered_model_name="their-model",
-                pip_requirements=["torch"],
-                serialization_format="pickle",
-            )
+            logged = {"input_example": example, "registered_model_name": "their-model", "pip_requirements": ["torch"]}
+            mlflow.pytorch.log_model(net, name="model", **logged)
+            mlflow.pytorch.log_model(net, name="pickled", serialization_format="pickle", **logged)
         assert mlflow.pytorch.load_model("models:/their-model/1").__class__ is not TheirNet
         assert type(mlflow.pytorch.load_model("models:/their-model/2")) is TheirNet
     return uri, net
