@@ -45,6 +45,7 @@ from nhle.adapters.processes import free_port, stop_process
 from nhle.bench.configs import ServeBench
 from nhle.core.config import load_params, params_as_dict, resolve_uri, with_assignments
 from nhle.core.flags import add_config_flags, config_from
+from nhle.core.outputs import OUTPUT_NAME
 
 ADMIN_TOKEN = "nhle-bench-serve-admin-token-32-characters"
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -196,7 +197,7 @@ def request_body(fmt: str, images: np.ndarray) -> tuple[bytes, dict]:
     head = json.dumps(
         {
             "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
         }
     ).encode()
     return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
@@ -489,17 +490,15 @@ def bench_serve(
 ) -> dict:
     """Run the whole benchmark once; write OUT/serve.json and OUT/serve.md; return the dict.
     Requests per variant are spread over `rounds`; `assignments` are --set overrides of the params."""
-    out, rounds, seconds, swap = Path(config.out), config.rounds, config.seconds, config.swap
-    single_requests, batch_requests, batch_size = config.single_requests, config.batch_requests, config.batch_size
-    concurrency, swap_requests = config.concurrency, config.swap_requests
     import mlflow.artifacts  # noqa: PLC0415 - lazy: MLflow
     import onnxruntime  # noqa: PLC0415 - lazy: onnxruntime: with torch, only when measuring
 
     from nhle.adapters.tracking import download_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
     from nhle.core.training import load_checkpoint  # noqa: PLC0415 - lazy: torch, MLflow, Prefect
 
+    out = Path(config.out)
     started = time.monotonic()
-    deadline = started + seconds
+    deadline = started + config.seconds
     project_dir = Path(project_dir).resolve()
     params = with_assignments(
         load_params(Path(params_path) if params_path else project_dir / "params.yaml"), list(assignments)
@@ -521,7 +520,7 @@ def bench_serve(
         onnx_path = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(work / "onnx"))) / "model.onnx"
         model, _ = load_checkpoint(download_checkpoint(version, work / "checkpoint"))
         try:
-            max_instances = str(max(256, batch_size))
+            max_instances = str(max(256, config.batch_size))
             for key, extra in NHLE_SERVERS.items():
                 servers.append(
                     (
@@ -544,22 +543,22 @@ def bench_serve(
                 pids,
                 version.name,
                 params,
-                rounds,
-                single_requests,
-                batch_requests,
-                batch_size,
-                concurrency,
+                config.rounds,
+                config.single_requests,
+                config.batch_requests,
+                config.batch_size,
+                config.concurrency,
                 deadline,
             )
         finally:
             for _, server in servers:
                 server.stop()
         batches = result["http"].pop("_batches")
-        runtimes = in_process(onnx_path, model, batches, rounds, deadline, round_seconds)
-        if swap:
+        runtimes = in_process(onnx_path, model, batches, config.rounds, deadline, round_seconds)
+        if config.swap:
             if scratch is None:
                 scratch = scratch_project(params, work / "project")
-            result["swap"] = swap_time(scratch[0], work, swap_requests)
+            result["swap"] = swap_time(scratch[0], work, config.swap_requests)
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {
@@ -576,16 +575,16 @@ def bench_serve(
             "dataset": params.data.dataset,
             "forgotten_classes": model.forgotten_classes,
         },
-        "client": f"one process, {concurrency} keep-alive HTTP/1.1 connections (http.client threads) on "
+        "client": f"one process, {config.concurrency} keep-alive HTTP/1.1 connections (http.client threads) on "
         "127.0.0.1; variants interleaved in rounds",
         **result,
         "in_process": runtimes,
-        "ratios": ratios(result["http"], runtimes, batch_size),
-        "seconds_cap": seconds,
+        "ratios": ratios(result["http"], runtimes, config.batch_size),
+        "seconds_cap": config.seconds,
         "total_seconds": round(time.monotonic() - started, 1),
     }
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "serve.md").write_text(markdown(result, batch_size) + "\n")
+    (out / "serve.md").write_text(markdown(result, config.batch_size) + "\n")
     return result
 
 

@@ -130,7 +130,6 @@ def add_field_flags(parser, *flags: str) -> None:
     """--flag for each name of FLAG_FIELDS, typed, documented and limited to its choices by its
     config field. Values are checked with the rest of the settings (resolve_params), so a flag
     that goes with another (--mean with --std) is checked once both are in."""
-
     for flag in flags:
         section, name = FLAG_FIELDS[flag]
         options = flag_options(SECTIONS[section], name)

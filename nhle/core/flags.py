@@ -62,8 +62,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, renamed: dict[str, st
     for f in fields(cls):
         options = flag_options(cls, f.name)
         if options.get("action") == "store_true" and f.default is True:
-            off = f"--no-{f.name.replace('_', '-')}"
-            parser.add_argument(off, dest=f.name, action="store_false", help=options["help"])
+            parser.add_argument(flag_name(f"no_{f.name}"), dest=f.name, action="store_false", help=options["help"])
             continue
         if "action" not in options and f.default is not None:
             options["help"] += " (default: %(default)s)"

@@ -170,10 +170,16 @@ def measure_case(
     METRIC_KEYS); `attack_model` is the model with its masked rows given back."""
 
     def measure(model: MaskedClassifier, attack_model: MaskedClassifier | None = None) -> dict:
-        attack = (attack_model, relearn_max_steps, relearn_lr)
         measured = {
             **forget_metrics(
-                model, data, forget_classes, forget_samples, *attack, relearn_target_acc=relearn_target_acc
+                model,
+                data,
+                forget_classes,
+                forget_samples,
+                attack_model,
+                relearn_max_steps,
+                relearn_lr,
+                relearn_target_acc=relearn_target_acc,
             ),
             **evidence_metrics(model, data, forget_classes, seed),
         }
